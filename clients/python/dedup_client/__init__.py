@@ -1,0 +1,14 @@
+"""Python client for the Kafka dedup sidecar.
+
+Example::
+
+    async with DedupClient("127.0.0.1:50051") as client:
+        await client.publish("orders", b"{...}", idempotency_key="order-42")
+        async for msg in client.subscribe(["orders"]):
+            apply(msg.value)
+            await msg.ack()          # coalesced with other acks into one Ack call
+"""
+
+from dedup_client.client import AckError, AckResult, DedupClient, Message, PublishResult, derive_key
+
+__all__ = ["AckError", "AckResult", "DedupClient", "Message", "PublishResult", "derive_key"]

@@ -1,0 +1,290 @@
+"""An asyncio client: a Subscribe stream of Messages, coalesced Acks, and Publish."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator, Sequence
+from dataclasses import dataclass
+from enum import IntEnum
+from typing import Any
+
+import grpc
+
+from dedup_client._proto import dedup_pb2 as pb
+from dedup_client._proto import dedup_pb2_grpc as pb_grpc
+
+
+class AckResult(IntEnum):
+    OK = 1
+    STALE = 2
+    UNKNOWN = 3
+    ALREADY_ACKED = 4
+
+
+class AckError(Exception):
+    """The Ack call failed as a whole (for example the store was unavailable): nothing was acked."""
+
+
+@dataclass(frozen=True, slots=True)
+class PublishResult:
+    idempotency_key: str
+    topic: str
+    partition: int
+    offset: int
+    duplicate: bool
+
+
+def derive_key(input_key: str, index: int) -> str:
+    """Idempotency key for the ``index``-th output produced while handling input ``input_key``.
+
+    In consume-transform-produce, a redelivered input republishes its outputs with the same keys,
+    and the sidecar's idempotent Publish turns those into duplicates that produce nothing.
+    """
+    return f"{input_key}/{index}"
+
+
+class _AckBatcher:
+    """Gathers acks for ``linger`` seconds or ``max_ids`` ids, then sends one Ack call."""
+
+    def __init__(self, stub: pb_grpc.DedupServiceStub, linger: float, max_ids: int, metadata: Any) -> None:
+        self._stub = stub
+        self._linger = linger
+        self._max_ids = max_ids
+        self._metadata = metadata
+        self._ids: list[str] = []
+        self._futures: list[asyncio.Future[AckResult]] = []
+        self._timer: asyncio.TimerHandle | None = None
+        self._tasks: set[asyncio.Task[None]] = set()
+
+    def add(self, delivery_id: str) -> asyncio.Future[AckResult]:
+        fut: asyncio.Future[AckResult] = asyncio.get_running_loop().create_future()
+        self._ids.append(delivery_id)
+        self._futures.append(fut)
+        if len(self._ids) >= self._max_ids:
+            self.flush()
+        elif self._timer is None:
+            self._timer = asyncio.get_running_loop().call_later(self._linger, self.flush)
+        return fut
+
+    def flush(self) -> None:
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+        if not self._ids:
+            return
+        ids, futs = self._ids, self._futures
+        self._ids, self._futures = [], []
+        task = asyncio.create_task(self._send(ids, futs))
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    async def _send(self, ids: list[str], futs: list[asyncio.Future[AckResult]]) -> None:
+        try:
+            resp = await self._stub.Ack(pb.AckRequest(delivery_ids=ids), metadata=self._metadata)
+        except grpc.aio.AioRpcError as exc:
+            for f in futs:
+                if not f.done():
+                    f.set_exception(AckError(f"{exc.code().name}: {exc.details()}"))
+            return
+        for f, r in zip(futs, resp.results, strict=True):
+            if not f.done():
+                f.set_result(AckResult(r))
+
+    async def drain(self) -> None:
+        self.flush()
+        if self._tasks:
+            await asyncio.gather(*self._tasks, return_exceptions=True)
+
+
+class Message:
+    """One delivery. Call :meth:`ack` once its side effects are done, or :meth:`nack`."""
+
+    __slots__ = ("_client", "_d")
+
+    def __init__(self, client: DedupClient, d: pb.Delivery) -> None:
+        self._client = client
+        self._d = d
+
+    delivery_id = property(lambda self: self._d.delivery_id)
+    idempotency_key = property(lambda self: self._d.idempotency_key)
+    topic = property(lambda self: self._d.topic)
+    partition = property(lambda self: self._d.partition)
+    offset = property(lambda self: self._d.offset)
+    value = property(lambda self: self._d.value)
+    attempt = property(lambda self: self._d.attempt)
+    timestamp_ms = property(lambda self: self._d.timestamp_ms)
+
+    @property
+    def key(self) -> bytes | None:
+        return self._d.key if self._d.HasField("key") else None
+
+    @property
+    def headers(self) -> list[tuple[str, bytes]]:
+        return [(h.key, h.value) for h in self._d.headers]
+
+    def ack(self) -> asyncio.Future[AckResult]:
+        """Queue an ack (coalesced); await the returned future to learn its result."""
+        return self._client.ack(self.delivery_id)
+
+    async def nack(self, delay_seconds: float | None = None, dead_letter: bool = False, reason: str = "") -> None:
+        await self._client.nack([self.delivery_id], delay_seconds, dead_letter, reason)
+
+
+class DedupClient:
+    """Parameters:
+    target: the sidecar's address, ``host:port``.
+    token: bearer token when the sidecar sets ``server.auth_token``.
+    ack_linger: seconds acks are gathered before one Ack call (0.005 by default).
+    ack_max_ids: most ids per Ack call.
+    coalesce_acks: False sends one Ack call per ack (the plain path any client does first).
+    """
+
+    def __init__(
+        self,
+        target: str,
+        token: str | None = None,
+        ack_linger: float = 0.005,
+        ack_max_ids: int = 1000,
+        coalesce_acks: bool = True,
+    ) -> None:
+        self._channel = grpc.aio.insecure_channel(
+            target, options=[("grpc.max_receive_message_length", 64 * 1024 * 1024)]
+        )
+        self.stub = pb_grpc.DedupServiceStub(self._channel)
+        self._metadata = (("authorization", f"Bearer {token}"),) if token else None
+        self._coalesce = coalesce_acks
+        self._acks = _AckBatcher(self.stub, ack_linger, ack_max_ids, self._metadata)
+
+    async def __aenter__(self) -> DedupClient:
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.close()
+
+    async def close(self) -> None:
+        await self._acks.drain()
+        await self._channel.close()
+
+    async def subscribe(
+        self,
+        topics: Sequence[str] = (),
+        max_in_flight: int = 0,
+        max_in_flight_bytes: int = 0,
+        max_batch: int = 0,
+    ) -> AsyncIterator[Message]:
+        """Yield messages until the stream ends. Un-acked messages are redelivered if it closes."""
+        call = self.stub.Subscribe(
+            pb.SubscribeRequest(
+                topics=list(topics),
+                max_in_flight=max_in_flight,
+                max_in_flight_bytes=max_in_flight_bytes,
+                max_batch=max_batch,
+            ),
+            metadata=self._metadata,
+        )
+        try:
+            async for frame in call:
+                for d in frame.deliveries:
+                    yield Message(self, d)
+        finally:
+            call.cancel()
+
+    async def frames(self, topics: Sequence[str] = (), max_in_flight: int = 0) -> AsyncIterator[list[Message]]:
+        """Like :meth:`subscribe`, a whole frame at a time (for batch processing)."""
+        call = self.stub.Subscribe(
+            pb.SubscribeRequest(topics=list(topics), max_in_flight=max_in_flight), metadata=self._metadata
+        )
+        try:
+            async for frame in call:
+                yield [Message(self, d) for d in frame.deliveries]
+        finally:
+            call.cancel()
+
+    def ack(self, delivery_id: str) -> asyncio.Future[AckResult]:
+        if self._coalesce:
+            return self._acks.add(delivery_id)
+        return asyncio.ensure_future(self._ack_one(delivery_id))
+
+    async def _ack_one(self, delivery_id: str) -> AckResult:
+        resp = await self.ack_many([delivery_id])
+        return resp[0]
+
+    async def ack_many(self, delivery_ids: Sequence[str]) -> list[AckResult]:
+        """One Ack call for many ids; raises AckError when the call fails as a whole."""
+        try:
+            resp = await self.stub.Ack(pb.AckRequest(delivery_ids=list(delivery_ids)), metadata=self._metadata)
+        except grpc.aio.AioRpcError as exc:
+            raise AckError(f"{exc.code().name}: {exc.details()}") from exc
+        return [AckResult(r) for r in resp.results]
+
+    async def flush_acks(self) -> None:
+        await self._acks.drain()
+
+    async def nack(
+        self, delivery_ids: Sequence[str], delay_seconds: float | None = None, dead_letter: bool = False, reason: str = ""
+    ) -> list[AckResult]:
+        req = pb.NackRequest(delivery_ids=list(delivery_ids), dead_letter=dead_letter, reason=reason)
+        if delay_seconds is not None:
+            req.delay_seconds = delay_seconds
+        resp = await self.stub.Nack(req, metadata=self._metadata)
+        return [AckResult(r) for r in resp.results]
+
+    async def extend_deadline(self, delivery_ids: Sequence[str], seconds: int) -> list[AckResult]:
+        resp = await self.stub.ExtendDeadline(
+            pb.ExtendDeadlineRequest(delivery_ids=list(delivery_ids), seconds=seconds), metadata=self._metadata
+        )
+        return [AckResult(r) for r in resp.results]
+
+    async def publish(
+        self,
+        topic: str,
+        value: bytes,
+        key: bytes | None = None,
+        headers: Sequence[tuple[str, bytes]] = (),
+        idempotency_key: str = "",
+        partition: int | None = None,
+        timeout: float | None = 60.0,
+    ) -> PublishResult:
+        """Publish one record; raises grpc.aio.AioRpcError with the sidecar's status on failure."""
+        resp = await self.stub.Publish(
+            _publish_request(topic, value, key, headers, idempotency_key, partition),
+            metadata=self._metadata,
+            timeout=timeout,
+        )
+        return _result(resp)
+
+    async def publish_batch(self, entries: Sequence[pb.PublishRequest]) -> list[PublishResult | grpc.StatusCode]:
+        resp = await self.stub.PublishBatch(pb.PublishBatchRequest(entries=list(entries)), metadata=self._metadata)
+        out: list[PublishResult | grpc.StatusCode] = []
+        for r in resp.results:
+            if r.code == 0:
+                out.append(_result(r.response))
+            else:
+                out.append(next(c for c in grpc.StatusCode if c.value[0] == r.code))
+        return out
+
+
+def _publish_request(
+    topic: str,
+    value: bytes,
+    key: bytes | None = None,
+    headers: Sequence[tuple[str, bytes]] = (),
+    idempotency_key: str = "",
+    partition: int | None = None,
+) -> pb.PublishRequest:
+    req = pb.PublishRequest(
+        topic=topic, value=value, headers=[pb.Header(key=k, value=v) for k, v in headers], idempotency_key=idempotency_key
+    )
+    if key is not None:
+        req.key = key
+    if partition is not None:
+        req.partition = partition
+    return req
+
+
+publish_request = _publish_request
+
+
+def _result(resp: pb.PublishResponse) -> PublishResult:
+    return PublishResult(resp.idempotency_key, resp.topic, resp.partition, resp.offset, resp.duplicate)
+

@@ -1,0 +1,410 @@
+"""Start a real single-node Apache Kafka (KRaft) and a real Redis on 127.0.0.1.
+
+This is the project's own way to get real services for the demo, the integration tests and the
+benchmarks. It has no dependency beyond the standard library, so it can run before the virtual
+environment exists; the Kafka readiness probe uses confluent-kafka when it is importable.
+
+Usage::
+
+    python deploy/local/services.py install        # fetch the broker jars and redis-server, once
+    python deploy/local/services.py up             # start both, print their addresses, wait for Ctrl+C
+
+From Python::
+
+    with KafkaBroker.start(workdir) as kafka, RedisServer.start(workdir) as redis:
+        print(kafka.bootstrap_servers, redis.url)
+
+The broker's jars come from Maven Central through ``deploy/local/kafka/pom.xml`` and are cached in
+``$DEDUP_CACHE_DIR`` (default ``~/.cache/kafka-dedup-sidecar``); Redis comes from Debian's
+``redis-server`` package. Both processes bind to 127.0.0.1 on ports chosen free at start.
+"""
+
+from __future__ import annotations
+
+import argparse
+import base64
+import contextlib
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+import uuid
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+POM = HERE / "kafka" / "pom.xml"
+LOG4J2 = HERE / "kafka" / "log4j2.properties"
+
+
+def _log(msg: str) -> None:
+    print(f"[services] {msg}", file=sys.stderr, flush=True)
+
+
+def cache_dir() -> Path:
+    return Path(os.environ.get("DEDUP_CACHE_DIR", Path.home() / ".cache" / "kafka-dedup-sidecar"))
+
+
+def kafka_version() -> str:
+    text = POM.read_text()
+    start = text.index("<kafka.version>") + len("<kafka.version>")
+    return text[start : text.index("</kafka.version>", start)]
+
+
+def free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def _wait_port(port: int, deadline: float, proc: subprocess.Popen[bytes], what: str) -> None:
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise RuntimeError(f"{what} exited with code {proc.returncode} during start-up")
+        with contextlib.suppress(OSError), socket.create_connection(("127.0.0.1", port), 0.5):
+            return
+        time.sleep(0.1)
+    raise TimeoutError(f"{what} did not open 127.0.0.1:{port} in time")
+
+
+# --------------------------------------------------------------------------------------------
+# installation
+
+
+def kafka_lib_dir() -> Path:
+    """Return the cached directory of broker jars, resolving them with Maven on first use."""
+    lib = cache_dir() / f"kafka-{kafka_version()}" / "lib"
+    marker = lib / ".complete"
+    if marker.exists():
+        return lib
+    if shutil.which("mvn") is None:
+        raise RuntimeError("Maven (mvn) is needed to fetch the Kafka broker jars; install it first")
+    _log(f"fetching Apache Kafka {kafka_version()} jars with Maven into {lib} (first run only)")
+    tmp = lib.with_name("lib.partial")
+    shutil.rmtree(tmp, ignore_errors=True)
+    subprocess.run(
+        [
+            "mvn",
+            "-B",
+            "-q",
+            "-f",
+            str(POM),
+            "dependency:copy-dependencies",
+            "-DincludeScope=runtime",
+            f"-DoutputDirectory={tmp}",
+        ],
+        check=True,
+    )
+    shutil.rmtree(lib, ignore_errors=True)
+    tmp.rename(lib)
+    marker.touch()
+    return lib
+
+
+def redis_server_binary() -> str:
+    """Return the path of redis-server, installing Debian's package when it is missing."""
+    found = shutil.which("redis-server")
+    if found:
+        return found
+    if os.geteuid() != 0:
+        raise RuntimeError("redis-server is missing; install Debian's package: apt-get install redis-server")
+    _log("installing Debian's redis-server package (first run only)")
+    env = dict(os.environ, DEBIAN_FRONTEND="noninteractive")
+    subprocess.run(["apt-get", "update", "-qq"], check=True, env=env)
+    subprocess.run(
+        ["apt-get", "install", "-y", "-qq", "--no-install-recommends", "redis-server"], check=True, env=env
+    )
+    found = shutil.which("redis-server")
+    if not found:
+        raise RuntimeError("apt-get installed redis-server but it is not on PATH")
+    # Debian may start a system instance on 6379; we never use it, and leave nothing running.
+    subprocess.run(["service", "redis-server", "stop"], check=False, capture_output=True)
+    return found
+
+
+def java_binary() -> str:
+    home = os.environ.get("JAVA_HOME")
+    if home and (Path(home) / "bin" / "java").exists():
+        return str(Path(home) / "bin" / "java")
+    found = shutil.which("java")
+    if not found:
+        raise RuntimeError("java is needed to run the Kafka broker (Java 17 or newer); set JAVA_HOME")
+    return found
+
+
+# --------------------------------------------------------------------------------------------
+# processes
+
+
+@dataclass
+class _Service:
+    proc: subprocess.Popen[bytes]
+    workdir: Path
+    log_path: Path
+
+    def alive(self) -> bool:
+        return self.proc.poll() is None
+
+    def kill(self) -> None:
+        """SIGKILL the process (used by fault tests)."""
+        if self.alive():
+            self.proc.kill()
+            self.proc.wait(10)
+
+    def pause(self) -> None:
+        os.kill(self.proc.pid, signal.SIGSTOP)
+
+    def resume(self) -> None:
+        os.kill(self.proc.pid, signal.SIGCONT)
+
+    def stop(self, timeout: float = 20.0) -> None:
+        if not self.alive():
+            return
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(self.proc.pid, signal.SIGCONT)
+        self.proc.terminate()
+        try:
+            self.proc.wait(timeout)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            self.proc.wait(10)
+
+    def log_tail(self, lines: int = 40) -> str:
+        try:
+            return "\n".join(self.log_path.read_text(errors="replace").splitlines()[-lines:])
+        except OSError:
+            return ""
+
+
+@dataclass
+class KafkaBroker(_Service):
+    port: int = 0
+    controller_port: int = 0
+    extra: dict[str, str] = field(default_factory=dict)
+
+    @property
+    def bootstrap_servers(self) -> str:
+        return f"127.0.0.1:{self.port}"
+
+    @classmethod
+    def start(
+        cls, workdir: Path, timeout: float = 90.0, extra_properties: dict[str, str] | None = None
+    ) -> KafkaBroker:
+        lib = kafka_lib_dir()
+        workdir.mkdir(parents=True, exist_ok=True)
+        port, cport = free_port(), free_port()
+        props = {
+            "process.roles": "broker,controller",
+            "node.id": "1",
+            "controller.quorum.voters": f"1@127.0.0.1:{cport}",
+            "listeners": f"PLAINTEXT://127.0.0.1:{port},CONTROLLER://127.0.0.1:{cport}",
+            "advertised.listeners": f"PLAINTEXT://127.0.0.1:{port}",
+            "controller.listener.names": "CONTROLLER",
+            "inter.broker.listener.name": "PLAINTEXT",
+            "listener.security.protocol.map": "PLAINTEXT:PLAINTEXT,CONTROLLER:PLAINTEXT",
+            "log.dirs": str(workdir / "data"),
+            "num.partitions": "1",
+            "offsets.topic.replication.factor": "1",
+            "offsets.topic.num.partitions": "3",
+            "transaction.state.log.replication.factor": "1",
+            "transaction.state.log.min.isr": "1",
+            "share.coordinator.state.topic.replication.factor": "1",
+            "share.coordinator.state.topic.min.isr": "1",
+            "group.initial.rebalance.delay.ms": "0",
+            "auto.create.topics.enable": "false",
+            "log.flush.interval.messages": "9223372036854775807",
+        }
+        props.update(extra_properties or {})
+        config = workdir / "server.properties"
+        config.write_text("".join(f"{k}={v}\n" for k, v in props.items()))
+        classpath = f"{lib}/*"
+        java = java_binary()
+        log_path = workdir / "server.log"
+        jvm = [
+            java,
+            "-Xms256m",
+            "-Xmx768m",
+            "-XX:+UseG1GC",
+            "-XX:TieredStopAtLevel=1",
+            "-Djava.awt.headless=true",
+            f"-Dlog4j2.configurationFile={LOG4J2}",
+            f"-Dkafka.logs.dir={workdir}",
+            "-cp",
+            classpath,
+        ]
+        cluster_id = base64.urlsafe_b64encode(uuid.uuid4().bytes).decode().rstrip("=")
+        fmt = subprocess.run(
+            [*jvm, "kafka.tools.StorageTool", "format", "-t", cluster_id, "-c", str(config)],
+            capture_output=True,
+            text=True,
+        )
+        if fmt.returncode != 0:
+            raise RuntimeError(f"kafka StorageTool format failed:\n{fmt.stdout}\n{fmt.stderr}")
+        with open(workdir / "stdout.log", "ab") as out:
+            proc = subprocess.Popen(
+                [*jvm, "kafka.Kafka", str(config)], stdout=out, stderr=subprocess.STDOUT, start_new_session=True
+            )
+        broker = cls(proc=proc, workdir=workdir, log_path=log_path, port=port, controller_port=cport)
+        try:
+            deadline = time.monotonic() + timeout
+            _wait_port(port, deadline, proc, "Kafka broker")
+            broker.wait_ready(deadline)
+        except BaseException:
+            _log(broker.log_tail())
+            broker.stop()
+            raise
+        return broker
+
+    def restart(self, timeout: float = 90.0) -> None:
+        """Start the broker again on the same ports and data (after kill or stop)."""
+        self.stop()
+        config = self.workdir / "server.properties"
+        jvm_cmd = list(self.proc.args)  # type: ignore[arg-type]
+        jvm_cmd[-1] = str(config)
+        with open(self.workdir / "stdout.log", "ab") as out:
+            self.proc = subprocess.Popen(jvm_cmd, stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
+        deadline = time.monotonic() + timeout
+        _wait_port(self.port, deadline, self.proc, "Kafka broker")
+        self.wait_ready(deadline)
+
+    def wait_ready(self, deadline: float) -> None:
+        """Wait until a real metadata request lists this broker."""
+        try:
+            from confluent_kafka.admin import AdminClient
+        except ImportError:  # services.py can run before the venv exists
+            return
+        admin = AdminClient({"bootstrap.servers": self.bootstrap_servers})
+        last: Exception | None = None
+        while time.monotonic() < deadline:
+            if not self.alive():
+                raise RuntimeError(f"Kafka broker exited with code {self.proc.returncode}")
+            try:
+                md = admin.list_topics(timeout=2)
+                if md.brokers:
+                    return
+            except Exception as exc:  # noqa: BLE001 - retried until the deadline
+                last = exc
+            time.sleep(0.2)
+        raise TimeoutError(f"Kafka broker not ready in time: {last}")
+
+    def create_topic(self, name: str, partitions: int = 1, config: dict[str, str] | None = None) -> None:
+        from confluent_kafka.admin import AdminClient, NewTopic
+
+        admin = AdminClient({"bootstrap.servers": self.bootstrap_servers})
+        fut = admin.create_topics([NewTopic(name, partitions, 1, config=config or {})])[name]
+        fut.result(30)
+        # Metadata propagates asynchronously; wait until every partition has a leader.
+        deadline = time.monotonic() + 30
+        while time.monotonic() < deadline:
+            md = admin.list_topics(name, timeout=5).topics.get(name)
+            if md and not md.error and len(md.partitions) == partitions:
+                if all(p.leader >= 0 for p in md.partitions.values()):
+                    return
+            time.sleep(0.1)
+        raise TimeoutError(f"topic {name} has no leaders after 30s")
+
+    def __enter__(self) -> KafkaBroker:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+
+
+@dataclass
+class RedisServer(_Service):
+    port: int = 0
+
+    @property
+    def url(self) -> str:
+        return f"redis://127.0.0.1:{self.port}/0"
+
+    @classmethod
+    def start(cls, workdir: Path, appendonly: str = "no", timeout: float = 30.0, port: int = 0) -> RedisServer:
+        binary = redis_server_binary()
+        workdir.mkdir(parents=True, exist_ok=True)
+        port = port or free_port()
+        log_path = workdir / "redis.log"
+        args = [
+            binary,
+            "--bind",
+            "127.0.0.1",
+            "--port",
+            str(port),
+            "--dir",
+            str(workdir),
+            "--save",
+            "",
+            "--daemonize",
+            "no",
+            "--logfile",
+            str(log_path),
+        ]
+        if appendonly in ("always", "everysec"):
+            args += ["--appendonly", "yes", "--appendfsync", appendonly]
+        else:
+            args += ["--appendonly", "no"]
+        proc = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+        server = cls(proc=proc, workdir=workdir, log_path=log_path, port=port)
+        try:
+            _wait_port(port, time.monotonic() + timeout, proc, "redis-server")
+        except BaseException:
+            _log(server.log_tail())
+            server.stop()
+            raise
+        return server
+
+    def restart(self) -> None:
+        self.stop()
+        args = list(self.proc.args)  # type: ignore[arg-type]
+        self.proc = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+        _wait_port(self.port, time.monotonic() + 30, self.proc, "redis-server")
+
+    def __enter__(self) -> RedisServer:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+
+
+@contextlib.contextmanager
+def running(workdir: Path | None = None) -> Iterator[tuple[KafkaBroker, RedisServer]]:
+    """Start Kafka and Redis in a temporary directory; stop both and remove it on exit."""
+    base = Path(tempfile.mkdtemp(prefix="dedup-services-")) if workdir is None else workdir
+    try:
+        t0 = time.monotonic()
+        with RedisServer.start(base / "redis") as redis, KafkaBroker.start(base / "kafka") as kafka:
+            _log(f"kafka {kafka.bootstrap_servers} and {redis.url} ready in {time.monotonic() - t0:.1f}s")
+            yield kafka, redis
+    finally:
+        if workdir is None:
+            shutil.rmtree(base, ignore_errors=True)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    sub = parser.add_subparsers(dest="cmd", required=True)
+    sub.add_parser("install", help="fetch the broker jars and redis-server (cached)")
+    up = sub.add_parser("up", help="start Kafka and Redis until interrupted")
+    up.add_argument("--topic", action="append", default=[], help="NAME[:PARTITIONS] to create")
+    args = parser.parse_args(argv)
+    if args.cmd == "install":
+        _log(f"kafka jars: {kafka_lib_dir()}")
+        _log(f"redis-server: {redis_server_binary()}")
+        return 0
+    with running() as (kafka, redis):
+        for spec in args.topic:
+            name, _, parts = spec.partition(":")
+            kafka.create_topic(name, int(parts or 1))
+        print(f"KAFKA_BOOTSTRAP={kafka.bootstrap_servers}\nREDIS_URL={redis.url}", flush=True)
+        with contextlib.suppress(KeyboardInterrupt):
+            signal.sigwait({signal.SIGINT, signal.SIGTERM})
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

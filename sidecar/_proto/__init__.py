@@ -1,0 +1,1 @@
+"""Generated protobuf and gRPC stubs for dedup/v1/dedup.proto."""

@@ -1,0 +1,156 @@
+"""DedupService: turns gRPC requests into engine and publisher calls. No logic of its own."""
+
+from __future__ import annotations
+
+import asyncio
+import functools
+import logging
+from collections.abc import AsyncIterator, Awaitable, Callable
+from typing import Any, TypeVar
+
+import grpc
+
+from sidecar._proto import dedup_pb2 as pb
+from sidecar._proto import dedup_pb2_grpc as pb_grpc
+from sidecar.api.errors import status_for
+from sidecar.engine.engine import Engine
+from sidecar.engine.records import Pending
+from sidecar.errors import InvalidArgument, ShuttingDown, SidecarError
+from sidecar.publish.publisher import PublishInput, PublishOutput, Publisher
+
+log = logging.getLogger(__name__)
+Req = TypeVar("Req")
+Resp = TypeVar("Resp")
+
+
+def _mapped(
+    fn: Callable[[Any, Req, grpc.aio.ServicerContext[Req, Resp]], Awaitable[Resp]],
+) -> Callable[[Any, Req, grpc.aio.ServicerContext[Req, Resp]], Awaitable[Resp]]:
+    """Abort with the mapped status on any error; never let one call crash the server."""
+
+    @functools.wraps(fn)
+    async def wrapper(self: Any, request: Req, context: grpc.aio.ServicerContext[Req, Resp]) -> Resp:
+        try:
+            return await fn(self, request, context)
+        except SidecarError as exc:
+            code, msg = status_for(exc)
+        except Exception as exc:
+            log.exception("%s failed", fn.__name__)
+            code, msg = status_for(exc)
+        await context.abort(code, msg)
+        raise AssertionError("unreachable")  # abort raises
+
+    return wrapper
+
+
+def _delivery(engine: Engine, p: Pending) -> pb.Delivery:
+    d = pb.Delivery(
+        delivery_id=p.delivery_ids[-1],
+        idempotency_key=p.idem_key or "",
+        topic=p.tp[0],
+        partition=p.tp[1],
+        offset=p.offset,
+        value=p.value,
+        headers=[pb.Header(key=k, value=v) for k, v in p.headers],
+        timestamp_ms=p.timestamp_ms,
+        attempt=p.attempt,
+        deadline_ms=engine.deadline_epoch_ms(p),
+    )
+    if p.key is not None:
+        d.key = p.key
+    return d
+
+
+def _input(req: pb.PublishRequest) -> PublishInput:
+    return PublishInput(
+        topic=req.topic,
+        value=req.value,
+        key=req.key if req.HasField("key") else None,
+        headers=[(h.key, h.value) for h in req.headers],
+        idempotency_key=req.idempotency_key,
+        partition=req.partition if req.HasField("partition") else None,
+    )
+
+
+def _response(out: PublishOutput) -> pb.PublishResponse:
+    return pb.PublishResponse(
+        idempotency_key=out.idempotency_key,
+        topic=out.topic,
+        partition=out.partition,
+        offset=out.offset,
+        duplicate=out.duplicate,
+    )
+
+
+class DedupServicer(pb_grpc.DedupServiceServicer):
+    def __init__(self, engine: Engine, publisher: Publisher, max_batch_entries: int) -> None:
+        self._engine = engine
+        self._publisher = publisher
+        self._max_batch_entries = max_batch_entries
+
+    async def Subscribe(  # noqa: N802 - gRPC method name
+        self, request: pb.SubscribeRequest, context: grpc.aio.ServicerContext[Any, Any]
+    ) -> AsyncIterator[pb.SubscribeResponse]:
+        engine = self._engine
+        try:
+            stream = engine.attach(
+                list(request.topics), request.max_in_flight, request.max_in_flight_bytes, request.max_batch
+            )
+        except SidecarError as exc:
+            await context.abort(*status_for(exc))
+            return
+        try:
+            while True:
+                batch = await engine.next_frame(stream)
+                if not batch:
+                    break
+                yield pb.SubscribeResponse(deliveries=[_delivery(engine, p) for p in batch])
+        finally:
+            engine.detach(stream)
+        if engine.stopping:
+            await context.abort(*status_for(ShuttingDown("the sidecar is shutting down; reconnect")))
+
+    @_mapped
+    async def Ack(self, request: pb.AckRequest, context: grpc.aio.ServicerContext[Any, Any]) -> pb.AckResponse:  # noqa: N802
+        results = await self._engine.ack(list(request.delivery_ids))
+        return pb.AckResponse(results=results)  # type: ignore[arg-type]
+
+    @_mapped
+    async def Nack(self, request: pb.NackRequest, context: grpc.aio.ServicerContext[Any, Any]) -> pb.NackResponse:  # noqa: N802
+        delay = request.delay_seconds if request.HasField("delay_seconds") else None
+        results = await self._engine.nack(list(request.delivery_ids), delay, request.dead_letter, request.reason)
+        return pb.NackResponse(results=results)  # type: ignore[arg-type]
+
+    @_mapped
+    async def ExtendDeadline(  # noqa: N802
+        self, request: pb.ExtendDeadlineRequest, context: grpc.aio.ServicerContext[Any, Any]
+    ) -> pb.ExtendDeadlineResponse:
+        results = await self._engine.extend(list(request.delivery_ids), request.seconds)
+        return pb.ExtendDeadlineResponse(results=results)  # type: ignore[arg-type]
+
+    @_mapped
+    async def Publish(  # noqa: N802
+        self, request: pb.PublishRequest, context: grpc.aio.ServicerContext[Any, Any]
+    ) -> pb.PublishResponse:
+        return _response(await self._publisher.publish(_input(request)))
+
+    @_mapped
+    async def PublishBatch(  # noqa: N802
+        self, request: pb.PublishBatchRequest, context: grpc.aio.ServicerContext[Any, Any]
+    ) -> pb.PublishBatchResponse:
+        n = len(request.entries)
+        if n == 0:
+            raise InvalidArgument("no entries")
+        if n > self._max_batch_entries:
+            raise InvalidArgument(f"{n} entries; the limit is {self._max_batch_entries} (publish.max_batch_entries)")
+        outcomes = await asyncio.gather(
+            *(self._publisher.publish(_input(e)) for e in request.entries), return_exceptions=True
+        )
+        results = []
+        for out in outcomes:
+            if isinstance(out, BaseException):
+                code, msg = status_for(out)
+                results.append(pb.PublishBatchResult(code=code.value[0], message=msg))
+            else:
+                results.append(pb.PublishBatchResult(code=0, response=_response(out)))
+        return pb.PublishBatchResponse(results=results)

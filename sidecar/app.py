@@ -1,0 +1,202 @@
+"""The composition root: builds every part from Settings, starts them, and stops them in order.
+
+Shutdown order (first signal): health NOT_SERVING; stop fetching; drain acks for
+``server.shutdown_grace_seconds``; final commit; leave the group; flush the producer; stop the
+server. A second signal exits at once.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import os
+import signal
+import socket
+import time
+from typing import Any
+
+from grpc_health.v1 import health, health_pb2
+from prometheus_client import start_http_server
+
+from sidecar.api.server import SERVICE_NAME, build_server
+from sidecar.api.servicer import DedupServicer
+from sidecar.config import Settings
+from sidecar.engine.engine import Engine
+from sidecar.errors import ConfigError
+from sidecar.kafka import consumer as kconsumer
+from sidecar.kafka import producer as kproducer
+from sidecar.metrics import Metrics
+from sidecar.publish.publisher import Publisher
+from sidecar.store.base import DedupStore
+from sidecar.stores import open_store
+
+log = logging.getLogger(__name__)
+
+
+def _kafka_config(settings: Settings, extra: dict[str, Any], owned: frozenset[str], kind: str) -> dict[str, Any]:
+    clash = owned & set(extra)
+    if clash:
+        raise ConfigError(
+            f"kafka.{kind} sets {sorted(clash)}, which the sidecar owns to keep its guarantees; remove them"
+        )
+    return {"bootstrap.servers": settings.kafka.bootstrap_servers, "client.id": "dedup-sidecar", **extra}
+
+
+def _split_listen(listen: str, setting: str) -> tuple[str, int]:
+    host, sep, port = listen.rpartition(":")
+    if not sep or not port.isdigit():
+        raise ConfigError(f"{setting}={listen!r} is not HOST:PORT")
+    return host.strip("[]") or "127.0.0.1", int(port)
+
+
+class Sidecar:
+    """One sidecar process. ``await start()``, then ``await stop()``; or ``await run()``."""
+
+    def __init__(self, settings: Settings) -> None:
+        if not settings.kafka.topics:
+            raise ConfigError("no topics to consume: set kafka.topics (DEDUP_KAFKA__TOPICS='[\"orders\"]')")
+        self.settings = settings
+        self.metrics = Metrics()
+        self.owner = settings.owner_id or f"{socket.gethostname()}-{os.getpid()}-{os.urandom(3).hex()}"
+        self.port = 0
+        self.metrics_port = 0
+        self.store: DedupStore | None = None
+        self.engine: Engine | None = None
+        self._consumer: kconsumer.ConsumerLoop | None = None
+        self._producer: kproducer.AsyncProducer | None = None
+        self._server: Any = None
+        self._metrics_server: Any = None
+        self._health = health.aio.HealthServicer()
+        self._watch: asyncio.Task[None] | None = None
+        self._stopped = asyncio.Event()
+
+    async def start(self) -> None:
+        s = self.settings
+        loop = asyncio.get_running_loop()
+        consumer_conf = _kafka_config(s, s.kafka.consumer, kconsumer.OWNED_PROPERTIES, "consumer")
+        consumer_conf.update({"group.id": s.kafka.group_id, "session.timeout.ms": s.kafka.session_timeout_ms})
+        producer_conf = _kafka_config(s, s.kafka.producer, kproducer.OWNED_PROPERTIES, "producer")
+        host, port = _split_listen(s.server.listen, "server.listen")
+        self.store = await open_store(s)
+        self._producer = kproducer.AsyncProducer(producer_conf, loop, s.publish.timeout_seconds)
+        self.engine = Engine(s, self.store, self._producer, self.metrics, self.owner)
+        self._consumer = kconsumer.ConsumerLoop(
+            consumer_conf, s.kafka.topics, self.engine, loop, s.kafka.fetch_batch, max(5_000, 10 * s.kafka.fetch_batch)
+        )
+        publisher = Publisher(
+            s.publish,
+            s.delivery.idempotency_header,
+            self.store,
+            self._producer,
+            self.metrics,
+            s.store.retention_seconds * 1000,
+        )
+        servicer = DedupServicer(self.engine, publisher, s.publish.max_batch_entries)
+        token = s.server.auth_token.get_secret_value() if s.server.auth_token else None
+        self._server = build_server(servicer, self._health, token, s.publish.max_message_bytes)
+        self.port = self._server.add_insecure_port(f"{host}:{port}")
+        if self.port == 0:
+            raise ConfigError(f"cannot listen on {s.server.listen} (server.listen): address in use or invalid")
+        if s.server.metrics_listen:
+            mhost, mport = _split_listen(s.server.metrics_listen, "server.metrics_listen")
+            self._metrics_server, _ = start_http_server(mport, mhost, registry=self.metrics.registry)
+            self.metrics_port = self._metrics_server.server_port
+        await self._server.start()
+        self.engine.start(self._consumer)
+        self._consumer.start()
+        if not self.store.shared:
+            self._watch = asyncio.create_task(self._watch_group())
+        await self._health.set(SERVICE_NAME, health_pb2.HealthCheckResponse.SERVING)
+        await self._health.set("", health_pb2.HealthCheckResponse.SERVING)
+        log.info(
+            "sidecar %s serving on %s:%d (store=%s, group=%s, topics=%s)",
+            self.owner,
+            host,
+            self.port,
+            self.store.name,
+            s.kafka.group_id,
+            ",".join(s.kafka.topics),
+        )
+
+    async def _watch_group(self) -> None:
+        """A local store cannot fence other members: detect a shared group and say so loudly."""
+        from confluent_kafka.admin import AdminClient
+
+        admin = AdminClient({"bootstrap.servers": self.settings.kafka.bootstrap_servers})
+        group = self.settings.kafka.group_id
+        warned = False
+        while True:
+            await asyncio.sleep(10)
+            try:
+                fut = admin.describe_consumer_groups([group], request_timeout=10)[group]
+                desc = await asyncio.to_thread(fut.result, 15)
+            except Exception as exc:  # noqa: BLE001 - advisory check only
+                log.debug("describe_consumer_groups failed: %s", exc)
+                continue
+            members = len(desc.members)
+            self.metrics.local_store_shared_group.set(1 if members > 1 else 0)
+            if members > 1 and not warned:
+                assert self.store is not None
+                log.error(
+                    "CORRECTNESS HOLE: group %r has %d members but store.backend=%s is local to this process; "
+                    "after a rebalance another member cannot see which keys were processed here. Use "
+                    "store.backend=redis for more than one replica",
+                    group,
+                    members,
+                    self.store.name,
+                )
+                warned = True
+            elif members <= 1:
+                warned = False
+
+    async def stop(self) -> None:
+        s = self.settings
+        await self._health.enter_graceful_shutdown()
+        if self._watch is not None:
+            self._watch.cancel()
+        if self._consumer is not None:
+            self._consumer.halted = True
+        if self.engine is not None:
+            await self.engine.stop(s.server.shutdown_grace_seconds)
+        if self._consumer is not None:
+            await self._consumer.stop()
+        if self._producer is not None:
+            await self._producer.close()
+        if self._server is not None:
+            await self._server.stop(1.0)
+        if self._metrics_server is not None:
+            self._metrics_server.shutdown()
+        if self.store is not None:
+            await self.store.close()
+        self._stopped.set()
+        log.info("sidecar stopped")
+
+    async def run(self) -> None:
+        """Start, serve until SIGINT/SIGTERM, then stop in order. A second signal exits at once."""
+        loop = asyncio.get_running_loop()
+        stop = asyncio.Event()
+        signals = 0
+
+        def on_signal(signum: int) -> None:
+            nonlocal signals
+            signals += 1
+            if signals > 1:
+                log.error("second signal: exiting now")
+                os._exit(130)
+            log.info("signal %d: shutting down (send again to force)", signum)
+            stop.set()
+
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            loop.add_signal_handler(sig, on_signal, sig)
+        await self.start()
+        assert self._consumer is not None
+        while not stop.is_set():
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(stop.wait(), 1.0)
+            if self._consumer.fatal is not None:
+                log.error("consumer failed: %s; shutting down", self._consumer.fatal)
+                break
+        t0 = time.monotonic()
+        await self.stop()
+        log.info("shutdown took %.1fs", time.monotonic() - t0)

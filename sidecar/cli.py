@@ -1,0 +1,83 @@
+"""``dedup-sidecar``: the thin entry point. Parses flags, loads settings, runs the Sidecar."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import logging
+import sys
+from typing import Any
+
+from pydantic import ValidationError
+
+from sidecar import __version__, config
+from sidecar.errors import SidecarError
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="dedup-sidecar",
+        description="Stream de-duplicated Kafka records to a local app over gRPC; commit only after Ack.",
+        epilog="Settings come from defaults < --config FILE (or DEDUP_CONFIG) < DEDUP_* environment < flags. "
+        "See deploy/sidecar.example.toml.",
+    )
+    p.add_argument("--config", help="TOML settings file")
+    p.add_argument("--bootstrap-servers", help="kafka.bootstrap_servers")
+    p.add_argument("--group-id", help="kafka.group_id")
+    p.add_argument("--topic", action="append", dest="topics", help="kafka.topics (repeatable)")
+    p.add_argument("--store", choices=["memory", "sqlite", "redis"], help="store.backend")
+    p.add_argument("--redis-url", help="store.redis_url")
+    p.add_argument("--sqlite-path", help="store.sqlite_path")
+    p.add_argument("--listen", help="server.listen (HOST:PORT)")
+    p.add_argument("--metrics-listen", help="server.metrics_listen (HOST:PORT, empty to disable)")
+    p.add_argument("--log-level", choices=["DEBUG", "INFO", "WARNING", "ERROR"])
+    p.add_argument("--print-config", action="store_true", help="print the effective settings as JSON and exit")
+    p.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
+    return p
+
+
+def _overrides(a: argparse.Namespace) -> dict[str, Any]:
+    out: dict[str, dict[str, Any]] = {"kafka": {}, "store": {}, "server": {}}
+    pairs = [
+        ("kafka", "bootstrap_servers", a.bootstrap_servers),
+        ("kafka", "group_id", a.group_id),
+        ("kafka", "topics", a.topics),
+        ("store", "backend", a.store),
+        ("store", "redis_url", a.redis_url),
+        ("store", "sqlite_path", a.sqlite_path),
+        ("server", "listen", a.listen),
+        ("server", "metrics_listen", a.metrics_listen),
+    ]
+    for section, key, value in pairs:
+        if value is not None:
+            out[section][key] = value
+    flat: dict[str, Any] = {k: v for k, v in out.items() if v}
+    if a.log_level:
+        flat["log_level"] = a.log_level
+    return flat
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    try:
+        settings = config.load(args.config, **_overrides(args))
+    except ValidationError as exc:
+        print(f"dedup-sidecar: invalid settings:\n{exc}", file=sys.stderr)
+        return 2
+    except SidecarError as exc:
+        print(f"dedup-sidecar: {exc}", file=sys.stderr)
+        return 2
+    if args.print_config:
+        print(settings.model_dump_json(indent=2))
+        return 0
+    logging.basicConfig(
+        level=settings.log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s", stream=sys.stderr
+    )
+    from sidecar.app import Sidecar
+
+    try:
+        asyncio.run(Sidecar(settings).run())
+    except SidecarError as exc:
+        logging.getLogger("sidecar").error("%s", exc)
+        return 2
+    return 0

@@ -1,0 +1,172 @@
+"""Typed settings: one object, loaded from defaults < a TOML file < environment < flags.
+
+Environment variables use the ``DEDUP_`` prefix and ``__`` between section and field, e.g.
+``DEDUP_KAFKA__BOOTSTRAP_SERVERS=broker:9092``. The file is named by ``--config`` or
+``DEDUP_CONFIG``; deploy/sidecar.example.toml documents every setting.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from contextvars import ContextVar
+from pathlib import Path
+from typing import Any, Literal
+
+from pydantic import BaseModel, Field, SecretStr, field_validator, model_validator
+from pydantic_settings import (
+    BaseSettings,
+    PydanticBaseSettingsSource,
+    SettingsConfigDict,
+    TomlConfigSettingsSource,
+)
+
+from sidecar.errors import ConfigError
+
+_TOPIC_RE = re.compile(r"^[A-Za-z0-9._-]{1,249}$")
+
+
+def valid_topic(name: str) -> bool:
+    return bool(_TOPIC_RE.match(name)) and name not in (".", "..")
+
+
+class KafkaSettings(BaseModel):
+    bootstrap_servers: str = "127.0.0.1:9092"
+    group_id: str = "dedup-sidecar"
+    topics: list[str] = Field(default_factory=list)
+    #: Extra librdkafka consumer properties (security, tuning). Ones the sidecar owns are refused.
+    consumer: dict[str, str | int | float | bool] = Field(default_factory=dict)
+    #: Extra librdkafka producer properties.
+    producer: dict[str, str | int | float | bool] = Field(default_factory=dict)
+    #: Records fetched per poll.
+    fetch_batch: int = Field(500, ge=1, le=100_000)
+    session_timeout_ms: int = Field(10_000, ge=1000)
+
+    @field_validator("topics")
+    @classmethod
+    def _topics(cls, v: list[str]) -> list[str]:
+        for t in v:
+            if not valid_topic(t):
+                raise ValueError(f"invalid topic name {t!r} in kafka.topics")
+        return v
+
+
+class StoreSettings(BaseModel):
+    backend: Literal["memory", "sqlite", "redis"] = "sqlite"
+    sqlite_path: Path = Path("./dedup-sidecar.sqlite3")
+    sqlite_synchronous: Literal["FULL", "NORMAL"] = "FULL"
+    redis_url: SecretStr = SecretStr("redis://127.0.0.1:6379/0")
+    key_prefix: str = "dedup"
+    #: How long a processed key is remembered (the dedup window).
+    retention_seconds: int = Field(7 * 86_400, ge=1)
+    #: Refuse to start on a Redis without AOF or RDB persistence.
+    require_durable_store: bool = False
+    purge_interval_seconds: float = Field(300, gt=0)
+
+
+class DeliverySettings(BaseModel):
+    idempotency_header: str = "idempotency-key"
+    #: What identifies a record without the header: its coordinates, a hash of key and value, or
+    #: nothing (the record goes to the dead-letter topic).
+    key_fallback: Literal["offset", "hash", "dead-letter"] = "offset"
+    ack_deadline_seconds: float = Field(30, gt=0)
+    max_ack_deadline_seconds: int = Field(600, ge=1)
+    #: Extra lease beyond the ack deadline, so a slow ack does not race a takeover.
+    lease_margin_seconds: float = Field(5, ge=0)
+    max_attempts: int = Field(5, ge=1)
+    backoff_initial_seconds: float = Field(1, ge=0)
+    backoff_max_seconds: float = Field(60, ge=0)
+    #: Dead-letter topic; ``{topic}`` is replaced by the source topic.
+    dead_letter_topic: str = "{topic}.dlq"
+    #: Pause a partition past this many unsettled records; resume at ``resume_unsettled``.
+    max_unsettled_per_partition: int = Field(10_000, ge=1)
+    resume_unsettled: int = Field(5_000, ge=0)
+    #: Retry interval for records whose key another sidecar is delivering (BUSY).
+    busy_retry_seconds: float = Field(1.0, gt=0)
+    #: Leave the group after this long with no app stream attached, so partitions move elsewhere.
+    detach_grace_seconds: float = Field(30, gt=0)
+    default_max_in_flight: int = Field(1000, ge=1)
+    default_max_batch: int = Field(500, ge=1)
+
+
+class CommitSettings(BaseModel):
+    #: ``interval``: commit settled prefixes every ``interval_ms``; ``per-ack``: commit synchronously
+    #: inside every Ack call (slow; for comparison).
+    mode: Literal["interval", "per-ack"] = "interval"
+    interval_ms: int = Field(100, ge=1)
+
+
+class PublishSettings(BaseModel):
+    max_message_bytes: int = Field(1_000_000, ge=1)
+    max_batch_entries: int = Field(1000, ge=1)
+    #: Topics Publish may write to. Empty allows any.
+    allowed_topics: list[str] = Field(default_factory=list)
+    timeout_seconds: float = Field(30, gt=0)
+
+
+class ServerSettings(BaseModel):
+    listen: str = "127.0.0.1:50051"
+    #: Prometheus /metrics; empty disables it.
+    metrics_listen: str = "127.0.0.1:9464"
+    #: Require ``authorization: Bearer <token>`` on every call when set.
+    auth_token: SecretStr | None = None
+    max_streams: int = Field(16, ge=1)
+    max_ids_per_call: int = Field(10_000, ge=1)
+    shutdown_grace_seconds: float = Field(10, ge=0)
+
+
+class Settings(BaseSettings):
+    """All sidecar settings. See deploy/sidecar.example.toml for each one explained."""
+
+    model_config = SettingsConfigDict(env_prefix="DEDUP_", env_nested_delimiter="__", extra="forbid")
+
+    kafka: KafkaSettings = Field(default_factory=KafkaSettings)
+    store: StoreSettings = Field(default_factory=StoreSettings)
+    delivery: DeliverySettings = Field(default_factory=DeliverySettings)
+    commit: CommitSettings = Field(default_factory=CommitSettings)
+    publish: PublishSettings = Field(default_factory=PublishSettings)
+    server: ServerSettings = Field(default_factory=ServerSettings)
+    log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
+    #: Identity of this sidecar in store claims. Empty: a fresh random id per process.
+    owner_id: str = ""
+
+    @model_validator(mode="after")
+    def _check(self) -> Settings:
+        if self.delivery.resume_unsettled > self.delivery.max_unsettled_per_partition:
+            raise ValueError("delivery.resume_unsettled must not exceed delivery.max_unsettled_per_partition")
+        return self
+
+    @classmethod
+    def settings_customise_sources(
+        cls,
+        settings_cls: type[BaseSettings],
+        init_settings: PydanticBaseSettingsSource,
+        env_settings: PydanticBaseSettingsSource,
+        dotenv_settings: PydanticBaseSettingsSource,
+        file_secret_settings: PydanticBaseSettingsSource,
+    ) -> tuple[PydanticBaseSettingsSource, ...]:
+        # Highest first: flags (init kwargs), then the environment, then the TOML file.
+        sources: list[PydanticBaseSettingsSource] = [init_settings, env_settings]
+        path = _CONFIG_FILE.get()
+        if path is not None:
+            sources.append(TomlConfigSettingsSource(settings_cls, toml_file=path))
+        return tuple(sources)
+
+
+_CONFIG_FILE: ContextVar[Path | None] = ContextVar("dedup_config_file", default=None)
+
+
+def load(config_file: str | Path | None = None, **overrides: Any) -> Settings:
+    """Build settings: defaults < ``config_file`` (or $DEDUP_CONFIG) < environment < ``overrides``.
+
+    ``overrides`` are nested dicts per section, as flags produce them: ``kafka={"topics": [...]}``.
+    """
+    raw = config_file or os.environ.get("DEDUP_CONFIG")
+    path = Path(raw) if raw else None
+    if path is not None and not path.is_file():
+        raise ConfigError(f"config file {path} does not exist (flag --config or DEDUP_CONFIG)")
+    token = _CONFIG_FILE.set(path)
+    try:
+        return Settings(**overrides)
+    finally:
+        _CONFIG_FILE.reset(token)

@@ -1,0 +1,1 @@
+"""The delivery engine: intake, dedup decisions, dispatch to app streams, acks and commits."""

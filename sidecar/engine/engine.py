@@ -1,0 +1,728 @@
+"""The delivery engine: everything between the Kafka consumer and the app's gRPC calls.
+
+Flow (see docs/ARCHITECTURE.md)::
+
+    consumer batch -> intake: tracker.offer, idempotency key, store.claim(batch)
+        NEW  -> ready queue -> Subscribe streams (credit-bounded frames)
+        DONE -> settle (skipped duplicate)       BUSY -> claim again later
+    Ack(ids)  -> store.complete(batch) -> settle -> commit (interval, revoke, shutdown)
+    Nack(ids) -> store.release -> redeliver after backoff; past max attempts -> DLQ -> settle
+    timer     -> ack deadline passed -> claim again (extends the lease) -> redeliver, attempt + 1
+
+Everything here runs on the event loop; the only awaits are store round trips and Kafka writes.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import itertools
+import logging
+import os
+import re
+import time
+from collections import OrderedDict
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+
+from confluent_kafka import Message
+
+from sidecar.config import Settings
+from sidecar.engine.identity import idempotency_key, store_key
+from sidecar.engine.records import TP, Pending, State
+from sidecar.engine.streams import ReadyQueue, Stream
+from sidecar.errors import InvalidArgument, ResourceExhausted, ShuttingDown, StoreUnavailable
+from sidecar.kafka.consumer import Assigned, CommitOffset, ConsumerLoop
+from sidecar.kafka.producer import AsyncProducer
+from sidecar.metrics import Metrics
+from sidecar.offsets import AckTracker, OfferResult
+from sidecar.store.base import ClaimStatus, DedupStore
+
+log = logging.getLogger(__name__)
+
+_ID_RE = re.compile(r"^([0-9a-f]{8})\.([0-9]+)$")
+
+
+class AckOutcome:
+    OK = 1
+    STALE = 2
+    UNKNOWN = 3
+    ALREADY_ACKED = 4
+
+
+@dataclass(slots=True)
+class _Partition:
+    tracker: AckTracker
+    generation: int
+    pending: dict[int, Pending]  # offset -> record, until settled
+    paused: bool = False
+
+
+class _Lru(OrderedDict[str, str]):
+    def __init__(self, size: int) -> None:
+        super().__init__()
+        self._size = size
+
+    def put(self, key: str, value: str) -> None:
+        self[key] = value
+        self.move_to_end(key)
+        while len(self) > self._size:
+            self.popitem(last=False)
+
+
+class Engine:
+    """Parameters:
+    settings: the sidecar settings.
+    store: the dedup store (claims, completes, releases).
+    producer: used for dead letters.
+    metrics: Prometheus metrics.
+    owner: this sidecar's identity in store claims.
+    """
+
+    def __init__(
+        self,
+        settings: Settings,
+        store: DedupStore,
+        producer: AsyncProducer,
+        metrics: Metrics,
+        owner: str,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self.settings = settings
+        self.store = store
+        self.producer = producer
+        self.metrics = metrics
+        self.owner = owner
+        self._clock = clock
+        d = settings.delivery
+        self._deadline_s = d.ack_deadline_seconds
+        self._lease_ms = int((d.ack_deadline_seconds + d.lease_margin_seconds) * 1000)
+        self._retention_ms = settings.store.retention_seconds * 1000
+        self._group = settings.kafka.group_id
+        self.consumer: ConsumerLoop | None = None
+        self._partitions: dict[TP, _Partition] = {}
+        self._generations = itertools.count(1)
+        self._ready = ReadyQueue()
+        self._streams: dict[int, Stream] = {}
+        self._key_index: dict[str, Pending] = {}  # store key -> the pending record holding its claim
+        self._by_id: dict[str, Pending] = {}
+        self._stale: _Lru = _Lru(100_000)  # delivery id -> store key, for late acks after revoke
+        self._acked: _Lru = _Lru(100_000)  # delivery id -> "" for ALREADY_ACKED answers
+        self._waiting: list[Pending] = []  # BUSY and DELAYED records, checked by the timer
+        self._instance = os.urandom(4).hex()
+        self._seq = itertools.count(1)
+        self._intake: asyncio.Queue[list[Message]] = asyncio.Queue()
+        self._tasks: list[asyncio.Task[None]] = []
+        self._commit_wakeup = asyncio.Event()
+        self._no_stream_since: float | None = clock()
+        self._left_group = False
+        self.accepting = True
+        self.stopping = False
+
+    # ---------------------------------------------------------------------------------------------
+    # lifecycle
+
+    def start(self, consumer: ConsumerLoop) -> None:
+        self.consumer = consumer
+        loop_tasks = [self._intake_loop(), self._timer_loop(), self._commit_loop(), self._purge_loop()]
+        self._tasks = [asyncio.create_task(c) for c in loop_tasks]
+
+    async def stop(self, grace_s: float) -> None:
+        """Stop dispatching new records, wait up to ``grace_s`` for in-flight acks, commit."""
+        self.accepting = False
+        deadline = self._clock() + grace_s
+        while self._clock() < deadline and any(s.in_flight for s in self._streams.values()):
+            await asyncio.sleep(0.05)
+        self.stopping = True
+        for s in list(self._streams.values()):
+            s.closed = True
+            s.wakeup.set()
+        await self.commit_now()
+        for t in self._tasks:
+            t.cancel()
+        for t in self._tasks:
+            with contextlib.suppress(asyncio.CancelledError):
+                await t
+
+    # ---------------------------------------------------------------------------------------------
+    # consumer events (ConsumerHandler)
+
+    async def on_assigned(self, partitions: list[Assigned]) -> None:
+        d = self.settings.delivery
+        for a in partitions:
+            tracker = AckTracker(d.max_unsettled_per_partition, d.resume_unsettled, a.committed, a.metadata)
+            self._partitions[(a.topic, a.partition)] = _Partition(tracker, next(self._generations), {})
+        self.metrics.assigned_partitions.set(len(self._partitions))
+
+    async def on_revoked(self, tps: list[TP], lost: bool) -> list[CommitOffset]:
+        commits: list[CommitOffset] = []
+        release: list[str] = []
+        for tp in tps:
+            part = self._partitions.pop(tp, None)
+            if part is None:
+                continue
+            tracker = part.tracker
+            if not lost and tracker.committable() >= 0 and tracker.needs_commit():
+                commits.append(CommitOffset(tp[0], tp[1], tracker.committable(), tracker.commit_metadata()))
+            for p in part.pending.values():
+                if p.state in (State.READY, State.BUSY, State.DELAYED, State.CLAIMING) and p.attempt > 0:
+                    release.append(p.store_key)
+                self._drop(p)
+        self._waiting = [p for p in self._waiting if p.state in (State.BUSY, State.DELAYED)]
+        self.metrics.assigned_partitions.set(len(self._partitions))
+        if release:
+            # Undelivered records: let the next owner claim them at once rather than after the lease.
+            with contextlib.suppress(StoreUnavailable):
+                await self.store.release(release, self.owner)
+        return commits
+
+    def _drop(self, p: Pending) -> None:
+        """Forget a record of a revoked partition. In-flight ids stay answerable as STALE."""
+        if p.stream is not None:
+            p.stream.remove(p)
+        for did in p.delivery_ids:
+            self._by_id.pop(did, None)
+            self._stale.put(did, p.store_key)
+        if self._key_index.get(p.store_key) is p:
+            del self._key_index[p.store_key]
+        p.state = State.DROPPED
+        self._release_shadows(p)
+
+    def on_records(self, records: list[Message]) -> None:
+        self._intake.put_nowait(records)
+
+    # ---------------------------------------------------------------------------------------------
+    # intake
+
+    async def _intake_loop(self) -> None:
+        while True:
+            batch = await self._intake.get()
+            try:
+                await self._take_in(batch)
+            except Exception:
+                log.exception("intake failed for a batch of %d records", len(batch))
+            finally:
+                if self.consumer is not None:
+                    self.consumer.taken_in(len(batch))
+
+    async def _take_in(self, batch: list[Message]) -> None:
+        d = self.settings.delivery
+        to_claim: list[Pending] = []
+        no_key: list[Pending] = []
+        touched: set[TP] = set()
+        for m in batch:
+            topic, partition, offset = m.topic() or "", m.partition() or 0, m.offset() or 0
+            tp = (topic, partition)
+            part = self._partitions.get(tp)
+            if part is None:
+                continue  # revoked since the fetch; the next owner reads it again
+            result = part.tracker.offer(offset)
+            if result is OfferResult.IGNORED:
+                continue
+            touched.add(tp)
+            if result is OfferResult.ALREADY_SETTLED:
+                self.metrics.skipped.labels("commit_metadata").inc()
+                continue
+            headers = [(k, v or b"") for k, v in (m.headers() or [])]
+            value = m.value() or b""
+            key = m.key()
+            ik = idempotency_key(headers, d.idempotency_header, d.key_fallback, topic, partition, offset, key, value)
+            ts_type, ts = m.timestamp()
+            p = Pending(
+                tp=tp,
+                offset=offset,
+                generation=part.generation,
+                idem_key=ik,
+                store_key=store_key(self._group, topic, ik) if ik is not None else "",
+                key=key,
+                value=value,
+                headers=headers,
+                timestamp_ms=ts if ts_type else 0,
+            )
+            part.pending[offset] = p
+            if ik is None:
+                no_key.append(p)
+                continue
+            holder = self._key_index.get(p.store_key)
+            if holder is not None:
+                # An earlier record with this key is pending here: decide this one when that settles.
+                p.state = State.SHADOWED
+                holder.shadows.append(p)
+                continue
+            self._key_index[p.store_key] = p
+            to_claim.append(p)
+        for tp in touched:
+            self._update_pause(tp)
+        for p in no_key:
+            p.reason = f"no {d.idempotency_header!r} header and delivery.key_fallback=dead-letter"
+            asyncio.create_task(self._dead_letter([p]))
+        if to_claim:
+            await self._claim(to_claim, retry=True)
+
+    async def _claim(self, records: list[Pending], retry: bool) -> None:
+        """Claim records in the store and route them by the answer."""
+        delay = 0.05
+        while True:
+            live = [p for p in records if p.state is not State.DROPPED]
+            if not live:
+                return
+            try:
+                claims = await self.store.claim([p.store_key for p in live], self.owner, self._lease_ms)
+                break
+            except StoreUnavailable as exc:
+                self.metrics.store_errors.inc()
+                if not retry or self.stopping:
+                    raise
+                log.warning("claim failed, retrying in %.1fs: %s", delay, exc)
+                await asyncio.sleep(delay)
+                delay = min(delay * 2, 5.0)
+        now = self._clock()
+        for p, c in zip(live, claims, strict=True):
+            if p.state is State.DROPPED:
+                continue
+            if c.status is ClaimStatus.NEW:
+                p.attempt = max(p.attempt + 1, c.attempt)
+                p.lease_until = now + self._lease_ms / 1000
+                self._ready.push(p)
+            elif c.status is ClaimStatus.DONE:
+                self.metrics.skipped.labels("duplicate").inc()
+                self._settle(p)
+            else:
+                p.state = State.BUSY
+                p.due = now + self.settings.delivery.busy_retry_seconds
+                self._waiting.append(p)
+                self.metrics.busy.inc()
+        self._wake_streams()
+
+    # ---------------------------------------------------------------------------------------------
+    # streams
+
+    def attach(self, topics: Sequence[str], max_in_flight: int, max_bytes: int, max_batch: int) -> Stream:
+        if self.stopping or not self.accepting:
+            raise ShuttingDown("the sidecar is shutting down")
+        configured = set(self.settings.kafka.topics)
+        unknown = [t for t in topics if t not in configured]
+        if unknown:
+            raise InvalidArgument(
+                f"topics {unknown} are not consumed by this sidecar; add them to kafka.topics "
+                f"(consumed: {sorted(configured)})"
+            )
+        if max_in_flight < 0 or max_bytes < 0 or max_batch < 0:
+            raise InvalidArgument("max_in_flight, max_in_flight_bytes and max_batch must not be negative")
+        if len(self._streams) >= self.settings.server.max_streams:
+            raise ResourceExhausted(
+                f"{len(self._streams)} streams are open; raise server.max_streams or close idle streams"
+            )
+        d = self.settings.delivery
+        s = Stream(
+            frozenset(topics), max_in_flight or d.default_max_in_flight, max_bytes, max_batch or d.default_max_batch
+        )
+        self._streams[s.id] = s
+        self._no_stream_since = None
+        self.metrics.streams.set(len(self._streams))
+        if self._left_group and self.consumer is not None:
+            log.info("an app stream attached: joining the consumer group again")
+            self.consumer.join_group()
+            self._left_group = False
+        return s
+
+    def detach(self, s: Stream) -> None:
+        """The stream closed: its un-acked deliveries are redelivered at once."""
+        s.closed = True
+        self._streams.pop(s.id, None)
+        self.metrics.streams.set(len(self._streams))
+        if not self._streams:
+            self._no_stream_since = self._clock()
+        for p in list(s.in_flight.values()):
+            s.remove(p)
+            if p.state is State.IN_FLIGHT and p.acking == 0:
+                self.metrics.redelivered.labels("stream_closed").inc()
+                self._ready.push(p, front=True)
+        self._wake_streams()
+
+    async def next_frame(self, s: Stream) -> list[Pending]:
+        """Wait for deliveries for ``s``; returns [] when the stream must end."""
+        while not s.closed:
+            if self.accepting and s.has_credit():
+                batch = self._ready.take(s)
+                if batch:
+                    batch = await self._ensure_leases(batch)
+                if batch:
+                    self._hand_out(s, batch)
+                    return batch
+            s.wakeup.clear()
+            await s.wakeup.wait()
+        return []
+
+    async def _ensure_leases(self, batch: list[Pending]) -> list[Pending]:
+        """Extend leases that would end before the new ack deadline (records that waited long)."""
+        now = self._clock()
+        stale = [p for p in batch if p.lease_until < now + self._deadline_s]
+        if not stale:
+            return batch
+        try:
+            claims = await self.store.claim([p.store_key for p in stale], self.owner, self._lease_ms)
+        except StoreUnavailable:
+            self.metrics.store_errors.inc()
+            for p in reversed(batch):
+                self._ready.push(p, front=True)
+            await asyncio.sleep(0.5)
+            return []
+        keep = {id(p) for p in batch}
+        for p, c in zip(stale, claims, strict=True):
+            if p.state is State.DROPPED:
+                keep.discard(id(p))
+            elif c.status is ClaimStatus.NEW:
+                p.lease_until = now + self._lease_ms / 1000
+                p.attempt = max(p.attempt, c.attempt)
+            elif c.status is ClaimStatus.DONE:
+                keep.discard(id(p))
+                self.metrics.skipped.labels("duplicate").inc()
+                self._settle(p)
+            else:
+                keep.discard(id(p))
+                p.state, p.due = State.BUSY, now + self.settings.delivery.busy_retry_seconds
+                self._waiting.append(p)
+        return [p for p in batch if id(p) in keep and p.state is State.READY]
+
+    def _hand_out(self, s: Stream, batch: list[Pending]) -> None:
+        deadline = self._clock() + self._deadline_s
+        for p in batch:
+            did = f"{self._instance}.{next(self._seq)}"
+            p.delivery_ids.append(did)
+            self._by_id[did] = p
+            p.state = State.IN_FLIGHT
+            p.deadline = deadline
+            s.add(p)
+        self.metrics.delivered.inc(len(batch))
+
+    def deadline_epoch_ms(self, p: Pending) -> int:
+        return int((time.time() + (p.deadline - self._clock())) * 1000)
+
+    def _wake_streams(self) -> None:
+        for s in self._streams.values():
+            s.wakeup.set()
+
+    # ---------------------------------------------------------------------------------------------
+    # Ack / Nack / ExtendDeadline
+
+    def _check_ids(self, ids: Sequence[str]) -> None:
+        if not ids:
+            raise InvalidArgument("no delivery ids given")
+        limit = self.settings.server.max_ids_per_call
+        if len(ids) > limit:
+            raise InvalidArgument(f"{len(ids)} ids in one call; the limit is {limit} (server.max_ids_per_call)")
+        for did in ids:
+            if not _ID_RE.match(did):
+                raise InvalidArgument(f"malformed delivery id {did[:64]!r}: pass delivery_id from a Delivery as is")
+
+    def _lookup(self, did: str) -> tuple[int, Pending | None]:
+        p = self._by_id.get(did)
+        if p is not None:
+            return AckOutcome.OK, p
+        if did in self._stale:
+            return AckOutcome.STALE, None
+        if did in self._acked:
+            return AckOutcome.ALREADY_ACKED, None
+        return AckOutcome.UNKNOWN, None
+
+    async def ack(self, ids: Sequence[str]) -> list[int]:
+        """Settle deliveries. Raises StoreUnavailable (nothing applied) when the store is down."""
+        self._check_ids(ids)
+        results: list[int] = []
+        records: dict[int, Pending] = {}
+        stale_keys: dict[str, None] = {}
+        for did in ids:
+            outcome, p = self._lookup(did)
+            results.append(outcome)
+            if p is not None:
+                records[id(p)] = p
+            elif outcome == AckOutcome.STALE:
+                stale_keys[self._stale[did]] = None
+        todo = list(records.values())
+        for p in todo:
+            p.acking += 1
+        try:
+            keys = [p.store_key for p in todo] + list(stale_keys)
+            if keys:
+                late = await self.store.complete(keys, self.owner, self._retention_ms)
+                self.metrics.late_acks.inc(sum(late))
+        except StoreUnavailable:
+            self.metrics.store_errors.inc()
+            raise
+        finally:
+            for p in todo:
+                p.acking -= 1
+        touched: set[TP] = set()
+        for i, did in enumerate(ids):
+            if results[i] != AckOutcome.OK:
+                continue
+            p = self._by_id.get(did)
+            if p is None:  # settled or revoked while the store answered
+                results[i] = AckOutcome.STALE if did in self._stale else AckOutcome.OK
+                continue
+            part = self._partitions.get(p.tp)
+            if part is None or part.generation != p.generation:
+                results[i] = AckOutcome.STALE
+                continue
+            self._settle(p)
+            touched.add(p.tp)
+        self.metrics.acked.inc(sum(1 for r in results if r == AckOutcome.OK))
+        self.metrics.stale_acks.inc(sum(1 for r in results if r == AckOutcome.STALE))
+        if self.settings.commit.mode == "per-ack" and touched:
+            await self.commit_now(touched)
+        return results
+
+    async def nack(self, ids: Sequence[str], delay_s: float | None, dead_letter: bool, reason: str) -> list[int]:
+        self._check_ids(ids)
+        if delay_s is not None and not (0 <= delay_s <= 86_400):
+            raise InvalidArgument("delay_seconds must be between 0 and 86400")
+        results: list[int] = []
+        redeliver: dict[int, Pending] = {}
+        dlq: dict[int, Pending] = {}
+        d = self.settings.delivery
+        for did in ids:
+            outcome, p = self._lookup(did)
+            results.append(outcome)
+            if p is None or p.state is not State.IN_FLIGHT:
+                continue
+            if dead_letter or p.attempt >= d.max_attempts:
+                dlq[id(p)] = p
+            else:
+                redeliver[id(p)] = p
+        if redeliver:
+            try:
+                await self.store.release([p.store_key for p in redeliver.values()], self.owner)
+            except StoreUnavailable:
+                self.metrics.store_errors.inc()
+                raise
+        now = self._clock()
+        for p in redeliver.values():
+            if p.state is not State.IN_FLIGHT:
+                continue
+            if p.stream is not None:
+                p.stream.remove(p)
+            wait = delay_s if delay_s is not None else min(
+                d.backoff_max_seconds, d.backoff_initial_seconds * 2 ** max(p.attempt - 1, 0)
+            )
+            p.state, p.due = State.DELAYED, now + wait
+            self._waiting.append(p)
+            self.metrics.nacked.inc()
+        todo = [p for p in dlq.values() if p.state is State.IN_FLIGHT]
+        for p in todo:
+            if p.stream is not None:
+                p.stream.remove(p)
+            p.reason = reason or (f"nacked {p.attempt} times (delivery.max_attempts={d.max_attempts})")
+            p.state = State.DEAD_LETTERING
+        if todo:
+            asyncio.create_task(self._dead_letter(todo))
+        return results
+
+    async def extend(self, ids: Sequence[str], seconds: int) -> list[int]:
+        self._check_ids(ids)
+        limit = self.settings.delivery.max_ack_deadline_seconds
+        if not 1 <= seconds <= limit:
+            raise InvalidArgument(f"seconds must be between 1 and {limit} (delivery.max_ack_deadline_seconds)")
+        results: list[int] = []
+        todo: dict[int, Pending] = {}
+        for did in ids:
+            outcome, p = self._lookup(did)
+            results.append(outcome)
+            if p is not None and p.state is State.IN_FLIGHT:
+                todo[id(p)] = p
+        lease_ms = int((seconds + self.settings.delivery.lease_margin_seconds) * 1000)
+        recs = list(todo.values())
+        if recs:
+            try:
+                claims = await self.store.claim([p.store_key for p in recs], self.owner, lease_ms)
+            except StoreUnavailable:
+                self.metrics.store_errors.inc()
+                raise
+            now = self._clock()
+            for p, c in zip(recs, claims, strict=True):
+                if c.status is ClaimStatus.NEW and p.state is State.IN_FLIGHT:
+                    p.deadline = now + seconds
+                    p.lease_until = now + lease_ms / 1000
+        return results
+
+    # ---------------------------------------------------------------------------------------------
+    # settling
+
+    def _settle(self, p: Pending) -> None:
+        part = self._partitions.get(p.tp)
+        if p.state in (State.SETTLED, State.DROPPED):
+            return
+        if p.stream is not None:
+            p.stream.remove(p)
+        for did in p.delivery_ids:
+            self._by_id.pop(did, None)
+            self._acked.put(did, "")
+        p.state = State.SETTLED
+        if self._key_index.get(p.store_key) is p:
+            del self._key_index[p.store_key]
+        if part is None or part.generation != p.generation:
+            return
+        part.pending.pop(p.offset, None)
+        part.tracker.settle(p.offset)
+        # Later records with the same key are duplicates of a settled (done) key.
+        for shadow in p.shadows:
+            if shadow.state is State.SHADOWED:
+                self.metrics.skipped.labels("duplicate").inc()
+                self._settle(shadow)
+        p.shadows.clear()
+        self._update_pause(p.tp)
+        self._commit_wakeup.set()
+
+    def _release_shadows(self, p: Pending) -> None:
+        """A record left the key index without settling its key: the next shadow claims it."""
+        shadows = [s for s in p.shadows if s.state is State.SHADOWED]
+        p.shadows.clear()
+        if not shadows:
+            return
+        first, rest = shadows[0], shadows[1:]
+        first.shadows.extend(rest)
+        first.state = State.CLAIMING
+        self._key_index[first.store_key] = first
+        asyncio.create_task(self._claim([first], retry=True))
+
+    def _update_pause(self, tp: TP) -> None:
+        part = self._partitions.get(tp)
+        if part is None or self.consumer is None:
+            return
+        want = part.tracker.should_pause
+        if want != part.paused:
+            part.paused = want
+            self.consumer.set_paused(tp, want)
+            self.metrics.paused_partitions.inc(1 if want else -1)
+
+    async def _dead_letter(self, records: list[Pending]) -> None:
+        """Write records to the DLQ; settle each once Kafka acknowledged it. Retries until done."""
+        template = self.settings.delivery.dead_letter_topic
+        for p in records:
+            p.state = State.DEAD_LETTERING
+            headers = [
+                *p.headers,
+                ("dedup-original-topic", p.tp[0].encode()),
+                ("dedup-original-partition", str(p.tp[1]).encode()),
+                ("dedup-original-offset", str(p.offset).encode()),
+                ("dedup-attempts", str(p.attempt).encode()),
+                ("dedup-reason", p.reason.encode()[:1000]),
+            ]
+            delay = 0.2
+            while p.state is State.DEAD_LETTERING:
+                try:
+                    await self.producer.produce(template.replace("{topic}", p.tp[0]), p.value, p.key, headers)
+                    if p.store_key:
+                        await self.store.complete([p.store_key], self.owner, self._retention_ms)
+                    self.metrics.dead_lettered.inc()
+                    self._settle(p)
+                except Exception as exc:  # noqa: BLE001 - never lose the record: retry
+                    if self.stopping:
+                        return
+                    log.warning("dead-lettering %s[%d]@%d failed, retrying: %s", *p.tp, p.offset, exc)
+                    await asyncio.sleep(delay)
+                    delay = min(delay * 2, 10)
+
+    # ---------------------------------------------------------------------------------------------
+    # timers
+
+    async def _timer_loop(self) -> None:
+        while True:
+            await asyncio.sleep(0.05)
+            try:
+                await self._tick()
+            except Exception:
+                log.exception("timer tick failed")
+
+    async def _tick(self) -> None:
+        now = self._clock()
+        # Ack deadlines: redeliver with attempt + 1 (claim again to extend the lease).
+        expired = [
+            p
+            for s in self._streams.values()
+            for p in s.in_flight.values()
+            if p.deadline <= now and p.acking == 0 and p.state is State.IN_FLIGHT
+        ]
+        for p in expired:
+            if p.stream is not None:
+                p.stream.remove(p)
+            p.state = State.CLAIMING
+            self.metrics.redelivered.labels("deadline").inc()
+        # BUSY and DELAYED records whose time has come.
+        due = [p for p in self._waiting if p.due <= now and p.state in (State.BUSY, State.DELAYED)]
+        if due:
+            ids = {id(p) for p in due}
+            self._waiting = [p for p in self._waiting if id(p) not in ids and p.state in (State.BUSY, State.DELAYED)]
+            for p in due:
+                p.state = State.CLAIMING
+        todo = expired + due
+        if todo:
+            try:
+                await self._claim(todo, retry=False)
+            except StoreUnavailable:
+                for p in todo:
+                    if p.state is State.CLAIMING:
+                        p.state, p.due = State.BUSY, now + 1.0
+                        self._waiting.append(p)
+        # No stream for the grace period: leave the group so partitions move to healthy replicas.
+        grace = self.settings.delivery.detach_grace_seconds
+        if (
+            self._no_stream_since is not None
+            and not self._left_group
+            and now - self._no_stream_since > grace
+            and self.consumer is not None
+            and not self.stopping
+        ):
+            log.warning("no app stream attached for %.0fs (delivery.detach_grace_seconds): leaving the group", grace)
+            self.consumer.leave_group()
+            self._left_group = True
+
+    async def _commit_loop(self) -> None:
+        interval = self.settings.commit.interval_ms / 1000
+        while True:
+            await self._commit_wakeup.wait()
+            self._commit_wakeup.clear()
+            try:
+                await self.commit_now()
+            except Exception as exc:  # noqa: BLE001 - the next tick retries
+                log.warning("commit failed: %s", exc)
+            await asyncio.sleep(interval)
+
+    async def commit_now(self, only: set[TP] | None = None) -> None:
+        """Commit every partition's settled prefix (with settled-above metadata) that moved."""
+        if self.consumer is None:
+            return
+        offsets = []
+        for tp, part in self._partitions.items():
+            if only is not None and tp not in only:
+                continue
+            t = part.tracker
+            if t.committable() >= 0 and t.needs_commit():
+                offsets.append(CommitOffset(tp[0], tp[1], t.committable(), t.commit_metadata()))
+        if not offsets:
+            return
+        for o in await self.consumer.commit(offsets):
+            part = self._partitions.get((o.topic, o.partition))
+            if part is not None:
+                part.tracker.mark_committed(o.offset)
+        self.metrics.commits.inc()
+
+    async def _purge_loop(self) -> None:
+        while True:
+            await asyncio.sleep(self.settings.store.purge_interval_seconds)
+            try:
+                n = await self.store.purge()
+                if n:
+                    log.info("purged %d expired keys from the store", n)
+            except StoreUnavailable as exc:
+                log.warning("purge failed: %s", exc)
+
+    # ---------------------------------------------------------------------------------------------
+    # introspection
+
+    @property
+    def in_flight(self) -> int:
+        return sum(len(s.in_flight) for s in self._streams.values())
+
+    def committable(self) -> dict[TP, int]:
+        return {tp: part.tracker.committable() for tp, part in self._partitions.items()}

@@ -1,0 +1,96 @@
+"""App streams: credit-bounded consumers of the ready queue."""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+from collections import deque
+
+from sidecar.engine.records import Pending, State
+
+_ids = itertools.count(1)
+
+
+class Stream:
+    """One Subscribe call. Holds credit (messages and bytes) and its in-flight deliveries.
+
+    Parameters:
+        topics: topics this stream wants; empty for all.
+        max_in_flight: most un-acked deliveries outstanding.
+        max_bytes: most un-acked value bytes outstanding (0: no limit).
+        max_batch: most deliveries per frame.
+    """
+
+    def __init__(self, topics: frozenset[str], max_in_flight: int, max_bytes: int, max_batch: int) -> None:
+        self.id = next(_ids)
+        self.topics = topics
+        self.max_in_flight = max_in_flight
+        self.max_bytes = max_bytes
+        self.max_batch = max_batch
+        self.in_flight: dict[int, Pending] = {}  # id(pending) -> pending
+        self.in_flight_bytes = 0
+        self.wakeup = asyncio.Event()
+        self.closed = False
+
+    def wants(self, p: Pending) -> bool:
+        return not self.topics or p.tp[0] in self.topics
+
+    def has_credit(self) -> bool:
+        if len(self.in_flight) >= self.max_in_flight:
+            return False
+        return not self.max_bytes or self.in_flight_bytes < self.max_bytes or not self.in_flight
+
+    def add(self, p: Pending) -> None:
+        self.in_flight[id(p)] = p
+        self.in_flight_bytes += p.size
+        p.stream = self
+
+    def remove(self, p: Pending) -> None:
+        if self.in_flight.pop(id(p), None) is not None:
+            self.in_flight_bytes -= p.size
+            self.wakeup.set()
+        p.stream = None
+
+
+class ReadyQueue:
+    """Records waiting for a stream, oldest first."""
+
+    def __init__(self) -> None:
+        self._q: deque[Pending] = deque()
+
+    def __len__(self) -> int:
+        return len(self._q)
+
+    def push(self, p: Pending, front: bool = False) -> None:
+        p.state = State.READY
+        if front:
+            self._q.appendleft(p)
+        else:
+            self._q.append(p)
+
+    def take(self, stream: Stream) -> list[Pending]:
+        """Take what ``stream`` may receive now: within its credit, its batch size and its topics."""
+        out: list[Pending] = []
+        skipped: list[Pending] = []
+        budget = stream.max_in_flight - len(stream.in_flight)
+        room = stream.max_bytes - stream.in_flight_bytes if stream.max_bytes else None
+        scanned = 0
+        while self._q and len(out) < min(budget, stream.max_batch) and scanned < 10_000:
+            p = self._q.popleft()
+            scanned += 1
+            if p.state is not State.READY:
+                continue  # dropped or settled while queued
+            if not stream.wants(p):
+                skipped.append(p)
+                continue
+            if room is not None and p.size > room and (out or stream.in_flight):
+                self._q.appendleft(p)
+                break
+            out.append(p)
+            if room is not None:
+                room -= p.size
+        self._q.extendleft(reversed(skipped))
+        return out
+
+    def has_for(self, stream: Stream) -> bool:
+        return any(p.state is State.READY and stream.wants(p) for p in self._q)

@@ -1,0 +1,324 @@
+"""The Kafka consumer, owned by one poll thread that never blocks on the application.
+
+librdkafka calls are blocking, and rebalance callbacks run inside ``consume()``. So one thread owns
+the ``confluent_kafka.Consumer``: it polls in batches, runs rebalance callbacks, and executes the
+commands (pause, resume, commit, leave, join) that the asyncio side queues for it. Records and
+rebalance events cross to the event loop through a :class:`ConsumerHandler`.
+
+Back-pressure never blocks the poll loop: when the event loop falls behind (too many records
+handed over and not yet taken in), every assigned partition is paused and the loop keeps polling,
+so the consumer stays in the group (``max.poll.interval.ms`` is never tripped).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import queue
+import threading
+from collections.abc import Callable, Coroutine, Sequence
+from dataclasses import dataclass
+from typing import Any, Protocol, TypeVar
+
+from confluent_kafka import Consumer, KafkaError, KafkaException, Message, TopicPartition
+
+log = logging.getLogger(__name__)
+T = TypeVar("T")
+TP = tuple[str, int]
+
+# librdkafka properties the sidecar sets itself; user overrides of these would break the guarantee.
+OWNED_PROPERTIES = frozenset(
+    {"enable.auto.commit", "enable.auto.offset.store", "group.id", "partition.assignment.strategy"}
+)
+
+
+@dataclass(frozen=True, slots=True)
+class Assigned:
+    topic: str
+    partition: int
+    committed: int  # -1 when nothing committed
+    metadata: str | None
+
+
+@dataclass(frozen=True, slots=True)
+class CommitOffset:
+    topic: str
+    partition: int
+    offset: int
+    metadata: str
+
+
+class ConsumerHandler(Protocol):
+    """Coroutines run on the event loop, called from the poll thread."""
+
+    async def on_assigned(self, partitions: list[Assigned]) -> None: ...
+
+    async def on_revoked(self, partitions: list[TP], lost: bool) -> list[CommitOffset]: ...
+
+    def on_records(self, records: list[Message]) -> None:
+        """Called on the event loop (via call_soon_threadsafe) with a fetched batch."""
+        ...
+
+
+class ConsumerLoop:
+    """Runs a consumer on its own thread. All public methods are safe from the event loop.
+
+    Parameters:
+        config: librdkafka consumer properties (bootstrap, group, security...).
+        topics: topics to subscribe to.
+        handler: receives records and rebalance events on ``loop``.
+        fetch_batch: records per ``consume()`` call.
+        max_handover: records handed to the loop and not yet taken in before all partitions pause.
+    """
+
+    def __init__(
+        self,
+        config: dict[str, Any],
+        topics: Sequence[str],
+        handler: ConsumerHandler,
+        loop: asyncio.AbstractEventLoop,
+        fetch_batch: int = 500,
+        max_handover: int = 5_000,
+    ) -> None:
+        self._config = {
+            **config,
+            "enable.auto.commit": False,
+            "enable.auto.offset.store": False,
+            "partition.assignment.strategy": "cooperative-sticky",
+            "error_cb": self._on_error,
+        }
+        self._config.setdefault("auto.offset.reset", "earliest")
+        self._topics = list(topics)
+        self._handler = handler
+        self._loop = loop
+        self._fetch_batch = fetch_batch
+        self._max_handover = max_handover
+        self._commands: queue.SimpleQueue[Callable[[Consumer], None]] = queue.SimpleQueue()
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+        self._consumer: Consumer | None = None
+        self._assigned: set[TP] = set()
+        self._want_paused: set[TP] = set()  # paused by the loop (tracker bounds)
+        self._stalled = False  # paused by hand-over back-pressure
+        self._paused: set[TP] = set()  # what is paused in librdkafka now
+        self._subscribed = False
+        self.handover = 0  # records handed to the loop, not yet taken in (loop decrements)
+        self.handover_lock = threading.Lock()
+        self.fatal: BaseException | None = None
+        self.halted = False  # set on shutdown: stop fetching, stay in the group until stop()
+
+    # -- lifecycle -------------------------------------------------------------------------------
+
+    def start(self) -> None:
+        self._consumer = Consumer(self._config)
+        self._thread = threading.Thread(target=self._run, name="dedup-consumer", daemon=True)
+        self._thread.start()
+        self.join_group()
+
+    async def stop(self, timeout: float = 30.0) -> None:
+        """Leave the group (revoke callbacks commit) and close the consumer."""
+        self._stop.set()
+        if self._thread is not None:
+            await asyncio.to_thread(self._thread.join, timeout)
+
+    def join_group(self) -> None:
+        self._commands.put(self._do_subscribe)
+
+    def leave_group(self) -> None:
+        self._commands.put(self._do_unsubscribe)
+
+    @property
+    def assigned(self) -> frozenset[TP]:
+        return frozenset(self._assigned)
+
+    # -- commands from the loop --------------------------------------------------------------------
+
+    def set_paused(self, tp: TP, paused: bool) -> None:
+        def apply(_: Consumer) -> None:
+            if paused:
+                self._want_paused.add(tp)
+            else:
+                self._want_paused.discard(tp)
+            self._sync_pause()
+
+        self._commands.put(apply)
+
+    async def commit(self, offsets: Sequence[CommitOffset]) -> list[CommitOffset]:
+        """Commit synchronously on the poll thread. Returns the offsets Kafka accepted."""
+        fut: asyncio.Future[list[CommitOffset]] = self._loop.create_future()
+
+        def apply(consumer: Consumer) -> None:
+            mine = [o for o in offsets if (o.topic, o.partition) in self._assigned]
+            try:
+                done = self._commit_now(consumer, mine)
+            except BaseException as exc:  # noqa: BLE001 - handed to the awaiting coroutine
+                self._loop.call_soon_threadsafe(_set_exc, fut, exc)
+            else:
+                self._loop.call_soon_threadsafe(_set_result, fut, done)
+
+        self._commands.put(apply)
+        return await fut
+
+    def taken_in(self, n: int) -> None:
+        with self.handover_lock:
+            self.handover -= n
+
+    # -- poll thread -------------------------------------------------------------------------------
+
+    def _run(self) -> None:
+        consumer = self._consumer
+        assert consumer is not None
+        try:
+            while not self._stop.is_set():
+                self._drain_commands(consumer)
+                with self.handover_lock:
+                    stalled = self.halted or self.handover >= self._max_handover
+                if stalled != self._stalled:
+                    self._stalled = stalled
+                    self._sync_pause()
+                if not self._subscribed:
+                    self._stop.wait(0.05)
+                    continue
+                msgs = consumer.consume(self._fetch_batch, 0.1)
+                if not msgs:
+                    continue
+                records = []
+                for m in msgs:
+                    err = m.error()
+                    if err is None:
+                        records.append(m)
+                    elif err.code() != KafkaError._PARTITION_EOF:
+                        log.warning("consumer error: %s", err)
+                if records:
+                    with self.handover_lock:
+                        self.handover += len(records)
+                    self._loop.call_soon_threadsafe(self._handler.on_records, records)
+            self._drain_commands(consumer)
+            if self._subscribed:
+                self._do_unsubscribe(consumer)
+        except BaseException as exc:  # noqa: BLE001 - the loop is told through `fatal`
+            log.exception("consumer thread failed")
+            self.fatal = exc
+        finally:
+            try:
+                consumer.close()
+            except Exception:  # noqa: BLE001 - closing after a failure
+                log.exception("closing the consumer failed")
+
+    def _drain_commands(self, consumer: Consumer) -> None:
+        while True:
+            try:
+                cmd = self._commands.get_nowait()
+            except queue.Empty:
+                return
+            cmd(consumer)
+
+    def _do_subscribe(self, consumer: Consumer) -> None:
+        if self._subscribed:
+            return
+        consumer.subscribe(self._topics, on_assign=self._on_assign, on_revoke=self._on_revoke, on_lost=self._on_lost)
+        self._subscribed = True
+        log.info("joined group for topics %s", ", ".join(self._topics))
+
+    def _do_unsubscribe(self, consumer: Consumer) -> None:
+        if not self._subscribed:
+            return
+        # Revoke everything first so the settled prefix is committed while we are still a member.
+        if self._assigned:
+            self._on_revoke(consumer, [TopicPartition(t, p) for t, p in sorted(self._assigned)])
+            consumer.incremental_unassign([TopicPartition(t, p) for t, p in sorted(self._assigned)])
+            self._assigned.clear()
+        consumer.unsubscribe()
+        self._subscribed = False
+        self._paused.clear()
+        log.info("left the consumer group")
+
+    def _call(self, coro: Coroutine[Any, Any, T], timeout: float = 60.0) -> T:
+        return asyncio.run_coroutine_threadsafe(coro, self._loop).result(timeout)
+
+    def _on_assign(self, consumer: Consumer, partitions: list[TopicPartition]) -> None:
+        if not partitions:
+            return
+        committed = consumer.committed(partitions, timeout=30)
+        infos = [
+            Assigned(tp.topic, tp.partition, tp.offset if tp.offset >= 0 else -1, tp.metadata) for tp in committed
+        ]
+        self._call(self._handler.on_assigned(infos))
+        self._assigned.update((tp.topic, tp.partition) for tp in partitions)
+        consumer.incremental_assign(partitions)
+        if self._stalled:
+            self._sync_pause()
+        log.info("assigned %s", _fmt(partitions))
+
+    def _on_revoke(self, consumer: Consumer, partitions: list[TopicPartition]) -> None:
+        self._revoke(consumer, partitions, lost=False)
+
+    def _on_lost(self, consumer: Consumer, partitions: list[TopicPartition]) -> None:
+        self._revoke(consumer, partitions, lost=True)
+
+    def _revoke(self, consumer: Consumer, partitions: list[TopicPartition], lost: bool) -> None:
+        tps = [(tp.topic, tp.partition) for tp in partitions if (tp.topic, tp.partition) in self._assigned]
+        if not tps:
+            return
+        offsets = self._call(self._handler.on_revoked(tps, lost))
+        if offsets and not lost:
+            try:
+                self._commit_now(consumer, offsets)
+            except KafkaException as exc:
+                log.warning("commit on revoke failed (records will be skipped via the store): %s", exc)
+        for tp in tps:
+            self._assigned.discard(tp)
+            self._want_paused.discard(tp)
+            self._paused.discard(tp)
+        log.info("%s %s", "lost" if lost else "revoked", _fmt(partitions))
+
+    def _commit_now(self, consumer: Consumer, offsets: Sequence[CommitOffset]) -> list[CommitOffset]:
+        if not offsets:
+            return []
+        tps = [TopicPartition(o.topic, o.partition, o.offset, o.metadata or None) for o in offsets]
+        result = consumer.commit(offsets=tps, asynchronous=False)
+        accepted = []
+        by_tp = {(o.topic, o.partition): o for o in offsets}
+        for tp in result or []:
+            if tp.error is None:
+                accepted.append(by_tp[(tp.topic, tp.partition)])
+            else:
+                log.warning("commit of %s[%d] failed: %s", tp.topic, tp.partition, tp.error)
+        return accepted
+
+    def _sync_pause(self) -> None:
+        consumer = self._consumer
+        if consumer is None or not self._subscribed:
+            return
+        want = set(self._assigned) if self._stalled else (self._want_paused & self._assigned)
+        to_pause, to_resume = want - self._paused, self._paused - want
+        try:
+            if to_pause:
+                consumer.pause([TopicPartition(t, p) for t, p in to_pause])
+            if to_resume:
+                consumer.resume([TopicPartition(t, p) for t, p in to_resume])
+        except KafkaException as exc:
+            log.warning("pause/resume failed: %s", exc)
+            return
+        self._paused = want
+
+    def _on_error(self, err: KafkaError) -> None:
+        if err.fatal():
+            log.error("fatal consumer error: %s", err)
+            self.fatal = KafkaException(err)
+        else:
+            log.warning("consumer: %s", err)
+
+
+def _set_result(fut: asyncio.Future[T], value: T) -> None:
+    if not fut.done():
+        fut.set_result(value)
+
+
+def _set_exc(fut: asyncio.Future[Any], exc: BaseException) -> None:
+    if not fut.done():
+        fut.set_exception(exc)
+
+
+def _fmt(partitions: list[TopicPartition]) -> str:
+    return ", ".join(f"{tp.topic}[{tp.partition}]" for tp in partitions)

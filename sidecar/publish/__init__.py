@@ -1,0 +1,1 @@
+"""Idempotent Publish: the same idempotency key gives the same result."""

@@ -1,0 +1,101 @@
+"""The dedup store protocol: claims with leases, done marks with retention, publish results.
+
+Each idempotency key is in one of three states:
+
+* absent;
+* claimed (owner, lease deadline, attempt): a sidecar is delivering it;
+* done (until its retention deadline): its effect happened; never deliver it again.
+
+Every operation takes a batch of keys and costs one round trip. Implementations: memory (tests and
+demos), SQLite (durable, single instance) and Redis (shared between replicas). All three pass the
+same contract suite in tests/unit/test_store_contract.py.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from enum import IntEnum
+from typing import Protocol, runtime_checkable
+
+
+class ClaimStatus(IntEnum):
+    NEW = 0  # now claimed by the caller: deliver it
+    DONE = 1  # already processed: settle without delivering
+    BUSY = 2  # another owner holds a live lease: hold it back and claim again later
+
+
+@dataclass(frozen=True, slots=True)
+class Claim:
+    status: ClaimStatus
+    # Delivery attempt this claim starts (NEW), or the last attempt seen (DONE/BUSY). It grows when
+    # a key is claimed again after a lease expired or was released, so a redelivery across sidecar
+    # restarts still shows attempt > 1.
+    attempt: int
+
+
+@dataclass(frozen=True, slots=True)
+class PublishRecord:
+    """The outcome of an idempotent Publish, kept under its idempotency key."""
+
+    digest: str
+    topic: str
+    partition: int
+    offset: int
+
+    def encode(self) -> str:
+        return f"{self.digest}|{self.topic}|{self.partition}|{self.offset}"
+
+    @classmethod
+    def decode(cls, raw: str) -> PublishRecord:
+        digest, topic, partition, offset = raw.rsplit("|", 3)
+        return cls(digest, topic, int(partition), int(offset))
+
+
+@runtime_checkable
+class DedupStore(Protocol):
+    """Batched claim/complete/release over idempotency keys. See the module docstring."""
+
+    name: str
+    #: True when the state is shared between sidecar processes (only Redis).
+    shared: bool
+
+    async def claim(self, keys: Sequence[str], owner: str, lease_ms: int) -> list[Claim]:
+        """Claim each key for ``owner`` for ``lease_ms``. Re-claiming your own key extends it."""
+        ...
+
+    async def complete(self, keys: Sequence[str], owner: str, retention_ms: int) -> list[bool]:
+        """Mark keys done for ``retention_ms``. Idempotent.
+
+        Returns, per key, True when this was a *late* complete: the owner no longer held the claim
+        (lease expired or taken). The key is marked done anyway, because the effect happened.
+        """
+        ...
+
+    async def release(self, keys: Sequence[str], owner: str) -> list[bool]:
+        """Drop the claim of each key only if ``owner`` still holds it. Returns per key whether it did."""
+        ...
+
+    async def publish_lookup(self, key: str) -> PublishRecord | None: ...
+
+    async def publish_record(self, key: str, record: PublishRecord, retention_ms: int) -> PublishRecord:
+        """Store ``record`` unless one exists; return the stored one (first writer wins)."""
+        ...
+
+    async def purge(self) -> int:
+        """Delete expired claims and done marks past retention. Returns how many were removed."""
+        ...
+
+    async def ping(self) -> None:
+        """Raise StoreUnavailable if the store cannot be reached."""
+        ...
+
+    async def close(self) -> None: ...
+
+
+Clock = Callable[[], int]
+
+
+def wall_clock_ms() -> int:
+    return time.time_ns() // 1_000_000

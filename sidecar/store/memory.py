@@ -1,0 +1,79 @@
+"""In-memory dedup store: for tests and demos. State is lost when the process exits."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+from sidecar.store import rules
+from sidecar.store.base import Claim, Clock, PublishRecord, wall_clock_ms
+
+
+class MemoryStore:
+    """A dict behind the DedupStore protocol.
+
+    Parameters:
+        clock: epoch-milliseconds source (tests pass a fake one).
+        retention_ms: how long a claimed key is remembered (done keys use the complete's retention).
+    """
+
+    name = "memory"
+    shared = False
+
+    def __init__(self, clock: Clock = wall_clock_ms, retention_ms: int = 7 * 86_400_000) -> None:
+        self._clock = clock
+        self._retention_ms = retention_ms
+        self._keys: dict[str, rules.Entry] = {}
+        self._published: dict[str, tuple[PublishRecord, int]] = {}
+
+    async def claim(self, keys: Sequence[str], owner: str, lease_ms: int) -> list[Claim]:
+        now = self._clock()
+        out = []
+        for key in keys:
+            result, self._keys[key] = rules.claim(self._keys.get(key), owner, now, lease_ms, self._retention_ms)
+            out.append(result)
+        return out
+
+    async def complete(self, keys: Sequence[str], owner: str, retention_ms: int) -> list[bool]:
+        now = self._clock()
+        out = []
+        for key in keys:
+            late, self._keys[key] = rules.complete(self._keys.get(key), owner, now, retention_ms)
+            out.append(late)
+        return out
+
+    async def release(self, keys: Sequence[str], owner: str) -> list[bool]:
+        now = self._clock()
+        out = []
+        for key in keys:
+            released, _ = rules.release(self._keys.get(key), owner, now)
+            out.append(released)
+        return out
+
+    async def publish_lookup(self, key: str) -> PublishRecord | None:
+        got = self._published.get(key)
+        if got is None or got[1] <= self._clock():
+            return None
+        return got[0]
+
+    async def publish_record(self, key: str, record: PublishRecord, retention_ms: int) -> PublishRecord:
+        existing = await self.publish_lookup(key)
+        if existing is not None:
+            return existing
+        self._published[key] = (record, self._clock() + retention_ms)
+        return record
+
+    async def purge(self) -> int:
+        now = self._clock()
+        dead = [k for k, e in self._keys.items() if e.expires <= now]
+        for k in dead:
+            del self._keys[k]
+        dead_pub = [k for k, (_, exp) in self._published.items() if exp <= now]
+        for k in dead_pub:
+            del self._published[k]
+        return len(dead) + len(dead_pub)
+
+    async def ping(self) -> None:
+        return None
+
+    async def close(self) -> None:
+        return None

@@ -1,0 +1,190 @@
+"""Redis dedup store: shared state for several sidecar replicas.
+
+Each operation is an atomic Lua script over exactly one key, and a batch is one pipeline, so the
+store works on Redis Cluster (keys spread over slots) and costs one round trip per batch. Times
+come from the Redis server's clock (``TIME``), so replicas with skewed clocks agree on leases.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Sequence
+from typing import Any
+
+import redis.asyncio as aioredis
+from redis.exceptions import RedisError, ResponseError
+
+from sidecar.errors import ConfigError, StoreUnavailable
+from sidecar.store.base import Claim, ClaimStatus, PublishRecord
+
+log = logging.getLogger(__name__)
+
+_NOW = """
+local t = redis.call('TIME')
+local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+"""
+
+# KEYS[1] key; ARGV owner, lease_ms, retention_ms. Returns {status, attempt}.
+CLAIM = (
+    _NOW
+    + """
+local v = redis.call('HMGET', KEYS[1], 'd', 'o', 'l', 'a')
+local lease = tonumber(ARGV[2])
+if not v[1] then
+  redis.call('HSET', KEYS[1], 'd', 0, 'o', ARGV[1], 'l', now + lease, 'a', 1)
+  redis.call('PEXPIRE', KEYS[1], ARGV[3])
+  return {0, 1}
+end
+local attempt = tonumber(v[4])
+if v[1] == '1' then return {1, attempt} end
+if tonumber(v[3]) > now then
+  if v[2] == ARGV[1] then
+    redis.call('HSET', KEYS[1], 'l', now + lease)
+    return {0, attempt}
+  end
+  return {2, attempt}
+end
+attempt = attempt + 1
+redis.call('HSET', KEYS[1], 'o', ARGV[1], 'l', now + lease, 'a', attempt)
+if redis.call('PTTL', KEYS[1]) < lease then redis.call('PEXPIRE', KEYS[1], lease) end
+return {0, attempt}
+"""
+)
+
+# KEYS[1] key; ARGV owner, retention_ms. Returns 1 when late.
+COMPLETE = (
+    _NOW
+    + """
+local v = redis.call('HMGET', KEYS[1], 'd', 'o', 'l', 'a')
+if v[1] == '1' then return 0 end
+local late = 1
+local attempt = 1
+if v[1] then
+  attempt = tonumber(v[4])
+  if v[2] == ARGV[1] and tonumber(v[3]) > now then late = 0 end
+end
+redis.call('HSET', KEYS[1], 'd', 1, 'o', ARGV[1], 'l', 0, 'a', attempt)
+redis.call('PEXPIRE', KEYS[1], ARGV[2])
+return late
+"""
+)
+
+# KEYS[1] key; ARGV owner. Returns 1 when released.
+RELEASE = (
+    _NOW
+    + """
+local v = redis.call('HMGET', KEYS[1], 'd', 'o', 'l')
+if v[1] == '0' and v[2] == ARGV[1] and tonumber(v[3]) > now then
+  redis.call('HSET', KEYS[1], 'l', 0)
+  return 1
+end
+return 0
+"""
+)
+
+# KEYS[1] key; ARGV record, retention_ms. Returns the stored record (first writer wins).
+PUBLISH_RECORD = """
+if redis.call('SET', KEYS[1], ARGV[1], 'NX', 'PX', ARGV[2]) then return ARGV[1] end
+return redis.call('GET', KEYS[1])
+"""
+
+
+class RedisStore:
+    """Parameters:
+    url: ``redis://`` or ``rediss://`` URL, with credentials if needed.
+    prefix: prefix of every key this store writes.
+    """
+
+    name = "redis"
+    shared = True
+
+    def __init__(self, url: str, prefix: str = "dedup", retention_ms: int = 7 * 86_400_000, timeout_s: float = 5.0):
+        self._client: aioredis.Redis = aioredis.Redis.from_url(
+            url, socket_timeout=timeout_s, socket_connect_timeout=timeout_s, decode_responses=True
+        )
+        self._url = url
+        self._prefix = prefix
+        self._retention_ms = retention_ms
+        self._claim = self._client.register_script(CLAIM)
+        self._complete = self._client.register_script(COMPLETE)
+        self._release = self._client.register_script(RELEASE)
+        self._publish = self._client.register_script(PUBLISH_RECORD)
+
+    def _k(self, key: str) -> str:
+        return f"{self._prefix}:k:{key}"
+
+    def _p(self, key: str) -> str:
+        return f"{self._prefix}:p:{key}"
+
+    async def _batch(self, script: Any, keys: Sequence[str], args: list[Any]) -> list[Any]:
+        if not keys:
+            return []
+        try:
+            async with self._client.pipeline(transaction=False) as pipe:
+                for key in keys:
+                    script(keys=[self._k(key)], args=args, client=pipe)
+                return list(await pipe.execute())
+        except RedisError as exc:
+            raise StoreUnavailable(f"Redis dedup store unreachable: {exc} (setting: store.redis_url)") from exc
+
+    async def claim(self, keys: Sequence[str], owner: str, lease_ms: int) -> list[Claim]:
+        raw = await self._batch(self._claim, keys, [owner, lease_ms, self._retention_ms])
+        return [Claim(ClaimStatus(int(s)), int(a)) for s, a in raw]
+
+    async def complete(self, keys: Sequence[str], owner: str, retention_ms: int) -> list[bool]:
+        return [bool(int(x)) for x in await self._batch(self._complete, keys, [owner, retention_ms])]
+
+    async def release(self, keys: Sequence[str], owner: str) -> list[bool]:
+        return [bool(int(x)) for x in await self._batch(self._release, keys, [owner])]
+
+    async def publish_lookup(self, key: str) -> PublishRecord | None:
+        try:
+            raw = await self._client.get(self._p(key))
+        except RedisError as exc:
+            raise StoreUnavailable(f"Redis dedup store unreachable: {exc} (setting: store.redis_url)") from exc
+        return PublishRecord.decode(raw) if raw else None
+
+    async def publish_record(self, key: str, record: PublishRecord, retention_ms: int) -> PublishRecord:
+        try:
+            raw = await self._publish(keys=[self._p(key)], args=[record.encode(), retention_ms])
+        except RedisError as exc:
+            raise StoreUnavailable(f"Redis dedup store unreachable: {exc} (setting: store.redis_url)") from exc
+        return PublishRecord.decode(str(raw))
+
+    async def purge(self) -> int:
+        return 0  # Redis expires keys itself (PEXPIRE on every write)
+
+    async def ping(self) -> None:
+        try:
+            await self._client.ping()
+        except RedisError as exc:
+            raise StoreUnavailable(f"Redis dedup store unreachable at start-up: {exc} (setting: store.redis_url)") from exc
+
+    async def check_durability(self, require_durable: bool) -> bool:
+        """Read Redis's persistence settings. Warn without AOF or RDB; refuse if durability is required.
+
+        Returns True when some persistence is on, False when off or not readable.
+        """
+        try:
+            aof = (await self._client.config_get("appendonly")).get("appendonly", "")
+            save = (await self._client.config_get("save")).get("save", "")
+        except ResponseError:
+            msg = "cannot read Redis persistence settings (CONFIG GET is disabled); assuming they are durable"
+            log.warning(msg)
+            return True
+        except RedisError as exc:
+            raise StoreUnavailable(f"Redis dedup store unreachable: {exc} (setting: store.redis_url)") from exc
+        if aof == "yes" or save.strip():
+            return True
+        msg = (
+            "Redis has neither AOF nor RDB persistence: a Redis restart forgets every processed key, and "
+            "acked records may be delivered again. Enable it on the Redis server (appendonly yes, "
+            "appendfsync everysec or always)"
+        )
+        if require_durable:
+            raise ConfigError(msg + "; refusing to start because store.require_durable_store is set")
+        log.warning("%s; set store.require_durable_store=true to refuse to start instead", msg)
+        return False
+
+    async def close(self) -> None:
+        await self._client.aclose()

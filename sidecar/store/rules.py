@@ -1,0 +1,59 @@
+"""The claim/complete/release state transitions, as pure functions over one key's entry.
+
+The memory and SQLite stores apply these in Python; the Redis store runs the same rules in Lua
+(sidecar/store/redis.py). The contract suite checks that all three agree.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from sidecar.store.base import Claim, ClaimStatus
+
+
+@dataclass(slots=True)
+class Entry:
+    done: bool
+    owner: str
+    deadline: int  # lease deadline when claimed (0 when released), epoch ms
+    attempt: int
+    expires: int  # when the entry itself may be forgotten, epoch ms
+
+
+def live(entry: Entry | None, now: int) -> Entry | None:
+    return entry if entry is not None and entry.expires > now else None
+
+
+def claim(entry: Entry | None, owner: str, now: int, lease_ms: int, retention_ms: int) -> tuple[Claim, Entry]:
+    entry = live(entry, now)
+    if entry is None:
+        return Claim(ClaimStatus.NEW, 1), Entry(False, owner, now + lease_ms, 1, now + retention_ms)
+    if entry.done:
+        return Claim(ClaimStatus.DONE, entry.attempt), entry
+    if entry.deadline > now:
+        if entry.owner == owner:
+            entry.deadline = now + lease_ms
+            return Claim(ClaimStatus.NEW, entry.attempt), entry
+        return Claim(ClaimStatus.BUSY, entry.attempt), entry
+    # Expired or released: the next attempt belongs to whoever claims first.
+    entry.owner, entry.deadline, entry.attempt = owner, now + lease_ms, entry.attempt + 1
+    entry.expires = max(entry.expires, now + lease_ms)
+    return Claim(ClaimStatus.NEW, entry.attempt), entry
+
+
+def complete(entry: Entry | None, owner: str, now: int, retention_ms: int) -> tuple[bool, Entry]:
+    """Returns (late, new entry). Late: the owner no longer held a live claim."""
+    entry = live(entry, now)
+    if entry is not None and entry.done:
+        return False, entry
+    late = entry is None or entry.owner != owner or entry.deadline <= now
+    attempt = entry.attempt if entry is not None else 1
+    return late, Entry(True, owner, now + retention_ms, attempt, now + retention_ms)
+
+
+def release(entry: Entry | None, owner: str, now: int) -> tuple[bool, Entry | None]:
+    entry = live(entry, now)
+    if entry is None or entry.done or entry.owner != owner or entry.deadline <= now:
+        return False, entry
+    entry.deadline = 0
+    return True, entry
