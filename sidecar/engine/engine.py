@@ -137,6 +137,12 @@ class Engine:
         for s in list(self._streams.values()):
             s.closed = True
             s.wakeup.set()
+        # No ack can arrive any more: hand our claims back so the next owner need not wait out
+        # the leases. (An app still applying an effect is the stated window; attempt shows it.)
+        held = [p.store_key for part in self._partitions.values() for p in part.pending.values() if p.attempt > 0]
+        if held:
+            with contextlib.suppress(StoreUnavailable):
+                await self.store.release(held, self.owner)
         await self.commit_now()
         for t in self._tasks:
             t.cancel()

@@ -86,6 +86,7 @@ class ConsumerLoop:
             "enable.auto.offset.store": False,
             "partition.assignment.strategy": "cooperative-sticky",
             "error_cb": self._on_error,
+            "logger": logging.getLogger("librdkafka"),
         }
         self._config.setdefault("auto.offset.reset", "earliest")
         self._topics = list(topics)
@@ -275,7 +276,7 @@ class ConsumerLoop:
     def _commit_now(self, consumer: Consumer, offsets: Sequence[CommitOffset]) -> list[CommitOffset]:
         if not offsets:
             return []
-        tps = [TopicPartition(o.topic, o.partition, o.offset, o.metadata or None) for o in offsets]
+        tps = [_tp(o) for o in offsets]
         result = consumer.commit(offsets=tps, asynchronous=False)
         accepted = []
         by_tp = {(o.topic, o.partition): o for o in offsets}
@@ -322,3 +323,9 @@ def _set_exc(fut: asyncio.Future[Any], exc: BaseException) -> None:
 
 def _fmt(partitions: list[TopicPartition]) -> str:
     return ", ".join(f"{tp.topic}[{tp.partition}]" for tp in partitions)
+
+
+def _tp(o: CommitOffset) -> TopicPartition:
+    if o.metadata:
+        return TopicPartition(o.topic, o.partition, o.offset, o.metadata)
+    return TopicPartition(o.topic, o.partition, o.offset)

@@ -48,6 +48,7 @@ class AsyncProducer:
             "enable.idempotence": True,
             "acks": "all",
             "error_cb": self._on_error,
+            "logger": logging.getLogger("librdkafka"),
         }
         self._config.setdefault("delivery.timeout.ms", int(timeout_s * 1000))
         self._config.setdefault("linger.ms", 2)

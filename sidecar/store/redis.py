@@ -12,7 +12,7 @@ from collections.abc import Sequence
 from typing import Any
 
 import redis.asyncio as aioredis
-from redis.exceptions import RedisError, ResponseError
+from redis.exceptions import NoScriptError, RedisError, ResponseError
 
 from sidecar.errors import ConfigError, StoreUnavailable
 from sidecar.store.base import Claim, ClaimStatus, PublishRecord
@@ -89,6 +89,14 @@ return redis.call('GET', KEYS[1])
 """
 
 
+class _Script:
+    __slots__ = ("sha", "text")
+
+    def __init__(self, text: str) -> None:
+        self.text = text
+        self.sha: str | None = None
+
+
 class RedisStore:
     """Parameters:
     url: ``redis://`` or ``rediss://`` URL, with credentials if needed.
@@ -105,10 +113,10 @@ class RedisStore:
         self._url = url
         self._prefix = prefix
         self._retention_ms = retention_ms
-        self._claim = self._client.register_script(CLAIM)
-        self._complete = self._client.register_script(COMPLETE)
-        self._release = self._client.register_script(RELEASE)
-        self._publish = self._client.register_script(PUBLISH_RECORD)
+        self._claim = _Script(CLAIM)
+        self._complete = _Script(COMPLETE)
+        self._release = _Script(RELEASE)
+        self._publish = _Script(PUBLISH_RECORD)
 
     def _k(self, key: str) -> str:
         return f"{self._prefix}:k:{key}"
@@ -116,14 +124,25 @@ class RedisStore:
     def _p(self, key: str) -> str:
         return f"{self._prefix}:p:{key}"
 
-    async def _batch(self, script: Any, keys: Sequence[str], args: list[Any]) -> list[Any]:
+    async def _batch(self, script: _Script, keys: Sequence[str], args: list[Any]) -> list[Any]:
         if not keys:
             return []
         try:
-            async with self._client.pipeline(transaction=False) as pipe:
-                for key in keys:
-                    script(keys=[self._k(key)], args=args, client=pipe)
-                return list(await pipe.execute())
+            for attempt in range(2):
+                if script.sha is None:
+                    script.sha = str(await self._client.script_load(script.text))
+                try:
+                    async with self._client.pipeline(transaction=False) as pipe:
+                        for key in keys:
+                            pipe.evalsha(script.sha, 1, self._k(key), *args)
+                        return list(await pipe.execute())
+                except NoScriptError:
+                    # Redis restarted or SCRIPT FLUSH: load again, once. Scripts are idempotent
+                    # per key, so re-running the ones that did execute is harmless.
+                    script.sha = None
+                    if attempt:
+                        raise
+            raise AssertionError("unreachable")
         except RedisError as exc:
             raise StoreUnavailable(f"Redis dedup store unreachable: {exc} (setting: store.redis_url)") from exc
 
@@ -146,7 +165,7 @@ class RedisStore:
 
     async def publish_record(self, key: str, record: PublishRecord, retention_ms: int) -> PublishRecord:
         try:
-            raw = await self._publish(keys=[self._p(key)], args=[record.encode(), retention_ms])
+            raw = await self._client.eval(self._publish.text, 1, self._p(key), record.encode(), retention_ms)
         except RedisError as exc:
             raise StoreUnavailable(f"Redis dedup store unreachable: {exc} (setting: store.redis_url)") from exc
         return PublishRecord.decode(str(raw))

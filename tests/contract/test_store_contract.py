@@ -1,0 +1,174 @@
+"""One contract, three stores: memory, SQLite and Redis (the real redis-server) must agree."""
+
+from __future__ import annotations
+
+import asyncio
+import uuid
+from collections.abc import AsyncIterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from sidecar.store.base import ClaimStatus, DedupStore, PublishRecord
+from sidecar.store.memory import MemoryStore
+from sidecar.store.redis import RedisStore
+from sidecar.store.sqlite import SQLiteStore
+
+NEW, DONE, BUSY = ClaimStatus.NEW, ClaimStatus.DONE, ClaimStatus.BUSY
+LEASE = 400  # ms; long enough for a round trip, short enough to wait out
+DAY = 86_400_000
+
+
+@pytest.fixture(params=["memory", "sqlite", pytest.param("redis", marks=pytest.mark.integration)])
+async def store(request: pytest.FixtureRequest, tmp_path: Path) -> AsyncIterator[DedupStore]:
+    s: Any
+    if request.param == "memory":
+        s = MemoryStore()
+    elif request.param == "sqlite":
+        s = await SQLiteStore(tmp_path / "dedup.sqlite3").open()
+    else:
+        redis = request.getfixturevalue("redis_server")
+        s = RedisStore(redis.url, prefix=f"test-{uuid.uuid4().hex[:8]}")
+    yield s
+    await s.close()
+
+
+def keys(n: int) -> list[str]:
+    tag = uuid.uuid4().hex[:6]
+    return [f"k-{tag}-{i}" for i in range(n)]
+
+
+async def test_conforms_to_protocol(store: DedupStore) -> None:
+    assert isinstance(store, DedupStore)
+
+
+async def test_claim_new_then_busy_for_others(store: DedupStore) -> None:
+    ks = keys(3)
+    assert [c.status for c in await store.claim(ks, "a", LEASE)] == [NEW] * 3
+    assert [c.status for c in await store.claim(ks, "b", LEASE)] == [BUSY] * 3
+
+
+async def test_reclaim_by_owner_extends(store: DedupStore) -> None:
+    [k] = keys(1)
+    await store.claim([k], "a", LEASE)
+    await asyncio.sleep(LEASE / 2000)
+    assert (await store.claim([k], "a", LEASE))[0].status is NEW
+    await asyncio.sleep(LEASE * 0.7 / 1000)  # past the first lease, within the extension
+    assert (await store.claim([k], "b", LEASE))[0].status is BUSY
+
+
+async def test_expired_lease_is_taken_over_with_next_attempt(store: DedupStore) -> None:
+    [k] = keys(1)
+    first = (await store.claim([k], "a", 150))[0]
+    assert (first.status, first.attempt) == (NEW, 1)
+    await asyncio.sleep(0.3)
+    second = (await store.claim([k], "b", LEASE))[0]
+    assert (second.status, second.attempt) == (NEW, 2)
+
+
+async def test_complete_marks_done_for_everyone(store: DedupStore) -> None:
+    ks = keys(2)
+    await store.claim(ks, "a", LEASE)
+    assert await store.complete(ks, "a", DAY) == [False, False]
+    assert [c.status for c in await store.claim(ks, "b", LEASE)] == [DONE, DONE]
+    assert [c.status for c in await store.claim(ks, "a", LEASE)] == [DONE, DONE]
+
+
+async def test_complete_is_idempotent(store: DedupStore) -> None:
+    [k] = keys(1)
+    await store.claim([k], "a", LEASE)
+    assert await store.complete([k], "a", DAY) == [False]
+    assert await store.complete([k], "a", DAY) == [False]
+    assert await store.complete([k], "b", DAY) == [False]
+
+
+async def test_late_complete_still_marks_done(store: DedupStore) -> None:
+    # The effect happened, so the key is done even if the owner lost its lease (a zombie's ack).
+    a, b = keys(2)
+    await store.claim([a], "a", 100)
+    await asyncio.sleep(0.25)
+    await store.claim([a], "b", LEASE)  # b took over
+    assert await store.complete([a, b], "a", DAY) == [True, True]  # b was never claimed: late too
+    assert [c.status for c in await store.claim([a, b], "b", LEASE)] == [DONE, DONE]
+
+
+async def test_release_only_by_owner(store: DedupStore) -> None:
+    [k] = keys(1)
+    await store.claim([k], "a", LEASE)
+    assert await store.release([k], "b") == [False]
+    assert (await store.claim([k], "b", LEASE))[0].status is BUSY
+    assert await store.release([k], "a") == [True]
+    c = (await store.claim([k], "b", LEASE))[0]
+    assert (c.status, c.attempt) == (NEW, 2)
+
+
+async def test_release_does_not_undo_done(store: DedupStore) -> None:
+    [k] = keys(1)
+    await store.claim([k], "a", LEASE)
+    await store.complete([k], "a", DAY)
+    assert await store.release([k], "a") == [False]
+    assert (await store.claim([k], "b", LEASE))[0].status is DONE
+
+
+async def test_done_expires_after_retention(store: DedupStore) -> None:
+    [k] = keys(1)
+    await store.claim([k], "a", LEASE)
+    await store.complete([k], "a", 150)
+    await asyncio.sleep(0.3)
+    await store.purge()
+    assert (await store.claim([k], "b", LEASE))[0].status is NEW
+
+
+async def test_batches_of_mixed_states(store: DedupStore) -> None:
+    done, busy, new = keys(3)
+    await store.claim([done, busy], "x", LEASE)
+    await store.complete([done], "x", DAY)
+    got = await store.claim([done, busy, new, new], "a", LEASE)
+    assert [c.status for c in got] == [DONE, BUSY, NEW, NEW]  # a key twice in a batch: own re-claim
+
+
+async def test_empty_batches(store: DedupStore) -> None:
+    assert await store.claim([], "a", LEASE) == []
+    assert await store.complete([], "a", DAY) == []
+    assert await store.release([], "a") == []
+
+
+async def test_large_batch_is_one_call(store: DedupStore) -> None:
+    ks = keys(1200)
+    assert all(c.status is NEW for c in await store.claim(ks, "a", 10_000))
+    assert await store.complete(ks, "a", DAY) == [False] * 1200
+
+
+async def test_publish_record_first_writer_wins(store: DedupStore) -> None:
+    [k] = keys(1)
+    assert await store.publish_lookup(k) is None
+    first = PublishRecord("d1", "orders", 2, 40)
+    assert await store.publish_record(k, first, DAY) == first
+    assert await store.publish_record(k, PublishRecord("d2", "orders", 0, 41), DAY) == first
+    assert await store.publish_lookup(k) == first
+
+
+async def test_publish_record_expires(store: DedupStore) -> None:
+    [k] = keys(1)
+    await store.publish_record(k, PublishRecord("d", "t", 0, 1), 150)
+    await asyncio.sleep(0.3)
+    assert await store.publish_lookup(k) is None
+
+
+async def test_topic_with_pipe_in_digest_round_trips() -> None:
+    rec = PublishRecord("ab|cd", "t.x-1", 3, 99)
+    assert PublishRecord.decode(rec.encode()) == rec
+
+
+async def test_sqlite_survives_reopen(tmp_path: Path) -> None:
+    path = tmp_path / "durable.sqlite3"
+    s = await SQLiteStore(path).open()
+    await s.claim(["k"], "a", LEASE)
+    await s.complete(["k"], "a", DAY)
+    await s.publish_record("p", PublishRecord("d", "t", 0, 7), DAY)
+    await s.close()
+    s2 = await SQLiteStore(path).open()
+    assert (await s2.claim(["k"], "b", LEASE))[0].status is DONE
+    assert await s2.publish_lookup("p") == PublishRecord("d", "t", 0, 7)
+    await s2.close()

@@ -1,0 +1,236 @@
+"""Helpers for integration tests: sidecars in-process and as real processes, raw Kafka reads."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+import subprocess
+import sys
+import time
+import uuid
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from pathlib import Path
+from typing import Any
+
+import grpc
+from confluent_kafka import Consumer, Producer, TopicPartition
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+from sidecar import config
+from sidecar.app import Sidecar
+from tests.conftest import services
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def unique(prefix: str) -> str:
+    return f"{prefix}-{uuid.uuid4().hex[:8]}"
+
+
+def settings_dict(
+    kafka: services.KafkaBroker, topics: list[str], group: str, store: dict[str, Any] | None = None, **sections: Any
+) -> dict[str, Any]:
+    out: dict[str, Any] = {
+        "kafka": {"bootstrap_servers": kafka.bootstrap_servers, "topics": topics, "group_id": group,
+                  "session_timeout_ms": 6000},
+        "store": store or {"backend": "memory"},
+        "server": {"listen": "127.0.0.1:0", "metrics_listen": "", "shutdown_grace_seconds": 1},
+        "commit": {"interval_ms": 50},
+    }
+    for name, values in sections.items():
+        out.setdefault(name, {}).update(values)
+    return out
+
+
+@asynccontextmanager
+async def running_sidecar(**kwargs: Any) -> AsyncIterator[Sidecar]:
+    sc = Sidecar(config.load(None, **kwargs))
+    await sc.start()
+    try:
+        yield sc
+    finally:
+        await sc.stop()
+
+
+async def wait_assigned(sc: Sidecar, count: int, timeout: float = 30) -> None:
+    assert sc.engine is not None
+    deadline = time.monotonic() + timeout
+    while len(sc.engine.committable()) != count:
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"expected {count} partitions, have {sorted(sc.engine.committable())}")
+        await asyncio.sleep(0.05)
+
+
+def committed_offsets(kafka: services.KafkaBroker, group: str, topic: str, partitions: int) -> dict[int, int]:
+    c = Consumer({"bootstrap.servers": kafka.bootstrap_servers, "group.id": group, "enable.auto.commit": False})
+    try:
+        got = c.committed([TopicPartition(topic, p) for p in range(partitions)], timeout=15)
+        return {tp.partition: tp.offset for tp in got}
+    finally:
+        c.close()
+
+
+def read_topic(kafka: services.KafkaBroker, topic: str, expect: int | None = None, timeout: float = 20) -> list[Any]:
+    """Every record in ``topic`` (a plain consumer from the beginning, no group commits)."""
+    c = Consumer({
+        "bootstrap.servers": kafka.bootstrap_servers,
+        "group.id": unique("reader"),
+        "auto.offset.reset": "earliest",
+        "enable.auto.commit": False,
+        "enable.partition.eof": True,
+    })
+    md = c.list_topics(topic, timeout=10).topics[topic]
+    c.assign([TopicPartition(topic, p, 0) for p in md.partitions])
+    out: list[Any] = []
+    eof: set[int] = set()
+    deadline = time.monotonic() + timeout
+    try:
+        while time.monotonic() < deadline:
+            m = c.poll(0.2)
+            if m is None:
+                if len(eof) == len(md.partitions) and (expect is None or len(out) >= expect):
+                    break
+                continue
+            if m.error():
+                if m.error().code() == -191:  # _PARTITION_EOF
+                    eof.add(m.partition() or 0)
+                continue
+            out.append(m)
+        return out
+    finally:
+        c.close()
+
+
+def raw_produce(kafka: services.KafkaBroker, topic: str, records: list[tuple[str | None, bytes, int | None]]) -> None:
+    """Write records with a plain producer: (idempotency key or None, value, partition or None)."""
+    p = Producer({"bootstrap.servers": kafka.bootstrap_servers, "linger.ms": 5})
+    for key, value, partition in records:
+        headers = [("idempotency-key", key.encode())] if key is not None else []
+        if partition is None:
+            p.produce(topic, value=value, headers=headers)
+        else:
+            p.produce(topic, value=value, headers=headers, partition=partition)
+    assert p.flush(30) == 0
+
+
+class SidecarProcess:
+    """A sidecar as its own OS process (for kill -9), configured through DEDUP_* variables."""
+
+    def __init__(self, env: dict[str, str], log_path: Path) -> None:
+        self.env = env
+        self.port = services.free_port()
+        self.log_path = log_path
+        self.proc: subprocess.Popen[bytes] | None = None
+
+    @property
+    def target(self) -> str:
+        return f"127.0.0.1:{self.port}"
+
+    def start(self) -> None:
+        env = {**os.environ, **self.env, "DEDUP_SERVER__LISTEN": self.target, "DEDUP_SERVER__METRICS_LISTEN": ""}
+        with open(self.log_path, "ab") as log:
+            self.proc = subprocess.Popen(
+                [sys.executable, "-m", "sidecar"], env=env, stdout=log, stderr=subprocess.STDOUT, cwd=ROOT
+            )
+
+    async def wait_serving(self, timeout: float = 30) -> None:
+        deadline = time.monotonic() + timeout
+        async with grpc.aio.insecure_channel(self.target) as ch:
+            stub = health_pb2_grpc.HealthStub(ch)
+            while time.monotonic() < deadline:
+                assert self.proc is not None
+                if self.proc.poll() is not None:
+                    raise RuntimeError(f"sidecar exited: {self.log_path.read_text()[-3000:]}")
+                try:
+                    r = await stub.Check(health_pb2.HealthCheckRequest(service=""), timeout=1)
+                    if r.status == health_pb2.HealthCheckResponse.SERVING:
+                        return
+                except grpc.aio.AioRpcError:
+                    pass
+                await asyncio.sleep(0.1)
+        raise TimeoutError("sidecar not serving in time")
+
+    def kill9(self) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGKILL)
+            self.proc.wait(10)
+
+    def terminate(self, timeout: float = 30) -> int:
+        if self.proc is None:
+            return 0
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                self.proc.wait(timeout)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait(10)
+        return self.proc.returncode
+
+
+def process_env(
+    kafka: services.KafkaBroker, topic: str, group: str, redis_url: str | None, **extra: str
+) -> dict[str, str]:
+    env = {
+        "DEDUP_KAFKA__BOOTSTRAP_SERVERS": kafka.bootstrap_servers,
+        "DEDUP_KAFKA__TOPICS": f'["{topic}"]',
+        "DEDUP_KAFKA__GROUP_ID": group,
+        "DEDUP_KAFKA__SESSION_TIMEOUT_MS": "6000",
+        "DEDUP_COMMIT__INTERVAL_MS": "50",
+        "DEDUP_SERVER__SHUTDOWN_GRACE_SECONDS": "1",
+        "DEDUP_LOG_LEVEL": "INFO",
+    }
+    if redis_url:
+        env.update({"DEDUP_STORE__BACKEND": "redis", "DEDUP_STORE__REDIS_URL": redis_url})
+    env.update(extra)
+    return env
+
+
+class Inbox:
+    """A Subscribe stream consumed in the background into ``messages``."""
+
+    def __init__(self, client: Any, **subscribe: Any) -> None:
+        self.messages: list[Any] = []
+        self._client = client
+        self._changed = asyncio.Event()
+        self._task = asyncio.create_task(self._run(subscribe))
+
+    async def _run(self, subscribe: dict[str, Any]) -> None:
+        gen = self._client.subscribe(**subscribe)
+        try:
+            async for m in gen:
+                self.messages.append(m)
+                self._changed.set()
+        finally:
+            await gen.aclose()
+
+    async def wait(self, n: int, timeout: float = 30) -> list[Any]:
+        deadline = time.monotonic() + timeout
+        while len(self.messages) < n:
+            if self._task.done():
+                self._task.result()
+                raise AssertionError(f"stream ended after {len(self.messages)} of {n} messages")
+            left = deadline - time.monotonic()
+            if left <= 0:
+                raise TimeoutError(f"got {len(self.messages)} of {n} messages")
+            self._changed.clear()
+            try:
+                await asyncio.wait_for(self._changed.wait(), min(left, 0.5))
+            except TimeoutError:
+                pass
+        return self.messages[:n]
+
+    async def close(self) -> None:
+        self._task.cancel()
+        try:
+            await self._task
+        except (asyncio.CancelledError, Exception):  # noqa: BLE001 - closing a stream in tests
+            pass
+
+    async def __aenter__(self) -> Inbox:
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.close()
