@@ -34,7 +34,9 @@ from sidecar.stores import open_store
 log = logging.getLogger(__name__)
 
 
-def _kafka_config(settings: Settings, extra: dict[str, Any], owned: frozenset[str], kind: str) -> dict[str, Any]:
+def _kafka_config(
+    settings: Settings, extra: dict[str, Any], owned: frozenset[str], kind: str
+) -> dict[str, Any]:
     clash = owned & set(extra)
     if clash:
         raise ConfigError(
@@ -82,7 +84,12 @@ class Sidecar:
         self._producer = kproducer.AsyncProducer(producer_conf, loop, s.publish.timeout_seconds)
         self.engine = Engine(s, self.store, self._producer, self.metrics, self.owner)
         self._consumer = kconsumer.ConsumerLoop(
-            consumer_conf, s.kafka.topics, self.engine, loop, s.kafka.fetch_batch, max(5_000, 10 * s.kafka.fetch_batch)
+            consumer_conf,
+            s.kafka.topics,
+            self.engine,
+            loop,
+            s.kafka.fetch_batch,
+            max(5_000, 10 * s.kafka.fetch_batch),
         )
         publisher = Publisher(
             s.publish,
@@ -97,7 +104,9 @@ class Sidecar:
         self._server = build_server(servicer, self._health, token, s.publish.max_message_bytes)
         self.port = self._server.add_insecure_port(f"{host}:{port}")
         if self.port == 0:
-            raise ConfigError(f"cannot listen on {s.server.listen} (server.listen): address in use or invalid")
+            raise ConfigError(
+                f"cannot listen on {s.server.listen} (server.listen): address in use or invalid"
+            )
         if s.server.metrics_listen:
             mhost, mport = _split_listen(s.server.metrics_listen, "server.metrics_listen")
             self._metrics_server, _ = start_http_server(mport, mhost, registry=self.metrics.registry)
@@ -139,9 +148,9 @@ class Sidecar:
             if members > 1 and not warned:
                 assert self.store is not None
                 log.error(
-                    "CORRECTNESS HOLE: group %r has %d members but store.backend=%s is local to this process; "
-                    "after a rebalance another member cannot see which keys were processed here. Use "
-                    "store.backend=redis for more than one replica",
+                    "CORRECTNESS HOLE: group %r has %d members but store.backend=%s is local to this "
+                    "process; after a rebalance another member cannot see which keys were processed "
+                    "here. Use store.backend=redis for more than one replica",
                     group,
                     members,
                     self.store.name,

@@ -31,7 +31,9 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--listen", help="server.listen (HOST:PORT)")
     p.add_argument("--metrics-listen", help="server.metrics_listen (HOST:PORT, empty to disable)")
     p.add_argument("--log-level", choices=["DEBUG", "INFO", "WARNING", "ERROR"])
-    p.add_argument("--print-config", action="store_true", help="print the effective settings as JSON and exit")
+    p.add_argument(
+        "--print-config", action="store_true", help="print the effective settings as JSON and exit"
+    )
     p.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
     return p
 

@@ -17,7 +17,9 @@ async def open_store(settings: Settings) -> DedupStore:
     s = settings.store
     retention_ms = s.retention_seconds * 1000
     if s.backend == "memory":
-        log.warning("store.backend=memory: processed keys are forgotten on restart (for tests and demos only)")
+        log.warning(
+            "store.backend=memory: processed keys are forgotten on restart (for tests and demos only)"
+        )
         return MemoryStore(retention_ms=retention_ms)
     if s.backend == "sqlite":
         return await SQLiteStore(s.sqlite_path, s.sqlite_synchronous, retention_ms=retention_ms).open()

@@ -15,8 +15,11 @@ ROOT = Path(__file__).resolve().parent.parent
 
 
 def _load_services() -> ModuleType:
-    spec = importlib.util.spec_from_file_location("dedup_local_services", ROOT / "deploy" / "local" / "services.py")
-    assert spec and spec.loader
+    spec = importlib.util.spec_from_file_location(
+        "dedup_local_services", ROOT / "deploy" / "local" / "services.py"
+    )
+    assert spec
+    assert spec.loader
     module = importlib.util.module_from_spec(spec)
     sys.modules[spec.name] = module
     spec.loader.exec_module(module)

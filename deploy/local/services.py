@@ -247,7 +247,10 @@ class KafkaBroker(_Service):
             raise RuntimeError(f"kafka StorageTool format failed:\n{fmt.stdout}\n{fmt.stderr}")
         with open(workdir / "stdout.log", "ab") as out:
             proc = subprocess.Popen(
-                [*jvm, "kafka.Kafka", str(config)], stdout=out, stderr=subprocess.STDOUT, start_new_session=True
+                [*jvm, "kafka.Kafka", str(config)],
+                stdout=out,
+                stderr=subprocess.STDOUT,
+                start_new_session=True,
             )
         broker = cls(proc=proc, workdir=workdir, log_path=log_path, port=port, controller_port=cport)
         try:
@@ -267,7 +270,9 @@ class KafkaBroker(_Service):
         jvm_cmd = list(self.proc.args)  # type: ignore[arg-type]
         jvm_cmd[-1] = str(config)
         with open(self.workdir / "stdout.log", "ab") as out:
-            self.proc = subprocess.Popen(jvm_cmd, stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
+            self.proc = subprocess.Popen(
+                jvm_cmd, stdout=out, stderr=subprocess.STDOUT, start_new_session=True
+            )
         deadline = time.monotonic() + timeout
         _wait_port(self.port, deadline, self.proc, "Kafka broker")
         self.wait_ready(deadline)
@@ -302,9 +307,9 @@ class KafkaBroker(_Service):
         deadline = time.monotonic() + 30
         while time.monotonic() < deadline:
             md = admin.list_topics(name, timeout=5).topics.get(name)
-            if md and not md.error and len(md.partitions) == partitions:
-                if all(p.leader >= 0 for p in md.partitions.values()):
-                    return
+            ready = md and not md.error and len(md.partitions) == partitions
+            if ready and all(p.leader >= 0 for p in md.partitions.values()):
+                return
             time.sleep(0.1)
         raise TimeoutError(f"topic {name} has no leaders after 30s")
 
@@ -324,7 +329,9 @@ class RedisServer(_Service):
         return f"redis://127.0.0.1:{self.port}/0"
 
     @classmethod
-    def start(cls, workdir: Path, appendonly: str = "no", timeout: float = 30.0, port: int = 0) -> RedisServer:
+    def start(
+        cls, workdir: Path, appendonly: str = "no", timeout: float = 30.0, port: int = 0
+    ) -> RedisServer:
         binary = redis_server_binary()
         workdir.mkdir(parents=True, exist_ok=True)
         port = port or free_port()
@@ -348,7 +355,9 @@ class RedisServer(_Service):
             args += ["--appendonly", "yes", "--appendfsync", appendonly]
         else:
             args += ["--appendonly", "no"]
-        proc = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+        proc = subprocess.Popen(
+            args, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True
+        )
         server = cls(proc=proc, workdir=workdir, log_path=log_path, port=port)
         try:
             _wait_port(port, time.monotonic() + timeout, proc, "redis-server")
@@ -361,7 +370,9 @@ class RedisServer(_Service):
     def restart(self) -> None:
         self.stop()
         args = list(self.proc.args)  # type: ignore[arg-type]
-        self.proc = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+        self.proc = subprocess.Popen(
+            args, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True
+        )
         _wait_port(self.port, time.monotonic() + 30, self.proc, "redis-server")
 
     def __enter__(self) -> RedisServer:

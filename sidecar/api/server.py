@@ -49,7 +49,10 @@ class TokenAuthInterceptor(grpc.aio.ServerInterceptor):
 
 
 def build_server(
-    servicer: DedupServicer, health_servicer: health.aio.HealthServicer, auth_token: str | None, max_message_bytes: int
+    servicer: DedupServicer,
+    health_servicer: health.aio.HealthServicer,
+    auth_token: str | None,
+    max_message_bytes: int,
 ) -> grpc.aio.Server:
     interceptors = [TokenAuthInterceptor(auth_token)] if auth_token else []
     # Leave room above publish.max_message_bytes so oversize records get our RESOURCE_EXHAUSTED
@@ -66,6 +69,7 @@ def build_server(
     dedup_pb2_grpc.add_DedupServiceServicer_to_server(servicer, server)
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
     reflection.enable_server_reflection(
-        (SERVICE_NAME, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name, reflection.SERVICE_NAME), server
+        (SERVICE_NAME, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name, reflection.SERVICE_NAME),
+        server,
     )
     return server

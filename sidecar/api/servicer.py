@@ -16,7 +16,7 @@ from sidecar.api.errors import status_for
 from sidecar.engine.engine import Engine
 from sidecar.engine.records import Pending
 from sidecar.errors import InvalidArgument, ShuttingDown, SidecarError
-from sidecar.publish.publisher import PublishInput, PublishOutput, Publisher
+from sidecar.publish.publisher import Publisher, PublishInput, PublishOutput
 
 log = logging.getLogger(__name__)
 Req = TypeVar("Req")
@@ -88,7 +88,7 @@ class DedupServicer(pb_grpc.DedupServiceServicer):
         self._publisher = publisher
         self._max_batch_entries = max_batch_entries
 
-    async def Subscribe(  # noqa: N802 - gRPC method name
+    async def Subscribe(
         self, request: pb.SubscribeRequest, context: grpc.aio.ServicerContext[Any, Any]
     ) -> AsyncIterator[pb.SubscribeResponse]:
         engine = self._engine
@@ -111,38 +111,46 @@ class DedupServicer(pb_grpc.DedupServiceServicer):
             await context.abort(*status_for(ShuttingDown("the sidecar is shutting down; reconnect")))
 
     @_mapped
-    async def Ack(self, request: pb.AckRequest, context: grpc.aio.ServicerContext[Any, Any]) -> pb.AckResponse:  # noqa: N802
+    async def Ack(
+        self, request: pb.AckRequest, context: grpc.aio.ServicerContext[Any, Any]
+    ) -> pb.AckResponse:
         results = await self._engine.ack(list(request.delivery_ids))
         return pb.AckResponse(results=results)  # type: ignore[arg-type]
 
     @_mapped
-    async def Nack(self, request: pb.NackRequest, context: grpc.aio.ServicerContext[Any, Any]) -> pb.NackResponse:  # noqa: N802
+    async def Nack(
+        self, request: pb.NackRequest, context: grpc.aio.ServicerContext[Any, Any]
+    ) -> pb.NackResponse:
         delay = request.delay_seconds if request.HasField("delay_seconds") else None
-        results = await self._engine.nack(list(request.delivery_ids), delay, request.dead_letter, request.reason)
+        results = await self._engine.nack(
+            list(request.delivery_ids), delay, request.dead_letter, request.reason
+        )
         return pb.NackResponse(results=results)  # type: ignore[arg-type]
 
     @_mapped
-    async def ExtendDeadline(  # noqa: N802
+    async def ExtendDeadline(
         self, request: pb.ExtendDeadlineRequest, context: grpc.aio.ServicerContext[Any, Any]
     ) -> pb.ExtendDeadlineResponse:
         results = await self._engine.extend(list(request.delivery_ids), request.seconds)
         return pb.ExtendDeadlineResponse(results=results)  # type: ignore[arg-type]
 
     @_mapped
-    async def Publish(  # noqa: N802
+    async def Publish(
         self, request: pb.PublishRequest, context: grpc.aio.ServicerContext[Any, Any]
     ) -> pb.PublishResponse:
         return _response(await self._publisher.publish(_input(request)))
 
     @_mapped
-    async def PublishBatch(  # noqa: N802
+    async def PublishBatch(
         self, request: pb.PublishBatchRequest, context: grpc.aio.ServicerContext[Any, Any]
     ) -> pb.PublishBatchResponse:
         n = len(request.entries)
         if n == 0:
             raise InvalidArgument("no entries")
         if n > self._max_batch_entries:
-            raise InvalidArgument(f"{n} entries; the limit is {self._max_batch_entries} (publish.max_batch_entries)")
+            raise InvalidArgument(
+                f"{n} entries; the limit is {self._max_batch_entries} (publish.max_batch_entries)"
+            )
         outcomes = await asyncio.gather(
             *(self._publisher.publish(_input(e)) for e in request.entries), return_exceptions=True
         )

@@ -22,8 +22,9 @@ import os
 import re
 import time
 from collections import OrderedDict
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Coroutine, Sequence
 from dataclasses import dataclass
+from typing import Any
 
 from confluent_kafka import Message
 
@@ -113,6 +114,7 @@ class Engine:
         self._seq = itertools.count(1)
         self._intake: asyncio.Queue[list[Message]] = asyncio.Queue()
         self._tasks: list[asyncio.Task[None]] = []
+        self._background: set[asyncio.Task[None]] = set()
         self._commit_wakeup = asyncio.Event()
         self._no_stream_since: float | None = clock()
         self._left_group = False
@@ -131,7 +133,7 @@ class Engine:
         """Stop dispatching new records, wait up to ``grace_s`` for in-flight acks, commit."""
         self.accepting = False
         deadline = self._clock() + grace_s
-        while self._clock() < deadline and any(s.in_flight for s in self._streams.values()):
+        while self._clock() < deadline and any(s.in_flight for s in self._streams.values()):  # noqa: ASYNC110
             await asyncio.sleep(0.05)
         self.stopping = True
         for s in list(self._streams.values()):
@@ -139,7 +141,9 @@ class Engine:
             s.wakeup.set()
         # No ack can arrive any more: hand our claims back so the next owner need not wait out
         # the leases. (An app still applying an effect is the stated window; attempt shows it.)
-        held = [p.store_key for part in self._partitions.values() for p in part.pending.values() if p.attempt > 0]
+        held = [
+            p.store_key for part in self._partitions.values() for p in part.pending.values() if p.attempt > 0
+        ]
         if held:
             with contextlib.suppress(StoreUnavailable):
                 await self.store.release(held, self.owner)
@@ -149,6 +153,11 @@ class Engine:
         for t in self._tasks:
             with contextlib.suppress(asyncio.CancelledError):
                 await t
+
+    def _spawn(self, coro: Coroutine[Any, Any, None]) -> None:
+        task = asyncio.create_task(coro)
+        self._background.add(task)
+        task.add_done_callback(self._background.discard)
 
     # ---------------------------------------------------------------------------------------------
     # consumer events (ConsumerHandler)
@@ -232,7 +241,9 @@ class Engine:
             headers = [(k, v or b"") for k, v in (m.headers() or [])]
             value = m.value() or b""
             key = m.key()
-            ik = idempotency_key(headers, d.idempotency_header, d.key_fallback, topic, partition, offset, key, value)
+            ik = idempotency_key(
+                headers, d.idempotency_header, d.key_fallback, topic, partition, offset, key, value
+            )
             ts_type, ts = m.timestamp()
             p = Pending(
                 tp=tp,
@@ -261,7 +272,7 @@ class Engine:
             self._update_pause(tp)
         for p in no_key:
             p.reason = f"no {d.idempotency_header!r} header and delivery.key_fallback=dead-letter"
-            asyncio.create_task(self._dead_letter([p]))
+            self._spawn(self._dead_letter([p]))
         if to_claim:
             await self._claim(to_claim, retry=True)
 
@@ -321,7 +332,10 @@ class Engine:
             )
         d = self.settings.delivery
         s = Stream(
-            frozenset(topics), max_in_flight or d.default_max_in_flight, max_bytes, max_batch or d.default_max_batch
+            frozenset(topics),
+            max_in_flight or d.default_max_in_flight,
+            max_bytes,
+            max_batch or d.default_max_batch,
         )
         self._streams[s.id] = s
         self._no_stream_since = None
@@ -417,10 +431,14 @@ class Engine:
             raise InvalidArgument("no delivery ids given")
         limit = self.settings.server.max_ids_per_call
         if len(ids) > limit:
-            raise InvalidArgument(f"{len(ids)} ids in one call; the limit is {limit} (server.max_ids_per_call)")
+            raise InvalidArgument(
+                f"{len(ids)} ids in one call; the limit is {limit} (server.max_ids_per_call)"
+            )
         for did in ids:
             if not _ID_RE.match(did):
-                raise InvalidArgument(f"malformed delivery id {did[:64]!r}: pass delivery_id from a Delivery as is")
+                raise InvalidArgument(
+                    f"malformed delivery id {did[:64]!r}: pass delivery_id from a Delivery as is"
+                )
 
     def _lookup(self, did: str) -> tuple[int, Pending | None]:
         p = self._by_id.get(did)
@@ -479,7 +497,9 @@ class Engine:
             await self.commit_now(touched)
         return results
 
-    async def nack(self, ids: Sequence[str], delay_s: float | None, dead_letter: bool, reason: str) -> list[int]:
+    async def nack(
+        self, ids: Sequence[str], delay_s: float | None, dead_letter: bool, reason: str
+    ) -> list[int]:
         self._check_ids(ids)
         if delay_s is not None and not (0 <= delay_s <= 86_400):
             raise InvalidArgument("delay_seconds must be between 0 and 86400")
@@ -508,8 +528,10 @@ class Engine:
                 continue
             if p.stream is not None:
                 p.stream.remove(p)
-            wait = delay_s if delay_s is not None else min(
-                d.backoff_max_seconds, d.backoff_initial_seconds * 2 ** max(p.attempt - 1, 0)
+            wait = (
+                delay_s
+                if delay_s is not None
+                else min(d.backoff_max_seconds, d.backoff_initial_seconds * 2 ** max(p.attempt - 1, 0))
             )
             p.state, p.due = State.DELAYED, now + wait
             self._waiting.append(p)
@@ -521,14 +543,16 @@ class Engine:
             p.reason = reason or (f"nacked {p.attempt} times (delivery.max_attempts={d.max_attempts})")
             p.state = State.DEAD_LETTERING
         if todo:
-            asyncio.create_task(self._dead_letter(todo))
+            self._spawn(self._dead_letter(todo))
         return results
 
     async def extend(self, ids: Sequence[str], seconds: int) -> list[int]:
         self._check_ids(ids)
         limit = self.settings.delivery.max_ack_deadline_seconds
         if not 1 <= seconds <= limit:
-            raise InvalidArgument(f"seconds must be between 1 and {limit} (delivery.max_ack_deadline_seconds)")
+            raise InvalidArgument(
+                f"seconds must be between 1 and {limit} (delivery.max_ack_deadline_seconds)"
+            )
         results: list[int] = []
         todo: dict[int, Pending] = {}
         for did in ids:
@@ -589,7 +613,7 @@ class Engine:
         first.shadows.extend(rest)
         first.state = State.CLAIMING
         self._key_index[first.store_key] = first
-        asyncio.create_task(self._claim([first], retry=True))
+        self._spawn(self._claim([first], retry=True))
 
     def _update_pause(self, tp: TP) -> None:
         part = self._partitions.get(tp)
@@ -658,7 +682,9 @@ class Engine:
         due = [p for p in self._waiting if p.due <= now and p.state in (State.BUSY, State.DELAYED)]
         if due:
             ids = {id(p) for p in due}
-            self._waiting = [p for p in self._waiting if id(p) not in ids and p.state in (State.BUSY, State.DELAYED)]
+            self._waiting = [
+                p for p in self._waiting if id(p) not in ids and p.state in (State.BUSY, State.DELAYED)
+            ]
             for p in due:
                 p.state = State.CLAIMING
         todo = expired + due
@@ -679,7 +705,9 @@ class Engine:
             and self.consumer is not None
             and not self.stopping
         ):
-            log.warning("no app stream attached for %.0fs (delivery.detach_grace_seconds): leaving the group", grace)
+            log.warning(
+                "no app stream attached for %.0fs (delivery.detach_grace_seconds): leaving the group", grace
+            )
             self.consumer.leave_group()
             self._left_group = True
 

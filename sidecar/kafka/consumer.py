@@ -197,13 +197,13 @@ class ConsumerLoop:
             self._drain_commands(consumer)
             if self._subscribed:
                 self._do_unsubscribe(consumer)
-        except BaseException as exc:  # noqa: BLE001 - the loop is told through `fatal`
+        except BaseException as exc:
             log.exception("consumer thread failed")
             self.fatal = exc
         finally:
             try:
                 consumer.close()
-            except Exception:  # noqa: BLE001 - closing after a failure
+            except Exception:
                 log.exception("closing the consumer failed")
 
     def _drain_commands(self, consumer: Consumer) -> None:
@@ -217,7 +217,9 @@ class ConsumerLoop:
     def _do_subscribe(self, consumer: Consumer) -> None:
         if self._subscribed:
             return
-        consumer.subscribe(self._topics, on_assign=self._on_assign, on_revoke=self._on_revoke, on_lost=self._on_lost)
+        consumer.subscribe(
+            self._topics, on_assign=self._on_assign, on_revoke=self._on_revoke, on_lost=self._on_lost
+        )
         self._subscribed = True
         log.info("joined group for topics %s", ", ".join(self._topics))
 
@@ -242,7 +244,8 @@ class ConsumerLoop:
             return
         committed = consumer.committed(partitions, timeout=30)
         infos = [
-            Assigned(tp.topic, tp.partition, tp.offset if tp.offset >= 0 else -1, tp.metadata) for tp in committed
+            Assigned(tp.topic, tp.partition, tp.offset if tp.offset >= 0 else -1, tp.metadata)
+            for tp in committed
         ]
         self._call(self._handler.on_assigned(infos))
         self._assigned.update((tp.topic, tp.partition) for tp in partitions)

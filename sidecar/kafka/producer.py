@@ -42,7 +42,9 @@ class AsyncProducer:
     timeout_s: how long a produce may wait for room in the queue and for its delivery report.
     """
 
-    def __init__(self, config: dict[str, Any], loop: asyncio.AbstractEventLoop, timeout_s: float = 30.0) -> None:
+    def __init__(
+        self, config: dict[str, Any], loop: asyncio.AbstractEventLoop, timeout_s: float = 30.0
+    ) -> None:
         self._config = {
             **config,
             "enable.idempotence": True,
@@ -104,7 +106,12 @@ class AsyncProducer:
                 result = _delivery_error(err, topic)
             loop.call_soon_threadsafe(_resolve, fut, result)
 
-        kwargs: dict[str, Any] = {"value": value, "key": key, "headers": list(headers), "on_delivery": on_delivery}
+        kwargs: dict[str, Any] = {
+            "value": value,
+            "key": key,
+            "headers": list(headers),
+            "on_delivery": on_delivery,
+        }
         if partition is not None:
             kwargs["partition"] = partition
         deadline = time.monotonic() + self._timeout_s

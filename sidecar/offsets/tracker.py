@@ -57,7 +57,11 @@ class AckTracker:
     )
 
     def __init__(
-        self, max_unsettled: int = 10_000, resume_at: int | None = None, committed: int = -1, metadata: str | None = None
+        self,
+        max_unsettled: int = 10_000,
+        resume_at: int | None = None,
+        committed: int = -1,
+        metadata: str | None = None,
     ) -> None:
         if max_unsettled < 1:
             raise ValueError("max_unsettled must be at least 1")

@@ -114,7 +114,9 @@ class Publisher:
         running = self._inflight.get(key)
         if running is not None:
             first = await asyncio.shield(running[1])
-            return self._repeat(key, dig, PublishRecord(running[0], first.topic, first.partition, first.offset))
+            return self._repeat(
+                key, dig, PublishRecord(running[0], first.topic, first.partition, first.offset)
+            )
         fut: asyncio.Future[PublishOutput] = asyncio.get_running_loop().create_future()
         self._inflight[key] = (dig, fut)
         try:

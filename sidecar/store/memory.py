@@ -29,7 +29,9 @@ class MemoryStore:
         now = self._clock()
         out = []
         for key in keys:
-            result, self._keys[key] = rules.claim(self._keys.get(key), owner, now, lease_ms, self._retention_ms)
+            result, self._keys[key] = rules.claim(
+                self._keys.get(key), owner, now, lease_ms, self._retention_ms
+            )
             out.append(result)
         return out
 

@@ -106,7 +106,9 @@ class RedisStore:
     name = "redis"
     shared = True
 
-    def __init__(self, url: str, prefix: str = "dedup", retention_ms: int = 7 * 86_400_000, timeout_s: float = 5.0):
+    def __init__(
+        self, url: str, prefix: str = "dedup", retention_ms: int = 7 * 86_400_000, timeout_s: float = 5.0
+    ):
         self._client: aioredis.Redis = aioredis.Redis.from_url(
             url, socket_timeout=timeout_s, socket_connect_timeout=timeout_s, decode_responses=True
         )
@@ -144,7 +146,9 @@ class RedisStore:
                         raise
             raise AssertionError("unreachable")
         except RedisError as exc:
-            raise StoreUnavailable(f"Redis dedup store unreachable: {exc} (setting: store.redis_url)") from exc
+            raise StoreUnavailable(
+                f"Redis dedup store unreachable: {exc} (setting: store.redis_url)"
+            ) from exc
 
     async def claim(self, keys: Sequence[str], owner: str, lease_ms: int) -> list[Claim]:
         raw = await self._batch(self._claim, keys, [owner, lease_ms, self._retention_ms])
@@ -160,14 +164,18 @@ class RedisStore:
         try:
             raw = await self._client.get(self._p(key))
         except RedisError as exc:
-            raise StoreUnavailable(f"Redis dedup store unreachable: {exc} (setting: store.redis_url)") from exc
+            raise StoreUnavailable(
+                f"Redis dedup store unreachable: {exc} (setting: store.redis_url)"
+            ) from exc
         return PublishRecord.decode(raw) if raw else None
 
     async def publish_record(self, key: str, record: PublishRecord, retention_ms: int) -> PublishRecord:
         try:
             raw = await self._client.eval(self._publish.text, 1, self._p(key), record.encode(), retention_ms)
         except RedisError as exc:
-            raise StoreUnavailable(f"Redis dedup store unreachable: {exc} (setting: store.redis_url)") from exc
+            raise StoreUnavailable(
+                f"Redis dedup store unreachable: {exc} (setting: store.redis_url)"
+            ) from exc
         return PublishRecord.decode(str(raw))
 
     async def purge(self) -> int:
@@ -177,7 +185,9 @@ class RedisStore:
         try:
             await self._client.ping()
         except RedisError as exc:
-            raise StoreUnavailable(f"Redis dedup store unreachable at start-up: {exc} (setting: store.redis_url)") from exc
+            raise StoreUnavailable(
+                f"Redis dedup store unreachable at start-up: {exc} (setting: store.redis_url)"
+            ) from exc
 
     async def check_durability(self, require_durable: bool) -> bool:
         """Read Redis's persistence settings. Warn without AOF or RDB; refuse if durability is required.
@@ -192,7 +202,9 @@ class RedisStore:
             log.warning(msg)
             return True
         except RedisError as exc:
-            raise StoreUnavailable(f"Redis dedup store unreachable: {exc} (setting: store.redis_url)") from exc
+            raise StoreUnavailable(
+                f"Redis dedup store unreachable: {exc} (setting: store.redis_url)"
+            ) from exc
         if aof == "yes" or save.strip():
             return True
         msg = (

@@ -108,7 +108,9 @@ class SQLiteStore:
                 found[key] = rules.Entry(bool(done), owner, deadline, attempt, expires)
         return found
 
-    def _apply(self, keys: Sequence[str], step: Callable[[rules.Entry | None, int], tuple[T, rules.Entry | None]]) -> list[T]:
+    def _apply(
+        self, keys: Sequence[str], step: Callable[[rules.Entry | None, int], tuple[T, rules.Entry | None]]
+    ) -> list[T]:
         db = self._conn()
         now = self._clock()
         db.execute("BEGIN IMMEDIATE")
@@ -121,7 +123,9 @@ class SQLiteStore:
                 out.append(result)
                 if entry is not None:
                     entries[key] = entry
-                    rows.append((key, int(entry.done), entry.owner, entry.deadline, entry.attempt, entry.expires))
+                    rows.append(
+                        (key, int(entry.done), entry.owner, entry.deadline, entry.attempt, entry.expires)
+                    )
             db.executemany("INSERT OR REPLACE INTO dedup_keys VALUES (?, ?, ?, ?, ?, ?)", rows)
             db.execute("COMMIT")
         except BaseException:
@@ -151,9 +155,13 @@ class SQLiteStore:
 
     async def publish_lookup(self, key: str) -> PublishRecord | None:
         def lookup() -> PublishRecord | None:
-            row = self._conn().execute(
-                "SELECT record FROM publish_results WHERE key = ? AND expires > ?", (key, self._clock())
-            ).fetchone()
+            row = (
+                self._conn()
+                .execute(
+                    "SELECT record FROM publish_results WHERE key = ? AND expires > ?", (key, self._clock())
+                )
+                .fetchone()
+            )
             return PublishRecord.decode(row[0]) if row else None
 
         return await self._run(lookup)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import signal
 import subprocess
@@ -10,7 +11,7 @@ import sys
 import time
 import uuid
 from collections.abc import AsyncIterator
-from contextlib import asynccontextmanager
+from contextlib import asynccontextmanager, suppress
 from pathlib import Path
 from typing import Any
 
@@ -30,11 +31,19 @@ def unique(prefix: str) -> str:
 
 
 def settings_dict(
-    kafka: services.KafkaBroker, topics: list[str], group: str, store: dict[str, Any] | None = None, **sections: Any
+    kafka: services.KafkaBroker,
+    topics: list[str],
+    group: str,
+    store: dict[str, Any] | None = None,
+    **sections: Any,
 ) -> dict[str, Any]:
     out: dict[str, Any] = {
-        "kafka": {"bootstrap_servers": kafka.bootstrap_servers, "topics": topics, "group_id": group,
-                  "session_timeout_ms": 6000},
+        "kafka": {
+            "bootstrap_servers": kafka.bootstrap_servers,
+            "topics": topics,
+            "group_id": group,
+            "session_timeout_ms": 6000,
+        },
         "store": store or {"backend": "memory"},
         "server": {"listen": "127.0.0.1:0", "metrics_listen": "", "shutdown_grace_seconds": 1},
         "commit": {"interval_ms": 50},
@@ -64,7 +73,9 @@ async def wait_assigned(sc: Sidecar, count: int, timeout: float = 30) -> None:
 
 
 def committed_offsets(kafka: services.KafkaBroker, group: str, topic: str, partitions: int) -> dict[int, int]:
-    c = Consumer({"bootstrap.servers": kafka.bootstrap_servers, "group.id": group, "enable.auto.commit": False})
+    c = Consumer(
+        {"bootstrap.servers": kafka.bootstrap_servers, "group.id": group, "enable.auto.commit": False}
+    )
     try:
         got = c.committed([TopicPartition(topic, p) for p in range(partitions)], timeout=15)
         return {tp.partition: tp.offset for tp in got}
@@ -72,15 +83,19 @@ def committed_offsets(kafka: services.KafkaBroker, group: str, topic: str, parti
         c.close()
 
 
-def read_topic(kafka: services.KafkaBroker, topic: str, expect: int | None = None, timeout: float = 20) -> list[Any]:
+def read_topic(
+    kafka: services.KafkaBroker, topic: str, expect: int | None = None, timeout: float = 20
+) -> list[Any]:
     """Every record in ``topic`` (a plain consumer from the beginning, no group commits)."""
-    c = Consumer({
-        "bootstrap.servers": kafka.bootstrap_servers,
-        "group.id": unique("reader"),
-        "auto.offset.reset": "earliest",
-        "enable.auto.commit": False,
-        "enable.partition.eof": True,
-    })
+    c = Consumer(
+        {
+            "bootstrap.servers": kafka.bootstrap_servers,
+            "group.id": unique("reader"),
+            "auto.offset.reset": "earliest",
+            "enable.auto.commit": False,
+            "enable.partition.eof": True,
+        }
+    )
     md = c.list_topics(topic, timeout=10).topics[topic]
     c.assign([TopicPartition(topic, p, 0) for p in md.partitions])
     out: list[Any] = []
@@ -103,7 +118,9 @@ def read_topic(kafka: services.KafkaBroker, topic: str, expect: int | None = Non
         c.close()
 
 
-def raw_produce(kafka: services.KafkaBroker, topic: str, records: list[tuple[str | None, bytes, int | None]]) -> None:
+def raw_produce(
+    kafka: services.KafkaBroker, topic: str, records: list[tuple[str | None, bytes, int | None]]
+) -> None:
     """Write records with a plain producer: (idempotency key or None, value, partition or None)."""
     p = Producer({"bootstrap.servers": kafka.bootstrap_servers, "linger.ms": 5})
     for key, value, partition in records:
@@ -129,7 +146,12 @@ class SidecarProcess:
         return f"127.0.0.1:{self.port}"
 
     def start(self) -> None:
-        env = {**os.environ, **self.env, "DEDUP_SERVER__LISTEN": self.target, "DEDUP_SERVER__METRICS_LISTEN": ""}
+        env = {
+            **os.environ,
+            **self.env,
+            "DEDUP_SERVER__LISTEN": self.target,
+            "DEDUP_SERVER__METRICS_LISTEN": "",
+        }
         with open(self.log_path, "ab") as log:
             self.proc = subprocess.Popen(
                 [sys.executable, "-m", "sidecar"], env=env, stdout=log, stderr=subprocess.STDOUT, cwd=ROOT
@@ -216,18 +238,14 @@ class Inbox:
             if left <= 0:
                 raise TimeoutError(f"got {len(self.messages)} of {n} messages")
             self._changed.clear()
-            try:
+            with suppress(TimeoutError):
                 await asyncio.wait_for(self._changed.wait(), min(left, 0.5))
-            except TimeoutError:
-                pass
         return self.messages[:n]
 
     async def close(self) -> None:
         self._task.cancel()
-        try:
+        with contextlib.suppress(asyncio.CancelledError, Exception):
             await self._task
-        except (asyncio.CancelledError, Exception):  # noqa: BLE001 - closing a stream in tests
-            pass
 
     async def __aenter__(self) -> Inbox:
         return self

@@ -7,6 +7,7 @@ import time
 from pathlib import Path
 
 from dedup_client import AckResult, DedupClient
+
 from tests.conftest import services
 from tests.integration.helpers import Inbox, committed_offsets, running_sidecar, settings_dict, unique
 
@@ -21,7 +22,9 @@ async def test_out_of_order_acks_commit_the_prefix_and_restart_redelivers_only_u
     async with running_sidecar(**cfg) as sc, DedupClient(f"127.0.0.1:{sc.port}") as client:
         for i in range(20):
             r = await client.publish(topic, f"v{i}".encode(), idempotency_key=f"key-{i}", partition=i % 2)
-            assert r.offset == i // 2 and r.partition == i % 2 and not r.duplicate
+            assert r.offset == i // 2
+            assert r.partition == i % 2
+            assert not r.duplicate
         async with Inbox(client) as inbox:
             msgs = await inbox.wait(20)
         assert sorted(m.idempotency_key for m in msgs) == sorted(f"key-{i}" for i in range(20))

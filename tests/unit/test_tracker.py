@@ -88,14 +88,19 @@ def test_metadata_restores_settled_offsets_after_restart() -> None:
     after = AckTracker(committed=committed, metadata=meta)
     # Then 5 and 7 are skipped without asking the store, 4 and 6 are pending
     results = [after.offer(o) for o in (4, 5, 6, 7)]
-    assert results == [OfferResult.PENDING, OfferResult.ALREADY_SETTLED, OfferResult.PENDING, OfferResult.ALREADY_SETTLED]
+    assert results == [
+        OfferResult.PENDING,
+        OfferResult.ALREADY_SETTLED,
+        OfferResult.PENDING,
+        OfferResult.ALREADY_SETTLED,
+    ]
     after.settle(4)
     after.settle(6)
     assert after.committable() == 8
 
 
 def test_foreign_metadata_is_ignored() -> None:
-    for meta in ("", "hello", "dd1:", "dd1:zz-1", "dd1:0", "dd1:-5", "dd1:1-2,x!", "{\"json\": 1}"):
+    for meta in ("", "hello", "dd1:", "dd1:zz-1", "dd1:0", "dd1:-5", "dd1:1-2,x!", '{"json": 1}'):
         t = AckTracker(committed=100, metadata=meta)
         assert t.offer(101) is OfferResult.PENDING, meta
 
@@ -109,7 +114,8 @@ def test_metadata_stays_within_limit() -> None:
     meta = t.commit_metadata(limit=4000)
     assert len(meta.encode()) <= 4000
     decoded = decode_settled(t.committable(), meta)
-    assert decoded and all(o % 2 == 1 for o in decoded)
+    assert decoded
+    assert all(o % 2 == 1 for o in decoded)
 
 
 @st.composite

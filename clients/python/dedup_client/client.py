@@ -126,7 +126,9 @@ class Message:
         """Queue an ack (coalesced); await the returned future to learn its result."""
         return self._client.ack(self.delivery_id)
 
-    async def nack(self, delay_seconds: float | None = None, dead_letter: bool = False, reason: str = "") -> None:
+    async def nack(
+        self, delay_seconds: float | None = None, dead_letter: bool = False, reason: str = ""
+    ) -> None:
         await self._client.nack([self.delivery_id], delay_seconds, dead_letter, reason)
 
 
@@ -189,7 +191,9 @@ class DedupClient:
         finally:
             call.cancel()
 
-    async def frames(self, topics: Sequence[str] = (), max_in_flight: int = 0) -> AsyncIterator[list[Message]]:
+    async def frames(
+        self, topics: Sequence[str] = (), max_in_flight: int = 0
+    ) -> AsyncIterator[list[Message]]:
         """Like :meth:`subscribe`, a whole frame at a time (for batch processing)."""
         call = self.stub.Subscribe(
             pb.SubscribeRequest(topics=list(topics), max_in_flight=max_in_flight), metadata=self._metadata
@@ -212,7 +216,9 @@ class DedupClient:
     async def ack_many(self, delivery_ids: Sequence[str]) -> list[AckResult]:
         """One Ack call for many ids; raises AckError when the call fails as a whole."""
         try:
-            resp = await self.stub.Ack(pb.AckRequest(delivery_ids=list(delivery_ids)), metadata=self._metadata)
+            resp = await self.stub.Ack(
+                pb.AckRequest(delivery_ids=list(delivery_ids)), metadata=self._metadata
+            )
         except grpc.aio.AioRpcError as exc:
             raise AckError(f"{exc.code().name}: {exc.details()}") from exc
         return [AckResult(r) for r in resp.results]
@@ -221,7 +227,11 @@ class DedupClient:
         await self._acks.drain()
 
     async def nack(
-        self, delivery_ids: Sequence[str], delay_seconds: float | None = None, dead_letter: bool = False, reason: str = ""
+        self,
+        delivery_ids: Sequence[str],
+        delay_seconds: float | None = None,
+        dead_letter: bool = False,
+        reason: str = "",
     ) -> list[AckResult]:
         req = pb.NackRequest(delivery_ids=list(delivery_ids), dead_letter=dead_letter, reason=reason)
         if delay_seconds is not None:
@@ -231,7 +241,8 @@ class DedupClient:
 
     async def extend_deadline(self, delivery_ids: Sequence[str], seconds: int) -> list[AckResult]:
         resp = await self.stub.ExtendDeadline(
-            pb.ExtendDeadlineRequest(delivery_ids=list(delivery_ids), seconds=seconds), metadata=self._metadata
+            pb.ExtendDeadlineRequest(delivery_ids=list(delivery_ids), seconds=seconds),
+            metadata=self._metadata,
         )
         return [AckResult(r) for r in resp.results]
 
@@ -253,8 +264,12 @@ class DedupClient:
         )
         return _result(resp)
 
-    async def publish_batch(self, entries: Sequence[pb.PublishRequest]) -> list[PublishResult | grpc.StatusCode]:
-        resp = await self.stub.PublishBatch(pb.PublishBatchRequest(entries=list(entries)), metadata=self._metadata)
+    async def publish_batch(
+        self, entries: Sequence[pb.PublishRequest]
+    ) -> list[PublishResult | grpc.StatusCode]:
+        resp = await self.stub.PublishBatch(
+            pb.PublishBatchRequest(entries=list(entries)), metadata=self._metadata
+        )
         out: list[PublishResult | grpc.StatusCode] = []
         for r in resp.results:
             if r.code == 0:
@@ -273,7 +288,10 @@ def _publish_request(
     partition: int | None = None,
 ) -> pb.PublishRequest:
     req = pb.PublishRequest(
-        topic=topic, value=value, headers=[pb.Header(key=k, value=v) for k, v in headers], idempotency_key=idempotency_key
+        topic=topic,
+        value=value,
+        headers=[pb.Header(key=k, value=v) for k, v in headers],
+        idempotency_key=idempotency_key,
     )
     if key is not None:
         req.key = key
@@ -287,4 +305,3 @@ publish_request = _publish_request
 
 def _result(resp: pb.PublishResponse) -> PublishResult:
     return PublishResult(resp.idempotency_key, resp.topic, resp.partition, resp.offset, resp.duplicate)
-

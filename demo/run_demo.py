@@ -1,0 +1,136 @@
+"""The README's demo: real Kafka and Redis, the sidecar as its own process, and a small app.
+
+The app publishes messages through the sidecar, some of them deliberately twice:
+
+* re-published through ``Publish`` with the same idempotency key (the sidecar produces once);
+* written a second time by a plain Kafka producer that "retried" (the duplicate is in Kafka, and
+  the sidecar skips it on the consuming side).
+
+Then it consumes through ``Subscribe``, acks every delivery, and prints what was delivered and
+what was skipped, with the sidecar's own counters read from its /metrics endpoint.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import importlib.util
+import os
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.request
+from pathlib import Path
+
+from confluent_kafka import Producer
+
+from dedup_client import DedupClient
+
+ROOT = Path(__file__).resolve().parent.parent
+spec = importlib.util.spec_from_file_location("services", ROOT / "deploy" / "local" / "services.py")
+assert spec and spec.loader
+services = importlib.util.module_from_spec(spec)
+sys.modules["services"] = services
+spec.loader.exec_module(services)
+
+TOPIC = "demo-orders"
+
+
+def metric(port: int, name: str) -> float:
+    text = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5).read().decode()
+    total = 0.0
+    for line in text.splitlines():
+        if line.startswith(name) and not line.startswith("#"):
+            total += float(line.rsplit(" ", 1)[1])
+    return total
+
+
+async def app(target: str, bootstrap: str, unique: int, republish: int, kafka_dups: int) -> dict[str, int]:
+    async with DedupClient(target) as client:
+        keys = [f"order-{i:05d}" for i in range(unique)]
+        first = {}
+        for k in keys:
+            first[k] = await client.publish(TOPIC, f'{{"order": "{k}"}}'.encode(), idempotency_key=k)
+        repeated = 0
+        for k in keys[:republish]:  # an app retrying after a timeout: same key, same payload
+            r = await client.publish(TOPIC, f'{{"order": "{k}"}}'.encode(), idempotency_key=k)
+            assert r.duplicate and r.offset == first[k].offset
+            repeated += 1
+        producer = Producer({"bootstrap.servers": bootstrap})
+        for k in keys[-kafka_dups:]:  # a plain producer whose retry wrote the record twice
+            r = first[k]
+            producer.produce(
+                TOPIC,
+                value=f'{{"order": "{k}"}}'.encode(),
+                headers=[("idempotency-key", k.encode())],
+                partition=r.partition,
+            )
+        producer.flush(30)
+        print(f"demo: published {unique} orders; re-published {repeated} through Publish (not produced again); "
+              f"wrote {kafka_dups} duplicates straight into Kafka", flush=True)
+
+        delivered: dict[str, int] = {}
+        deadline = time.monotonic() + 60
+        gen = client.subscribe([TOPIC])
+        try:
+            async for msg in gen:
+                delivered[msg.idempotency_key] = delivered.get(msg.idempotency_key, 0) + 1
+                msg.ack()
+                if len(delivered) == unique or time.monotonic() > deadline:
+                    break
+        finally:
+            await gen.aclose()
+        await client.flush_acks()
+        await asyncio.sleep(1.0)  # let a trailing duplicate be skipped and the commit land
+        return delivered
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--messages", type=int, default=1000)
+    parser.add_argument("--republish", type=int, default=150)
+    parser.add_argument("--kafka-duplicates", type=int, default=100)
+    args = parser.parse_args()
+    with tempfile.TemporaryDirectory(prefix="dedup-demo-") as tmp, services.running(Path(tmp)) as (kafka, redis):
+        kafka.create_topic(TOPIC, 3)
+        port, metrics_port = services.free_port(), services.free_port()
+        env = {
+            **os.environ,
+            "DEDUP_KAFKA__BOOTSTRAP_SERVERS": kafka.bootstrap_servers,
+            "DEDUP_KAFKA__TOPICS": f'["{TOPIC}"]',
+            "DEDUP_KAFKA__GROUP_ID": "demo-app",
+            "DEDUP_STORE__BACKEND": "redis",
+            "DEDUP_STORE__REDIS_URL": redis.url,
+            "DEDUP_SERVER__LISTEN": f"127.0.0.1:{port}",
+            "DEDUP_SERVER__METRICS_LISTEN": f"127.0.0.1:{metrics_port}",
+        }
+        log_path = Path(tmp) / "sidecar.log"
+        print(f"demo: sidecar on 127.0.0.1:{port} (log: {log_path}), Kafka {kafka.bootstrap_servers}, {redis.url}")
+        with open(log_path, "wb") as log:
+            sidecar = subprocess.Popen([sys.executable, "-m", "sidecar"], env=env, stdout=log, stderr=subprocess.STDOUT)
+        try:
+            time.sleep(1.5)
+            delivered = asyncio.run(
+                app(f"127.0.0.1:{port}", kafka.bootstrap_servers, args.messages, args.republish, args.kafka_duplicates)
+            )
+            skipped = int(metric(metrics_port, "dedup_skipped_total"))
+            acked = int(metric(metrics_port, "dedup_acked_total"))
+        finally:
+            sidecar.terminate()
+            sidecar.wait(30)
+        twice = sum(1 for n in delivered.values() if n > 1)
+        print(f"demo: records in Kafka:          {args.messages + args.kafka_duplicates}")
+        print(f"demo: delivered to the app:      {sum(delivered.values())} ({len(delivered)} distinct keys)")
+        print(f"demo: acked:                     {acked}")
+        print(f"demo: skipped as duplicates:     {skipped}")
+        print(f"demo: keys delivered twice:      {twice}")
+        ok = len(delivered) == args.messages and twice == 0 and skipped == args.kafka_duplicates
+        print("demo: OK: every order delivered once" if ok else "demo: MISMATCH: see the sidecar log above")
+        if not ok:
+            print(log_path.read_text()[-4000:])
+        return 0 if ok else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
