@@ -67,12 +67,15 @@ async def app(target: str, bootstrap: str, unique: int, republish: int, kafka_du
                 partition=r.partition,
             )
         producer.flush(30)
-        print(f"demo: published {unique} orders; re-published {repeated} through Publish (not produced again); "
-              f"wrote {kafka_dups} duplicates straight into Kafka", flush=True)
+        print(
+            f"demo: published {unique} orders; re-published {repeated} through Publish (not produced again); "
+            f"wrote {kafka_dups} duplicates straight into Kafka",
+            flush=True,
+        )
 
         delivered: dict[str, int] = {}
         deadline = time.monotonic() + 60
-        gen = client.subscribe([TOPIC])
+        gen = client.subscribe([TOPIC])  # an async generator: close it explicitly
         try:
             async for msg in gen:
                 delivered[msg.idempotency_key] = delivered.get(msg.idempotency_key, 0) + 1
@@ -92,7 +95,10 @@ def main() -> int:
     parser.add_argument("--republish", type=int, default=150)
     parser.add_argument("--kafka-duplicates", type=int, default=100)
     args = parser.parse_args()
-    with tempfile.TemporaryDirectory(prefix="dedup-demo-") as tmp, services.running(Path(tmp)) as (kafka, redis):
+    with (
+        tempfile.TemporaryDirectory(prefix="dedup-demo-") as tmp,
+        services.running(Path(tmp)) as (kafka, redis),
+    ):
         kafka.create_topic(TOPIC, 3)
         port, metrics_port = services.free_port(), services.free_port()
         env = {
@@ -106,13 +112,23 @@ def main() -> int:
             "DEDUP_SERVER__METRICS_LISTEN": f"127.0.0.1:{metrics_port}",
         }
         log_path = Path(tmp) / "sidecar.log"
-        print(f"demo: sidecar on 127.0.0.1:{port} (log: {log_path}), Kafka {kafka.bootstrap_servers}, {redis.url}")
+        print(
+            f"demo: sidecar on 127.0.0.1:{port} (log: {log_path}), Kafka {kafka.bootstrap_servers}, {redis.url}"
+        )
         with open(log_path, "wb") as log:
-            sidecar = subprocess.Popen([sys.executable, "-m", "sidecar"], env=env, stdout=log, stderr=subprocess.STDOUT)
+            sidecar = subprocess.Popen(
+                [sys.executable, "-m", "sidecar"], env=env, stdout=log, stderr=subprocess.STDOUT
+            )
         try:
             time.sleep(1.5)
             delivered = asyncio.run(
-                app(f"127.0.0.1:{port}", kafka.bootstrap_servers, args.messages, args.republish, args.kafka_duplicates)
+                app(
+                    f"127.0.0.1:{port}",
+                    kafka.bootstrap_servers,
+                    args.messages,
+                    args.republish,
+                    args.kafka_duplicates,
+                )
             )
             skipped = int(metric(metrics_port, "dedup_skipped_total"))
             acked = int(metric(metrics_port, "dedup_acked_total"))

@@ -76,8 +76,8 @@ def main() -> int:
                 path.write_text(text)
     if drift:
         print("generated stubs drifted from protos/; run: python scripts/gen_protos.py", file=sys.stderr)
-        for path in drift:
-            print(f"  {path}", file=sys.stderr)
+        for name in drift:
+            print(f"  {name}", file=sys.stderr)
         return 1
     return 0
 

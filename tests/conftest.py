@@ -2,31 +2,19 @@
 
 from __future__ import annotations
 
-import importlib.util
 import sys
 import tempfile
 from collections.abc import Iterator
 from pathlib import Path
-from types import ModuleType
 
 import pytest
 
 ROOT = Path(__file__).resolve().parent.parent
 
 
-def _load_services() -> ModuleType:
-    spec = importlib.util.spec_from_file_location(
-        "dedup_local_services", ROOT / "deploy" / "local" / "services.py"
-    )
-    assert spec
-    assert spec.loader
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module
-    spec.loader.exec_module(module)
-    return module
-
-
-services = _load_services()
+# deploy/local/services.py is a script users run; tests import it as a module.
+sys.path.insert(0, str(ROOT / "deploy" / "local"))
+import services  # noqa: E402
 
 
 @pytest.fixture(scope="session")

@@ -267,7 +267,7 @@ class KafkaBroker(_Service):
         """Start the broker again on the same ports and data (after kill or stop)."""
         self.stop()
         config = self.workdir / "server.properties"
-        jvm_cmd = list(self.proc.args)  # type: ignore[arg-type]
+        jvm_cmd = [str(a) for a in self.proc.args]  # type: ignore[union-attr]
         jvm_cmd[-1] = str(config)
         with open(self.workdir / "stdout.log", "ab") as out:
             self.proc = subprocess.Popen(
@@ -298,7 +298,8 @@ class KafkaBroker(_Service):
         raise TimeoutError(f"Kafka broker not ready in time: {last}")
 
     def create_topic(self, name: str, partitions: int = 1, config: dict[str, str] | None = None) -> None:
-        from confluent_kafka.admin import AdminClient, NewTopic
+        from confluent_kafka.admin import AdminClient
+        from confluent_kafka.cimpl import NewTopic
 
         admin = AdminClient({"bootstrap.servers": self.bootstrap_servers})
         fut = admin.create_topics([NewTopic(name, partitions, 1, config=config or {})])[name]
@@ -307,8 +308,10 @@ class KafkaBroker(_Service):
         deadline = time.monotonic() + 30
         while time.monotonic() < deadline:
             md = admin.list_topics(name, timeout=5).topics.get(name)
-            ready = md and not md.error and len(md.partitions) == partitions
-            if ready and all(p.leader >= 0 for p in md.partitions.values()):
+            if md is None or md.error or len(md.partitions) != partitions:
+                time.sleep(0.1)
+                continue
+            if all(p.leader >= 0 for p in md.partitions.values()):
                 return
             time.sleep(0.1)
         raise TimeoutError(f"topic {name} has no leaders after 30s")
@@ -369,7 +372,7 @@ class RedisServer(_Service):
 
     def restart(self) -> None:
         self.stop()
-        args = list(self.proc.args)  # type: ignore[arg-type]
+        args = [str(a) for a in self.proc.args]  # type: ignore[union-attr]
         self.proc = subprocess.Popen(
             args, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True
         )

@@ -238,7 +238,7 @@ class Engine:
             if result is OfferResult.ALREADY_SETTLED:
                 self.metrics.skipped.labels("commit_metadata").inc()
                 continue
-            headers = [(k, v or b"") for k, v in (m.headers() or [])]
+            headers = _headers(m)
             value = m.value() or b""
             key = m.key()
             ik = idempotency_key(
@@ -736,9 +736,9 @@ class Engine:
         if not offsets:
             return
         for o in await self.consumer.commit(offsets):
-            part = self._partitions.get((o.topic, o.partition))
-            if part is not None:
-                part.tracker.mark_committed(o.offset)
+            done = self._partitions.get((o.topic, o.partition))
+            if done is not None:
+                done.tracker.mark_committed(o.offset)
         self.metrics.commits.inc()
 
     async def _purge_loop(self) -> None:
@@ -760,3 +760,11 @@ class Engine:
 
     def committable(self) -> dict[TP, int]:
         return {tp: part.tracker.committable() for tp, part in self._partitions.items()}
+
+
+def _headers(m: Message) -> list[tuple[str, bytes]]:
+    raw = m.headers()
+    if not raw:
+        return []
+    items = raw.items() if isinstance(raw, dict) else raw
+    return [(k, v.encode() if isinstance(v, str) else (v or b"")) for k, v in items]

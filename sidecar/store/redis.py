@@ -167,7 +167,7 @@ class RedisStore:
             raise StoreUnavailable(
                 f"Redis dedup store unreachable: {exc} (setting: store.redis_url)"
             ) from exc
-        return PublishRecord.decode(raw) if raw else None
+        return PublishRecord.decode(str(raw)) if raw else None
 
     async def publish_record(self, key: str, record: PublishRecord, retention_ms: int) -> PublishRecord:
         try:
@@ -205,7 +205,7 @@ class RedisStore:
             raise StoreUnavailable(
                 f"Redis dedup store unreachable: {exc} (setting: store.redis_url)"
             ) from exc
-        if aof == "yes" or save.strip():
+        if aof == "yes" or (save or "").strip():
             return True
         msg = (
             "Redis has neither AOF nor RDB persistence: a Redis restart forgets every processed key, and "

@@ -21,7 +21,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from sidecar import config
 from sidecar.app import Sidecar
-from tests.conftest import services
+import services
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -109,7 +109,7 @@ def read_topic(
                     break
                 continue
             if m.error():
-                if m.error().code() == -191:  # _PARTITION_EOF
+                if m.error().code() == -191:  # type: ignore[union-attr]  # _PARTITION_EOF
                     eof.add(m.partition() or 0)
                 continue
             out.append(m)
@@ -124,7 +124,9 @@ def raw_produce(
     """Write records with a plain producer: (idempotency key or None, value, partition or None)."""
     p = Producer({"bootstrap.servers": kafka.bootstrap_servers, "linger.ms": 5})
     for key, value, partition in records:
-        headers = [("idempotency-key", key.encode())] if key is not None else []
+        headers: list[tuple[str, str | bytes | None]] = (
+            [("idempotency-key", key.encode())] if key is not None else []
+        )
         if partition is None:
             p.produce(topic, value=value, headers=headers)
         else:

@@ -8,7 +8,7 @@ from pathlib import Path
 
 from dedup_client import AckResult, DedupClient
 
-from tests.conftest import services
+import services
 from tests.integration.helpers import Inbox, committed_offsets, running_sidecar, settings_dict, unique
 
 

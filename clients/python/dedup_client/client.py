@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncGenerator, Sequence
 from dataclasses import dataclass
 from enum import IntEnum
 from typing import Any
@@ -80,7 +80,9 @@ class _AckBatcher:
 
     async def _send(self, ids: list[str], futs: list[asyncio.Future[AckResult]]) -> None:
         try:
-            resp = await self._stub.Ack(pb.AckRequest(delivery_ids=ids), metadata=self._metadata)
+            resp: pb.AckResponse = await self._stub.Ack(  # type: ignore[misc]
+                pb.AckRequest(delivery_ids=ids), metadata=self._metadata
+            )
         except grpc.aio.AioRpcError as exc:
             for f in futs:
                 if not f.done():
@@ -173,7 +175,7 @@ class DedupClient:
         max_in_flight: int = 0,
         max_in_flight_bytes: int = 0,
         max_batch: int = 0,
-    ) -> AsyncIterator[Message]:
+    ) -> AsyncGenerator[Message, None]:
         """Yield messages until the stream ends. Un-acked messages are redelivered if it closes."""
         call = self.stub.Subscribe(
             pb.SubscribeRequest(
@@ -193,7 +195,7 @@ class DedupClient:
 
     async def frames(
         self, topics: Sequence[str] = (), max_in_flight: int = 0
-    ) -> AsyncIterator[list[Message]]:
+    ) -> AsyncGenerator[list[Message], None]:
         """Like :meth:`subscribe`, a whole frame at a time (for batch processing)."""
         call = self.stub.Subscribe(
             pb.SubscribeRequest(topics=list(topics), max_in_flight=max_in_flight), metadata=self._metadata
