@@ -24,12 +24,12 @@ import urllib.request
 from pathlib import Path
 
 from confluent_kafka import Producer
-
 from dedup_client import DedupClient
 
 ROOT = Path(__file__).resolve().parent.parent
 spec = importlib.util.spec_from_file_location("services", ROOT / "deploy" / "local" / "services.py")
-assert spec and spec.loader
+assert spec
+assert spec.loader
 services = importlib.util.module_from_spec(spec)
 sys.modules["services"] = services
 spec.loader.exec_module(services)
@@ -55,7 +55,8 @@ async def app(target: str, bootstrap: str, unique: int, republish: int, kafka_du
         repeated = 0
         for k in keys[:republish]:  # an app retrying after a timeout: same key, same payload
             r = await client.publish(TOPIC, f'{{"order": "{k}"}}'.encode(), idempotency_key=k)
-            assert r.duplicate and r.offset == first[k].offset
+            assert r.duplicate
+            assert r.offset == first[k].offset
             repeated += 1
         producer = Producer({"bootstrap.servers": bootstrap})
         for k in keys[-kafka_dups:]:  # a plain producer whose retry wrote the record twice
@@ -113,7 +114,8 @@ def main() -> int:
         }
         log_path = Path(tmp) / "sidecar.log"
         print(
-            f"demo: sidecar on 127.0.0.1:{port} (log: {log_path}), Kafka {kafka.bootstrap_servers}, {redis.url}"
+            f"demo: sidecar on 127.0.0.1:{port} (log: {log_path}), "
+            f"Kafka {kafka.bootstrap_servers}, {redis.url}"
         )
         with open(log_path, "wb") as log:
             sidecar = subprocess.Popen(

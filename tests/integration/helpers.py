@@ -16,12 +16,12 @@ from pathlib import Path
 from typing import Any
 
 import grpc
+import services
 from confluent_kafka import Consumer, Producer, TopicPartition
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from sidecar import config
 from sidecar.app import Sidecar
-import services
 
 ROOT = Path(__file__).resolve().parents[2]
 

@@ -6,9 +6,9 @@ import asyncio
 import time
 from pathlib import Path
 
+import services
 from dedup_client import AckResult, DedupClient
 
-import services
 from tests.integration.helpers import Inbox, committed_offsets, running_sidecar, settings_dict, unique
 
 
