@@ -356,6 +356,8 @@ class Engine:
         for p in list(s.in_flight.values()):
             s.remove(p)
             if p.state is State.IN_FLIGHT and p.acking == 0:
+                # The app may have applied it before the stream broke: say so with attempt + 1.
+                p.attempt += 1
                 self.metrics.redelivered.labels("stream_closed").inc()
                 self._ready.push(p, front=True)
         self._wake_streams()
