@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import logging
 import os
 import signal
@@ -181,6 +182,10 @@ class Sidecar:
         self._stopped.set()
         log.info("sidecar stopped")
 
+    def _dump_state(self) -> None:
+        if self.engine is not None:
+            log.warning("state: %s", json.dumps(self.engine.describe(), sort_keys=True))
+
     async def run(self) -> None:
         """Start, serve until SIGINT/SIGTERM, then stop in order. A second signal exits at once."""
         loop = asyncio.get_running_loop()
@@ -198,6 +203,7 @@ class Sidecar:
 
         for sig in (signal.SIGINT, signal.SIGTERM):
             loop.add_signal_handler(sig, on_signal, sig)
+        loop.add_signal_handler(signal.SIGUSR1, self._dump_state)
         await self.start()
         assert self._consumer is not None
         while not stop.is_set():

@@ -171,7 +171,8 @@ class Engine:
 
     async def on_revoked(self, tps: list[TP], lost: bool) -> list[CommitOffset]:
         commits: list[CommitOffset] = []
-        release: list[str] = []
+        undelivered: list[str] = []
+        dropped: list[Pending] = []
         for tp in tps:
             part = self._partitions.pop(tp, None)
             if part is None:
@@ -181,14 +182,21 @@ class Engine:
                 commits.append(CommitOffset(tp[0], tp[1], tracker.committable(), tracker.commit_metadata()))
             for p in part.pending.values():
                 if p.state in (State.READY, State.BUSY, State.DELAYED, State.CLAIMING) and p.attempt > 0:
-                    release.append(p.store_key)
+                    undelivered.append(p.store_key)
                 self._drop(p)
+                dropped.append(p)
         self._waiting = [p for p in self._waiting if p.state in (State.BUSY, State.DELAYED)]
         self.metrics.assigned_partitions.set(len(self._partitions))
+        # Undelivered records: let the next owner claim them at once rather than after the lease,
+        # unless a duplicate of the key in a partition we keep takes over the claim here.
+        kept = {p.store_key for p in dropped for sh in p.shadows if sh.state is State.SHADOWED}
+        release = [k for k in undelivered if k not in kept]
         if release:
-            # Undelivered records: let the next owner claim them at once rather than after the lease.
             with contextlib.suppress(StoreUnavailable):
                 await self.store.release(release, self.owner)
+        # Only now (after the release) may shadows in kept partitions claim their keys again.
+        for p in dropped:
+            self._release_shadows(p)
         return commits
 
     def _drop(self, p: Pending) -> None:
@@ -201,7 +209,6 @@ class Engine:
         if self._key_index.get(p.store_key) is p:
             del self._key_index[p.store_key]
         p.state = State.DROPPED
-        self._release_shadows(p)
 
     def on_records(self, records: list[Message]) -> None:
         self._intake.put_nowait(records)
@@ -720,8 +727,9 @@ class Engine:
             self._commit_wakeup.clear()
             try:
                 await self.commit_now()
-            except Exception as exc:  # noqa: BLE001 - the next tick retries
-                log.warning("commit failed: %s", exc)
+            except Exception as exc:  # noqa: BLE001 - retried after the interval
+                log.warning("commit failed, retrying: %s", exc)
+                self._commit_wakeup.set()
             await asyncio.sleep(interval)
 
     async def commit_now(self, only: set[TP] | None = None) -> None:
@@ -759,6 +767,34 @@ class Engine:
     @property
     def in_flight(self) -> int:
         return sum(len(s.in_flight) for s in self._streams.values())
+
+    def describe(self) -> dict[str, Any]:
+        """A snapshot for operators (logged on SIGUSR1): per partition, records by state."""
+        parts: dict[str, Any] = {}
+        for tp, part in sorted(self._partitions.items()):
+            states: dict[str, int] = {}
+            oldest: dict[str, Any] = {}
+            for p in part.pending.values():
+                states[p.state.value] = states.get(p.state.value, 0) + 1
+                if p.state.value not in oldest or p.offset < oldest[p.state.value]["offset"]:
+                    oldest[p.state.value] = {"offset": p.offset, "key": p.idem_key, "attempt": p.attempt}
+            parts[f"{tp[0]}[{tp[1]}]"] = {
+                "committable": part.tracker.committable(),
+                "committed": part.tracker.committed,
+                "unsettled": part.tracker.unsettled,
+                "paused": part.paused,
+                "states": states,
+                "oldest": oldest,
+            }
+        return {
+            "owner": self.owner,
+            "partitions": parts,
+            "ready": len(self._ready),
+            "waiting": len(self._waiting),
+            "key_index": len(self._key_index),
+            "streams": {s.id: len(s.in_flight) for s in self._streams.values()},
+            "intake_queue": self._intake.qsize(),
+        }
 
     def committable(self) -> dict[TP, int]:
         return {tp: part.tracker.committable() for tp, part in self._partitions.items()}

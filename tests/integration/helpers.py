@@ -176,6 +176,11 @@ class SidecarProcess:
                 await asyncio.sleep(0.1)
         raise TimeoutError("sidecar not serving in time")
 
+    def dump_state(self) -> None:
+        """Ask the sidecar to log its engine state (SIGUSR1)."""
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGUSR1)
+
     def kill9(self) -> None:
         if self.proc is not None and self.proc.poll() is None:
             self.proc.send_signal(signal.SIGKILL)
@@ -254,3 +259,23 @@ class Inbox:
 
     async def __aexit__(self, *exc: object) -> None:
         await self.close()
+
+
+async def wait_group_balanced(
+    kafka: services.KafkaBroker, group: str, members: int, timeout: float = 60
+) -> None:
+    """Wait until ``members`` members of ``group`` each own at least one partition."""
+    from confluent_kafka.admin import AdminClient
+
+    admin = AdminClient({"bootstrap.servers": kafka.bootstrap_servers})
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            desc = admin.describe_consumer_groups([group], request_timeout=5)[group].result(10)
+            owners = [m for m in desc.members if m.assignment and m.assignment.topic_partitions]
+            if len(desc.members) == members and len(owners) == members:
+                return
+        except Exception:  # noqa: BLE001 - the group may not exist yet
+            pass
+        await asyncio.sleep(0.2)
+    raise TimeoutError(f"group {group} did not balance over {members} members")
