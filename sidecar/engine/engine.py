@@ -108,6 +108,10 @@ class Engine:
         self._key_index: dict[str, Pending] = {}  # store key -> the pending record holding its claim
         self._by_id: dict[str, Pending] = {}
         self._stale: _Lru = _Lru(100_000)  # delivery id -> store key, for late acks after revoke
+        # Keys whose delivery is still out at an app although its partition was revoked: our own
+        # claim covers them, so the store would say NEW to us. Hold other records with the key
+        # back until that delivery is acked or its lease runs out.
+        self._stale_leases: dict[str, float] = {}
         self._acked: _Lru = _Lru(100_000)  # delivery id -> "" for ALREADY_ACKED answers
         self._waiting: list[Pending] = []  # BUSY and DELAYED records, checked by the timer
         self._instance = os.urandom(4).hex()
@@ -206,6 +210,8 @@ class Engine:
         for did in p.delivery_ids:
             self._by_id.pop(did, None)
             self._stale.put(did, p.store_key)
+        if p.state is State.IN_FLIGHT and p.store_key:
+            self._stale_leases[p.store_key] = p.lease_until
         if self._key_index.get(p.store_key) is p:
             del self._key_index[p.store_key]
         p.state = State.DROPPED
@@ -286,6 +292,17 @@ class Engine:
     async def _claim(self, records: list[Pending], retry: bool) -> None:
         """Claim records in the store and route them by the answer."""
         delay = 0.05
+        now = self._clock()
+        if self._stale_leases:
+            for key, until in list(self._stale_leases.items()):
+                if until <= now:
+                    del self._stale_leases[key]
+            for p in records:
+                until = self._stale_leases.get(p.store_key)
+                if until is not None and p.state is not State.DROPPED:
+                    p.state, p.due = State.BUSY, min(until, now + self.settings.delivery.busy_retry_seconds)
+                    self._waiting.append(p)
+            records = [p for p in records if p.state is not State.BUSY]
         while True:
             live = [p for p in records if p.state is not State.DROPPED]
             if not live:
@@ -480,6 +497,8 @@ class Engine:
             if keys:
                 late = await self.store.complete(keys, self.owner, self._retention_ms)
                 self.metrics.late_acks.inc(sum(late))
+                for key in stale_keys:
+                    self._stale_leases.pop(key, None)
         except StoreUnavailable:
             self.metrics.store_errors.inc()
             raise

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import itertools
 import random
 import time
 from collections import defaultdict
@@ -185,7 +186,7 @@ async def test_kill9_restart_and_join_keep_every_key_once(
     overlaps = []
     for k, ds in ledger.deliveries.items():
         ds = sorted(ds, key=lambda d: d[1])
-        for (n1, _, end1), (n2, start2, _) in zip(ds, ds[1:], strict=False):
+        for (n1, _, end1), (n2, start2, _) in itertools.pairwise(ds):
             if n1 != n2 and start2 < end1:
                 overlaps.append(k)
     assert not overlaps, f"keys in flight at two apps at once: {overlaps[:5]}"
