@@ -298,9 +298,9 @@ class Engine:
                 if until <= now:
                     del self._stale_leases[key]
             for p in records:
-                until = self._stale_leases.get(p.store_key)
-                if until is not None and p.state is not State.DROPPED:
-                    p.state, p.due = State.BUSY, min(until, now + self.settings.delivery.busy_retry_seconds)
+                held = self._stale_leases.get(p.store_key)
+                if held is not None and p.state is not State.DROPPED:
+                    p.state, p.due = State.BUSY, min(held, now + self.settings.delivery.busy_retry_seconds)
                     self._waiting.append(p)
             records = [p for p in records if p.state is not State.BUSY]
         while True:

@@ -53,7 +53,7 @@ class FakeProducer:
 
 
 def msg(partition: int, offset: int, key: str | None) -> Message:
-    headers = [("idempotency-key", key.encode())] if key else []
+    headers: list[tuple[str, str | bytes | None]] = [("idempotency-key", key.encode())] if key else []
     return Message(
         topic=T, partition=partition, offset=offset, value=b"v%d" % offset, headers=headers, timestamp=(1, 1)
     )
