@@ -172,9 +172,8 @@ async def test_kill9_restart_and_join_keep_every_key_once(
 
     # No duplicate after an ack: each key acked OK once, and never received after that ack.
     twice = {k: v for k, v in ledger.acked_ok.items() if len(v) > 1}
-    assert not twice, (
-        f"keys acked OK more than once: {[(k, ledger.deliveries[k], ledger.results[k]) for k in list(twice)[:3]]}; logs in {tmp_path}"
-    )
+    detail = [(k, ledger.deliveries[k], ledger.results[k]) for k in list(twice)[:3]]
+    assert not twice, f"keys acked OK more than once: {detail}; logs in {tmp_path}"
     after_ack = [
         k
         for k, rs in ledger.receipts.items()
