@@ -1,0 +1,57 @@
+"""Settings: layering, validation messages, and the reference file staying true."""
+
+from __future__ import annotations
+
+import tomllib
+from pathlib import Path
+
+import pytest
+from pydantic import ValidationError
+
+from sidecar import config
+from sidecar.errors import ConfigError
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def test_reference_file_shows_the_defaults() -> None:
+    data = tomllib.loads((ROOT / "deploy" / "sidecar.example.toml").read_text())
+    from_file = config.Settings.model_validate(data)
+    assert from_file.model_dump(mode="json") == config.Settings().model_dump(mode="json")
+
+
+def test_layers_file_env_flags(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    f = tmp_path / "c.toml"
+    f.write_text('[kafka]\ntopics = ["a"]\ngroup_id = "from-file"\nbootstrap_servers = "file:1"\n')
+    monkeypatch.setenv("DEDUP_KAFKA__GROUP_ID", "from-env")
+    monkeypatch.setenv("DEDUP_DELIVERY__MAX_ATTEMPTS", "9")
+    s = config.load(f, kafka={"bootstrap_servers": "flag:1"})
+    assert s.kafka.topics == ["a"]
+    assert s.kafka.group_id == "from-env"
+    assert s.kafka.bootstrap_servers == "flag:1"
+    assert s.delivery.max_attempts == 9
+
+
+def test_env_lists_are_json(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("DEDUP_KAFKA__TOPICS", '["x", "y"]')
+    assert config.load().kafka.topics == ["x", "y"]
+
+
+def test_missing_file_names_the_flag(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match="--config"):
+        config.load(tmp_path / "nope.toml")
+
+
+def test_bad_values_name_the_setting() -> None:
+    with pytest.raises(ValidationError, match="kafka.topics"):
+        config.load(kafka={"topics": ["bad topic"]})
+    with pytest.raises(ValidationError, match="resume_unsettled"):
+        config.load(delivery={"max_unsettled_per_partition": 10, "resume_unsettled": 20})
+    with pytest.raises(ValidationError, match="backend"):
+        config.load(store={"backend": "postgres"})
+
+
+def test_secrets_do_not_print() -> None:
+    s = config.load(store={"redis_url": "redis://user:hunter2@h:6379/0"}, server={"auth_token": "zq-secret-value"})
+    assert "hunter2" not in s.model_dump_json()
+    assert "zq-secret-value" not in repr(s.server)

@@ -1,0 +1,68 @@
+"""What can be checked here without Docker: the deploy files parse and name real settings."""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+
+from sidecar.config import Settings
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def setting_exists(env_name: str) -> bool:
+    parts = env_name.removeprefix("DEDUP_").lower().split("__")
+    model: Any = Settings
+    for part in parts:
+        fields = model.model_fields
+        if part not in fields:
+            return False
+        model = fields[part].annotation
+    return True
+
+
+def env_names(doc: Any) -> list[str]:
+    found: list[str] = []
+    if isinstance(doc, dict):
+        for k, v in doc.items():
+            if isinstance(k, str) and k.startswith("DEDUP_"):
+                found.append(k)
+            if k == "name" and isinstance(v, str) and v.startswith("DEDUP_"):
+                found.append(v)
+            found += env_names(v)
+    elif isinstance(doc, list):
+        for v in doc:
+            found += env_names(v)
+    return found
+
+
+@pytest.mark.parametrize("path", ["deploy/compose.yaml", "deploy/kubernetes/deployment.yaml"])
+def test_yaml_parses_and_names_real_settings(path: str) -> None:
+    docs = list(yaml.safe_load_all((ROOT / path).read_text()))
+    assert docs
+    names = [n for n in env_names(docs) if n not in ("DEDUP_SIDECAR", "DEDUP_TOKEN")]  # the app's own
+    assert names
+    unknown = [n for n in names if not setting_exists(n)]
+    assert not unknown, f"{path} sets unknown settings {unknown}"
+
+
+def test_dockerfile_env_names_real_settings() -> None:
+    text = (ROOT / "Dockerfile").read_text()
+    names = re.findall(r"\b(DEDUP_[A-Z_]+)=", text)
+    assert names
+    assert all(setting_exists(n) for n in names), names
+    assert 'ENTRYPOINT ["dedup-sidecar"]' in text
+
+
+def test_kubernetes_probes_reach_the_listen_address() -> None:
+    doc = yaml.safe_load((ROOT / "deploy/kubernetes/deployment.yaml").read_text())
+    sidecar = next(c for c in doc["spec"]["template"]["spec"]["containers"] if c["name"] == "dedup-sidecar")
+    env = {e["name"]: e.get("value") for e in sidecar["env"]}
+    # A gRPC probe dials the pod IP: a loopback-only listener would fail it.
+    assert env["DEDUP_SERVER__LISTEN"].startswith("0.0.0.0:")
+    assert "DEDUP_SERVER__AUTH_TOKEN" in env
+    assert sidecar["readinessProbe"]["grpc"]["port"] == int(env["DEDUP_SERVER__LISTEN"].rsplit(":", 1)[1])
