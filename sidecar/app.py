@@ -136,8 +136,10 @@ class Sidecar:
         admin = AdminClient({"bootstrap.servers": self.settings.kafka.bootstrap_servers})
         group = self.settings.kafka.group_id
         warned = False
+        delay = 3.0  # first look soon after joining, then every 10 s
         while True:
-            await asyncio.sleep(10)
+            await asyncio.sleep(delay)
+            delay = 10.0
             try:
                 fut = admin.describe_consumer_groups([group], request_timeout=10)[group]
                 desc = await asyncio.to_thread(fut.result, 15)

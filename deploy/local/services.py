@@ -348,7 +348,12 @@ class RedisServer(_Service):
 
     @classmethod
     def start(
-        cls, workdir: Path, appendonly: str = "no", timeout: float = 30.0, port: int = 0
+        cls,
+        workdir: Path,
+        appendonly: str = "no",
+        timeout: float = 30.0,
+        port: int = 0,
+        password: str | None = None,
     ) -> RedisServer:
         binary = redis_server_binary()
         workdir.mkdir(parents=True, exist_ok=True)
@@ -369,6 +374,8 @@ class RedisServer(_Service):
             "--logfile",
             str(log_path),
         ]
+        if password:
+            args += ["--requirepass", password]
         if appendonly in ("always", "everysec"):
             args += ["--appendonly", "yes", "--appendfsync", appendonly]
         else:

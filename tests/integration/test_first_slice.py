@@ -57,3 +57,20 @@ async def test_out_of_order_acks_commit_the_prefix_and_restart_redelivers_only_u
             assert time.monotonic() < deadline, committed_offsets(kafka, group, topic, 2)
             await asyncio.sleep(0.2)
         assert sc.metrics.skipped.labels("commit_metadata")._value.get() == 6  # p0@5..9 and p1@9
+
+
+async def test_per_ack_commit_mode_commits_before_ack_returns(kafka: services.KafkaBroker) -> None:
+    topic, group = unique("perack"), unique("g")
+    kafka.create_topic(topic, 1)
+    cfg = settings_dict(kafka, [topic], group, commit={"mode": "per-ack", "interval_ms": 60_000})
+    async with running_sidecar(**cfg) as sc, DedupClient(f"127.0.0.1:{sc.port}") as client:
+        for i in range(3):
+            await client.publish(topic, b"x", idempotency_key=f"pa-{i}")
+        async with Inbox(client) as inbox:
+            msgs = await inbox.wait(3)
+            await client.ack_many([msgs[0].delivery_id])
+            assert committed_offsets(kafka, group, topic, 1) == {0: 1}
+            await client.ack_many([msgs[2].delivery_id])
+            assert committed_offsets(kafka, group, topic, 1) == {0: 1}  # 1 is still open
+            await client.ack_many([msgs[1].delivery_id])
+            assert committed_offsets(kafka, group, topic, 1) == {0: 3}

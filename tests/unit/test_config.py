@@ -52,6 +52,8 @@ def test_bad_values_name_the_setting() -> None:
 
 
 def test_secrets_do_not_print() -> None:
-    s = config.load(store={"redis_url": "redis://user:hunter2@h:6379/0"}, server={"auth_token": "zq-secret-value"})
+    s = config.load(
+        store={"redis_url": "redis://user:hunter2@h:6379/0"}, server={"auth_token": "zq-secret-value"}
+    )
     assert "hunter2" not in s.model_dump_json()
     assert "zq-secret-value" not in repr(s.server)

@@ -9,7 +9,9 @@ def test_header_wins_and_last_value_counts() -> None:
 
 
 def test_non_utf8_header_is_base64() -> None:
-    key = idempotency_key([("idempotency-key", b"\xff\xfe")], "idempotency-key", "offset", "t", 0, 1, None, b"")
+    key = idempotency_key(
+        [("idempotency-key", b"\xff\xfe")], "idempotency-key", "offset", "t", 0, 1, None, b""
+    )
     assert key == "b64://4="
 
 
