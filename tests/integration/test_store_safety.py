@@ -51,14 +51,14 @@ async def test_redis_auth(tmp_path: Path) -> None:
         assert (await good.claim(["k"], "o", 1000))[0].status is ClaimStatus.NEW
         await good.close()
         bad = RedisStore(f"redis://:wrong@127.0.0.1:{r.port}/0")
-        with pytest.raises(StoreUnavailable, match="store.redis_url"):
+        with pytest.raises(StoreUnavailable, match=r"store\.redis_url"):
             await bad.ping()
         await bad.close()
 
 
 async def test_unreachable_redis_fails_start_with_the_setting_named() -> None:
     s = config.load(store={"backend": "redis", "redis_url": f"redis://127.0.0.1:{services.free_port()}/0"})
-    with pytest.raises(StoreUnavailable, match="store.redis_url"):
+    with pytest.raises(StoreUnavailable, match=r"store\.redis_url"):
         await open_store(s)
 
 
@@ -93,5 +93,5 @@ async def test_no_app_stream_leaves_the_group(kafka: services.KafkaBroker) -> No
 
 
 def test_sidecar_needs_topics() -> None:
-    with pytest.raises(ConfigError, match="kafka.topics"):
+    with pytest.raises(ConfigError, match=r"kafka\.topics"):
         Sidecar(config.load())

@@ -43,7 +43,7 @@ def test_missing_file_names_the_flag(tmp_path: Path) -> None:
 
 
 def test_bad_values_name_the_setting() -> None:
-    with pytest.raises(ValidationError, match="kafka.topics"):
+    with pytest.raises(ValidationError, match=r"kafka\.topics"):
         config.load(kafka={"topics": ["bad topic"]})
     with pytest.raises(ValidationError, match="resume_unsettled"):
         config.load(delivery={"max_unsettled_per_partition": 10, "resume_unsettled": 20})
