@@ -99,6 +99,7 @@ class Sidecar:
             self._producer,
             self.metrics,
             s.store.retention_seconds * 1000,
+            self.owner,
         )
         servicer = DedupServicer(self.engine, publisher, s.publish.max_batch_entries)
         token = s.server.auth_token.get_secret_value() if s.server.auth_token else None

@@ -94,6 +94,32 @@ class AsyncProducer:
         partition: int | None = None,
     ) -> Produced:
         """Produce one record and wait for Kafka's acknowledgement."""
+        fut = await self.enqueue(topic, value, key, headers, partition)
+        try:
+            return await asyncio.wait_for(fut, self._timeout_s + 5)
+        except TimeoutError:
+            raise PublishIndeterminate(
+                f"Kafka did not acknowledge within {self._timeout_s}s (publish.timeout_seconds); the record "
+                "may or may not be written: retry with the same idempotency key"
+            ) from None
+
+    @property
+    def timeout_s(self) -> float:
+        return self._timeout_s
+
+    async def enqueue(
+        self,
+        topic: str,
+        value: bytes,
+        key: bytes | None = None,
+        headers: Sequence[tuple[str, bytes]] = (),
+        partition: int | None = None,
+    ) -> asyncio.Future[Produced]:
+        """Hand one record to librdkafka; the future resolves with Kafka's delivery report.
+
+        librdkafka reports every message exactly once (success, failure, or after
+        ``delivery.timeout.ms``), so the future always resolves.
+        """
         fut: asyncio.Future[Produced] = self._loop.create_future()
         loop = self._loop
 
@@ -129,13 +155,7 @@ class AsyncProducer:
                 await asyncio.sleep(0.005)
             except KafkaException as exc:
                 raise _delivery_error(exc.args[0], topic) from exc
-        try:
-            return await asyncio.wait_for(fut, self._timeout_s + 5)
-        except TimeoutError:
-            raise PublishIndeterminate(
-                f"Kafka did not acknowledge within {self._timeout_s}s (publish.timeout_seconds); the record "
-                "may or may not be written: retry with the same idempotency key"
-            ) from None
+        return fut
 
     async def flush(self, timeout_s: float = 10.0) -> int:
         with self._lock:

@@ -9,18 +9,28 @@ Kafka acknowledged. Concurrent calls with one key in this process share one prod
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import hashlib
 import time
 import uuid
-from collections.abc import Sequence
+from collections.abc import Coroutine, Sequence
 from dataclasses import dataclass
+from typing import Any
 
 from sidecar.config import PublishSettings, valid_topic
 from sidecar.engine.identity import MAX_KEY_BYTES
-from sidecar.errors import AlreadyExists, InvalidArgument, PermissionDenied, ResourceExhausted
-from sidecar.kafka.producer import AsyncProducer
+from sidecar.errors import (
+    AlreadyExists,
+    InvalidArgument,
+    PermissionDenied,
+    PublishIndeterminate,
+    ResourceExhausted,
+    StoreUnavailable,
+    Unavailable,
+)
+from sidecar.kafka.producer import AsyncProducer, Produced
 from sidecar.metrics import Metrics
-from sidecar.store.base import DedupStore, PublishRecord
+from sidecar.store.base import ClaimStatus, DedupStore, PublishRecord
 
 
 @dataclass(frozen=True, slots=True)
@@ -72,6 +82,7 @@ class Publisher:
         producer: AsyncProducer,
         metrics: Metrics,
         retention_ms: int,
+        owner: str = "publisher",
     ) -> None:
         self._settings = settings
         self._header = idempotency_header
@@ -80,6 +91,11 @@ class Publisher:
         self._metrics = metrics
         self._retention_ms = retention_ms
         self._inflight: dict[str, tuple[str, asyncio.Future[PublishOutput]]] = {}
+        self._owner = owner
+        self._background: set[asyncio.Task[None]] = set()
+        # The claim that serialises publishes of one key across sidecars lasts until Kafka must
+        # have answered (librdkafka's delivery.timeout.ms is publish.timeout_seconds).
+        self._claim_ms = int((settings.timeout_seconds + 10) * 1000)
 
     def validate(self, req: PublishInput) -> None:
         s = self._settings
@@ -136,16 +152,73 @@ class Publisher:
         found = await self._store.publish_lookup(key)
         if found is not None:
             return self._repeat(key, dig, found)
-        produced = await self._producer.produce(
-            req.topic, req.value, req.key, [*req.headers, (self._header, key.encode())], req.partition
-        )
-        record = PublishRecord(dig, produced.topic, produced.partition, produced.offset)
-        stored = await self._store.publish_record(key, record, self._retention_ms)
-        if stored != record:  # another sidecar won the race; both records exist in Kafka
+        claim_key = f"pub:{key}"
+        found = await self._claim(key, claim_key)
+        if found is not None:
+            return self._repeat(key, dig, found)
+        release = True
+        try:
+            found = await self._store.publish_lookup(key)  # published while we waited for the claim
+            if found is not None:
+                return self._repeat(key, dig, found)
+            fut = await self._producer.enqueue(
+                req.topic, req.value, req.key, [*req.headers, (self._header, key.encode())], req.partition
+            )
+            try:
+                produced = await asyncio.wait_for(asyncio.shield(fut), self._producer.timeout_s + 5)
+            except TimeoutError:
+                # Indeterminate. Keep the claim and record the outcome when librdkafka reports it,
+                # so a retry with this key waits for it instead of producing a second record.
+                release = False
+                self._spawn(self._record_late(key, claim_key, dig, fut))
+                raise PublishIndeterminate(
+                    f"Kafka did not acknowledge within {self._producer.timeout_s}s "
+                    "(publish.timeout_seconds); the record may or may not be written: retry with the "
+                    "same idempotency key"
+                ) from None
+            record = PublishRecord(dig, produced.topic, produced.partition, produced.offset)
+            stored = await self._store.publish_record(key, record, self._retention_ms)
+        finally:
+            if release:
+                with contextlib.suppress(StoreUnavailable):
+                    await self._store.release([claim_key], self._owner)
+        if stored != record:  # another writer recorded first (its claim expired meanwhile)
             self._metrics.published.labels("raced").inc()
             return self._repeat(key, dig, stored)
         self._metrics.published.labels("produced").inc()
         return PublishOutput(key, produced.topic, produced.partition, produced.offset, False)
+
+    async def _claim(self, key: str, claim_key: str) -> PublishRecord | None:
+        """Win the right to produce ``key``, or return the record another publisher stored."""
+        deadline = time.monotonic() + self._producer.timeout_s + 10
+        while True:
+            [claim] = await self._store.claim([claim_key], self._owner, self._claim_ms)
+            if claim.status is ClaimStatus.NEW:
+                return None
+            found = await self._store.publish_lookup(key)
+            if found is not None:
+                return found
+            if time.monotonic() > deadline:
+                raise Unavailable(
+                    f"another sidecar has been publishing idempotency key {key!r} for too long; retry later"
+                )
+            await asyncio.sleep(0.02)
+
+    async def _record_late(self, key: str, claim_key: str, dig: str, fut: asyncio.Future[Produced]) -> None:
+        try:
+            produced = await fut
+            record = PublishRecord(dig, produced.topic, produced.partition, produced.offset)
+            await self._store.publish_record(key, record, self._retention_ms)
+            self._metrics.published.labels("late").inc()
+        except Exception:  # noqa: BLE001 - not written, or the store is down: the claim expires
+            return
+        with contextlib.suppress(StoreUnavailable):
+            await self._store.release([claim_key], self._owner)
+
+    def _spawn(self, coro: Coroutine[Any, Any, None]) -> None:
+        task = asyncio.create_task(coro)
+        self._background.add(task)
+        task.add_done_callback(self._background.discard)
 
     def _repeat(self, key: str, dig: str, found: PublishRecord) -> PublishOutput:
         if found.digest != dig:
