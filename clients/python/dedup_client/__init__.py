@@ -10,5 +10,6 @@ Example::
 """
 
 from dedup_client.client import AckError, AckResult, DedupClient, Message, PublishResult, derive_key
+from dedup_client.inbox import SQLiteInbox
 
-__all__ = ["AckError", "AckResult", "DedupClient", "Message", "PublishResult", "derive_key"]
+__all__ = ["AckError", "AckResult", "DedupClient", "Message", "PublishResult", "SQLiteInbox", "derive_key"]
