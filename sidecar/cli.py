@@ -6,6 +6,7 @@ import argparse
 import asyncio
 import logging
 import sys
+from collections.abc import Coroutine
 from typing import Any
 
 from pydantic import ValidationError
@@ -59,6 +60,16 @@ def _overrides(a: argparse.Namespace) -> dict[str, Any]:
     return flat
 
 
+def _run(main: Coroutine[Any, Any, None]) -> None:
+    """Run on uvloop when it is installed (the ``uvloop`` extra), else on asyncio's loop."""
+    try:
+        import uvloop
+    except ImportError:
+        asyncio.run(main)
+        return
+    uvloop.run(main)
+
+
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     try:
@@ -78,7 +89,7 @@ def main(argv: list[str] | None = None) -> int:
     from sidecar.app import Sidecar
 
     try:
-        asyncio.run(Sidecar(settings).run())
+        _run(Sidecar(settings).run())
     except SidecarError as exc:
         logging.getLogger("sidecar").error("%s", exc)
         return 2

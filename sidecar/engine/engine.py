@@ -21,7 +21,6 @@ import logging
 import os
 import re
 import time
-from collections import OrderedDict
 from collections.abc import Callable, Coroutine, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -59,16 +58,17 @@ class _Partition:
     paused: bool = False
 
 
-class _Lru(OrderedDict[str, str]):
+class _Lru(dict[str, str]):
+    """Remembers the last ``size`` entries (first in, first out; dicts keep insertion order)."""
+
     def __init__(self, size: int) -> None:
         super().__init__()
         self._size = size
 
     def put(self, key: str, value: str) -> None:
         self[key] = value
-        self.move_to_end(key)
-        while len(self) > self._size:
-            self.popitem(last=False)
+        if len(self) > self._size:
+            del self[next(iter(self))]
 
 
 class Engine:
@@ -120,6 +120,7 @@ class Engine:
         self._tasks: list[asyncio.Task[None]] = []
         self._background: set[asyncio.Task[None]] = set()
         self._commit_wakeup = asyncio.Event()
+        self._claim_slots = asyncio.Semaphore(4)
         self._no_stream_since: float | None = clock()
         self._left_group = False
         self.accepting = True
@@ -287,7 +288,18 @@ class Engine:
             p.reason = f"no {d.idempotency_header!r} header and delivery.key_fallback=dead-letter"
             self._spawn(self._dead_letter([p]))
         if to_claim:
-            await self._claim(to_claim, retry=True)
+            # Claims of consecutive batches overlap (offers above already fixed the order); the
+            # semaphore bounds how many round trips are in flight.
+            await self._claim_slots.acquire()
+            self._spawn(self._claim_and_release_slot(to_claim))
+
+    async def _claim_and_release_slot(self, records: list[Pending]) -> None:
+        try:
+            await self._claim(records, retry=True)
+        except Exception:
+            log.exception("claim failed for %d records", len(records))
+        finally:
+            self._claim_slots.release()
 
     async def _claim(self, records: list[Pending], retry: bool) -> None:
         """Claim records in the store and route them by the answer."""

@@ -1,7 +1,8 @@
 """Redis dedup store: shared state for several sidecar replicas.
 
-Each operation is an atomic Lua script over exactly one key, and a batch is one pipeline, so the
-store works on Redis Cluster (keys spread over slots) and costs one round trip per batch. Times
+Each operation is a Lua script that treats every key on its own, and a batch is one pipeline:
+one round trip per batch. On a standalone Redis a script call carries up to 500 keys; on Redis
+Cluster (detected with INFO) each call carries one key, so keys may live in any slot. Times
 come from the Redis server's clock (``TIME``), so replicas with skewed clocks agree on leases.
 """
 
@@ -18,67 +19,90 @@ from sidecar.errors import ConfigError, StoreUnavailable
 from sidecar.store.base import Claim, ClaimStatus, PublishRecord
 
 log = logging.getLogger(__name__)
+_CHUNK = 500  # keys per script call on a standalone Redis: bounds how long one call blocks it
 
 _NOW = """
 local t = redis.call('TIME')
 local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+local out = {}
 """
 
-# KEYS[1] key; ARGV owner, lease_ms, retention_ms. Returns {status, attempt}.
+# Each script walks KEYS and treats every key on its own (atomically: a script runs alone). On a
+# standalone Redis a whole batch is one call; on Redis Cluster each call carries one key so keys
+# can live in any slot, and the calls of a batch share one pipeline.
+
+# ARGV owner, lease_ms, retention_ms. Returns status, attempt per key (flat).
 CLAIM = (
     _NOW
     + """
-local v = redis.call('HMGET', KEYS[1], 'd', 'o', 'l', 'a')
 local lease = tonumber(ARGV[2])
-if not v[1] then
-  redis.call('HSET', KEYS[1], 'd', 0, 'o', ARGV[1], 'l', now + lease, 'a', 1)
-  redis.call('PEXPIRE', KEYS[1], ARGV[3])
-  return {0, 1}
-end
-local attempt = tonumber(v[4])
-if v[1] == '1' then return {1, attempt} end
-if tonumber(v[3]) > now then
-  if v[2] == ARGV[1] then
-    redis.call('HSET', KEYS[1], 'l', now + lease)
-    return {0, attempt}
+for _, k in ipairs(KEYS) do
+  local v = redis.call('HMGET', k, 'd', 'o', 'l', 'a')
+  if not v[1] then
+    redis.call('HSET', k, 'd', 0, 'o', ARGV[1], 'l', now + lease, 'a', 1)
+    redis.call('PEXPIRE', k, ARGV[3])
+    out[#out + 1] = 0; out[#out + 1] = 1
+  else
+    local attempt = tonumber(v[4])
+    if v[1] == '1' then
+      out[#out + 1] = 1; out[#out + 1] = attempt
+    elseif tonumber(v[3]) > now then
+      if v[2] == ARGV[1] then
+        redis.call('HSET', k, 'l', now + lease)
+        out[#out + 1] = 0; out[#out + 1] = attempt
+      else
+        out[#out + 1] = 2; out[#out + 1] = attempt
+      end
+    else
+      attempt = attempt + 1
+      redis.call('HSET', k, 'o', ARGV[1], 'l', now + lease, 'a', attempt)
+      if redis.call('PTTL', k) < lease then redis.call('PEXPIRE', k, lease) end
+      out[#out + 1] = 0; out[#out + 1] = attempt
+    end
   end
-  return {2, attempt}
 end
-attempt = attempt + 1
-redis.call('HSET', KEYS[1], 'o', ARGV[1], 'l', now + lease, 'a', attempt)
-if redis.call('PTTL', KEYS[1]) < lease then redis.call('PEXPIRE', KEYS[1], lease) end
-return {0, attempt}
+return out
 """
 )
 
-# KEYS[1] key; ARGV owner, retention_ms. Returns 1 when late.
+# ARGV owner, retention_ms. Returns 1 per key when late.
 COMPLETE = (
     _NOW
     + """
-local v = redis.call('HMGET', KEYS[1], 'd', 'o', 'l', 'a')
-if v[1] == '1' then return 0 end
-local late = 1
-local attempt = 1
-if v[1] then
-  attempt = tonumber(v[4])
-  if v[2] == ARGV[1] and tonumber(v[3]) > now then late = 0 end
+for _, k in ipairs(KEYS) do
+  local v = redis.call('HMGET', k, 'd', 'o', 'l', 'a')
+  if v[1] == '1' then
+    out[#out + 1] = 0
+  else
+    local late = 1
+    local attempt = 1
+    if v[1] then
+      attempt = tonumber(v[4])
+      if v[2] == ARGV[1] and tonumber(v[3]) > now then late = 0 end
+    end
+    redis.call('HSET', k, 'd', 1, 'o', ARGV[1], 'l', 0, 'a', attempt)
+    redis.call('PEXPIRE', k, ARGV[2])
+    out[#out + 1] = late
+  end
 end
-redis.call('HSET', KEYS[1], 'd', 1, 'o', ARGV[1], 'l', 0, 'a', attempt)
-redis.call('PEXPIRE', KEYS[1], ARGV[2])
-return late
+return out
 """
 )
 
-# KEYS[1] key; ARGV owner. Returns 1 when released.
+# ARGV owner. Returns 1 per key when released.
 RELEASE = (
     _NOW
     + """
-local v = redis.call('HMGET', KEYS[1], 'd', 'o', 'l')
-if v[1] == '0' and v[2] == ARGV[1] and tonumber(v[3]) > now then
-  redis.call('HSET', KEYS[1], 'l', 0)
-  return 1
+for _, k in ipairs(KEYS) do
+  local v = redis.call('HMGET', k, 'd', 'o', 'l')
+  if v[1] == '0' and v[2] == ARGV[1] and tonumber(v[3]) > now then
+    redis.call('HSET', k, 'l', 0)
+    out[#out + 1] = 1
+  else
+    out[#out + 1] = 0
+  end
 end
-return 0
+return out
 """
 )
 
@@ -119,6 +143,7 @@ class RedisStore:
         self._complete = _Script(COMPLETE)
         self._release = _Script(RELEASE)
         self._publish = _Script(PUBLISH_RECORD)
+        self._cluster: bool | None = None  # learnt from INFO cluster on first use
 
     def _k(self, key: str) -> str:
         return f"{self._prefix}:k:{key}"
@@ -127,17 +152,25 @@ class RedisStore:
         return f"{self._prefix}:p:{key}"
 
     async def _batch(self, script: _Script, keys: Sequence[str], args: list[Any]) -> list[Any]:
+        """Run ``script`` over ``keys``: one call per chunk (standalone) or per key (cluster),
+        all in one pipeline. Returns the scripts' outputs concatenated."""
         if not keys:
             return []
         try:
+            if self._cluster is None:
+                info = await self._client.info("cluster")
+                self._cluster = bool(info.get("cluster_enabled"))
+            step = 1 if self._cluster else _CHUNK
             for attempt in range(2):
                 if script.sha is None:
                     script.sha = str(await self._client.script_load(script.text))
                 try:
                     async with self._client.pipeline(transaction=False) as pipe:
-                        for key in keys:
-                            pipe.evalsha(script.sha, 1, self._k(key), *args)
-                        return list(await pipe.execute())
+                        for i in range(0, len(keys), step):
+                            chunk = [self._k(k) for k in keys[i : i + step]]
+                            pipe.evalsha(script.sha, len(chunk), *chunk, *args)
+                        replies = await pipe.execute()
+                    return [x for reply in replies for x in reply]
                 except NoScriptError:
                     # Redis restarted or SCRIPT FLUSH: load again, once. Scripts are idempotent
                     # per key, so re-running the ones that did execute is harmless.
@@ -152,7 +185,7 @@ class RedisStore:
 
     async def claim(self, keys: Sequence[str], owner: str, lease_ms: int) -> list[Claim]:
         raw = await self._batch(self._claim, keys, [owner, lease_ms, self._retention_ms])
-        return [Claim(ClaimStatus(int(s)), int(a)) for s, a in raw]
+        return [Claim(ClaimStatus(int(raw[i])), int(raw[i + 1])) for i in range(0, len(raw), 2)]
 
     async def complete(self, keys: Sequence[str], owner: str, retention_ms: int) -> list[bool]:
         return [bool(int(x)) for x in await self._batch(self._complete, keys, [owner, retention_ms])]

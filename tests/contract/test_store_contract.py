@@ -20,7 +20,14 @@ LEASE = 400  # ms; long enough for a round trip, short enough to wait out
 DAY = 86_400_000
 
 
-@pytest.fixture(params=["memory", "sqlite", pytest.param("redis", marks=pytest.mark.integration)])
+@pytest.fixture(
+    params=[
+        "memory",
+        "sqlite",
+        pytest.param("redis", marks=pytest.mark.integration),
+        pytest.param("redis-one-key-per-call", marks=pytest.mark.integration),
+    ]
+)
 async def store(request: pytest.FixtureRequest, tmp_path: Path) -> AsyncIterator[DedupStore]:
     s: Any
     if request.param == "memory":
@@ -30,6 +37,8 @@ async def store(request: pytest.FixtureRequest, tmp_path: Path) -> AsyncIterator
     else:
         redis = request.getfixturevalue("redis_server")
         s = RedisStore(redis.url, prefix=f"test-{uuid.uuid4().hex[:8]}")
+        if request.param == "redis-one-key-per-call":
+            s._cluster = True  # the Redis Cluster path: one key per script call, pipelined
     yield s
     await s.close()
 

@@ -1,0 +1,648 @@
+"""Benchmark harness: the sidecar against the raw confluent-kafka client, in one run, same data.
+
+Usage (scripts/bench.sh wraps it)::
+
+    python bench/run.py [--records 200000] [--quick] [--out docs/BENCHMARKS.md]
+
+It starts a real Kafka broker and Redis (deploy/local/services.py), preloads topics with 1 KB
+records that carry unique idempotency keys, and measures, on the same machine and data:
+
+* consume: a raw consumer committing every 1,000 records (baseline, no dedup) vs the sidecar
+  with the Redis store and the batched client, the per-message unary client, and the SQLite store;
+* publish: PublishBatch and Publish vs a raw idempotent producer;
+* latency: produce-to-app p50/p99 at a fixed rate, sidecar vs raw consumer;
+* memory: sidecar RSS at start and after every record was processed;
+* scaling: 1, 6 and 48 partitions; one sidecar replica and three.
+
+Results go to JSON (bench/results.json), a markdown table and a PNG plot in docs/. Absolute
+numbers drift on shared machines; the ratios to the baseline of the same run are what to read.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import platform
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from confluent_kafka import Consumer, Producer
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT / "deploy" / "local"))
+import services  # noqa: E402
+from dedup_client import DedupClient  # noqa: E402
+from dedup_client.client import publish_request  # noqa: E402
+
+VALUE = b"x" * 1024
+
+
+def log(msg: str) -> None:
+    print(f"[bench {time.strftime('%H:%M:%S')}] {msg}", file=sys.stderr, flush=True)
+
+
+@dataclass
+class Result:
+    name: str
+    records: int
+    seconds: float
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def rate(self) -> float:
+        return self.records / self.seconds if self.seconds else 0.0
+
+
+def preload(kafka: services.KafkaBroker, topic: str, partitions: int, n: int, prefix: str) -> None:
+    kafka.create_topic(topic, partitions)
+    p = Producer(
+        {
+            "bootstrap.servers": kafka.bootstrap_servers,
+            "linger.ms": 20,
+            "batch.size": 1_000_000,
+            "enable.idempotence": True,
+            "compression.type": "lz4",
+        }
+    )
+    for i in range(n):
+        while True:
+            try:
+                p.produce(
+                    topic,
+                    VALUE,
+                    headers=[("idempotency-key", f"{prefix}-{i}".encode())],
+                    partition=i % partitions,
+                )
+                break
+            except BufferError:
+                p.poll(0.05)
+        if i % 10_000 == 0:
+            p.poll(0)
+    assert p.flush(120) == 0
+
+
+def raw_consume(kafka: services.KafkaBroker, topic: str, n: int) -> Result:
+    c = Consumer(
+        {
+            "bootstrap.servers": kafka.bootstrap_servers,
+            "group.id": f"raw-{time.time_ns()}",
+            "auto.offset.reset": "earliest",
+            "enable.auto.commit": False,
+            "enable.auto.offset.store": False,
+        }
+    )
+    c.subscribe([topic])
+    got = 0
+    t0: float | None = None
+    since_commit = 0
+    while got < n:
+        msgs = c.consume(500, 1.0)
+        if not msgs:
+            continue
+        if t0 is None:
+            t0 = time.perf_counter()
+        for m in msgs:
+            if m.error() is None:
+                got += 1
+                since_commit += 1
+                c.store_offsets(m)
+        if since_commit >= 1000:
+            c.commit(asynchronous=False)
+            since_commit = 0
+    if since_commit:
+        c.commit(asynchronous=False)
+    dt = time.perf_counter() - (t0 or time.perf_counter())
+    c.close()
+    return Result("raw consumer (commit every 1,000)", n, dt)
+
+
+class SidecarProc:
+    def __init__(
+        self, kafka: services.KafkaBroker, topic: str, group: str, store: dict[str, str], workdir: Path
+    ):
+        self.port, self.metrics_port = services.free_port(), services.free_port()
+        env = {
+            **os.environ,
+            "DEDUP_KAFKA__BOOTSTRAP_SERVERS": kafka.bootstrap_servers,
+            "DEDUP_KAFKA__TOPICS": json.dumps([topic]),
+            "DEDUP_KAFKA__GROUP_ID": group,
+            "DEDUP_SERVER__LISTEN": f"127.0.0.1:{self.port}",
+            "DEDUP_SERVER__METRICS_LISTEN": f"127.0.0.1:{self.metrics_port}",
+            "DEDUP_LOG_LEVEL": "WARNING",
+            **store,
+        }
+        self.log = open(workdir / f"sidecar-{self.port}.log", "wb")  # noqa: SIM115
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "sidecar"], env=env, stdout=self.log, stderr=subprocess.STDOUT
+        )
+
+    @property
+    def target(self) -> str:
+        return f"127.0.0.1:{self.port}"
+
+    def rss_mb(self) -> float:
+        with open(f"/proc/{self.proc.pid}/status") as f:
+            for line in f:
+                if line.startswith("VmRSS:"):
+                    return int(line.split()[1]) / 1024
+        return 0.0
+
+    def stop(self) -> None:
+        self.proc.terminate()
+        try:
+            self.proc.wait(30)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+        self.log.close()
+
+
+async def wait_serving(target: str) -> None:
+    import grpc
+    from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+    async with grpc.aio.insecure_channel(target) as ch:
+        stub = health_pb2_grpc.HealthStub(ch)
+        for _ in range(300):
+            try:
+                r = await stub.Check(health_pb2.HealthCheckRequest(), timeout=1)
+                if r.status == health_pb2.HealthCheckResponse.SERVING:
+                    return
+            except grpc.aio.AioRpcError:
+                pass
+            await asyncio.sleep(0.1)
+    raise TimeoutError(target)
+
+
+async def consume_via(
+    targets: list[str], n: int, batched: bool, sample: Callable[[int], None] | None = None
+) -> float:
+    """Consume n records through the sidecars at ``targets``; returns seconds from first record."""
+    done = asyncio.Event()
+    count = 0
+    t0: float | None = None
+
+    async def one(target: str) -> None:
+        nonlocal count, t0
+        async with DedupClient(target, coalesce_acks=batched, ack_max_ids=2000, ack_linger=0.002) as c:
+            gen = c.frames(max_in_flight=5000 if batched else 500)
+            try:
+                async for frame in gen:
+                    if t0 is None:
+                        t0 = time.perf_counter()
+                    if batched:
+                        await c.ack_many([m.delivery_id for m in frame])
+                    else:
+                        for m in frame:
+                            await c.ack_many([m.delivery_id])
+                    count += len(frame)
+                    if sample is not None:
+                        sample(count)
+                    if count >= n:
+                        done.set()
+                        return
+            finally:
+                await gen.aclose()
+
+    tasks = [asyncio.create_task(one(t)) for t in targets]
+    await done.wait()
+    dt = time.perf_counter() - (t0 or time.perf_counter())
+    for t in tasks:
+        t.cancel()
+    await asyncio.gather(*tasks, return_exceptions=True)
+    return dt
+
+
+def sidecar_consume(
+    kafka: services.KafkaBroker,
+    topic: str,
+    n: int,
+    store: dict[str, str],
+    workdir: Path,
+    name: str,
+    batched: bool = True,
+    replicas: int = 1,
+    memory: bool = False,
+) -> Result:
+    group = f"sc-{time.time_ns()}"
+    procs = [SidecarProc(kafka, topic, group, store, workdir) for _ in range(replicas)]
+    extra: dict[str, Any] = {}
+    try:
+
+        async def run() -> float:
+            await asyncio.gather(*(wait_serving(p.target) for p in procs))
+            await asyncio.sleep(1.0)
+            extra["rss_start_mb"] = procs[0].rss_mb()
+            marks: dict[str, float] = {}
+
+            def sample(count: int) -> None:
+                if memory and count >= n // 10 and "rss_10pct_mb" not in marks:
+                    marks["rss_10pct_mb"] = procs[0].rss_mb()
+
+            dt = await consume_via([p.target for p in procs], n, batched, sample)
+            extra.update(marks)
+            extra["rss_end_mb"] = procs[0].rss_mb()
+            return dt
+
+        dt = asyncio.run(run())
+    finally:
+        for p in procs:
+            p.stop()
+    return Result(name, n, dt, extra)
+
+
+def raw_publish(kafka: services.KafkaBroker, topic: str, n: int) -> Result:
+    p = Producer(
+        {
+            "bootstrap.servers": kafka.bootstrap_servers,
+            "enable.idempotence": True,
+            "acks": "all",
+            "linger.ms": 5,
+        }
+    )
+    done = 0
+
+    def cb(err: Any, msg: Any) -> None:
+        nonlocal done
+        done += 1
+
+    t0 = time.perf_counter()
+    for i in range(n):
+        while True:
+            try:
+                p.produce(topic, VALUE, headers=[("idempotency-key", f"raw-{i}".encode())], on_delivery=cb)
+                break
+            except BufferError:
+                p.poll(0.01)
+    p.flush(120)
+    return Result("raw idempotent producer", n, time.perf_counter() - t0)
+
+
+def sidecar_publish(
+    kafka: services.KafkaBroker, topic: str, n: int, store: dict[str, str], workdir: Path, batch: int
+) -> Result:
+    proc = SidecarProc(kafka, topic, f"pub-{time.time_ns()}", store, workdir)
+    try:
+
+        async def run() -> float:
+            await wait_serving(proc.target)
+            async with DedupClient(proc.target) as c:
+                prefix = f"p{batch}-{time.time_ns()}"
+                t0 = time.perf_counter()
+                if batch > 1:
+                    sem = asyncio.Semaphore(4)
+
+                    async def send(start: int) -> None:
+                        async with sem:
+                            entries = [
+                                publish_request(topic, VALUE, idempotency_key=f"{prefix}-{i}")
+                                for i in range(start, min(n, start + batch))
+                            ]
+                            await c.publish_batch(entries)
+
+                    await asyncio.gather(*(send(s) for s in range(0, n, batch)))
+                else:
+                    sem = asyncio.Semaphore(64)
+
+                    async def one(i: int) -> None:
+                        async with sem:
+                            await c.publish(topic, VALUE, idempotency_key=f"{prefix}-{i}")
+
+                    await asyncio.gather(*(one(i) for i in range(n)))
+                return time.perf_counter() - t0
+
+        dt = asyncio.run(run())
+    finally:
+        proc.stop()
+    name = (
+        f"PublishBatch ({batch} per call, 4 calls in flight)" if batch > 1 else "Publish (64 calls in flight)"
+    )
+    return Result(name, n, dt)
+
+
+def latency(
+    kafka: services.KafkaBroker, topic: str, rate: int, seconds: float, store: dict[str, str], workdir: Path
+) -> dict[str, dict[str, float]]:
+    """Produce at ``rate``/s with a timestamp in the value; measure arrival delay at the app."""
+    out: dict[str, dict[str, float]] = {}
+
+    def producer_thread(stop: threading.Event, tag: str) -> None:
+        p = Producer({"bootstrap.servers": kafka.bootstrap_servers, "linger.ms": 0})
+        interval = 1.0 / rate
+        nxt = time.perf_counter()
+        i = 0
+        while not stop.is_set():
+            now = time.perf_counter()
+            if now < nxt:
+                time.sleep(min(nxt - now, 0.001))
+                continue
+            p.produce(
+                topic,
+                str(time.time()).encode().ljust(64),
+                headers=[("idempotency-key", f"{tag}-{i}".encode())],
+            )
+            p.poll(0)
+            i += 1
+            nxt += interval
+        p.flush(10)
+
+    def summarize(samples: list[float]) -> dict[str, float]:
+        samples.sort()
+        return {
+            "p50_ms": 1000 * samples[len(samples) // 2],
+            "p99_ms": 1000 * samples[int(len(samples) * 0.99)],
+            "samples": len(samples),
+        }
+
+    # raw consumer
+    c = Consumer(
+        {
+            "bootstrap.servers": kafka.bootstrap_servers,
+            "group.id": f"lat-raw-{time.time_ns()}",
+            "auto.offset.reset": "latest",
+            "enable.auto.commit": False,
+            "fetch.wait.max.ms": 10,
+        }
+    )
+    c.subscribe([topic])
+    while not c.assignment():
+        c.poll(0.1)
+    c.poll(0.5)
+    stop = threading.Event()
+    th = threading.Thread(target=producer_thread, args=(stop, f"lr{time.time_ns()}"))
+    th.start()
+    samples: list[float] = []
+    end = time.perf_counter() + seconds
+    while time.perf_counter() < end:
+        for m in c.consume(100, 0.1):
+            if m.error() is None:
+                samples.append(time.time() - float((m.value() or b"0").strip()))
+    stop.set()
+    th.join()
+    c.close()
+    out["raw consumer"] = summarize(samples[len(samples) // 10 :])
+
+    # sidecar
+    proc = SidecarProc(
+        kafka,
+        topic,
+        f"lat-sc-{time.time_ns()}",
+        {
+            **store,
+            "DEDUP_KAFKA__CONSUMER": json.dumps({"auto.offset.reset": "latest", "fetch.wait.max.ms": 10}),
+        },
+        workdir,
+    )
+    try:
+
+        async def run() -> list[float]:
+            await wait_serving(proc.target)
+            got: list[float] = []
+            async with DedupClient(proc.target) as cl:
+                stop2 = threading.Event()
+                th2 = threading.Thread(target=producer_thread, args=(stop2, f"ls{time.time_ns()}"))
+
+                async def pump() -> None:
+                    gen = cl.frames()
+                    try:
+                        async for frame in gen:
+                            now = time.time()
+                            for m in frame:
+                                got.append(now - float(m.value.strip()))
+                            await cl.ack_many([m.delivery_id for m in frame])
+                    finally:
+                        await gen.aclose()
+
+                task = asyncio.create_task(pump())
+                await asyncio.sleep(3)  # joined and assigned
+                th2.start()
+                await asyncio.sleep(seconds)
+                stop2.set()
+                await asyncio.to_thread(th2.join)
+                await asyncio.sleep(0.5)
+                task.cancel()
+                await asyncio.gather(task, return_exceptions=True)
+            return got
+
+        out["sidecar (redis)"] = summarize(asyncio.run(run())[rate:])
+    finally:
+        proc.stop()
+    return out
+
+
+def machine() -> dict[str, Any]:
+    import confluent_kafka
+    import grpc
+
+    return {
+        "cpus": os.cpu_count(),
+        "python": platform.python_version(),
+        "platform": platform.platform(),
+        "grpcio": grpc.__version__,
+        "confluent_kafka": confluent_kafka.version()[0],
+        "librdkafka": confluent_kafka.libversion()[0],
+        "kafka": services.kafka_version(),
+    }
+
+
+def plot(results: dict[str, Any], path: Path) -> bool:
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        log("matplotlib not installed; skipping the plot (pip install matplotlib)")
+        return False
+    rows = results["consume"] + results["publish"]
+    names = [r["name"] for r in rows]
+    ratios = [r["ratio"] for r in rows]
+    fig, ax = plt.subplots(figsize=(9, 0.45 * len(rows) + 1.2))
+    ax.barh(names[::-1], ratios[::-1], color=["#4c72b0" if x >= 0.5 else "#dd8452" for x in ratios[::-1]])
+    ax.axvline(0.5, color="grey", linestyle="--", linewidth=1)
+    ax.axvline(1.0, color="black", linewidth=0.8)
+    ax.set_xlabel("throughput / baseline of the same run")
+    ax.set_title("kafka-dedup-sidecar throughput relative to the raw confluent-kafka client")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    return True
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--records", type=int, default=200_000, help="records per consume measurement")
+    ap.add_argument("--memory-records", type=int, default=1_000_000, help="records for the RSS measurement")
+    ap.add_argument("--quick", action="store_true", help="small sizes, to check the harness works")
+    ap.add_argument("--out", default=str(ROOT / "docs" / "BENCHMARKS.md"))
+    args = ap.parse_args()
+    n = 20_000 if args.quick else args.records
+    n_mem = 40_000 if args.quick else args.memory_records
+    n_unary = max(2_000, n // 20)
+    n_pub = max(5_000, n // 10)
+    results: dict[str, Any] = {
+        "machine": machine(),
+        "records": n,
+        "command": " ".join(["scripts/bench.sh", *sys.argv[1:]]),
+    }
+    with (
+        tempfile.TemporaryDirectory(prefix="dedup-bench-") as tmp,
+        services.running(Path(tmp)) as (kafka, redis),
+    ):
+        work = Path(tmp)
+        redis_store = {"DEDUP_STORE__BACKEND": "redis", "DEDUP_STORE__REDIS_URL": redis.url}
+        sqlite_store = {
+            "DEDUP_STORE__BACKEND": "sqlite",
+            "DEDUP_STORE__SQLITE_PATH": str(work / "bench.db"),
+            "DEDUP_STORE__SQLITE_SYNCHRONOUS": "NORMAL",
+        }
+        log(f"preloading {n} x 1 KB records into 6 partitions")
+        preload(kafka, "bench6", 6, n, "b6")
+        consume: list[Result] = []
+        log("baseline: raw consumer")
+        base = raw_consume(kafka, "bench6", n)
+        consume.append(base)
+        log("sidecar, redis store, batched client")
+        consume.append(
+            sidecar_consume(kafka, "bench6", n, redis_store, work, "sidecar, Redis store, batched acks")
+        )
+        log("sidecar, sqlite store, batched client")
+        consume.append(
+            sidecar_consume(kafka, "bench6", n, sqlite_store, work, "sidecar, SQLite store, batched acks")
+        )
+        log("sidecar, redis store, one Ack call per message")
+        consume.append(
+            sidecar_consume(
+                kafka,
+                "bench6",
+                n_unary,
+                redis_store,
+                work,
+                "sidecar, Redis store, one Ack call per message",
+                batched=False,
+            )
+        )
+        log("scaling: 3 replicas")
+        consume.append(
+            sidecar_consume(
+                kafka,
+                "bench6",
+                n,
+                redis_store,
+                work,
+                "sidecar x3 replicas, Redis store, batched acks",
+                replicas=3,
+            )
+        )
+        for parts in (1, 48):
+            log(f"scaling: {parts} partitions")
+            preload(kafka, f"bench{parts}", parts, n, f"b{parts}")
+            b = raw_consume(kafka, f"bench{parts}", n)
+            b.name = f"raw consumer, {parts} partition(s)"
+            s = sidecar_consume(
+                kafka, f"bench{parts}", n, redis_store, work, f"sidecar, {parts} partition(s), Redis"
+            )
+            s.extra["baseline"] = b.rate
+            consume += [b, s]
+
+        log(f"memory: {n_mem} records")
+        preload(kafka, "benchmem", 6, n_mem, "bm")
+        mem = sidecar_consume(kafka, "benchmem", n_mem, redis_store, work, "memory run", memory=True)
+
+        log("publish")
+        kafka.create_topic("benchpub", 6)
+        pub_base = raw_publish(kafka, "benchpub", n_pub)
+        publish = [
+            pub_base,
+            sidecar_publish(kafka, "benchpub", n_pub, redis_store, work, 500),
+            sidecar_publish(kafka, "benchpub", max(2_000, n_pub // 5), redis_store, work, 1),
+        ]
+
+        log("latency at 2,000 msg/s")
+        kafka.create_topic("benchlat", 6)
+        lat = latency(kafka, "benchlat", 2_000, 10 if args.quick else 20, redis_store, work)
+
+    def row(r: Result, baseline: float) -> dict[str, Any]:
+        return {
+            "name": r.name,
+            "records": r.records,
+            "seconds": round(r.seconds, 3),
+            "rate": round(r.rate),
+            "ratio": round(r.rate / baseline, 3),
+            **r.extra,
+        }
+
+    results["consume"] = [row(r, r.extra.pop("baseline", base.rate)) for r in consume]
+    results["publish"] = [row(r, pub_base.rate) for r in publish]
+    results["latency"] = lat
+    results["memory"] = {"records": n_mem, **mem.extra}
+    (ROOT / "bench" / "results.json").write_text(json.dumps(results, indent=2) + "\n")
+    png = Path(args.out).with_suffix(".png")
+    have_plot = plot(results, png)
+    write_markdown(results, Path(args.out), png.name if have_plot else None)
+    log(f"wrote {args.out}")
+    return 0
+
+
+def write_markdown(r: dict[str, Any], path: Path, png: str | None) -> None:
+    m = r["machine"]
+    lines = [
+        "# Benchmarks",
+        "",
+        "Generated by `" + r["command"] + "` (bench/run.py). Do not edit by hand; rerun it.",
+        "",
+        f"Machine: {m['cpus']} CPUs, {m['platform']}, Python {m['python']}, grpcio {m['grpcio']}, "
+        f"confluent-kafka {m['confluent_kafka']} (librdkafka {m['librdkafka']}), Apache Kafka {m['kafka']} "
+        "(single broker on loopback), Redis from Debian. Everything — broker, Redis, sidecar, client "
+        "and baseline — shares the same cores, so read the ratios, not the absolute rates.",
+        "",
+        "## Consume: end to end, 1 KB records",
+        "",
+        "Ratio is throughput divided by the raw consumer's in the same run (same topic data). "
+        "Rows with a partition count compare against a raw consumer on that topic.",
+        "",
+        "| path | records | seconds | msg/s | ratio |",
+        "| --- | ---: | ---: | ---: | ---: |",
+    ]
+    for x in r["consume"]:
+        lines.append(f"| {x['name']} | {x['records']} | {x['seconds']} | {x['rate']} | {x['ratio']} |")
+    lines += [
+        "",
+        "## Publish, 1 KB records",
+        "",
+        "| path | records | seconds | msg/s | ratio |",
+        "| --- | ---: | ---: | ---: | ---: |",
+    ]
+    for x in r["publish"]:
+        lines.append(f"| {x['name']} | {x['records']} | {x['seconds']} | {x['rate']} | {x['ratio']} |")
+    lines += [
+        "",
+        "## Produce-to-app latency at 2,000 msg/s",
+        "",
+        "| path | p50 ms | p99 ms | samples |",
+        "| --- | ---: | ---: | ---: |",
+    ]
+    for name, v in r["latency"].items():
+        lines.append(f"| {name} | {v['p50_ms']:.1f} | {v['p99_ms']:.1f} | {v['samples']} |")
+    mem = r["memory"]
+    lines += [
+        "",
+        "## Memory",
+        "",
+        f"Sidecar RSS: {mem.get('rss_start_mb', 0):.0f} MB at start, {mem.get('rss_10pct_mb', 0):.0f} MB "
+        f"after {mem['records'] // 10} records, {mem.get('rss_end_mb', 0):.0f} MB after {mem['records']}.",
+    ]
+    if png:
+        lines += ["", f"![throughput ratios]({png})"]
+    path.write_text("\n".join(lines) + "\n")
+
+
+if __name__ == "__main__":
+    sys.exit(main())
