@@ -21,6 +21,7 @@ import logging
 import os
 import re
 import time
+from collections import OrderedDict
 from collections.abc import Callable, Coroutine, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -58,8 +59,12 @@ class _Partition:
     paused: bool = False
 
 
-class _Lru(dict[str, str]):
-    """Remembers the last ``size`` entries (first in, first out; dicts keep insertion order)."""
+class _Lru(OrderedDict[str, str]):
+    """Remembers the last ``size`` entries, first in, first out.
+
+    (Not a plain dict: evicting its first key with ``next(iter(d))`` scans over the slots of
+    every key deleted before, which turns eviction quadratic.)
+    """
 
     def __init__(self, size: int) -> None:
         super().__init__()
@@ -68,7 +73,7 @@ class _Lru(dict[str, str]):
     def put(self, key: str, value: str) -> None:
         self[key] = value
         if len(self) > self._size:
-            del self[next(iter(self))]
+            self.popitem(last=False)
 
 
 class Engine:

@@ -89,6 +89,12 @@ class ConsumerLoop:
             "logger": logging.getLogger("librdkafka"),
         }
         self._config.setdefault("auto.offset.reset", "earliest")
+        # librdkafka prefetches up to 64 MB per partition by default; the tracker bounds what is
+        # unsettled, and this bounds what is fetched but not yet taken in.
+        self._config.setdefault("queued.max.messages.kbytes", 8192)
+        # librdkafka waits this long before fetching again once its queue was full (1 s by
+        # default), which stalls a consumer that drains in bursts, as this one does.
+        self._config.setdefault("fetch.queue.backoff.ms", 20)
         self._topics = list(topics)
         self._handler = handler
         self._loop = loop
@@ -173,7 +179,13 @@ class ConsumerLoop:
             while not self._stop.is_set():
                 self._drain_commands(consumer)
                 with self.handover_lock:
-                    stalled = self.halted or self.handover >= self._max_handover
+                    backlog = self.handover
+                # Hysteresis: pausing drops librdkafka's prefetched records, so stall above the
+                # limit and resume only once the loop has caught up to a quarter of it.
+                if self._stalled:
+                    stalled = self.halted or backlog > self._max_handover // 4
+                else:
+                    stalled = self.halted or backlog >= self._max_handover
                 if stalled != self._stalled:
                     self._stalled = stalled
                     self._sync_pause()
@@ -305,6 +317,8 @@ class ConsumerLoop:
             log.warning("pause/resume failed: %s", exc)
             return
         self._paused = want
+        if to_pause or to_resume:
+            log.debug("paused %s resumed %s", sorted(to_pause), sorted(to_resume))
 
     def _on_error(self, err: KafkaError) -> None:
         if err.fatal():

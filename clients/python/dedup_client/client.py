@@ -267,10 +267,11 @@ class DedupClient:
         return _result(resp)
 
     async def publish_batch(
-        self, entries: Sequence[pb.PublishRequest]
+        self, entries: Sequence[pb.PublishRequest], timeout: float | None = 60.0
     ) -> list[PublishResult | grpc.StatusCode]:
+        """Publish many records; each entry gets a PublishResult or the StatusCode it failed with."""
         resp = await self.stub.PublishBatch(
-            pb.PublishBatchRequest(entries=list(entries)), metadata=self._metadata
+            pb.PublishBatchRequest(entries=list(entries)), metadata=self._metadata, timeout=timeout
         )
         out: list[PublishResult | grpc.StatusCode] = []
         for r in resp.results:

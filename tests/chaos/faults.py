@@ -1,0 +1,102 @@
+"""The faults F2 to F10, each injected on this machine by the harness itself."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+import time
+
+from tests.chaos.harness import VARIANTS, Scenario
+
+
+async def settle_in(s: Scenario, seconds: float = 1.5) -> None:
+    """Let consumption start before the fault hits."""
+    await asyncio.sleep(seconds)
+
+
+async def f2_kill_sidecar(s: Scenario) -> str:
+    for _ in range(3):
+        await asyncio.sleep(s.rng.uniform(0.5, 2.0))
+        for v in VARIANTS:
+            s.member(v, 0).sidecar.kill9()
+        await asyncio.sleep(0.5)
+        await asyncio.gather(*(s.restart_sidecar(s.member(v, 0)) for v in VARIANTS))
+    return "sidecar 0 of each group kill -9'd 3 times at random moments, restarted at once"
+
+
+async def f3_kill_app(s: Scenario) -> str:
+    for _ in range(3):
+        await asyncio.sleep(s.rng.uniform(0.5, 2.0))
+        for v in VARIANTS:
+            s.member(v, 0).kill_app()
+        await asyncio.sleep(0.3)
+        for v in VARIANTS:
+            s.member(v, 0).start_app()
+    return "app 0 of each group kill -9'd 3 times while processing, restarted"
+
+
+async def f4_zombie_sidecar(s: Scenario) -> str:
+    await settle_in(s)
+    pids = [s.member(v, 0).sidecar.proc.pid for v in VARIANTS]  # type: ignore[union-attr]
+    for pid in pids:
+        os.kill(pid, signal.SIGSTOP)
+    await asyncio.sleep(10)  # past session.timeout.ms (6 s) and the lease (5 s + 1 s)
+    for pid in pids:
+        os.kill(pid, signal.SIGCONT)
+    return "sidecar 0 of each group SIGSTOPped 10 s (past session timeout and lease), then SIGCONT"
+
+
+async def f5_app_stall(s: Scenario) -> str:
+    return "every app stalls 7 s after each 150th delivery (ack deadline 5 s + lease margin 1 s)"
+
+
+async def f6_churn(s: Scenario) -> str:
+    for v in VARIANTS:
+        await s.add_member(v)  # three replicas per group
+    for i in range(5):
+        await asyncio.sleep(2.5)
+        for v in VARIANTS:
+            m = s.member(v, i % 3)
+            m.sidecar.kill9()
+        await asyncio.sleep(0.5)
+        await asyncio.gather(*(s.restart_sidecar(s.member(v, i % 3)) for v in VARIANTS))
+    return "three replicas per group; one kill -9'd and restarted every ~3 s, 5 times"
+
+
+async def f7_kill_redis(s: Scenario) -> str:
+    await settle_in(s)
+    for _ in range(2):
+        s.redis.kill()
+        await asyncio.sleep(1.0)
+        s.redis.restart()
+        await asyncio.sleep(s.rng.uniform(1.0, 2.0))
+    return "redis-server kill -9'd twice and restarted on its data"
+
+
+async def f8_pause_redis(s: Scenario) -> str:
+    await settle_in(s)
+    s.redis.pause()
+    t0 = time.time()
+    await asyncio.sleep(4)
+    t1 = time.time()
+    s.redis.resume()
+    early = [t for v in VARIANTS for t in s.ack_times(v) if t0 + 0.3 < t < t1]
+    assert not early, f"{len(early)} acks confirmed while Redis was paused"
+    return "redis-server SIGSTOPped 4 s; no Ack was confirmed while it was paused"
+
+
+async def f9_kill_broker(s: Scenario) -> str:
+    await settle_in(s)
+    s.kafka.kill()
+    await asyncio.sleep(2)
+    await asyncio.to_thread(s.kafka.restart)
+    return "Kafka broker kill -9'd and restarted on its data"
+
+
+async def f10_pause_broker(s: Scenario) -> str:
+    await settle_in(s)
+    s.kafka.pause()
+    await asyncio.sleep(5)
+    s.kafka.resume()
+    return "Kafka broker SIGSTOPped 5 s, then SIGCONT"

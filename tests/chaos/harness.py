@@ -1,0 +1,329 @@
+"""A Jepsen-style fault harness: real Kafka, real Redis, sidecar and app processes, injected faults.
+
+A scenario publishes N uniquely keyed messages (some re-published through ``Publish``, some
+duplicated by a plain producer), runs two consumer groups side by side — one with the naive app,
+one with the inbox app (tests/chaos/ledger_app.py) — injects a fault, heals, drains, and then
+checks the effect ledgers:
+
+* lost: published (acknowledged by Publish) but no effect;
+* duplicated: more than one effect for a key;
+* unexpected: an effect for a key no Publish was ever tried for (a key whose Publish failed or
+  timed out may or may not take effect: indeterminate, as in Jepsen);
+* redelivered: how many keys reached the app more than once, and the highest attempt;
+* recovery: seconds from heal until every key had its effect.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import random
+import sqlite3
+import subprocess
+import sys
+import time
+import uuid
+from collections import Counter
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import grpc
+import services
+from confluent_kafka import Producer
+from dedup_client import DedupClient, PublishResult
+from dedup_client.client import publish_request
+
+from tests.integration.helpers import ROOT, SidecarProcess, process_env
+
+VARIANTS = ("naive", "inbox")
+
+
+@dataclass
+class Figures:
+    fault: str
+    variant: str
+    sent: int
+    lost: int
+    duplicated: int
+    unexpected: int
+    redelivered: int
+    max_attempt: int
+    recovery_s: float
+    notes: str = ""
+
+    def row(self) -> list[str]:
+        return [
+            self.fault,
+            self.variant,
+            str(self.sent),
+            str(self.lost),
+            str(self.duplicated),
+            str(self.unexpected),
+            str(self.redelivered),
+            str(self.max_attempt),
+            f"{self.recovery_s:.1f}",
+        ]
+
+
+@dataclass
+class Member:
+    """One sidecar process and the app process next to it."""
+
+    sidecar: SidecarProcess
+    ledger: Path
+    variant: str
+    app_args: list[str] = field(default_factory=list)
+    app: subprocess.Popen[bytes] | None = None
+
+    def start_app(self) -> None:
+        with open(self.sidecar.log_path.with_suffix(".app.log"), "ab") as log:
+            self.app = subprocess.Popen(
+                [
+                    sys.executable,
+                    "-m",
+                    "tests.chaos.ledger_app",
+                    self.sidecar.target,
+                    str(self.ledger),
+                    self.variant,
+                    *self.app_args,
+                ],
+                cwd=ROOT,
+                stdout=log,
+                stderr=subprocess.STDOUT,
+            )
+
+    def kill_app(self) -> None:
+        if self.app is not None and self.app.poll() is None:
+            self.app.kill()
+            self.app.wait(10)
+
+    def stop(self) -> None:
+        if self.app is not None and self.app.poll() is None:
+            self.app.terminate()
+            try:
+                self.app.wait(10)
+            except subprocess.TimeoutExpired:
+                self.app.kill()
+        self.sidecar.terminate()
+
+
+class Scenario:
+    """Parameters:
+    kafka, redis: the real services (the scenario may kill, pause and restart them).
+    workdir: where ledgers and logs go.
+    messages: how many unique keys to publish.
+    members: sidecar+app pairs per variant.
+    env: extra DEDUP_* settings for every sidecar.
+    """
+
+    def __init__(
+        self,
+        name: str,
+        kafka: services.KafkaBroker,
+        redis: services.RedisServer,
+        workdir: Path,
+        messages: int,
+        members: int = 2,
+        env: dict[str, str] | None = None,
+        app_args: list[str] | None = None,
+        seed: int = 1,
+    ) -> None:
+        self.name = name
+        self.kafka = kafka
+        self.redis = redis
+        self.workdir = workdir
+        self.messages = messages
+        self.rng = random.Random(seed)
+        self.topic = f"chaos-{name.lower()}-{uuid.uuid4().hex[:6]}"
+        self.prefix = uuid.uuid4().hex[:6]
+        self.attempted: set[str] = set()  # every key a Publish was tried for
+        self.sent: set[str] = set()  # keys whose Publish was acknowledged
+        self.heal_at = 0.0
+        self.groups: dict[str, list[Member]] = {}
+        base_env = {
+            "DEDUP_DELIVERY__ACK_DEADLINE_SECONDS": "5",
+            "DEDUP_DELIVERY__LEASE_MARGIN_SECONDS": "1",
+            "DEDUP_STORE__KEY_PREFIX": f"chaos-{self.prefix}",
+            "DEDUP_DELIVERY__DETACH_GRACE_SECONDS": "60",
+            **(env or {}),
+        }
+        for variant in VARIANTS:
+            group = f"{self.topic}-{variant}"
+            self.groups[variant] = [
+                Member(
+                    SidecarProcess(
+                        process_env(kafka, self.topic, group, redis.url, **base_env),
+                        workdir / f"{name}-{variant}-{i}.sidecar.log",
+                    ),
+                    workdir / f"{name}-{variant}.db",
+                    variant,
+                    list(app_args or []),
+                )
+                for i in range(members)
+            ]
+
+    @property
+    def members(self) -> list[Member]:
+        return [m for ms in self.groups.values() for m in ms]
+
+    def member(self, variant: str, i: int) -> Member:
+        return self.groups[variant][i]
+
+    async def start(self) -> None:
+        self.kafka.create_topic(self.topic, 6)
+        for m in self.members:
+            m.sidecar.start()
+        await asyncio.gather(*(m.sidecar.wait_serving(60) for m in self.members))
+        for m in self.members:
+            m.start_app()
+
+    async def add_member(self, variant: str) -> Member:
+        first = self.groups[variant][0]
+        i = len(self.groups[variant])
+        m = Member(
+            SidecarProcess(first.sidecar.env, self.workdir / f"{self.name}-{variant}-{i}.sidecar.log"),
+            first.ledger,
+            variant,
+            first.app_args,
+        )
+        self.groups[variant].append(m)
+        m.sidecar.start()
+        await m.sidecar.wait_serving(60)
+        m.start_app()
+        return m
+
+    async def restart_sidecar(self, m: Member) -> None:
+        m.sidecar.start()
+        await m.sidecar.wait_serving(60)
+
+    async def publish(self, count: int, start: int = 0) -> None:
+        """Publish keys start..start+count with PublishBatch until each one is acknowledged
+        (retrying through whichever sidecar is alive), re-publish some through Publish, and write
+        plain-producer duplicates of others."""
+        keys = [f"{self.prefix}-{i:06d}" for i in range(start, start + count)]
+        self.attempted.update(keys)
+        pending = list(keys)
+        deadline = time.monotonic() + 180
+        turn = 0
+        while pending and time.monotonic() < deadline:
+            target = self.alive_sidecar(turn)
+            turn += 1
+            try:
+                async with DedupClient(target.target) as c:
+                    while pending:
+                        chunk = pending[:200]
+                        entries = [publish_request(self.topic, k.encode(), idempotency_key=k) for k in chunk]
+                        out = await c.publish_batch(entries, timeout=30)
+                        done = {r.idempotency_key for r in out if isinstance(r, PublishResult)}
+                        self.sent.update(done)
+                        pending = [k for k in chunk if k not in done] + pending[200:]
+                        if len(done) < len(chunk):
+                            await asyncio.sleep(0.3)
+            except grpc.aio.AioRpcError:
+                await asyncio.sleep(0.3)
+        for k in self.rng.sample(keys, max(1, count // 20)):  # an app retrying Publish after a timeout
+            for attempt in range(20):
+                try:
+                    async with DedupClient(self.alive_sidecar(attempt).target) as c:
+                        r = await c.publish(self.topic, k.encode(), idempotency_key=k, timeout=10)
+                        self.sent.add(r.idempotency_key)
+                    break
+                except grpc.aio.AioRpcError:
+                    await asyncio.sleep(0.3)
+        p = Producer({"bootstrap.servers": self.kafka.bootstrap_servers})
+        for k in self.rng.sample(sorted(self.sent), max(1, count // 20)):  # a retry that wrote twice
+            p.produce(self.topic, k.encode(), headers=[("idempotency-key", k.encode())])
+        p.flush(30)
+
+    def alive_sidecar(self, turn: int) -> SidecarProcess:
+        alive = [m.sidecar for m in self.members if m.sidecar.proc and m.sidecar.proc.poll() is None]
+        return alive[turn % len(alive)] if alive else self.members[0].sidecar
+
+    def effects(self, variant: str) -> tuple[Counter[str], dict[str, int], list[float]]:
+        counts: Counter[str] = Counter()
+        attempts: dict[str, int] = {}
+        firsts: dict[str, float] = {}
+        # Every app of a group shares one ledger, as apps share their database in production.
+        for ledger in {m.ledger for m in self.groups[variant]}:
+            if not ledger.exists():
+                continue
+            db = sqlite3.connect(ledger, timeout=30)
+            for key, at in db.execute("SELECT key, at FROM effects"):
+                counts[key] += 1
+                firsts[key] = min(at, firsts.get(key, at))
+            for key, attempt in db.execute("SELECT key, MAX(attempt) FROM deliveries GROUP BY key"):
+                attempts[key] = max(attempt, attempts.get(key, 0))
+            db.close()
+        return counts, attempts, list(firsts.values())
+
+    def ack_times(self, variant: str) -> list[float]:
+        out: list[float] = []
+        for ledger in {m.ledger for m in self.groups[variant]}:
+            if ledger.exists():
+                db = sqlite3.connect(ledger, timeout=30)
+                out += [at for (at,) in db.execute("SELECT at FROM acks WHERE result = 'OK'")]
+                db.close()
+        return out
+
+    async def drain(self, timeout: float = 120) -> None:
+        """Wait until both variants have an effect for every sent key (or time out)."""
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if all(self.sent <= set(self.effects(v)[0]) for v in VARIANTS):
+                await asyncio.sleep(1.0)  # let late duplicates, if any, show up
+                return
+            await asyncio.sleep(0.5)
+
+    def check(self) -> list[Figures]:
+        out = []
+        for v in VARIANTS:
+            counts, attempts, firsts = self.effects(v)
+            keys = set(counts)
+            last_first = max(firsts) if firsts else self.heal_at
+            out.append(
+                Figures(
+                    fault=self.name,
+                    variant=v,
+                    sent=len(self.sent),
+                    lost=len(self.sent - keys),
+                    duplicated=sum(1 for n in counts.values() if n > 1),
+                    unexpected=len(keys - self.attempted),
+                    redelivered=sum(1 for a in attempts.values() if a > 1),
+                    max_attempt=max(attempts.values(), default=0),
+                    recovery_s=max(0.0, last_first - self.heal_at),
+                )
+            )
+        return out
+
+    def stop(self) -> None:
+        for m in self.members:
+            m.stop()
+
+
+Fault = Callable[[Scenario], Awaitable[str]]
+
+
+async def run_scenario(
+    name: str,
+    fault: Fault,
+    kafka: services.KafkaBroker,
+    redis: services.RedisServer,
+    workdir: Path,
+    messages: int,
+    **kwargs: Any,
+) -> list[Figures]:
+    s = Scenario(name, kafka, redis, workdir, messages, **kwargs)
+    try:
+        await s.start()
+        pub = asyncio.create_task(s.publish(messages))
+        notes = await fault(s)
+        await pub
+        s.heal_at = time.time()
+        await s.drain()
+        figures = s.check()
+        for f in figures:
+            f.notes = notes
+        return figures
+    finally:
+        s.stop()

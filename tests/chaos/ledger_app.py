@@ -1,0 +1,88 @@
+"""The app under test for the fault suite, run as its own process.
+
+For every delivery it applies an *effect* — one row in a SQLite ledger keyed by idempotency key —
+and then acks. Two variants:
+
+* ``naive``: insert the effect, then ack. A crash between the two applies the effect again on
+  redelivery: this measures the window the contract admits (point 4).
+* ``inbox``: record the key in the same transaction as the effect and skip keys already recorded
+  (dedup_client.SQLiteInbox). Duplicated effects must be zero.
+
+Usage: python -m tests.chaos.ledger_app SIDECAR LEDGER.db naive|inbox [--stall-every N --stall S]
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import functools
+import sqlite3
+import time
+from typing import Any
+
+import grpc
+from dedup_client import AckError, DedupClient, SQLiteInbox
+
+
+def open_ledger(path: str) -> sqlite3.Connection:
+    db = sqlite3.connect(path, timeout=30)
+    db.execute("PRAGMA journal_mode=WAL")
+    db.execute("CREATE TABLE IF NOT EXISTS effects (key TEXT, attempt INTEGER, at REAL)")
+    db.execute("CREATE TABLE IF NOT EXISTS deliveries (key TEXT, attempt INTEGER, at REAL)")
+    db.execute("CREATE TABLE IF NOT EXISTS acks (key TEXT, result TEXT, at REAL)")
+    db.commit()
+    return db
+
+
+def record_ack(db: sqlite3.Connection, key: str, fut: asyncio.Future[Any]) -> None:
+    """Record each Ack's outcome with its time (the F8 check reads these)."""
+    result = "error" if fut.exception() else fut.result().name
+    db.execute("INSERT INTO acks VALUES (?, ?, ?)", (key, result, time.time()))
+    db.commit()
+
+
+async def run(target: str, path: str, variant: str, stall_every: int, stall_s: float, work_s: float) -> None:
+    db = open_ledger(path)
+    inbox = SQLiteInbox(db) if variant == "inbox" else None
+    seen = 0
+    while True:
+        try:
+            async with DedupClient(target, ack_linger=0.002) as client:
+                async for msg in client.subscribe(max_in_flight=200):
+                    seen += 1
+                    now = time.time()
+                    key, attempt = msg.idempotency_key, msg.attempt
+                    db.execute("INSERT INTO deliveries VALUES (?, ?, ?)", (key, attempt, now))
+                    row = (key, attempt, now)
+
+                    def effect(c: sqlite3.Connection, row: tuple[str, int, float] = row) -> None:
+                        c.execute("INSERT INTO effects VALUES (?, ?, ?)", row)
+
+                    if inbox is not None:
+                        inbox.apply(key, effect)
+                    else:
+                        effect(db)
+                        db.commit()
+                    await asyncio.sleep(work_s)  # the effect takes a while: deliveries stay in flight
+                    if stall_every and seen % stall_every == 0:
+                        await asyncio.sleep(stall_s)  # F5: stall past the lease
+                    fut = msg.ack()
+                    fut.add_done_callback(functools.partial(record_ack, db, key))
+        except (grpc.aio.AioRpcError, AckError, OSError):
+            await asyncio.sleep(0.2)  # the sidecar is gone or restarting: reconnect
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("target")
+    ap.add_argument("ledger")
+    ap.add_argument("variant", choices=["naive", "inbox"])
+    ap.add_argument("--stall-every", type=int, default=0)
+    ap.add_argument("--stall", type=float, default=0.0)
+    ap.add_argument("--work-ms", type=float, default=3.0, help="time each effect takes")
+    a = ap.parse_args()
+    asyncio.run(run(a.target, a.ledger, a.variant, a.stall_every, a.stall, a.work_ms / 1000))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,63 @@
+"""The quick fault profile: every fault once, a small message count, strict checks.
+
+Fails on any lost or unexpected effect, and on any duplicated effect in the inbox app. The naive
+app's duplicates are the window the contract admits; they are reported, not failed.
+Soak runs with larger counts and several seeds: python -m tests.chaos.report --help.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import services
+
+from tests.chaos import faults
+from tests.chaos.harness import Fault, Figures, run_scenario
+
+MESSAGES = 1500
+
+SCENARIOS: list[tuple[str, Fault, dict[str, object]]] = [
+    ("F2", faults.f2_kill_sidecar, {}),
+    ("F3", faults.f3_kill_app, {}),
+    ("F4", faults.f4_zombie_sidecar, {}),
+    ("F5", faults.f5_app_stall, {"app_args": ["--stall-every", "150", "--stall", "7"]}),
+    ("F6", faults.f6_churn, {}),
+    ("F8", faults.f8_pause_redis, {}),
+    ("F9", faults.f9_kill_broker, {}),
+    ("F10", faults.f10_pause_broker, {}),
+]
+
+
+def assert_contract(figures: list[Figures]) -> None:
+    for f in figures:
+        print(f"\n{f.fault} {f.variant}: {f.row()} {f.notes}")
+        assert f.sent > 0
+        assert f.lost == 0, f"{f.fault}/{f.variant}: {f.lost} published keys never took effect"
+        assert f.unexpected == 0, f"{f.fault}/{f.variant}: {f.unexpected} effects for keys never sent"
+        if f.variant == "inbox":
+            assert f.duplicated == 0, f"{f.fault}/inbox: {f.duplicated} keys took effect twice"
+
+
+@pytest.mark.timeout(300)
+@pytest.mark.parametrize(("name", "fault", "kwargs"), SCENARIOS, ids=[s[0] for s in SCENARIOS])
+async def test_fault(
+    name: str,
+    fault: Fault,
+    kwargs: dict[str, object],
+    chaos_kafka: services.KafkaBroker,
+    chaos_redis: services.RedisServer,
+    tmp_path: Path,
+) -> None:
+    figures = await run_scenario(name, fault, chaos_kafka, chaos_redis, tmp_path, MESSAGES, **kwargs)
+    assert_contract(figures)
+
+
+@pytest.mark.timeout(300)
+@pytest.mark.parametrize("appendonly", ["always", "everysec", "no"])
+async def test_f7_redis_kill(appendonly: str, chaos_kafka: services.KafkaBroker, tmp_path: Path) -> None:
+    with services.RedisServer.start(tmp_path / "redis", appendonly=appendonly) as redis:
+        figures = await run_scenario(
+            f"F7-{appendonly}", faults.f7_kill_redis, chaos_kafka, redis, tmp_path, MESSAGES
+        )
+    assert_contract(figures)
