@@ -449,7 +449,7 @@ def machine() -> dict[str, Any]:
         "python": platform.python_version(),
         "platform": platform.platform(),
         "grpcio": grpc.__version__,
-        "confluent_kafka": confluent_kafka.version()[0],
+        "confluent_kafka": confluent_kafka.version(),
         "librdkafka": confluent_kafka.libversion()[0],
         "kafka": services.kafka_version(),
     }
@@ -472,7 +472,7 @@ def plot(results: dict[str, Any], path: Path) -> bool:
     ax.axvline(0.5, color="grey", linestyle="--", linewidth=1)
     ax.axvline(1.0, color="black", linewidth=0.8)
     ax.set_xlabel("throughput / baseline of the same run")
-    ax.set_title("kafka-dedup-sidecar throughput relative to the raw confluent-kafka client")
+    ax.set_title("throughput relative to the raw confluent-kafka client (same run)")
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     return True
@@ -484,7 +484,13 @@ def main() -> int:
     ap.add_argument("--memory-records", type=int, default=1_000_000, help="records for the RSS measurement")
     ap.add_argument("--quick", action="store_true", help="small sizes, to check the harness works")
     ap.add_argument("--out", default=str(ROOT / "docs" / "BENCHMARKS.md"))
+    ap.add_argument("--render-only", action="store_true", help="rewrite the markdown from bench/results.json")
     args = ap.parse_args()
+    if args.render_only:
+        saved = json.loads((ROOT / "bench" / "results.json").read_text())
+        png = Path(args.out).with_suffix(".png")
+        write_markdown(saved, Path(args.out), png.name if png.exists() else None)
+        return 0
     n = 20_000 if args.quick else args.records
     n_mem = 40_000 if args.quick else args.memory_records
     n_unary = max(2_000, n // 20)
@@ -643,6 +649,9 @@ def write_markdown(r: dict[str, Any], path: Path, png: str | None) -> None:
     ]
     if png:
         lines += ["", f"![throughput ratios]({png})"]
+    analysis = ROOT / "bench" / "ANALYSIS.md"
+    if analysis.exists():
+        lines += ["", analysis.read_text().rstrip()]
     path.write_text("\n".join(lines) + "\n")
 
 
