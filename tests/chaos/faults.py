@@ -48,7 +48,7 @@ async def f4_zombie_sidecar(s: Scenario) -> str:
 
 
 async def f5_app_stall(s: Scenario) -> str:
-    return "every app stalls 7 s after each 150th delivery (ack deadline 5 s + lease margin 1 s)"
+    return "every app stalls 7 s after each 500th delivery (ack deadline 5 s + lease margin 1 s)"
 
 
 async def f6_churn(s: Scenario) -> str:

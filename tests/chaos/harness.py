@@ -50,6 +50,7 @@ class Figures:
     redelivered: int
     max_attempt: int
     recovery_s: float
+    delivered_after_ack: int = 0
     notes: str = ""
 
     def row(self) -> list[str]:
@@ -60,6 +61,7 @@ class Figures:
             str(self.lost),
             str(self.duplicated),
             str(self.unexpected),
+            str(self.delivered_after_ack),
             str(self.redelivered),
             str(self.max_attempt),
             f"{self.recovery_s:.1f}",
@@ -257,6 +259,24 @@ class Scenario:
             db.close()
         return counts, attempts, list(firsts.values())
 
+    def delivered_after_ack(self, variant: str, ack_deadline_s: float = 5.0) -> int:
+        """Keys sent again by a sidecar after an Ack for them had returned OK (contract point 2).
+
+        A delivery's send time is its deadline minus the ack deadline; a redelivery sent before the
+        ack returned (and read from the stream later) is not counted."""
+        bad = 0
+        for ledger in {m.ledger for m in self.groups[variant]}:
+            if not ledger.exists():
+                continue
+            db = sqlite3.connect(ledger, timeout=30)
+            first_ok = dict(db.execute("SELECT key, MIN(at) FROM acks WHERE result = 'OK' GROUP BY key"))
+            for key, deadline in db.execute("SELECT key, deadline FROM deliveries"):
+                ok = first_ok.get(key)
+                if ok is not None and deadline - ack_deadline_s > ok + 0.05:
+                    bad += 1
+            db.close()
+        return bad
+
     def ack_times(self, variant: str) -> list[float]:
         out: list[float] = []
         for ledger in {m.ledger for m in self.groups[variant]}:
@@ -292,6 +312,7 @@ class Scenario:
                     redelivered=sum(1 for a in attempts.values() if a > 1),
                     max_attempt=max(attempts.values(), default=0),
                     recovery_s=max(0.0, last_first - self.heal_at),
+                    delivered_after_ack=self.delivered_after_ack(v),
                 )
             )
         return out

@@ -28,7 +28,7 @@ def open_ledger(path: str) -> sqlite3.Connection:
     db = sqlite3.connect(path, timeout=30)
     db.execute("PRAGMA journal_mode=WAL")
     db.execute("CREATE TABLE IF NOT EXISTS effects (key TEXT, attempt INTEGER, at REAL)")
-    db.execute("CREATE TABLE IF NOT EXISTS deliveries (key TEXT, attempt INTEGER, at REAL)")
+    db.execute("CREATE TABLE IF NOT EXISTS deliveries (key TEXT, attempt INTEGER, at REAL, deadline REAL)")
     db.execute("CREATE TABLE IF NOT EXISTS acks (key TEXT, result TEXT, at REAL)")
     db.commit()
     return db
@@ -52,7 +52,10 @@ async def run(target: str, path: str, variant: str, stall_every: int, stall_s: f
                     seen += 1
                     now = time.time()
                     key, attempt = msg.idempotency_key, msg.attempt
-                    db.execute("INSERT INTO deliveries VALUES (?, ?, ?)", (key, attempt, now))
+                    db.execute(
+                        "INSERT INTO deliveries VALUES (?, ?, ?, ?)",
+                        (key, attempt, now, msg.deadline_ms / 1000),
+                    )
                     row = (key, attempt, now)
 
                     def effect(c: sqlite3.Connection, row: tuple[str, int, float] = row) -> None:

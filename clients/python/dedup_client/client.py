@@ -115,6 +115,7 @@ class Message:
     value = property(lambda self: self._d.value)
     attempt = property(lambda self: self._d.attempt)
     timestamp_ms = property(lambda self: self._d.timestamp_ms)
+    deadline_ms = property(lambda self: self._d.deadline_ms)
 
     @property
     def key(self) -> bytes | None:
