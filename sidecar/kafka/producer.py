@@ -98,10 +98,7 @@ class AsyncProducer:
         try:
             return await asyncio.wait_for(fut, self._timeout_s + 5)
         except TimeoutError:
-            raise PublishIndeterminate(
-                f"Kafka did not acknowledge within {self._timeout_s}s (publish.timeout_seconds); the record "
-                "may or may not be written: retry with the same idempotency key"
-            ) from None
+            raise indeterminate(self._timeout_s) from None
 
     @property
     def timeout_s(self) -> float:
@@ -168,6 +165,13 @@ class AsyncProducer:
             log.warning("%d records were not delivered before shutdown", left)
         self._stop.set()
         await asyncio.to_thread(self._thread.join, 5)
+
+
+def indeterminate(timeout_s: float) -> PublishIndeterminate:
+    return PublishIndeterminate(
+        f"Kafka did not acknowledge within {timeout_s}s (publish.timeout_seconds); the record may or may "
+        "not be written: retry with the same idempotency key"
+    )
 
 
 def _resolve(fut: asyncio.Future[Produced], result: Produced | BaseException) -> None:

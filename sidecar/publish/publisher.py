@@ -23,12 +23,11 @@ from sidecar.errors import (
     AlreadyExists,
     InvalidArgument,
     PermissionDenied,
-    PublishIndeterminate,
     ResourceExhausted,
     StoreUnavailable,
     Unavailable,
 )
-from sidecar.kafka.producer import AsyncProducer, Produced
+from sidecar.kafka.producer import AsyncProducer, Produced, indeterminate
 from sidecar.metrics import Metrics
 from sidecar.store.base import ClaimStatus, DedupStore, PublishRecord
 
@@ -171,11 +170,7 @@ class Publisher:
                 # so a retry with this key waits for it instead of producing a second record.
                 release = False
                 self._spawn(self._record_late(key, claim_key, dig, fut))
-                raise PublishIndeterminate(
-                    f"Kafka did not acknowledge within {self._producer.timeout_s}s "
-                    "(publish.timeout_seconds); the record may or may not be written: retry with the "
-                    "same idempotency key"
-                ) from None
+                raise indeterminate(self._producer.timeout_s) from None
             record = PublishRecord(dig, produced.topic, produced.partition, produced.offset)
             stored = await self._store.publish_record(key, record, self._retention_ms)
         finally:
