@@ -13,12 +13,13 @@ import tempfile
 import time
 from pathlib import Path
 
-import services
-
-from tests.chaos import faults
-from tests.chaos.harness import Fault, Figures, run_scenario
-
 ROOT = Path(__file__).resolve().parents[2]
+sys.path.insert(0, str(ROOT / "deploy" / "local"))  # deploy/local/services.py, as in tests/conftest.py
+
+import services  # noqa: E402
+
+from tests.chaos import faults  # noqa: E402
+from tests.chaos.harness import Fault, Figures, run_scenario  # noqa: E402
 
 FAULTS: list[tuple[str, str, Fault, dict[str, object], str]] = [
     ("F2", "kill -9 of a sidecar at random moments", faults.f2_kill_sidecar, {}, "everysec"),
