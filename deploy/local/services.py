@@ -201,8 +201,13 @@ class KafkaBroker(_Service):
 
     @classmethod
     def start(
-        cls, workdir: Path, timeout: float = 90.0, extra_properties: dict[str, str] | None = None
+        cls,
+        workdir: Path,
+        timeout: float = 90.0,
+        extra_properties: dict[str, str] | None = None,
+        advertised_port: int | None = None,
     ) -> KafkaBroker:
+        """Start a broker. ``advertised_port`` makes it advertise another port (a fault proxy's)."""
         lib = kafka_lib_dir()
         workdir.mkdir(parents=True, exist_ok=True)
         port, cport = free_port(), free_port()
@@ -211,7 +216,7 @@ class KafkaBroker(_Service):
             "node.id": "1",
             "controller.quorum.voters": f"1@127.0.0.1:{cport}",
             "listeners": f"PLAINTEXT://127.0.0.1:{port},CONTROLLER://127.0.0.1:{cport}",
-            "advertised.listeners": f"PLAINTEXT://127.0.0.1:{port}",
+            "advertised.listeners": f"PLAINTEXT://127.0.0.1:{advertised_port or port}",
             "controller.listener.names": "CONTROLLER",
             "inter.broker.listener.name": "PLAINTEXT",
             "listener.security.protocol.map": "PLAINTEXT:PLAINTEXT,CONTROLLER:PLAINTEXT",

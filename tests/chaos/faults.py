@@ -100,3 +100,20 @@ async def f10_pause_broker(s: Scenario) -> str:
     await asyncio.sleep(5)
     s.kafka.resume()
     return "Kafka broker SIGSTOPped 5 s, then SIGCONT"
+
+
+async def f1_network(s: Scenario) -> str:
+    """Needs ``s.proxy``: the broker advertises the proxy, so the sidecars' Kafka traffic crosses it."""
+    proxy = s.proxy
+    assert proxy is not None
+    await settle_in(s, 0.5)
+    for _ in range(3):
+        proxy.set_mode("blackhole")
+        await asyncio.sleep(3)
+        proxy.set_mode("pass")
+        await asyncio.sleep(1.5)
+        proxy.set_mode("reset")
+        await asyncio.sleep(0.3)
+        proxy.set_mode("pass")
+        await asyncio.sleep(1.5)
+    return "sidecar-broker traffic blackholed 3 s and reset, 3 times, while publishing"

@@ -34,6 +34,7 @@ from confluent_kafka import Producer
 from dedup_client import DedupClient, PublishResult
 from dedup_client.client import publish_request
 
+from tests.chaos.proxy import FaultProxy
 from tests.integration.helpers import ROOT, SidecarProcess, process_env
 
 VARIANTS = ("naive", "inbox")
@@ -142,6 +143,7 @@ class Scenario:
         self.attempted: set[str] = set()  # every key a Publish was tried for
         self.sent: set[str] = set()  # keys whose Publish was acknowledged
         self.heal_at = 0.0
+        self.proxy: FaultProxy | None = None
         self.groups: dict[str, list[Member]] = {}
         base_env = {
             "DEDUP_DELIVERY__ACK_DEADLINE_SECONDS": "5",
@@ -173,7 +175,8 @@ class Scenario:
         return self.groups[variant][i]
 
     async def start(self) -> None:
-        self.kafka.create_topic(self.topic, 6)
+        # Blocking Kafka calls run off the loop: the fault proxy (F1) forwards on this loop.
+        await asyncio.to_thread(self.kafka.create_topic, self.topic, 6)
         for m in self.members:
             m.sidecar.start()
         await asyncio.gather(*(m.sidecar.wait_serving(60) for m in self.members))
@@ -233,10 +236,15 @@ class Scenario:
                     break
                 except grpc.aio.AioRpcError:
                     await asyncio.sleep(0.3)
+        dups = self.rng.sample(sorted(self.sent), max(1, count // 20))
+        await asyncio.to_thread(self._write_duplicates, dups)
+
+    def _write_duplicates(self, keys: list[str]) -> None:
+        """A producer whose retry wrote the record twice: the copy is in Kafka, same key."""
         p = Producer({"bootstrap.servers": self.kafka.bootstrap_servers})
-        for k in self.rng.sample(sorted(self.sent), max(1, count // 20)):  # a retry that wrote twice
+        for k in keys:
             p.produce(self.topic, k.encode(), headers=[("idempotency-key", k.encode())])
-        p.flush(30)
+        p.flush(60)
 
     def alive_sidecar(self, turn: int) -> SidecarProcess:
         alive = [m.sidecar for m in self.members if m.sidecar.proc and m.sidecar.proc.poll() is None]
@@ -332,9 +340,11 @@ async def run_scenario(
     redis: services.RedisServer,
     workdir: Path,
     messages: int,
+    proxy: FaultProxy | None = None,
     **kwargs: Any,
 ) -> list[Figures]:
     s = Scenario(name, kafka, redis, workdir, messages, **kwargs)
+    s.proxy = proxy
     try:
         await s.start()
         pub = asyncio.create_task(s.publish(messages))

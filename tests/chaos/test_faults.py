@@ -8,16 +8,18 @@ Soak runs with larger counts and several seeds: python -m tests.chaos.report --h
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 import pytest
 import services
 
 from tests.chaos import faults
 from tests.chaos.harness import Fault, Figures, run_scenario
+from tests.chaos.proxy import FaultProxy
 
 MESSAGES = 1500
 
-SCENARIOS: list[tuple[str, Fault, dict[str, object]]] = [
+SCENARIOS: list[tuple[str, Fault, dict[str, Any]]] = [
     ("F2", faults.f2_kill_sidecar, {}),
     ("F3", faults.f3_kill_app, {}),
     ("F4", faults.f4_zombie_sidecar, {}),
@@ -46,7 +48,7 @@ def assert_contract(figures: list[Figures]) -> None:
 async def test_fault(
     name: str,
     fault: Fault,
-    kwargs: dict[str, object],
+    kwargs: dict[str, Any],
     chaos_kafka: services.KafkaBroker,
     chaos_redis: services.RedisServer,
     tmp_path: Path,
@@ -62,4 +64,29 @@ async def test_f7_redis_kill(appendonly: str, chaos_kafka: services.KafkaBroker,
         figures = await run_scenario(
             f"F7-{appendonly}", faults.f7_kill_redis, chaos_kafka, redis, tmp_path, MESSAGES
         )
+    assert_contract(figures)
+
+
+@pytest.mark.timeout(300)
+async def test_f1_network_faults(tmp_path: Path) -> None:
+    proxy_port = services.free_port()
+    with (
+        services.KafkaBroker.start(tmp_path / "kafka", advertised_port=proxy_port) as kafka,
+        services.RedisServer.start(tmp_path / "redis", appendonly="everysec") as redis,
+    ):
+        proxy = FaultProxy(proxy_port, kafka.port)
+        await proxy.start()
+        try:
+            figures = await run_scenario(
+                "F1",
+                faults.f1_network,
+                kafka,
+                redis,
+                tmp_path,
+                MESSAGES,
+                proxy=proxy,
+                env={"DEDUP_PUBLISH__TIMEOUT_SECONDS": "5"},
+            )
+        finally:
+            await proxy.stop()
     assert_contract(figures)
