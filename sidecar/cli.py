@@ -36,6 +36,7 @@ def _parser() -> argparse.ArgumentParser:
         "--print-config", action="store_true", help="print the effective settings as JSON and exit"
     )
     p.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
+    p.add_argument("--testonly-fault-hooks", action="store_true", help=argparse.SUPPRESS)
     return p
 
 
@@ -86,6 +87,10 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(
         level=settings.log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s", stream=sys.stderr
     )
+    if args.testonly_fault_hooks:
+        from sidecar import testing_hooks
+
+        testing_hooks.arm_from_environment()
     from sidecar.app import Sidecar
 
     try:

@@ -10,6 +10,7 @@ from typing import Any, TypeVar
 
 import grpc
 
+from sidecar import testing_hooks
 from sidecar._proto import dedup_pb2 as pb
 from sidecar._proto import dedup_pb2_grpc as pb_grpc
 from sidecar.api.errors import status_for
@@ -105,6 +106,7 @@ class DedupServicer(pb_grpc.DedupServiceServicer):
                 if not batch:
                     break
                 yield pb.SubscribeResponse(deliveries=[_delivery(engine, p) for p in batch])
+                testing_hooks.reached("after_delivery")
         finally:
             engine.detach(stream)
         if engine.stopping:

@@ -28,6 +28,7 @@ from typing import Any
 
 from confluent_kafka import Message
 
+from sidecar import testing_hooks
 from sidecar.config import Settings
 from sidecar.engine.identity import idempotency_key, store_key
 from sidecar.engine.records import TP, Pending, State
@@ -449,6 +450,7 @@ class Engine:
         return [p for p in batch if id(p) in keep and p.state is State.READY]
 
     def _hand_out(self, s: Stream, batch: list[Pending]) -> None:
+        testing_hooks.reached("before_delivery")
         deadline = self._clock() + self._deadline_s
         for p in batch:
             did = f"{self._instance}.{next(self._seq)}"
@@ -512,7 +514,9 @@ class Engine:
         try:
             keys = [p.store_key for p in todo] + list(stale_keys)
             if keys:
+                testing_hooks.reached("ack_before_mark")
                 late = await self.store.complete(keys, self.owner, self._retention_ms)
+                testing_hooks.reached("mark_before_commit")
                 self.metrics.late_acks.inc(sum(late))
                 for key in stale_keys:
                     self._stale_leases.pop(key, None)

@@ -17,6 +17,7 @@ from collections.abc import Coroutine, Sequence
 from dataclasses import dataclass
 from typing import Any
 
+from sidecar import testing_hooks
 from sidecar.config import PublishSettings, valid_topic
 from sidecar.engine.identity import MAX_KEY_BYTES
 from sidecar.errors import (
@@ -172,6 +173,7 @@ class Publisher:
                 self._spawn(self._record_late(key, claim_key, dig, fut))
                 raise indeterminate(self._producer.timeout_s) from None
             record = PublishRecord(dig, produced.topic, produced.partition, produced.offset)
+            testing_hooks.reached("produce_before_record")
             stored = await self._store.publish_record(key, record, self._retention_ms)
         finally:
             if release:

@@ -7,7 +7,7 @@ import os
 import signal
 import time
 
-from tests.chaos.harness import VARIANTS, Scenario
+from tests.chaos.harness import VARIANTS, Fault, Scenario
 
 
 async def settle_in(s: Scenario, seconds: float = 1.5) -> None:
@@ -117,3 +117,35 @@ async def f1_network(s: Scenario) -> str:
         proxy.set_mode("pass")
         await asyncio.sleep(1.5)
     return "sidecar-broker traffic blackholed 3 s and reset, 3 times, while publishing"
+
+
+def kill_point(point: str, hit: int) -> Fault:
+    """F2 at a precise point: sidecar 0 of each group SIGKILLs itself the ``hit``-th time it reaches
+    ``point`` (a test-only hook, sidecar/testing_hooks.py); it is restarted without the hook."""
+
+    async def fault(s: Scenario) -> str:
+        if point == "produce_before_record":
+            # Armed from the start (publisher_env): the publisher's first sidecar.
+            armed = [s.member("naive", 0)]
+        else:
+            armed = [s.member(v, 0) for v in VARIANTS]
+            for m in armed:
+                m.sidecar.kill9()
+                m.sidecar.env = {**m.sidecar.env, "DEDUP_TESTONLY_KILL_AT": f"{point}:{hit}"}
+            await asyncio.gather(*(s.restart_sidecar(m) for m in armed))
+        died = 0
+        deadline = time.monotonic() + 60
+        pending = list(armed)
+        while pending and time.monotonic() < deadline:
+            for m in list(pending):
+                assert m.sidecar.proc is not None
+                if m.sidecar.proc.poll() is not None:
+                    pending.remove(m)
+                    died += 1
+                    m.sidecar.env = {k: v for k, v in m.sidecar.env.items() if k != "DEDUP_TESTONLY_KILL_AT"}
+                    await s.restart_sidecar(m)
+            await asyncio.sleep(0.05)
+        assert died == len(armed), f"the {point} hook fired in {died} of {len(armed)} sidecars"
+        return f"sidecar SIGKILLed itself at {point} (hit {hit}), restarted"
+
+    return fault

@@ -131,6 +131,7 @@ class Scenario:
         env: dict[str, str] | None = None,
         app_args: list[str] | None = None,
         seed: int = 1,
+        publisher_env: dict[str, str] | None = None,
     ) -> None:
         self.name = name
         self.kafka = kafka
@@ -166,6 +167,10 @@ class Scenario:
                 )
                 for i in range(members)
             ]
+
+        if publisher_env:  # extra settings for the first sidecar, which takes the publishes first
+            first = self.groups["naive"][0].sidecar
+            first.env = {**first.env, **publisher_env}
 
     @property
     def members(self) -> list[Member]:

@@ -32,6 +32,44 @@ FAULTS: list[tuple[str, str, Fault, dict[str, Any], str]] = [
         "everysec",
     ),
     ("F2", "kill -9 of a sidecar at random moments", faults.f2_kill_sidecar, {}, "everysec"),
+    (
+        "F2-before-delivery",
+        "sidecar killed before a delivery is sent",
+        faults.kill_point("before_delivery", 8),
+        {},
+        "everysec",
+    ),
+    (
+        "F2-after-delivery",
+        "sidecar killed right after a frame is sent (app processing)",
+        faults.kill_point("after_delivery", 8),
+        {},
+        "everysec",
+    ),
+    (
+        "F2-ack-before-mark",
+        "sidecar killed after the app's ack, before the store is marked",
+        faults.kill_point("ack_before_mark", 10),
+        {},
+        "everysec",
+    ),
+    (
+        "F2-mark-before-commit",
+        "sidecar killed after the store mark, before the commit",
+        faults.kill_point("mark_before_commit", 10),
+        {},
+        "everysec",
+    ),
+    (
+        "F2-produce-before-record",
+        "sidecar killed after a produce, before the publish result is recorded",
+        faults.kill_point("produce_before_record", 300),
+        {
+            "env": {"DEDUP_PUBLISH__TIMEOUT_SECONDS": "5"},
+            "publisher_env": {"DEDUP_TESTONLY_KILL_AT": "produce_before_record:300"},
+        },
+        "everysec",
+    ),
     ("F3", "kill -9 of the app while processing", faults.f3_kill_app, {}, "everysec"),
     (
         "F4",
@@ -139,9 +177,8 @@ def write(
         "keys delivered more than once (attempt > 1); *recovery* — seconds from the end of the fault until "
         "every key had its effect.",
         "",
-        "Not covered yet: kills at precise points inside the sidecar (after the app's ack but before the "
-        "store is marked, after the mark but before the commit, after a produce but before its result is "
-        "recorded), which need test-only fault hooks; F2 kills at random moments instead.",
+        "The F2-<point> rows kill the sidecar at exact points through test-only hooks "
+        "(sidecar/testing_hooks.py), armed only by a hidden flag plus an environment variable.",
     ]
     path.write_text("\n".join(lines) + "\n")
 

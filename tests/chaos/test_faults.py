@@ -21,6 +21,18 @@ MESSAGES = 1500
 
 SCENARIOS: list[tuple[str, Fault, dict[str, Any]]] = [
     ("F2", faults.f2_kill_sidecar, {}),
+    ("F2-before-delivery", faults.kill_point("before_delivery", 8), {}),
+    ("F2-after-delivery", faults.kill_point("after_delivery", 8), {}),
+    ("F2-ack-before-mark", faults.kill_point("ack_before_mark", 10), {}),
+    ("F2-mark-before-commit", faults.kill_point("mark_before_commit", 10), {}),
+    (
+        "F2-produce-before-record",
+        faults.kill_point("produce_before_record", 300),
+        {
+            "env": {"DEDUP_PUBLISH__TIMEOUT_SECONDS": "5"},
+            "publisher_env": {"DEDUP_TESTONLY_KILL_AT": "produce_before_record:300"},
+        },
+    ),
     ("F3", faults.f3_kill_app, {}),
     ("F4", faults.f4_zombie_sidecar, {}),
     ("F5", faults.f5_app_stall, {"app_args": ["--stall-every", "500", "--stall", "7"]}),

@@ -155,8 +155,13 @@ class SidecarProcess:
             "DEDUP_SERVER__METRICS_LISTEN": "",
         }
         with open(self.log_path, "ab") as log:
+            hooks = ["--testonly-fault-hooks"] if "DEDUP_TESTONLY_KILL_AT" in env else []
             self.proc = subprocess.Popen(
-                [sys.executable, "-m", "sidecar"], env=env, stdout=log, stderr=subprocess.STDOUT, cwd=ROOT
+                [sys.executable, "-m", "sidecar", *hooks],
+                env=env,
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                cwd=ROOT,
             )
 
     async def wait_serving(self, timeout: float = 30) -> None:
