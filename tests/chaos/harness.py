@@ -53,6 +53,7 @@ class Figures:
     recovery_s: float
     delivered_after_ack: int = 0
     notes: str = ""
+    attempts: str = ""  # distribution: "attempt:keys" for each highest attempt seen
 
     def row(self) -> list[str]:
         return [
@@ -326,6 +327,7 @@ class Scenario:
                     max_attempt=max(attempts.values(), default=0),
                     recovery_s=max(0.0, last_first - self.heal_at),
                     delivered_after_ack=self.delivered_after_ack(v),
+                    attempts=" ".join(f"{a}:{n}" for a, n in sorted(Counter(attempts.values()).items())),
                 )
             )
         return out

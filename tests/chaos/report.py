@@ -162,12 +162,12 @@ def write(
         "the inbox app closes it.",
         "",
         "| fault | app | sent | lost | duplicated | unexpected | delivered after OK ack | redelivered keys "
-        "| max attempt | recovery s | what happened |",
-        "| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | --- |",
+        "| max attempt | recovery s | keys by highest attempt | what happened |",
+        "| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | --- | --- |",
     ]
     for title, figs in results:
         for f in figs:
-            lines.append("| " + " | ".join([f"{f.fault}: {title}", *f.row()[1:]]) + f" | {f.notes} |")
+            lines.append("| " + " | ".join([f"{f.fault}: {title}", *f.row()[1:], f.attempts, f.notes]) + " |")
     lines += [
         "",
         "Columns: *lost* — published (acknowledged by Publish) with no effect; *duplicated* — keys whose "
