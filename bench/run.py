@@ -599,6 +599,12 @@ def main() -> int:
     return 0
 
 
+def rate_table(rows: list[dict[str, Any]]) -> list[str]:
+    out = ["| path | records | seconds | msg/s | ratio |", "| --- | ---: | ---: | ---: | ---: |"]
+    out += [f"| {x['name']} | {x['records']} | {x['seconds']} | {x['rate']} | {x['ratio']} |" for x in rows]
+    return out
+
+
 def write_markdown(r: dict[str, Any], path: Path, png: str | None) -> None:
     m = r["machine"]
     lines = [
@@ -616,20 +622,12 @@ def write_markdown(r: dict[str, Any], path: Path, png: str | None) -> None:
         "Ratio is throughput divided by the raw consumer's in the same run (same topic data). "
         "Rows with a partition count compare against a raw consumer on that topic.",
         "",
-        "| path | records | seconds | msg/s | ratio |",
-        "| --- | ---: | ---: | ---: | ---: |",
-    ]
-    for x in r["consume"]:
-        lines.append(f"| {x['name']} | {x['records']} | {x['seconds']} | {x['rate']} | {x['ratio']} |")
-    lines += [
+        *rate_table(r["consume"]),
         "",
         "## Publish, 1 KB records",
         "",
-        "| path | records | seconds | msg/s | ratio |",
-        "| --- | ---: | ---: | ---: | ---: |",
+        *rate_table(r["publish"]),
     ]
-    for x in r["publish"]:
-        lines.append(f"| {x['name']} | {x['records']} | {x['seconds']} | {x['rate']} | {x['ratio']} |")
     lines += [
         "",
         "## Produce-to-app latency at 2,000 msg/s",

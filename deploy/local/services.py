@@ -34,7 +34,7 @@ import tempfile
 import time
 import uuid
 from collections.abc import Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
@@ -193,7 +193,6 @@ class _Service:
 class KafkaBroker(_Service):
     port: int = 0
     controller_port: int = 0
-    extra: dict[str, str] = field(default_factory=dict)
 
     @property
     def bootstrap_servers(self) -> str:

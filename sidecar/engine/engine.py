@@ -22,9 +22,9 @@ import os
 import re
 import time
 from collections import OrderedDict
-from collections.abc import Callable, Coroutine, Sequence
+from collections.abc import Awaitable, Callable, Coroutine, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, TypeVar
 
 from confluent_kafka import Message
 
@@ -41,6 +41,7 @@ from sidecar.offsets import AckTracker, OfferResult
 from sidecar.store.base import ClaimStatus, DedupStore
 
 log = logging.getLogger(__name__)
+T = TypeVar("T")
 
 _ID_RE = re.compile(r"^([0-9a-f]{8})\.([0-9]+)$")
 
@@ -164,6 +165,14 @@ class Engine:
         for t in self._tasks:
             with contextlib.suppress(asyncio.CancelledError):
                 await t
+
+    async def _counted(self, call: Awaitable[T]) -> T:
+        """Await a store call; a failure is counted in the metrics and re-raised (nothing applied)."""
+        try:
+            return await call
+        except StoreUnavailable:
+            self.metrics.store_errors.inc()
+            raise
 
     def _spawn(self, coro: Coroutine[Any, Any, None]) -> None:
         task = asyncio.create_task(coro)
@@ -515,14 +524,11 @@ class Engine:
             keys = [p.store_key for p in todo] + list(stale_keys)
             if keys:
                 testing_hooks.reached("ack_before_mark")
-                late = await self.store.complete(keys, self.owner, self._retention_ms)
+                late = await self._counted(self.store.complete(keys, self.owner, self._retention_ms))
                 testing_hooks.reached("mark_before_commit")
                 self.metrics.late_acks.inc(sum(late))
                 for key in stale_keys:
                     self._stale_leases.pop(key, None)
-        except StoreUnavailable:
-            self.metrics.store_errors.inc()
-            raise
         finally:
             for p in todo:
                 p.acking -= 1
@@ -566,11 +572,7 @@ class Engine:
             else:
                 redeliver[id(p)] = p
         if redeliver:
-            try:
-                await self.store.release([p.store_key for p in redeliver.values()], self.owner)
-            except StoreUnavailable:
-                self.metrics.store_errors.inc()
-                raise
+            await self._counted(self.store.release([p.store_key for p in redeliver.values()], self.owner))
         now = self._clock()
         for p in redeliver.values():
             if p.state is not State.IN_FLIGHT:
@@ -612,11 +614,7 @@ class Engine:
         lease_ms = int((seconds + self.settings.delivery.lease_margin_seconds) * 1000)
         recs = list(todo.values())
         if recs:
-            try:
-                claims = await self.store.claim([p.store_key for p in recs], self.owner, lease_ms)
-            except StoreUnavailable:
-                self.metrics.store_errors.inc()
-                raise
+            claims = await self._counted(self.store.claim([p.store_key for p in recs], self.owner, lease_ms))
             now = self._clock()
             for p, c in zip(recs, claims, strict=True):
                 if c.status is ClaimStatus.NEW and p.state is State.IN_FLIGHT:

@@ -91,6 +91,3 @@ class ReadyQueue:
                 room -= p.size
         self._q.extendleft(reversed(skipped))
         return out
-
-    def has_for(self, stream: Stream) -> bool:
-        return any(p.state is State.READY and stream.wants(p) for p in self._q)

@@ -134,10 +134,6 @@ class ConsumerLoop:
     def leave_group(self) -> None:
         self._commands.put(self._do_unsubscribe)
 
-    @property
-    def assigned(self) -> frozenset[TP]:
-        return frozenset(self._assigned)
-
     # -- commands from the loop --------------------------------------------------------------------
 
     def set_paused(self, tp: TP, paused: bool) -> None:

@@ -178,29 +178,29 @@ class DedupClient:
         max_batch: int = 0,
     ) -> AsyncGenerator[Message, None]:
         """Yield messages until the stream ends. Un-acked messages are redelivered if it closes."""
-        call = self.stub.Subscribe(
-            pb.SubscribeRequest(
-                topics=list(topics),
-                max_in_flight=max_in_flight,
-                max_in_flight_bytes=max_in_flight_bytes,
-                max_batch=max_batch,
-            ),
-            metadata=self._metadata,
-        )
+        frames = self.frames(topics, max_in_flight, max_in_flight_bytes, max_batch)
         try:
-            async for frame in call:
-                for d in frame.deliveries:
-                    yield Message(self, d)
+            async for frame in frames:
+                for msg in frame:
+                    yield msg
         finally:
-            call.cancel()
+            await frames.aclose()
 
     async def frames(
-        self, topics: Sequence[str] = (), max_in_flight: int = 0
+        self,
+        topics: Sequence[str] = (),
+        max_in_flight: int = 0,
+        max_in_flight_bytes: int = 0,
+        max_batch: int = 0,
     ) -> AsyncGenerator[list[Message], None]:
         """Like :meth:`subscribe`, a whole frame at a time (for batch processing)."""
-        call = self.stub.Subscribe(
-            pb.SubscribeRequest(topics=list(topics), max_in_flight=max_in_flight), metadata=self._metadata
+        request = pb.SubscribeRequest(
+            topics=list(topics),
+            max_in_flight=max_in_flight,
+            max_in_flight_bytes=max_in_flight_bytes,
+            max_batch=max_batch,
         )
+        call = self.stub.Subscribe(request, metadata=self._metadata)
         try:
             async for frame in call:
                 yield [Message(self, d) for d in frame.deliveries]
