@@ -5,9 +5,14 @@ the ``confluent_kafka.Consumer``: it polls in batches, runs rebalance callbacks,
 commands (pause, resume, commit, leave, join) that the asyncio side queues for it. Records and
 rebalance events cross to the event loop through a :class:`ConsumerHandler`.
 
-Back-pressure never blocks the poll loop: when the event loop falls behind (too many records
-handed over and not yet taken in), every assigned partition is paused and the loop keeps polling,
-so the consumer stays in the group (``max.poll.interval.ms`` is never tripped).
+Back-pressure never blocks the poll loop. When the event loop falls behind (too many records
+handed over and not yet taken in), the thread stops taking records out of librdkafka's queue and
+librdkafka stops fetching once ``queued.max.messages.kbytes`` is queued. It does not pause the
+partitions for that: pausing purges everything librdkafka has prefetched, and fetching it again
+costs a round trip plus, for compressed batches, decompressing them again (a single fetch of well
+compressed records can be tens of megabytes once decompressed). Only when the loop stays behind
+for ``stall_pause_after`` seconds are the partitions paused, and polling continues, so rebalance
+callbacks run and the consumer stays in the group (``max.poll.interval.ms`` is never tripped).
 """
 
 from __future__ import annotations
@@ -16,6 +21,7 @@ import asyncio
 import logging
 import queue
 import threading
+import time
 from collections.abc import Callable, Coroutine, Sequence
 from dataclasses import dataclass
 from typing import Any, Protocol, TypeVar
@@ -68,7 +74,8 @@ class ConsumerLoop:
         topics: topics to subscribe to.
         handler: receives records and rebalance events on ``loop``.
         fetch_batch: records per ``consume()`` call.
-        max_handover: records handed to the loop and not yet taken in before all partitions pause.
+        max_handover: records handed to the loop and not yet taken in before fetching stops.
+        stall_pause_after: seconds the loop may stay behind before every partition is paused.
     """
 
     def __init__(
@@ -79,6 +86,7 @@ class ConsumerLoop:
         loop: asyncio.AbstractEventLoop,
         fetch_batch: int = 500,
         max_handover: int = 5_000,
+        stall_pause_after: float = 2.0,
     ) -> None:
         self._config = {
             **config,
@@ -100,13 +108,17 @@ class ConsumerLoop:
         self._loop = loop
         self._fetch_batch = fetch_batch
         self._max_handover = max_handover
+        self._stall_pause_after = stall_pause_after
         self._commands: queue.SimpleQueue[Callable[[Consumer], None]] = queue.SimpleQueue()
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
         self._consumer: Consumer | None = None
         self._assigned: set[TP] = set()
         self._want_paused: set[TP] = set()  # paused by the loop (tracker bounds)
-        self._stalled = False  # paused by hand-over back-pressure
+        self._stalled = False  # hand-over back-pressure: not taking records from librdkafka
+        self._stalled_since = 0.0
+        self._stall_paused = False  # stalled for too long: every partition paused
+        self._wake = threading.Event()  # set when the loop takes records in or queues a command
         self._paused: set[TP] = set()  # what is paused in librdkafka now
         self._subscribed = False
         self.handover = 0  # records handed to the loop, not yet taken in (loop decrements)
@@ -129,10 +141,14 @@ class ConsumerLoop:
             await asyncio.to_thread(self._thread.join, timeout)
 
     def join_group(self) -> None:
-        self._commands.put(self._do_subscribe)
+        self._command(self._do_subscribe)
 
     def leave_group(self) -> None:
-        self._commands.put(self._do_unsubscribe)
+        self._command(self._do_unsubscribe)
+
+    def _command(self, cmd: Callable[[Consumer], None]) -> None:
+        self._commands.put(cmd)
+        self._wake.set()
 
     # -- commands from the loop --------------------------------------------------------------------
 
@@ -144,7 +160,7 @@ class ConsumerLoop:
                 self._want_paused.discard(tp)
             self._sync_pause()
 
-        self._commands.put(apply)
+        self._command(apply)
 
     async def commit(self, offsets: Sequence[CommitOffset]) -> list[CommitOffset]:
         """Commit synchronously on the poll thread. Returns the offsets Kafka accepted."""
@@ -159,12 +175,19 @@ class ConsumerLoop:
             else:
                 self._loop.call_soon_threadsafe(_set_result, fut, done)
 
-        self._commands.put(apply)
+        self._command(apply)
         return await fut
+
+    @property
+    def paused(self) -> frozenset[TP]:
+        """Partitions paused in librdkafka now (for metrics and tests; read from any thread)."""
+        return frozenset(self._paused)
 
     def taken_in(self, n: int) -> None:
         with self.handover_lock:
             self.handover -= n
+        if self._stalled:
+            self._wake.set()
 
     # -- poll thread -------------------------------------------------------------------------------
 
@@ -173,18 +196,10 @@ class ConsumerLoop:
         assert consumer is not None
         try:
             while not self._stop.is_set():
+                self._wake.clear()
                 self._drain_commands(consumer)
-                with self.handover_lock:
-                    backlog = self.handover
-                # Hysteresis: pausing drops librdkafka's prefetched records, so stall above the
-                # limit and resume only once the loop has caught up to a quarter of it.
-                if self._stalled:
-                    stalled = self.halted or backlog > self._max_handover // 4
-                else:
-                    stalled = self.halted or backlog >= self._max_handover
-                if stalled != self._stalled:
-                    self._stalled = stalled
-                    self._sync_pause()
+                if not self._back_pressure():
+                    continue
                 if not self._subscribed:
                     self._stop.wait(0.05)
                     continue
@@ -213,6 +228,28 @@ class ConsumerLoop:
                 consumer.close()
             except Exception:
                 log.exception("closing the consumer failed")
+
+    def _back_pressure(self) -> bool:
+        """Decide whether to take records now. Returns False after waiting a little instead."""
+        with self.handover_lock:
+            backlog = self.handover
+        # Hysteresis: stop above the limit, go on once the loop has caught up to a quarter of it.
+        if self._stalled:
+            stalled = self.halted or backlog > self._max_handover // 4
+        else:
+            stalled = self.halted or backlog >= self._max_handover
+        now = time.monotonic()
+        if stalled != self._stalled:
+            self._stalled, self._stalled_since = stalled, now
+        paused = stalled and (self.halted or now - self._stalled_since >= self._stall_pause_after)
+        if paused != self._stall_paused:
+            self._stall_paused = paused
+            self._sync_pause()
+        if stalled and not paused:
+            # Leave the records in librdkafka's queue (it stops fetching when that is full).
+            self._wake.wait(0.05)
+            return False
+        return True
 
     def _drain_commands(self, consumer: Consumer) -> None:
         while True:
@@ -258,7 +295,7 @@ class ConsumerLoop:
         self._call(self._handler.on_assigned(infos))
         self._assigned.update((tp.topic, tp.partition) for tp in partitions)
         consumer.incremental_assign(partitions)
-        if self._stalled:
+        if self._stall_paused:
             self._sync_pause()
         log.info("assigned %s", _fmt(partitions))
 
@@ -302,7 +339,7 @@ class ConsumerLoop:
         consumer = self._consumer
         if consumer is None or not self._subscribed:
             return
-        want = set(self._assigned) if self._stalled else (self._want_paused & self._assigned)
+        want = set(self._assigned) if self._stall_paused else (self._want_paused & self._assigned)
         to_pause, to_resume = want - self._paused, self._paused - want
         try:
             if to_pause:
