@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import gc
 import logging
 import sys
 from collections.abc import Coroutine
@@ -71,6 +72,19 @@ def _run(main: Coroutine[Any, Any, None]) -> None:
     uvloop.run(main)
 
 
+def _tune_gc() -> None:
+    """Make the cyclic garbage collector rare.
+
+    Every in-flight record is a handful of container objects that live for a few hundred
+    milliseconds: long enough to be promoted, so with the default thresholds full collections
+    walk tens of thousands of live records over and over (a quarter of the CPU in a profile of
+    the engine). The sidecar's records do not form cycles that outlive them; reference counting
+    frees them. Objects created at start-up are frozen out of collections altogether.
+    """
+    gc.freeze()
+    gc.set_threshold(50_000, 20, 100)
+
+
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     try:
@@ -93,6 +107,7 @@ def main(argv: list[str] | None = None) -> int:
         testing_hooks.arm_from_environment()
     from sidecar.app import Sidecar
 
+    _tune_gc()
     try:
         _run(Sidecar(settings).run())
     except SidecarError as exc:

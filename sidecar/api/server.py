@@ -10,7 +10,7 @@ import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
-from sidecar._proto import dedup_pb2, dedup_pb2_grpc
+from sidecar._proto import dedup_pb2
 from sidecar.api.servicer import DedupServicer
 
 SERVICE_NAME = dedup_pb2.DESCRIPTOR.services_by_name["DedupService"].full_name
@@ -48,6 +48,31 @@ class TokenAuthInterceptor(grpc.aio.ServerInterceptor):
         return self._deny_stream if method.endswith("/Subscribe") else self._deny_unary
 
 
+def _passthrough(frame: bytes) -> bytes:
+    return frame
+
+
+def _handlers(servicer: DedupServicer) -> dict[str, grpc.RpcMethodHandler[Any, Any]]:
+    """DedupService's method handlers, as the generated ``add_..._to_server`` makes them, except
+    that Subscribe yields frames it serialized itself (sidecar.api.frames)."""
+    handlers: dict[str, grpc.RpcMethodHandler[Any, Any]] = {}
+    for method in dedup_pb2.DESCRIPTOR.services_by_name["DedupService"].methods:
+        request = getattr(dedup_pb2, method.input_type.name)
+        response = getattr(dedup_pb2, method.output_type.name)
+        behaviour = getattr(servicer, method.name)
+        if method.server_streaming:
+            handlers[method.name] = grpc.unary_stream_rpc_method_handler(
+                behaviour, request_deserializer=request.FromString, response_serializer=_passthrough
+            )
+        else:
+            handlers[method.name] = grpc.unary_unary_rpc_method_handler(
+                behaviour,
+                request_deserializer=request.FromString,
+                response_serializer=response.SerializeToString,
+            )
+    return handlers
+
+
 def build_server(
     servicer: DedupServicer,
     health_servicer: health.aio.HealthServicer,
@@ -66,7 +91,9 @@ def build_server(
             ("grpc.so_reuseport", 0),
         ],
     )
-    dedup_pb2_grpc.add_DedupServiceServicer_to_server(servicer, server)
+    handlers = _handlers(servicer)
+    server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(SERVICE_NAME, handlers),))
+    server.add_registered_method_handlers(SERVICE_NAME, handlers)
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
     reflection.enable_server_reflection(
         (SERVICE_NAME, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name, reflection.SERVICE_NAME),

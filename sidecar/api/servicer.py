@@ -12,10 +12,9 @@ import grpc
 
 from sidecar import testing_hooks
 from sidecar._proto import dedup_pb2 as pb
-from sidecar._proto import dedup_pb2_grpc as pb_grpc
 from sidecar.api.errors import status_for
+from sidecar.api.frames import encode_frame
 from sidecar.engine.engine import Engine
-from sidecar.engine.records import Pending
 from sidecar.errors import InvalidArgument, ShuttingDown, SidecarError
 from sidecar.publish.publisher import Publisher, PublishInput, PublishOutput
 
@@ -44,24 +43,6 @@ def _mapped(
     return wrapper
 
 
-def _delivery(engine: Engine, p: Pending) -> pb.Delivery:
-    d = pb.Delivery(
-        delivery_id=p.delivery_ids[-1],
-        idempotency_key=p.idem_key or "",
-        topic=p.tp[0],
-        partition=p.tp[1],
-        offset=p.offset,
-        value=p.value,
-        headers=[pb.Header(key=k, value=v) for k, v in p.headers],
-        timestamp_ms=p.timestamp_ms,
-        attempt=p.attempt,
-        deadline_ms=engine.deadline_epoch_ms(p),
-    )
-    if p.key is not None:
-        d.key = p.key
-    return d
-
-
 def _input(req: pb.PublishRequest) -> PublishInput:
     return PublishInput(
         topic=req.topic,
@@ -83,7 +64,9 @@ def _response(out: PublishOutput) -> pb.PublishResponse:
     )
 
 
-class DedupServicer(pb_grpc.DedupServiceServicer):
+class DedupServicer:
+    """The DedupService methods; server.py registers them (see _handlers there)."""
+
     def __init__(self, engine: Engine, publisher: Publisher, max_batch_entries: int) -> None:
         self._engine = engine
         self._publisher = publisher
@@ -91,7 +74,8 @@ class DedupServicer(pb_grpc.DedupServiceServicer):
 
     async def Subscribe(
         self, request: pb.SubscribeRequest, context: grpc.aio.ServicerContext[Any, Any]
-    ) -> AsyncIterator[pb.SubscribeResponse]:
+    ) -> AsyncIterator[bytes]:
+        """Yields serialized SubscribeResponse frames (see sidecar.api.frames and server.py)."""
         engine = self._engine
         try:
             stream = engine.attach(
@@ -105,7 +89,7 @@ class DedupServicer(pb_grpc.DedupServiceServicer):
                 batch = await engine.next_frame(stream)
                 if not batch:
                     break
-                yield pb.SubscribeResponse(deliveries=[_delivery(engine, p) for p in batch])
+                yield encode_frame(batch, engine.deadline_epoch_ms(batch[0]))
                 testing_hooks.reached("after_delivery")
         finally:
             engine.detach(stream)

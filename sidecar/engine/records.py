@@ -33,7 +33,7 @@ class Pending:
     store_key: str
     key: bytes | None
     value: bytes
-    headers: list[tuple[str, bytes]]
+    headers: list[tuple[str, bytes | None]]  # as consumed; a value may be None
     timestamp_ms: int
     attempt: int = 0
     state: State = State.CLAIMING
