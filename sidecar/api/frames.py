@@ -23,60 +23,75 @@ _SMALL = [bytes((i,)) for i in range(128)]
 
 def _varint(n: int) -> bytes:
     """Unsigned base-128 varint (proto3 writes negative int32/int64 as 10-byte two's complement)."""
-    if n < 0:
+    if n < 0x80:
+        if n >= 0:
+            return _SMALL[n]
         n += 1 << 64
-    if n < 128:
-        return _SMALL[n]
-    if n < 16384:
-        return bytes(((n & 0x7F) | 0x80, n >> 7))
+    if n < 0x4000:
+        return bytes((n & 0x7F | 0x80, n >> 7))
+    if n < 0x200000:
+        return bytes((n & 0x7F | 0x80, n >> 7 & 0x7F | 0x80, n >> 14))
     out = bytearray()
     while n > 0x7F:
-        out.append((n & 0x7F) | 0x80)
+        out.append(n & 0x7F | 0x80)
         n >>= 7
     out.append(n)
     return bytes(out)
 
 
 def _len_field(tag: bytes, data: bytes) -> bytes:
-    return tag + _varint(len(data)) + data
+    n = len(data)
+    return tag + (_SMALL[n] if n < 0x80 else _varint(n)) + data
 
 
-def _delivery(p: Pending, deadline_field: bytes) -> bytes:
-    """One Delivery; proto3 leaves zero/empty scalars out, as the generated code does."""
-    parts = [_len_field(b"\x0a", p.delivery_ids[-1].encode())]
-    if p.idem_key:
-        parts.append(_len_field(b"\x12", p.idem_key.encode()))
-    topic, partition = p.tp
-    if topic:
-        parts.append(_len_field(b"\x1a", topic.encode()))
-    if partition:
-        parts += (b"\x20", _varint(partition))
-    if p.offset:
-        parts += (b"\x28", _varint(p.offset))
-    if p.key is not None:  # optional: present even when empty
-        parts.append(_len_field(b"\x32", p.key))
-    if p.value:
-        parts += (b"\x3a", _varint(len(p.value)), p.value)
-    for k, v in p.headers:
-        header = b""
-        if k:
-            header = _len_field(b"\x0a", k.encode())
-        if v:
-            header += _len_field(b"\x12", v)
-        parts.append(_len_field(b"\x42", header))
-    if p.timestamp_ms:
-        parts += (b"\x48", _varint(p.timestamp_ms))
-    if p.attempt:
-        parts += (b"\x50", _varint(p.attempt))
-    parts.append(deadline_field)
-    return b"".join(parts)
+_topic_fields: dict[str, bytes] = {}
+
+
+def _topic_field(topic: str) -> bytes:
+    field = _topic_fields.get(topic)
+    if field is None:
+        if len(_topic_fields) > 10_000:
+            _topic_fields.clear()
+        field = _topic_fields[topic] = _len_field(b"\x1a", topic.encode()) if topic else b""
+    return field
 
 
 def encode_frame(batch: Sequence[Pending], deadline_ms: int) -> bytes:
-    """A serialized ``SubscribeResponse`` with one Delivery per record, all with one deadline."""
+    """A serialized ``SubscribeResponse`` with one Delivery per record, all with one deadline.
+
+    proto3 leaves zero and empty scalars out, as the generated code does; ``key`` is optional,
+    so an empty key is written and a missing one is not.
+    """
     deadline_field = b"\x58" + _varint(deadline_ms) if deadline_ms else b""
-    parts: list[bytes] = []
+    small, varint, len_field, topic_field = _SMALL, _varint, _len_field, _topic_field
+    out: list[bytes] = []
     for p in batch:
-        d = _delivery(p, deadline_field)
-        parts += (b"\x0a", _varint(len(d)), d)
-    return b"".join(parts)
+        did = p.delivery_ids[-1].encode()
+        parts = [b"\x0a", small[len(did)] if len(did) < 0x80 else varint(len(did)), did]
+        if p.idem_key:
+            parts.append(len_field(b"\x12", p.idem_key.encode()))
+        topic, partition = p.tp
+        parts.append(topic_field(topic))
+        if partition:
+            parts += (b"\x20", varint(partition))
+        if p.offset:
+            parts += (b"\x28", varint(p.offset))
+        if p.key is not None:
+            parts.append(len_field(b"\x32", p.key))
+        value = p.value
+        if value:
+            parts += (b"\x3a", varint(len(value)), value)
+        for k, v in p.headers:
+            header = len_field(b"\x0a", k.encode()) if k else b""
+            if v:
+                header += len_field(b"\x12", v)
+            parts.append(len_field(b"\x42", header))
+        if p.timestamp_ms:
+            parts += (b"\x48", varint(p.timestamp_ms))
+        if p.attempt:
+            parts += (b"\x50", small[p.attempt] if 0 < p.attempt < 0x80 else varint(p.attempt))
+        parts.append(deadline_field)
+        size = sum(map(len, parts))
+        out += (b"\x0a", small[size] if size < 0x80 else varint(size))
+        out += parts
+    return b"".join(out)
