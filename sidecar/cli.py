@@ -72,17 +72,22 @@ def _run(main: Coroutine[Any, Any, None]) -> None:
     uvloop.run(main)
 
 
-def _tune_gc() -> None:
-    """Make the cyclic garbage collector rare.
+def _tune_interpreter() -> None:
+    """Make the cyclic garbage collector rare, and hand the GIL over sooner.
 
     Every in-flight record is a handful of container objects that live for a few hundred
     milliseconds: long enough to be promoted, so with the default thresholds full collections
     walk tens of thousands of live records over and over (a quarter of the CPU in a profile of
     the engine). The sidecar's records do not form cycles that outlive them; reference counting
     frees them. Objects created at start-up are frozen out of collections altogether.
+
+    The Kafka poll thread needs the GIL to hand each fetched batch over. With the default 5 ms
+    switch interval it waits for the event loop's busy stretches, which showed as milliseconds
+    of produce-to-app latency at low rates; 0.5 ms cost no measurable throughput.
     """
     gc.freeze()
     gc.set_threshold(50_000, 20, 100)
+    sys.setswitchinterval(0.0005)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -107,7 +112,7 @@ def main(argv: list[str] | None = None) -> int:
         testing_hooks.arm_from_environment()
     from sidecar.app import Sidecar
 
-    _tune_gc()
+    _tune_interpreter()
     try:
         _run(Sidecar(settings).run())
     except SidecarError as exc:

@@ -42,6 +42,7 @@ from sidecar.store.base import ClaimStatus, DedupStore
 log = logging.getLogger(__name__)
 T = TypeVar("T")
 
+FRAME_HOLD_S = 0.005  # longest a credit-bound frame waits for more credit
 _ID_RE = re.compile(r"^([0-9a-f]{8})\.([0-9]+)$")
 
 
@@ -252,8 +253,13 @@ class Engine:
     # intake
 
     async def _intake_loop(self) -> None:
+        limit = max(self.settings.kafka.fetch_batch, 500)
         while True:
             batch = await self._intake.get()
+            # Hand-overs queued meanwhile join this batch: at a low rate the poll thread hands
+            # records over one by one, and one claim round trip each would not keep up.
+            while len(batch) < limit and not self._intake.empty():
+                batch = batch + self._intake.get_nowait()
             try:
                 await self._take_in(batch)
             except Exception:
@@ -428,8 +434,23 @@ class Engine:
 
     async def next_frame(self, s: Stream) -> list[Pending]:
         """Wait for deliveries for ``s``; returns [] when the stream must end."""
+        hold_until: float | None = None
         while not s.closed:
             if self.accepting and s.has_credit():
+                room = s.max_in_flight - len(s.in_flight)
+                if room < s.min_frame and len(self._ready) > room:
+                    # More is waiting than fits: let credit build up for a fuller frame, but
+                    # only for FRAME_HOLD_S, so an app that waits for more records first still
+                    # gets them.
+                    now = time.monotonic()
+                    if hold_until is None:
+                        hold_until = now + FRAME_HOLD_S
+                    if now < hold_until:
+                        s.wakeup.clear()
+                        with contextlib.suppress(TimeoutError):
+                            async with asyncio.timeout(hold_until - now):
+                                await s.wakeup.wait()
+                        continue
                 batch = self._ready.take(s)
                 if batch:
                     batch = await self._ensure_leases(batch)

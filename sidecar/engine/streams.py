@@ -27,6 +27,10 @@ class Stream:
         self.max_in_flight = max_in_flight
         self.max_bytes = max_bytes
         self.max_batch = max_batch
+        # Credit-bound, a frame waits (briefly) until at least this many records fit: otherwise
+        # each ack of a few records returns a little credit, which is spent at once on a frame
+        # of a few records, and frames stay tiny for as long as the backlog lasts.
+        self.min_frame = max(1, min(max_batch, max_in_flight // 4))
         self.in_flight: dict[int, Pending] = {}  # id(pending) -> pending
         self.in_flight_bytes = 0
         self.wakeup = asyncio.Event()

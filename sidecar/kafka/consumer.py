@@ -203,7 +203,7 @@ class ConsumerLoop:
                 if not self._subscribed:
                     self._stop.wait(0.05)
                     continue
-                msgs = consumer.consume(self._fetch_batch, 0.1)
+                msgs = self._fetch(consumer)
                 if not msgs:
                     continue
                 records = []
@@ -228,6 +228,21 @@ class ConsumerLoop:
                 consumer.close()
             except Exception:
                 log.exception("closing the consumer failed")
+
+    def _fetch(self, consumer: Consumer) -> list[Message]:
+        """Take what librdkafka has queued, up to a batch, without waiting for a full batch.
+
+        ``consume(n, timeout)`` waits until it has ``n`` records or the timeout passed, which at
+        a low rate adds up to the whole timeout to every record's latency. So take what is there;
+        if nothing is, wait for the first record only, then take what came with it.
+        """
+        msgs = consumer.consume(self._fetch_batch, 0)
+        if msgs:
+            return msgs
+        msgs = consumer.consume(1, 0.1)
+        if msgs and self._fetch_batch > 1:
+            msgs += consumer.consume(self._fetch_batch - 1, 0)
+        return msgs
 
     def _back_pressure(self) -> bool:
         """Decide whether to take records now. Returns False after waiting a little instead."""

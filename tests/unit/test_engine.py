@@ -10,6 +10,7 @@ import pytest
 from confluent_kafka import Message
 
 from sidecar import config
+from sidecar.engine import engine as engine_module
 from sidecar.engine.engine import AckOutcome, Engine
 from sidecar.kafka.consumer import Assigned, CommitOffset, ConsumerLoop
 from sidecar.kafka.producer import AsyncProducer, Produced
@@ -144,6 +145,35 @@ async def test_credit_limits_deliveries_per_stream(engine: tuple[Engine, FakeCon
         await asyncio.wait_for(eng.next_frame(s), 0.2)
     await eng.ack([got[0].delivery_ids[-1]])
     assert len(await take(eng, s, 1)) == 1
+
+
+async def test_credit_bound_frames_wait_briefly_for_a_fuller_window(
+    engine: tuple[Engine, FakeConsumer], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    eng, _ = engine
+    monkeypatch.setattr(engine_module, "FRAME_HOLD_S", 30.0)
+    s = eng.attach([], 8, 0, 8)  # frames of at least 8 // 4 = 2 while more is waiting than fits
+    await intake(eng, *(msg(p, o, f"w{p}-{o}") for p in (0, 1) for o in range(8)))
+    first = await take(eng, s, 8)
+    await eng.ack([first[0].delivery_ids[-1]])
+    pending = asyncio.create_task(eng.next_frame(s))
+    await asyncio.sleep(0.2)
+    assert not pending.done(), "a frame of one record went out while eight were waiting"
+    await eng.ack([m.delivery_ids[-1] for m in first[1:4]])
+    assert len(await asyncio.wait_for(pending, 2)) == 4
+
+
+async def test_a_held_frame_still_goes_out_after_the_hold(
+    engine: tuple[Engine, FakeConsumer], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    eng, _ = engine
+    monkeypatch.setattr(engine_module, "FRAME_HOLD_S", 0.1)
+    s = eng.attach([], 8, 0, 8)
+    await intake(eng, *(msg(p, o, f"h{p}-{o}") for p in (0, 1) for o in range(8)))
+    first = await take(eng, s, 8)
+    await eng.ack([first[0].delivery_ids[-1]])
+    # An app that waits for more records before it acks the rest is not starved.
+    assert len(await asyncio.wait_for(eng.next_frame(s), 2)) == 1
 
 
 async def test_keyless_record_uses_offset_fallback(engine: tuple[Engine, FakeConsumer]) -> None:
