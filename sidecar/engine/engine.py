@@ -21,6 +21,7 @@ import logging
 import os
 import re
 import time
+from collections import deque
 from collections.abc import Awaitable, Callable, Coroutine, Sequence
 from dataclasses import dataclass
 from typing import Any, TypeVar, cast
@@ -43,6 +44,9 @@ log = logging.getLogger(__name__)
 T = TypeVar("T")
 
 FRAME_HOLD_S = 0.005  # longest a credit-bound frame waits for more credit
+CLAIM_BATCH = 500  # keys per claim round trip
+CLAIM_SLOTS = 4  # claim round trips in flight at most
+CLAIM_BACKLOG = 2_000  # records waiting for a claim before intake waits
 _ID_RE = re.compile(r"^([0-9a-f]{8})\.([0-9]+)$")
 
 
@@ -141,7 +145,10 @@ class Engine:
         self._tasks: list[asyncio.Task[None]] = []
         self._background: set[asyncio.Task[None]] = set()
         self._commit_wakeup = asyncio.Event()
-        self._claim_slots = asyncio.Semaphore(4)
+        self._claim_queue: deque[Pending] = deque()  # taken in, waiting for a claim round trip
+        self._claims_in_flight = 0
+        self._claim_kick = asyncio.Event()  # records queued, or a claim returned
+        self._claim_room = asyncio.Event()  # the claim backlog fell below CLAIM_BACKLOG
         self._no_stream_since: float | None = clock()
         self._left_group = False
         self.accepting = True
@@ -152,7 +159,13 @@ class Engine:
 
     def start(self, consumer: ConsumerLoop) -> None:
         self.consumer = consumer
-        loop_tasks = [self._intake_loop(), self._timer_loop(), self._commit_loop(), self._purge_loop()]
+        loop_tasks = [
+            self._intake_loop(),
+            self._claim_loop(),
+            self._timer_loop(),
+            self._commit_loop(),
+            self._purge_loop(),
+        ]
         self._tasks = [asyncio.create_task(c) for c in loop_tasks]
 
     async def stop(self, grace_s: float) -> None:
@@ -322,18 +335,42 @@ class Engine:
             p.reason = f"no {d.idempotency_header!r} header and delivery.key_fallback=dead-letter"
             self._spawn(self._dead_letter([p]))
         if to_claim:
-            # Claims of consecutive batches overlap (offers above already fixed the order); the
-            # semaphore bounds how many round trips are in flight.
-            await self._claim_slots.acquire()
-            self._spawn(self._claim_and_release_slot(to_claim))
+            self._claim_queue.extend(to_claim)
+            self._claim_kick.set()
+            # Back-pressure: stop taking records in while the claim backlog is long.
+            while len(self._claim_queue) >= CLAIM_BACKLOG:
+                self._claim_room.clear()
+                await self._claim_room.wait()
 
-    async def _claim_and_release_slot(self, records: list[Pending]) -> None:
+    async def _claim_loop(self) -> None:
+        """Send queued records to the store, grouped like a group commit.
+
+        With no claim in flight a record is claimed at once (lowest latency at a low rate).
+        While one is in flight, records gather until it returns or a full batch is ready, so
+        the number of round trips follows the store's speed, not the record rate. Up to
+        CLAIM_SLOTS full batches overlap under load (offers already fixed the order).
+        """
+        queue = self._claim_queue
+        while True:
+            await self._claim_kick.wait()
+            self._claim_kick.clear()
+            while queue and self._claims_in_flight < CLAIM_SLOTS:
+                if self._claims_in_flight and len(queue) < CLAIM_BATCH:
+                    break  # wait for the claim in flight, or for a full batch
+                chunk = [queue.popleft() for _ in range(min(CLAIM_BATCH, len(queue)))]
+                self._claims_in_flight += 1
+                self._spawn(self._claim_chunk(chunk))
+            if len(queue) < CLAIM_BACKLOG:
+                self._claim_room.set()
+
+    async def _claim_chunk(self, records: list[Pending]) -> None:
         try:
             await self._claim(records, retry=True)
         except Exception:
             log.exception("claim failed for %d records", len(records))
         finally:
-            self._claim_slots.release()
+            self._claims_in_flight -= 1
+            self._claim_kick.set()
 
     async def _claim(self, records: list[Pending], retry: bool) -> None:
         """Claim records in the store and route them by the answer."""

@@ -113,6 +113,14 @@ return redis.call('GET', KEYS[1])
 """
 
 
+def _resp(args: list[bytes]) -> bytes:
+    """One command in the Redis protocol (RESP): an array of bulk strings."""
+    parts = [b"*%d\r\n" % len(args)]
+    for a in args:
+        parts += (b"$%d\r\n" % len(a), a, b"\r\n")
+    return b"".join(parts)
+
+
 class _Script:
     __slots__ = ("sha", "text")
 
@@ -145,9 +153,6 @@ class RedisStore:
         self._publish = _Script(PUBLISH_RECORD)
         self._cluster: bool | None = None  # learnt from INFO cluster on first use
 
-    def _k(self, key: str) -> str:
-        return f"{self._prefix}:k:{key}"
-
     def _p(self, key: str) -> str:
         return f"{self._prefix}:p:{key}"
 
@@ -161,15 +166,18 @@ class RedisStore:
                 info = await self._client.info("cluster")
                 self._cluster = bool(info.get("cluster_enabled"))
             step = 1 if self._cluster else _CHUNK
+            tail = [str(a).encode() for a in args]
+            prefix = f"{self._prefix}:k:"
             for attempt in range(2):
                 if script.sha is None:
                     script.sha = str(await self._client.script_load(script.text))
+                sha = script.sha.encode()
+                commands = []
+                for i in range(0, len(keys), step):
+                    chunk = [(prefix + k).encode() for k in keys[i : i + step]]
+                    commands.append(_resp([b"EVALSHA", sha, str(len(chunk)).encode(), *chunk, *tail]))
                 try:
-                    async with self._client.pipeline(transaction=False) as pipe:
-                        for i in range(0, len(keys), step):
-                            chunk = [self._k(k) for k in keys[i : i + step]]
-                            pipe.evalsha(script.sha, len(chunk), *chunk, *args)
-                        replies = await pipe.execute()
+                    replies = await self._round_trip(b"".join(commands), len(commands))
                     return [x for reply in replies for x in reply]
                 except NoScriptError:
                     # Redis restarted or SCRIPT FLUSH: load again, once. Scripts are idempotent
@@ -182,6 +190,24 @@ class RedisStore:
             raise StoreUnavailable(
                 f"Redis dedup store unreachable: {exc} (setting: store.redis_url)"
             ) from exc
+
+    async def _round_trip(self, packed: bytes, replies: int) -> list[Any]:
+        """Send pipelined commands on one pooled connection and read their replies.
+
+        The hot path goes around redis-py's Pipeline (its per-call bookkeeping cost about as much
+        CPU as the round trip itself) but keeps its connections: URL, auth, TLS and timeouts.
+        """
+        pool = self._client.connection_pool
+        conn = await pool.get_connection()  # type: ignore[no-untyped-call]
+        try:
+            await conn.send_packed_command(packed, check_health=False)
+            return [await conn.read_response() for _ in range(replies)]
+        except BaseException:
+            # Replies may be left unread (an error reply raises at once): never reuse it.
+            await conn.disconnect()
+            raise
+        finally:
+            await pool.release(conn)
 
     async def claim(self, keys: Sequence[str], owner: str, lease_ms: int) -> list[Claim]:
         raw = await self._batch(self._claim, keys, [owner, lease_ms, self._retention_ms])

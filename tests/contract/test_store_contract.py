@@ -181,3 +181,33 @@ async def test_sqlite_survives_reopen(tmp_path: Path) -> None:
     assert (await s2.claim(["k"], "b", LEASE))[0].status is DONE
     assert await s2.publish_lookup("p") == PublishRecord("d", "t", 0, 7)
     await s2.close()
+
+
+@pytest.mark.integration
+@pytest.mark.parametrize("cluster", [False, True])
+async def test_redis_reloads_flushed_scripts_and_keeps_the_connection_usable(
+    redis_server: Any, cluster: bool
+) -> None:
+    import redis as redis_py
+
+    s = RedisStore(redis_server.url, prefix=f"test-{uuid.uuid4().hex[:8]}")
+    s._cluster = cluster
+    ks = keys(3)
+    assert [c.status for c in await s.claim(ks[:2], "a", LEASE)] == [NEW, NEW]
+    # A Redis restart or SCRIPT FLUSH forgets the scripts: the next batch loads them again, and
+    # the reply that said NOSCRIPT does not leave the connection out of step with its replies.
+    redis_py.Redis.from_url(redis_server.url).script_flush()
+    assert [c.status for c in await s.claim(ks, "a", LEASE)] == [NEW, NEW, NEW]
+    assert await s.complete(ks, "a", DAY) == [False, False, False]
+    assert [c.status for c in await s.claim(ks, "b", LEASE)] == [DONE, DONE, DONE]
+    await s.close()
+
+
+@pytest.mark.integration
+async def test_redis_unreachable_is_store_unavailable_naming_the_setting() -> None:
+    from sidecar.errors import StoreUnavailable
+
+    s = RedisStore("redis://127.0.0.1:1/0", timeout_s=1.0)
+    with pytest.raises(StoreUnavailable, match="store.redis_url"):
+        await s.claim(["k"], "a", LEASE)
+    await s.close()
