@@ -28,7 +28,6 @@ import platform
 import subprocess
 import sys
 import tempfile
-import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -291,7 +290,10 @@ def raw_publish(kafka: services.KafkaBroker, topic: str, n: int) -> Result:
 def sidecar_publish(
     kafka: services.KafkaBroker, topic: str, n: int, store: dict[str, str], workdir: Path, batch: int
 ) -> Result:
-    proc = SidecarProc(kafka, topic, f"pub-{time.time_ns()}", store, workdir)
+    # The sidecar consumes another (empty) topic: only the publish path is measured.
+    idle = f"benchidle-{time.time_ns()}"
+    kafka.create_topic(idle, 1)
+    proc = SidecarProc(kafka, idle, f"pub-{time.time_ns()}", store, workdir)
     try:
 
         async def run() -> float:
@@ -333,33 +335,21 @@ def sidecar_publish(
 def latency(
     kafka: services.KafkaBroker, topic: str, rate: int, seconds: float, store: dict[str, str], workdir: Path
 ) -> dict[str, dict[str, float]]:
-    """Produce at ``rate``/s with a timestamp in the value; measure arrival delay at the app."""
+    """Produce at ``rate``/s with the send time in the value; measure the arrival delay at the app.
+
+    The producer is its own process (bench/producer.py). The first ``warmup`` seconds of records
+    are dropped for both paths: connection set-up and offset lookups, not steady state.
+    """
+    warmup = 8.0
     out: dict[str, dict[str, float]] = {}
 
-    def producer_thread(stop: threading.Event, tag: str) -> None:
-        p = Producer({"bootstrap.servers": kafka.bootstrap_servers, "linger.ms": 0})
-        interval = 1.0 / rate
-        nxt = time.perf_counter()
-        i = 0
-        while not stop.is_set():
-            now = time.perf_counter()
-            if now < nxt:
-                time.sleep(min(nxt - now, 0.001))
-                continue
-            p.produce(
-                topic,
-                str(time.time()).encode().ljust(64),
-                headers=[("idempotency-key", f"{tag}-{i}".encode())],
-            )
-            p.poll(0)
-            i += 1
-            nxt += interval
-        p.flush(10)
-
-    warmup = 3.0  # seconds of connection set-up and offset lookups, dropped for both paths
+    def start_producer(tag: str) -> subprocess.Popen[bytes]:
+        script = str(ROOT / "bench" / "producer.py")
+        args = [kafka.bootstrap_servers, topic, str(rate), str(warmup + seconds), tag]
+        return subprocess.Popen([sys.executable, script, *args])
 
     def summarize(timed: list[tuple[float, float]]) -> dict[str, float]:
-        start = timed[0][0] + warmup if timed else 0.0
+        start = min(sent for sent, _ in timed) + warmup if timed else 0.0
         samples = sorted(lat for sent, lat in timed if sent >= start)
         return {
             "p50_ms": 1000 * samples[len(samples) // 2],
@@ -381,19 +371,14 @@ def latency(
     while not c.assignment():
         c.poll(0.1)
     c.poll(0.5)
-    stop = threading.Event()
-    th = threading.Thread(target=producer_thread, args=(stop, f"lr{time.time_ns()}"))
-    th.start()
+    producer = start_producer(f"lr{time.time_ns()}")
     samples: list[tuple[float, float]] = []
-    end = time.perf_counter() + seconds
-    while time.perf_counter() < end:
+    while producer.poll() is None:
         # One record per poll: consume(n, timeout) would wait for n records and add that wait.
         m = c.poll(0.1)
         if m is not None and m.error() is None:
             sent = float((m.value() or b"0").strip())
             samples.append((sent, time.time() - sent))
-    stop.set()
-    th.join()
     c.close()
     out["raw consumer"] = summarize(samples)
 
@@ -414,8 +399,6 @@ def latency(
             await wait_serving(proc.target)
             got: list[tuple[float, float]] = []
             async with DedupClient(proc.target) as cl:
-                stop2 = threading.Event()
-                th2 = threading.Thread(target=producer_thread, args=(stop2, f"ls{time.time_ns()}"))
 
                 async def pump() -> None:
                     gen = cl.frames()
@@ -431,10 +414,8 @@ def latency(
 
                 task = asyncio.create_task(pump())
                 await asyncio.sleep(3)  # joined and assigned
-                th2.start()
-                await asyncio.sleep(seconds)
-                stop2.set()
-                await asyncio.to_thread(th2.join)
+                producer = start_producer(f"ls{time.time_ns()}")
+                await asyncio.to_thread(producer.wait)
                 await asyncio.sleep(0.5)
                 task.cancel()
                 await asyncio.gather(task, return_exceptions=True)

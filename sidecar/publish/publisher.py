@@ -165,7 +165,8 @@ class Publisher:
                 req.topic, req.value, req.key, [*req.headers, (self._header, key.encode())], req.partition
             )
             try:
-                produced = await asyncio.wait_for(asyncio.shield(fut), self._producer.timeout_s + 5)
+                async with asyncio.timeout(self._producer.timeout_s + 5):
+                    produced = await asyncio.shield(fut)
             except TimeoutError:
                 # Indeterminate. Keep the claim and record the outcome when librdkafka reports it,
                 # so a retry with this key waits for it instead of producing a second record.

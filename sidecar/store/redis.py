@@ -8,8 +8,9 @@ come from the Redis server's clock (``TIME``), so replicas with skewed clocks ag
 
 from __future__ import annotations
 
+import asyncio
 import logging
-from collections.abc import Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from typing import Any
 
 import redis.asyncio as aioredis
@@ -106,10 +107,19 @@ return out
 """
 )
 
-# KEYS[1] key; ARGV record, retention_ms. Returns the stored record (first writer wins).
+# KEYS publish keys; ARGV retention_ms, then one record per key. Returns the stored record per
+# key (first writer wins).
 PUBLISH_RECORD = """
-if redis.call('SET', KEYS[1], ARGV[1], 'NX', 'PX', ARGV[2]) then return ARGV[1] end
-return redis.call('GET', KEYS[1])
+local out = {}
+for i, k in ipairs(KEYS) do
+  local record = ARGV[i + 1]
+  if redis.call('SET', k, record, 'NX', 'PX', ARGV[1]) then
+    out[i] = record
+  else
+    out[i] = redis.call('GET', k)
+  end
+end
+return out
 """
 
 
@@ -119,6 +129,53 @@ def _resp(args: list[bytes]) -> bytes:
     for a in args:
         parts += (b"$%d\r\n" % len(a), a, b"\r\n")
     return b"".join(parts)
+
+
+def _unavailable(exc: RedisError) -> StoreUnavailable:
+    return StoreUnavailable(f"Redis dedup store unreachable: {exc} (setting: store.redis_url)")
+
+
+class _Coalescer:
+    """Joins the calls made while the event loop runs one batch of work into one round trip.
+
+    ``PublishBatch`` publishes its entries concurrently, and each publish looks its key up,
+    claims it, records it and releases it. Issued one by one that is thousands of round trips
+    (and connections); joined, each step is one round trip for the whole batch. A call waits
+    for nothing but the current loop iteration, so a lone call is not delayed.
+    """
+
+    def __init__(self, run: Callable[[list[Any]], Awaitable[list[Any]]]) -> None:
+        self._run = run
+        self._pending: list[tuple[list[Any], asyncio.Future[list[Any]]]] = []
+        self._tasks: set[asyncio.Task[None]] = set()
+
+    async def __call__(self, items: list[Any]) -> list[Any]:
+        loop = asyncio.get_running_loop()
+        fut: asyncio.Future[list[Any]] = loop.create_future()
+        self._pending.append((items, fut))
+        if len(self._pending) == 1:
+            loop.call_soon(self._flush)
+        return await fut
+
+    def _flush(self) -> None:
+        pending, self._pending = self._pending, []
+        task = asyncio.create_task(self._run_joined(pending))
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    async def _run_joined(self, pending: list[tuple[list[Any], asyncio.Future[list[Any]]]]) -> None:
+        try:
+            results = await self._run([x for items, _ in pending for x in items])
+        except BaseException as exc:  # noqa: BLE001 - every caller gets the failure
+            for _, fut in pending:
+                if not fut.done():
+                    fut.set_exception(exc)
+            return
+        i = 0
+        for items, fut in pending:
+            if not fut.done():
+                fut.set_result(results[i : i + len(items)])
+            i += len(items)
 
 
 class _Script:
@@ -152,44 +209,71 @@ class RedisStore:
         self._release = _Script(RELEASE)
         self._publish = _Script(PUBLISH_RECORD)
         self._cluster: bool | None = None  # learnt from INFO cluster on first use
+        self._joiners: dict[tuple[Any, ...], _Coalescer] = {}
 
     def _p(self, key: str) -> str:
         return f"{self._prefix}:p:{key}"
 
-    async def _batch(self, script: _Script, keys: Sequence[str], args: list[Any]) -> list[Any]:
-        """Run ``script`` over ``keys``: one call per chunk (standalone) or per key (cluster),
-        all in one pipeline. Returns the scripts' outputs concatenated."""
+    def _joined(self, what: tuple[Any, ...], run: Callable[[list[Any]], Awaitable[list[Any]]]) -> _Coalescer:
+        joiner = self._joiners.get(what)
+        if joiner is None:
+            joiner = self._joiners[what] = _Coalescer(run)
+        return joiner
+
+    async def _per_key(self, script: _Script, keys: Sequence[str], args: list[Any], width: int) -> list[Any]:
+        """Run ``script`` over ``keys`` (dedup keys); concurrent calls with the same script and
+        arguments share one round trip. Returns one result per key (a tuple when ``width`` > 1)."""
         if not keys:
             return []
+        shared = [str(a).encode() for a in args]
+
+        async def run(full_keys: list[bytes]) -> list[Any]:
+            return await self._eval(script, full_keys, shared, None, width)
+
+        prefix = f"{self._prefix}:k:"
+        return await self._joined((script.text, *args), run)([(prefix + k).encode() for k in keys])
+
+    async def _eval(
+        self, script: _Script, keys: list[bytes], shared: list[bytes], per_key: list[bytes] | None, width: int
+    ) -> list[Any]:
+        """One pipeline of EVALSHA calls: a chunk of keys per call on a standalone Redis, one key
+        per call on Redis Cluster (keys may live in any slot). ARGV is ``shared`` followed by the
+        chunk's ``per_key`` values. Returns one result per key."""
         try:
-            if self._cluster is None:
-                info = await self._client.info("cluster")
-                self._cluster = bool(info.get("cluster_enabled"))
-            step = 1 if self._cluster else _CHUNK
-            tail = [str(a).encode() for a in args]
-            prefix = f"{self._prefix}:k:"
+            step = 1 if await self._is_cluster() else _CHUNK
             for attempt in range(2):
                 if script.sha is None:
                     script.sha = str(await self._client.script_load(script.text))
                 sha = script.sha.encode()
                 commands = []
                 for i in range(0, len(keys), step):
-                    chunk = [(prefix + k).encode() for k in keys[i : i + step]]
-                    commands.append(_resp([b"EVALSHA", sha, str(len(chunk)).encode(), *chunk, *tail]))
+                    chunk = keys[i : i + step]
+                    extra = per_key[i : i + step] if per_key is not None else []
+                    commands.append(
+                        _resp([b"EVALSHA", sha, str(len(chunk)).encode(), *chunk, *shared, *extra])
+                    )
                 try:
                     replies = await self._round_trip(b"".join(commands), len(commands))
-                    return [x for reply in replies for x in reply]
                 except NoScriptError:
                     # Redis restarted or SCRIPT FLUSH: load again, once. Scripts are idempotent
                     # per key, so re-running the ones that did execute is harmless.
                     script.sha = None
                     if attempt:
                         raise
+                    continue
+                flat = [x for reply in replies for x in reply]
+                if width == 1:
+                    return flat
+                return [tuple(flat[i : i + width]) for i in range(0, len(flat), width)]
             raise AssertionError("unreachable")
         except RedisError as exc:
-            raise StoreUnavailable(
-                f"Redis dedup store unreachable: {exc} (setting: store.redis_url)"
-            ) from exc
+            raise _unavailable(exc) from exc
+
+    async def _is_cluster(self) -> bool:
+        if self._cluster is None:
+            info = await self._client.info("cluster")
+            self._cluster = bool(info.get("cluster_enabled"))
+        return self._cluster
 
     async def _round_trip(self, packed: bytes, replies: int) -> list[Any]:
         """Send pipelined commands on one pooled connection and read their replies.
@@ -210,31 +294,36 @@ class RedisStore:
             await pool.release(conn)
 
     async def claim(self, keys: Sequence[str], owner: str, lease_ms: int) -> list[Claim]:
-        raw = await self._batch(self._claim, keys, [owner, lease_ms, self._retention_ms])
-        return [Claim(ClaimStatus(int(raw[i])), int(raw[i + 1])) for i in range(0, len(raw), 2)]
+        raw = await self._per_key(self._claim, keys, [owner, lease_ms, self._retention_ms], 2)
+        return [Claim(ClaimStatus(int(status)), int(attempt)) for status, attempt in raw]
 
     async def complete(self, keys: Sequence[str], owner: str, retention_ms: int) -> list[bool]:
-        return [bool(int(x)) for x in await self._batch(self._complete, keys, [owner, retention_ms])]
+        return [bool(int(x)) for x in await self._per_key(self._complete, keys, [owner, retention_ms], 1)]
 
     async def release(self, keys: Sequence[str], owner: str) -> list[bool]:
-        return [bool(int(x)) for x in await self._batch(self._release, keys, [owner])]
+        return [bool(int(x)) for x in await self._per_key(self._release, keys, [owner], 1)]
 
     async def publish_lookup(self, key: str) -> PublishRecord | None:
-        try:
-            raw = await self._client.get(self._p(key))
-        except RedisError as exc:
-            raise StoreUnavailable(
-                f"Redis dedup store unreachable: {exc} (setting: store.redis_url)"
-            ) from exc
+        [raw] = await self._joined(("lookup",), self._lookup_many)([self._p(key).encode()])
         return PublishRecord.decode(str(raw)) if raw else None
 
-    async def publish_record(self, key: str, record: PublishRecord, retention_ms: int) -> PublishRecord:
+    async def _lookup_many(self, keys: list[bytes]) -> list[Any]:
         try:
-            raw = await self._client.eval(self._publish.text, 1, self._p(key), record.encode(), retention_ms)
+            if await self._is_cluster():
+                return await self._round_trip(b"".join(_resp([b"GET", k]) for k in keys), len(keys))
+            [values] = await self._round_trip(_resp([b"MGET", *keys]), 1)
+            return list(values)
         except RedisError as exc:
-            raise StoreUnavailable(
-                f"Redis dedup store unreachable: {exc} (setting: store.redis_url)"
-            ) from exc
+            raise _unavailable(exc) from exc
+
+    async def publish_record(self, key: str, record: PublishRecord, retention_ms: int) -> PublishRecord:
+        async def run(items: list[tuple[bytes, bytes]]) -> list[Any]:
+            keys, records = [k for k, _ in items], [r for _, r in items]
+            return await self._eval(self._publish, keys, [str(retention_ms).encode()], records, 1)
+
+        [raw] = await self._joined(("record", retention_ms), run)(
+            [(self._p(key).encode(), record.encode().encode())]
+        )
         return PublishRecord.decode(str(raw))
 
     async def purge(self) -> int:

@@ -208,6 +208,25 @@ async def test_redis_unreachable_is_store_unavailable_naming_the_setting() -> No
     from sidecar.errors import StoreUnavailable
 
     s = RedisStore("redis://127.0.0.1:1/0", timeout_s=1.0)
-    with pytest.raises(StoreUnavailable, match="store.redis_url"):
+    with pytest.raises(StoreUnavailable, match=r"store\.redis_url"):
         await s.claim(["k"], "a", LEASE)
     await s.close()
+
+
+async def test_concurrent_single_key_calls_each_get_their_own_answer(store: DedupStore) -> None:
+    # The Redis store joins concurrent calls into one round trip; each caller still gets the
+    # answer for its own keys, in order, and first-writer-wins holds within a joined batch.
+    ks = keys(20)
+    claims = await asyncio.gather(
+        *(store.claim([k, "shared-" + ks[0]], f"o{i}", LEASE) for i, k in enumerate(ks))
+    )
+    assert [c[0].status for c in claims] == [NEW] * 20
+    assert sorted(c[1].status.name for c in claims) == ["BUSY"] * 19 + ["NEW"]
+    records = [PublishRecord(f"d{i}", "t", i, i) for i in range(20)]
+    stored = await asyncio.gather(*(store.publish_record("pk-" + ks[0], r, DAY) for r in records))
+    assert len(set(stored)) == 1
+    assert stored[0] in records
+    lookups = await asyncio.gather(
+        *(store.publish_lookup(k) for k in ["pk-" + ks[0], "missing-" + ks[1]] * 5)
+    )
+    assert lookups == [stored[0], None] * 5
