@@ -31,6 +31,8 @@ def _varint(n: int) -> bytes:
         return bytes((n & 0x7F | 0x80, n >> 7))
     if n < 0x200000:
         return bytes((n & 0x7F | 0x80, n >> 7 & 0x7F | 0x80, n >> 14))
+    if n < 0x10000000:
+        return bytes((n & 0x7F | 0x80, n >> 7 & 0x7F | 0x80, n >> 14 & 0x7F | 0x80, n >> 21))
     out = bytearray()
     while n > 0x7F:
         out.append(n & 0x7F | 0x80)
@@ -44,15 +46,19 @@ def _len_field(tag: bytes, data: bytes) -> bytes:
     return tag + (_SMALL[n] if n < 0x80 else _varint(n)) + data
 
 
-_topic_fields: dict[str, bytes] = {}
+_tp_fields: dict[tuple[str, int], bytes] = {}
 
 
-def _topic_field(topic: str) -> bytes:
-    field = _topic_fields.get(topic)
+def _tp_field(topic: str, partition: int) -> bytes:
+    """The topic and partition fields, which every delivery of a partition shares."""
+    field = _tp_fields.get((topic, partition))
     if field is None:
-        if len(_topic_fields) > 10_000:
-            _topic_fields.clear()
-        field = _topic_fields[topic] = _len_field(b"\x1a", topic.encode()) if topic else b""
+        if len(_tp_fields) > 100_000:
+            _tp_fields.clear()
+        field = _len_field(b"\x1a", topic.encode()) if topic else b""
+        if partition:
+            field += b"\x20" + _varint(partition)
+        _tp_fields[topic, partition] = field
     return field
 
 
@@ -63,17 +69,15 @@ def encode_frame(batch: Sequence[Pending], deadline_ms: int) -> bytes:
     so an empty key is written and a missing one is not.
     """
     deadline_field = b"\x58" + _varint(deadline_ms) if deadline_ms else b""
-    small, varint, len_field, topic_field = _SMALL, _varint, _len_field, _topic_field
+    small, varint, len_field, tp_field = _SMALL, _varint, _len_field, _tp_field
+    last_ts, ts_field = -1, b""  # records of one producer batch often share a timestamp
     out: list[bytes] = []
     for p in batch:
         did = p.delivery_ids[-1].encode()
         parts = [b"\x0a", small[len(did)] if len(did) < 0x80 else varint(len(did)), did]
         if p.idem_key:
             parts.append(len_field(b"\x12", p.idem_key.encode()))
-        topic, partition = p.tp
-        parts.append(topic_field(topic))
-        if partition:
-            parts += (b"\x20", varint(partition))
+        parts.append(tp_field(*p.tp))
         if p.offset:
             parts += (b"\x28", varint(p.offset))
         if p.key is not None:
@@ -86,8 +90,11 @@ def encode_frame(batch: Sequence[Pending], deadline_ms: int) -> bytes:
             if v:
                 header += len_field(b"\x12", v)
             parts.append(len_field(b"\x42", header))
-        if p.timestamp_ms:
-            parts += (b"\x48", varint(p.timestamp_ms))
+        ts = p.timestamp_ms
+        if ts:
+            if ts != last_ts:
+                last_ts, ts_field = ts, b"\x48" + varint(ts)
+            parts.append(ts_field)
         if p.attempt:
             parts += (b"\x50", small[p.attempt] if 0 < p.attempt < 0x80 else varint(p.attempt))
         parts.append(deadline_field)
