@@ -401,8 +401,11 @@ class Engine:
                 await asyncio.sleep(delay)
                 delay = min(delay * 2, 5.0)
         now = self._clock()
+        orphans: list[str] = []
         for p, c in zip(live, claims, strict=True):
             if p.state is State.DROPPED:
+                if c.status is ClaimStatus.NEW:
+                    orphans.append(p.store_key)
                 continue
             if c.status is ClaimStatus.NEW:
                 p.attempt = max(p.attempt + 1, c.attempt)
@@ -417,6 +420,19 @@ class Engine:
                 self._waiting.append(p)
                 self.metrics.busy.inc()
         self._wake_streams()
+        await self._release_orphans(orphans)
+
+    async def _release_orphans(self, keys: list[str]) -> None:
+        """Hand back claims won for records whose partition was revoked while the store answered.
+
+        Nobody here will deliver them; holding them would make the partition's next owner wait
+        out the lease (BUSY) for every such key. A key that another pending record of ours holds
+        now (a shadow that took over) stays claimed.
+        """
+        keys = [k for k in keys if k not in self._key_index]
+        if keys:
+            with contextlib.suppress(StoreUnavailable):
+                await self.store.release(keys, self.owner)
 
     # ---------------------------------------------------------------------------------------------
     # streams
@@ -513,9 +529,12 @@ class Engine:
             await asyncio.sleep(0.5)
             return []
         keep = {id(p) for p in batch}
+        orphans: list[str] = []
         for p, c in zip(stale, claims, strict=True):
             if p.state is State.DROPPED:
                 keep.discard(id(p))
+                if c.status is ClaimStatus.NEW:
+                    orphans.append(p.store_key)
             elif c.status is ClaimStatus.NEW:
                 p.lease_until = now + self._lease_ms / 1000
                 p.attempt = max(p.attempt, c.attempt)
@@ -527,6 +546,7 @@ class Engine:
                 keep.discard(id(p))
                 p.state, p.due = State.BUSY, now + self.settings.delivery.busy_retry_seconds
                 self._waiting.append(p)
+        await self._release_orphans(orphans)
         return [p for p in batch if id(p) in keep and p.state is State.READY]
 
     def _hand_out(self, s: Stream, batch: list[Pending]) -> None:

@@ -12,6 +12,7 @@ from confluent_kafka import Message
 from sidecar import config
 from sidecar.engine import engine as engine_module
 from sidecar.engine.engine import AckOutcome, Engine
+from sidecar.engine.identity import store_key
 from sidecar.kafka.consumer import Assigned, CommitOffset, ConsumerLoop
 from sidecar.kafka.producer import AsyncProducer, Produced
 from sidecar.metrics import Metrics
@@ -174,6 +175,32 @@ async def test_a_held_frame_still_goes_out_after_the_hold(
     await eng.ack([first[0].delivery_ids[-1]])
     # An app that waits for more records before it acks the rest is not starved.
     assert len(await asyncio.wait_for(eng.next_frame(s), 2)) == 1
+
+
+async def test_a_claim_won_for_a_revoked_partition_is_handed_back(
+    engine: tuple[Engine, FakeConsumer],
+) -> None:
+    # The partition is revoked while its claim round trip is in flight: the store answers NEW
+    # for a record nobody here will deliver. The claim must be released, or the partition's
+    # next owner waits out the whole lease (BUSY) for that key.
+    eng, _ = engine
+    store = eng.store
+    gate = asyncio.Event()
+    real_claim = store.claim
+
+    async def slow_claim(keys: Sequence[str], owner: str, lease_ms: int) -> Any:
+        await gate.wait()
+        return await real_claim(keys, owner, lease_ms)
+
+    eng.store.claim = slow_claim  # type: ignore[method-assign]
+    eng.on_records([msg(0, 0, "orphan")])
+    await asyncio.sleep(0.05)
+    await eng.on_revoked([(T, 0)], lost=False)
+    gate.set()
+    await asyncio.sleep(0.05)
+    key = store_key(eng.settings.kafka.group_id, T, "orphan")
+    [other] = await real_claim([key], "another-sidecar", 30_000)
+    assert other.status.name == "NEW"
 
 
 async def test_keyless_record_uses_offset_fallback(engine: tuple[Engine, FakeConsumer]) -> None:
