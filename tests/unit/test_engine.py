@@ -203,6 +203,31 @@ async def test_a_claim_won_for_a_revoked_partition_is_handed_back(
     assert other.status.name == "NEW"
 
 
+async def test_claims_gather_while_one_is_in_flight(engine: tuple[Engine, FakeConsumer]) -> None:
+    # A group commit: the first record is claimed at once; records that arrive while that round
+    # trip is in flight go to the store together in the next one.
+    eng, _ = engine
+    gate = asyncio.Event()
+    calls: list[int] = []
+    real_claim = eng.store.claim
+
+    async def gated_claim(keys: Sequence[str], owner: str, lease_ms: int) -> Any:
+        calls.append(len(keys))
+        await gate.wait()
+        return await real_claim(keys, owner, lease_ms)
+
+    eng.store.claim = gated_claim  # type: ignore[method-assign]
+    eng.on_records([msg(0, 0, "g0")])
+    await asyncio.sleep(0.05)
+    for o in range(1, 4):
+        eng.on_records([msg(0, o, f"g{o}")])
+        await asyncio.sleep(0.01)
+    assert calls == [1]
+    gate.set()
+    await asyncio.sleep(0.05)
+    assert calls == [1, 3]
+
+
 async def test_keyless_record_uses_offset_fallback(engine: tuple[Engine, FakeConsumer]) -> None:
     eng, _ = engine
     s = eng.attach([], 10, 0, 10)
