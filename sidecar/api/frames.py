@@ -69,12 +69,11 @@ def encode_frame(batch: Sequence[Pending], deadline_ms: int) -> bytes:
     so an empty key is written and a missing one is not.
     """
     deadline_field = b"\x58" + _varint(deadline_ms) if deadline_ms else b""
-    small, varint, len_field, tp_field = _SMALL, _varint, _len_field, _tp_field
+    varint, len_field, tp_field = _varint, _len_field, _tp_field
     last_ts, ts_field = -1, b""  # records of one producer batch often share a timestamp
     out: list[bytes] = []
     for p in batch:
-        did = p.delivery_ids[-1].encode()
-        parts = [b"\x0a", small[len(did)] if len(did) < 0x80 else varint(len(did)), did]
+        parts = [len_field(b"\x0a", p.delivery_ids[-1].encode())]
         if p.idem_key:
             parts.append(len_field(b"\x12", p.idem_key.encode()))
         parts.append(tp_field(*p.tp))
@@ -96,9 +95,9 @@ def encode_frame(batch: Sequence[Pending], deadline_ms: int) -> bytes:
                 last_ts, ts_field = ts, b"\x48" + varint(ts)
             parts.append(ts_field)
         if p.attempt:
-            parts += (b"\x50", small[p.attempt] if 0 < p.attempt < 0x80 else varint(p.attempt))
+            parts += (b"\x50", varint(p.attempt))
         parts.append(deadline_field)
         size = sum(map(len, parts))
-        out += (b"\x0a", small[size] if size < 0x80 else varint(size))
+        out += (b"\x0a", varint(size))
         out += parts
     return b"".join(out)

@@ -92,9 +92,6 @@ class _Recent:
     def __contains__(self, key: object) -> bool:
         return key in self._young or key in self._old
 
-    def __len__(self) -> int:
-        return len(self._young) + len(self._old)
-
 
 class Engine:
     """Parameters:

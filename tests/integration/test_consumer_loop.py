@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import time
+from collections.abc import Callable
 
 import services
 from confluent_kafka import Message, Producer
@@ -31,9 +32,9 @@ class Recorder:
         self.records += [(m.partition() or 0, m.offset() or 0) for m in records]
 
 
-async def wait_for(cond: object, timeout: float, what: str) -> None:
+async def wait_for(cond: Callable[[], bool], timeout: float, what: str) -> None:
     deadline = time.monotonic() + timeout
-    while not cond():  # type: ignore[operator]
+    while not cond():
         assert time.monotonic() < deadline, what
         await asyncio.sleep(0.02)
 
