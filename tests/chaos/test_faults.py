@@ -21,7 +21,7 @@ MESSAGES = 1500
 
 SCENARIOS: list[tuple[str, Fault, dict[str, Any]]] = [
     ("F2", faults.f2_kill_sidecar, {}),
-    # Frames now carry more records (claims and hand-overs batch under load), so 1,500 messages
+    # Frames carry more records since claims and hand-overs batch under load; 1,500 messages
     # may reach a restarted sidecar in fewer than 8 frames: die at the 3rd.
     ("F2-before-delivery", faults.kill_point("before_delivery", 3), {}),
     ("F2-after-delivery", faults.kill_point("after_delivery", 3), {}),
