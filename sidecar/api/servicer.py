@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import asyncio
 import functools
 import logging
 from collections.abc import AsyncIterator, Awaitable, Callable
@@ -137,12 +136,10 @@ class DedupServicer:
             raise InvalidArgument(
                 f"{n} entries; the limit is {self._max_batch_entries} (publish.max_batch_entries)"
             )
-        outcomes = await asyncio.gather(
-            *(self._publisher.publish(_input(e)) for e in request.entries), return_exceptions=True
-        )
+        outcomes = await self._publisher.publish_batch([_input(e) for e in request.entries])
         results = []
         for out in outcomes:
-            if isinstance(out, BaseException):
+            if isinstance(out, Exception):
                 code, msg = status_for(out)
                 results.append(pb.PublishBatchResult(code=code.value[0], message=msg))
             else:

@@ -11,8 +11,9 @@ import asyncio
 import logging
 import threading
 import time
+from collections import deque
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 from confluent_kafka import KafkaError, KafkaException, Message, Producer
@@ -22,11 +23,25 @@ from sidecar.errors import (
     NotFound,
     PublishIndeterminate,
     ResourceExhausted,
+    SidecarError,
 )
 
 log = logging.getLogger(__name__)
 
+_ANY_PARTITION = -1  # librdkafka's RD_KAFKA_PARTITION_UA: the partitioner chooses
+
 OWNED_PROPERTIES = frozenset({"enable.idempotence", "acks"})
+
+
+@dataclass(frozen=True, slots=True)
+class Outgoing:
+    """One record to produce."""
+
+    topic: str
+    value: bytes
+    key: bytes | None = None
+    headers: list[tuple[str, str | bytes | None]] = field(default_factory=list)
+    partition: int | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -60,6 +75,8 @@ class AsyncProducer:
         self._lock = threading.Lock()
         self._stop = threading.Event()
         self._needs_reset = False
+        # Delivery reports, appended by whichever thread serves librdkafka's callbacks.
+        self._delivered: deque[tuple[asyncio.Future[Produced], str, KafkaError | None, Message]] = deque()
         self._thread = threading.Thread(target=self._run, name="dedup-producer", daemon=True)
         self._thread.start()
 
@@ -68,8 +85,25 @@ class AsyncProducer:
             with self._lock:
                 producer = self._producer
             producer.poll(0.05)
+            if self._delivered:
+                # One wake-up of the event loop for all the reports this poll served.
+                self._loop.call_soon_threadsafe(self._resolve_delivered)
             if self._needs_reset:
                 self._reset()
+        if self._delivered:
+            self._loop.call_soon_threadsafe(self._resolve_delivered)
+
+    def _resolve_delivered(self) -> None:
+        """On the event loop: resolve the futures of the delivery reports gathered so far."""
+        delivered = self._delivered
+        while delivered:
+            fut, topic, err, msg = delivered.popleft()
+            if fut.done():
+                continue
+            if err is None:
+                fut.set_result(Produced(topic, msg.partition() or 0, msg.offset() or 0))
+            else:
+                fut.set_exception(_delivery_error(err, topic))
 
     def _reset(self) -> None:
         log.error("re-creating the producer after a fatal error")
@@ -112,47 +146,60 @@ class AsyncProducer:
         headers: Sequence[tuple[str, bytes]] = (),
         partition: int | None = None,
     ) -> asyncio.Future[Produced]:
-        """Hand one record to librdkafka; the future resolves with Kafka's delivery report.
+        """Hand one record to librdkafka; the future resolves with Kafka's delivery report."""
+        [fut] = await self.enqueue_many([Outgoing(topic, value, key, [*headers], partition)])
+        if isinstance(fut, BaseException):
+            raise fut
+        return fut
+
+    async def enqueue_many(
+        self, records: Sequence[Outgoing]
+    ) -> list[asyncio.Future[Produced] | SidecarError]:
+        """Hand records to librdkafka in order; one future (or the refusal) per record.
 
         librdkafka reports every message exactly once (success, failure, or after
-        ``delivery.timeout.ms``), so the future always resolves.
+        ``delivery.timeout.ms``), so every future resolves. When librdkafka's queue is full the
+        rest of the batch waits for room, up to ``timeout_s``.
         """
-        fut: asyncio.Future[Produced] = self._loop.create_future()
-        loop = self._loop
-
-        def on_delivery(err: KafkaError | None, msg: Message) -> None:
-            if err is None:
-                result: Produced | BaseException = Produced(
-                    msg.topic() or topic, msg.partition() or 0, msg.offset() or 0
-                )
-            else:
-                result = _delivery_error(err, topic)
-            loop.call_soon_threadsafe(_resolve, fut, result)
-
-        kwargs: dict[str, Any] = {
-            "value": value,
-            "key": key,
-            "headers": list(headers),
-            "on_delivery": on_delivery,
-        }
-        if partition is not None:
-            kwargs["partition"] = partition
+        out: list[asyncio.Future[Produced] | SidecarError] = []
         deadline = time.monotonic() + self._timeout_s
-        while True:
+        create_future = self._loop.create_future
+        delivered = self._delivered
+        while len(out) < len(records):
             try:
                 with self._lock:
-                    self._producer.produce(topic, **kwargs)
-                break
-            except BufferError:
+                    produce = self._producer.produce
+                    for r in records[len(out) :]:
+                        fut: asyncio.Future[Produced] = create_future()
+
+                        def on_delivery(
+                            err: KafkaError | None,
+                            msg: Message,
+                            fut: asyncio.Future[Produced] = fut,
+                            topic: str = r.topic,
+                        ) -> None:
+                            delivered.append((fut, topic, err, msg))
+
+                        try:
+                            partition = _ANY_PARTITION if r.partition is None else r.partition
+                            produce(
+                                r.topic, r.value, r.key, partition, headers=r.headers, on_delivery=on_delivery
+                            )
+                        except KafkaException as exc:
+                            fut.cancel()
+                            out.append(_delivery_error(exc.args[0], r.topic))
+                            continue
+                        out.append(fut)
+            except BufferError:  # the record that raised was not taken: it starts the next round
                 if time.monotonic() >= deadline:
-                    raise ResourceExhausted(
+                    full = ResourceExhausted(
                         "the producer queue stayed full; raise kafka.producer's queue.buffering.max.messages "
                         "or publish more slowly"
-                    ) from None
+                    )
+                    out += [full] * (len(records) - len(out))
+                    break
                 await asyncio.sleep(0.005)
-            except KafkaException as exc:
-                raise _delivery_error(exc.args[0], topic) from exc
-        return fut
+        return out
 
     async def flush(self, timeout_s: float = 10.0) -> int:
         with self._lock:
@@ -174,16 +221,7 @@ def indeterminate(timeout_s: float) -> PublishIndeterminate:
     )
 
 
-def _resolve(fut: asyncio.Future[Produced], result: Produced | BaseException) -> None:
-    if fut.done():
-        return
-    if isinstance(result, BaseException):
-        fut.set_exception(result)
-    else:
-        fut.set_result(result)
-
-
-def _delivery_error(err: KafkaError, topic: str) -> Exception:
+def _delivery_error(err: KafkaError, topic: str) -> SidecarError:
     code = err.code()
     if code in (KafkaError.UNKNOWN_TOPIC_OR_PART, KafkaError._UNKNOWN_TOPIC, KafkaError._UNKNOWN_PARTITION):
         return NotFound(f"topic {topic!r} (or the partition) does not exist on the cluster")

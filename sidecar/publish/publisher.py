@@ -4,6 +4,9 @@ The producer's own idempotence removes duplicates from its internal retries only
 retries Publish after a timeout, or a sidecar restart, starts over; so Publish looks the key up in
 the dedup store first, produces only when it is new, and records (partition, offset, digest) after
 Kafka acknowledged. Concurrent calls with one key in this process share one produce.
+
+Everything is done a batch at a time: a PublishBatch call costs one store round trip per step
+(lookup, claim, lookup again, record, release) and one pass through librdkafka, whatever its size.
 """
 
 from __future__ import annotations
@@ -14,7 +17,7 @@ import hashlib
 import time
 import uuid
 from collections.abc import Coroutine, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 from sidecar import testing_hooks
@@ -25,10 +28,11 @@ from sidecar.errors import (
     InvalidArgument,
     PermissionDenied,
     ResourceExhausted,
+    SidecarError,
     StoreUnavailable,
     Unavailable,
 )
-from sidecar.kafka.producer import AsyncProducer, Produced, indeterminate
+from sidecar.kafka.producer import AsyncProducer, Outgoing, Produced, indeterminate
 from sidecar.metrics import Metrics
 from sidecar.store.base import ClaimStatus, DedupStore, PublishRecord
 
@@ -50,6 +54,38 @@ class PublishOutput:
     partition: int
     offset: int
     duplicate: bool
+
+
+@dataclass(slots=True)
+class _Entry:
+    """A request this call publishes (the first one in flight with its key)."""
+
+    req: PublishInput
+    digest: str
+    fut: asyncio.Future[PublishOutput]
+
+    @property
+    def key(self) -> str:
+        return self.req.idempotency_key
+
+    @property
+    def claim_key(self) -> str:
+        return f"pub:{self.req.idempotency_key}"
+
+
+@dataclass(frozen=True, slots=True)
+class _Slot:
+    """Where one request of a batch gets its outcome: its own publish, or the one it joined."""
+
+    entry: _Entry
+    digest: str
+    lead: bool
+
+
+def _fail(entries: Sequence[_Entry], exc: BaseException) -> None:
+    for e in entries:
+        if not e.fut.done():
+            e.fut.set_exception(exc)
 
 
 def new_key() -> str:
@@ -90,12 +126,15 @@ class Publisher:
         self._producer = producer
         self._metrics = metrics
         self._retention_ms = retention_ms
-        self._inflight: dict[str, tuple[str, asyncio.Future[PublishOutput]]] = {}
+        self._inflight: dict[str, _Entry] = {}
         self._owner = owner
         self._background: set[asyncio.Task[None]] = set()
         # The claim that serialises publishes of one key across sidecars lasts until Kafka must
         # have answered (librdkafka's delivery.timeout.ms is publish.timeout_seconds).
         self._claim_ms = int((settings.timeout_seconds + 10) * 1000)
+        # How long past librdkafka's delivery timeout to wait for its report before answering
+        # "indeterminate" (the report still comes, and is recorded then).
+        self._report_grace_s = 5.0
 
     def validate(self, req: PublishInput) -> None:
         s = self._settings
@@ -122,69 +161,171 @@ class Publisher:
             raise InvalidArgument("partition must not be negative")
 
     async def publish(self, req: PublishInput) -> PublishOutput:
-        self.validate(req)
-        if not req.idempotency_key:
-            req = PublishInput(req.topic, req.value, req.key, req.headers, new_key(), req.partition)
-        key = req.idempotency_key
-        dig = digest(req)
-        running = self._inflight.get(key)
-        if running is not None:
-            first = await asyncio.shield(running[1])
-            return self._repeat(
-                key, dig, PublishRecord(running[0], first.topic, first.partition, first.offset)
-            )
-        fut: asyncio.Future[PublishOutput] = asyncio.get_running_loop().create_future()
-        self._inflight[key] = (dig, fut)
-        try:
-            out = await self._publish_once(req, dig)
-        except BaseException as exc:
-            fut.set_exception(exc)
-            fut.exception()  # mark retrieved: waiters re-raise it themselves
-            raise
-        else:
-            fut.set_result(out)
-            return out
-        finally:
-            del self._inflight[key]
+        [out] = await self.publish_batch([req])
+        if isinstance(out, Exception):
+            raise out
+        return out
 
-    async def _publish_once(self, req: PublishInput, dig: str) -> PublishOutput:
-        key = req.idempotency_key
-        found = await self._store.publish_lookup(key)
-        if found is not None:
-            return self._repeat(key, dig, found)
-        claim_key = f"pub:{key}"
-        found = await self._claim(key, claim_key)
-        if found is not None:
-            return self._repeat(key, dig, found)
-        release = True
-        try:
-            found = await self._store.publish_lookup(key)  # published while we waited for the claim
-            if found is not None:
-                return self._repeat(key, dig, found)
-            fut = await self._producer.enqueue(
-                req.topic, req.value, req.key, [*req.headers, (self._header, key.encode())], req.partition
-            )
+    async def publish_batch(self, reqs: Sequence[PublishInput]) -> list[PublishOutput | Exception]:
+        """Publish each request at most once per idempotency key; one outcome per request, in order.
+
+        The batch moves through the store and the producer together: one lookup, one claim, one
+        produce loop, one record and one release for all of its entries. An entry whose key is
+        already being published (by a concurrent call, or earlier in this batch) waits for that
+        publish and reports it as a duplicate, or AlreadyExists if its payload differs.
+        """
+        loop = asyncio.get_running_loop()
+        slots: list[_Slot | Exception] = []
+        leaders: list[_Entry] = []
+        for req in reqs:
             try:
-                async with asyncio.timeout(self._producer.timeout_s + 5):
-                    produced = await asyncio.shield(fut)
-            except TimeoutError:
-                # Indeterminate. Keep the claim and record the outcome when librdkafka reports it,
-                # so a retry with this key waits for it instead of producing a second record.
-                release = False
-                self._spawn(self._record_late(key, claim_key, dig, fut))
-                raise indeterminate(self._producer.timeout_s) from None
-            record = PublishRecord(dig, produced.topic, produced.partition, produced.offset)
-            testing_hooks.reached("produce_before_record")
-            stored = await self._store.publish_record(key, record, self._retention_ms)
+                self.validate(req)
+            except SidecarError as exc:
+                slots.append(exc)
+                continue
+            if not req.idempotency_key:
+                req = replace(req, idempotency_key=new_key())
+            dig = digest(req)
+            running = self._inflight.get(req.idempotency_key)
+            if running is None:
+                entry = _Entry(req, dig, loop.create_future())
+                self._inflight[entry.key] = entry
+                leaders.append(entry)
+                slots.append(_Slot(entry, dig, True))
+            else:
+                slots.append(_Slot(running, dig, False))
+        if leaders:
+            try:
+                await self._publish_new(leaders)
+            except BaseException as exc:
+                for e in leaders:
+                    if not e.fut.done():
+                        e.fut.set_exception(exc)
+                        e.fut.exception()  # mark retrieved: waiters re-raise it themselves
+                raise
+            finally:
+                for e in leaders:
+                    del self._inflight[e.key]
+        return [await self._outcome(slot) for slot in slots]
+
+    async def _outcome(self, slot: _Slot | Exception) -> PublishOutput | Exception:
+        if isinstance(slot, Exception):
+            return slot
+        try:
+            first = await asyncio.shield(slot.entry.fut)
+            if slot.lead:
+                return first
+            return self._repeat(
+                first.idempotency_key,
+                slot.digest,
+                PublishRecord(slot.entry.digest, first.topic, first.partition, first.offset),
+            )
+        except Exception as exc:  # noqa: BLE001 - this entry's failure, reported for it alone
+            return exc
+
+    async def _publish_new(self, entries: list[_Entry]) -> None:
+        """Publish entries whose keys no call here is publishing; resolves every entry's future."""
+        try:
+            found = await self._store.publish_lookup([e.key for e in entries])
+        except Exception as exc:  # noqa: BLE001 - every entry reports it
+            _fail(entries, exc)
+            return
+        fresh = [e for e, record in zip(entries, found, strict=True) if not self._settle_found(e, record)]
+        if not fresh:
+            return
+        try:
+            claims = await self._store.claim([e.claim_key for e in fresh], self._owner, self._claim_ms)
+        except Exception as exc:  # noqa: BLE001
+            _fail(fresh, exc)
+            return
+        won = [e for e, c in zip(fresh, claims, strict=True) if c.status is ClaimStatus.NEW]
+        contended = [e for e, c in zip(fresh, claims, strict=True) if c.status is not ClaimStatus.NEW]
+        await asyncio.gather(self._produce_claimed(won), *(self._publish_contended(e) for e in contended))
+
+    async def _publish_contended(self, entry: _Entry) -> None:
+        """Another publisher holds the key's claim: wait for its record, or for the claim."""
+        try:
+            found = await self._claim(entry.key, entry.claim_key)
+        except Exception as exc:  # noqa: BLE001
+            _fail([entry], exc)
+            return
+        if not self._settle_found(entry, found):
+            await self._produce_claimed([entry])
+
+    async def _produce_claimed(self, entries: list[_Entry]) -> None:
+        """Produce the entries whose publish claims we hold, record the results, release the claims.
+
+        A record whose delivery report does not come in time (or whose call is cancelled while
+        waiting) keeps its claim, and its outcome is recorded when librdkafka reports it, so a
+        retry with that key waits for it instead of producing a second record.
+        """
+        if not entries:
+            return
+        kept: set[str] = set()
+        try:
+            # Published by another sidecar while we waited for the claim?
+            found = await self._store.publish_lookup([e.key for e in entries])
+            todo = [e for e, record in zip(entries, found, strict=True) if not self._settle_found(e, record)]
+            futures = await self._producer.enqueue_many([self._outgoing(e.req) for e in todo])
+            waiting = [f for f in futures if isinstance(f, asyncio.Future)]
+            try:
+                if waiting:
+                    await asyncio.wait(waiting, timeout=self._producer.timeout_s + self._report_grace_s)
+            finally:
+                # Timed out or cancelled: whatever is still in flight is recorded when it lands.
+                for e, f in zip(todo, futures, strict=True):
+                    if isinstance(f, asyncio.Future) and not f.done():
+                        kept.add(e.key)
+                        self._spawn(self._record_late(e.key, e.claim_key, e.digest, f))
+            produced: list[tuple[_Entry, PublishRecord]] = []
+            for e, f in zip(todo, futures, strict=True):
+                if isinstance(f, Exception):
+                    _fail([e], f)
+                elif e.key in kept:
+                    _fail([e], indeterminate(self._producer.timeout_s))
+                elif (err := f.exception()) is not None:
+                    _fail([e], err)
+                else:
+                    p = f.result()
+                    produced.append((e, PublishRecord(e.digest, p.topic, p.partition, p.offset)))
+                    testing_hooks.reached("produce_before_record")
+            if not produced:
+                return
+            stored = await self._store.publish_record(
+                [(e.key, record) for e, record in produced], self._retention_ms
+            )
+            for (e, record), got in zip(produced, stored, strict=True):
+                if got != record:  # another writer recorded first (its claim expired meanwhile)
+                    self._metrics.published.labels("raced").inc()
+                    self._settle_found(e, got)
+                else:
+                    self._metrics.published.labels("produced").inc()
+                    e.fut.set_result(
+                        PublishOutput(e.key, record.topic, record.partition, record.offset, False)
+                    )
+        except Exception as exc:  # noqa: BLE001 - entries not settled yet report it
+            _fail([e for e in entries if not e.fut.done()], exc)
         finally:
-            if release:
-                with contextlib.suppress(StoreUnavailable):
-                    await self._store.release([claim_key], self._owner)
-        if stored != record:  # another writer recorded first (its claim expired meanwhile)
-            self._metrics.published.labels("raced").inc()
-            return self._repeat(key, dig, stored)
-        self._metrics.published.labels("produced").inc()
-        return PublishOutput(key, produced.topic, produced.partition, produced.offset, False)
+            release = [e.claim_key for e in entries if e.key not in kept]
+            with contextlib.suppress(StoreUnavailable):
+                await self._store.release(release, self._owner)
+
+    def _outgoing(self, req: PublishInput) -> Outgoing:
+        headers: list[tuple[str, str | bytes | None]] = [
+            *req.headers,
+            (self._header, req.idempotency_key.encode()),
+        ]
+        return Outgoing(req.topic, req.value, req.key, headers, req.partition)
+
+    def _settle_found(self, entry: _Entry, found: PublishRecord | None) -> bool:
+        """Resolve ``entry`` from a record already stored for its key; False when there is none."""
+        if found is None:
+            return False
+        try:
+            entry.fut.set_result(self._repeat(entry.key, entry.digest, found))
+        except SidecarError as exc:
+            entry.fut.set_exception(exc)
+        return True
 
     async def _claim(self, key: str, claim_key: str) -> PublishRecord | None:
         """Win the right to produce ``key``, or return the record another publisher stored."""
@@ -193,7 +334,7 @@ class Publisher:
             [claim] = await self._store.claim([claim_key], self._owner, self._claim_ms)
             if claim.status is ClaimStatus.NEW:
                 return None
-            found = await self._store.publish_lookup(key)
+            [found] = await self._store.publish_lookup([key])
             if found is not None:
                 return found
             if time.monotonic() > deadline:
@@ -206,7 +347,7 @@ class Publisher:
         try:
             produced = await fut
             record = PublishRecord(dig, produced.topic, produced.partition, produced.offset)
-            await self._store.publish_record(key, record, self._retention_ms)
+            await self._store.publish_record([(key, record)], self._retention_ms)
             self._metrics.published.labels("late").inc()
         except Exception:  # noqa: BLE001 - not written, or the store is down: the claim expires
             return

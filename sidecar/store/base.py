@@ -77,10 +77,17 @@ class DedupStore(Protocol):
         """Drop the claim of each key only if ``owner`` still holds it. Returns per key whether it did."""
         ...
 
-    async def publish_lookup(self, key: str) -> PublishRecord | None: ...
+    async def publish_lookup(self, keys: Sequence[str]) -> list[PublishRecord | None]:
+        """The live publish record of each key, or None."""
+        ...
 
-    async def publish_record(self, key: str, record: PublishRecord, retention_ms: int) -> PublishRecord:
-        """Store ``record`` unless one exists; return the stored one (first writer wins)."""
+    async def publish_record(
+        self, records: Sequence[tuple[str, PublishRecord]], retention_ms: int
+    ) -> list[PublishRecord]:
+        """Store each (key, record) unless the key has one; return the stored record per entry.
+
+        First writer wins, also between entries of one batch that share a key.
+        """
         ...
 
     async def purge(self) -> int:

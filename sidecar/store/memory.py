@@ -51,18 +51,27 @@ class MemoryStore:
             out.append(released)
         return out
 
-    async def publish_lookup(self, key: str) -> PublishRecord | None:
+    def _live_record(self, key: str, now: int) -> PublishRecord | None:
         got = self._published.get(key)
-        if got is None or got[1] <= self._clock():
+        if got is None or got[1] <= now:
             return None
         return got[0]
 
-    async def publish_record(self, key: str, record: PublishRecord, retention_ms: int) -> PublishRecord:
-        existing = await self.publish_lookup(key)
-        if existing is not None:
-            return existing
-        self._published[key] = (record, self._clock() + retention_ms)
-        return record
+    async def publish_lookup(self, keys: Sequence[str]) -> list[PublishRecord | None]:
+        now = self._clock()
+        return [self._live_record(key, now) for key in keys]
+
+    async def publish_record(
+        self, records: Sequence[tuple[str, PublishRecord]], retention_ms: int
+    ) -> list[PublishRecord]:
+        now = self._clock()
+        out = []
+        for key, record in records:
+            existing = self._live_record(key, now)
+            if existing is None:
+                self._published[key] = (record, now + retention_ms)
+            out.append(existing or record)
+        return out
 
     async def purge(self) -> int:
         now = self._clock()

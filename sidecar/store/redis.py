@@ -138,10 +138,10 @@ def _unavailable(exc: RedisError) -> StoreUnavailable:
 class _Coalescer:
     """Joins the calls made while the event loop runs one batch of work into one round trip.
 
-    ``PublishBatch`` publishes its entries concurrently, and each publish looks its key up,
-    claims it, records it and releases it. Issued one by one that is thousands of round trips
-    (and connections); joined, each step is one round trip for the whole batch. A call waits
-    for nothing but the current loop iteration, so a lone call is not delayed.
+    Concurrent unary calls (Publish, Ack) each make their own store calls. Issued one by one
+    they cost a round trip (and a pooled connection) each; joined, the calls made in one loop
+    iteration share one. A call waits for nothing but the current loop iteration, so a lone call
+    is not delayed.
     """
 
     def __init__(self, run: Callable[[list[Any]], Awaitable[list[Any]]]) -> None:
@@ -303,9 +303,11 @@ class RedisStore:
     async def release(self, keys: Sequence[str], owner: str) -> list[bool]:
         return [bool(int(x)) for x in await self._per_key(self._release, keys, [owner], 1)]
 
-    async def publish_lookup(self, key: str) -> PublishRecord | None:
-        [raw] = await self._joined(("lookup",), self._lookup_many)([self._p(key).encode()])
-        return PublishRecord.decode(str(raw)) if raw else None
+    async def publish_lookup(self, keys: Sequence[str]) -> list[PublishRecord | None]:
+        if not keys:
+            return []
+        raw = await self._joined(("lookup",), self._lookup_many)([self._p(key).encode() for key in keys])
+        return [PublishRecord.decode(str(r)) if r else None for r in raw]
 
     async def _lookup_many(self, keys: list[bytes]) -> list[Any]:
         try:
@@ -316,15 +318,20 @@ class RedisStore:
         except RedisError as exc:
             raise _unavailable(exc) from exc
 
-    async def publish_record(self, key: str, record: PublishRecord, retention_ms: int) -> PublishRecord:
-        async def run(items: list[tuple[bytes, bytes]]) -> list[Any]:
-            keys, records = [k for k, _ in items], [r for _, r in items]
-            return await self._eval(self._publish, keys, [str(retention_ms).encode()], records, 1)
+    async def publish_record(
+        self, records: Sequence[tuple[str, PublishRecord]], retention_ms: int
+    ) -> list[PublishRecord]:
+        if not records:
+            return []
 
-        [raw] = await self._joined(("record", retention_ms), run)(
-            [(self._p(key).encode(), record.encode().encode())]
+        async def run(items: list[tuple[bytes, bytes]]) -> list[Any]:
+            keys, values = [k for k, _ in items], [v for _, v in items]
+            return await self._eval(self._publish, keys, [str(retention_ms).encode()], values, 1)
+
+        raw = await self._joined(("record", retention_ms), run)(
+            [(self._p(key).encode(), record.encode().encode()) for key, record in records]
         )
-        return PublishRecord.decode(str(raw))
+        return [PublishRecord.decode(str(r)) for r in raw]
 
     async def purge(self) -> int:
         return 0  # Redis expires keys itself (PEXPIRE on every write)

@@ -153,38 +153,47 @@ class SQLiteStore:
 
         return await self._run(lambda: self._apply(keys, step))
 
-    async def publish_lookup(self, key: str) -> PublishRecord | None:
-        def lookup() -> PublishRecord | None:
-            row = (
-                self._conn()
-                .execute(
-                    "SELECT record FROM publish_results WHERE key = ? AND expires > ?", (key, self._clock())
+    async def publish_lookup(self, keys: Sequence[str]) -> list[PublishRecord | None]:
+        def lookup() -> list[PublishRecord | None]:
+            db = self._conn()
+            now = self._clock()
+            found: dict[str, str] = {}
+            for chunk in _chunks(keys):
+                marks = ",".join("?" * len(chunk))
+                found.update(
+                    db.execute(
+                        f"SELECT key, record FROM publish_results WHERE key IN ({marks}) AND expires > ?",
+                        (*chunk, now),
+                    ).fetchall()
                 )
-                .fetchone()
-            )
-            return PublishRecord.decode(row[0]) if row else None
+            return [PublishRecord.decode(found[k]) if k in found else None for k in keys]
 
         return await self._run(lookup)
 
-    async def publish_record(self, key: str, record: PublishRecord, retention_ms: int) -> PublishRecord:
-        def store() -> PublishRecord:
+    async def publish_record(
+        self, records: Sequence[tuple[str, PublishRecord]], retention_ms: int
+    ) -> list[PublishRecord]:
+        def store() -> list[PublishRecord]:
             db = self._conn()
             now = self._clock()
+            out = []
             db.execute("BEGIN IMMEDIATE")
             try:
-                row = db.execute(
-                    "SELECT record FROM publish_results WHERE key = ? AND expires > ?", (key, now)
-                ).fetchone()
-                if row is None:
-                    db.execute(
-                        "INSERT OR REPLACE INTO publish_results VALUES (?, ?, ?)",
-                        (key, record.encode(), now + retention_ms),
-                    )
+                for key, record in records:
+                    row = db.execute(
+                        "SELECT record FROM publish_results WHERE key = ? AND expires > ?", (key, now)
+                    ).fetchone()
+                    if row is None:
+                        db.execute(
+                            "INSERT OR REPLACE INTO publish_results VALUES (?, ?, ?)",
+                            (key, record.encode(), now + retention_ms),
+                        )
+                    out.append(PublishRecord.decode(row[0]) if row else record)
                 db.execute("COMMIT")
             except BaseException:
                 db.execute("ROLLBACK")
                 raise
-            return PublishRecord.decode(row[0]) if row else record
+            return out
 
         return await self._run(store)
 

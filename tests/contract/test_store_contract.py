@@ -151,18 +151,36 @@ async def test_large_batch_is_one_call(store: DedupStore) -> None:
 
 async def test_publish_record_first_writer_wins(store: DedupStore) -> None:
     [k] = keys(1)
-    assert await store.publish_lookup(k) is None
+    assert await store.publish_lookup([k]) == [None]
     first = PublishRecord("d1", "orders", 2, 40)
-    assert await store.publish_record(k, first, DAY) == first
-    assert await store.publish_record(k, PublishRecord("d2", "orders", 0, 41), DAY) == first
-    assert await store.publish_lookup(k) == first
+    assert await store.publish_record([(k, first)], DAY) == [first]
+    assert await store.publish_record([(k, PublishRecord("d2", "orders", 0, 41))], DAY) == [first]
+    assert await store.publish_lookup([k]) == [first]
+
+
+async def test_publish_batches_answer_per_entry_and_first_writer_wins_within_a_batch(
+    store: DedupStore,
+) -> None:
+    a, b, c = keys(3)
+    ra, rb, rb2 = (
+        PublishRecord("da", "t", 0, 1),
+        PublishRecord("db", "t", 1, 2),
+        PublishRecord("x", "t", 2, 3),
+    )
+    assert await store.publish_lookup([]) == []
+    assert await store.publish_record([], DAY) == []
+    assert await store.publish_record([(a, ra), (b, rb), (b, rb2)], DAY) == [ra, rb, rb]
+    assert await store.publish_lookup([c, b, a, c]) == [None, rb, ra, None]
+    many = [(f"{a}-{i}", PublishRecord(f"d{i}", "t", 0, i)) for i in range(1200)]  # past any chunk size
+    assert await store.publish_record(many, DAY) == [r for _, r in many]
+    assert await store.publish_lookup([k for k, _ in many]) == [r for _, r in many]
 
 
 async def test_publish_record_expires(store: DedupStore) -> None:
     [k] = keys(1)
-    await store.publish_record(k, PublishRecord("d", "t", 0, 1), 150)
+    await store.publish_record([(k, PublishRecord("d", "t", 0, 1))], 150)
     await asyncio.sleep(0.3)
-    assert await store.publish_lookup(k) is None
+    assert await store.publish_lookup([k]) == [None]
 
 
 async def test_topic_with_pipe_in_digest_round_trips() -> None:
@@ -175,11 +193,11 @@ async def test_sqlite_survives_reopen(tmp_path: Path) -> None:
     s = await SQLiteStore(path).open()
     await s.claim(["k"], "a", LEASE)
     await s.complete(["k"], "a", DAY)
-    await s.publish_record("p", PublishRecord("d", "t", 0, 7), DAY)
+    await s.publish_record([("p", PublishRecord("d", "t", 0, 7))], DAY)
     await s.close()
     s2 = await SQLiteStore(path).open()
     assert (await s2.claim(["k"], "b", LEASE))[0].status is DONE
-    assert await s2.publish_lookup("p") == PublishRecord("d", "t", 0, 7)
+    assert await s2.publish_lookup(["p"]) == [PublishRecord("d", "t", 0, 7)]
     await s2.close()
 
 
@@ -223,10 +241,10 @@ async def test_concurrent_single_key_calls_each_get_their_own_answer(store: Dedu
     assert [c[0].status for c in claims] == [NEW] * 20
     assert sorted(c[1].status.name for c in claims) == ["BUSY"] * 19 + ["NEW"]
     records = [PublishRecord(f"d{i}", "t", i, i) for i in range(20)]
-    stored = await asyncio.gather(*(store.publish_record("pk-" + ks[0], r, DAY) for r in records))
-    assert len(set(stored)) == 1
-    assert stored[0] in records
+    stored = await asyncio.gather(*(store.publish_record([("pk-" + ks[0], r)], DAY) for r in records))
+    assert len({s[0] for s in stored}) == 1
+    assert stored[0][0] in records
     lookups = await asyncio.gather(
-        *(store.publish_lookup(k) for k in ["pk-" + ks[0], "missing-" + ks[1]] * 5)
+        *(store.publish_lookup([k]) for k in ["pk-" + ks[0], "missing-" + ks[1]] * 5)
     )
-    assert lookups == [stored[0], None] * 5
+    assert lookups == [[stored[0][0]], [None]] * 5

@@ -1,0 +1,183 @@
+"""The batch-native publisher against an in-memory store and a fake producer: no Kafka."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Sequence
+from typing import cast
+
+import pytest
+
+from sidecar.config import PublishSettings
+from sidecar.errors import AlreadyExists, InvalidArgument, NotFound, PublishIndeterminate, StoreUnavailable
+from sidecar.kafka.producer import AsyncProducer, Outgoing, Produced
+from sidecar.metrics import Metrics
+from sidecar.publish.publisher import Publisher, PublishInput, PublishOutput
+from sidecar.store.base import PublishRecord
+from sidecar.store.memory import MemoryStore
+
+DAY = 86_400_000
+
+
+class FakeProducer:
+    """Answers at once, or holds every record until ``release()`` when ``hold`` is set."""
+
+    def __init__(self) -> None:
+        self.timeout_s = 0.2
+        self.sent: list[Outgoing] = []
+        self.calls = 0
+        self.hold = False
+        self.held: list[tuple[asyncio.Future[Produced], Outgoing]] = []
+        self.refuse_topic = ""
+
+    async def enqueue_many(self, records: Sequence[Outgoing]) -> list[asyncio.Future[Produced] | Exception]:
+        self.calls += 1
+        out: list[asyncio.Future[Produced] | Exception] = []
+        for r in records:
+            if r.topic == self.refuse_topic:
+                out.append(NotFound(f"topic {r.topic!r} does not exist"))
+                continue
+            fut = asyncio.get_running_loop().create_future()
+            self.sent.append(r)
+            if self.hold:
+                self.held.append((fut, r))
+            else:
+                fut.set_result(Produced(r.topic, 0, len(self.sent) - 1))
+            out.append(fut)
+        return out
+
+    def release(self) -> None:
+        for i, (fut, r) in enumerate(self.held):
+            fut.set_result(Produced(r.topic, 1, i))
+        self.held.clear()
+
+
+class CountingStore(MemoryStore):
+    def __init__(self) -> None:
+        super().__init__()
+        self.calls: list[str] = []
+        self.fail = False
+
+    async def publish_lookup(self, keys: Sequence[str]) -> list[PublishRecord | None]:
+        self.calls.append("lookup")
+        if self.fail:
+            raise StoreUnavailable("store down (setting: store.redis_url)")
+        return await super().publish_lookup(keys)
+
+    async def publish_record(
+        self, records: Sequence[tuple[str, PublishRecord]], retention_ms: int
+    ) -> list[PublishRecord]:
+        self.calls.append("record")
+        return await super().publish_record(records, retention_ms)
+
+
+def make(store: MemoryStore | None = None, producer: FakeProducer | None = None) -> Publisher:
+    return Publisher(
+        PublishSettings(),
+        "idempotency-key",
+        store or MemoryStore(),
+        cast(AsyncProducer, producer or FakeProducer()),
+        Metrics(),
+        retention_ms=DAY,
+    )
+
+
+def req(key: str, value: bytes = b"v", topic: str = "orders") -> PublishInput:
+    return PublishInput(topic, value, None, [], key, None)
+
+
+async def test_a_batch_costs_one_produce_loop_and_one_round_trip_per_store_step() -> None:
+    store, producer = CountingStore(), FakeProducer()
+    pub = make(store, producer)
+    out = await pub.publish_batch([req(f"k{i}") for i in range(300)])
+    assert all(isinstance(o, PublishOutput) and not o.duplicate for o in out)
+    assert producer.calls == 1
+    assert len(producer.sent) == 300
+    assert store.calls == ["lookup", "lookup", "record"]  # before the claim, after it, then the record
+    assert [dict(r.headers)["idempotency-key"] for r in producer.sent] == [
+        f"k{i}".encode() for i in range(300)
+    ]
+    # Claims were released: another owner may claim the publish keys at once.
+    claims = await store.claim([f"pub:k{i}" for i in range(300)], "other", 1000)
+    assert all(c.status.name == "NEW" for c in claims)
+
+
+async def test_each_entry_gets_its_own_outcome_in_order() -> None:
+    producer = FakeProducer()
+    producer.refuse_topic = "missing"
+    pub = make(producer=producer)
+    [first] = await pub.publish_batch([req("old")])
+    out = await pub.publish_batch(
+        [
+            req("a"),
+            req("bad", topic="no spaces allowed"),
+            req("old"),  # published before: a duplicate with the first result
+            req("a"),  # same key and payload earlier in this batch: a duplicate of it
+            req("a", value=b"other"),  # same key, other payload
+            req("m", topic="missing"),
+        ]
+    )
+    a, bad, old, a2, conflict, missing = out
+    assert isinstance(a, PublishOutput)
+    assert not a.duplicate
+    assert isinstance(bad, InvalidArgument)
+    assert isinstance(old, PublishOutput)
+    assert old.duplicate
+    assert old.offset == cast(PublishOutput, first).offset
+    assert isinstance(a2, PublishOutput)
+    assert a2.duplicate
+    assert a2.offset == a.offset
+    assert isinstance(conflict, AlreadyExists)
+    assert isinstance(missing, NotFound)
+    assert [r.value for r in producer.sent] == [b"v", b"v"]  # "old" once, "a" once
+
+
+async def test_concurrent_calls_with_one_key_share_one_produce() -> None:
+    producer = FakeProducer()
+    pub = make(producer=producer)
+    outs = await asyncio.gather(pub.publish(req("hot")), pub.publish_batch([req("hot"), req("cold")]))
+    single, (joined, cold) = outs
+    assert isinstance(joined, PublishOutput)
+    assert isinstance(cold, PublishOutput)
+    assert {single.duplicate, joined.duplicate} == {False, True}
+    assert single.offset == joined.offset
+    assert len(producer.sent) == 2
+
+
+async def test_unanswered_records_keep_their_claims_and_are_recorded_when_they_land() -> None:
+    store, producer = CountingStore(), FakeProducer()
+    producer.hold = True
+    pub = make(store, producer)
+    pub._report_grace_s = 0.0  # give up on the delivery reports after timeout_s (0.2 s)
+    out = await pub.publish_batch([req("slow-1"), req("slow-2")])
+    assert all(isinstance(o, PublishIndeterminate) for o in out)
+    # The claims are kept: a retry through another sidecar must not produce a second record.
+    assert [c.status.name for c in await store.claim(["pub:slow-1", "pub:slow-2"], "other", 1000)] == [
+        "BUSY",
+        "BUSY",
+    ]
+    producer.release()
+    for _ in range(50):
+        if await store.publish_lookup(["slow-1", "slow-2"]) != [None, None]:
+            break
+        await asyncio.sleep(0.01)
+    retry = await pub.publish_batch([req("slow-1"), req("slow-2")])
+    assert all(isinstance(o, PublishOutput) and o.duplicate for o in retry)
+    assert len(producer.sent) == 2
+
+
+async def test_a_store_failure_fails_every_entry_and_writes_nothing() -> None:
+    store, producer = CountingStore(), FakeProducer()
+    store.fail = True
+    pub = make(store, producer)
+    out = await pub.publish_batch([req("x"), req("y"), req("x")])
+    assert all(isinstance(o, StoreUnavailable) for o in out)
+    assert producer.sent == []
+    store.fail = False
+    assert all(isinstance(o, PublishOutput) for o in await pub.publish_batch([req("x"), req("y")]))
+
+
+async def test_single_publish_raises_the_entry_error() -> None:
+    pub = make()
+    with pytest.raises(InvalidArgument, match="topic is empty"):
+        await pub.publish(req("k", topic=""))
