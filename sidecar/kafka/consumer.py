@@ -13,6 +13,12 @@ costs a round trip plus, for compressed batches, decompressing them again (a sin
 compressed records can be tens of megabytes once decompressed). Only when the loop stays behind
 for ``stall_pause_after`` seconds are the partitions paused, and polling continues, so rebalance
 callbacks run and the consumer stays in the group (``max.poll.interval.ms`` is never tripped).
+
+Commits are asynchronous: librdkafka sends them and reports each one through its ``on_commit``
+callback, which runs inside a later ``consume()`` on this thread. A synchronous commit would stop
+fetching for a broker round trip (several milliseconds, far more when the CPU is contended) every
+commit interval, and that shows directly in the latency tail. Only the commit in the revoke
+callback is synchronous: the partitions must be committed before they are handed over.
 """
 
 from __future__ import annotations
@@ -22,6 +28,7 @@ import logging
 import queue
 import threading
 import time
+from collections import deque
 from collections.abc import Callable, Coroutine, Sequence
 from dataclasses import dataclass
 from typing import Any, Protocol, TypeVar
@@ -94,6 +101,7 @@ class ConsumerLoop:
             "enable.auto.offset.store": False,
             "partition.assignment.strategy": "cooperative-sticky",
             "error_cb": self._on_error,
+            "on_commit": self._on_commit,
             "logger": logging.getLogger("librdkafka"),
         }
         self._config.setdefault("auto.offset.reset", "earliest")
@@ -125,6 +133,9 @@ class ConsumerLoop:
         self.handover_lock = threading.Lock()
         self.fatal: BaseException | None = None
         self.halted = False  # set on shutdown: stop fetching, stay in the group until stop()
+        # Asynchronous commits waiting for librdkafka's report, oldest first (poll thread only).
+        self._commits: deque[_InFlightCommit] = deque()
+        self.commit_timeout_s = 60.0
 
     # -- lifecycle -------------------------------------------------------------------------------
 
@@ -163,20 +174,54 @@ class ConsumerLoop:
         self._command(apply)
 
     async def commit(self, offsets: Sequence[CommitOffset]) -> list[CommitOffset]:
-        """Commit synchronously on the poll thread. Returns the offsets Kafka accepted."""
+        """Commit asynchronously from the poll thread. Returns the offsets Kafka accepted."""
         fut: asyncio.Future[list[CommitOffset]] = self._loop.create_future()
 
         def apply(consumer: Consumer) -> None:
             mine = [o for o in offsets if (o.topic, o.partition) in self._assigned]
+            if not mine:
+                self._loop.call_soon_threadsafe(_set_result, fut, [])
+                return
             try:
-                done = self._commit_now(consumer, mine)
+                consumer.commit(offsets=[_tp(o) for o in mine], asynchronous=True)
             except BaseException as exc:  # noqa: BLE001 - handed to the awaiting coroutine
                 self._loop.call_soon_threadsafe(_set_exc, fut, exc)
             else:
-                self._loop.call_soon_threadsafe(_set_result, fut, done)
+                self._commits.append(_InFlightCommit(mine, fut))
 
         self._command(apply)
-        return await fut
+        try:
+            async with asyncio.timeout(self.commit_timeout_s):
+                return await asyncio.shield(fut)
+        except TimeoutError:
+            log.warning(
+                "no commit report from librdkafka in %.0fs; committing again later", self.commit_timeout_s
+            )
+            return []
+
+    def _on_commit(self, err: KafkaError | None, partitions: list[TopicPartition]) -> None:
+        """librdkafka's report of an asynchronous commit (on the poll thread, inside consume())."""
+        reported = {(tp.topic, tp.partition, tp.offset) for tp in partitions}
+        for i, pending in enumerate(self._commits):
+            if pending.key == reported:
+                del self._commits[i]
+                break
+        else:
+            return  # not one of ours (librdkafka reports only the asynchronous commits we made)
+        accepted = []
+        by_tp = {(o.topic, o.partition): o for o in pending.offsets}
+        for tp in partitions:
+            failure = tp.error or err
+            if failure is None:
+                accepted.append(by_tp[(tp.topic, tp.partition)])
+            else:
+                log.warning("commit of %s[%d] failed: %s", tp.topic, tp.partition, failure)
+        self._loop.call_soon_threadsafe(_set_result, pending.fut, accepted)
+
+    def _abandon_commits(self) -> None:
+        """The consumer is closed: no report will come for commits still in flight."""
+        while self._commits:
+            self._loop.call_soon_threadsafe(_set_result, self._commits.popleft().fut, [])
 
     @property
     def paused(self) -> frozenset[TP]:
@@ -201,7 +246,10 @@ class ConsumerLoop:
                 if not self._back_pressure():
                     continue
                 if not self._subscribed:
-                    self._stop.wait(0.05)
+                    if self._commits:
+                        consumer.consume(1, 0.05)  # serves the reports of commits still in flight
+                    else:
+                        self._stop.wait(0.05)
                     continue
                 msgs = self._fetch(consumer)
                 if not msgs:
@@ -228,6 +276,7 @@ class ConsumerLoop:
                 consumer.close()
             except Exception:
                 log.exception("closing the consumer failed")
+            self._abandon_commits()
 
     def _fetch(self, consumer: Consumer) -> list[Message]:
         """Take what librdkafka has queued, up to a batch, without waiting for a full batch.
@@ -374,6 +423,15 @@ class ConsumerLoop:
             self.fatal = KafkaException(err)
         else:
             log.warning("consumer: %s", err)
+
+
+class _InFlightCommit:
+    __slots__ = ("fut", "key", "offsets")
+
+    def __init__(self, offsets: list[CommitOffset], fut: asyncio.Future[list[CommitOffset]]) -> None:
+        self.offsets = offsets
+        self.fut = fut
+        self.key = {(o.topic, o.partition, o.offset) for o in offsets}
 
 
 def _set_result(fut: asyncio.Future[T], value: T) -> None:

@@ -1,16 +1,18 @@
-"""The consumer thread's back-pressure against a real broker: stop taking records, pause late."""
+"""The consumer thread against a real broker: back-pressure (stop taking records, pause late) and
+asynchronous commits."""
 
 from __future__ import annotations
 
 import asyncio
 import time
+from collections import deque
 from collections.abc import Callable
 
 import services
 from confluent_kafka import Message, Producer
 
 from sidecar.kafka.consumer import Assigned, CommitOffset, ConsumerLoop
-from tests.integration.helpers import unique
+from tests.integration.helpers import committed_offsets, unique
 
 TP = tuple[str, int]
 
@@ -79,3 +81,35 @@ async def test_a_stalled_loop_stops_the_fetch_without_pausing_then_pauses_after_
         assert sorted(handler.records) == sorted((i % 2, i // 2) for i in range(4000))
     finally:
         await loop.stop()
+
+
+async def test_commits_are_asynchronous_and_each_call_gets_its_own_report(
+    kafka: services.KafkaBroker,
+) -> None:
+    topic, group = unique("acommit"), unique("g")
+    kafka.create_topic(topic, 3)
+    handler = Recorder()
+    loop = ConsumerLoop(
+        {"bootstrap.servers": kafka.bootstrap_servers, "group.id": group},
+        [topic],
+        handler,
+        asyncio.get_running_loop(),
+    )
+    loop.start()
+    try:
+        await wait_for(lambda: len(handler.assigned) == 3, 30, "the partitions were never assigned")
+        # Several commits in flight at once: each call is answered from librdkafka's report of
+        # its own commit (the reports come back through the poll thread's consume()).
+        first, second, foreign = await asyncio.gather(
+            loop.commit([CommitOffset(topic, 0, 5, "m0"), CommitOffset(topic, 1, 7, "")]),
+            loop.commit([CommitOffset(topic, 2, 9, "")]),
+            loop.commit([CommitOffset(topic + "-other", 0, 1, "")]),  # not assigned: not committed
+        )
+        assert first == [CommitOffset(topic, 0, 5, "m0"), CommitOffset(topic, 1, 7, "")]
+        assert second == [CommitOffset(topic, 2, 9, "")]
+        assert foreign == []
+        assert await loop.commit([CommitOffset(topic, 0, 6, "")]) == [CommitOffset(topic, 0, 6, "")]
+        assert loop._commits == deque()  # every report was matched to its call
+    finally:
+        await loop.stop()
+    assert committed_offsets(kafka, group, topic, 3) == {0: 6, 1: 7, 2: 9}

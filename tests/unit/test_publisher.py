@@ -181,3 +181,25 @@ async def test_single_publish_raises_the_entry_error() -> None:
     pub = make()
     with pytest.raises(InvalidArgument, match="topic is empty"):
         await pub.publish(req("k", topic=""))
+
+
+async def test_a_cancelled_call_keeps_the_claims_of_records_in_flight() -> None:
+    store, producer = CountingStore(), FakeProducer()
+    producer.hold = True
+    pub = make(store, producer)
+    call = asyncio.create_task(pub.publish_batch([req("c-1"), req("c-2")]))
+    while len(producer.held) < 2:
+        await asyncio.sleep(0.001)
+    call.cancel()  # the client's deadline passed while Kafka had not answered yet
+    with pytest.raises(asyncio.CancelledError):
+        await call
+    claims = await store.claim(["pub:c-1", "pub:c-2"], "other", 1000)
+    assert [c.status.name for c in claims] == ["BUSY", "BUSY"]
+    producer.release()
+    for _ in range(50):
+        if None not in await store.publish_lookup(["c-1", "c-2"]):
+            break
+        await asyncio.sleep(0.01)
+    retry = await pub.publish_batch([req("c-1"), req("c-2")])
+    assert [(o.duplicate, o.partition) for o in retry if isinstance(o, PublishOutput)] == [(True, 1)] * 2
+    assert len(producer.sent) == 2
