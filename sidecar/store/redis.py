@@ -31,32 +31,45 @@ local out = {}
 # Each script walks KEYS and treats every key on its own (atomically: a script runs alone). On a
 # standalone Redis a whole batch is one call; on Redis Cluster each call carries one key so keys
 # can live in any slot, and the calls of a batch share one pipeline.
+#
+# A key's state is one string, "<done>|<owner>|<lease deadline ms>|<attempt>", with the key's
+# TTL as its expiry. A string costs Redis about a third less CPU per claim and complete than the
+# hash this store used before (one GET and one SET ... PX instead of HMGET, HSET and PEXPIRE),
+# and Redis is a large share of the CPU of a busy sidecar host. The owner may contain "|"; the
+# pattern takes the last two fields as the numbers.
+_PARSE = """
+local function parse(v)
+  local d, o, l, a = string.match(v, '^(%d)|(.*)|(%d+)|(%d+)$')
+  return d, o, tonumber(l), tonumber(a)
+end
+"""
 
 # ARGV owner, lease_ms, retention_ms. Returns status, attempt per key (flat).
 CLAIM = (
     _NOW
+    + _PARSE
     + """
-local lease = tonumber(ARGV[2])
+local owner, lease = ARGV[1], tonumber(ARGV[2])
+local held = '0|' .. owner .. '|' .. string.format('%d', now + lease) .. '|'
 for _, k in ipairs(KEYS) do
-  local v = redis.call('HMGET', k, 'd', 'o', 'l', 'a')
-  if not v[1] then
-    redis.call('HSET', k, 'd', 0, 'o', ARGV[1], 'l', now + lease, 'a', 1)
-    redis.call('PEXPIRE', k, ARGV[3])
+  local v = redis.call('GET', k)
+  if not v then
+    redis.call('SET', k, held .. '1', 'PX', ARGV[3])
     out[#out + 1] = 0; out[#out + 1] = 1
   else
-    local attempt = tonumber(v[4])
-    if v[1] == '1' then
+    local done, o, until_ms, attempt = parse(v)
+    if done == '1' then
       out[#out + 1] = 1; out[#out + 1] = attempt
-    elseif tonumber(v[3]) > now then
-      if v[2] == ARGV[1] then
-        redis.call('HSET', k, 'l', now + lease)
+    elseif until_ms > now then
+      if o == owner then
+        redis.call('SET', k, held .. attempt, 'KEEPTTL')
         out[#out + 1] = 0; out[#out + 1] = attempt
       else
         out[#out + 1] = 2; out[#out + 1] = attempt
       end
     else
       attempt = attempt + 1
-      redis.call('HSET', k, 'o', ARGV[1], 'l', now + lease, 'a', attempt)
+      redis.call('SET', k, held .. attempt, 'KEEPTTL')
       if redis.call('PTTL', k) < lease then redis.call('PEXPIRE', k, lease) end
       out[#out + 1] = 0; out[#out + 1] = attempt
     end
@@ -69,21 +82,17 @@ return out
 # ARGV owner, retention_ms. Returns 1 per key when late.
 COMPLETE = (
     _NOW
+    + _PARSE
     + """
 for _, k in ipairs(KEYS) do
-  local v = redis.call('HMGET', k, 'd', 'o', 'l', 'a')
-  if v[1] == '1' then
+  local v = redis.call('GET', k)
+  local done, o, until_ms, attempt = '0', '', 0, 1
+  if v then done, o, until_ms, attempt = parse(v) end
+  if done == '1' then
     out[#out + 1] = 0
   else
-    local late = 1
-    local attempt = 1
-    if v[1] then
-      attempt = tonumber(v[4])
-      if v[2] == ARGV[1] and tonumber(v[3]) > now then late = 0 end
-    end
-    redis.call('HSET', k, 'd', 1, 'o', ARGV[1], 'l', 0, 'a', attempt)
-    redis.call('PEXPIRE', k, ARGV[2])
-    out[#out + 1] = late
+    redis.call('SET', k, '1|' .. ARGV[1] .. '|0|' .. attempt, 'PX', ARGV[2])
+    if v and o == ARGV[1] and until_ms > now then out[#out + 1] = 0 else out[#out + 1] = 1 end
   end
 end
 return out
@@ -93,15 +102,19 @@ return out
 # ARGV owner. Returns 1 per key when released.
 RELEASE = (
     _NOW
+    + _PARSE
     + """
 for _, k in ipairs(KEYS) do
-  local v = redis.call('HMGET', k, 'd', 'o', 'l')
-  if v[1] == '0' and v[2] == ARGV[1] and tonumber(v[3]) > now then
-    redis.call('HSET', k, 'l', 0)
-    out[#out + 1] = 1
-  else
-    out[#out + 1] = 0
+  local v = redis.call('GET', k)
+  local released = 0
+  if v then
+    local done, o, until_ms, attempt = parse(v)
+    if done == '0' and o == ARGV[1] and until_ms > now then
+      redis.call('SET', k, '0|' .. o .. '|0|' .. attempt, 'KEEPTTL')
+      released = 1
+    end
   end
+  out[#out + 1] = released
 end
 return out
 """
