@@ -199,15 +199,21 @@ class ConsumerLoop:
             )
             return []
 
-    def _on_commit(self, err: KafkaError | None, partitions: list[TopicPartition]) -> None:
+    def _on_commit(self, err: KafkaError | None, partitions: list[TopicPartition] | None) -> None:
         """librdkafka's report of an asynchronous commit (on the poll thread, inside consume())."""
+        partitions = partitions or []
         reported = {(tp.topic, tp.partition, tp.offset) for tp in partitions}
         for i, pending in enumerate(self._commits):
             if pending.key == reported:
                 del self._commits[i]
                 break
         else:
-            return  # not one of ours (librdkafka reports only the asynchronous commits we made)
+            if err is None or not self._commits:
+                return  # not one of ours (librdkafka reports only the asynchronous commits we made)
+            # A failure reported without its offsets: it answers the oldest commit in flight.
+            log.warning("commit failed: %s", err)
+            self._loop.call_soon_threadsafe(_set_result, self._commits.popleft().fut, [])
+            return
         accepted = []
         by_tp = {(o.topic, o.partition): o for o in pending.offsets}
         for tp in partitions:
