@@ -177,12 +177,8 @@ class Engine:
             s.wakeup.set()
         # No ack can arrive any more: hand our claims back so the next owner need not wait out
         # the leases. (An app still applying an effect is the stated window; attempt shows it.)
-        held = [
-            p.store_key for part in self._partitions.values() for p in part.pending.values() if p.attempt > 0
-        ]
-        if held:
-            with contextlib.suppress(StoreUnavailable):
-                await self.store.release(held, self.owner)
+        held = [p for part in self._partitions.values() for p in part.pending.values() if p.attempt > 0]
+        await self._release_claims(held)
         await self.commit_now()
         for t in self._tasks:
             t.cancel()
@@ -215,7 +211,7 @@ class Engine:
 
     async def on_revoked(self, tps: list[TP], lost: bool) -> list[CommitOffset]:
         commits: list[CommitOffset] = []
-        undelivered: list[str] = []
+        undelivered: list[Pending] = []
         dropped: list[Pending] = []
         for tp in tps:
             part = self._partitions.pop(tp, None)
@@ -226,7 +222,7 @@ class Engine:
                 commits.append(CommitOffset(tp[0], tp[1], tracker.committable(), tracker.commit_metadata()))
             for p in part.pending.values():
                 if p.state in (State.READY, State.BUSY, State.DELAYED, State.CLAIMING) and p.attempt > 0:
-                    undelivered.append(p.store_key)
+                    undelivered.append(p)
                 self._drop(p)
                 dropped.append(p)
         self._waiting = [p for p in self._waiting if p.state in (State.BUSY, State.DELAYED)]
@@ -234,10 +230,7 @@ class Engine:
         # Undelivered records: let the next owner claim them at once rather than after the lease,
         # unless a duplicate of the key in a partition we keep takes over the claim here.
         kept = {p.store_key for p in dropped for sh in p.shadows if sh.state is State.SHADOWED}
-        release = [k for k in undelivered if k not in kept]
-        if release:
-            with contextlib.suppress(StoreUnavailable):
-                await self.store.release(release, self.owner)
+        await self._release_claims([p for p in undelivered if p.store_key not in kept])
         # Only now (after the release) may shadows in kept partitions claim their keys again.
         for p in dropped:
             self._release_shadows(p)
@@ -429,7 +422,21 @@ class Engine:
         keys = [k for k in keys if k not in self._key_index]
         if keys:
             with contextlib.suppress(StoreUnavailable):
-                await self.store.release(keys, self.owner)
+                await self.store.release(keys, self.owner, delivered=False)
+
+    async def _release_claims(self, records: list[Pending]) -> None:
+        """Hand back the claims of records nobody here will deliver (or redeliver) any more.
+
+        A record that never reached an app under this claim gives its attempt back: claiming
+        ahead of the app must not make the next owner's first delivery say "attempt 2".
+        """
+        sent = [p.store_key for p in records if p.delivery_ids]
+        unsent = [p.store_key for p in records if not p.delivery_ids]
+        with contextlib.suppress(StoreUnavailable):
+            if sent:
+                await self.store.release(sent, self.owner)
+            if unsent:
+                await self.store.release(unsent, self.owner, delivered=False)
 
     # ---------------------------------------------------------------------------------------------
     # streams

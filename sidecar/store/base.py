@@ -73,8 +73,13 @@ class DedupStore(Protocol):
         """
         ...
 
-    async def release(self, keys: Sequence[str], owner: str) -> list[bool]:
-        """Drop the claim of each key only if ``owner`` still holds it. Returns per key whether it did."""
+    async def release(self, keys: Sequence[str], owner: str, delivered: bool = True) -> list[bool]:
+        """Drop the claim of each key only if ``owner`` still holds it. Returns per key whether it did.
+
+        ``delivered=False``: no app was sent the record under this claim (it was claimed ahead and
+        then its partition moved, or the sidecar stopped). The attempt the claim started is given
+        back, so the next owner's delivery carries the same attempt number instead of one more.
+        """
         ...
 
     async def publish_lookup(self, keys: Sequence[str]) -> list[PublishRecord | None]:

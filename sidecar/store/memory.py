@@ -43,11 +43,11 @@ class MemoryStore:
             out.append(late)
         return out
 
-    async def release(self, keys: Sequence[str], owner: str) -> list[bool]:
+    async def release(self, keys: Sequence[str], owner: str, delivered: bool = True) -> list[bool]:
         now = self._clock()
         out = []
         for key in keys:
-            released, _ = rules.release(self._keys.get(key), owner, now)
+            released, _ = rules.release(self._keys.get(key), owner, now, delivered)
             out.append(released)
         return out
 

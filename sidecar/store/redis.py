@@ -99,7 +99,7 @@ return out
 """
 )
 
-# ARGV owner. Returns 1 per key when released.
+# ARGV owner, delivered (1, or 0 to give the claim's attempt back). Returns 1 per key when released.
 RELEASE = (
     _NOW
     + _PARSE
@@ -110,6 +110,7 @@ for _, k in ipairs(KEYS) do
   if v then
     local done, o, until_ms, attempt = parse(v)
     if done == '0' and o == ARGV[1] and until_ms > now then
+      if ARGV[2] == '0' and attempt > 0 then attempt = attempt - 1 end
       redis.call('SET', k, '0|' .. o .. '|0|' .. attempt, 'KEEPTTL')
       released = 1
     end
@@ -313,8 +314,9 @@ class RedisStore:
     async def complete(self, keys: Sequence[str], owner: str, retention_ms: int) -> list[bool]:
         return [bool(int(x)) for x in await self._per_key(self._complete, keys, [owner, retention_ms], 1)]
 
-    async def release(self, keys: Sequence[str], owner: str) -> list[bool]:
-        return [bool(int(x)) for x in await self._per_key(self._release, keys, [owner], 1)]
+    async def release(self, keys: Sequence[str], owner: str, delivered: bool = True) -> list[bool]:
+        flag = 1 if delivered else 0
+        return [bool(int(x)) for x in await self._per_key(self._release, keys, [owner, flag], 1)]
 
     async def publish_lookup(self, keys: Sequence[str]) -> list[PublishRecord | None]:
         if not keys:

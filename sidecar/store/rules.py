@@ -51,9 +51,11 @@ def complete(entry: Entry | None, owner: str, now: int, retention_ms: int) -> tu
     return late, Entry(True, owner, now + retention_ms, attempt, now + retention_ms)
 
 
-def release(entry: Entry | None, owner: str, now: int) -> tuple[bool, Entry | None]:
+def release(entry: Entry | None, owner: str, now: int, delivered: bool = True) -> tuple[bool, Entry | None]:
     entry = live(entry, now)
     if entry is None or entry.done or entry.owner != owner or entry.deadline <= now:
         return False, entry
     entry.deadline = 0
+    if not delivered:
+        entry.attempt = max(entry.attempt - 1, 0)  # the next claim starts this attempt again
     return True, entry

@@ -147,9 +147,9 @@ class SQLiteStore:
 
         return await self._run(lambda: self._apply(keys, step))
 
-    async def release(self, keys: Sequence[str], owner: str) -> list[bool]:
+    async def release(self, keys: Sequence[str], owner: str, delivered: bool = True) -> list[bool]:
         def step(entry: rules.Entry | None, now: int) -> tuple[bool, rules.Entry | None]:
-            return rules.release(entry, owner, now)
+            return rules.release(entry, owner, now, delivered)
 
         return await self._run(lambda: self._apply(keys, step))
 

@@ -10,7 +10,7 @@ from typing import Any
 
 import pytest
 
-from sidecar.store.base import ClaimStatus, DedupStore, PublishRecord
+from sidecar.store.base import Claim, ClaimStatus, DedupStore, PublishRecord
 from sidecar.store.memory import MemoryStore
 from sidecar.store.redis import RedisStore
 from sidecar.store.sqlite import SQLiteStore
@@ -110,6 +110,20 @@ async def test_release_only_by_owner(store: DedupStore) -> None:
     assert await store.release([k], "a") == [True]
     c = (await store.claim([k], "b", LEASE))[0]
     assert (c.status, c.attempt) == (NEW, 2)
+
+
+async def test_release_of_an_undelivered_claim_gives_its_attempt_back(store: DedupStore) -> None:
+    # Claimed ahead, never sent to an app, partition moved: the next owner starts the same attempt.
+    fresh, redelivered = keys(2)
+    await store.claim([fresh, redelivered], "a", LEASE)
+    assert await store.release([redelivered], "a") == [True]  # delivered once, then released
+    assert [c.attempt for c in await store.claim([redelivered], "b", LEASE)] == [2]
+    assert await store.release([fresh, redelivered], "b", delivered=False) == [False, True]
+    assert await store.release([fresh], "a", delivered=False) == [True]
+    claims = await store.claim([fresh, redelivered], "c", LEASE)
+    assert [(c.status, c.attempt) for c in claims] == [(NEW, 1), (NEW, 2)]
+    assert await store.complete([fresh], "c", DAY) == [False]
+    assert (await store.claim([fresh], "d", LEASE))[0] == Claim(DONE, 1)
 
 
 async def test_release_does_not_undo_done(store: DedupStore) -> None:

@@ -200,7 +200,27 @@ async def test_a_claim_won_for_a_revoked_partition_is_handed_back(
     await asyncio.sleep(0.05)
     key = store_key(eng.settings.kafka.group_id, T, "orphan")
     [other] = await real_claim([key], "another-sidecar", 30_000)
-    assert other.status.name == "NEW"
+    assert (other.status.name, other.attempt) == ("NEW", 1)  # never delivered: still attempt 1
+
+
+async def test_records_claimed_ahead_keep_their_attempt_when_the_partition_moves(
+    engine: tuple[Engine, FakeConsumer],
+) -> None:
+    # Claimed at intake, waiting for an app (no stream yet), then the partition is revoked: the
+    # claims are handed back, and the next owner's first delivery is attempt 1, not 2. A record
+    # that did reach an app counts: its next delivery is attempt 2.
+    eng, _ = engine
+    await intake(eng, msg(0, 0, "k0"), msg(0, 1, "k1"), msg(1, 0, "k2"))
+    s = eng.attach([T], 1, 0, 1)
+    [sent] = await take(eng, s, 1)
+    eng.detach(s)  # the stream closes: that record goes back to the ready queue, delivered once
+    await eng.on_revoked([(T, 0), (T, 1)], lost=False)
+    group = eng.settings.kafka.group_id
+    names = ["k0", "k1", "k2"]
+    claims = await eng.store.claim([store_key(group, T, k) for k in names], "next-owner", 30_000)
+    assert {k: (c.status.name, c.attempt) for k, c in zip(names, claims, strict=True)} == {
+        k: ("NEW", 2 if k == sent.idem_key else 1) for k in names
+    }
 
 
 async def test_claims_gather_while_one_is_in_flight(engine: tuple[Engine, FakeConsumer]) -> None:
