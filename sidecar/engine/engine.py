@@ -525,7 +525,10 @@ class Engine:
         if not stale:
             return batch
         try:
-            claims = await self.store.claim([p.store_key for p in stale], self.owner, self._lease_ms)
+            # Renewals: none of these was delivered since our last claim of it.
+            claims = await self.store.claim(
+                [p.store_key for p in stale], self.owner, self._lease_ms, renew=True
+            )
         except StoreUnavailable:
             self.metrics.store_errors.inc()
             for p in reversed(batch):
@@ -714,7 +717,10 @@ class Engine:
         lease_ms = int((seconds + self.settings.delivery.lease_margin_seconds) * 1000)
         recs = list(todo.values())
         if recs:
-            claims = await self._counted(self.store.claim([p.store_key for p in recs], self.owner, lease_ms))
+            # Renewals: the same delivery goes on, so the same attempt.
+            claims = await self._counted(
+                self.store.claim([p.store_key for p in recs], self.owner, lease_ms, renew=True)
+            )
             now = self._clock()
             for p, c in zip(recs, claims, strict=True):
                 if c.status is ClaimStatus.NEW and p.state is State.IN_FLIGHT:

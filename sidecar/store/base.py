@@ -61,8 +61,14 @@ class DedupStore(Protocol):
     #: True when the state is shared between sidecar processes (only Redis).
     shared: bool
 
-    async def claim(self, keys: Sequence[str], owner: str, lease_ms: int) -> list[Claim]:
-        """Claim each key for ``owner`` for ``lease_ms``. Re-claiming your own key extends it."""
+    async def claim(self, keys: Sequence[str], owner: str, lease_ms: int, renew: bool = False) -> list[Claim]:
+        """Claim each key for ``owner`` for ``lease_ms``. Re-claiming your own key extends it.
+
+        Taking over an expired or released claim starts the next attempt. ``renew=True`` says the
+        caller has not delivered the record since its own last claim (it waited in a queue past
+        its lease): if nobody else claimed the key meanwhile, the lease is extended and the
+        attempt stays the same.
+        """
         ...
 
     async def complete(self, keys: Sequence[str], owner: str, retention_ms: int) -> list[bool]:

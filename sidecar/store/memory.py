@@ -25,12 +25,12 @@ class MemoryStore:
         self._keys: dict[str, rules.Entry] = {}
         self._published: dict[str, tuple[PublishRecord, int]] = {}
 
-    async def claim(self, keys: Sequence[str], owner: str, lease_ms: int) -> list[Claim]:
+    async def claim(self, keys: Sequence[str], owner: str, lease_ms: int, renew: bool = False) -> list[Claim]:
         now = self._clock()
         out = []
         for key in keys:
             result, self._keys[key] = rules.claim(
-                self._keys.get(key), owner, now, lease_ms, self._retention_ms
+                self._keys.get(key), owner, now, lease_ms, self._retention_ms, renew
             )
             out.append(result)
         return out

@@ -44,7 +44,8 @@ local function parse(v)
 end
 """
 
-# ARGV owner, lease_ms, retention_ms. Returns status, attempt per key (flat).
+# ARGV owner, lease_ms, retention_ms, renew (1: keep the attempt of our own expired claim).
+# Returns status, attempt per key (flat).
 CLAIM = (
     _NOW
     + _PARSE
@@ -68,7 +69,11 @@ for _, k in ipairs(KEYS) do
         out[#out + 1] = 2; out[#out + 1] = attempt
       end
     else
-      attempt = attempt + 1
+      if ARGV[4] == '1' and o == owner then
+        if attempt < 1 then attempt = 1 end
+      else
+        attempt = attempt + 1
+      end
       redis.call('SET', k, held .. attempt, 'KEEPTTL')
       if redis.call('PTTL', k) < lease then redis.call('PEXPIRE', k, lease) end
       out[#out + 1] = 0; out[#out + 1] = attempt
@@ -307,8 +312,9 @@ class RedisStore:
         finally:
             await pool.release(conn)
 
-    async def claim(self, keys: Sequence[str], owner: str, lease_ms: int) -> list[Claim]:
-        raw = await self._per_key(self._claim, keys, [owner, lease_ms, self._retention_ms], 2)
+    async def claim(self, keys: Sequence[str], owner: str, lease_ms: int, renew: bool = False) -> list[Claim]:
+        args = [owner, lease_ms, self._retention_ms, 1 if renew else 0]
+        raw = await self._per_key(self._claim, keys, args, 2)
         return [Claim(ClaimStatus(int(status)), int(attempt)) for status, attempt in raw]
 
     async def complete(self, keys: Sequence[str], owner: str, retention_ms: int) -> list[bool]:

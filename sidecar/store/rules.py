@@ -24,7 +24,9 @@ def live(entry: Entry | None, now: int) -> Entry | None:
     return entry if entry is not None and entry.expires > now else None
 
 
-def claim(entry: Entry | None, owner: str, now: int, lease_ms: int, retention_ms: int) -> tuple[Claim, Entry]:
+def claim(
+    entry: Entry | None, owner: str, now: int, lease_ms: int, retention_ms: int, renew: bool = False
+) -> tuple[Claim, Entry]:
     entry = live(entry, now)
     if entry is None:
         return Claim(ClaimStatus.NEW, 1), Entry(False, owner, now + lease_ms, 1, now + retention_ms)
@@ -35,8 +37,11 @@ def claim(entry: Entry | None, owner: str, now: int, lease_ms: int, retention_ms
             entry.deadline = now + lease_ms
             return Claim(ClaimStatus.NEW, entry.attempt), entry
         return Claim(ClaimStatus.BUSY, entry.attempt), entry
-    # Expired or released: the next attempt belongs to whoever claims first.
-    entry.owner, entry.deadline, entry.attempt = owner, now + lease_ms, entry.attempt + 1
+    # Expired or released: the next attempt belongs to whoever claims first (unless the owner
+    # renews a claim it never delivered under, and nobody took it meanwhile).
+    same = renew and entry.owner == owner
+    entry.owner, entry.deadline = owner, now + lease_ms
+    entry.attempt = max(entry.attempt, 1) if same else entry.attempt + 1
     entry.expires = max(entry.expires, now + lease_ms)
     return Claim(ClaimStatus.NEW, entry.attempt), entry
 

@@ -133,11 +133,11 @@ class SQLiteStore:
             raise
         return out
 
-    async def claim(self, keys: Sequence[str], owner: str, lease_ms: int) -> list[Claim]:
+    async def claim(self, keys: Sequence[str], owner: str, lease_ms: int, renew: bool = False) -> list[Claim]:
         retention = self._retention_ms
 
         def step(entry: rules.Entry | None, now: int) -> tuple[Claim, rules.Entry | None]:
-            return rules.claim(entry, owner, now, lease_ms, retention)
+            return rules.claim(entry, owner, now, lease_ms, retention, renew)
 
         return await self._run(lambda: self._apply(keys, step))
 

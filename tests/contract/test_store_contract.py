@@ -126,6 +126,20 @@ async def test_release_of_an_undelivered_claim_gives_its_attempt_back(store: Ded
     assert (await store.claim([fresh], "d", LEASE))[0] == Claim(DONE, 1)
 
 
+async def test_renewing_an_undelivered_expired_claim_keeps_the_attempt(store: DedupStore) -> None:
+    # A record waited in the sidecar's queue past its lease: renewing it is not a new attempt.
+    # Once another owner has taken the key over, a renewal is an ordinary takeover.
+    mine, taken = keys(2)
+    await store.claim([mine, taken], "a", 100)
+    await asyncio.sleep(0.25)
+    assert (await store.claim([taken], "b", 100))[0] == Claim(NEW, 2)
+    await asyncio.sleep(0.25)
+    claims = await store.claim([mine, taken], "a", LEASE, renew=True)
+    assert [(c.status, c.attempt) for c in claims] == [(NEW, 1), (NEW, 3)]
+    assert (await store.claim([mine], "b", LEASE, renew=True))[0].status is BUSY  # the lease is live again
+    assert (await store.claim([mine], "a", LEASE))[0] == Claim(NEW, 1)  # own live lease: extended
+
+
 async def test_release_does_not_undo_done(store: DedupStore) -> None:
     [k] = keys(1)
     await store.claim([k], "a", LEASE)

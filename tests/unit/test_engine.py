@@ -188,9 +188,9 @@ async def test_a_claim_won_for_a_revoked_partition_is_handed_back(
     gate = asyncio.Event()
     real_claim = store.claim
 
-    async def slow_claim(keys: Sequence[str], owner: str, lease_ms: int) -> Any:
+    async def slow_claim(keys: Sequence[str], owner: str, lease_ms: int, renew: bool = False) -> Any:
         await gate.wait()
-        return await real_claim(keys, owner, lease_ms)
+        return await real_claim(keys, owner, lease_ms, renew)
 
     eng.store.claim = slow_claim  # type: ignore[method-assign]
     eng.on_records([msg(0, 0, "orphan")])
@@ -223,6 +223,20 @@ async def test_records_claimed_ahead_keep_their_attempt_when_the_partition_moves
     }
 
 
+async def test_a_record_that_waited_past_its_lease_is_still_its_first_attempt(
+    engine: tuple[Engine, FakeConsumer],
+) -> None:
+    # The app is slower than the sidecar claims ahead: a record waits in the ready queue until
+    # its lease ran out. Handing it out renews the claim; nobody was sent it, so attempt stays 1.
+    eng, _ = engine
+    eng._lease_ms = 100  # leases far shorter than the queueing below
+    await intake(eng, msg(0, 0, "slow-0"), msg(0, 1, "slow-1"))
+    await asyncio.sleep(0.2)  # both leases have expired while the records wait
+    s = eng.attach([T], 10, 0, 10)
+    got = await take(eng, s, 2)
+    assert [(p.idem_key, p.attempt) for p in got] == [("slow-0", 1), ("slow-1", 1)]
+
+
 async def test_claims_gather_while_one_is_in_flight(engine: tuple[Engine, FakeConsumer]) -> None:
     # A group commit: the first record is claimed at once; records that arrive while that round
     # trip is in flight go to the store together in the next one.
@@ -231,10 +245,10 @@ async def test_claims_gather_while_one_is_in_flight(engine: tuple[Engine, FakeCo
     calls: list[int] = []
     real_claim = eng.store.claim
 
-    async def gated_claim(keys: Sequence[str], owner: str, lease_ms: int) -> Any:
+    async def gated_claim(keys: Sequence[str], owner: str, lease_ms: int, renew: bool = False) -> Any:
         calls.append(len(keys))
         await gate.wait()
-        return await real_claim(keys, owner, lease_ms)
+        return await real_claim(keys, owner, lease_ms, renew)
 
     eng.store.claim = gated_claim  # type: ignore[method-assign]
     eng.on_records([msg(0, 0, "g0")])
