@@ -84,7 +84,8 @@ class DedupStore(Protocol):
 
         ``delivered=False``: no app was sent the record under this claim (it was claimed ahead and
         then its partition moved, or the sidecar stopped). The attempt the claim started is given
-        back, so the next owner's delivery carries the same attempt number instead of one more.
+        back, so the next owner's delivery carries the same attempt number instead of one more;
+        this applies even if the lease ran out meanwhile, as long as nobody else claimed the key.
         """
         ...
 

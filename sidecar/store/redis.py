@@ -114,7 +114,7 @@ for _, k in ipairs(KEYS) do
   local released = 0
   if v then
     local done, o, until_ms, attempt = parse(v)
-    if done == '0' and o == ARGV[1] and until_ms > now then
+    if done == '0' and o == ARGV[1] and (until_ms > now or ARGV[2] == '0') then
       if ARGV[2] == '0' and attempt > 0 then attempt = attempt - 1 end
       redis.call('SET', k, '0|' .. o .. '|0|' .. attempt, 'KEEPTTL')
       released = 1

@@ -58,8 +58,12 @@ def complete(entry: Entry | None, owner: str, now: int, retention_ms: int) -> tu
 
 def release(entry: Entry | None, owner: str, now: int, delivered: bool = True) -> tuple[bool, Entry | None]:
     entry = live(entry, now)
-    if entry is None or entry.done or entry.owner != owner or entry.deadline <= now:
+    if entry is None or entry.done or entry.owner != owner:
         return False, entry
+    if entry.deadline <= now and delivered:
+        return False, entry  # expired: nothing left to release
+    # An undelivered claim gives its attempt back even when its lease ran out while the record
+    # waited: nobody else has claimed the key since (the owner is still ours).
     entry.deadline = 0
     if not delivered:
         entry.attempt = max(entry.attempt - 1, 0)  # the next claim starts this attempt again

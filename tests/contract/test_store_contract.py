@@ -126,6 +126,19 @@ async def test_release_of_an_undelivered_claim_gives_its_attempt_back(store: Ded
     assert (await store.claim([fresh], "d", LEASE))[0] == Claim(DONE, 1)
 
 
+async def test_an_undelivered_claim_gives_its_attempt_back_after_its_lease_ran_out(
+    store: DedupStore,
+) -> None:
+    waited, taken = keys(2)
+    await store.claim([waited, taken], "a", 100)
+    await asyncio.sleep(0.25)  # both leases ran out while the records waited for an app
+    await store.claim([taken], "b", LEASE)  # another owner took this one over meanwhile
+    assert await store.release([waited, taken], "a") == [False, False]  # expired: nothing to drop
+    assert await store.release([waited, taken], "a", delivered=False) == [True, False]
+    claims = await store.claim([waited, taken], "c", 100)
+    assert [(c.status, c.attempt) for c in claims] == [(NEW, 1), (BUSY, 2)]
+
+
 async def test_renewing_an_undelivered_expired_claim_keeps_the_attempt(store: DedupStore) -> None:
     # A record waited in the sidecar's queue past its lease: renewing it is not a new attempt.
     # Once another owner has taken the key over, a renewal is an ordinary takeover.
