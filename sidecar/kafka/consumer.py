@@ -365,6 +365,14 @@ class ConsumerLoop:
         self._call(self._handler.on_assigned(infos))
         self._assigned.update((tp.topic, tp.partition) for tp in partitions)
         consumer.incremental_assign(partitions)
+        # librdkafka keeps a partition's pause flag across a revoke and a later re-assignment to
+        # this member, while our books dropped the partition at the revoke. A partition paused
+        # when it was taken away (tracker bound, stall) would come back paused and never resume:
+        # after a lost session it stalled half a group until the end of a fault run.
+        try:
+            consumer.resume(partitions)
+        except KafkaException as exc:
+            log.warning("resume of newly assigned partitions failed: %s", exc)
         if self._stall_paused:
             self._sync_pause()
         log.info("assigned %s", _fmt(partitions))

@@ -113,3 +113,41 @@ async def test_commits_are_asynchronous_and_each_call_gets_its_own_report(
     finally:
         await loop.stop()
     assert committed_offsets(kafka, group, topic, 3) == {0: 6, 1: 7, 2: 9}
+
+
+async def test_a_partition_paused_when_taken_away_is_not_paused_when_it_comes_back(
+    kafka: services.KafkaBroker,
+) -> None:
+    # librdkafka keeps the pause flag of a partition across a revoke and a later re-assignment
+    # to the same member; the loop's books start afresh. Without a resume on assignment, the
+    # partition came back paused and nothing was fetched from it again.
+    topic, group = unique("repause"), unique("g")
+    kafka.create_topic(topic, 2)
+    config = {"bootstrap.servers": kafka.bootstrap_servers, "group.id": group}
+    first, second = Recorder(), Recorder()
+    a = ConsumerLoop(config, [topic], first, asyncio.get_running_loop())
+    a.start()
+    b: ConsumerLoop | None = None
+    try:
+        await wait_for(lambda: len(first.assigned) == 2, 30, "the first member was never assigned")
+        for p in (0, 1):
+            a.set_paused((topic, p), True)  # the tracker bound, say, holds both partitions back
+        await wait_for(lambda: len(a.paused) == 2, 10, "the partitions were never paused")
+        b = ConsumerLoop(config, [topic], second, asyncio.get_running_loop())
+        b.start()
+        await wait_for(lambda: len(second.assigned) == 1, 30, "the second member got no partition")
+        moved = second.assigned[0][1]
+        await b.stop()  # leaves the group: the partition comes back to the first member
+        b = None
+        await wait_for(lambda: first.assigned.count((topic, moved)) == 2, 30, "it never came back")
+        producer = Producer({"bootstrap.servers": kafka.bootstrap_servers})
+        for _ in range(20):
+            producer.produce(topic, b"v", partition=moved)
+        assert producer.flush(30) == 0
+        await wait_for(
+            lambda: sum(1 for p, _ in first.records if p == moved) >= 20, 20, "the partition stayed paused"
+        )
+    finally:
+        if b is not None:
+            await b.stop()
+        await a.stop()
