@@ -15,6 +15,7 @@ from typing import Any
 
 import redis.asyncio as aioredis
 from redis.exceptions import NoScriptError, RedisError, ResponseError
+from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from sidecar.errors import ConfigError, StoreUnavailable
 from sidecar.store.base import Claim, ClaimStatus, PublishRecord
@@ -221,6 +222,7 @@ class RedisStore:
             url, socket_timeout=timeout_s, socket_connect_timeout=timeout_s, decode_responses=True
         )
         self._url = url
+        self._timeout_s = timeout_s
         self._prefix = prefix
         self._retention_ms = retention_ms
         self._claim = _Script(CLAIM)
@@ -301,10 +303,20 @@ class RedisStore:
         CPU as the round trip itself) but keeps its connections: URL, auth, TLS and timeouts.
         """
         pool = self._client.connection_pool
-        conn = await pool.get_connection()  # type: ignore[no-untyped-call]
         try:
-            await conn.send_packed_command(packed, check_health=False)
-            return [await conn.read_response() for _ in range(replies)]
+            # A hard bound on the whole exchange, connecting included: a store that hangs (a
+            # Redis restarting under us) must fail the call, so the caller retries, never wait.
+            async with asyncio.timeout(self._timeout_s * 2):
+                conn = await pool.get_connection()  # type: ignore[no-untyped-call]
+        except TimeoutError as exc:
+            raise RedisTimeoutError(f"no Redis connection within {self._timeout_s * 2:.0f}s") from exc
+        try:
+            async with asyncio.timeout(self._timeout_s * 2):
+                await conn.send_packed_command(packed, check_health=False)
+                return [await conn.read_response() for _ in range(replies)]
+        except TimeoutError as exc:
+            await conn.disconnect()
+            raise RedisTimeoutError(f"no Redis reply within {self._timeout_s * 2:.0f}s") from exc
         except BaseException:
             # Replies may be left unread (an error reply raises at once): never reuse it.
             await conn.disconnect()
