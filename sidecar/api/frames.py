@@ -67,9 +67,11 @@ _header_keys: dict[str, bytes] = {}
 
 def _header_key(key: str) -> bytes:
     """A header's key field, which most records share (usually just the idempotency header)."""
-    if len(_header_keys) > 10_000:
-        _header_keys.clear()
-    field = _header_keys[key] = _len_field(b"\x0a", key.encode()) if key else b""
+    field = _header_keys.get(key)
+    if field is None:
+        if len(_header_keys) > 10_000:
+            _header_keys.clear()
+        field = _header_keys[key] = _len_field(b"\x0a", key.encode()) if key else b""
     return field
 
 
@@ -80,7 +82,7 @@ def encode_frame(batch: Sequence[Pending], deadline_ms: int) -> bytes:
     so an empty key is written and a missing one is not.
     """
     deadline_field = b"\x58" + _varint(deadline_ms) if deadline_ms else b""
-    varint, len_field, tp_field, header_keys = _varint, _len_field, _tp_field, _header_keys
+    varint, len_field, tp_field, header_key = _varint, _len_field, _tp_field, _header_key
     last_ts, ts_field = -1, b""  # records of one producer batch often share a timestamp
     out: list[bytes] = []
     for p in batch:
@@ -96,14 +98,10 @@ def encode_frame(batch: Sequence[Pending], deadline_ms: int) -> bytes:
         if value:
             parts += (b"\x3a", varint(len(value)), value)
         for k, v in p.headers:
-            hk = header_keys.get(k)
-            if hk is None:
-                hk = _header_key(k)
+            hk = header_key(k)
             if v:
-                vlen = len(v)
-                vl = _SMALL[vlen] if vlen < 0x80 else varint(vlen)
-                size = len(hk) + 1 + len(vl) + vlen
-                parts += (b"\x42", _SMALL[size] if size < 0x80 else varint(size), hk, b"\x12", vl, v)
+                vl = varint(len(v))
+                parts += (b"\x42", varint(len(hk) + 1 + len(vl) + len(v)), hk, b"\x12", vl, v)
             else:
                 parts += (b"\x42", varint(len(hk)), hk)
         ts = p.timestamp_ms

@@ -245,7 +245,7 @@ class Publisher:
     async def _publish_contended(self, entry: _Entry) -> None:
         """Another publisher holds the key's claim: wait for its record, or for the claim."""
         try:
-            found = await self._claim(entry.key, entry.claim_key)
+            found = await self._claim(entry)
         except Exception as exc:  # noqa: BLE001
             _fail([entry], exc)
             return
@@ -276,7 +276,7 @@ class Publisher:
                 for e, f in zip(todo, futures, strict=True):
                     if isinstance(f, asyncio.Future) and not f.done():
                         kept.add(e.key)
-                        self._spawn(self._record_late(e.key, e.claim_key, e.digest, f))
+                        self._spawn(self._record_late(e, f))
             produced: list[tuple[_Entry, PublishRecord]] = []
             for e, f in zip(todo, futures, strict=True):
                 if isinstance(f, Exception):
@@ -327,8 +327,9 @@ class Publisher:
             entry.fut.set_exception(exc)
         return True
 
-    async def _claim(self, key: str, claim_key: str) -> PublishRecord | None:
-        """Win the right to produce ``key``, or return the record another publisher stored."""
+    async def _claim(self, entry: _Entry) -> PublishRecord | None:
+        """Win the right to produce the entry's key, or return the record another publisher stored."""
+        key, claim_key = entry.key, entry.claim_key
         deadline = time.monotonic() + self._producer.timeout_s + 10
         while True:
             [claim] = await self._store.claim([claim_key], self._owner, self._claim_ms)
@@ -343,16 +344,16 @@ class Publisher:
                 )
             await asyncio.sleep(0.02)
 
-    async def _record_late(self, key: str, claim_key: str, dig: str, fut: asyncio.Future[Produced]) -> None:
+    async def _record_late(self, entry: _Entry, fut: asyncio.Future[Produced]) -> None:
         try:
             produced = await fut
-            record = PublishRecord(dig, produced.topic, produced.partition, produced.offset)
-            await self._store.publish_record([(key, record)], self._retention_ms)
+            record = PublishRecord(entry.digest, produced.topic, produced.partition, produced.offset)
+            await self._store.publish_record([(entry.key, record)], self._retention_ms)
             self._metrics.published.labels("late").inc()
         except Exception:  # noqa: BLE001 - not written, or the store is down: the claim expires
             return
         with contextlib.suppress(StoreUnavailable):
-            await self._store.release([claim_key], self._owner)
+            await self._store.release([entry.claim_key], self._owner)
 
     def _spawn(self, coro: Coroutine[Any, Any, None]) -> None:
         task = asyncio.create_task(coro)

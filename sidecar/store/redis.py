@@ -303,26 +303,25 @@ class RedisStore:
         CPU as the round trip itself) but keeps its connections: URL, auth, TLS and timeouts.
         """
         pool = self._client.connection_pool
+        limit = self._timeout_s * 2
+        conn = None
         try:
             # A hard bound on the whole exchange, connecting included: a store that hangs (a
             # Redis restarting under us) must fail the call, so the caller retries, never wait.
-            async with asyncio.timeout(self._timeout_s * 2):
+            async with asyncio.timeout(limit):
                 conn = await pool.get_connection()  # type: ignore[no-untyped-call]
-        except TimeoutError as exc:
-            raise RedisTimeoutError(f"no Redis connection within {self._timeout_s * 2:.0f}s") from exc
-        try:
-            async with asyncio.timeout(self._timeout_s * 2):
                 await conn.send_packed_command(packed, check_health=False)
                 return [await conn.read_response() for _ in range(replies)]
-        except TimeoutError as exc:
-            await conn.disconnect()
-            raise RedisTimeoutError(f"no Redis reply within {self._timeout_s * 2:.0f}s") from exc
-        except BaseException:
+        except BaseException as exc:
             # Replies may be left unread (an error reply raises at once): never reuse it.
-            await conn.disconnect()
+            if conn is not None:
+                await conn.disconnect()
+            if isinstance(exc, TimeoutError):
+                raise RedisTimeoutError(f"no answer from Redis within {limit:.0f}s") from exc
             raise
         finally:
-            await pool.release(conn)
+            if conn is not None:
+                await pool.release(conn)
 
     async def claim(self, keys: Sequence[str], owner: str, lease_ms: int, renew: bool = False) -> list[Claim]:
         args = [owner, lease_ms, self._retention_ms, 1 if renew else 0]
