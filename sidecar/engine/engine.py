@@ -355,12 +355,28 @@ class Engine:
 
     async def _claim_chunk(self, records: list[Pending]) -> None:
         try:
-            await self._claim(records, retry=True)
-        except Exception:
-            log.exception("claim failed for %d records", len(records))
+            await self._claim_or_retry_later(records, retry=True)
         finally:
             self._claims_in_flight -= 1
             self._claim_kick.set()
+
+    async def _claim_or_retry_later(self, records: list[Pending], retry: bool) -> None:
+        """Claim records; if that fails, the timer claims what is still unclaimed a second later.
+
+        Nothing else looks at a record in CLAIMING: a failure that left it there (a store outage
+        without ``retry``, or an unexpected error) would strand it, never delivered, while its
+        partition could not commit past it.
+        """
+        try:
+            await self._claim(records, retry=retry)
+        except Exception as exc:
+            if not isinstance(exc, StoreUnavailable):
+                log.exception("claim failed for %d records; retrying in 1s", len(records))
+            due = self._clock() + 1.0
+            for p in records:
+                if p.state is State.CLAIMING:
+                    p.state, p.due = State.BUSY, due
+                    self._waiting.append(p)
 
     async def _claim(self, records: list[Pending], retry: bool) -> None:
         """Claim records in the store and route them by the answer."""
@@ -510,13 +526,42 @@ class Engine:
                         continue
                 batch = self._ready.take(s)
                 if batch:
-                    batch = await self._ensure_leases(batch)
-                if batch:
-                    self._hand_out(s, batch)
-                    return batch
+                    batch = await self._leases_for(s, batch)
+                    if s.closed:
+                        self._requeue(batch)  # detached while the leases were renewed
+                        break
+                    if batch:
+                        self._hand_out(s, batch)
+                        return batch
+                    continue
             s.wakeup.clear()
             await s.wakeup.wait()
         return []
+
+    async def _leases_for(self, s: Stream, batch: list[Pending]) -> list[Pending]:
+        """``_ensure_leases`` for a batch taken from the ready queue for ``s``. Whatever stops
+        it (a store outage, or gRPC cancelling the handler because the app went away) puts the
+        batch back: taken from the queue and not yet handed out, it is held nowhere else."""
+        try:
+            return await self._ensure_leases(batch)
+        except StoreUnavailable:
+            self.metrics.store_errors.inc()
+            self._requeue(batch)
+            s.wakeup.clear()
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(0.5):
+                    await s.wakeup.wait()  # a closing stream need not wait out the pause
+            return []
+        except BaseException:
+            self._requeue(batch)
+            raise
+
+    def _requeue(self, batch: list[Pending]) -> None:
+        """Put records taken for a frame back at the front of the ready queue, in order."""
+        for p in reversed(batch):
+            if p.state is State.READY:
+                self._ready.push(p, front=True)
+        self._wake_streams()
 
     async def _ensure_leases(self, batch: list[Pending]) -> list[Pending]:
         """Extend leases that would end before the new ack deadline (records that waited long)."""
@@ -524,17 +569,8 @@ class Engine:
         stale = [p for p in batch if p.lease_until < now + self._deadline_s]
         if not stale:
             return batch
-        try:
-            # Renewals: none of these was delivered since our last claim of it.
-            claims = await self.store.claim(
-                [p.store_key for p in stale], self.owner, self._lease_ms, renew=True
-            )
-        except StoreUnavailable:
-            self.metrics.store_errors.inc()
-            for p in reversed(batch):
-                self._ready.push(p, front=True)
-            await asyncio.sleep(0.5)
-            return []
+        # Renewals: none of these was delivered since our last claim of it.
+        claims = await self.store.claim([p.store_key for p in stale], self.owner, self._lease_ms, renew=True)
         keep = {id(p) for p in batch}
         orphans: list[str] = []
         for p, c in zip(stale, claims, strict=True):
@@ -769,7 +805,7 @@ class Engine:
         first.shadows.extend(rest)
         first.state = State.CLAIMING
         self._key_index[first.store_key] = first
-        self._spawn(self._claim([first], retry=True))
+        self._spawn(self._claim_or_retry_later([first], retry=True))
 
     def _update_pause(self, tp: TP) -> None:
         part = self._partitions.get(tp)
@@ -845,13 +881,7 @@ class Engine:
                 p.state = State.CLAIMING
         todo = expired + due
         if todo:
-            try:
-                await self._claim(todo, retry=False)
-            except StoreUnavailable:
-                for p in todo:
-                    if p.state is State.CLAIMING:
-                        p.state, p.due = State.BUSY, now + 1.0
-                        self._waiting.append(p)
+            await self._claim_or_retry_later(todo, retry=False)
         # No stream for the grace period: leave the group so partitions move to healthy replicas.
         grace = self.settings.delivery.detach_grace_seconds
         if (

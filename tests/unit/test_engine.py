@@ -284,3 +284,85 @@ async def test_commit_metadata_skips_settled_after_reassign(engine: tuple[Engine
     assert eng.metrics.skipped.labels("commit_metadata")._value.get() == 2
     # "a" is still out at the app from before the revoke: held back, not delivered twice.
     assert eng.describe()["partitions"][f"{T}[0]"]["states"] == {"busy": 1}
+
+
+async def test_a_stream_cancelled_while_its_frame_renews_leases_loses_no_record(
+    engine: tuple[Engine, FakeConsumer],
+) -> None:
+    # Found in a 10k-message fault run (F3, app kill -9): the app died while next_frame waited
+    # for the store to renew the leases of its batch. gRPC cancels the handler there; the batch,
+    # already taken from the ready queue, belonged to no queue and no stream and was never
+    # delivered, while its partition could not commit past it.
+    eng, _ = engine
+    eng._lease_ms = 100
+    await intake(eng, msg(0, 0, "c0"), msg(0, 1, "c1"))
+    await asyncio.sleep(0.2)  # leases ran out while the records waited: handing out renews them
+    gate = asyncio.Event()
+    real_claim = eng.store.claim
+
+    async def gated_claim(keys: Sequence[str], owner: str, lease_ms: int, renew: bool = False) -> Any:
+        if renew:
+            await gate.wait()
+        return await real_claim(keys, owner, lease_ms, renew)
+
+    eng.store.claim = gated_claim  # type: ignore[method-assign]
+    dying = eng.attach([T], 10, 0, 10)
+    frame = asyncio.create_task(eng.next_frame(dying))
+    await asyncio.sleep(0.05)
+    frame.cancel()  # the app was killed: gRPC cancels the Subscribe handler
+    with pytest.raises(asyncio.CancelledError):
+        await frame
+    eng.detach(dying)
+    gate.set()
+    s = eng.attach([T], 10, 0, 10)
+    got = await take(eng, s, 2)
+    assert [p.idem_key for p in got] == ["c0", "c1"]
+
+
+async def test_a_stream_closed_while_its_frame_renews_leases_hands_nothing_to_it(
+    engine: tuple[Engine, FakeConsumer],
+) -> None:
+    # Same race without a cancel: the stream was detached meanwhile. The batch goes back to the
+    # ready queue, not into the closed stream's in-flight set, where no timer would find it.
+    eng, _ = engine
+    eng._lease_ms = 100
+    await intake(eng, msg(0, 0, "d0"))
+    await asyncio.sleep(0.2)
+    gate = asyncio.Event()
+    real_claim = eng.store.claim
+
+    async def gated_claim(keys: Sequence[str], owner: str, lease_ms: int, renew: bool = False) -> Any:
+        if renew:
+            await gate.wait()
+        return await real_claim(keys, owner, lease_ms, renew)
+
+    eng.store.claim = gated_claim  # type: ignore[method-assign]
+    closing = eng.attach([T], 10, 0, 10)
+    frame = asyncio.create_task(eng.next_frame(closing))
+    await asyncio.sleep(0.05)
+    eng.detach(closing)
+    gate.set()
+    assert await asyncio.wait_for(frame, 2) == []
+    assert not closing.in_flight
+    s = eng.attach([T], 10, 0, 10)
+    assert [p.idem_key for p in await take(eng, s, 1)] == ["d0"]
+
+
+async def test_an_unexpected_claim_failure_retries_the_records_later(
+    engine: tuple[Engine, FakeConsumer],
+) -> None:
+    # A claim that fails with something other than StoreUnavailable (a bug, a decoding error)
+    # must not strand its records in CLAIMING, where nothing would look at them again.
+    eng, _ = engine
+    real_claim = eng.store.claim
+    failures = [RuntimeError("unexpected reply")]
+
+    async def flaky_claim(keys: Sequence[str], owner: str, lease_ms: int, renew: bool = False) -> Any:
+        if failures:
+            raise failures.pop()
+        return await real_claim(keys, owner, lease_ms, renew)
+
+    eng.store.claim = flaky_claim  # type: ignore[method-assign]
+    await intake(eng, msg(0, 0, "u0"))
+    s = eng.attach([T], 10, 0, 10)
+    assert [(p.idem_key, p.attempt) for p in await take(eng, s, 1)] == [("u0", 1)]
