@@ -28,6 +28,12 @@ class Metrics:
         self.streams = Gauge("dedup_streams", "Open Subscribe streams", registry=r)
         self.assigned_partitions = Gauge("dedup_assigned_partitions", "Partitions assigned", registry=r)
         self.paused_partitions = Gauge("dedup_paused_partitions", "Partitions paused by bounds", registry=r)
+        self.stalled_partitions = Gauge(
+            "dedup_stalled_partitions",
+            "Partitions whose committable offset has not moved for 2x (ack deadline + lease margin), "
+            "at least 60 s, with records unsettled",
+            registry=r,
+        )
         self.local_store_shared_group = Gauge(
             "dedup_local_store_shared_group",
             "1 when a local (memory/sqlite) store is used in a group with other members: a correctness hole",

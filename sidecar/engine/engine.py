@@ -47,6 +47,7 @@ FRAME_HOLD_S = 0.005  # longest a credit-bound frame waits for more credit
 CLAIM_BATCH = 500  # keys per claim round trip
 CLAIM_SLOTS = 4  # claim round trips in flight at most
 CLAIM_BACKLOG = 2_000  # records waiting for a claim before intake waits
+STALL_CHECK_S = 5.0  # how often partitions are checked for a committable offset that stopped
 _ID_RE = re.compile(r"^([0-9a-f]{8})\.([0-9]+)$")
 
 
@@ -63,6 +64,8 @@ class _Partition:
     generation: int
     pending: dict[int, Pending]  # offset -> record, until settled
     paused: bool = False
+    progress: tuple[int, float] = (-1, 0.0)  # committable offset, and since when (stall watch)
+    stalled: bool = False
 
 
 class _Recent:
@@ -162,6 +165,7 @@ class Engine:
             self._timer_loop(),
             self._commit_loop(),
             self._purge_loop(),
+            self._stall_loop(),
         ]
         self._tasks = [asyncio.create_task(c) for c in loop_tasks]
 
@@ -927,6 +931,49 @@ class Engine:
             if done is not None:
                 done.tracker.mark_committed(o.offset)
         self.metrics.commits.inc()
+
+    async def _stall_loop(self) -> None:
+        while True:
+            await asyncio.sleep(STALL_CHECK_S)
+            self.check_stalls()
+
+    def check_stalls(self) -> None:
+        """Warn (once per stall) about partitions whose committable offset has not moved for
+        ``stall_s`` while records are unsettled, naming the record that holds them back and its
+        state. Commits wait for every record below them, so one stuck record stops a partition's
+        progress however many records after it settle; this makes it visible."""
+        now = self._clock()
+        d = self.settings.delivery
+        stall_s = max(60.0, 2 * (d.ack_deadline_seconds + d.lease_margin_seconds))
+        stalled = 0
+        for tp, part in self._partitions.items():
+            at = part.tracker.committable()
+            if part.tracker.unsettled == 0 or at != part.progress[0]:
+                part.progress, part.stalled = (at, now), False
+                continue
+            if now - part.progress[1] < stall_s:
+                continue
+            stalled += 1
+            if part.stalled:
+                continue
+            part.stalled = True
+            p = part.pending.get(at)
+            what = (
+                f"record @{at} is {p.state.value} (attempt {p.attempt}, key {p.idem_key!r})"
+                if p is not None
+                else f"offset {at} is not pending here"
+            )
+            log.warning(
+                "%s[%d] has not moved past offset %d for %.0fs: %s; %d streams attached, "
+                "%d records unsettled",
+                *tp,
+                at,
+                now - part.progress[1],
+                what,
+                len(self._streams),
+                part.tracker.unsettled,
+            )
+        self.metrics.stalled_partitions.set(stalled)
 
     async def _purge_loop(self) -> None:
         while True:

@@ -366,3 +366,34 @@ async def test_an_unexpected_claim_failure_retries_the_records_later(
     await intake(eng, msg(0, 0, "u0"))
     s = eng.attach([T], 10, 0, 10)
     assert [(p.idem_key, p.attempt) for p in await take(eng, s, 1)] == [("u0", 1)]
+
+
+async def test_a_partition_that_stops_committing_is_reported_once(
+    engine: tuple[Engine, FakeConsumer], caplog: pytest.LogCaptureFixture
+) -> None:
+    # One record held back (here: delivered and never acked, the app gone quiet) stops its
+    # partition's commits however many records after it settle. Operators get one warning per
+    # stall naming that record, and a gauge; progress clears both.
+    eng, _ = engine
+    now = [1000.0]
+    eng._clock = lambda: now[0]
+    await intake(eng, msg(0, 0, "held"), msg(0, 1, "next"))
+    s = eng.attach([T], 10, 0, 10)
+    got = await take(eng, s, 2)
+    await eng.ack([p.delivery_ids[-1] for p in got if p.idem_key == "next"])
+    eng.check_stalls()  # starts watching
+    now[0] += 30
+    eng.check_stalls()
+    assert eng.metrics.stalled_partitions._value.get() == 0  # 30 s: not yet (threshold 70 s)
+    now[0] += 60
+    with caplog.at_level("WARNING"):
+        eng.check_stalls()
+        eng.check_stalls()
+    warnings = [r.getMessage() for r in caplog.records if "has not moved" in r.getMessage()]
+    assert len(warnings) == 1
+    assert "orders[0] has not moved past offset 0" in warnings[0]
+    assert "in_flight (attempt 1, key 'held')" in warnings[0]
+    assert eng.metrics.stalled_partitions._value.get() == 1
+    await eng.ack([p.delivery_ids[-1] for p in got if p.idem_key == "held"])
+    eng.check_stalls()
+    assert eng.metrics.stalled_partitions._value.get() == 0
