@@ -45,7 +45,3 @@ class Pending:
     shadows: list[Pending] = field(default_factory=list)  # later records with the same key
     acking: int = 0  # Ack calls in progress for it
     reason: str = ""
-
-    @property
-    def size(self) -> int:
-        return len(self.value)

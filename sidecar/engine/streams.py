@@ -46,12 +46,12 @@ class Stream:
 
     def add(self, p: Pending) -> None:
         self.in_flight[id(p)] = p
-        self.in_flight_bytes += p.size
+        self.in_flight_bytes += len(p.value)
         p.stream = self
 
     def remove(self, p: Pending) -> None:
         if self.in_flight.pop(id(p), None) is not None:
-            self.in_flight_bytes -= p.size
+            self.in_flight_bytes -= len(p.value)
             self.wakeup.set()
         p.stream = None
 
@@ -87,11 +87,11 @@ class ReadyQueue:
             if not stream.wants(p):
                 skipped.append(p)
                 continue
-            if room is not None and p.size > room and (out or stream.in_flight):
+            if room is not None and len(p.value) > room and (out or stream.in_flight):
                 self._q.appendleft(p)
                 break
             out.append(p)
             if room is not None:
-                room -= p.size
+                room -= len(p.value)
         self._q.extendleft(reversed(skipped))
         return out

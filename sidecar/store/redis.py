@@ -198,6 +198,17 @@ class _Coalescer:
             i += len(items)
 
 
+_CLAIMS: dict[tuple[Any, ...], Claim] = {}  # (status, attempt) as replied -> Claim; Claims are immutable
+
+
+def _claim_of(reply: tuple[Any, ...]) -> Claim:
+    """The Claim for a (status, attempt) reply, cached: nearly every reply is (NEW, 1)."""
+    claim = Claim(ClaimStatus(int(reply[0])), int(reply[1]))
+    if len(_CLAIMS) < 10_000:
+        _CLAIMS[reply] = claim
+    return claim
+
+
 class _Script:
     __slots__ = ("sha", "text")
 
@@ -326,7 +337,8 @@ class RedisStore:
     async def claim(self, keys: Sequence[str], owner: str, lease_ms: int, renew: bool = False) -> list[Claim]:
         args = [owner, lease_ms, self._retention_ms, 1 if renew else 0]
         raw = await self._per_key(self._claim, keys, args, 2)
-        return [Claim(ClaimStatus(int(status)), int(attempt)) for status, attempt in raw]
+        known = _CLAIMS
+        return [known.get(r) or _claim_of(r) for r in raw]
 
     async def complete(self, keys: Sequence[str], owner: str, retention_ms: int) -> list[bool]:
         return [bool(int(x)) for x in await self._per_key(self._complete, keys, [owner, retention_ms], 1)]
