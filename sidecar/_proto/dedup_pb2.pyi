@@ -44,6 +44,7 @@ class _AckResultEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_AckResult.V
     ACK_RESULT_STALE: _AckResult.ValueType  # 2
     """The partition was revoked from this sidecar after delivery. The key is still marked done in
     the store (so no sidecar delivers it again), but this sidecar no longer commits its offset.
+    From ExtendDeadline: also a delivery whose deadline passed before the call (not extended).
     """
     ACK_RESULT_UNKNOWN: _AckResult.ValueType  # 3
     """Not a delivery this sidecar process knows (for example, issued before a restart). Nothing was
@@ -60,6 +61,7 @@ ACK_RESULT_OK: AckResult.ValueType  # 1
 ACK_RESULT_STALE: AckResult.ValueType  # 2
 """The partition was revoked from this sidecar after delivery. The key is still marked done in
 the store (so no sidecar delivers it again), but this sidecar no longer commits its offset.
+From ExtendDeadline: also a delivery whose deadline passed before the call (not extended).
 """
 ACK_RESULT_UNKNOWN: AckResult.ValueType  # 3
 """Not a delivery this sidecar process knows (for example, issued before a restart). Nothing was

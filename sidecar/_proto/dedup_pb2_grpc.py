@@ -75,8 +75,10 @@ class DedupServiceServicer:
     def Subscribe(self, request, context):
         """Subscribe opens a server stream of deliveries. Each response frame carries up to
         `max_batch` deliveries. The sidecar never has more than `max_in_flight` un-acked deliveries
-        (or `max_in_flight_bytes` of values) outstanding on one stream: acks return credit. When the
-        stream closes, its un-acked deliveries are redelivered (with `attempt` + 1) at once.
+        (or `max_in_flight_bytes` of values) outstanding on one stream: acks return credit. A delivery
+        whose ack deadline passed is redelivered (with `attempt` + 1), but its copy keeps its credit
+        until the app acks or nacks that copy, so a stalled app is not sent its redeliveries on top.
+        When the stream closes, its un-acked deliveries are redelivered (with `attempt` + 1) at once.
 
         Status codes:
         INVALID_ARGUMENT   a topic in `topics` is not one the sidecar consumes (`kafka.topics`), or a
@@ -116,7 +118,8 @@ class DedupServiceServicer:
 
     def ExtendDeadline(self, request, context):
         """ExtendDeadline moves the ack deadline of in-flight deliveries to now + `seconds`, and extends
-        their lease in the dedup store so no other sidecar delivers them meanwhile.
+        their lease in the dedup store so no other sidecar delivers them meanwhile. A delivery whose
+        deadline already passed (its record was sent again) cannot be extended: its result is STALE.
 
         Status codes:
         INVALID_ARGUMENT   as for Ack, or `seconds` outside 1..`delivery.max_ack_deadline_seconds`.

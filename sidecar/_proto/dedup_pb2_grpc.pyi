@@ -49,8 +49,10 @@ class DedupServiceStub:
     Subscribe: _grpc.UnaryStreamMultiCallable[_dedup_pb2.SubscribeRequest, _dedup_pb2.SubscribeResponse]
     """Subscribe opens a server stream of deliveries. Each response frame carries up to
     `max_batch` deliveries. The sidecar never has more than `max_in_flight` un-acked deliveries
-    (or `max_in_flight_bytes` of values) outstanding on one stream: acks return credit. When the
-    stream closes, its un-acked deliveries are redelivered (with `attempt` + 1) at once.
+    (or `max_in_flight_bytes` of values) outstanding on one stream: acks return credit. A delivery
+    whose ack deadline passed is redelivered (with `attempt` + 1), but its copy keeps its credit
+    until the app acks or nacks that copy, so a stalled app is not sent its redeliveries on top.
+    When the stream closes, its un-acked deliveries are redelivered (with `attempt` + 1) at once.
 
     Status codes:
       INVALID_ARGUMENT   a topic in `topics` is not one the sidecar consumes (`kafka.topics`), or a
@@ -78,7 +80,8 @@ class DedupServiceStub:
     """
     ExtendDeadline: _grpc.UnaryUnaryMultiCallable[_dedup_pb2.ExtendDeadlineRequest, _dedup_pb2.ExtendDeadlineResponse]
     """ExtendDeadline moves the ack deadline of in-flight deliveries to now + `seconds`, and extends
-    their lease in the dedup store so no other sidecar delivers them meanwhile.
+    their lease in the dedup store so no other sidecar delivers them meanwhile. A delivery whose
+    deadline already passed (its record was sent again) cannot be extended: its result is STALE.
 
     Status codes:
       INVALID_ARGUMENT   as for Ack, or `seconds` outside 1..`delivery.max_ack_deadline_seconds`.
@@ -119,8 +122,10 @@ class DedupServiceAsyncStub(DedupServiceStub):
     Subscribe: _aio.UnaryStreamMultiCallable[_dedup_pb2.SubscribeRequest, _dedup_pb2.SubscribeResponse]  # type: ignore[assignment]
     """Subscribe opens a server stream of deliveries. Each response frame carries up to
     `max_batch` deliveries. The sidecar never has more than `max_in_flight` un-acked deliveries
-    (or `max_in_flight_bytes` of values) outstanding on one stream: acks return credit. When the
-    stream closes, its un-acked deliveries are redelivered (with `attempt` + 1) at once.
+    (or `max_in_flight_bytes` of values) outstanding on one stream: acks return credit. A delivery
+    whose ack deadline passed is redelivered (with `attempt` + 1), but its copy keeps its credit
+    until the app acks or nacks that copy, so a stalled app is not sent its redeliveries on top.
+    When the stream closes, its un-acked deliveries are redelivered (with `attempt` + 1) at once.
 
     Status codes:
       INVALID_ARGUMENT   a topic in `topics` is not one the sidecar consumes (`kafka.topics`), or a
@@ -148,7 +153,8 @@ class DedupServiceAsyncStub(DedupServiceStub):
     """
     ExtendDeadline: _aio.UnaryUnaryMultiCallable[_dedup_pb2.ExtendDeadlineRequest, _dedup_pb2.ExtendDeadlineResponse]  # type: ignore[assignment]
     """ExtendDeadline moves the ack deadline of in-flight deliveries to now + `seconds`, and extends
-    their lease in the dedup store so no other sidecar delivers them meanwhile.
+    their lease in the dedup store so no other sidecar delivers them meanwhile. A delivery whose
+    deadline already passed (its record was sent again) cannot be extended: its result is STALE.
 
     Status codes:
       INVALID_ARGUMENT   as for Ack, or `seconds` outside 1..`delivery.max_ack_deadline_seconds`.
@@ -192,8 +198,10 @@ class DedupServiceServicer(metaclass=_abc_1.ABCMeta):
     ) -> _typing.Union[_abc.Iterator[_dedup_pb2.SubscribeResponse], _abc.AsyncIterator[_dedup_pb2.SubscribeResponse]]:
         """Subscribe opens a server stream of deliveries. Each response frame carries up to
         `max_batch` deliveries. The sidecar never has more than `max_in_flight` un-acked deliveries
-        (or `max_in_flight_bytes` of values) outstanding on one stream: acks return credit. When the
-        stream closes, its un-acked deliveries are redelivered (with `attempt` + 1) at once.
+        (or `max_in_flight_bytes` of values) outstanding on one stream: acks return credit. A delivery
+        whose ack deadline passed is redelivered (with `attempt` + 1), but its copy keeps its credit
+        until the app acks or nacks that copy, so a stalled app is not sent its redeliveries on top.
+        When the stream closes, its un-acked deliveries are redelivered (with `attempt` + 1) at once.
 
         Status codes:
           INVALID_ARGUMENT   a topic in `topics` is not one the sidecar consumes (`kafka.topics`), or a
@@ -239,7 +247,8 @@ class DedupServiceServicer(metaclass=_abc_1.ABCMeta):
         context: _ServicerContext,
     ) -> _typing.Union[_dedup_pb2.ExtendDeadlineResponse, _abc.Awaitable[_dedup_pb2.ExtendDeadlineResponse]]:
         """ExtendDeadline moves the ack deadline of in-flight deliveries to now + `seconds`, and extends
-        their lease in the dedup store so no other sidecar delivers them meanwhile.
+        their lease in the dedup store so no other sidecar delivers them meanwhile. A delivery whose
+        deadline already passed (its record was sent again) cannot be extended: its result is STALE.
 
         Status codes:
           INVALID_ARGUMENT   as for Ack, or `seconds` outside 1..`delivery.max_ack_deadline_seconds`.

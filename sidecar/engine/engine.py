@@ -138,6 +138,7 @@ class Engine:
         # back until that delivery is acked or its lease runs out.
         self._stale_leases: dict[str, float] = {}
         self._acked = _Recent(100_000)  # delivery id -> "" for ALREADY_ACKED answers
+        self._expired: dict[str, Stream] = {}  # expired delivery id -> the stream holding its credit
         self._waiting: list[Pending] = []  # BUSY and DELAYED records, checked by the timer
         self._instance = os.urandom(4).hex()
         self._seq = itertools.count(1)
@@ -500,6 +501,9 @@ class Engine:
         self.metrics.streams.set(len(self._streams))
         if not self._streams:
             self._no_stream_since = self._clock()
+        for did in s.expired:
+            self._expired.pop(did, None)
+        s.expired.clear()
         for p in list(s.in_flight.values()):
             s.remove(p)
             if p.state is State.IN_FLIGHT and p.acking == 0:
@@ -514,7 +518,7 @@ class Engine:
         hold_until: float | None = None
         while not s.closed:
             if self.accepting and s.has_credit():
-                room = s.max_in_flight - len(s.in_flight)
+                room = s.max_in_flight - s.outstanding
                 if room < s.min_frame and len(self._ready) > room:
                     # More is waiting than fits: let credit build up for a fuller frame, but
                     # only for FRAME_HOLD_S, so an app that waits for more records first still
@@ -643,9 +647,19 @@ class Engine:
             return AckOutcome.ALREADY_ACKED, None
         return AckOutcome.UNKNOWN, None
 
+    def _answered(self, ids: Sequence[str]) -> None:
+        """Ack or Nack answered these ids: expired copies among them give their credit back."""
+        expired = self._expired
+        if expired:
+            for did in ids:
+                s = expired.pop(did, None)
+                if s is not None:
+                    s.answered(did)
+
     async def ack(self, ids: Sequence[str]) -> list[int]:
         """Settle deliveries. Raises StoreUnavailable (nothing applied) when the store is down."""
         self._check_ids(ids)
+        self._answered(ids)
         results: list[int] = []
         records: dict[int, Pending] = {}
         stale_keys: dict[str, None] = {}
@@ -701,6 +715,7 @@ class Engine:
         self._check_ids(ids)
         if delay_s is not None and not (0 <= delay_s <= 86_400):
             raise InvalidArgument("delay_seconds must be between 0 and 86400")
+        self._answered(ids)
         results: list[int] = []
         redeliver: dict[int, Pending] = {}
         dlq: dict[int, Pending] = {}
@@ -708,8 +723,8 @@ class Engine:
         for did in ids:
             outcome, p = self._lookup(did)
             results.append(outcome)
-            if p is None or p.state is not State.IN_FLIGHT:
-                continue
+            if p is None or p.state is not State.IN_FLIGHT or p.delivery_ids[-1] != did:
+                continue  # an expired copy: its record is already on its way again
             if dead_letter or p.attempt >= d.max_attempts:
                 dlq[id(p)] = p
             else:
@@ -751,9 +766,12 @@ class Engine:
         todo: dict[int, Pending] = {}
         for did in ids:
             outcome, p = self._lookup(did)
-            results.append(outcome)
-            if p is not None and p.state is State.IN_FLIGHT:
+            if p is not None and (p.state is not State.IN_FLIGHT or p.delivery_ids[-1] != did):
+                # An expired copy: the record went back for redelivery, there is nothing to extend.
+                outcome = AckOutcome.STALE
+            elif p is not None:
                 todo[id(p)] = p
+            results.append(outcome)
         lease_ms = int((seconds + self.settings.delivery.lease_margin_seconds) * 1000)
         recs = list(todo.values())
         if recs:
@@ -871,7 +889,7 @@ class Engine:
         ]
         for p in expired:
             if p.stream is not None:
-                p.stream.remove(p)
+                self._expired[p.stream.expire(p)] = p.stream
             p.state = State.CLAIMING
             self.metrics.redelivered.labels("deadline").inc()
         # BUSY and DELAYED records whose time has come.
@@ -1016,7 +1034,10 @@ class Engine:
             "ready": len(self._ready),
             "waiting": len(self._waiting),
             "key_index": len(self._key_index),
-            "streams": {s.id: len(s.in_flight) for s in self._streams.values()},
+            "streams": {
+                s.id: {"in_flight": len(s.in_flight), "expired": len(s.expired)}
+                for s in self._streams.values()
+            },
             "intake_queue": self._intake.qsize(),
         }
 

@@ -32,15 +32,24 @@ class Stream:
         # of a few records, and frames stay tiny for as long as the backlog lasts.
         self.min_frame = max(1, min(max_batch, max_in_flight // 4))
         self.in_flight: dict[int, Pending] = {}  # id(pending) -> pending
-        self.in_flight_bytes = 0
+        # Deliveries whose ack deadline passed: the record went back for redelivery, but the app
+        # still holds this copy, so it keeps its credit until the app acks or nacks it (or the
+        # stream closes). Otherwise a stalled app would be sent the redeliveries on top.
+        self.expired: dict[str, int] = {}  # delivery id -> value bytes
+        self.in_flight_bytes = 0  # of in_flight and expired
         self.wakeup = asyncio.Event()
         self.closed = False
 
     def wants(self, p: Pending) -> bool:
         return not self.topics or p.tp[0] in self.topics
 
+    @property
+    def outstanding(self) -> int:
+        """Deliveries the app holds un-acked: in flight, and expired copies."""
+        return len(self.in_flight) + len(self.expired)
+
     def has_credit(self) -> bool:
-        if len(self.in_flight) >= self.max_in_flight:
+        if self.outstanding >= self.max_in_flight:
             return False
         return not self.max_bytes or self.in_flight_bytes < self.max_bytes or not self.in_flight
 
@@ -54,6 +63,22 @@ class Stream:
             self.in_flight_bytes -= len(p.value)
             self.wakeup.set()
         p.stream = None
+
+    def expire(self, p: Pending) -> str:
+        """The ack deadline of ``p``'s delivery passed: it leaves the in-flight set but keeps its
+        credit (see ``expired``). Returns the delivery id."""
+        did = p.delivery_ids[-1]
+        if self.in_flight.pop(id(p), None) is not None:
+            self.expired[did] = len(p.value)
+        p.stream = None
+        return did
+
+    def answered(self, did: str) -> None:
+        """The app acked or nacked an expired delivery: its credit comes back."""
+        size = self.expired.pop(did, None)
+        if size is not None:
+            self.in_flight_bytes -= size
+            self.wakeup.set()
 
 
 class ReadyQueue:
@@ -76,7 +101,7 @@ class ReadyQueue:
         """Take what ``stream`` may receive now: within its credit, its batch size and its topics."""
         out: list[Pending] = []
         skipped: list[Pending] = []
-        budget = stream.max_in_flight - len(stream.in_flight)
+        budget = stream.max_in_flight - stream.outstanding
         room = stream.max_bytes - stream.in_flight_bytes if stream.max_bytes else None
         scanned = 0
         while self._q and len(out) < min(budget, stream.max_batch) and scanned < 10_000:

@@ -397,3 +397,34 @@ async def test_a_partition_that_stops_committing_is_reported_once(
     await eng.ack([p.delivery_ids[-1] for p in got if p.idem_key == "held"])
     eng.check_stalls()
     assert eng.metrics.stalled_partitions._value.get() == 0
+
+
+async def test_an_expired_delivery_keeps_its_credit_until_the_app_answers_it(
+    engine: tuple[Engine, FakeConsumer],
+) -> None:
+    # A stalled app still holds the copies whose deadline passed. Their redeliveries must not
+    # be piled on the same stream (max_in_flight counts what the app holds): they go to a stream
+    # with credit, and the stalled one gets credit back when it acks or nacks the old copies.
+    eng, _ = engine
+    eng._deadline_s = 0.1
+    await intake(eng, msg(0, 0, "e0"), msg(0, 1, "e1"))
+    slow = eng.attach([T], 2, 0, 2)
+    first = await take(eng, slow, 2)
+    await asyncio.sleep(0.3)  # both deadlines pass: the records go back for redelivery
+    assert slow.outstanding == 2
+    assert not slow.in_flight
+    with pytest.raises(TimeoutError):
+        await asyncio.wait_for(eng.next_frame(slow), 0.3)
+    other = eng.attach([T], 10, 0, 10)
+    again = await take(eng, other, 2)
+    assert sorted((p.idem_key, p.attempt) for p in again) == [("e0", 2), ("e1", 2)]
+    # The stalled app catches up: the old copy of e0 is acked (settling it: the effect
+    # happened), e1's is nacked, which changes nothing for its delivery on the other stream.
+    e0, e1 = sorted(first, key=lambda p: p.idem_key)
+    assert await eng.ack([e0.delivery_ids[0]]) == [AckOutcome.OK]
+    assert await eng.nack([e1.delivery_ids[0]], None, False, "") == [AckOutcome.OK]
+    assert slow.outstanding == 0
+    assert e1.state.value == "in_flight"
+    assert e1.stream is other
+    assert await eng.extend([e1.delivery_ids[0]], 10) == [AckOutcome.STALE]  # not that copy's
+    assert await eng.ack([e1.delivery_ids[-1]]) == [AckOutcome.OK]
