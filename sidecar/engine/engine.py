@@ -365,7 +365,7 @@ class Engine:
             self._claims_in_flight -= 1
             self._claim_kick.set()
 
-    async def _claim_or_retry_later(self, records: list[Pending], retry: bool) -> None:
+    async def _claim_or_retry_later(self, records: list[Pending], retry: bool, front: bool = False) -> None:
         """Claim records; if that fails, the timer claims what is still unclaimed a second later.
 
         Nothing else looks at a record in CLAIMING: a failure that left it there (a store outage
@@ -373,7 +373,7 @@ class Engine:
         partition could not commit past it.
         """
         try:
-            await self._claim(records, retry=retry)
+            await self._claim(records, retry=retry, front=front)
         except Exception as exc:
             if not isinstance(exc, StoreUnavailable):
                 log.exception("claim failed for %d records; retrying in 1s", len(records))
@@ -383,8 +383,10 @@ class Engine:
                     p.state, p.due = State.BUSY, due
                     self._waiting.append(p)
 
-    async def _claim(self, records: list[Pending], retry: bool) -> None:
-        """Claim records in the store and route them by the answer."""
+    async def _claim(self, records: list[Pending], retry: bool, front: bool = False) -> None:
+        """Claim records in the store and route them by the answer. ``front``: records that
+        waited already (redeliveries, BUSY keys) go ahead of the records claimed at intake, whose
+        backlog can be thousands long; they hold their partition's commits back meanwhile."""
         delay = 0.05
         now = self._clock()
         if self._stale_leases:
@@ -413,6 +415,7 @@ class Engine:
                 delay = min(delay * 2, 5.0)
         now = self._clock()
         orphans: list[str] = []
+        won: list[Pending] = []
         for p, c in zip(live, claims, strict=True):
             if p.state is State.DROPPED:
                 if c.status is ClaimStatus.NEW:
@@ -421,7 +424,7 @@ class Engine:
             if c.status is ClaimStatus.NEW:
                 p.attempt = max(p.attempt + 1, c.attempt)
                 p.lease_until = now + self._lease_ms / 1000
-                self._ready.push(p)
+                won.append(p)
             elif c.status is ClaimStatus.DONE:
                 self.metrics.skipped.labels("duplicate").inc()
                 self._settle(p)
@@ -430,6 +433,8 @@ class Engine:
                 p.due = now + self.settings.delivery.busy_retry_seconds
                 self._waiting.append(p)
                 self.metrics.busy.inc()
+        for p in reversed(won) if front else won:
+            self._ready.push(p, front=front)
         self._wake_streams()
         await self._release_orphans(orphans)
 
@@ -903,7 +908,7 @@ class Engine:
                 p.state = State.CLAIMING
         todo = expired + due
         if todo:
-            await self._claim_or_retry_later(todo, retry=False)
+            await self._claim_or_retry_later(todo, retry=False, front=True)
         # No stream for the grace period: leave the group so partitions move to healthy replicas.
         grace = self.settings.delivery.detach_grace_seconds
         if (

@@ -104,12 +104,16 @@ class ReadyQueue:
         budget = stream.max_in_flight - stream.outstanding
         room = stream.max_bytes - stream.in_flight_bytes if stream.max_bytes else None
         scanned = 0
+        held = stream.expired
         while self._q and len(out) < min(budget, stream.max_batch) and scanned < 10_000:
             p = self._q.popleft()
             scanned += 1
             if p.state is not State.READY:
                 continue  # dropped or settled while queued
-            if not stream.wants(p):
+            if not stream.wants(p) or (held and p.delivery_ids and p.delivery_ids[-1] in held):
+                # Not its topic; or the app behind this stream still holds the expired copy of
+                # this record: it will answer that copy (an ack settles the record), so sending
+                # it again there only queues a duplicate behind its backlog.
                 skipped.append(p)
                 continue
             if room is not None and len(p.value) > room and (out or stream.in_flight):

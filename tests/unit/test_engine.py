@@ -428,3 +428,35 @@ async def test_an_expired_delivery_keeps_its_credit_until_the_app_answers_it(
     assert e1.stream is other
     assert await eng.extend([e1.delivery_ids[0]], 10) == [AckOutcome.STALE]  # not that copy's
     assert await eng.ack([e1.delivery_ids[-1]]) == [AckOutcome.OK]
+
+
+async def test_a_stream_is_not_sent_a_record_whose_expired_copy_it_still_holds(
+    engine: tuple[Engine, FakeConsumer],
+) -> None:
+    # One app, slower than its deadline. With credit to spare it gets new records, but not the
+    # redeliveries of copies it still holds: it answers those copies, and its ack settles them.
+    eng, _ = engine
+    eng._deadline_s = 0.1
+    await intake(eng, msg(0, 0, "h0"), msg(0, 1, "h1"))
+    s = eng.attach([T], 3, 0, 3)
+    old = sorted(await take(eng, s, 2), key=lambda p: p.idem_key)
+    await asyncio.sleep(0.3)  # the deadlines pass
+    await intake(eng, msg(0, 2, "h2"))
+    assert [p.idem_key for p in await take(eng, s, 1)] == ["h2"]  # the one credit left
+    assert await eng.ack([old[0].delivery_ids[0]]) == [AckOutcome.OK]  # h0: settled by its old copy
+    assert await eng.nack([old[1].delivery_ids[0]], 0, False, "") == [AckOutcome.OK]
+    [again] = await take(eng, s, 1)  # h1 given back by its holder: now it may come here again
+    assert (again.idem_key, again.attempt) == ("h1", 2)
+
+
+async def test_a_redelivery_goes_ahead_of_the_backlog(engine: tuple[Engine, FakeConsumer]) -> None:
+    # Records claimed at intake can queue by the thousand. A record whose deadline passed holds
+    # its partition's commits back until it settles, so it goes to the front, not the back.
+    eng, _ = engine
+    eng._deadline_s = 0.1
+    await intake(eng, *(msg(0, o, f"b{o}") for o in range(4)))
+    first = eng.attach([T], 1, 0, 1)
+    assert [p.idem_key for p in await take(eng, first, 1)] == ["b0"]
+    await asyncio.sleep(0.3)  # b0's deadline passes; b1..b3 still wait in the ready queue
+    second = eng.attach([T], 1, 0, 1)
+    assert [(p.idem_key, p.attempt) for p in await take(eng, second, 1)] == [("b0", 2)]
