@@ -139,6 +139,9 @@ class Engine:
         self._stale_leases: dict[str, float] = {}
         self._acked = _Recent(100_000)  # delivery id -> "" for ALREADY_ACKED answers
         self._expired: dict[str, Stream] = {}  # expired delivery id -> the stream holding its credit
+        # Ids whose Ack or Nack failed (store unreachable): the app answered those copies once
+        # and may not again, so past their deadline they do not hold credit (see Stream.expired).
+        self._answered_failed = _Recent(10_000)
         self._waiting: list[Pending] = []  # BUSY and DELAYED records, checked by the timer
         self._instance = os.urandom(4).hex()
         self._seq = itertools.count(1)
@@ -190,6 +193,15 @@ class Engine:
         for t in self._tasks:
             with contextlib.suppress(asyncio.CancelledError):
                 await t
+
+    async def _answer_failed_on_error(self, ids: Sequence[str], call: Awaitable[T]) -> T:
+        """``_counted`` for an Ack or Nack: when it fails, remember its ids as answered once."""
+        try:
+            return await self._counted(call)
+        except StoreUnavailable:
+            for did in ids:
+                self._answered_failed.put(did, "")
+            raise
 
     async def _counted(self, call: Awaitable[T]) -> T:
         """Await a store call; a failure is counted in the metrics and re-raised (nothing applied)."""
@@ -682,7 +694,9 @@ class Engine:
             keys = [p.store_key for p in todo] + list(stale_keys)
             if keys:
                 testing_hooks.reached("ack_before_mark")
-                late = await self._counted(self.store.complete(keys, self.owner, self._retention_ms))
+                late = await self._answer_failed_on_error(
+                    ids, self.store.complete(keys, self.owner, self._retention_ms)
+                )
                 testing_hooks.reached("mark_before_commit")
                 self.metrics.late_acks.inc(sum(late))
                 for key in stale_keys:
@@ -735,7 +749,9 @@ class Engine:
             else:
                 redeliver[id(p)] = p
         if redeliver:
-            await self._counted(self.store.release([p.store_key for p in redeliver.values()], self.owner))
+            await self._answer_failed_on_error(
+                ids, self.store.release([p.store_key for p in redeliver.values()], self.owner)
+            )
         now = self._clock()
         for p in redeliver.values():
             if p.state is not State.IN_FLIGHT:
@@ -893,8 +909,12 @@ class Engine:
             if p.deadline <= now and p.acking == 0 and p.state is State.IN_FLIGHT
         ]
         for p in expired:
-            if p.stream is not None:
-                self._expired[p.stream.expire(p)] = p.stream
+            s = p.stream
+            if s is not None:
+                if p.delivery_ids[-1] in self._answered_failed:
+                    s.remove(p)
+                else:
+                    self._expired[s.expire(p, now + self._deadline_s)] = s
             p.state = State.CLAIMING
             self.metrics.redelivered.labels("deadline").inc()
         # BUSY and DELAYED records whose time has come.
@@ -906,6 +926,12 @@ class Engine:
             ]
             for p in due:
                 p.state = State.CLAIMING
+        # Expired copies held for one more deadline without an answer give their credit back.
+        for s in self._streams.values():
+            if s.expired:
+                for did in [did for did, (_, until) in s.expired.items() if until <= now]:
+                    self._expired.pop(did, None)
+                    s.answered(did)
         todo = expired + due
         if todo:
             await self._claim_or_retry_later(todo, retry=False, front=True)

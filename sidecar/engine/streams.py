@@ -33,9 +33,10 @@ class Stream:
         self.min_frame = max(1, min(max_batch, max_in_flight // 4))
         self.in_flight: dict[int, Pending] = {}  # id(pending) -> pending
         # Deliveries whose ack deadline passed: the record went back for redelivery, but the app
-        # still holds this copy, so it keeps its credit until the app acks or nacks it (or the
-        # stream closes). Otherwise a stalled app would be sent the redeliveries on top.
-        self.expired: dict[str, int] = {}  # delivery id -> value bytes
+        # still holds this copy, so it keeps its credit until the app acks or nacks it, the
+        # stream closes, or one more ack deadline passes (an app that lost the copy must not
+        # starve). Otherwise a stalled app would be sent the redeliveries on top.
+        self.expired: dict[str, tuple[int, float]] = {}  # delivery id -> (value bytes, held until)
         self.in_flight_bytes = 0  # of in_flight and expired
         self.wakeup = asyncio.Event()
         self.closed = False
@@ -64,20 +65,21 @@ class Stream:
             self.wakeup.set()
         p.stream = None
 
-    def expire(self, p: Pending) -> str:
+    def expire(self, p: Pending, until: float) -> str:
         """The ack deadline of ``p``'s delivery passed: it leaves the in-flight set but keeps its
-        credit (see ``expired``). Returns the delivery id."""
+        credit until ``until`` at the latest (see ``expired``). Returns the delivery id."""
         did = p.delivery_ids[-1]
         if self.in_flight.pop(id(p), None) is not None:
-            self.expired[did] = len(p.value)
+            self.expired[did] = (len(p.value), until)
         p.stream = None
         return did
 
     def answered(self, did: str) -> None:
-        """The app acked or nacked an expired delivery: its credit comes back."""
-        size = self.expired.pop(did, None)
-        if size is not None:
-            self.in_flight_bytes -= size
+        """The app acked or nacked an expired delivery (or it was held long enough): its credit
+        comes back."""
+        held = self.expired.pop(did, None)
+        if held is not None:
+            self.in_flight_bytes -= held[0]
             self.wakeup.set()
 
 

@@ -13,6 +13,7 @@ from sidecar import config
 from sidecar.engine import engine as engine_module
 from sidecar.engine.engine import AckOutcome, Engine
 from sidecar.engine.identity import store_key
+from sidecar.errors import StoreUnavailable
 from sidecar.kafka.consumer import Assigned, CommitOffset, ConsumerLoop
 from sidecar.kafka.producer import AsyncProducer, Produced
 from sidecar.metrics import Metrics
@@ -410,6 +411,7 @@ async def test_an_expired_delivery_keeps_its_credit_until_the_app_answers_it(
     await intake(eng, msg(0, 0, "e0"), msg(0, 1, "e1"))
     slow = eng.attach([T], 2, 0, 2)
     first = await take(eng, slow, 2)
+    eng._deadline_s = 30  # expired copies are held for up to one more (now long) deadline
     await asyncio.sleep(0.3)  # both deadlines pass: the records go back for redelivery
     assert slow.outstanding == 2
     assert not slow.in_flight
@@ -440,6 +442,7 @@ async def test_a_stream_is_not_sent_a_record_whose_expired_copy_it_still_holds(
     await intake(eng, msg(0, 0, "h0"), msg(0, 1, "h1"))
     s = eng.attach([T], 3, 0, 3)
     old = sorted(await take(eng, s, 2), key=lambda p: p.idem_key)
+    eng._deadline_s = 30  # expired copies are held for up to one more (now long) deadline
     await asyncio.sleep(0.3)  # the deadlines pass
     await intake(eng, msg(0, 2, "h2"))
     assert [p.idem_key for p in await take(eng, s, 1)] == ["h2"]  # the one credit left
@@ -460,3 +463,45 @@ async def test_a_redelivery_goes_ahead_of_the_backlog(engine: tuple[Engine, Fake
     await asyncio.sleep(0.3)  # b0's deadline passes; b1..b3 still wait in the ready queue
     second = eng.attach([T], 1, 0, 1)
     assert [(p.idem_key, p.attempt) for p in await take(eng, second, 1)] == [("b0", 2)]
+
+
+async def test_an_expired_copy_gives_its_credit_back_after_one_more_deadline(
+    engine: tuple[Engine, FakeConsumer],
+) -> None:
+    # An app that lost a copy (or never answers it) must not starve: the copy holds its credit
+    # for one more ack deadline at most, then the record may come to that stream again.
+    eng, _ = engine
+    eng._deadline_s = 0.2
+    await intake(eng, msg(0, 0, "lost"))
+    s = eng.attach([T], 1, 0, 1)
+    await take(eng, s, 1)
+    await asyncio.sleep(0.3)  # the deadline passed: the copy holds the only credit
+    assert s.outstanding == 1
+    [again] = await take(eng, s, 1)  # within about one more deadline
+    assert (again.idem_key, again.attempt) == ("lost", 2)
+
+
+async def test_a_copy_whose_ack_failed_does_not_hold_credit_past_its_deadline(
+    engine: tuple[Engine, FakeConsumer],
+) -> None:
+    # Seen in the Redis fault runs: the app acked while the store was down (UNAVAILABLE), and it
+    # will not answer that copy again. Held as an expired copy, it would hold the stream's credit
+    # and keep its own redelivery away from the stream (records never delivered).
+    eng, _ = engine
+    eng._deadline_s = 0.2
+    await intake(eng, msg(0, 0, "down"))
+    s = eng.attach([T], 1, 0, 1)
+    [p] = await take(eng, s, 1)
+    real_complete = eng.store.complete
+
+    async def failing_complete(*args: Any) -> Any:
+        raise StoreUnavailable("Redis dedup store unreachable (test)")
+
+    eng.store.complete = failing_complete  # type: ignore[method-assign,assignment]
+    with pytest.raises(StoreUnavailable):
+        await eng.ack([p.delivery_ids[-1]])
+    eng.store.complete = real_complete  # type: ignore[method-assign]
+    await asyncio.sleep(0.25)  # past the deadline
+    assert s.outstanding <= 1
+    [again] = await asyncio.wait_for(eng.next_frame(s), 0.15)  # at once, not a deadline later
+    assert (again.idem_key, again.attempt) == ("down", 2)
