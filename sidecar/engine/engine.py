@@ -676,7 +676,6 @@ class Engine:
     async def ack(self, ids: Sequence[str]) -> list[int]:
         """Settle deliveries. Raises StoreUnavailable (nothing applied) when the store is down."""
         self._check_ids(ids)
-        self._answered(ids)
         results: list[int] = []
         records: dict[int, Pending] = {}
         stale_keys: dict[str, None] = {}
@@ -687,6 +686,7 @@ class Engine:
                 records[id(p)] = p
             elif outcome == AckOutcome.STALE:
                 stale_keys[self._stale.get(did) or ""] = None
+        self._answered(ids)  # after the lookups: a malformed id fails the call before any change
         todo = list(records.values())
         for p in todo:
             p.acking += 1
@@ -734,7 +734,6 @@ class Engine:
         self._check_ids(ids)
         if delay_s is not None and not (0 <= delay_s <= 86_400):
             raise InvalidArgument("delay_seconds must be between 0 and 86400")
-        self._answered(ids)
         results: list[int] = []
         redeliver: dict[int, Pending] = {}
         dlq: dict[int, Pending] = {}
@@ -748,6 +747,7 @@ class Engine:
                 dlq[id(p)] = p
             else:
                 redeliver[id(p)] = p
+        self._answered(ids)  # after the lookups: a malformed id fails the call before any change
         if redeliver:
             await self._answer_failed_on_error(
                 ids, self.store.release([p.store_key for p in redeliver.values()], self.owner)
