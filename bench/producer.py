@@ -4,7 +4,7 @@ Usage: python bench/producer.py BOOTSTRAP TOPIC RATE SECONDS TAG [LINGER_MS]
 
 LINGER_MS defaults to 5, librdkafka's own default: records sent within 5 ms share a request.
 With 0 every record is its own produce request, which at 2,000 msg/s keeps this 2-core machine's
-broker busy enough that its backlog, not the consumer, sets the latency (see docs/BENCHMARKS.md).
+broker near a core and the machine saturated (see docs/BENCHMARKS.md).
 
 The latency benchmark runs the producer in a separate process so that its Python work never
 competes for a GIL with the consumer being measured (raw client or sidecar client).

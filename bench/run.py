@@ -581,7 +581,7 @@ def main() -> int:
             runs.append(latency(kafka, f"benchlat{i}", 2_000, 10 if args.quick else 15, redis_store, work))
         lat = medians(runs)
         # The same with a producer that sends every record on its own (linger.ms=0): reported
-        # as measured, since on two cores the broker's backlog then sets both paths' latency.
+        # as measured; on two cores it saturates the machine (docs/BENCHMARKS.md says more).
         log("latency at 2,000 msg/s, producer linger.ms=0")
         kafka.create_topic("benchlat0ms", 6)
         lat0 = medians([latency(kafka, "benchlat0ms", 2_000, 10 if args.quick else 15, redis_store, work, 0)])
@@ -702,8 +702,9 @@ def write_markdown(r: dict[str, Any], path: Path, png: str | None) -> None:
         "",
         *latency_table(r["latency"]),
         "",
-        "The same with `linger.ms=0`: every record is its own produce request, 2,000 requests/s. "
-        "On two cores the broker's backlog then sets the latency of both paths (see below).",
+        "The same with `linger.ms=0`: every record is its own produce request, 2,000 requests/s, "
+        "and every record crosses the sidecar on its own. The two cores are then saturated "
+        "(see What limits latency below).",
         "",
         *latency_table(r.get("latency_linger0", {})),
     ]

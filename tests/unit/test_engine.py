@@ -287,17 +287,12 @@ async def test_commit_metadata_skips_settled_after_reassign(engine: tuple[Engine
     assert eng.describe()["partitions"][f"{T}[0]"]["states"] == {"busy": 1}
 
 
-async def test_a_stream_cancelled_while_its_frame_renews_leases_loses_no_record(
-    engine: tuple[Engine, FakeConsumer],
-) -> None:
-    # Found in a 10k-message fault run (F3, app kill -9): the app died while next_frame waited
-    # for the store to renew the leases of its batch. gRPC cancels the handler there; the batch,
-    # already taken from the ready queue, belonged to no queue and no stream and was never
-    # delivered, while its partition could not commit past it.
-    eng, _ = engine
+async def waiting_past_their_leases(eng: Engine, *keys: str) -> asyncio.Event:
+    """Take in records with ``keys`` (partition 0) and let their leases run out while they wait,
+    so handing them out renews the claims; the renewals then wait for the returned event."""
     eng._lease_ms = 100
-    await intake(eng, msg(0, 0, "c0"), msg(0, 1, "c1"))
-    await asyncio.sleep(0.2)  # leases ran out while the records waited: handing out renews them
+    await intake(eng, *(msg(0, o, k) for o, k in enumerate(keys)))
+    await asyncio.sleep(0.2)
     gate = asyncio.Event()
     real_claim = eng.store.claim
 
@@ -307,6 +302,18 @@ async def test_a_stream_cancelled_while_its_frame_renews_leases_loses_no_record(
         return await real_claim(keys, owner, lease_ms, renew)
 
     eng.store.claim = gated_claim  # type: ignore[method-assign]
+    return gate
+
+
+async def test_a_stream_cancelled_while_its_frame_renews_leases_loses_no_record(
+    engine: tuple[Engine, FakeConsumer],
+) -> None:
+    # Found in a 10k-message fault run (F3, app kill -9): the app died while next_frame waited
+    # for the store to renew the leases of its batch. gRPC cancels the handler there; the batch,
+    # already taken from the ready queue, belonged to no queue and no stream and was never
+    # delivered, while its partition could not commit past it.
+    eng, _ = engine
+    gate = await waiting_past_their_leases(eng, "c0", "c1")
     dying = eng.attach([T], 10, 0, 10)
     frame = asyncio.create_task(eng.next_frame(dying))
     await asyncio.sleep(0.05)
@@ -326,18 +333,7 @@ async def test_a_stream_closed_while_its_frame_renews_leases_hands_nothing_to_it
     # Same race without a cancel: the stream was detached meanwhile. The batch goes back to the
     # ready queue, not into the closed stream's in-flight set, where no timer would find it.
     eng, _ = engine
-    eng._lease_ms = 100
-    await intake(eng, msg(0, 0, "d0"))
-    await asyncio.sleep(0.2)
-    gate = asyncio.Event()
-    real_claim = eng.store.claim
-
-    async def gated_claim(keys: Sequence[str], owner: str, lease_ms: int, renew: bool = False) -> Any:
-        if renew:
-            await gate.wait()
-        return await real_claim(keys, owner, lease_ms, renew)
-
-    eng.store.claim = gated_claim  # type: ignore[method-assign]
+    gate = await waiting_past_their_leases(eng, "d0")
     closing = eng.attach([T], 10, 0, 10)
     frame = asyncio.create_task(eng.next_frame(closing))
     await asyncio.sleep(0.05)
@@ -400,6 +396,18 @@ async def test_a_partition_that_stops_committing_is_reported_once(
     assert eng.metrics.stalled_partitions._value.get() == 0
 
 
+async def expired_at(eng: Engine, s: Any, *keys: str) -> list[Any]:
+    """Deliver records with ``keys`` (partition 0) on ``s`` and let their ack deadlines pass, so
+    ``s`` holds their expired copies (for up to one more deadline, set long here). Returns the
+    records in key order."""
+    eng._deadline_s = 0.1
+    await intake(eng, *(msg(0, o, k) for o, k in enumerate(keys)))
+    got = await take(eng, s, len(keys))
+    eng._deadline_s = 30
+    await asyncio.sleep(0.3)
+    return sorted(got, key=lambda p: p.idem_key)
+
+
 async def test_an_expired_delivery_keeps_its_credit_until_the_app_answers_it(
     engine: tuple[Engine, FakeConsumer],
 ) -> None:
@@ -407,12 +415,8 @@ async def test_an_expired_delivery_keeps_its_credit_until_the_app_answers_it(
     # be piled on the same stream (max_in_flight counts what the app holds): they go to a stream
     # with credit, and the stalled one gets credit back when it acks or nacks the old copies.
     eng, _ = engine
-    eng._deadline_s = 0.1
-    await intake(eng, msg(0, 0, "e0"), msg(0, 1, "e1"))
     slow = eng.attach([T], 2, 0, 2)
-    first = await take(eng, slow, 2)
-    eng._deadline_s = 30  # expired copies are held for up to one more (now long) deadline
-    await asyncio.sleep(0.3)  # both deadlines pass: the records go back for redelivery
+    first = await expired_at(eng, slow, "e0", "e1")
     assert slow.outstanding == 2
     assert not slow.in_flight
     with pytest.raises(TimeoutError):
@@ -422,7 +426,7 @@ async def test_an_expired_delivery_keeps_its_credit_until_the_app_answers_it(
     assert sorted((p.idem_key, p.attempt) for p in again) == [("e0", 2), ("e1", 2)]
     # The stalled app catches up: the old copy of e0 is acked (settling it: the effect
     # happened), e1's is nacked, which changes nothing for its delivery on the other stream.
-    e0, e1 = sorted(first, key=lambda p: p.idem_key)
+    e0, e1 = first
     assert await eng.ack([e0.delivery_ids[0]]) == [AckOutcome.OK]
     assert await eng.nack([e1.delivery_ids[0]], None, False, "") == [AckOutcome.OK]
     assert slow.outstanding == 0
@@ -438,12 +442,8 @@ async def test_a_stream_is_not_sent_a_record_whose_expired_copy_it_still_holds(
     # One app, slower than its deadline. With credit to spare it gets new records, but not the
     # redeliveries of copies it still holds: it answers those copies, and its ack settles them.
     eng, _ = engine
-    eng._deadline_s = 0.1
-    await intake(eng, msg(0, 0, "h0"), msg(0, 1, "h1"))
     s = eng.attach([T], 3, 0, 3)
-    old = sorted(await take(eng, s, 2), key=lambda p: p.idem_key)
-    eng._deadline_s = 30  # expired copies are held for up to one more (now long) deadline
-    await asyncio.sleep(0.3)  # the deadlines pass
+    old = await expired_at(eng, s, "h0", "h1")
     await intake(eng, msg(0, 2, "h2"))
     assert [p.idem_key for p in await take(eng, s, 1)] == ["h2"]  # the one credit left
     assert await eng.ack([old[0].delivery_ids[0]]) == [AckOutcome.OK]  # h0: settled by its old copy
