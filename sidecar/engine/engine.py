@@ -415,6 +415,10 @@ class Engine:
             live = [p for p in records if p.state is not State.DROPPED]
             if not live:
                 return
+            # The lease runs from when the store was asked, not from when its answer was read: a
+            # sidecar paused in between (SIGSTOP, a long GC, a starved VM) must not believe in a
+            # lease the store already let another sidecar take over.
+            asked = self._clock()
             try:
                 claims = await self.store.claim([p.store_key for p in live], self.owner, self._lease_ms)
                 break
@@ -435,7 +439,7 @@ class Engine:
                 continue
             if c.status is ClaimStatus.NEW:
                 p.attempt = max(p.attempt + 1, c.attempt)
-                p.lease_until = now + self._lease_ms / 1000
+                p.lease_until = asked + self._lease_ms / 1000
                 won.append(p)
             elif c.status is ClaimStatus.DONE:
                 self.metrics.skipped.labels("duplicate").inc()
@@ -796,15 +800,16 @@ class Engine:
         lease_ms = int((seconds + self.settings.delivery.lease_margin_seconds) * 1000)
         recs = list(todo.values())
         if recs:
-            # Renewals: the same delivery goes on, so the same attempt.
+            # Renewals: the same delivery goes on, so the same attempt. Deadline and lease run
+            # from when the store was asked (see _claim).
+            asked = self._clock()
             claims = await self._counted(
                 self.store.claim([p.store_key for p in recs], self.owner, lease_ms, renew=True)
             )
-            now = self._clock()
             for p, c in zip(recs, claims, strict=True):
                 if c.status is ClaimStatus.NEW and p.state is State.IN_FLIGHT:
-                    p.deadline = now + seconds
-                    p.lease_until = now + lease_ms / 1000
+                    p.deadline = asked + seconds
+                    p.lease_until = asked + lease_ms / 1000
         return results
 
     # ---------------------------------------------------------------------------------------------

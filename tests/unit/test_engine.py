@@ -505,3 +505,41 @@ async def test_a_copy_whose_ack_failed_does_not_hold_credit_past_its_deadline(
     assert s.outstanding <= 1
     [again] = await asyncio.wait_for(eng.next_frame(s), 0.15)  # at once, not a deadline later
     assert (again.idem_key, again.attempt) == ("down", 2)
+
+
+async def test_a_lease_runs_from_when_the_store_was_asked(engine: tuple[Engine, FakeConsumer]) -> None:
+    # Found by the F4 fault in CI (zombie sidecar, SIGSTOP past its session and leases): the
+    # sidecar was stopped between the store granting a claim and the sidecar reading that answer.
+    # It dated the lease from the read, 10 s late, trusted a lease the store had already let
+    # another sidecar take over, and delivered a key after that sidecar's Ack had returned OK.
+    eng, _ = engine
+    now, store_now = [1000.0], [1_000_000]
+    eng._clock = lambda: now[0]
+    eng.store = MemoryStore(clock=lambda: store_now[0])
+    eng._deadline_s, eng._lease_ms = 5, 6000
+    real_claim = eng.store.claim
+    gate = asyncio.Event()
+
+    async def paused_before_reading(
+        keys: Sequence[str], owner: str, lease_ms: int, renew: bool = False
+    ) -> Any:
+        answer = await real_claim(keys, owner, lease_ms, renew)
+        if not renew:
+            await gate.wait()  # SIGSTOP: the store has answered, the sidecar has not read it
+        return answer
+
+    eng.store.claim = paused_before_reading  # type: ignore[method-assign]
+    eng.on_records([msg(0, 0, "z")])
+    await asyncio.sleep(0.05)
+    now[0] += 10
+    store_now[0] += 10_000  # the lease ran out; another sidecar claims, delivers and acks
+    key = store_key(eng.settings.kafka.group_id, T, "z")
+    [other] = await real_claim([key], "other-sidecar", 6000)
+    assert other.status.name == "NEW"
+    await eng.store.complete([key], "other-sidecar", 60_000)
+    gate.set()  # SIGCONT
+    await asyncio.sleep(0.05)
+    s = eng.attach([T], 10, 0, 10)
+    with pytest.raises(TimeoutError):
+        await asyncio.wait_for(eng.next_frame(s), 0.3)  # renewing the lease finds it done
+    assert not eng._partitions[(T, 0)].pending  # settled as a duplicate, never delivered
