@@ -508,8 +508,8 @@ async def test_a_copy_whose_ack_failed_does_not_hold_credit_past_its_deadline(
 
 
 async def test_a_lease_runs_from_when_the_store_was_asked(engine: tuple[Engine, FakeConsumer]) -> None:
-    # Found by the F4 fault in CI (zombie sidecar, SIGSTOP past its session and leases): the
-    # sidecar was stopped between the store granting a claim and the sidecar reading that answer.
+    # Suspected cause of an F4 failure in CI (zombie sidecar, SIGSTOP past its session and
+    # leases): the sidecar stopped between the store granting a claim and reading that answer.
     # It dated the lease from the read, 10 s late, trusted a lease the store had already let
     # another sidecar take over, and delivered a key after that sidecar's Ack had returned OK.
     eng, _ = engine
