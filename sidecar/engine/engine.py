@@ -669,7 +669,8 @@ class Engine:
         return AckOutcome.UNKNOWN, None
 
     def _answered(self, ids: Sequence[str]) -> None:
-        """Ack or Nack answered these ids: expired copies among them give their credit back."""
+        """Ack or Nack answered these ids (or they were held long enough): expired copies among
+        them give their credit back."""
         expired = self._expired
         if expired:
             for did in ids:
@@ -932,11 +933,10 @@ class Engine:
             for p in due:
                 p.state = State.CLAIMING
         # Expired copies held for one more deadline without an answer give their credit back.
-        for s in self._streams.values():
-            if s.expired:
-                for did in [did for did, (_, until) in s.expired.items() if until <= now]:
-                    self._expired.pop(did, None)
-                    s.answered(did)
+        if self._expired:
+            self._answered(
+                [did for s in self._streams.values() for did, (_, until) in s.expired.items() if until <= now]
+            )
         todo = expired + due
         if todo:
             await self._claim_or_retry_later(todo, retry=False, front=True)
