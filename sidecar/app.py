@@ -91,6 +91,7 @@ class Sidecar:
             loop,
             s.kafka.fetch_batch,
             max(5_000, 10 * s.kafka.fetch_batch),
+            handover_interval=s.kafka.handover_interval_ms / 1000,
         )
         publisher = Publisher(
             s.publish,

@@ -40,6 +40,11 @@ class KafkaSettings(BaseModel):
     producer: dict[str, str | int | float | bool] = Field(default_factory=dict)
     #: Records fetched per poll.
     fetch_batch: int = Field(500, ge=1, le=100_000)
+    #: Least time between two hand-overs of a part-full batch to the event loop. A record that
+    #: comes after a quiet spell of this length is handed over at once; records that come faster
+    #: (a producer sending each record alone) wait up to this long to travel together, which
+    #: cuts the sidecar's CPU per record. A full batch never waits. 0 hands every fetch over alone.
+    handover_interval_ms: float = Field(2.0, ge=0, le=100)
     session_timeout_ms: int = Field(10_000, ge=1000)
 
     @field_validator("topics")

@@ -205,8 +205,14 @@ class KafkaBroker(_Service):
         timeout: float = 90.0,
         extra_properties: dict[str, str] | None = None,
         advertised_port: int | None = None,
+        quick_start: bool = True,
     ) -> KafkaBroker:
-        """Start a broker. ``advertised_port`` makes it advertise another port (a fault proxy's)."""
+        """Start a broker. ``advertised_port`` makes it advertise another port (a fault proxy's).
+
+        ``quick_start`` stops the JIT at its first tier: the broker is up sooner and tests start
+        many brokers, but it then needs more CPU per request. Benchmarks pass False and get the
+        JVM options Kafka's own start script uses (KAFKA_JVM_PERFORMANCE_OPTS).
+        """
         lib = kafka_lib_dir()
         workdir.mkdir(parents=True, exist_ok=True)
         port, cport = free_port(), free_port()
@@ -242,7 +248,15 @@ class KafkaBroker(_Service):
             "-Xms256m",
             "-Xmx768m",
             "-XX:+UseG1GC",
-            "-XX:TieredStopAtLevel=1",
+            *(
+                ["-XX:TieredStopAtLevel=1"]
+                if quick_start
+                else [
+                    "-XX:MaxGCPauseMillis=20",
+                    "-XX:InitiatingHeapOccupancyPercent=35",
+                    "-XX:+ExplicitGCInvokesConcurrent",
+                ]
+            ),
             "-Djava.awt.headless=true",
             f"-Dlog4j2.configurationFile={LOG4J2}",
             f"-Dkafka.logs.dir={workdir}",
@@ -412,12 +426,19 @@ class RedisServer(_Service):
 
 
 @contextlib.contextmanager
-def running(workdir: Path | None = None) -> Iterator[tuple[KafkaBroker, RedisServer]]:
-    """Start Kafka and Redis in a temporary directory; stop both and remove it on exit."""
+def running(
+    workdir: Path | None = None, quick_start: bool = True
+) -> Iterator[tuple[KafkaBroker, RedisServer]]:
+    """Start Kafka and Redis in a temporary directory; stop both and remove it on exit.
+
+    ``quick_start``: see KafkaBroker.start."""
     base = Path(tempfile.mkdtemp(prefix="dedup-services-")) if workdir is None else workdir
     try:
         t0 = time.monotonic()
-        with RedisServer.start(base / "redis") as redis, KafkaBroker.start(base / "kafka") as kafka:
+        with (
+            RedisServer.start(base / "redis") as redis,
+            KafkaBroker.start(base / "kafka", quick_start=quick_start) as kafka,
+        ):
             _log(f"kafka {kafka.bootstrap_servers} and {redis.url} ready in {time.monotonic() - t0:.1f}s")
             yield kafka, redis
     finally:
