@@ -35,6 +35,9 @@ from typing import Any, Protocol, TypeVar
 
 from confluent_kafka import Consumer, KafkaError, KafkaException, Message, TopicPartition
 
+#: Hand-overs of fewer records than this are paced (see ConsumerLoop._fetch).
+PACE_BELOW = 64
+
 log = logging.getLogger(__name__)
 T = TypeVar("T")
 TP = tuple[str, int]
@@ -301,7 +304,9 @@ class ConsumerLoop:
         nearly every fetch one record long, and those fixed costs per record saturated two cores
         at 2,000 records/s. So a part-full batch handed over less than ``handover_interval``
         after the previous one waits out the rest of that interval for more records: at most
-        one part-full hand-over per interval, while a record after a quiet spell goes at once.
+        one small hand-over per interval, while a record after a quiet spell goes at once.
+        Batches of PACE_BELOW records or more never wait: their fixed costs are shared already,
+        and under load a wait would only leave the event loop idle.
         """
         batch = self._fetch_batch
         msgs = consumer.consume(batch, 0)
@@ -309,7 +314,7 @@ class ConsumerLoop:
             msgs = consumer.consume(1, 0.1)
             if msgs and batch > 1:
                 msgs += consumer.consume(batch - 1, 0)
-        if msgs and len(msgs) < batch and self._handover_interval:
+        if msgs and len(msgs) < min(batch, PACE_BELOW) and self._handover_interval:
             wait = self._last_handover + self._handover_interval - time.monotonic()
             if wait > 0:
                 msgs += consumer.consume(batch - len(msgs), wait)

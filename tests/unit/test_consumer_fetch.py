@@ -8,7 +8,7 @@ from typing import Any, cast
 
 from confluent_kafka import Consumer, Message
 
-from sidecar.kafka.consumer import ConsumerHandler, ConsumerLoop
+from sidecar.kafka.consumer import PACE_BELOW, ConsumerHandler, ConsumerLoop
 
 
 class QueuedRecords:
@@ -61,6 +61,12 @@ def test_a_part_full_batch_soon_after_a_hand_over_waits_out_the_interval() -> No
 def test_a_full_batch_never_waits() -> None:
     queue = QueuedRecords(800)
     assert len(fetch(fetching(500, 0.002, handed_over_ago=0.0), queue)) == 500
+    assert queue.calls == [(500, 0)]
+
+
+def test_a_part_full_batch_big_enough_to_share_the_costs_does_not_wait() -> None:
+    queue = QueuedRecords(PACE_BELOW)
+    assert len(fetch(fetching(500, 0.002, handed_over_ago=0.0), queue)) == PACE_BELOW
     assert queue.calls == [(500, 0)]
 
 
