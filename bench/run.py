@@ -95,7 +95,18 @@ def preload(kafka: services.KafkaBroker, topic: str, partitions: int, n: int, pr
     assert p.flush(120) == 0
 
 
+def quiesce() -> None:
+    """Write dirty pages out before a timed run, for the baseline and the sidecar alike.
+
+    The kernel writes a preload's pages back about 30 s after they were written (1 GB before the
+    memory run), and that writeback, landing inside whichever run came next, took CPU and disk
+    from it.
+    """
+    os.sync()
+
+
 def raw_consume(kafka: services.KafkaBroker, topic: str, n: int) -> Result:
+    quiesce()
     c = Consumer(
         {
             "bootstrap.servers": kafka.bootstrap_servers,
@@ -239,6 +250,7 @@ def sidecar_consume(
     replicas: int = 1,
     memory: bool = False,
 ) -> Result:
+    quiesce()
     group = f"sc-{time.time_ns()}"
     procs = [SidecarProc(kafka, topic, group, store, workdir) for _ in range(replicas)]
     extra: dict[str, Any] = {}
@@ -281,6 +293,7 @@ def raw_publish(kafka: services.KafkaBroker, topic: str, n: int) -> Result:
         nonlocal done
         done += 1
 
+    quiesce()
     t0 = time.perf_counter()
     for i in range(n):
         while True:
@@ -297,6 +310,7 @@ def sidecar_publish(
     kafka: services.KafkaBroker, topic: str, n: int, store: dict[str, str], workdir: Path, batch: int
 ) -> Result:
     # The sidecar consumes another (empty) topic: only the publish path is measured.
+    quiesce()
     idle = f"benchidle-{time.time_ns()}"
     kafka.create_topic(idle, 1)
     proc = SidecarProc(kafka, idle, f"pub-{time.time_ns()}", store, workdir)
@@ -371,6 +385,7 @@ def latency(
         }
 
     # raw consumer
+    quiesce()
     c = Consumer(
         {
             "bootstrap.servers": kafka.bootstrap_servers,
@@ -396,6 +411,7 @@ def latency(
     out["raw consumer"] = summarize(samples)
 
     # sidecar
+    quiesce()
     proc = SidecarProc(
         kafka,
         topic,
