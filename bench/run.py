@@ -102,7 +102,10 @@ def quiesce() -> None:
     memory run), and that writeback, landing inside whichever run came next, took CPU and disk
     from it.
     """
+    t0 = time.perf_counter()
     os.sync()
+    if time.perf_counter() - t0 > 0.5:
+        log(f"waited {time.perf_counter() - t0:.1f}s for dirty pages to be written out")
 
 
 def raw_consume(kafka: services.KafkaBroker, topic: str, n: int) -> Result:
