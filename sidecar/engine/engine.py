@@ -38,7 +38,7 @@ from sidecar.kafka.consumer import Assigned, CommitOffset, ConsumerLoop
 from sidecar.kafka.producer import AsyncProducer
 from sidecar.metrics import Metrics
 from sidecar.offsets import AckTracker, OfferResult
-from sidecar.store.base import ClaimStatus, DedupStore
+from sidecar.store.base import ClaimMode, ClaimStatus, DedupStore
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -377,7 +377,9 @@ class Engine:
             self._claims_in_flight -= 1
             self._claim_kick.set()
 
-    async def _claim_or_retry_later(self, records: list[Pending], retry: bool, front: bool = False) -> None:
+    async def _claim_or_retry_later(
+        self, records: list[Pending], retry: bool, front: bool = False, mode: ClaimMode = ClaimMode.CLAIM
+    ) -> None:
         """Claim records; if that fails, the timer claims what is still unclaimed a second later.
 
         Nothing else looks at a record in CLAIMING: a failure that left it there (a store outage
@@ -385,7 +387,7 @@ class Engine:
         partition could not commit past it.
         """
         try:
-            await self._claim(records, retry=retry, front=front)
+            await self._claim(records, retry=retry, front=front, mode=mode)
         except Exception as exc:
             if not isinstance(exc, StoreUnavailable):
                 log.exception("claim failed for %d records; retrying in 1s", len(records))
@@ -395,10 +397,13 @@ class Engine:
                     p.state, p.due = State.BUSY, due
                     self._waiting.append(p)
 
-    async def _claim(self, records: list[Pending], retry: bool, front: bool = False) -> None:
+    async def _claim(
+        self, records: list[Pending], retry: bool, front: bool = False, mode: ClaimMode = ClaimMode.CLAIM
+    ) -> None:
         """Claim records in the store and route them by the answer. ``front``: records that
         waited already (redeliveries, BUSY keys) go ahead of the records claimed at intake, whose
-        backlog can be thousands long; they hold their partition's commits back meanwhile."""
+        backlog can be thousands long; they hold their partition's commits back meanwhile.
+        ``mode``: REDELIVER for records this sidecar delivered and sends again."""
         delay = 0.05
         now = self._clock()
         if self._stale_leases:
@@ -420,7 +425,7 @@ class Engine:
             # lease the store already let another sidecar take over.
             asked = self._clock()
             try:
-                claims = await self.store.claim([p.store_key for p in live], self.owner, self._lease_ms)
+                claims = await self.store.claim([p.store_key for p in live], self.owner, self._lease_ms, mode)
                 break
             except StoreUnavailable as exc:
                 self.metrics.store_errors.inc()
@@ -440,6 +445,7 @@ class Engine:
             if c.status is ClaimStatus.NEW:
                 p.attempt = max(p.attempt + 1, c.attempt)
                 p.lease_until = asked + self._lease_ms / 1000
+                p.unsent = True
                 won.append(p)
             elif c.status is ClaimStatus.DONE:
                 self.metrics.skipped.labels("duplicate").inc()
@@ -472,8 +478,8 @@ class Engine:
         A record that never reached an app under this claim gives its attempt back: claiming
         ahead of the app must not make the next owner's first delivery say "attempt 2".
         """
-        sent = [p.store_key for p in records if p.delivery_ids]
-        unsent = [p.store_key for p in records if not p.delivery_ids]
+        sent = [p.store_key for p in records if not p.unsent]
+        unsent = [p.store_key for p in records if p.unsent]
         with contextlib.suppress(StoreUnavailable):
             if sent:
                 await self.store.release(sent, self.owner)
@@ -525,14 +531,17 @@ class Engine:
         for did in s.expired:
             self._expired.pop(did, None)
         s.expired.clear()
+        again: list[Pending] = []
         for p in list(s.in_flight.values()):
             s.remove(p)
             if p.state is State.IN_FLIGHT and p.acking == 0:
-                # The app may have applied it before the stream broke: say so with attempt + 1.
-                p.attempt += 1
+                # The app may have applied it before the stream broke: say so with attempt + 1,
+                # counted in the store too (a sidecar taking the key over later counts on).
+                p.state = State.CLAIMING
+                again.append(p)
                 self.metrics.redelivered.labels("stream_closed").inc()
-                self._ready.push(p, front=True)
-        self._wake_streams()
+        if again:
+            self._spawn(self._claim_or_retry_later(again, retry=False, front=True, mode=ClaimMode.REDELIVER))
 
     async def next_frame(self, s: Stream) -> list[Pending]:
         """Wait for deliveries for ``s``; returns [] when the stream must end."""
@@ -599,7 +608,9 @@ class Engine:
         if not stale:
             return batch
         # Renewals: none of these was delivered since our last claim of it.
-        claims = await self.store.claim([p.store_key for p in stale], self.owner, self._lease_ms, renew=True)
+        claims = await self.store.claim(
+            [p.store_key for p in stale], self.owner, self._lease_ms, mode=ClaimMode.RENEW
+        )
         keep = {id(p) for p in batch}
         orphans: list[str] = []
         for p, c in zip(stale, claims, strict=True):
@@ -629,6 +640,7 @@ class Engine:
             p.delivery_ids.append(did)
             self._by_id[did] = p
             p.state = State.IN_FLIGHT
+            p.unsent = False
             p.deadline = deadline
             s.add(p)
         self.metrics.delivered.inc(len(batch))
@@ -805,7 +817,7 @@ class Engine:
             # from when the store was asked (see _claim).
             asked = self._clock()
             claims = await self._counted(
-                self.store.claim([p.store_key for p in recs], self.owner, lease_ms, renew=True)
+                self.store.claim([p.store_key for p in recs], self.owner, lease_ms, mode=ClaimMode.RENEW)
             )
             for p, c in zip(recs, claims, strict=True):
                 if c.status is ClaimStatus.NEW and p.state is State.IN_FLIGHT:
@@ -937,9 +949,10 @@ class Engine:
             self._answered(
                 [did for s in self._streams.values() for did, (_, until) in s.expired.items() if until <= now]
             )
-        todo = expired + due
-        if todo:
-            await self._claim_or_retry_later(todo, retry=False, front=True)
+        if expired:
+            await self._claim_or_retry_later(expired, retry=False, front=True, mode=ClaimMode.REDELIVER)
+        if due:
+            await self._claim_or_retry_later(due, retry=False, front=True)
         # No stream for the grace period: leave the group so partitions move to healthy replicas.
         grace = self.settings.delivery.detach_grace_seconds
         if (

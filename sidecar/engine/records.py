@@ -44,4 +44,5 @@ class Pending:
     delivery_ids: list[str] = field(default_factory=list)
     shadows: list[Pending] = field(default_factory=list)  # later records with the same key
     acking: int = 0  # Ack calls in progress for it
+    unsent: bool = False  # claimed, and no app was sent it under that claim's attempt yet
     reason: str = ""

@@ -26,6 +26,21 @@ class ClaimStatus(IntEnum):
     BUSY = 2  # another owner holds a live lease: hold it back and claim again later
 
 
+class ClaimMode(IntEnum):
+    """What a claim of a key its caller may already hold means for the key's attempt count."""
+
+    #: A first claim, or a claim again after our own claim was released or expired (a nacked
+    #: record whose delay ran out): taking over an expired or released claim is the next attempt.
+    CLAIM = 0
+    #: The caller has not delivered the record since its own last claim (it waited in a queue past
+    #: its lease): if nobody else claimed the key meanwhile, the attempt stays the same.
+    RENEW = 1
+    #: The caller delivers the record again under its own live claim (ack deadline passed, or the
+    #: app's stream closed): the next attempt, counted in the store, so a sidecar that takes the
+    #: key over later counts on from there instead of repeating a number the app has seen.
+    REDELIVER = 2
+
+
 @dataclass(frozen=True, slots=True)
 class Claim:
     status: ClaimStatus
@@ -61,13 +76,13 @@ class DedupStore(Protocol):
     #: True when the state is shared between sidecar processes (only Redis).
     shared: bool
 
-    async def claim(self, keys: Sequence[str], owner: str, lease_ms: int, renew: bool = False) -> list[Claim]:
+    async def claim(
+        self, keys: Sequence[str], owner: str, lease_ms: int, mode: ClaimMode = ClaimMode.CLAIM
+    ) -> list[Claim]:
         """Claim each key for ``owner`` for ``lease_ms``. Re-claiming your own key extends it.
 
-        Taking over an expired or released claim starts the next attempt. ``renew=True`` says the
-        caller has not delivered the record since its own last claim (it waited in a queue past
-        its lease): if nobody else claimed the key meanwhile, the lease is extended and the
-        attempt stays the same.
+        Taking over an expired or released claim starts the next attempt. ``mode`` says what the
+        caller did with the record since its own last claim (see ClaimMode).
         """
         ...
 

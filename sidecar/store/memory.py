@@ -5,7 +5,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 from sidecar.store import rules
-from sidecar.store.base import Claim, Clock, PublishRecord, wall_clock_ms
+from sidecar.store.base import Claim, ClaimMode, Clock, PublishRecord, wall_clock_ms
 
 
 class MemoryStore:
@@ -25,12 +25,14 @@ class MemoryStore:
         self._keys: dict[str, rules.Entry] = {}
         self._published: dict[str, tuple[PublishRecord, int]] = {}
 
-    async def claim(self, keys: Sequence[str], owner: str, lease_ms: int, renew: bool = False) -> list[Claim]:
+    async def claim(
+        self, keys: Sequence[str], owner: str, lease_ms: int, mode: ClaimMode = ClaimMode.CLAIM
+    ) -> list[Claim]:
         now = self._clock()
         out = []
         for key in keys:
             result, self._keys[key] = rules.claim(
-                self._keys.get(key), owner, now, lease_ms, self._retention_ms, renew
+                self._keys.get(key), owner, now, lease_ms, self._retention_ms, mode
             )
             out.append(result)
         return out

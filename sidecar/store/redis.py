@@ -18,7 +18,7 @@ from redis.exceptions import NoScriptError, RedisError, ResponseError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from sidecar.errors import ConfigError, StoreUnavailable
-from sidecar.store.base import Claim, ClaimStatus, PublishRecord
+from sidecar.store.base import Claim, ClaimMode, ClaimStatus, PublishRecord
 
 log = logging.getLogger(__name__)
 _CHUNK = 500  # keys per script call on a standalone Redis: bounds how long one call blocks it
@@ -45,7 +45,8 @@ local function parse(v)
 end
 """
 
-# ARGV owner, lease_ms, retention_ms, renew (1: keep the attempt of our own expired claim).
+# ARGV owner, lease_ms, retention_ms, mode (ClaimMode: 0 claim, 1 renew: keep the attempt of our
+# own expired claim, 2 redeliver: our own live claim starts the next attempt).
 # Returns status, attempt per key (flat).
 CLAIM = (
     _NOW
@@ -64,6 +65,7 @@ for _, k in ipairs(KEYS) do
       out[#out + 1] = 1; out[#out + 1] = attempt
     elseif until_ms > now then
       if o == owner then
+        if ARGV[4] == '2' then attempt = attempt + 1 end
         redis.call('SET', k, held .. attempt, 'KEEPTTL')
         out[#out + 1] = 0; out[#out + 1] = attempt
       else
@@ -334,8 +336,10 @@ class RedisStore:
             if conn is not None:
                 await pool.release(conn)
 
-    async def claim(self, keys: Sequence[str], owner: str, lease_ms: int, renew: bool = False) -> list[Claim]:
-        args = [owner, lease_ms, self._retention_ms, 1 if renew else 0]
+    async def claim(
+        self, keys: Sequence[str], owner: str, lease_ms: int, mode: ClaimMode = ClaimMode.CLAIM
+    ) -> list[Claim]:
+        args = [owner, lease_ms, self._retention_ms, int(mode)]
         raw = await self._per_key(self._claim, keys, args, 2)
         known = _CLAIMS
         return [known.get(r) or _claim_of(r) for r in raw]

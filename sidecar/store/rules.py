@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from sidecar.store.base import Claim, ClaimStatus
+from sidecar.store.base import Claim, ClaimMode, ClaimStatus
 
 
 @dataclass(slots=True)
@@ -25,7 +25,12 @@ def live(entry: Entry | None, now: int) -> Entry | None:
 
 
 def claim(
-    entry: Entry | None, owner: str, now: int, lease_ms: int, retention_ms: int, renew: bool = False
+    entry: Entry | None,
+    owner: str,
+    now: int,
+    lease_ms: int,
+    retention_ms: int,
+    mode: ClaimMode = ClaimMode.CLAIM,
 ) -> tuple[Claim, Entry]:
     entry = live(entry, now)
     if entry is None:
@@ -35,11 +40,13 @@ def claim(
     if entry.deadline > now:
         if entry.owner == owner:
             entry.deadline = now + lease_ms
+            if mode is ClaimMode.REDELIVER:
+                entry.attempt += 1
             return Claim(ClaimStatus.NEW, entry.attempt), entry
         return Claim(ClaimStatus.BUSY, entry.attempt), entry
     # Expired or released: the next attempt belongs to whoever claims first (unless the owner
     # renews a claim it never delivered under, and nobody took it meanwhile).
-    same = renew and entry.owner == owner
+    same = mode is ClaimMode.RENEW and entry.owner == owner
     entry.owner, entry.deadline = owner, now + lease_ms
     entry.attempt = max(entry.attempt, 1) if same else entry.attempt + 1
     entry.expires = max(entry.expires, now + lease_ms)

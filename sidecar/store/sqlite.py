@@ -15,7 +15,7 @@ from typing import Literal, TypeVar
 
 from sidecar.errors import StoreUnavailable
 from sidecar.store import rules
-from sidecar.store.base import Claim, Clock, PublishRecord, wall_clock_ms
+from sidecar.store.base import Claim, ClaimMode, Clock, PublishRecord, wall_clock_ms
 
 T = TypeVar("T")
 _CHUNK = 500  # stay well below SQLite's bound-parameter limit
@@ -133,11 +133,13 @@ class SQLiteStore:
             raise
         return out
 
-    async def claim(self, keys: Sequence[str], owner: str, lease_ms: int, renew: bool = False) -> list[Claim]:
+    async def claim(
+        self, keys: Sequence[str], owner: str, lease_ms: int, mode: ClaimMode = ClaimMode.CLAIM
+    ) -> list[Claim]:
         retention = self._retention_ms
 
         def step(entry: rules.Entry | None, now: int) -> tuple[Claim, rules.Entry | None]:
-            return rules.claim(entry, owner, now, lease_ms, retention, renew)
+            return rules.claim(entry, owner, now, lease_ms, retention, mode)
 
         return await self._run(lambda: self._apply(keys, step))
 

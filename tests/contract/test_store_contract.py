@@ -10,7 +10,7 @@ from typing import Any
 
 import pytest
 
-from sidecar.store.base import Claim, ClaimStatus, DedupStore, PublishRecord
+from sidecar.store.base import Claim, ClaimMode, ClaimStatus, DedupStore, PublishRecord
 from sidecar.store.memory import MemoryStore
 from sidecar.store.redis import RedisStore
 from sidecar.store.sqlite import SQLiteStore
@@ -147,10 +147,28 @@ async def test_renewing_an_undelivered_expired_claim_keeps_the_attempt(store: De
     await asyncio.sleep(0.25)
     assert (await store.claim([taken], "b", 100))[0] == Claim(NEW, 2)
     await asyncio.sleep(0.25)
-    claims = await store.claim([mine, taken], "a", LEASE, renew=True)
+    claims = await store.claim([mine, taken], "a", LEASE, mode=ClaimMode.RENEW)
     assert [(c.status, c.attempt) for c in claims] == [(NEW, 1), (NEW, 3)]
-    assert (await store.claim([mine], "b", LEASE, renew=True))[0].status is BUSY  # the lease is live again
+    assert (await store.claim([mine], "b", LEASE, mode=ClaimMode.RENEW))[
+        0
+    ].status is BUSY  # the lease is live again
     assert (await store.claim([mine], "a", LEASE))[0] == Claim(NEW, 1)  # own live lease: extended
+
+
+async def test_redelivering_under_a_live_claim_counts_the_next_attempt(store: DedupStore) -> None:
+    # The owner sends a record again under its own live claim (ack deadline, stream closed):
+    # the attempt grows in the store, so a later takeover counts on from there. Redelivering
+    # someone else's live claim is refused (BUSY); a done key stays done.
+    mine, theirs, done = keys(3)
+    await store.claim([mine, done], "a", 100)
+    await store.claim([theirs], "b", LEASE)
+    await store.complete([done], "a", DAY)
+    claims = await store.claim([mine, theirs, done], "a", 100, mode=ClaimMode.REDELIVER)
+    assert [(c.status, c.attempt) for c in claims] == [(NEW, 2), (BUSY, 1), (DONE, 1)]
+    assert (await store.claim([mine], "a", 100, mode=ClaimMode.REDELIVER))[0] == Claim(NEW, 3)
+    assert (await store.claim([mine], "a", 100))[0] == Claim(NEW, 3)  # a plain re-claim extends
+    await asyncio.sleep(0.25)
+    assert (await store.claim([mine], "c", LEASE))[0] == Claim(NEW, 4)  # the takeover counts on
 
 
 async def test_release_does_not_undo_done(store: DedupStore) -> None:

@@ -17,6 +17,7 @@ from sidecar.errors import StoreUnavailable
 from sidecar.kafka.consumer import Assigned, CommitOffset, ConsumerLoop
 from sidecar.kafka.producer import AsyncProducer, Produced
 from sidecar.metrics import Metrics
+from sidecar.store.base import ClaimMode
 from sidecar.store.memory import MemoryStore
 
 T = "orders"
@@ -189,9 +190,11 @@ async def test_a_claim_won_for_a_revoked_partition_is_handed_back(
     gate = asyncio.Event()
     real_claim = store.claim
 
-    async def slow_claim(keys: Sequence[str], owner: str, lease_ms: int, renew: bool = False) -> Any:
+    async def slow_claim(
+        keys: Sequence[str], owner: str, lease_ms: int, mode: ClaimMode = ClaimMode.CLAIM
+    ) -> Any:
         await gate.wait()
-        return await real_claim(keys, owner, lease_ms, renew)
+        return await real_claim(keys, owner, lease_ms, mode)
 
     eng.store.claim = slow_claim  # type: ignore[method-assign]
     eng.on_records([msg(0, 0, "orphan")])
@@ -246,10 +249,12 @@ async def test_claims_gather_while_one_is_in_flight(engine: tuple[Engine, FakeCo
     calls: list[int] = []
     real_claim = eng.store.claim
 
-    async def gated_claim(keys: Sequence[str], owner: str, lease_ms: int, renew: bool = False) -> Any:
+    async def gated_claim(
+        keys: Sequence[str], owner: str, lease_ms: int, mode: ClaimMode = ClaimMode.CLAIM
+    ) -> Any:
         calls.append(len(keys))
         await gate.wait()
-        return await real_claim(keys, owner, lease_ms, renew)
+        return await real_claim(keys, owner, lease_ms, mode)
 
     eng.store.claim = gated_claim  # type: ignore[method-assign]
     eng.on_records([msg(0, 0, "g0")])
@@ -296,10 +301,12 @@ async def waiting_past_their_leases(eng: Engine, *keys: str) -> asyncio.Event:
     gate = asyncio.Event()
     real_claim = eng.store.claim
 
-    async def gated_claim(keys: Sequence[str], owner: str, lease_ms: int, renew: bool = False) -> Any:
-        if renew:
+    async def gated_claim(
+        keys: Sequence[str], owner: str, lease_ms: int, mode: ClaimMode = ClaimMode.CLAIM
+    ) -> Any:
+        if mode is ClaimMode.RENEW:
             await gate.wait()
-        return await real_claim(keys, owner, lease_ms, renew)
+        return await real_claim(keys, owner, lease_ms, mode)
 
     eng.store.claim = gated_claim  # type: ignore[method-assign]
     return gate
@@ -354,10 +361,12 @@ async def test_an_unexpected_claim_failure_retries_the_records_later(
     real_claim = eng.store.claim
     failures = [RuntimeError("unexpected reply")]
 
-    async def flaky_claim(keys: Sequence[str], owner: str, lease_ms: int, renew: bool = False) -> Any:
+    async def flaky_claim(
+        keys: Sequence[str], owner: str, lease_ms: int, mode: ClaimMode = ClaimMode.CLAIM
+    ) -> Any:
         if failures:
             raise failures.pop()
-        return await real_claim(keys, owner, lease_ms, renew)
+        return await real_claim(keys, owner, lease_ms, mode)
 
     eng.store.claim = flaky_claim  # type: ignore[method-assign]
     await intake(eng, msg(0, 0, "u0"))
@@ -521,10 +530,10 @@ async def test_a_lease_runs_from_when_the_store_was_asked(engine: tuple[Engine, 
     gate = asyncio.Event()
 
     async def paused_before_reading(
-        keys: Sequence[str], owner: str, lease_ms: int, renew: bool = False
+        keys: Sequence[str], owner: str, lease_ms: int, mode: ClaimMode = ClaimMode.CLAIM
     ) -> Any:
-        answer = await real_claim(keys, owner, lease_ms, renew)
-        if not renew:
+        answer = await real_claim(keys, owner, lease_ms, mode)
+        if mode is not ClaimMode.RENEW:
             await gate.wait()  # SIGSTOP: the store has answered, the sidecar has not read it
         return answer
 
@@ -543,3 +552,54 @@ async def test_a_lease_runs_from_when_the_store_was_asked(engine: tuple[Engine, 
     with pytest.raises(TimeoutError):
         await asyncio.wait_for(eng.next_frame(s), 0.3)  # renewing the lease finds it done
     assert not eng._partitions[(T, 0)].pending  # settled as a duplicate, never delivered
+
+
+async def claimed_by_the_next_owner(eng: Engine, key: str) -> tuple[str, int]:
+    """What another sidecar gets when it claims ``key`` (this one having gone away)."""
+    [c] = await eng.store.claim([store_key(eng.settings.kafka.group_id, T, key)], "next-owner", 30_000)
+    return c.status.name, c.attempt
+
+
+async def test_a_redelivery_after_the_deadline_is_counted_in_the_store(
+    engine: tuple[Engine, FakeConsumer],
+) -> None:
+    # The app saw attempts 1 and 2 from this sidecar. If this sidecar then dies, the sidecar that
+    # takes the key over must say 3: the store counts the redelivery, not only this engine.
+    eng, _ = engine
+    eng._lease_ms = 300
+    first = eng.attach([T], 1, 0, 1)
+    await expired_at(eng, first, "r")
+    second = eng.attach([T], 1, 0, 1)
+    [again] = await take(eng, second, 1)
+    assert (again.idem_key, again.attempt) == ("r", 2)
+    await asyncio.sleep(0.4)  # this sidecar stops renewing: its lease runs out
+    assert await claimed_by_the_next_owner(eng, "r") == ("NEW", 3)
+
+
+async def test_a_redelivery_after_the_stream_closed_is_counted_in_the_store(
+    engine: tuple[Engine, FakeConsumer],
+) -> None:
+    eng, _ = engine
+    eng._lease_ms = 300
+    await intake(eng, msg(0, 0, "c"))
+    first = eng.attach([T], 1, 0, 1)
+    await take(eng, first, 1)
+    eng.detach(first)
+    second = eng.attach([T], 1, 0, 1)
+    [again] = await take(eng, second, 1)
+    assert (again.idem_key, again.attempt) == ("c", 2)
+    await asyncio.sleep(0.4)
+    assert await claimed_by_the_next_owner(eng, "c") == ("NEW", 3)
+
+
+async def test_a_redelivery_claimed_but_not_sent_gives_its_attempt_back_when_the_partition_moves(
+    engine: tuple[Engine, FakeConsumer],
+) -> None:
+    # The deadline passed and the redelivery (attempt 2) was claimed, but no app was sent it
+    # before the partition moved: the app saw attempt 1 only, so the next owner's is attempt 2.
+    eng, _ = engine
+    s = eng.attach([T], 1, 0, 1)
+    [old] = await expired_at(eng, s, "u")  # the only stream holds the expired copy: not resent
+    assert (old.state.value, old.attempt) == ("ready", 2)
+    await eng.on_revoked([(T, 0)], lost=False)
+    assert await claimed_by_the_next_owner(eng, "u") == ("NEW", 2)
