@@ -99,8 +99,8 @@ def quiesce() -> None:
     """Write dirty pages out before a timed run, for the baseline and the sidecar alike.
 
     The kernel writes a preload's pages back about 30 s after they were written (1 GB before the
-    memory run), and that writeback, landing inside whichever run came next, took CPU and disk
-    from it.
+    memory run), inside whichever run comes then. This keeps the runs independent of each other;
+    it is cheap when there is nothing to write, and it says so when the wait was long.
     """
     t0 = time.perf_counter()
     os.sync()
