@@ -579,6 +579,7 @@ async def test_a_redelivery_after_the_deadline_is_counted_in_the_store(
 async def test_a_redelivery_after_the_stream_closed_is_counted_in_the_store(
     engine: tuple[Engine, FakeConsumer],
 ) -> None:
+    # The same when the app's stream breaks: the copy it may have applied counts as attempt 1.
     eng, _ = engine
     eng._lease_ms = 300
     await intake(eng, msg(0, 0, "c"))
