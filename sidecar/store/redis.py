@@ -108,6 +108,7 @@ return out
 )
 
 # ARGV owner, delivered (1, or 0 to give the claim's attempt back). Returns 1 per key when released.
+# A released claim (lease deadline 0) is not released again: its attempt was given back once.
 RELEASE = (
     _NOW
     + _PARSE
@@ -117,7 +118,7 @@ for _, k in ipairs(KEYS) do
   local released = 0
   if v then
     local done, o, until_ms, attempt = parse(v)
-    if done == '0' and o == ARGV[1] and (until_ms > now or ARGV[2] == '0') then
+    if done == '0' and o == ARGV[1] and until_ms > 0 and (until_ms > now or ARGV[2] == '0') then
       if ARGV[2] == '0' and attempt > 0 then attempt = attempt - 1 end
       redis.call('SET', k, '0|' .. o .. '|0|' .. attempt, 'KEEPTTL')
       released = 1

@@ -65,8 +65,8 @@ def complete(entry: Entry | None, owner: str, now: int, retention_ms: int) -> tu
 
 def release(entry: Entry | None, owner: str, now: int, delivered: bool = True) -> tuple[bool, Entry | None]:
     entry = live(entry, now)
-    if entry is None or entry.done or entry.owner != owner:
-        return False, entry
+    if entry is None or entry.done or entry.owner != owner or entry.deadline == 0:
+        return False, entry  # (deadline 0: released already; its attempt was given back then)
     if entry.deadline <= now and delivered:
         return False, entry  # expired: nothing left to release
     # An undelivered claim gives its attempt back even when its lease ran out while the record

@@ -171,6 +171,18 @@ async def test_redelivering_under_a_live_claim_counts_the_next_attempt(store: De
     assert (await store.claim([mine], "c", LEASE))[0] == Claim(NEW, 4)  # the takeover counts on
 
 
+async def test_a_second_release_gives_nothing_back(store: DedupStore) -> None:
+    # A sidecar that stops after a revoke releases some records twice. The attempt an undelivered
+    # claim gives back is given back once, or the next owner would repeat an attempt number.
+    [k] = keys(1)
+    await store.claim([k], "a", LEASE)
+    assert (await store.claim([k], "a", LEASE, mode=ClaimMode.REDELIVER))[0] == Claim(NEW, 2)
+    assert await store.release([k], "a", delivered=False) == [True]
+    assert await store.release([k], "a", delivered=False) == [False]
+    assert await store.release([k], "a") == [False]
+    assert (await store.claim([k], "b", LEASE))[0] == Claim(NEW, 2)
+
+
 async def test_release_does_not_undo_done(store: DedupStore) -> None:
     [k] = keys(1)
     await store.claim([k], "a", LEASE)
