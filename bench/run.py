@@ -734,8 +734,8 @@ def write_markdown(r: dict[str, Any], path: Path, png: str | None) -> None:
         *latency_table(r["latency"]),
         "",
         "The same with `linger.ms=0`: every record is its own produce request, 2,000 requests/s, "
-        "and every record crosses the sidecar on its own. The two cores are then saturated "
-        "(see What limits latency below).",
+        "and records reach the sidecar one or two per fetch. The two cores are then nearly "
+        "saturated (see What limits latency below).",
         "",
         *latency_table(r.get("latency_linger0", {})),
     ]
