@@ -135,8 +135,14 @@ def kill_point(point: str, hit: int) -> Fault:
             await asyncio.gather(*(s.restart_sidecar(m) for m in armed))
         died = 0
         deadline = time.monotonic() + 60
+        feed_at, fed = time.monotonic() + 10, 0
         pending = list(armed)
         while pending and time.monotonic() < deadline:
+            if point != "produce_before_record" and time.monotonic() > feed_at:
+                # A restarted sidecar may rejoin after the others took every record of the run
+                # (the scenario publishes all of it at once): publish more until it reaches the point.
+                await s.publish(100, start=s.messages + fed)
+                feed_at, fed = time.monotonic() + 5, fed + 100
             for m in list(pending):
                 assert m.sidecar.proc is not None
                 if m.sidecar.proc.poll() is not None:
