@@ -14,7 +14,7 @@ import time
 from collections import deque
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, NamedTuple
 
 from confluent_kafka import KafkaError, KafkaException, Message, Producer
 
@@ -44,11 +44,32 @@ class Outgoing:
     partition: int | None = None
 
 
-@dataclass(frozen=True, slots=True)
-class Produced:
+class Produced(NamedTuple):
+    """Where Kafka wrote a record."""
+
     topic: str
     partition: int
     offset: int
+
+
+class Sent:
+    """The outcomes of one batch handed to librdkafka, in order: a Produced, the error that
+    refused the record, or None while its delivery report has not come. ``done`` resolves once
+    every record has its outcome (librdkafka reports each one, at the latest after
+    ``delivery.timeout.ms``)."""
+
+    __slots__ = ("done", "pending", "results")
+
+    def __init__(self, n: int, done: asyncio.Future[None]) -> None:
+        self.results: list[Produced | SidecarError | None] = [None] * n
+        self.pending = n
+        self.done = done
+
+    def _settle(self, i: int, result: Produced | SidecarError) -> None:
+        self.results[i] = result
+        self.pending -= 1
+        if self.pending == 0 and not self.done.done():
+            self.done.set_result(None)
 
 
 class AsyncProducer:
@@ -76,7 +97,7 @@ class AsyncProducer:
         self._stop = threading.Event()
         self._needs_reset = False
         # Delivery reports, appended by whichever thread serves librdkafka's callbacks.
-        self._delivered: deque[tuple[asyncio.Future[Produced], str, KafkaError | None, Message]] = deque()
+        self._delivered: deque[tuple[Sent, int, str, KafkaError | None, Message]] = deque()
         self._thread = threading.Thread(target=self._run, name="dedup-producer", daemon=True)
         self._thread.start()
 
@@ -94,16 +115,14 @@ class AsyncProducer:
             self._loop.call_soon_threadsafe(self._resolve_delivered)
 
     def _resolve_delivered(self) -> None:
-        """On the event loop: resolve the futures of the delivery reports gathered so far."""
+        """On the event loop: settle the batches of the delivery reports gathered so far."""
         delivered = self._delivered
         while delivered:
-            fut, topic, err, msg = delivered.popleft()
-            if fut.done():
-                continue
+            sent, i, topic, err, msg = delivered.popleft()
             if err is None:
-                fut.set_result(Produced(topic, msg.partition() or 0, msg.offset() or 0))
+                sent._settle(i, Produced(topic, msg.partition() or 0, msg.offset() or 0))
             else:
-                fut.set_exception(_delivery_error(err, topic))
+                sent._settle(i, _delivery_error(err, topic))
 
     def _reset(self) -> None:
         log.error("re-creating the producer after a fatal error")
@@ -128,57 +147,44 @@ class AsyncProducer:
         partition: int | None = None,
     ) -> Produced:
         """Produce one record and wait for Kafka's acknowledgement."""
-        fut = await self.enqueue(topic, value, key, headers, partition)
+        sent = await self.send([Outgoing(topic, value, key, [*headers], partition)])
         try:
-            return await asyncio.wait_for(fut, self._timeout_s + 5)
+            await asyncio.wait_for(asyncio.shield(sent.done), self._timeout_s + 5)
         except TimeoutError:
             raise indeterminate(self._timeout_s) from None
+        [result] = sent.results
+        if isinstance(result, SidecarError):
+            raise result
+        assert result is not None  # done: every record has its outcome
+        return result
 
     @property
     def timeout_s(self) -> float:
         return self._timeout_s
 
-    async def enqueue(
-        self,
-        topic: str,
-        value: bytes,
-        key: bytes | None = None,
-        headers: Sequence[tuple[str, bytes]] = (),
-        partition: int | None = None,
-    ) -> asyncio.Future[Produced]:
-        """Hand one record to librdkafka; the future resolves with Kafka's delivery report."""
-        [fut] = await self.enqueue_many([Outgoing(topic, value, key, [*headers], partition)])
-        if isinstance(fut, BaseException):
-            raise fut
-        return fut
+    async def send(self, records: Sequence[Outgoing]) -> Sent:
+        """Hand records to librdkafka in order; the returned Sent collects their outcomes.
 
-    async def enqueue_many(
-        self, records: Sequence[Outgoing]
-    ) -> list[asyncio.Future[Produced] | SidecarError]:
-        """Hand records to librdkafka in order; one future (or the refusal) per record.
-
-        librdkafka reports every message exactly once (success, failure, or after
-        ``delivery.timeout.ms``), so every future resolves. When librdkafka's queue is full the
-        rest of the batch waits for room, up to ``timeout_s``.
+        When librdkafka's queue is full the rest of the batch waits for room, up to
+        ``timeout_s``, then is refused with RESOURCE_EXHAUSTED.
         """
-        out: list[asyncio.Future[Produced] | SidecarError] = []
+        sent = Sent(len(records), self._loop.create_future())
+        if not records:
+            sent.done.set_result(None)
+            return sent
         deadline = time.monotonic() + self._timeout_s
-        create_future = self._loop.create_future
         delivered = self._delivered
-        while len(out) < len(records):
+        i = 0
+        while i < len(records):
             try:
                 with self._lock:
                     produce = self._producer.produce
-                    for r in records[len(out) :]:
-                        fut: asyncio.Future[Produced] = create_future()
+                    for r in records[i:]:
 
                         def on_delivery(
-                            err: KafkaError | None,
-                            msg: Message,
-                            fut: asyncio.Future[Produced] = fut,
-                            topic: str = r.topic,
+                            err: KafkaError | None, msg: Message, i: int = i, topic: str = r.topic
                         ) -> None:
-                            delivered.append((fut, topic, err, msg))
+                            delivered.append((sent, i, topic, err, msg))
 
                         try:
                             partition = _ANY_PARTITION if r.partition is None else r.partition
@@ -186,20 +192,19 @@ class AsyncProducer:
                                 r.topic, r.value, r.key, partition, headers=r.headers, on_delivery=on_delivery
                             )
                         except KafkaException as exc:
-                            fut.cancel()
-                            out.append(_delivery_error(exc.args[0], r.topic))
-                            continue
-                        out.append(fut)
+                            sent._settle(i, _delivery_error(exc.args[0], r.topic))
+                        i += 1
             except BufferError:  # the record that raised was not taken: it starts the next round
                 if time.monotonic() >= deadline:
                     full = ResourceExhausted(
                         "the producer queue stayed full; raise kafka.producer's queue.buffering.max.messages "
                         "or publish more slowly"
                     )
-                    out += [full] * (len(records) - len(out))
+                    for j in range(i, len(records)):
+                        sent._settle(j, full)
                     break
                 await asyncio.sleep(0.005)
-        return out
+        return sent
 
     async def flush(self, timeout_s: float = 10.0) -> int:
         with self._lock:

@@ -1,12 +1,14 @@
 """Idempotent Publish on top of the idempotent producer.
 
 The producer's own idempotence removes duplicates from its internal retries only. An app that
-retries Publish after a timeout, or a sidecar restart, starts over; so Publish looks the key up in
-the dedup store first, produces only when it is new, and records (partition, offset, digest) after
-Kafka acknowledged. Concurrent calls with one key in this process share one produce.
+retries Publish after a timeout, or a sidecar restart, starts over; so Publish asks the dedup store
+first, produces only when the key is new, and records (partition, offset, digest) after Kafka
+acknowledged. Concurrent calls with one key in this process share one produce.
 
-Everything is done a batch at a time: a PublishBatch call costs one store round trip per step
-(lookup, claim, lookup again, record, release) and one pass through librdkafka, whatever its size.
+Everything is done a batch at a time. A PublishBatch call costs two store round trips whatever its
+size: ``publish_begin`` (the key's record if it has one, else a claim on its publish, in one
+atomic step) and ``publish_finish`` (store the records, drop the claims), with one pass through
+librdkafka between them.
 """
 
 from __future__ import annotations
@@ -18,7 +20,7 @@ import time
 import uuid
 from collections.abc import Coroutine, Sequence
 from dataclasses import dataclass, replace
-from typing import Any
+from typing import Any, NamedTuple
 
 from sidecar import testing_hooks
 from sidecar.config import PublishSettings, valid_topic
@@ -29,15 +31,14 @@ from sidecar.errors import (
     PermissionDenied,
     ResourceExhausted,
     SidecarError,
-    StoreUnavailable,
     Unavailable,
 )
-from sidecar.kafka.producer import AsyncProducer, Outgoing, Produced, indeterminate
+from sidecar.kafka.producer import AsyncProducer, Outgoing, Produced, Sent, indeterminate
 from sidecar.metrics import Metrics
-from sidecar.store.base import ClaimStatus, DedupStore, PublishRecord
+from sidecar.store.base import Claim, ClaimStatus, DedupStore, PublishRecord
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)
 class PublishInput:
     topic: str
     value: bytes
@@ -47,8 +48,7 @@ class PublishInput:
     partition: int | None
 
 
-@dataclass(frozen=True, slots=True)
-class PublishOutput:
+class PublishOutput(NamedTuple):
     idempotency_key: str
     topic: str
     partition: int
@@ -56,36 +56,35 @@ class PublishOutput:
     duplicate: bool
 
 
-@dataclass(slots=True)
+Outcome = PublishOutput | Exception
+
+
 class _Entry:
-    """A request this call publishes (the first one in flight with its key)."""
+    """A request this process publishes: the first one in flight with its idempotency key.
 
-    req: PublishInput
-    digest: str
-    fut: asyncio.Future[PublishOutput]
+    Later requests with the key (in this call or a concurrent one) join it: they wait on
+    ``settled``, made only when someone joins, and report its outcome as a duplicate.
+    """
 
-    @property
-    def key(self) -> str:
-        return self.req.idempotency_key
+    __slots__ = ("digest", "joined", "key", "outcome", "req")
 
-    @property
-    def claim_key(self) -> str:
-        return f"pub:{self.req.idempotency_key}"
+    def __init__(self, req: PublishInput, digest: str) -> None:
+        self.req = req
+        self.key = req.idempotency_key
+        self.digest = digest
+        self.outcome: Outcome | None = None
+        self.joined: asyncio.Event | None = None
 
-
-@dataclass(frozen=True, slots=True)
-class _Slot:
-    """Where one request of a batch gets its outcome: its own publish, or the one it joined."""
-
-    entry: _Entry
-    digest: str
-    lead: bool
+    def settle(self, outcome: Outcome) -> None:
+        if self.outcome is None:
+            self.outcome = outcome
+            if self.joined is not None:
+                self.joined.set()
 
 
-def _fail(entries: Sequence[_Entry], exc: BaseException) -> None:
+def _fail(entries: Sequence[_Entry], exc: Exception) -> None:
     for e in entries:
-        if not e.fut.done():
-            e.fut.set_exception(exc)
+        e.settle(exc)
 
 
 def new_key() -> str:
@@ -166,17 +165,16 @@ class Publisher:
             raise out
         return out
 
-    async def publish_batch(self, reqs: Sequence[PublishInput]) -> list[PublishOutput | Exception]:
+    async def publish_batch(self, reqs: Sequence[PublishInput]) -> list[Outcome]:
         """Publish each request at most once per idempotency key; one outcome per request, in order.
 
-        The batch moves through the store and the producer together: one lookup, one claim, one
-        produce loop, one record and one release for all of its entries. An entry whose key is
+        The batch moves through the store and the producer together. An entry whose key is
         already being published (by a concurrent call, or earlier in this batch) waits for that
         publish and reports it as a duplicate, or AlreadyExists if its payload differs.
         """
-        loop = asyncio.get_running_loop()
-        slots: list[_Slot | Exception] = []
+        slots: list[_Entry | tuple[_Entry, str] | Exception] = []
         leaders: list[_Entry] = []
+        inflight = self._inflight
         for req in reqs:
             try:
                 self.validate(req)
@@ -186,129 +184,169 @@ class Publisher:
             if not req.idempotency_key:
                 req = replace(req, idempotency_key=new_key())
             dig = digest(req)
-            running = self._inflight.get(req.idempotency_key)
+            running = inflight.get(req.idempotency_key)
             if running is None:
-                entry = _Entry(req, dig, loop.create_future())
-                self._inflight[entry.key] = entry
+                entry = inflight[req.idempotency_key] = _Entry(req, dig)
                 leaders.append(entry)
-                slots.append(_Slot(entry, dig, True))
+                slots.append(entry)
             else:
-                slots.append(_Slot(running, dig, False))
+                slots.append((running, dig))
         if leaders:
             try:
                 await self._publish_new(leaders)
-            except BaseException as exc:
-                for e in leaders:
-                    if not e.fut.done():
-                        e.fut.set_exception(exc)
-                        e.fut.exception()  # mark retrieved: waiters re-raise it themselves
-                raise
             finally:
                 for e in leaders:
-                    del self._inflight[e.key]
-        return [await self._outcome(slot) for slot in slots]
+                    del inflight[e.key]
+                    # Cancelled, or a bug: whoever joined these must not wait forever.
+                    e.settle(Unavailable("the publish was interrupted; retry with the same idempotency key"))
+        out: list[Outcome] = []
+        for slot in slots:
+            if isinstance(slot, _Entry):
+                assert slot.outcome is not None  # settled above
+                out.append(slot.outcome)
+            elif isinstance(slot, tuple):
+                out.append(await self._joined(*slot))
+            else:
+                out.append(slot)
+        return out
 
-    async def _outcome(self, slot: _Slot | Exception) -> PublishOutput | Exception:
-        if isinstance(slot, Exception):
-            return slot
+    async def _joined(self, first: _Entry, dig: str) -> Outcome:
+        """The outcome of a request that joined ``first``, a publish of the same key."""
+        if first.outcome is None:
+            if first.joined is None:
+                first.joined = asyncio.Event()
+            await first.joined.wait()
+        outcome = first.outcome
+        if isinstance(outcome, Exception) or outcome is None:
+            return outcome or Unavailable("the publish was interrupted; retry with the same idempotency key")
+        record = PublishRecord(first.digest, outcome.topic, outcome.partition, outcome.offset)
         try:
-            first = await asyncio.shield(slot.entry.fut)
-            if slot.lead:
-                return first
-            return self._repeat(
-                first.idempotency_key,
-                slot.digest,
-                PublishRecord(slot.entry.digest, first.topic, first.partition, first.offset),
-            )
-        except Exception as exc:  # noqa: BLE001 - this entry's failure, reported for it alone
+            return self._repeat(outcome.idempotency_key, dig, record)
+        except SidecarError as exc:
             return exc
 
     async def _publish_new(self, entries: list[_Entry]) -> None:
-        """Publish entries whose keys no call here is publishing; resolves every entry's future."""
+        """Publish entries whose keys no call here is publishing; settles every entry."""
         try:
-            found = await self._store.publish_lookup([e.key for e in entries])
+            begun = await self._store.publish_begin([e.key for e in entries], self._owner, self._claim_ms)
         except Exception as exc:  # noqa: BLE001 - every entry reports it
             _fail(entries, exc)
             return
-        fresh = [e for e, record in zip(entries, found, strict=True) if not self._settle_found(e, record)]
-        if not fresh:
+        won: list[_Entry] = []
+        contended: list[_Entry] = []
+        for e, got in zip(entries, begun, strict=True):
+            if not isinstance(got, Claim):
+                self._settle_found(e, got)
+            elif got.status is ClaimStatus.NEW:
+                won.append(e)
+            else:
+                contended.append(e)
+        if not contended:
+            await self._produce_claimed(won)
             return
-        try:
-            claims = await self._store.claim([e.claim_key for e in fresh], self._owner, self._claim_ms)
-        except Exception as exc:  # noqa: BLE001
-            _fail(fresh, exc)
-            return
-        won = [e for e, c in zip(fresh, claims, strict=True) if c.status is ClaimStatus.NEW]
-        contended = [e for e, c in zip(fresh, claims, strict=True) if c.status is not ClaimStatus.NEW]
         await asyncio.gather(self._produce_claimed(won), *(self._publish_contended(e) for e in contended))
 
     async def _publish_contended(self, entry: _Entry) -> None:
         """Another publisher holds the key's claim: wait for its record, or for the claim."""
-        try:
-            found = await self._claim(entry)
-        except Exception as exc:  # noqa: BLE001
-            _fail([entry], exc)
-            return
-        if not self._settle_found(entry, found):
-            await self._produce_claimed([entry])
+        deadline = time.monotonic() + self._producer.timeout_s + 10
+        while True:
+            await asyncio.sleep(0.02)
+            try:
+                [got] = await self._store.publish_begin([entry.key], self._owner, self._claim_ms)
+            except Exception as exc:  # noqa: BLE001
+                entry.settle(exc)
+                return
+            if not isinstance(got, Claim):
+                self._settle_found(entry, got)
+                return
+            if got.status is ClaimStatus.NEW:
+                await self._produce_claimed([entry])
+                return
+            if time.monotonic() > deadline:
+                entry.settle(
+                    Unavailable(
+                        f"another sidecar has been publishing idempotency key {entry.key!r} for too long; "
+                        "retry later"
+                    )
+                )
+                return
 
     async def _produce_claimed(self, entries: list[_Entry]) -> None:
-        """Produce the entries whose publish claims we hold, record the results, release the claims.
+        """Produce the entries whose publish claims we hold, then record the results and drop the claims.
 
-        A record whose delivery report does not come in time (or whose call is cancelled while
-        waiting) keeps its claim, and its outcome is recorded when librdkafka reports it, so a
-        retry with that key waits for it instead of producing a second record.
+        A record whose delivery report does not come in time keeps its claim, and its outcome is
+        recorded when librdkafka reports it, so a retry with that key waits for it instead of
+        producing a second record. If the call is cancelled meanwhile, the whole batch is
+        finished that way.
         """
         if not entries:
             return
-        kept: set[str] = set()
+        sending = asyncio.ensure_future(self._producer.send([self._outgoing(e.req) for e in entries]))
         try:
-            # Published by another sidecar while we waited for the claim?
-            found = await self._store.publish_lookup([e.key for e in entries])
-            todo = [e for e, record in zip(entries, found, strict=True) if not self._settle_found(e, record)]
-            futures = await self._producer.enqueue_many([self._outgoing(e.req) for e in todo])
-            waiting = [f for f in futures if isinstance(f, asyncio.Future)]
-            try:
-                if waiting:
-                    await asyncio.wait(waiting, timeout=self._producer.timeout_s + self._report_grace_s)
-            finally:
-                # Timed out or cancelled: whatever is still in flight is recorded when it lands.
-                for e, f in zip(todo, futures, strict=True):
-                    if isinstance(f, asyncio.Future) and not f.done():
-                        kept.add(e.key)
-                        self._spawn(self._record_late(e, f))
-            produced: list[tuple[_Entry, PublishRecord]] = []
-            for e, f in zip(todo, futures, strict=True):
-                if isinstance(f, Exception):
-                    _fail([e], f)
-                elif e.key in kept:
-                    _fail([e], indeterminate(self._producer.timeout_s))
-                elif (err := f.exception()) is not None:
-                    _fail([e], err)
-                else:
-                    p = f.result()
-                    produced.append((e, PublishRecord(e.digest, p.topic, p.partition, p.offset)))
-                    testing_hooks.reached("produce_before_record")
-            if not produced:
-                return
-            stored = await self._store.publish_record(
-                [(e.key, record) for e, record in produced], self._retention_ms
+            sent = await asyncio.shield(sending)
+            await asyncio.wait_for(asyncio.shield(sent.done), self._producer.timeout_s + self._report_grace_s)
+        except TimeoutError:
+            sent = sending.result()
+            late = [(i, e) for i, e in enumerate(entries) if sent.results[i] is None]
+            _fail([e for _, e in late], indeterminate(self._producer.timeout_s))
+            self._spawn(self._finish_late([e for _, e in late], [i for i, _ in late], sent))
+        except BaseException:
+            self._spawn(self._finish_late(entries, list(range(len(entries))), sending))
+            raise
+        await self._finish(entries, sent.results, late=False)
+
+    async def _finish_late(
+        self, entries: list[_Entry], indexes: list[int], sent: Sent | asyncio.Future[Sent]
+    ) -> None:
+        """Record the outcomes of records whose callers stopped waiting, once librdkafka reports them."""
+        with contextlib.suppress(Exception):  # the store is down: the claims expire
+            if not isinstance(sent, Sent):
+                sent = await sent
+            await sent.done
+            results = sent.results
+            await self._finish(entries, [results[i] for i in indexes], late=True)
+
+    async def _finish(
+        self, entries: list[_Entry], results: Sequence[Produced | SidecarError | None], late: bool
+    ) -> None:
+        """Store the produced records, give up the claims of refused ones; settle the entries.
+
+        A record still in flight (result None) keeps its claim: it is finished late.
+        """
+        finish: list[tuple[_Entry, PublishRecord | None]] = []
+        for e, r in zip(entries, results, strict=True):
+            if r is None:
+                continue
+            if isinstance(r, SidecarError):
+                e.settle(r)
+                finish.append((e, None))
+            else:
+                finish.append((e, PublishRecord(e.digest, r.topic, r.partition, r.offset)))
+                testing_hooks.reached("produce_before_record")
+        if not finish:
+            return
+        try:
+            stored = await self._store.publish_finish(
+                [(e.key, record) for e, record in finish], self._owner, self._retention_ms
             )
-            for (e, record), got in zip(produced, stored, strict=True):
-                if got != record:  # another writer recorded first (its claim expired meanwhile)
-                    self._metrics.published.labels("raced").inc()
-                    self._settle_found(e, got)
-                else:
-                    self._metrics.published.labels("produced").inc()
-                    e.fut.set_result(
-                        PublishOutput(e.key, record.topic, record.partition, record.offset, False)
-                    )
-        except Exception as exc:  # noqa: BLE001 - entries not settled yet report it
-            _fail([e for e in entries if not e.fut.done()], exc)
-        finally:
-            release = [e.claim_key for e in entries if e.key not in kept]
-            with contextlib.suppress(StoreUnavailable):
-                await self._store.release(release, self._owner)
+        except Exception as exc:  # noqa: BLE001 - not recorded: report it; the claims expire
+            _fail([e for e, _ in finish], exc)
+            return
+        produced = raced = 0
+        for (e, record), got in zip(finish, stored, strict=True):
+            if record is None:
+                continue
+            if got == record:
+                produced += 1
+                e.settle(PublishOutput(e.key, record.topic, record.partition, record.offset, False))
+            else:  # another writer recorded first (its claim expired meanwhile)
+                raced += 1
+                self._settle_found(e, got)
+        published = self._metrics.published
+        if produced:
+            published.labels("late" if late else "produced").inc(produced)
+        if raced:
+            published.labels("raced").inc(raced)
 
     def _outgoing(self, req: PublishInput) -> Outgoing:
         headers: list[tuple[str, str | bytes | None]] = [
@@ -317,43 +355,15 @@ class Publisher:
         ]
         return Outgoing(req.topic, req.value, req.key, headers, req.partition)
 
-    def _settle_found(self, entry: _Entry, found: PublishRecord | None) -> bool:
-        """Resolve ``entry`` from a record already stored for its key; False when there is none."""
+    def _settle_found(self, entry: _Entry, found: PublishRecord | None) -> None:
+        """Settle ``entry`` from the record already stored for its key."""
         if found is None:
-            return False
-        try:
-            entry.fut.set_result(self._repeat(entry.key, entry.digest, found))
-        except SidecarError as exc:
-            entry.fut.set_exception(exc)
-        return True
-
-    async def _claim(self, entry: _Entry) -> PublishRecord | None:
-        """Win the right to produce the entry's key, or return the record another publisher stored."""
-        key, claim_key = entry.key, entry.claim_key
-        deadline = time.monotonic() + self._producer.timeout_s + 10
-        while True:
-            [claim] = await self._store.claim([claim_key], self._owner, self._claim_ms)
-            if claim.status is ClaimStatus.NEW:
-                return None
-            [found] = await self._store.publish_lookup([key])
-            if found is not None:
-                return found
-            if time.monotonic() > deadline:
-                raise Unavailable(
-                    f"another sidecar has been publishing idempotency key {key!r} for too long; retry later"
-                )
-            await asyncio.sleep(0.02)
-
-    async def _record_late(self, entry: _Entry, fut: asyncio.Future[Produced]) -> None:
-        try:
-            produced = await fut
-            record = PublishRecord(entry.digest, produced.topic, produced.partition, produced.offset)
-            await self._store.publish_record([(entry.key, record)], self._retention_ms)
-            self._metrics.published.labels("late").inc()
-        except Exception:  # noqa: BLE001 - not written, or the store is down: the claim expires
+            entry.settle(Unavailable("the publish record vanished; retry with the same idempotency key"))
             return
-        with contextlib.suppress(StoreUnavailable):
-            await self._store.release([entry.claim_key], self._owner)
+        try:
+            entry.settle(self._repeat(entry.key, entry.digest, found))
+        except SidecarError as exc:
+            entry.settle(exc)
 
     def _spawn(self, coro: Coroutine[Any, Any, None]) -> None:
         task = asyncio.create_task(coro)

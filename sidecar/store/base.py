@@ -104,16 +104,29 @@ class DedupStore(Protocol):
         """
         ...
 
-    async def publish_lookup(self, keys: Sequence[str]) -> list[PublishRecord | None]:
-        """The live publish record of each key, or None."""
+    async def publish_begin(
+        self, keys: Sequence[str], owner: str, lease_ms: int
+    ) -> list[PublishRecord | Claim]:
+        """Start an idempotent publish of each key, in one step per key.
+
+        Returns the key's live publish record if it has one (published already: do not produce);
+        otherwise claims the key's publish for ``owner`` for ``lease_ms`` and returns the Claim:
+        NEW (produce it, then ``publish_finish``) or BUSY (another publisher holds it: try later);
+        a publish claim's attempt number means nothing.
+        Looking the record up and claiming are one atomic step, so a publisher that records and
+        releases between them cannot make the caller produce the record a second time.
+        """
         ...
 
-    async def publish_record(
-        self, records: Sequence[tuple[str, PublishRecord]], retention_ms: int
-    ) -> list[PublishRecord]:
-        """Store each (key, record) unless the key has one; return the stored record per entry.
+    async def publish_finish(
+        self, entries: Sequence[tuple[str, PublishRecord | None]], owner: str, retention_ms: int
+    ) -> list[PublishRecord | None]:
+        """End the publishes ``owner`` began: store each record, then drop the key's claim.
 
-        First writer wins, also between entries of one batch that share a key.
+        A record is kept for ``retention_ms`` unless the key has one already (first writer wins,
+        also between entries of one batch); the stored record is returned per entry. An entry
+        with no record (the produce failed) only drops the claim, and gets the key's live
+        record back if some other publisher stored one, else None.
         """
         ...
 
@@ -129,6 +142,14 @@ class DedupStore(Protocol):
 
 
 Clock = Callable[[], int]
+
+
+def publish_claim_key(key: str) -> str:
+    """The claim key under which a publish of idempotency key ``key`` is serialised.
+
+    Publish claims share the claim keyspace with deliveries; the prefix keeps them apart.
+    """
+    return "pub:" + key
 
 
 def wall_clock_ms() -> int:

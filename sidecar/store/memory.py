@@ -5,7 +5,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 from sidecar.store import rules
-from sidecar.store.base import Claim, ClaimMode, Clock, PublishRecord, wall_clock_ms
+from sidecar.store.base import Claim, ClaimMode, Clock, PublishRecord, publish_claim_key, wall_clock_ms
 
 
 class MemoryStore:
@@ -59,20 +59,34 @@ class MemoryStore:
             return None
         return got[0]
 
-    async def publish_lookup(self, keys: Sequence[str]) -> list[PublishRecord | None]:
+    async def publish_begin(
+        self, keys: Sequence[str], owner: str, lease_ms: int
+    ) -> list[PublishRecord | Claim]:
         now = self._clock()
-        return [self._live_record(key, now) for key in keys]
+        out: list[PublishRecord | Claim] = []
+        for key in keys:
+            found = self._live_record(key, now)
+            if found is not None:
+                out.append(found)
+                continue
+            claim_key = publish_claim_key(key)
+            claim, self._keys[claim_key] = rules.claim(
+                self._keys.get(claim_key), owner, now, lease_ms, self._retention_ms
+            )
+            out.append(claim)
+        return out
 
-    async def publish_record(
-        self, records: Sequence[tuple[str, PublishRecord]], retention_ms: int
-    ) -> list[PublishRecord]:
+    async def publish_finish(
+        self, entries: Sequence[tuple[str, PublishRecord | None]], owner: str, retention_ms: int
+    ) -> list[PublishRecord | None]:
         now = self._clock()
         out = []
-        for key, record in records:
+        for key, record in entries:
             existing = self._live_record(key, now)
-            if existing is None:
+            if existing is None and record is not None:
                 self._published[key] = (record, now + retention_ms)
             out.append(existing or record)
+            rules.release(self._keys.get(publish_claim_key(key)), owner, now)
         return out
 
     async def purge(self) -> int:

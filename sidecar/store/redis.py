@@ -45,43 +45,62 @@ local function parse(v)
 end
 """
 
-# ARGV owner, lease_ms, retention_ms, mode (ClaimMode: 0 claim, 1 renew: keep the attempt of our
-# own expired claim, 2 redeliver: our own live claim starts the next attempt).
-# Returns status, attempt per key (flat).
+# claim_one(key, owner, lease_ms, retention_ms, mode) -> status, attempt. mode is ClaimMode:
+# '0' claim, '1' renew (keep the attempt of our own expired claim), '2' redeliver (our own live
+# claim starts the next attempt).
+_CLAIM_ONE = """
+local function claim_one(k, owner, lease, retention, mode)
+  local held = '0|' .. owner .. '|' .. string.format('%d', now + lease) .. '|'
+  local v = redis.call('GET', k)
+  if not v then
+    redis.call('SET', k, held .. '1', 'PX', retention)
+    return 0, 1
+  end
+  local done, o, until_ms, attempt = parse(v)
+  if done == '1' then return 1, attempt end
+  if until_ms > now then
+    if o ~= owner then return 2, attempt end
+    if mode == '2' then attempt = attempt + 1 end
+    redis.call('SET', k, held .. attempt, 'KEEPTTL')
+    return 0, attempt
+  end
+  if mode == '1' and o == owner then
+    if attempt < 1 then attempt = 1 end
+  else
+    attempt = attempt + 1
+  end
+  redis.call('SET', k, held .. attempt, 'KEEPTTL')
+  if redis.call('PTTL', k) < lease then redis.call('PEXPIRE', k, lease) end
+  return 0, attempt
+end
+"""
+
+# release_one(key, owner, delivered) -> 1 when released. delivered '0' gives the claim's attempt
+# back. A released claim (lease deadline 0) is not released again: its attempt was given back once.
+_RELEASE_ONE = """
+local function release_one(k, owner, delivered)
+  local v = redis.call('GET', k)
+  if not v then return 0 end
+  local done, o, until_ms, attempt = parse(v)
+  if done == '0' and o == owner and until_ms > 0 and (until_ms > now or delivered == '0') then
+    if delivered == '0' and attempt > 0 then attempt = attempt - 1 end
+    redis.call('SET', k, '0|' .. o .. '|0|' .. attempt, 'KEEPTTL')
+    return 1
+  end
+  return 0
+end
+"""
+
+# ARGV owner, lease_ms, retention_ms, mode. Returns status, attempt per key (flat).
 CLAIM = (
     _NOW
     + _PARSE
+    + _CLAIM_ONE
     + """
-local owner, lease = ARGV[1], tonumber(ARGV[2])
-local held = '0|' .. owner .. '|' .. string.format('%d', now + lease) .. '|'
+local lease = tonumber(ARGV[2])
 for _, k in ipairs(KEYS) do
-  local v = redis.call('GET', k)
-  if not v then
-    redis.call('SET', k, held .. '1', 'PX', ARGV[3])
-    out[#out + 1] = 0; out[#out + 1] = 1
-  else
-    local done, o, until_ms, attempt = parse(v)
-    if done == '1' then
-      out[#out + 1] = 1; out[#out + 1] = attempt
-    elseif until_ms > now then
-      if o == owner then
-        if ARGV[4] == '2' then attempt = attempt + 1 end
-        redis.call('SET', k, held .. attempt, 'KEEPTTL')
-        out[#out + 1] = 0; out[#out + 1] = attempt
-      else
-        out[#out + 1] = 2; out[#out + 1] = attempt
-      end
-    else
-      if ARGV[4] == '1' and o == owner then
-        if attempt < 1 then attempt = 1 end
-      else
-        attempt = attempt + 1
-      end
-      redis.call('SET', k, held .. attempt, 'KEEPTTL')
-      if redis.call('PTTL', k) < lease then redis.call('PEXPIRE', k, lease) end
-      out[#out + 1] = 0; out[#out + 1] = attempt
-    end
-  end
+  local status, attempt = claim_one(k, ARGV[1], lease, ARGV[3], ARGV[4])
+  out[#out + 1] = status; out[#out + 1] = attempt
 end
 return out
 """
@@ -108,38 +127,65 @@ return out
 )
 
 # ARGV owner, delivered (1, or 0 to give the claim's attempt back). Returns 1 per key when released.
-# A released claim (lease deadline 0) is not released again: its attempt was given back once.
 RELEASE = (
     _NOW
     + _PARSE
+    + _RELEASE_ONE
     + """
 for _, k in ipairs(KEYS) do
-  local v = redis.call('GET', k)
-  local released = 0
-  if v then
-    local done, o, until_ms, attempt = parse(v)
-    if done == '0' and o == ARGV[1] and until_ms > 0 and (until_ms > now or ARGV[2] == '0') then
-      if ARGV[2] == '0' and attempt > 0 then attempt = attempt - 1 end
-      redis.call('SET', k, '0|' .. o .. '|0|' .. attempt, 'KEEPTTL')
-      released = 1
-    end
-  end
-  out[#out + 1] = released
+  out[#out + 1] = release_one(k, ARGV[1], ARGV[2])
 end
 return out
 """
 )
 
-# KEYS publish keys; ARGV retention_ms, then one record per key. Returns the stored record per
-# key (first writer wins).
-PUBLISH_RECORD = """
+# A publish keeps its claim and then its record under one key: "~<owner>|<lease deadline ms>" while
+# claimed (expiring with the lease), then the record (expiring with the retention). Records start
+# with their hex digest, never with "~". Two commands per key per step, where a claim in the
+# dedup keyspace beside the record cost seven.
+#
+# KEYS publish keys; ARGV owner, lease_ms. Returns per key (flat) 3 and the record when it has
+# one, else the claim's status (0 NEW, 2 BUSY) and 1.
+PUBLISH_BEGIN = (
+    _NOW
+    + """
+local owner, lease = ARGV[1], tonumber(ARGV[2])
+local held = '~' .. owner .. '|' .. string.format('%d', now + lease)
+for _, k in ipairs(KEYS) do
+  local v = redis.call('GET', k)
+  if v and string.sub(v, 1, 1) ~= '~' then
+    out[#out + 1] = 3; out[#out + 1] = v
+  else
+    local status = 0
+    if v then
+      local o, until_ms = string.match(v, '^~(.*)|(%d+)$')
+      if o ~= owner and tonumber(until_ms) > now then status = 2 end
+    end
+    if status == 0 then redis.call('SET', k, held, 'PX', lease) end
+    out[#out + 1] = status; out[#out + 1] = 1
+  end
+end
+return out
+"""
+)
+
+# KEYS publish keys; ARGV owner, retention_ms, then one record per key ('' when the produce failed).
+# Stores each record unless the key has one (first writer wins), else drops the owner's claim.
+# Returns the stored record per key ('' for none).
+PUBLISH_FINISH = """
+local mine = '~' .. ARGV[1] .. '|'
 local out = {}
 for i, k in ipairs(KEYS) do
-  local record = ARGV[i + 1]
-  if redis.call('SET', k, record, 'NX', 'PX', ARGV[1]) then
+  local record = ARGV[i + 2]
+  local v = redis.call('GET', k)
+  if v and string.sub(v, 1, 1) ~= '~' then
+    out[i] = v
+  elseif record ~= '' then
+    redis.call('SET', k, record, 'PX', ARGV[2])
     out[i] = record
   else
-    out[i] = redis.call('GET', k)
+    if v and string.sub(v, 1, #mine) == mine then redis.call('DEL', k) end
+    out[i] = ''
   end
 end
 return out
@@ -242,12 +288,13 @@ class RedisStore:
         self._claim = _Script(CLAIM)
         self._complete = _Script(COMPLETE)
         self._release = _Script(RELEASE)
-        self._publish = _Script(PUBLISH_RECORD)
+        self._publish_begin = _Script(PUBLISH_BEGIN)
+        self._publish_finish = _Script(PUBLISH_FINISH)
         self._cluster: bool | None = None  # learnt from INFO cluster on first use
         self._joiners: dict[tuple[Any, ...], _Coalescer] = {}
 
-    def _p(self, key: str) -> str:
-        return f"{self._prefix}:p:{key}"
+    def _p(self, key: str) -> bytes:
+        return f"{self._prefix}:p:{key}".encode()
 
     def _joined(self, what: tuple[Any, ...], run: Callable[[list[Any]], Awaitable[list[Any]]]) -> _Coalescer:
         joiner = self._joiners.get(what)
@@ -273,7 +320,7 @@ class RedisStore:
     ) -> list[Any]:
         """One pipeline of EVALSHA calls: a chunk of keys per call on a standalone Redis, one key
         per call on Redis Cluster (keys may live in any slot). ARGV is ``shared`` followed by the
-        chunk's ``per_key`` values. Returns one result per key."""
+        chunk's ``per_key`` values. Returns one result per key (a tuple when ``width`` > 1)."""
         try:
             step = 1 if await self._is_cluster() else _CHUNK
             for attempt in range(2):
@@ -352,35 +399,34 @@ class RedisStore:
         flag = 1 if delivered else 0
         return [bool(int(x)) for x in await self._per_key(self._release, keys, [owner, flag], 1)]
 
-    async def publish_lookup(self, keys: Sequence[str]) -> list[PublishRecord | None]:
+    async def publish_begin(
+        self, keys: Sequence[str], owner: str, lease_ms: int
+    ) -> list[PublishRecord | Claim]:
         if not keys:
             return []
-        raw = await self._joined(("lookup",), self._lookup_many)([self._p(key).encode() for key in keys])
-        return [PublishRecord.decode(str(r)) if r else None for r in raw]
+        shared = [owner.encode(), str(lease_ms).encode()]
 
-    async def _lookup_many(self, keys: list[bytes]) -> list[Any]:
-        try:
-            if await self._is_cluster():
-                return await self._round_trip(b"".join(_resp([b"GET", k]) for k in keys), len(keys))
-            [values] = await self._round_trip(_resp([b"MGET", *keys]), 1)
-            return list(values)
-        except RedisError as exc:
-            raise _unavailable(exc) from exc
+        async def run(items: list[bytes]) -> list[Any]:
+            return await self._eval(self._publish_begin, items, shared, None, 2)
 
-    async def publish_record(
-        self, records: Sequence[tuple[str, PublishRecord]], retention_ms: int
-    ) -> list[PublishRecord]:
-        if not records:
+        raw = await self._joined(("begin", owner, lease_ms), run)([self._p(key) for key in keys])
+        known = _CLAIMS
+        return [PublishRecord.decode(str(r[1])) if r[0] == 3 else known.get(r) or _claim_of(r) for r in raw]
+
+    async def publish_finish(
+        self, entries: Sequence[tuple[str, PublishRecord | None]], owner: str, retention_ms: int
+    ) -> list[PublishRecord | None]:
+        if not entries:
             return []
+        shared = [owner.encode(), str(retention_ms).encode()]
 
         async def run(items: list[tuple[bytes, bytes]]) -> list[Any]:
             keys, values = [k for k, _ in items], [v for _, v in items]
-            return await self._eval(self._publish, keys, [str(retention_ms).encode()], values, 1)
+            return await self._eval(self._publish_finish, keys, shared, values, 1)
 
-        raw = await self._joined(("record", retention_ms), run)(
-            [(self._p(key).encode(), record.encode().encode()) for key, record in records]
-        )
-        return [PublishRecord.decode(str(r)) for r in raw]
+        items = [(self._p(key), record.encode().encode() if record else b"") for key, record in entries]
+        raw = await self._joined(("finish", owner, retention_ms), run)(items)
+        return [PublishRecord.decode(str(r)) if r else None for r in raw]
 
     async def purge(self) -> int:
         return 0  # Redis expires keys itself (PEXPIRE on every write)

@@ -15,7 +15,7 @@ from typing import Literal, TypeVar
 
 from sidecar.errors import StoreUnavailable
 from sidecar.store import rules
-from sidecar.store.base import Claim, ClaimMode, Clock, PublishRecord, wall_clock_ms
+from sidecar.store.base import Claim, ClaimMode, Clock, PublishRecord, publish_claim_key, wall_clock_ms
 
 T = TypeVar("T")
 _CHUNK = 500  # stay well below SQLite's bound-parameter limit
@@ -108,30 +108,54 @@ class SQLiteStore:
                 found[key] = rules.Entry(bool(done), owner, deadline, attempt, expires)
         return found
 
-    def _apply(
-        self, keys: Sequence[str], step: Callable[[rules.Entry | None, int], tuple[T, rules.Entry | None]]
-    ) -> list[T]:
+    def _transaction(self, work: Callable[[sqlite3.Connection, int], T]) -> T:
+        """Run ``work(db, now)`` in one write transaction."""
         db = self._conn()
-        now = self._clock()
         db.execute("BEGIN IMMEDIATE")
         try:
-            entries = self._load(db, keys)
-            out: list[T] = []
-            rows = []
-            for key in keys:
-                result, entry = step(entries.get(key), now)
-                out.append(result)
-                if entry is not None:
-                    entries[key] = entry
-                    rows.append(
-                        (key, int(entry.done), entry.owner, entry.deadline, entry.attempt, entry.expires)
-                    )
-            db.executemany("INSERT OR REPLACE INTO dedup_keys VALUES (?, ?, ?, ?, ?, ?)", rows)
+            out = work(db, self._clock())
             db.execute("COMMIT")
         except BaseException:
             db.execute("ROLLBACK")
             raise
         return out
+
+    def _step(
+        self,
+        db: sqlite3.Connection,
+        now: int,
+        keys: Sequence[str],
+        step: Callable[[rules.Entry | None, int], tuple[T, rules.Entry | None]],
+    ) -> list[T]:
+        """Apply ``step`` to each key's entry (inside the caller's transaction)."""
+        entries = self._load(db, keys)
+        out: list[T] = []
+        rows = []
+        for key in keys:
+            result, entry = step(entries.get(key), now)
+            out.append(result)
+            if entry is not None:
+                entries[key] = entry
+                rows.append((key, int(entry.done), entry.owner, entry.deadline, entry.attempt, entry.expires))
+        db.executemany("INSERT OR REPLACE INTO dedup_keys VALUES (?, ?, ?, ?, ?, ?)", rows)
+        return out
+
+    def _apply(
+        self, keys: Sequence[str], step: Callable[[rules.Entry | None, int], tuple[T, rules.Entry | None]]
+    ) -> list[T]:
+        return self._transaction(lambda db, now: self._step(db, now, keys, step))
+
+    @staticmethod
+    def _records(db: sqlite3.Connection, now: int, keys: Sequence[str]) -> dict[str, PublishRecord]:
+        found: dict[str, PublishRecord] = {}
+        for chunk in _chunks(keys):
+            marks = ",".join("?" * len(chunk))
+            for key, record in db.execute(
+                f"SELECT key, record FROM publish_results WHERE key IN ({marks}) AND expires > ?",
+                (*chunk, now),
+            ):
+                found[key] = PublishRecord.decode(record)
+        return found
 
     async def claim(
         self, keys: Sequence[str], owner: str, lease_ms: int, mode: ClaimMode = ClaimMode.CLAIM
@@ -155,49 +179,41 @@ class SQLiteStore:
 
         return await self._run(lambda: self._apply(keys, step))
 
-    async def publish_lookup(self, keys: Sequence[str]) -> list[PublishRecord | None]:
-        def lookup() -> list[PublishRecord | None]:
-            db = self._conn()
-            now = self._clock()
-            found: dict[str, str] = {}
-            for chunk in _chunks(keys):
-                marks = ",".join("?" * len(chunk))
-                found.update(
-                    db.execute(
-                        f"SELECT key, record FROM publish_results WHERE key IN ({marks}) AND expires > ?",
-                        (*chunk, now),
-                    ).fetchall()
-                )
-            return [PublishRecord.decode(found[k]) if k in found else None for k in keys]
+    async def publish_begin(
+        self, keys: Sequence[str], owner: str, lease_ms: int
+    ) -> list[PublishRecord | Claim]:
+        retention = self._retention_ms
 
-        return await self._run(lookup)
+        def step(entry: rules.Entry | None, now: int) -> tuple[Claim, rules.Entry | None]:
+            return rules.claim(entry, owner, now, lease_ms, retention)
 
-    async def publish_record(
-        self, records: Sequence[tuple[str, PublishRecord]], retention_ms: int
-    ) -> list[PublishRecord]:
-        def store() -> list[PublishRecord]:
-            db = self._conn()
-            now = self._clock()
-            out = []
-            db.execute("BEGIN IMMEDIATE")
-            try:
-                for key, record in records:
-                    row = db.execute(
-                        "SELECT record FROM publish_results WHERE key = ? AND expires > ?", (key, now)
-                    ).fetchone()
-                    if row is None:
-                        db.execute(
-                            "INSERT OR REPLACE INTO publish_results VALUES (?, ?, ?)",
-                            (key, record.encode(), now + retention_ms),
-                        )
-                    out.append(PublishRecord.decode(row[0]) if row else record)
-                db.execute("COMMIT")
-            except BaseException:
-                db.execute("ROLLBACK")
-                raise
-            return out
+        def begin(db: sqlite3.Connection, now: int) -> list[PublishRecord | Claim]:
+            found = self._records(db, now, keys)
+            missing = [k for k in dict.fromkeys(keys) if k not in found]
+            claimed = self._step(db, now, [publish_claim_key(k) for k in missing], step)
+            claims = dict(zip(missing, claimed, strict=True))
+            return [found.get(k) or claims[k] for k in keys]
 
-        return await self._run(store)
+        return await self._run(lambda: self._transaction(begin))
+
+    async def publish_finish(
+        self, entries: Sequence[tuple[str, PublishRecord | None]], owner: str, retention_ms: int
+    ) -> list[PublishRecord | None]:
+        def release(entry: rules.Entry | None, now: int) -> tuple[bool, rules.Entry | None]:
+            return rules.release(entry, owner, now)
+
+        def finish(db: sqlite3.Connection, now: int) -> list[PublishRecord | None]:
+            found: dict[str, PublishRecord] = self._records(db, now, [k for k, _ in entries])
+            rows = []
+            for key, record in entries:
+                if key not in found and record is not None:
+                    found[key] = record
+                    rows.append((key, record.encode(), now + retention_ms))
+            db.executemany("INSERT OR REPLACE INTO publish_results VALUES (?, ?, ?)", rows)
+            self._step(db, now, list(dict.fromkeys(publish_claim_key(k) for k, _ in entries)), release)
+            return [found.get(k) for k, _ in entries]
+
+        return await self._run(lambda: self._transaction(finish))
 
     async def purge(self) -> int:
         def purge() -> int:

@@ -220,13 +220,47 @@ async def test_large_batch_is_one_call(store: DedupStore) -> None:
     assert await store.complete(ks, "a", DAY) == [False] * 1200
 
 
-async def test_publish_record_first_writer_wins(store: DedupStore) -> None:
+def begun(got: list[PublishRecord | Claim]) -> list[PublishRecord | str]:
+    """publish_begin's answers, with claims as their status (a publish claim's attempt means nothing)."""
+    return [g.status.name if isinstance(g, Claim) else g for g in got]
+
+
+async def test_publish_begins_with_a_claim_and_the_first_finished_record_wins(store: DedupStore) -> None:
     [k] = keys(1)
-    assert await store.publish_lookup([k]) == [None]
+    assert begun(await store.publish_begin([k], "a", LEASE)) == ["NEW"]
+    assert begun(await store.publish_begin([k], "b", LEASE)) == ["BUSY"]
     first = PublishRecord("d1", "orders", 2, 40)
-    assert await store.publish_record([(k, first)], DAY) == [first]
-    assert await store.publish_record([(k, PublishRecord("d2", "orders", 0, 41))], DAY) == [first]
-    assert await store.publish_lookup([k]) == [first]
+    assert await store.publish_finish([(k, first)], "a", DAY) == [first]
+    # Published: every later begin gets the record and claims nothing.
+    assert begun(await store.publish_begin([k], "b", LEASE)) == [first]
+    # A publisher whose claim ran out and that produced anyway does not replace the record.
+    assert await store.publish_finish([(k, PublishRecord("d2", "orders", 0, 41))], "b", DAY) == [first]
+    assert begun(await store.publish_begin([k], "c", LEASE)) == [first]
+
+
+async def test_a_publish_claim_is_its_owners_again_and_anyones_after_its_lease(store: DedupStore) -> None:
+    [k] = keys(1)
+    assert begun(await store.publish_begin([k], "a", LEASE)) == ["NEW"]
+    assert begun(await store.publish_begin([k], "a", LEASE)) == ["NEW"]  # a retry of its own
+    assert begun(await store.publish_begin([k], "b", LEASE)) == ["BUSY"]
+    await asyncio.sleep(LEASE * 1.5 / 1000)
+    assert begun(await store.publish_begin([k], "b", LEASE)) == ["NEW"]
+    assert begun(await store.publish_begin([k], "a", LEASE)) == ["BUSY"]
+
+
+async def test_a_failed_publish_gives_its_claim_up(store: DedupStore) -> None:
+    [k] = keys(1)
+    await store.publish_begin([k], "a", LEASE)
+    assert await store.publish_finish([(k, None)], "a", DAY) == [None]
+    # The claim is gone at once (not after its lease), and there is still no record.
+    assert begun(await store.publish_begin([k], "b", LEASE)) == ["NEW"]
+
+
+async def test_finishing_someone_elses_publish_leaves_their_claim(store: DedupStore) -> None:
+    [k] = keys(1)
+    await store.publish_begin([k], "a", LEASE)
+    assert await store.publish_finish([(k, None)], "b", DAY) == [None]
+    assert begun(await store.publish_begin([k], "c", LEASE)) == ["BUSY"]
 
 
 async def test_publish_batches_answer_per_entry_and_first_writer_wins_within_a_batch(
@@ -238,20 +272,23 @@ async def test_publish_batches_answer_per_entry_and_first_writer_wins_within_a_b
         PublishRecord("db", "t", 1, 2),
         PublishRecord("x", "t", 2, 3),
     )
-    assert await store.publish_lookup([]) == []
-    assert await store.publish_record([], DAY) == []
-    assert await store.publish_record([(a, ra), (b, rb), (b, rb2)], DAY) == [ra, rb, rb]
-    assert await store.publish_lookup([c, b, a, c]) == [None, rb, ra, None]
+    assert begun(await store.publish_begin([], "o", LEASE)) == []
+    assert await store.publish_finish([], "o", DAY) == []
+    await store.publish_begin([a, b], "o", LEASE)
+    assert await store.publish_finish([(a, ra), (b, rb), (b, rb2)], "o", DAY) == [ra, rb, rb]
+    assert begun(await store.publish_begin([c, b, a], "p", LEASE)) == ["NEW", rb, ra]
     many = [(f"{a}-{i}", PublishRecord(f"d{i}", "t", 0, i)) for i in range(1200)]  # past any chunk size
-    assert await store.publish_record(many, DAY) == [r for _, r in many]
-    assert await store.publish_lookup([k for k, _ in many]) == [r for _, r in many]
+    assert begun(await store.publish_begin([k for k, _ in many], "o", LEASE)) == ["NEW"] * 1200
+    assert await store.publish_finish(many, "o", DAY) == [r for _, r in many]
+    assert begun(await store.publish_begin([k for k, _ in many], "p", LEASE)) == [r for _, r in many]
 
 
 async def test_publish_record_expires(store: DedupStore) -> None:
     [k] = keys(1)
-    await store.publish_record([(k, PublishRecord("d", "t", 0, 1))], 150)
+    await store.publish_begin([k], "a", LEASE)
+    await store.publish_finish([(k, PublishRecord("d", "t", 0, 1))], "a", 150)
     await asyncio.sleep(0.3)
-    assert await store.publish_lookup([k]) == [None]
+    assert begun(await store.publish_begin([k], "b", LEASE)) == ["NEW"]
 
 
 async def test_topic_with_pipe_in_digest_round_trips() -> None:
@@ -264,11 +301,12 @@ async def test_sqlite_survives_reopen(tmp_path: Path) -> None:
     s = await SQLiteStore(path).open()
     await s.claim(["k"], "a", LEASE)
     await s.complete(["k"], "a", DAY)
-    await s.publish_record([("p", PublishRecord("d", "t", 0, 7))], DAY)
+    await s.publish_begin(["p"], "a", LEASE)
+    await s.publish_finish([("p", PublishRecord("d", "t", 0, 7))], "a", DAY)
     await s.close()
     s2 = await SQLiteStore(path).open()
     assert (await s2.claim(["k"], "b", LEASE))[0].status is DONE
-    assert await s2.publish_lookup(["p"]) == [PublishRecord("d", "t", 0, 7)]
+    assert await s2.publish_begin(["p"], "b", LEASE) == [PublishRecord("d", "t", 0, 7)]
     await s2.close()
 
 
@@ -312,10 +350,14 @@ async def test_concurrent_single_key_calls_each_get_their_own_answer(store: Dedu
     assert [c[0].status for c in claims] == [NEW] * 20
     assert sorted(c[1].status.name for c in claims) == ["BUSY"] * 19 + ["NEW"]
     records = [PublishRecord(f"d{i}", "t", i, i) for i in range(20)]
-    stored = await asyncio.gather(*(store.publish_record([("pk-" + ks[0], r)], DAY) for r in records))
+    claimed = await asyncio.gather(*(store.publish_begin(["pk-" + ks[0]], f"o{i}", LEASE) for i in range(20)))
+    assert sorted(str(x) for [x] in map(begun, claimed)) == ["BUSY"] * 19 + ["NEW"]
+    stored = await asyncio.gather(
+        *(store.publish_finish([("pk-" + ks[0], r)], f"o{i}", DAY) for i, r in enumerate(records))
+    )
     assert len({s[0] for s in stored}) == 1
     assert stored[0][0] in records
-    lookups = await asyncio.gather(
-        *(store.publish_lookup([k]) for k in ["pk-" + ks[0], "missing-" + ks[1]] * 5)
+    looked = await asyncio.gather(
+        *(store.publish_begin([k], "late", LEASE) for k in ["pk-" + ks[0], "missing-" + ks[1]] * 5)
     )
-    assert lookups == [[stored[0][0]], [None]] * 5
+    assert [begun(x) for x in looked] == [[stored[0][0]], ["NEW"]] * 5

@@ -10,10 +10,10 @@ import pytest
 
 from sidecar.config import PublishSettings
 from sidecar.errors import AlreadyExists, InvalidArgument, NotFound, PublishIndeterminate, StoreUnavailable
-from sidecar.kafka.producer import AsyncProducer, Outgoing, Produced
+from sidecar.kafka.producer import AsyncProducer, Outgoing, Produced, Sent
 from sidecar.metrics import Metrics
 from sidecar.publish.publisher import Publisher, PublishInput, PublishOutput
-from sidecar.store.base import PublishRecord
+from sidecar.store.base import Claim, PublishRecord
 from sidecar.store.memory import MemoryStore
 
 DAY = 86_400_000
@@ -27,28 +27,26 @@ class FakeProducer:
         self.sent: list[Outgoing] = []
         self.calls = 0
         self.hold = False
-        self.held: list[tuple[asyncio.Future[Produced], Outgoing]] = []
+        self.held: list[tuple[Sent, int, Outgoing]] = []
         self.refuse_topic = ""
 
-    async def enqueue_many(self, records: Sequence[Outgoing]) -> list[asyncio.Future[Produced] | Exception]:
+    async def send(self, records: Sequence[Outgoing]) -> Sent:
         self.calls += 1
-        out: list[asyncio.Future[Produced] | Exception] = []
-        for r in records:
+        sent = Sent(len(records), asyncio.get_running_loop().create_future())
+        for i, r in enumerate(records):
             if r.topic == self.refuse_topic:
-                out.append(NotFound(f"topic {r.topic!r} does not exist"))
+                sent._settle(i, NotFound(f"topic {r.topic!r} does not exist"))
                 continue
-            fut = asyncio.get_running_loop().create_future()
             self.sent.append(r)
             if self.hold:
-                self.held.append((fut, r))
+                self.held.append((sent, i, r))
             else:
-                fut.set_result(Produced(r.topic, 0, len(self.sent) - 1))
-            out.append(fut)
-        return out
+                sent._settle(i, Produced(r.topic, 0, len(self.sent) - 1))
+        return sent
 
     def release(self) -> None:
-        for i, (fut, r) in enumerate(self.held):
-            fut.set_result(Produced(r.topic, 1, i))
+        for n, (sent, i, r) in enumerate(self.held):
+            sent._settle(i, Produced(r.topic, 1, n))
         self.held.clear()
 
 
@@ -58,17 +56,24 @@ class CountingStore(MemoryStore):
         self.calls: list[str] = []
         self.fail = False
 
-    async def publish_lookup(self, keys: Sequence[str]) -> list[PublishRecord | None]:
-        self.calls.append("lookup")
+    async def publish_begin(
+        self, keys: Sequence[str], owner: str, lease_ms: int
+    ) -> list[PublishRecord | Claim]:
+        self.calls.append("begin")
         if self.fail:
             raise StoreUnavailable("store down (setting: store.redis_url)")
-        return await super().publish_lookup(keys)
+        return await super().publish_begin(keys, owner, lease_ms)
 
-    async def publish_record(
-        self, records: Sequence[tuple[str, PublishRecord]], retention_ms: int
-    ) -> list[PublishRecord]:
-        self.calls.append("record")
-        return await super().publish_record(records, retention_ms)
+    async def publish_finish(
+        self, entries: Sequence[tuple[str, PublishRecord | None]], owner: str, retention_ms: int
+    ) -> list[PublishRecord | None]:
+        self.calls.append("finish")
+        return await super().publish_finish(entries, owner, retention_ms)
+
+    async def recorded(self, keys: list[str]) -> list[PublishRecord | None]:
+        """The records of ``keys``, looked up by a publisher that claims nothing it finds missing."""
+        got = await self.publish_begin(keys, "observer", 1)
+        return [None if isinstance(g, Claim) else g for g in got]
 
 
 def make(store: MemoryStore | None = None, producer: FakeProducer | None = None) -> Publisher:
@@ -93,7 +98,7 @@ async def test_a_batch_costs_one_produce_loop_and_one_round_trip_per_store_step(
     assert all(isinstance(o, PublishOutput) and not o.duplicate for o in out)
     assert producer.calls == 1
     assert len(producer.sent) == 300
-    assert store.calls == ["lookup", "lookup", "record"]  # before the claim, after it, then the record
+    assert store.calls == ["begin", "finish"]  # record or claim in one step; record and release in one
     assert [dict(r.headers)["idempotency-key"] for r in producer.sent] == [
         f"k{i}".encode() for i in range(300)
     ]
@@ -158,7 +163,7 @@ async def test_unanswered_records_keep_their_claims_and_are_recorded_when_they_l
     ]
     producer.release()
     for _ in range(50):
-        if await store.publish_lookup(["slow-1", "slow-2"]) != [None, None]:
+        if await store.recorded(["slow-1", "slow-2"]) != [None, None]:
             break
         await asyncio.sleep(0.01)
     retry = await pub.publish_batch([req("slow-1"), req("slow-2")])
@@ -197,7 +202,7 @@ async def test_a_cancelled_call_keeps_the_claims_of_records_in_flight() -> None:
     assert [c.status.name for c in claims] == ["BUSY", "BUSY"]
     producer.release()
     for _ in range(50):
-        if None not in await store.publish_lookup(["c-1", "c-2"]):
+        if None not in await store.recorded(["c-1", "c-2"]):
             break
         await asyncio.sleep(0.01)
     retry = await pub.publish_batch([req("c-1"), req("c-2")])
