@@ -44,12 +44,12 @@ def _mapped(
 
 def _input(req: pb.PublishRequest) -> PublishInput:
     return PublishInput(
-        topic=req.topic,
-        value=req.value,
-        key=req.key if req.HasField("key") else None,
-        headers=[(h.key, h.value) for h in req.headers],
-        idempotency_key=req.idempotency_key,
-        partition=req.partition if req.HasField("partition") else None,
+        req.topic,
+        req.value,
+        req.key if req.HasField("key") else None,
+        [(h.key, h.value) for h in req.headers] if req.headers else (),
+        req.idempotency_key,
+        req.partition if req.HasField("partition") else None,
     )
 
 

@@ -13,7 +13,6 @@ import threading
 import time
 from collections import deque
 from collections.abc import Sequence
-from dataclasses import dataclass, field
 from typing import Any, NamedTuple
 
 from confluent_kafka import KafkaError, KafkaException, Message, Producer
@@ -33,14 +32,13 @@ _ANY_PARTITION = -1  # librdkafka's RD_KAFKA_PARTITION_UA: the partitioner choos
 OWNED_PROPERTIES = frozenset({"enable.idempotence", "acks"})
 
 
-@dataclass(frozen=True, slots=True)
-class Outgoing:
+class Outgoing(NamedTuple):
     """One record to produce."""
 
     topic: str
     value: bytes
     key: bytes | None = None
-    headers: list[tuple[str, str | bytes | None]] = field(default_factory=list)
+    headers: list[tuple[str, str | bytes | None]] | None = None
     partition: int | None = None
 
 

@@ -82,6 +82,9 @@ class _Entry:
                 self.joined.set()
 
 
+_UNCHECKED = InvalidArgument("unchecked")
+
+
 def _fail(entries: Sequence[_Entry], exc: Exception) -> None:
     for e in entries:
         e.settle(exc)
@@ -97,15 +100,28 @@ def new_key() -> str:
 
 
 def digest(req: PublishInput) -> str:
-    h = hashlib.blake2b(digest_size=16)
-    for part in (req.topic.encode(), req.key if req.key is not None else b"\x00none", req.value):
-        h.update(len(part).to_bytes(8, "big"))
-        h.update(part)
+    """A 128-bit BLAKE2b of everything that makes up the record, each part length-prefixed.
+
+    The stored digest tells a retry (same payload: a duplicate) from a reuse of the key (another
+    payload: AlreadyExists), so its layout must never change: records live for the retention.
+    """
+    topic = req.topic.encode()
+    key = req.key if req.key is not None else b"\x00none"
+    value = req.value
+    parts = [
+        len(topic).to_bytes(8, "big"),
+        topic,
+        len(key).to_bytes(8, "big"),
+        key,
+        len(value).to_bytes(8, "big"),
+    ]
+    parts.append(value)
     for k, v in req.headers:
-        h.update(len(k).to_bytes(4, "big") + k.encode() + len(v).to_bytes(8, "big") + v)
+        kb = k.encode()
+        parts += (len(kb).to_bytes(4, "big"), kb, len(v).to_bytes(8, "big"), v)
     if req.partition is not None:
-        h.update(b"p" + req.partition.to_bytes(4, "big", signed=True))
-    return h.hexdigest()
+        parts.append(b"p" + req.partition.to_bytes(4, "big", signed=True))
+    return hashlib.blake2b(b"".join(parts), digest_size=16).hexdigest()
 
 
 class Publisher:
@@ -126,6 +142,8 @@ class Publisher:
         self._metrics = metrics
         self._retention_ms = retention_ms
         self._inflight: dict[str, _Entry] = {}
+        # Topic name checks, by name: a batch names the same topic hundreds of times.
+        self._topic_errors: dict[str, SidecarError | None] = {}
         self._owner = owner
         self._background: set[asyncio.Task[None]] = set()
         # The claim that serialises publishes of one key across sidecars lasts until Kafka must
@@ -137,27 +155,38 @@ class Publisher:
 
     def validate(self, req: PublishInput) -> None:
         s = self._settings
-        if not req.topic:
-            raise InvalidArgument("topic is empty")
-        if not valid_topic(req.topic):
-            raise InvalidArgument(f"invalid topic name {req.topic[:300]!r}: use 1-249 of [A-Za-z0-9._-]")
-        if s.allowed_topics and req.topic not in s.allowed_topics:
-            raise PermissionDenied(f"topic {req.topic!r} is not in publish.allowed_topics")
-        kb = req.idempotency_key.encode("utf-8", "surrogatepass")
-        if len(kb) > MAX_KEY_BYTES:
+        topic_error = self._topic_errors.get(req.topic, _UNCHECKED)
+        if topic_error is _UNCHECKED:
+            topic_error = self._check_topic(req.topic)
+            if len(self._topic_errors) < 1024:
+                self._topic_errors[req.topic] = topic_error
+        if topic_error is not None:
+            raise type(topic_error)(*topic_error.args)  # a fresh one: a raise grows its traceback
+        key = req.idempotency_key
+        if len(key) * 4 > MAX_KEY_BYTES and len(kb := key.encode("utf-8", "surrogatepass")) > MAX_KEY_BYTES:
             raise InvalidArgument(f"idempotency_key is {len(kb)} bytes; the limit is {MAX_KEY_BYTES}")
-        for k, _ in req.headers:
+        size = len(req.value) + len(req.key or b"")
+        for k, v in req.headers:
             if k == self._header:
                 raise InvalidArgument(
                     f"header {k!r} is the idempotency header; pass the key in idempotency_key instead"
                 )
-        size = len(req.value) + len(req.key or b"") + sum(len(k) + len(v) for k, v in req.headers)
+            size += len(k) + len(v)
         if size > s.max_message_bytes:
             raise ResourceExhausted(
                 f"record is {size} bytes; the limit is {s.max_message_bytes} (publish.max_message_bytes)"
             )
         if req.partition is not None and req.partition < 0:
             raise InvalidArgument("partition must not be negative")
+
+    def _check_topic(self, topic: str) -> SidecarError | None:
+        if not topic:
+            return InvalidArgument("topic is empty")
+        if not valid_topic(topic):
+            return InvalidArgument(f"invalid topic name {topic[:300]!r}: use 1-249 of [A-Za-z0-9._-]")
+        if self._settings.allowed_topics and topic not in self._settings.allowed_topics:
+            return PermissionDenied(f"topic {topic!r} is not in publish.allowed_topics")
+        return None
 
     async def publish(self, req: PublishInput) -> PublishOutput:
         [out] = await self.publish_batch([req])

@@ -171,7 +171,7 @@ return out
 
 # KEYS publish keys; ARGV owner, retention_ms, then one record per key ('' when the produce failed).
 # Stores each record unless the key has one (first writer wins), else drops the owner's claim.
-# Returns the stored record per key ('' for none).
+# Returns per key 1 when it stored the record given, else the key's record ('' for none).
 PUBLISH_FINISH = """
 local mine = '~' .. ARGV[1] .. '|'
 local out = {}
@@ -182,7 +182,7 @@ for i, k in ipairs(KEYS) do
     out[i] = v
   elseif record ~= '' then
     redis.call('SET', k, record, 'PX', ARGV[2])
-    out[i] = record
+    out[i] = 1
   else
     if v and string.sub(v, 1, #mine) == mine then redis.call('DEL', k) end
     out[i] = ''
@@ -426,7 +426,10 @@ class RedisStore:
 
         items = [(self._p(key), record.encode().encode() if record else b"") for key, record in entries]
         raw = await self._joined(("finish", owner, retention_ms), run)(items)
-        return [PublishRecord.decode(str(r)) if r else None for r in raw]
+        return [
+            record if r == 1 else PublishRecord.decode(str(r)) if r else None
+            for (_, record), r in zip(entries, raw, strict=True)
+        ]
 
     async def purge(self) -> int:
         return 0  # Redis expires keys itself (PEXPIRE on every write)

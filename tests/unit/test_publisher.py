@@ -208,3 +208,22 @@ async def test_a_cancelled_call_keeps_the_claims_of_records_in_flight() -> None:
     retry = await pub.publish_batch([req("c-1"), req("c-2")])
     assert [(o.duplicate, o.partition) for o in retry if isinstance(o, PublishOutput)] == [(True, 1)] * 2
     assert len(producer.sent) == 2
+
+
+def test_the_payload_digest_never_changes() -> None:
+    # Stored digests outlive a release (store.retention_seconds): a retry after an upgrade must
+    # still match its first publish. These values come from the first implementation.
+    from sidecar.publish.publisher import digest
+
+    assert digest(PublishInput("orders", b"v", None, [], "k", None)) == "058302487dc9ab6ea8aad1998d721c72"
+    rich = PublishInput("orders", b"value", b"key", [("trace", b"abc"), ("h2", b"")], "k", 3)
+    assert digest(rich) == "b6c571a1b2d6757ae533c0cc9ec2eb5f"
+
+
+async def test_a_bad_topic_is_refused_every_time_it_comes() -> None:
+    pub = make()
+    for _ in range(3):  # the check is cached by topic name; each refusal is its own error
+        out = await pub.publish_batch([req("k1", topic="bad topic"), req("k2", topic="")])
+        assert [type(o) for o in out] == [InvalidArgument, InvalidArgument]
+        assert "invalid topic name" in str(out[0]) and "topic is empty" in str(out[1])
+    assert out[0] is not (await pub.publish_batch([req("k1", topic="bad topic")]))[0]
