@@ -48,13 +48,16 @@ class TokenAuthInterceptor(grpc.aio.ServerInterceptor):
         return self._deny_stream if method.endswith("/Subscribe") else self._deny_unary
 
 
+_SERIALIZED = frozenset({"PublishBatch"})  # unary methods whose servicer returns serialized bytes
+
+
 def _passthrough(frame: bytes) -> bytes:
     return frame
 
 
 def _handlers(servicer: DedupServicer) -> dict[str, grpc.RpcMethodHandler[Any, Any]]:
     """DedupService's method handlers, as the generated ``add_..._to_server`` makes them, except
-    that Subscribe yields frames it serialized itself (sidecar.api.frames)."""
+    that Subscribe and PublishBatch return bytes they serialized themselves (sidecar.api.frames)."""
     handlers: dict[str, grpc.RpcMethodHandler[Any, Any]] = {}
     for method in dedup_pb2.DESCRIPTOR.services_by_name["DedupService"].methods:
         request = getattr(dedup_pb2, method.input_type.name)
@@ -68,7 +71,9 @@ def _handlers(servicer: DedupServicer) -> dict[str, grpc.RpcMethodHandler[Any, A
             handlers[method.name] = grpc.unary_unary_rpc_method_handler(
                 behaviour,
                 request_deserializer=request.FromString,
-                response_serializer=response.SerializeToString,
+                response_serializer=_passthrough
+                if method.name in _SERIALIZED
+                else response.SerializeToString,
             )
     return handlers
 

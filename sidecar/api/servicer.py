@@ -12,7 +12,7 @@ import grpc
 from sidecar import testing_hooks
 from sidecar._proto import dedup_pb2 as pb
 from sidecar.api.errors import status_for
-from sidecar.api.frames import encode_frame
+from sidecar.api.frames import encode_frame, encode_publish_results
 from sidecar.engine.engine import Engine
 from sidecar.errors import InvalidArgument, ShuttingDown, SidecarError
 from sidecar.publish.publisher import Publisher, PublishInput, PublishOutput
@@ -128,7 +128,8 @@ class DedupServicer:
     @_mapped
     async def PublishBatch(
         self, request: pb.PublishBatchRequest, context: grpc.aio.ServicerContext[Any, Any]
-    ) -> pb.PublishBatchResponse:
+    ) -> bytes:
+        """Returns a serialized PublishBatchResponse (sidecar.api.frames; see server.py)."""
         n = len(request.entries)
         if n == 0:
             raise InvalidArgument("no entries")
@@ -137,11 +138,11 @@ class DedupServicer:
                 f"{n} entries; the limit is {self._max_batch_entries} (publish.max_batch_entries)"
             )
         outcomes = await self._publisher.publish_batch([_input(e) for e in request.entries])
-        results = []
+        results: list[tuple[str, str, int, int, bool] | tuple[int, str]] = []
         for out in outcomes:
             if isinstance(out, Exception):
                 code, msg = status_for(out)
-                results.append(pb.PublishBatchResult(code=code.value[0], message=msg))
+                results.append((code.value[0], msg))
             else:
-                results.append(pb.PublishBatchResult(code=0, response=_response(out)))
-        return pb.PublishBatchResponse(results=results)
+                results.append(out)
+        return encode_publish_results(results)

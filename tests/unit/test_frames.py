@@ -1,4 +1,5 @@
-"""Hand-written Subscribe frames parse, field by field, like the generated classes build them."""
+"""Hand-written Subscribe frames and PublishBatch responses parse, field by field, like the generated
+classes build them."""
 
 from __future__ import annotations
 
@@ -6,7 +7,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from sidecar._proto import dedup_pb2 as pb
-from sidecar.api.frames import encode_frame
+from sidecar.api.frames import encode_frame, encode_publish_results
 from sidecar.engine.records import Pending
 
 text = st.text(max_size=40)
@@ -65,3 +66,34 @@ def test_frames_are_byte_for_byte_what_the_runtime_writes_for_a_typical_record()
     p.delivery_ids.append("0a1b2c3d.99")
     want = pb.SubscribeResponse(deliveries=[expected(p, 1_795_741_851_013)]).SerializeToString()
     assert encode_frame([p], 1_795_741_851_013) == want
+
+
+publish_results = st.lists(
+    st.one_of(
+        st.tuples(text, text, st.integers(min_value=-(2**31), max_value=2**31 - 1), int64, st.booleans()),
+        st.tuples(st.integers(min_value=0, max_value=16), text),
+    ),
+    max_size=20,
+)
+
+
+@given(publish_results)
+@settings(max_examples=300, deadline=None)
+def test_publish_results_parse_like_the_generated_response(
+    results: list[tuple[str, str, int, int, bool] | tuple[int, str]],
+) -> None:
+    expected = pb.PublishBatchResponse()
+    for r in results:
+        if len(r) == 2:
+            expected.results.add(code=r[0], message=r[1])
+        else:
+            key, topic, partition, offset, duplicate = r
+            expected.results.add(
+                code=0,
+                response=pb.PublishResponse(
+                    idempotency_key=key, topic=topic, partition=partition, offset=offset, duplicate=duplicate
+                ),
+            )
+    raw = encode_publish_results(results)
+    assert pb.PublishBatchResponse.FromString(raw) == expected
+    assert raw == expected.SerializeToString(deterministic=True)

@@ -99,7 +99,7 @@ async def test_a_batch_costs_one_produce_loop_and_one_round_trip_per_store_step(
     assert producer.calls == 1
     assert len(producer.sent) == 300
     assert store.calls == ["begin", "finish"]  # record or claim in one step; record and release in one
-    assert [dict(r.headers)["idempotency-key"] for r in producer.sent] == [
+    assert [dict(r.headers or [])["idempotency-key"] for r in producer.sent] == [
         f"k{i}".encode() for i in range(300)
     ]
     # Claims were released: another owner may claim the publish keys at once.
@@ -225,5 +225,6 @@ async def test_a_bad_topic_is_refused_every_time_it_comes() -> None:
     for _ in range(3):  # the check is cached by topic name; each refusal is its own error
         out = await pub.publish_batch([req("k1", topic="bad topic"), req("k2", topic="")])
         assert [type(o) for o in out] == [InvalidArgument, InvalidArgument]
-        assert "invalid topic name" in str(out[0]) and "topic is empty" in str(out[1])
+        assert "invalid topic name" in str(out[0])
+        assert "topic is empty" in str(out[1])
     assert out[0] is not (await pub.publish_batch([req("k1", topic="bad topic")]))[0]
