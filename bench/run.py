@@ -631,15 +631,15 @@ def main() -> int:
 
         # The two headline ratios once more, as alternating pairs: one run of each is at the
         # mercy of whatever else the shared machine does in those seconds.
-        pairs: dict[str, list[float]] = {"consume": [], "publish": []}
+        pairs: dict[str, list[tuple[float, float]]] = {"consume": [], "publish": []}  # (sidecar, raw)
         for i in range(1 if args.quick else 3):
             log(f"repeated pairs, round {i + 1}")
             raw = raw_consume(kafka, "bench6", n)
             sc = sidecar_consume(kafka, "bench6", n, redis_store, work, "pair")
-            pairs["consume"].append(sc.rate / raw.rate)
+            pairs["consume"].append((sc.rate, raw.rate))
             raw = raw_publish(kafka, "benchpub", n_pub)
             sc = sidecar_publish(kafka, "benchpub", n_pub, redis_store, work, 500)
-            pairs["publish"].append(sc.rate / raw.rate)
+            pairs["publish"].append((sc.rate, raw.rate))
 
     def row(r: Result, baseline: float) -> dict[str, Any]:
         return {
@@ -657,7 +657,11 @@ def main() -> int:
     results["latency_linger0"] = lat0
     results["memory"] = {"records": n_mem, **mem.extra}
     results["pairs"] = {
-        k: {"ratios": [round(x, 3) for x in v], "median": round(sorted(v)[len(v) // 2], 3)}
+        k: {
+            "ratios": [round(sc / raw, 3) for sc, raw in v],
+            "rates": [[round(sc), round(raw)] for sc, raw in v],
+            "median": round(sorted(sc / raw for sc, raw in v)[len(v) // 2], 3),
+        }
         for k, v in pairs.items()
     }
     (ROOT / "bench" / "results.json").write_text(json.dumps(results, indent=2) + "\n")
@@ -666,6 +670,15 @@ def main() -> int:
     write_markdown(results, Path(args.out), png.name if have_plot else None)
     log(f"wrote {args.out}")
     return 0
+
+
+def pair_cells(pairs: dict[str, Any]) -> str:
+    """Each pair's ratio, with its two rates (sidecar / raw) when the run recorded them."""
+    rates = pairs.get("rates") or [None] * len(pairs["ratios"])
+    return ", ".join(
+        f"{ratio} ({r[0] / 1000:.1f}k / {r[1] / 1000:.1f}k)" if r else str(ratio)
+        for ratio, r in zip(pairs["ratios"], rates, strict=True)
+    )
 
 
 def rate_table(rows: list[dict[str, Any]]) -> list[str]:
@@ -691,7 +704,7 @@ def write_markdown(r: dict[str, Any], path: Path, png: str | None) -> None:
         "",
         f"Machine: {m['cpus']} CPUs, {m['platform']}, Python {m['python']}, grpcio {m['grpcio']}, "
         f"confluent-kafka {m['confluent_kafka']} (librdkafka {m['librdkafka']}), Apache Kafka {m['kafka']} "
-        "(single broker on loopback, started with the JVM options of Kafka's own start script), "
+        "(single broker on loopback, with the broker JVM tuning of Kafka's operations docs), "
         "Redis from Debian. Everything — broker, Redis, sidecar, client "
         "and baseline — shares the same cores, so read the ratios, not the absolute rates.",
         "",
@@ -716,12 +729,8 @@ def write_markdown(r: dict[str, Any], path: Path, png: str | None) -> None:
             "",
             "| comparison | median ratio | each pair |",
             "| --- | ---: | --- |",
-            f"| sidecar (Redis, batched acks) / raw consumer | {c['median']} | "
-            + ", ".join(map(str, c["ratios"]))
-            + " |",
-            f"| PublishBatch / raw idempotent producer | {p['median']} | "
-            + ", ".join(map(str, p["ratios"]))
-            + " |",
+            f"| sidecar (Redis, batched acks) / raw consumer | {c['median']} | {pair_cells(c)} |",
+            f"| PublishBatch / raw idempotent producer | {p['median']} | {pair_cells(p)} |",
         ]
     lines += [
         "",
