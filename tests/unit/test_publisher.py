@@ -29,6 +29,7 @@ class FakeProducer:
         self.hold = False
         self.held: list[tuple[Sent, int, Outgoing]] = []
         self.refuse_topic = ""
+        self.hold_values: set[bytes] = set()  # hold only the records with these values
 
     async def send(self, records: Sequence[Outgoing]) -> Sent:
         self.calls += 1
@@ -38,7 +39,7 @@ class FakeProducer:
                 sent._settle(i, NotFound(f"topic {r.topic!r} does not exist"))
                 continue
             self.sent.append(r)
-            if self.hold:
+            if self.hold or r.value in self.hold_values:
                 self.held.append((sent, i, r))
             else:
                 sent._settle(i, Produced(r.topic, 0, len(self.sent) - 1))
@@ -228,3 +229,31 @@ async def test_a_bad_topic_is_refused_every_time_it_comes() -> None:
         assert "invalid topic name" in str(out[0])
         assert "topic is empty" in str(out[1])
     assert out[0] is not (await pub.publish_batch([req("k1", topic="bad topic")]))[0]
+
+
+async def test_a_batch_answered_in_part_records_what_landed_and_keeps_the_rest_for_later() -> None:
+    store, producer = CountingStore(), FakeProducer()
+    producer.hold_values = {b"slow"}
+    pub = make(store, producer)
+    pub._report_grace_s = 0.0
+    fast, slow = await pub.publish_batch([req("fast"), req("slow", value=b"slow")])
+    assert isinstance(fast, PublishOutput)
+    assert not fast.duplicate
+    assert isinstance(slow, PublishIndeterminate)
+    # The record that landed is stored at once; the other keeps its claim until it lands.
+    fast_record, slow_record = await store.recorded(["fast", "slow"])
+    assert fast_record is not None
+    assert (fast_record.topic, fast_record.partition, fast_record.offset) == ("orders", 0, 0)
+    assert slow_record is None
+    assert [c.status.name for c in await store.claim(["pub:slow"], "other", 1000)] == ["BUSY"]
+    producer.release()
+    for _ in range(50):
+        if None not in await store.recorded(["slow"]):
+            break
+        await asyncio.sleep(0.01)
+    again = await pub.publish_batch([req("fast"), req("slow", value=b"slow")])
+    assert [(o.duplicate, o.partition) for o in again if isinstance(o, PublishOutput)] == [
+        (True, 0),
+        (True, 1),
+    ]
+    assert len(producer.sent) == 2
