@@ -13,7 +13,7 @@ from pathlib import Path
 import grpc
 import pytest
 import services
-from dedup_client import DedupClient
+from dedup_client import DedupClient, PublishError
 
 from tests.integration.helpers import (
     ROOT,
@@ -120,8 +120,17 @@ async def test_publish_batch_generates_keys_and_dedups_entries(kafka: services.K
             publish_request(topic, b"b"),
             publish_request(topic, b"a", idempotency_key="x"),
             publish_request(topic, b"c"),
+            publish_request(topic, b"other", idempotency_key="x"),  # the key again, another payload
+            publish_request("no such topic!", b"d"),
         ]
         out = await c.publish_batch(entries)
+    *out, reused, bad_topic = out
+    assert isinstance(reused, PublishError)
+    assert reused.code is grpc.StatusCode.ALREADY_EXISTS
+    assert "already published with a different payload" in reused.message
+    assert isinstance(bad_topic, PublishError)
+    assert bad_topic.code is grpc.StatusCode.INVALID_ARGUMENT
+    assert "invalid topic name" in bad_topic.message
     keys = [getattr(r, "idempotency_key", None) for r in out]
     assert keys[0] == keys[2] == "x"
     assert keys[1]

@@ -9,7 +9,24 @@ Example::
             await msg.ack()          # coalesced with other acks into one Ack call
 """
 
-from dedup_client.client import AckError, AckResult, DedupClient, Message, PublishResult, derive_key
+from dedup_client.client import (
+    AckError,
+    AckResult,
+    DedupClient,
+    Message,
+    PublishError,
+    PublishResult,
+    derive_key,
+)
 from dedup_client.inbox import SQLiteInbox
 
-__all__ = ["AckError", "AckResult", "DedupClient", "Message", "PublishResult", "SQLiteInbox", "derive_key"]
+__all__ = [
+    "AckError",
+    "AckResult",
+    "DedupClient",
+    "Message",
+    "PublishError",
+    "PublishResult",
+    "SQLiteInbox",
+    "derive_key",
+]

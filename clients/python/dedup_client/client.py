@@ -34,6 +34,15 @@ class PublishResult:
     duplicate: bool
 
 
+class PublishError(Exception):
+    """One entry of a PublishBatch failed: the status code and the sidecar's message for it."""
+
+    def __init__(self, code: grpc.StatusCode, message: str) -> None:
+        super().__init__(f"{code.name}: {message}")
+        self.code = code
+        self.message = message
+
+
 def derive_key(input_key: str, index: int) -> str:
     """Idempotency key for the ``index``-th output produced while handling input ``input_key``.
 
@@ -269,17 +278,18 @@ class DedupClient:
 
     async def publish_batch(
         self, entries: Sequence[pb.PublishRequest], timeout: float | None = 60.0
-    ) -> list[PublishResult | grpc.StatusCode]:
-        """Publish many records; each entry gets a PublishResult or the StatusCode it failed with."""
+    ) -> list[PublishResult | PublishError]:
+        """Publish many records; each entry gets a PublishResult or a PublishError (its status
+        code and message). Raises grpc.aio.AioRpcError when the call fails as a whole."""
         resp = await self.stub.PublishBatch(
             pb.PublishBatchRequest(entries=list(entries)), metadata=self._metadata, timeout=timeout
         )
-        out: list[PublishResult | grpc.StatusCode] = []
+        out: list[PublishResult | PublishError] = []
         for r in resp.results:
             if r.code == 0:
                 out.append(_result(r.response))
             else:
-                out.append(next(c for c in grpc.StatusCode if c.value[0] == r.code))
+                out.append(PublishError(_STATUS_BY_VALUE.get(r.code, grpc.StatusCode.UNKNOWN), r.message))
         return out
 
 
@@ -305,6 +315,8 @@ def _publish_request(
 
 
 publish_request = _publish_request
+
+_STATUS_BY_VALUE = {c.value[0]: c for c in grpc.StatusCode}
 
 
 def _result(resp: pb.PublishResponse) -> PublishResult:
