@@ -107,6 +107,74 @@ class _AckBatcher:
             await asyncio.gather(*self._tasks, return_exceptions=True)
 
 
+class _PublishBatcher:
+    """Gathers publishes for ``linger`` seconds or ``max_entries`` entries, then sends one
+    PublishBatch call; each caller's future gets its own entry's result."""
+
+    def __init__(
+        self, stub: pb_grpc.DedupServiceStub, linger: float, max_entries: int, metadata: Any
+    ) -> None:
+        self._stub = stub
+        self._linger = linger
+        self._max_entries = max_entries
+        self._metadata = metadata
+        self._entries: list[pb.PublishRequest] = []
+        self._futures: list[asyncio.Future[PublishResult]] = []
+        self._timer: asyncio.TimerHandle | None = None
+        self._tasks: set[asyncio.Task[None]] = set()
+
+    def add(self, entry: pb.PublishRequest) -> asyncio.Future[PublishResult]:
+        fut: asyncio.Future[PublishResult] = asyncio.get_running_loop().create_future()
+        self._entries.append(entry)
+        self._futures.append(fut)
+        if len(self._entries) >= self._max_entries:
+            self.flush()
+        elif self._timer is None:
+            self._timer = asyncio.get_running_loop().call_later(self._linger, self.flush)
+        return fut
+
+    def flush(self) -> None:
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+        if not self._entries:
+            return
+        entries, futs = self._entries, self._futures
+        self._entries, self._futures = [], []
+        task = asyncio.create_task(self._send(entries, futs))
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    async def _send(
+        self, entries: list[pb.PublishRequest], futs: list[asyncio.Future[PublishResult]]
+    ) -> None:
+        try:
+            resp: pb.PublishBatchResponse = await self._stub.PublishBatch(  # type: ignore[misc]
+                pb.PublishBatchRequest(entries=entries), metadata=self._metadata, timeout=_BATCH_TIMEOUT
+            )
+        except grpc.aio.AioRpcError as exc:
+            for f in futs:
+                if not f.done():
+                    f.set_exception(exc)
+                    f.exception()  # its caller may have stopped waiting: no "never retrieved" warning
+            return
+        for f, r in zip(futs, resp.results, strict=True):
+            if f.done():
+                continue
+            if r.code == 0:
+                f.set_result(_result(r.response))
+            else:
+                f.set_exception(
+                    PublishError(_STATUS_BY_VALUE.get(r.code, grpc.StatusCode.UNKNOWN), r.message)
+                )
+                f.exception()
+
+    async def drain(self) -> None:
+        self.flush()
+        if self._tasks:
+            await asyncio.gather(*self._tasks, return_exceptions=True)
+
+
 class Message:
     """One delivery. Call :meth:`ack` once its side effects are done, or :meth:`nack`."""
 
@@ -151,6 +219,10 @@ class DedupClient:
     ack_linger: seconds acks are gathered before one Ack call (0.005 by default).
     ack_max_ids: most ids per Ack call.
     coalesce_acks: False sends one Ack call per ack (the plain path any client does first).
+    coalesce_publishes: True gathers concurrent :meth:`publish` calls for ``publish_linger``
+        seconds or ``publish_max_entries`` entries into one PublishBatch call. A failed entry
+        then raises PublishError (its status code and the sidecar's message) instead of
+        grpc.aio.AioRpcError; a call that fails as a whole still raises AioRpcError.
     """
 
     def __init__(
@@ -160,6 +232,9 @@ class DedupClient:
         ack_linger: float = 0.005,
         ack_max_ids: int = 1000,
         coalesce_acks: bool = True,
+        coalesce_publishes: bool = False,
+        publish_linger: float = 0.002,
+        publish_max_entries: int = 500,
     ) -> None:
         self._channel = grpc.aio.insecure_channel(
             target, options=[("grpc.max_receive_message_length", 64 * 1024 * 1024)]
@@ -168,6 +243,11 @@ class DedupClient:
         self._metadata = (("authorization", f"Bearer {token}"),) if token else None
         self._coalesce = coalesce_acks
         self._acks = _AckBatcher(self.stub, ack_linger, ack_max_ids, self._metadata)
+        self._publishes = (
+            _PublishBatcher(self.stub, publish_linger, publish_max_entries, self._metadata)
+            if coalesce_publishes
+            else None
+        )
 
     async def __aenter__(self) -> DedupClient:
         return self
@@ -177,6 +257,8 @@ class DedupClient:
 
     async def close(self) -> None:
         await self._acks.drain()
+        if self._publishes is not None:
+            await self._publishes.drain()
         await self._channel.close()
 
     async def subscribe(
@@ -268,13 +350,26 @@ class DedupClient:
         partition: int | None = None,
         timeout: float | None = 60.0,
     ) -> PublishResult:
-        """Publish one record; raises grpc.aio.AioRpcError with the sidecar's status on failure."""
-        resp = await self.stub.Publish(
-            _publish_request(topic, value, key, headers, idempotency_key, partition),
-            metadata=self._metadata,
-            timeout=timeout,
-        )
+        """Publish one record; raises grpc.aio.AioRpcError with the sidecar's status on failure
+        (PublishError when publishes are coalesced, see the class docstring)."""
+        request = _publish_request(topic, value, key, headers, idempotency_key, partition)
+        if self._publishes is not None:
+            fut = self._publishes.add(request)
+            try:
+                return await asyncio.wait_for(asyncio.shield(fut), timeout)
+            except TimeoutError:
+                raise PublishError(
+                    grpc.StatusCode.DEADLINE_EXCEEDED,
+                    f"no answer within {timeout}s; the record may or may not be published: retry with "
+                    "the same idempotency key",
+                ) from None
+        resp = await self.stub.Publish(request, metadata=self._metadata, timeout=timeout)
         return _result(resp)
+
+    async def flush_publishes(self) -> None:
+        """Send the publishes gathered so far and wait for their answers (when coalescing)."""
+        if self._publishes is not None:
+            await self._publishes.drain()
 
     async def publish_batch(
         self, entries: Sequence[pb.PublishRequest], timeout: float | None = 60.0
@@ -317,6 +412,7 @@ def _publish_request(
 publish_request = _publish_request
 
 _STATUS_BY_VALUE = {c.value[0]: c for c in grpc.StatusCode}
+_BATCH_TIMEOUT = 60.0  # seconds for a coalesced PublishBatch call; each caller waits its own timeout
 
 
 def _result(resp: pb.PublishResponse) -> PublishResult:
