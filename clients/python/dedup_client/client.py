@@ -6,12 +6,15 @@ import asyncio
 from collections.abc import AsyncGenerator, Sequence
 from dataclasses import dataclass
 from enum import IntEnum
-from typing import Any
+from typing import Any, Generic, TypeVar
 
 import grpc
 
 from dedup_client._proto import dedup_pb2 as pb
 from dedup_client._proto import dedup_pb2_grpc as pb_grpc
+
+T = TypeVar("T")
+R = TypeVar("R")
 
 
 class AckResult(IntEnum):
@@ -52,24 +55,25 @@ def derive_key(input_key: str, index: int) -> str:
     return f"{input_key}/{index}"
 
 
-class _AckBatcher:
-    """Gathers acks for ``linger`` seconds or ``max_ids`` ids, then sends one Ack call."""
+class _Gatherer(Generic[T, R]):
+    """Gathers items for ``linger`` seconds or ``max_items`` items, then sends them in one call
+    (``_send``, by the subclass); each item's future gets its own result."""
 
-    def __init__(self, stub: pb_grpc.DedupServiceStub, linger: float, max_ids: int, metadata: Any) -> None:
+    def __init__(self, stub: pb_grpc.DedupServiceStub, linger: float, max_items: int, metadata: Any) -> None:
         self._stub = stub
         self._linger = linger
-        self._max_ids = max_ids
+        self._max_items = max_items
         self._metadata = metadata
-        self._ids: list[str] = []
-        self._futures: list[asyncio.Future[AckResult]] = []
+        self._items: list[T] = []
+        self._futures: list[asyncio.Future[R]] = []
         self._timer: asyncio.TimerHandle | None = None
         self._tasks: set[asyncio.Task[None]] = set()
 
-    def add(self, delivery_id: str) -> asyncio.Future[AckResult]:
-        fut: asyncio.Future[AckResult] = asyncio.get_running_loop().create_future()
-        self._ids.append(delivery_id)
+    def add(self, item: T) -> asyncio.Future[R]:
+        fut: asyncio.Future[R] = asyncio.get_running_loop().create_future()
+        self._items.append(item)
         self._futures.append(fut)
-        if len(self._ids) >= self._max_ids:
+        if len(self._items) >= self._max_items:
             self.flush()
         elif self._timer is None:
             self._timer = asyncio.get_running_loop().call_later(self._linger, self.flush)
@@ -79,13 +83,25 @@ class _AckBatcher:
         if self._timer is not None:
             self._timer.cancel()
             self._timer = None
-        if not self._ids:
+        if not self._items:
             return
-        ids, futs = self._ids, self._futures
-        self._ids, self._futures = [], []
-        task = asyncio.create_task(self._send(ids, futs))
+        items, futs = self._items, self._futures
+        self._items, self._futures = [], []
+        task = asyncio.create_task(self._send(items, futs))
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
+
+    async def _send(self, items: list[T], futs: list[asyncio.Future[R]]) -> None:
+        raise NotImplementedError
+
+    async def drain(self) -> None:
+        self.flush()
+        if self._tasks:
+            await asyncio.gather(*self._tasks, return_exceptions=True)
+
+
+class _AckBatcher(_Gatherer[str, AckResult]):
+    """Acks: one Ack call per gathering."""
 
     async def _send(self, ids: list[str], futs: list[asyncio.Future[AckResult]]) -> None:
         try:
@@ -101,49 +117,9 @@ class _AckBatcher:
             if not f.done():
                 f.set_result(AckResult(r))
 
-    async def drain(self) -> None:
-        self.flush()
-        if self._tasks:
-            await asyncio.gather(*self._tasks, return_exceptions=True)
 
-
-class _PublishBatcher:
-    """Gathers publishes for ``linger`` seconds or ``max_entries`` entries, then sends one
-    PublishBatch call; each caller's future gets its own entry's result."""
-
-    def __init__(
-        self, stub: pb_grpc.DedupServiceStub, linger: float, max_entries: int, metadata: Any
-    ) -> None:
-        self._stub = stub
-        self._linger = linger
-        self._max_entries = max_entries
-        self._metadata = metadata
-        self._entries: list[pb.PublishRequest] = []
-        self._futures: list[asyncio.Future[PublishResult]] = []
-        self._timer: asyncio.TimerHandle | None = None
-        self._tasks: set[asyncio.Task[None]] = set()
-
-    def add(self, entry: pb.PublishRequest) -> asyncio.Future[PublishResult]:
-        fut: asyncio.Future[PublishResult] = asyncio.get_running_loop().create_future()
-        self._entries.append(entry)
-        self._futures.append(fut)
-        if len(self._entries) >= self._max_entries:
-            self.flush()
-        elif self._timer is None:
-            self._timer = asyncio.get_running_loop().call_later(self._linger, self.flush)
-        return fut
-
-    def flush(self) -> None:
-        if self._timer is not None:
-            self._timer.cancel()
-            self._timer = None
-        if not self._entries:
-            return
-        entries, futs = self._entries, self._futures
-        self._entries, self._futures = [], []
-        task = asyncio.create_task(self._send(entries, futs))
-        self._tasks.add(task)
-        task.add_done_callback(self._tasks.discard)
+class _PublishBatcher(_Gatherer[pb.PublishRequest, PublishResult]):
+    """Publishes: one PublishBatch call per gathering."""
 
     async def _send(
         self, entries: list[pb.PublishRequest], futs: list[asyncio.Future[PublishResult]]
@@ -168,11 +144,6 @@ class _PublishBatcher:
                     PublishError(_STATUS_BY_VALUE.get(r.code, grpc.StatusCode.UNKNOWN), r.message)
                 )
                 f.exception()
-
-    async def drain(self) -> None:
-        self.flush()
-        if self._tasks:
-            await asyncio.gather(*self._tasks, return_exceptions=True)
 
 
 class Message:
