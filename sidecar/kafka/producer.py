@@ -1,7 +1,8 @@
 """An asyncio face for confluent-kafka's idempotent producer.
 
 ``produce()`` is non-blocking in librdkafka; delivery reports are served by a poll thread and
-resolve asyncio futures through ``call_soon_threadsafe``. A fatal producer error (for example a
+reach the event loop in one ``call_soon_threadsafe`` wake-up per poll, where they settle their
+batch's ``Sent`` (one future per batch, not per record). A fatal producer error (for example a
 fenced idempotent producer) replaces the producer instead of wedging the sidecar.
 """
 
