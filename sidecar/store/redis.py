@@ -159,7 +159,7 @@ for _, k in ipairs(KEYS) do
     local status = 0
     if v then
       local o, until_ms = string.match(v, '^~(.*)|(%d+)$')
-      if o ~= owner and tonumber(until_ms) > now then status = 2 end
+      if o and o ~= owner and tonumber(until_ms) > now then status = 2 end
     end
     if status == 0 then redis.call('SET', k, held, 'PX', lease) end
     out[#out + 1] = status; out[#out + 1] = 1
@@ -173,7 +173,6 @@ return out
 # Stores each record unless the key has one (first writer wins), else drops the owner's claim.
 # Returns per key 1 when it stored the record given, else the key's record ('' for none).
 PUBLISH_FINISH = """
-local mine = '~' .. ARGV[1] .. '|'
 local out = {}
 for i, k in ipairs(KEYS) do
   local record = ARGV[i + 2]
@@ -184,7 +183,7 @@ for i, k in ipairs(KEYS) do
     redis.call('SET', k, record, 'PX', ARGV[2])
     out[i] = 1
   else
-    if v and string.sub(v, 1, #mine) == mine then redis.call('DEL', k) end
+    if v and string.match(v, '^~(.*)|%d+$') == ARGV[1] then redis.call('DEL', k) end
     out[i] = ''
   end
 end

@@ -258,9 +258,11 @@ async def test_a_failed_publish_gives_its_claim_up(store: DedupStore) -> None:
 
 async def test_finishing_someone_elses_publish_leaves_their_claim(store: DedupStore) -> None:
     [k] = keys(1)
-    await store.publish_begin([k], "a", LEASE)
-    assert await store.publish_finish([(k, None)], "b", DAY) == [None]
+    await store.publish_begin([k], "a|b", LEASE)  # owners may contain the separator
+    assert await store.publish_finish([(k, None)], "a", DAY) == [None]
     assert begun(await store.publish_begin([k], "c", LEASE)) == ["BUSY"]
+    assert await store.publish_finish([(k, None)], "a|b", DAY) == [None]
+    assert begun(await store.publish_begin([k], "c", LEASE)) == ["NEW"]
 
 
 async def test_publish_batches_answer_per_entry_and_first_writer_wins_within_a_batch(
