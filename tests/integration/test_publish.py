@@ -13,7 +13,7 @@ from pathlib import Path
 import grpc
 import pytest
 import services
-from dedup_client import DedupClient, PublishError
+from dedup_client import DedupClient, PublishError, PublishResult
 
 from tests.integration.helpers import (
     ROOT,
@@ -104,6 +104,41 @@ async def test_concurrent_publishes_of_one_key_write_once(
     assert len({(r.partition, r.offset) for r in results}) == 1
     assert sum(not r.duplicate for r in results) == 1
     assert keys_in(kafka, topic) == {"hot": 1}
+
+
+async def test_two_sidecars_publishing_the_same_batches_write_each_key_once(
+    kafka: services.KafkaBroker, redis_server: services.RedisServer
+) -> None:
+    from dedup_client.client import publish_request
+
+    topic, group = unique("batches"), unique("g")
+    kafka.create_topic(topic, 3)
+    cfg = settings_dict(
+        kafka, [topic], group, {"backend": "redis", "redis_url": redis_server.url, "key_prefix": unique("p")}
+    )
+    keys = [f"k{i}" for i in range(300)]
+    async with (
+        running_sidecar(**cfg) as a,
+        running_sidecar(**cfg) as b,
+        DedupClient(f"127.0.0.1:{a.port}") as ca,
+        DedupClient(f"127.0.0.1:{b.port}") as cb,
+    ):
+        # Each sidecar gets every key, in batches of 100, in opposite orders: they contend on
+        # every key, so publish claims are taken, found busy, waited for and settled both ways.
+        calls = [
+            c.publish_batch([publish_request(topic, k.encode(), idempotency_key=k) for k in ks[i : i + 100]])
+            for c, ks in ((ca, keys), (cb, keys[::-1]))
+            for i in range(0, 300, 100)
+        ]
+        outcomes = [r for batch in await asyncio.gather(*calls) for r in batch]
+    assert all(isinstance(r, PublishResult) for r in outcomes)
+    by_key: dict[str, set[tuple[int, int]]] = {}
+    for r in outcomes:
+        assert isinstance(r, PublishResult)
+        by_key.setdefault(r.idempotency_key, set()).add((r.partition, r.offset))
+    assert all(len(places) == 1 for places in by_key.values())  # both answers name one record
+    assert sum(not r.duplicate for r in outcomes if isinstance(r, PublishResult)) == 300
+    assert keys_in(kafka, topic) == dict.fromkeys(keys, 1)
 
 
 async def test_publish_batch_generates_keys_and_dedups_entries(kafka: services.KafkaBroker) -> None:
