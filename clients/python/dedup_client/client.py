@@ -325,9 +325,10 @@ class DedupClient:
         (PublishError when publishes are coalesced, see the class docstring)."""
         request = _publish_request(topic, value, key, headers, idempotency_key, partition)
         if self._publishes is not None:
-            fut = self._publishes.add(request)
+            fut = self._publishes.add(request)  # this caller's alone: cancelling it drops its answer
             try:
-                return await asyncio.wait_for(asyncio.shield(fut), timeout)
+                async with asyncio.timeout(timeout):
+                    return await fut
             except TimeoutError:
                 raise PublishError(
                     grpc.StatusCode.DEADLINE_EXCEEDED,
