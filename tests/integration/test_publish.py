@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import subprocess
 import sys
 import time
 from collections import Counter
+from collections.abc import AsyncIterator
 from pathlib import Path
 
 import grpc
@@ -30,6 +32,27 @@ from tests.integration.helpers import (
 
 def keys_in(kafka: services.KafkaBroker, topic: str) -> Counter[str]:
     return Counter(dict(m.headers())["idempotency-key"].decode() for m in read_topic(kafka, topic))
+
+
+@contextlib.asynccontextmanager
+async def two_sidecars(
+    kafka: services.KafkaBroker, redis_server: services.RedisServer, topic: str
+) -> AsyncIterator[tuple[DedupClient, DedupClient]]:
+    """Two sidecar processes sharing one Redis store, and a client of each."""
+    kafka.create_topic(topic, 3)
+    cfg = settings_dict(
+        kafka,
+        [topic],
+        unique("g"),
+        {"backend": "redis", "redis_url": redis_server.url, "key_prefix": unique("p")},
+    )
+    async with (
+        running_sidecar(**cfg) as a,
+        running_sidecar(**cfg) as b,
+        DedupClient(f"127.0.0.1:{a.port}") as ca,
+        DedupClient(f"127.0.0.1:{b.port}") as cb,
+    ):
+        yield ca, cb
 
 
 @pytest.mark.parametrize("backend", ["sqlite", "redis"])
@@ -88,17 +111,8 @@ async def test_other_payload_is_refused_and_writes_nothing(kafka: services.Kafka
 async def test_concurrent_publishes_of_one_key_write_once(
     kafka: services.KafkaBroker, redis_server: services.RedisServer
 ) -> None:
-    topic, group = unique("conc"), unique("g")
-    kafka.create_topic(topic, 3)
-    cfg = settings_dict(
-        kafka, [topic], group, {"backend": "redis", "redis_url": redis_server.url, "key_prefix": unique("p")}
-    )
-    async with (
-        running_sidecar(**cfg) as a,
-        running_sidecar(**cfg) as b,
-        DedupClient(f"127.0.0.1:{a.port}") as ca,
-        DedupClient(f"127.0.0.1:{b.port}") as cb,
-    ):
+    topic = unique("conc")
+    async with two_sidecars(kafka, redis_server, topic) as (ca, cb):
         calls = [(ca if i % 2 else cb).publish(topic, b"same", idempotency_key="hot") for i in range(50)]
         results = await asyncio.gather(*calls)
     assert len({(r.partition, r.offset) for r in results}) == 1
@@ -111,18 +125,9 @@ async def test_two_sidecars_publishing_the_same_batches_write_each_key_once(
 ) -> None:
     from dedup_client.client import publish_request
 
-    topic, group = unique("batches"), unique("g")
-    kafka.create_topic(topic, 3)
-    cfg = settings_dict(
-        kafka, [topic], group, {"backend": "redis", "redis_url": redis_server.url, "key_prefix": unique("p")}
-    )
+    topic = unique("batches")
     keys = [f"k{i}" for i in range(300)]
-    async with (
-        running_sidecar(**cfg) as a,
-        running_sidecar(**cfg) as b,
-        DedupClient(f"127.0.0.1:{a.port}") as ca,
-        DedupClient(f"127.0.0.1:{b.port}") as cb,
-    ):
+    async with two_sidecars(kafka, redis_server, topic) as (ca, cb):
         # Each sidecar gets every key, in batches of 100, in opposite orders: they contend on
         # every key, so publish claims are taken, found busy, waited for and settled both ways.
         calls = [
