@@ -14,7 +14,7 @@ headers 8, timestamp_ms 9, attempt 10, deadline_ms 11; ``Header``: key 1, value 
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 from sidecar.engine.records import Pending
 
@@ -62,17 +62,26 @@ def _tp_field(topic: str, partition: int) -> bytes:
     return field
 
 
-_header_keys: dict[str, bytes] = {}
+def _string_fields(tag: bytes, limit: int = 10_000) -> Callable[[str], bytes]:
+    """A memo of one string field's encoding, for values most records share; forgets all past
+    ``limit`` values. An empty string is left out, as proto3 does."""
+    fields: dict[str, bytes] = {}
 
+    def field(text: str) -> bytes:
+        encoded = fields.get(text)
+        if encoded is None:
+            if len(fields) > limit:
+                fields.clear()
+            encoded = fields[text] = _len_field(tag, text.encode()) if text else b""
+        return encoded
 
-def _header_key(key: str) -> bytes:
-    """A header's key field, which most records share (usually just the idempotency header)."""
-    field = _header_keys.get(key)
-    if field is None:
-        if len(_header_keys) > 10_000:
-            _header_keys.clear()
-        field = _header_keys[key] = _len_field(b"\x0a", key.encode()) if key else b""
     return field
+
+
+#: A header's key field (``Header.key = 1``): usually just the idempotency header.
+_header_key = _string_fields(b"\x0a")
+#: A publish result's topic field (``PublishResponse.topic = 2``).
+_publish_topic = _string_fields(b"\x12")
 
 
 def encode_frame(batch: Sequence[Pending], deadline_ms: int) -> bytes:
@@ -118,9 +127,6 @@ def encode_frame(batch: Sequence[Pending], deadline_ms: int) -> bytes:
     return b"".join(out)
 
 
-_topic_fields: dict[str, bytes] = {}
-
-
 def encode_publish_results(results: Sequence[tuple[str, str, int, int, bool] | tuple[int, str]]) -> bytes:
     """A serialized ``PublishBatchResponse``: per entry, either a PublishOutput-shaped tuple
     (idempotency_key, topic, partition, offset, duplicate) or a failure (status code, message).
@@ -130,7 +136,7 @@ def encode_publish_results(results: Sequence[tuple[str, str, int, int, bool] | t
     offset 4, duplicate 5. Written by hand for the reason frames are (see the module docstring):
     building two messages per entry cost about as much as the rest of the response path.
     """
-    varint, len_field = _varint, _len_field
+    varint, len_field, topic_field = _varint, _len_field, _publish_topic
     out: list[bytes] = []
     for r in results:
         if len(r) == 2:
@@ -140,12 +146,7 @@ def encode_publish_results(results: Sequence[tuple[str, str, int, int, bool] | t
                 body += len_field(b"\x12", message.encode())
         else:
             key, topic, partition, offset, duplicate = r
-            topic_field = _topic_fields.get(topic)
-            if topic_field is None:
-                if len(_topic_fields) > 10_000:
-                    _topic_fields.clear()
-                topic_field = _topic_fields[topic] = len_field(b"\x12", topic.encode()) if topic else b""
-            parts = [len_field(b"\x0a", key.encode()) if key else b"", topic_field]
+            parts = [len_field(b"\x0a", key.encode()) if key else b"", topic_field(topic)]
             if partition:
                 parts += (b"\x18", varint(partition))
             if offset:

@@ -63,7 +63,7 @@ class _Entry:
     """A request this process publishes: the first one in flight with its idempotency key.
 
     Later requests with the key (in this call or a concurrent one) join it: they wait on
-    ``settled``, made only when someone joins, and report its outcome as a duplicate.
+    ``joined``, made only when someone joins, and report its outcome as a duplicate.
     """
 
     __slots__ = ("digest", "joined", "key", "outcome", "req")
@@ -246,8 +246,9 @@ class Publisher:
                 first.joined = asyncio.Event()
             await first.joined.wait()
         outcome = first.outcome
-        if isinstance(outcome, Exception) or outcome is None:
-            return outcome or Unavailable("the publish was interrupted; retry with the same idempotency key")
+        assert outcome is not None  # settle() sets it before it wakes the joined
+        if isinstance(outcome, Exception):
+            return outcome
         record = PublishRecord(first.digest, outcome.topic, outcome.partition, outcome.offset)
         try:
             return self._repeat(outcome.idempotency_key, dig, record)
@@ -270,9 +271,6 @@ class Publisher:
                 won.append(e)
             else:
                 contended.append(e)
-        if not contended:
-            await self._produce_claimed(won)
-            return
         await asyncio.gather(self._produce_claimed(won), *(self._publish_contended(e) for e in contended))
 
     async def _publish_contended(self, entry: _Entry) -> None:
@@ -316,24 +314,23 @@ class Publisher:
             await asyncio.wait_for(asyncio.shield(sent.done), self._producer.timeout_s + self._report_grace_s)
         except TimeoutError:
             sent = sending.result()
-            late = [(i, e) for i, e in enumerate(entries) if sent.results[i] is None]
-            _fail([e for _, e in late], indeterminate(self._producer.timeout_s))
-            self._spawn(self._finish_late([e for _, e in late], [i for i, _ in late], sent))
+            late = [i for i, r in enumerate(sent.results) if r is None]
+            _fail([entries[i] for i in late], indeterminate(self._producer.timeout_s))
+            self._spawn(self._finish_late(entries, late, sending))
         except BaseException:
-            self._spawn(self._finish_late(entries, list(range(len(entries))), sending))
+            self._spawn(self._finish_late(entries, range(len(entries)), sending))
             raise
         await self._finish(entries, sent.results, late=False)
 
     async def _finish_late(
-        self, entries: list[_Entry], indexes: list[int], sent: Sent | asyncio.Future[Sent]
+        self, entries: list[_Entry], indexes: Sequence[int], sending: asyncio.Future[Sent]
     ) -> None:
-        """Record the outcomes of records whose callers stopped waiting, once librdkafka reports them."""
+        """Finish the entries at ``indexes``, whose callers stopped waiting, once librdkafka
+        reports their records."""
         with contextlib.suppress(Exception):  # the store is down: the claims expire
-            if not isinstance(sent, Sent):
-                sent = await sent
+            sent = await sending
             await sent.done
-            results = sent.results
-            await self._finish(entries, [results[i] for i in indexes], late=True)
+            await self._finish([entries[i] for i in indexes], [sent.results[i] for i in indexes], late=True)
 
     async def _finish(
         self, entries: list[_Entry], results: Sequence[Produced | SidecarError | None], late: bool
@@ -369,6 +366,7 @@ class Publisher:
                 produced += 1
                 e.settle(PublishOutput(e.key, record.topic, record.partition, record.offset, False))
             else:  # another writer recorded first (its claim expired meanwhile)
+                assert got is not None  # a record was given, so one is stored
                 raced += 1
                 self._settle_found(e, got)
         published = self._metrics.published
@@ -384,11 +382,8 @@ class Publisher:
         ]
         return Outgoing(req.topic, req.value, req.key, headers, req.partition)
 
-    def _settle_found(self, entry: _Entry, found: PublishRecord | None) -> None:
+    def _settle_found(self, entry: _Entry, found: PublishRecord) -> None:
         """Settle ``entry`` from the record already stored for its key."""
-        if found is None:
-            entry.settle(Unavailable("the publish record vanished; retry with the same idempotency key"))
-            return
         try:
             entry.settle(self._repeat(entry.key, entry.digest, found))
         except SidecarError as exc:

@@ -144,25 +144,34 @@ return out
 # with their hex digest, never with "~". Two commands per key per step, where a claim in the
 # dedup keyspace beside the record cost seven.
 #
+# publish_state(value) -> the record; or nil, the claim's owner and its lease deadline (all nil
+# when the key is absent).
+_PUBLISH_STATE = """
+local function publish_state(v)
+  if not v then return nil end
+  if string.sub(v, 1, 1) ~= '~' then return v end
+  local o, until_ms = string.match(v, '^~(.*)|(%d+)$')
+  return nil, o, tonumber(until_ms)
+end
+"""
+
 # KEYS publish keys; ARGV owner, lease_ms. Returns per key (flat) 3 and the record when it has
 # one, else the claim's status (0 NEW, 2 BUSY) and 1.
 PUBLISH_BEGIN = (
     _NOW
+    + _PUBLISH_STATE
     + """
 local owner, lease = ARGV[1], tonumber(ARGV[2])
 local held = '~' .. owner .. '|' .. string.format('%d', now + lease)
 for _, k in ipairs(KEYS) do
-  local v = redis.call('GET', k)
-  if v and string.sub(v, 1, 1) ~= '~' then
-    out[#out + 1] = 3; out[#out + 1] = v
+  local record, o, until_ms = publish_state(redis.call('GET', k))
+  if record then
+    out[#out + 1] = 3; out[#out + 1] = record
+  elseif o and o ~= owner and until_ms > now then
+    out[#out + 1] = 2; out[#out + 1] = 1
   else
-    local status = 0
-    if v then
-      local o, until_ms = string.match(v, '^~(.*)|(%d+)$')
-      if o and o ~= owner and tonumber(until_ms) > now then status = 2 end
-    end
-    if status == 0 then redis.call('SET', k, held, 'PX', lease) end
-    out[#out + 1] = status; out[#out + 1] = 1
+    redis.call('SET', k, held, 'PX', lease)
+    out[#out + 1] = 0; out[#out + 1] = 1
   end
 end
 return out
@@ -172,23 +181,26 @@ return out
 # KEYS publish keys; ARGV owner, retention_ms, then one record per key ('' when the produce failed).
 # Stores each record unless the key has one (first writer wins), else drops the owner's claim.
 # Returns per key 1 when it stored the record given, else the key's record ('' for none).
-PUBLISH_FINISH = """
+PUBLISH_FINISH = (
+    _PUBLISH_STATE
+    + """
 local out = {}
 for i, k in ipairs(KEYS) do
   local record = ARGV[i + 2]
-  local v = redis.call('GET', k)
-  if v and string.sub(v, 1, 1) ~= '~' then
-    out[i] = v
+  local stored, o = publish_state(redis.call('GET', k))
+  if stored then
+    out[i] = stored
   elseif record ~= '' then
     redis.call('SET', k, record, 'PX', ARGV[2])
     out[i] = 1
   else
-    if v and string.match(v, '^~(.*)|%d+$') == ARGV[1] then redis.call('DEL', k) end
+    if o == ARGV[1] then redis.call('DEL', k) end
     out[i] = ''
   end
 end
 return out
 """
+)
 
 
 def _resp(args: list[bytes]) -> bytes:

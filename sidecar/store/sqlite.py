@@ -18,6 +18,8 @@ from sidecar.store import rules
 from sidecar.store.base import Claim, ClaimMode, Clock, PublishRecord, publish_claim_key, wall_clock_ms
 
 T = TypeVar("T")
+#: What a batch operation does to one key's entry: (its answer, the entry to write or None).
+Step = Callable[[rules.Entry | None, int], tuple[T, rules.Entry | None]]
 _CHUNK = 500  # stay well below SQLite's bound-parameter limit
 
 _SCHEMA = """
@@ -125,7 +127,7 @@ class SQLiteStore:
         db: sqlite3.Connection,
         now: int,
         keys: Sequence[str],
-        step: Callable[[rules.Entry | None, int], tuple[T, rules.Entry | None]],
+        step: Step[T],
     ) -> list[T]:
         """Apply ``step`` to each key's entry (inside the caller's transaction)."""
         entries = self._load(db, keys)
@@ -140,9 +142,7 @@ class SQLiteStore:
         db.executemany("INSERT OR REPLACE INTO dedup_keys VALUES (?, ?, ?, ?, ?, ?)", rows)
         return out
 
-    def _apply(
-        self, keys: Sequence[str], step: Callable[[rules.Entry | None, int], tuple[T, rules.Entry | None]]
-    ) -> list[T]:
+    def _apply(self, keys: Sequence[str], step: Step[T]) -> list[T]:
         return self._transaction(lambda db, now: self._step(db, now, keys, step))
 
     @staticmethod
@@ -157,14 +157,25 @@ class SQLiteStore:
                 found[key] = PublishRecord.decode(record)
         return found
 
-    async def claim(
-        self, keys: Sequence[str], owner: str, lease_ms: int, mode: ClaimMode = ClaimMode.CLAIM
-    ) -> list[Claim]:
+    def _claim_step(self, owner: str, lease_ms: int, mode: ClaimMode = ClaimMode.CLAIM) -> Step[Claim]:
         retention = self._retention_ms
 
         def step(entry: rules.Entry | None, now: int) -> tuple[Claim, rules.Entry | None]:
             return rules.claim(entry, owner, now, lease_ms, retention, mode)
 
+        return step
+
+    @staticmethod
+    def _release_step(owner: str, delivered: bool = True) -> Step[bool]:
+        def step(entry: rules.Entry | None, now: int) -> tuple[bool, rules.Entry | None]:
+            return rules.release(entry, owner, now, delivered)
+
+        return step
+
+    async def claim(
+        self, keys: Sequence[str], owner: str, lease_ms: int, mode: ClaimMode = ClaimMode.CLAIM
+    ) -> list[Claim]:
+        step = self._claim_step(owner, lease_ms, mode)
         return await self._run(lambda: self._apply(keys, step))
 
     async def complete(self, keys: Sequence[str], owner: str, retention_ms: int) -> list[bool]:
@@ -174,18 +185,13 @@ class SQLiteStore:
         return await self._run(lambda: self._apply(keys, step))
 
     async def release(self, keys: Sequence[str], owner: str, delivered: bool = True) -> list[bool]:
-        def step(entry: rules.Entry | None, now: int) -> tuple[bool, rules.Entry | None]:
-            return rules.release(entry, owner, now, delivered)
-
+        step = self._release_step(owner, delivered)
         return await self._run(lambda: self._apply(keys, step))
 
     async def publish_begin(
         self, keys: Sequence[str], owner: str, lease_ms: int
     ) -> list[PublishRecord | Claim]:
-        retention = self._retention_ms
-
-        def step(entry: rules.Entry | None, now: int) -> tuple[Claim, rules.Entry | None]:
-            return rules.claim(entry, owner, now, lease_ms, retention)
+        step = self._claim_step(owner, lease_ms)
 
         def begin(db: sqlite3.Connection, now: int) -> list[PublishRecord | Claim]:
             found = self._records(db, now, keys)
@@ -199,8 +205,7 @@ class SQLiteStore:
     async def publish_finish(
         self, entries: Sequence[tuple[str, PublishRecord | None]], owner: str, retention_ms: int
     ) -> list[PublishRecord | None]:
-        def release(entry: rules.Entry | None, now: int) -> tuple[bool, rules.Entry | None]:
-            return rules.release(entry, owner, now)
+        release = self._release_step(owner)
 
         def finish(db: sqlite3.Connection, now: int) -> list[PublishRecord | None]:
             found: dict[str, PublishRecord] = self._records(db, now, [k for k, _ in entries])
