@@ -145,8 +145,16 @@ def raw_consume(kafka: services.KafkaBroker, topic: str, n: int) -> Result:
 
 
 class SidecarProc:
+    """A sidecar in its own process; with ``ceiling``, bench/ceiling.py in that mode instead."""
+
     def __init__(
-        self, kafka: services.KafkaBroker, topic: str, group: str, store: dict[str, str], workdir: Path
+        self,
+        kafka: services.KafkaBroker,
+        topic: str,
+        group: str,
+        store: dict[str, str],
+        workdir: Path,
+        ceiling: str | None = None,
     ):
         self.port, self.metrics_port = services.free_port(), services.free_port()
         env = {
@@ -160,9 +168,11 @@ class SidecarProc:
             **store,
         }
         self.log = open(workdir / f"sidecar-{self.port}.log", "wb")  # noqa: SIM115
-        self.proc = subprocess.Popen(
-            [sys.executable, "-m", "sidecar"], env=env, stdout=self.log, stderr=subprocess.STDOUT
-        )
+        argv = [sys.executable, "-m", "sidecar"]
+        if ceiling:
+            script = str(ROOT / "bench" / "ceiling.py")
+            argv = [sys.executable, script, ceiling, self.target, kafka.bootstrap_servers]
+        self.proc = subprocess.Popen(argv, env=env, stdout=self.log, stderr=subprocess.STDOUT)
 
     @property
     def target(self) -> str:
@@ -314,6 +324,12 @@ def raw_publish(kafka: services.KafkaBroker, topic: str, n: int) -> Result:
     return Result("raw idempotent producer", n, time.perf_counter() - t0)
 
 
+CEILINGS = {
+    "grpc": "bound: PublishBatch answered without Kafka or a store (bench/ceiling.py grpc)",
+    "produce": "bound: PublishBatch through the sidecar's producer, no store (bench/ceiling.py produce)",
+}
+
+
 def sidecar_publish(
     kafka: services.KafkaBroker,
     topic: str,
@@ -322,21 +338,24 @@ def sidecar_publish(
     workdir: Path,
     batch: int,
     coalesce: bool = False,
+    ceiling: str | None = None,
 ) -> Result:
     """``batch`` > 1: PublishBatch calls of that many, 4 in flight. Otherwise one ``publish()`` per
-    record: 64 unary calls in flight, or with ``coalesce`` 2,000 calls gathered by the client."""
+    record: 64 unary calls in flight, or with ``coalesce`` 2,000 calls gathered by the client.
+    ``ceiling``: the same PublishBatch calls, answered by bench/ceiling.py in that mode."""
     # The sidecar consumes another (empty) topic: only the publish path is measured.
     quiesce()
     idle = f"benchidle-{time.time_ns()}"
     kafka.create_topic(idle, 1)
-    proc = SidecarProc(kafka, idle, f"pub-{time.time_ns()}", store, workdir)
+    proc = SidecarProc(kafka, idle, f"pub-{time.time_ns()}", store, workdir, ceiling)
     try:
 
         async def run() -> float:
             await wait_serving(proc.target)
             async with DedupClient(proc.target, coalesce_publishes=coalesce) as c:
                 prefix = f"p{batch}-{time.time_ns()}"
-                await c.publish(topic, VALUE, idempotency_key=f"{prefix}-warm-up")  # as the raw one
+                # Warms the producer up, as the raw one is; a batch, which every mode serves.
+                await c.publish_batch([publish_request(topic, VALUE, idempotency_key=f"{prefix}-warm-up")])
                 t0 = time.perf_counter()
                 if batch > 1:
                     sem = asyncio.Semaphore(4)
@@ -363,7 +382,9 @@ def sidecar_publish(
         dt = asyncio.run(run())
     finally:
         proc.stop()
-    if batch > 1:
+    if ceiling:
+        name = CEILINGS[ceiling]
+    elif batch > 1:
         name = f"PublishBatch ({batch} per call, 4 calls in flight)"
     elif coalesce:
         name = "publish() coalesced by the client (2,000 in flight)"
@@ -639,11 +660,17 @@ def main() -> int:
             sidecar_publish(kafka, "benchpub", n_pub, redis_store, work, 500),
             sidecar_publish(kafka, "benchpub", n_unary, redis_store, work, 1),
             sidecar_publish(kafka, "benchpub", n_pub, redis_store, work, 1, coalesce=True),
+            # What bounds PublishBatch: the same calls with the store, then the producer, left out.
+            *(sidecar_publish(kafka, "benchpub", n_pub, {}, work, 500, ceiling=mode) for mode in CEILINGS),
         ]
 
         # The two headline ratios once more, as alternating pairs: one run of each is at the
         # mercy of whatever else the shared machine does in those seconds.
-        pairs: dict[str, list[tuple[float, float]]] = {"consume": [], "publish": []}  # (sidecar, raw)
+        pairs: dict[str, list[tuple[float, float]]] = {  # (sidecar, raw)
+            "consume": [],
+            "publish": [],
+            "publish_bound": [],
+        }
         for i in range(1 if args.quick else 3):
             log(f"repeated pairs, round {i + 1}")
             raw = raw_consume(kafka, "bench6", n)
@@ -652,6 +679,8 @@ def main() -> int:
             raw = raw_publish(kafka, "benchpub", n_pub)
             sc = sidecar_publish(kafka, "benchpub", n_pub, redis_store, work, 500)
             pairs["publish"].append((sc.rate, raw.rate))
+            bound = sidecar_publish(kafka, "benchpub", n_pub, {}, work, 500, ceiling="produce")
+            pairs["publish_bound"].append((bound.rate, raw.rate))
 
     def row(r: Result, baseline: float) -> dict[str, Any]:
         return {
@@ -729,6 +758,10 @@ def write_markdown(r: dict[str, Any], path: Path, png: str | None) -> None:
         "",
         "## Publish, 1 KB records",
         "",
+        "Rows marked *bound* are not the product: bench/ceiling.py answers the same PublishBatch calls "
+        "with parts of the work left out (the store and the digest; then Kafka too), to show what "
+        "each layer costs.",
+        "",
         *rate_table(r["publish"]),
     ]
     if "pairs" in r:
@@ -744,6 +777,12 @@ def write_markdown(r: dict[str, Any], path: Path, png: str | None) -> None:
             f"| sidecar (Redis, batched acks) / raw consumer | {c['median']} | {pair_cells(c)} |",
             f"| PublishBatch / raw idempotent producer | {p['median']} | {pair_cells(p)} |",
         ]
+        if "publish_bound" in r["pairs"]:
+            b = r["pairs"]["publish_bound"]
+            lines.append(
+                f"| bound: gRPC and the sidecar's producer, no store / the same raw producer | {b['median']} "
+                f"| {pair_cells(b)} |"
+            )
     lines += [
         "",
         "## Produce-to-app latency at 2,000 msg/s",

@@ -1,0 +1,104 @@
+"""Stand-ins for the sidecar's publish path that skip parts of it, to measure what bounds it.
+
+    python bench/ceiling.py MODE LISTEN BOOTSTRAP
+
+Serves ``DedupService/PublishBatch`` (and gRPC health, for start-up checks) on LISTEN, on the
+same runtime as the sidecar (grpc.aio on uvloop, the interpreter tuned as ``sidecar.cli`` tunes
+it), and answers in the sidecar's wire format (``sidecar.api.frames``). MODE says how much of
+the work it does:
+
+* ``grpc``: nothing but the transport; every entry is answered as written at offset 0. This is
+  what the gRPC hop costs the client and a Python server, with no Kafka and no store.
+* ``produce``: the transport and the sidecar's own producer (``sidecar.kafka.producer``), with
+  the idempotency-key header set as the sidecar sets it; no store, no digest, no claims.
+
+Neither is a product: both give up the idempotency the sidecar exists for. The benchmark runs
+them with the same client and the same records as the real PublishBatch row, so the three rates
+show how much of the gap to the raw producer each layer takes.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import gc
+import signal
+import sys
+from typing import Any
+
+import grpc
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+
+from sidecar._proto import dedup_pb2 as pb
+from sidecar.api.frames import encode_publish_results
+from sidecar.api.server import SERVICE_NAME
+from sidecar.errors import SidecarError
+from sidecar.kafka.producer import AsyncProducer, Outgoing
+
+HEADER = "idempotency-key"
+
+
+def _passthrough(data: bytes) -> bytes:
+    return data
+
+
+def _outgoing(e: pb.PublishRequest) -> Outgoing:
+    key = e.key if e.HasField("key") else None
+    return Outgoing(e.topic, e.value, key, [(HEADER, e.idempotency_key)])
+
+
+async def serve(mode: str, listen: str, bootstrap: str) -> None:
+    loop = asyncio.get_running_loop()
+    producer = AsyncProducer({"bootstrap.servers": bootstrap}, loop) if mode == "produce" else None
+
+    async def publish_batch(request: pb.PublishBatchRequest, context: Any) -> bytes:
+        entries = request.entries
+        if producer is None:
+            return encode_publish_results([(e.idempotency_key, e.topic, 0, 0, False) for e in entries])
+        sent = await producer.send([_outgoing(e) for e in entries])
+        await sent.done
+        out: list[tuple[str, str, int, int, bool] | tuple[int, str]] = []
+        for e, r in zip(entries, sent.results, strict=True):
+            if isinstance(r, SidecarError) or r is None:
+                out.append((grpc.StatusCode.UNAVAILABLE.value[0], str(r)))
+            else:
+                out.append((e.idempotency_key, r.topic, r.partition, r.offset, False))
+        return encode_publish_results(out)
+
+    server = grpc.aio.server(options=[("grpc.so_reuseport", 0)])
+    handler = grpc.unary_unary_rpc_method_handler(
+        publish_batch,
+        request_deserializer=pb.PublishBatchRequest.FromString,
+        response_serializer=_passthrough,
+    )
+    server.add_generic_rpc_handlers(
+        (grpc.method_handlers_generic_handler(SERVICE_NAME, {"PublishBatch": handler}),)
+    )
+    checker = health.aio.HealthServicer()
+    health_pb2_grpc.add_HealthServicer_to_server(checker, server)
+    await checker.set("", health_pb2.HealthCheckResponse.SERVING)
+    server.add_insecure_port(listen)
+    await server.start()
+    stop = asyncio.Event()
+    loop.add_signal_handler(signal.SIGTERM, stop.set)
+    await stop.wait()
+    await server.stop(1)
+    if producer is not None:
+        await producer.close()
+
+
+def main() -> int:
+    mode, listen, bootstrap = sys.argv[1:4]
+    if mode not in ("grpc", "produce"):
+        print(f"ceiling.py: MODE must be grpc or produce, not {mode!r}", file=sys.stderr)
+        return 2
+    gc.freeze()  # as sidecar.cli._tune_interpreter
+    gc.set_threshold(50_000, 20, 100)
+    sys.setswitchinterval(0.0005)
+    import uvloop
+
+    uvloop.run(serve(mode, listen, bootstrap))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
