@@ -23,3 +23,16 @@ if [ ! -f "$stamp" ] || [ pyproject.toml -nt "$stamp" ] || [ clients/python/pypr
 fi
 echo "bootstrap: fetching the Kafka broker and redis-server (cached after the first run)" >&2
 .venv/bin/python deploy/local/services.py install
+if command -v go >/dev/null 2>&1; then
+  echo "bootstrap: Go client: protoc plugins and modules (cached after the first run)" >&2
+  for tool in $(.venv/bin/python -c 'import sys; sys.path.insert(0, "scripts"); import gen_protos; print(*gen_protos.GO_PLUGINS.values())'); do
+    name=${tool%@*}; name=${name##*/}
+    if [ "$(cat ".tools/$name.version" 2>/dev/null)" != "$tool" ]; then  # pinned: reinstall on a change
+      GOBIN="$PWD/.tools/bin" go install "$tool"
+      echo "$tool" > ".tools/$name.version"
+    fi
+  done
+  (cd clients/go && go mod download)
+else
+  echo "bootstrap: Go not found: the Go client's tests and stub check are skipped" >&2
+fi

@@ -16,5 +16,15 @@ echo "== ruff" >&2
 .venv/bin/ruff format --check .
 echo "== mypy --strict" >&2
 .venv/bin/mypy
+if command -v go >/dev/null 2>&1; then
+  echo "== Go client: gofmt, go vet, go test -race" >&2
+  (
+    cd clients/go
+    unformatted=$(gofmt -l .)
+    if [ -n "$unformatted" ]; then echo "gofmt would change: $unformatted" >&2; exit 1; fi
+    go vet ./...
+    go test -race -count=1 ./...
+  )
+fi
 echo "== pytest" >&2
 exec .venv/bin/pytest "$@"
