@@ -534,16 +534,19 @@ def plot(results: dict[str, Any], path: Path) -> bool:
         log("matplotlib not installed; skipping the plot (pip install matplotlib)")
         return False
     rows = results["consume"] + results["publish"]
-    names = [r["name"] for r in rows]
+    names = [r["name"].split(" (bench/")[0] for r in rows]  # the table names the bound's script
     ratios = [r["ratio"] for r in rows]
-    fig, ax = plt.subplots(figsize=(9, 0.45 * len(rows) + 1.2))
-    ax.barh(names[::-1], ratios[::-1], color=["#4c72b0" if x >= 0.5 else "#dd8452" for x in ratios[::-1]])
+    colours = [
+        "#b0b0b0" if name.startswith("bound") else "#4c72b0" if x >= 0.5 else "#dd8452"
+        for name, x in zip(names, ratios, strict=True)
+    ]
+    fig, ax = plt.subplots(figsize=(11, 0.45 * len(rows) + 1.2))
+    ax.barh(names[::-1], ratios[::-1], color=colours[::-1])
     ax.axvline(0.5, color="grey", linestyle="--", linewidth=1)
     ax.axvline(1.0, color="black", linewidth=0.8)
     ax.set_xlabel("throughput / baseline of the same run")
-    ax.set_title("throughput relative to the raw confluent-kafka client (same run)")
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
+    ax.set_title("throughput relative to the raw confluent-kafka client (same run); grey: bounds")
+    fig.savefig(path, dpi=110, bbox_inches="tight")
     return True
 
 
@@ -553,12 +556,14 @@ def main() -> int:
     ap.add_argument("--memory-records", type=int, default=1_000_000, help="records for the RSS measurement")
     ap.add_argument("--quick", action="store_true", help="small sizes, to check the harness works")
     ap.add_argument("--out", default=str(ROOT / "docs" / "BENCHMARKS.md"))
-    ap.add_argument("--render-only", action="store_true", help="rewrite the markdown from bench/results.json")
+    ap.add_argument(
+        "--render-only", action="store_true", help="redraw the markdown and plot from bench/results.json"
+    )
     args = ap.parse_args()
     if args.render_only:
         saved = json.loads((ROOT / "bench" / "results.json").read_text())
         png = Path(args.out).with_suffix(".png")
-        write_markdown(saved, Path(args.out), png.name if png.exists() else None)
+        write_markdown(saved, Path(args.out), png.name if plot(saved, png) else None)
         return 0
     n = 20_000 if args.quick else args.records
     n_mem = 40_000 if args.quick else args.memory_records
