@@ -42,50 +42,39 @@ GO_PLUGINS = {
 }
 
 
-def generate() -> dict[str, str]:
+def protoc(*outputs: str) -> dict[str, str]:
+    """Run grpcio-tools' protoc on the proto; ``outputs`` are its plugin and output flags, with
+    ``{out}`` for the output directory. Returns the generated files by name."""
     with tempfile.TemporaryDirectory() as tmp:
-        subprocess.run(
-            [
-                sys.executable,
-                "-m",
-                "grpc_tools.protoc",
-                f"-I{PROTO_ROOT}",
-                f"--python_out={tmp}",
-                f"--grpc_python_out={tmp}",
-                f"--plugin=protoc-gen-mypy={BIN / 'protoc-gen-mypy'}",
-                f"--plugin=protoc-gen-mypy_grpc={BIN / 'protoc-gen-mypy_grpc'}",
-                f"--mypy_out={tmp}",
-                f"--mypy_grpc_out={tmp}",
-                PROTO,
-            ],
-            check=True,
-        )
+        flags = [flag.format(out=tmp) for flag in outputs]
+        command = [sys.executable, "-m", "grpc_tools.protoc", f"-I{PROTO_ROOT}", *flags, PROTO]
+        subprocess.run(command, check=True)
         out = Path(tmp) / "dedup" / "v1"
         return {p.name: p.read_text() for p in sorted(out.iterdir()) if p.is_file()}
+
+
+def generate() -> dict[str, str]:
+    return protoc(
+        "--python_out={out}",
+        "--grpc_python_out={out}",
+        f"--plugin=protoc-gen-mypy={BIN / 'protoc-gen-mypy'}",
+        f"--plugin=protoc-gen-mypy_grpc={BIN / 'protoc-gen-mypy_grpc'}",
+        "--mypy_out={out}",
+        "--mypy_grpc_out={out}",
+    )
 
 
 def generate_go() -> dict[str, str] | None:
     """The Go stubs by file name; None when the plugins are not installed."""
     if not all((GO_TOOLS / name).exists() for name in GO_PLUGINS):
         return None
-    with tempfile.TemporaryDirectory() as tmp:
-        subprocess.run(
-            [
-                sys.executable,
-                "-m",
-                "grpc_tools.protoc",
-                f"-I{PROTO_ROOT}",
-                *(f"--plugin={name}={GO_TOOLS / name}" for name in GO_PLUGINS),
-                f"--go_out={tmp}",
-                "--go_opt=paths=source_relative",
-                f"--go-grpc_out={tmp}",
-                "--go-grpc_opt=paths=source_relative",
-                PROTO,
-            ],
-            check=True,
-        )
-        out = Path(tmp) / "dedup" / "v1"
-        return {p.name: p.read_text() for p in sorted(out.iterdir()) if p.is_file()}
+    return protoc(
+        *(f"--plugin={name}={GO_TOOLS / name}" for name in GO_PLUGINS),
+        "--go_out={out}",
+        "--go_opt=paths=source_relative",
+        "--go-grpc_out={out}",
+        "--go-grpc_opt=paths=source_relative",
+    )
 
 
 def rewrite(text: str, package: str) -> str:
