@@ -36,3 +36,11 @@ if command -v go >/dev/null 2>&1; then
 else
   echo "bootstrap: Go not found: the Go client's tests and stub check are skipped" >&2
 fi
+if command -v npm >/dev/null 2>&1; then
+  if [ ! -d clients/node/node_modules ] || [ clients/node/package.json -nt clients/node/node_modules ]; then
+    echo "bootstrap: Node.js client packages" >&2
+    (cd clients/node && npm install --no-audit --no-fund --silent && touch node_modules)
+  fi
+else
+  echo "bootstrap: npm not found: the Node.js client's tests are skipped" >&2
+fi

@@ -26,5 +26,9 @@ if command -v go >/dev/null 2>&1; then
     go test -race -count=1 ./...
   )
 fi
+if command -v node >/dev/null 2>&1; then
+  echo "== Node.js client: node --test" >&2
+  (cd clients/node && node --test test/)
+fi
 echo "== pytest" >&2
 exec .venv/bin/pytest "$@"

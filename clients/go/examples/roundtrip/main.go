@@ -1,6 +1,6 @@
 // Command roundtrip publishes records through a sidecar, publishes some of them again, then
 // consumes and acks them all: the whole client surface against a real sidecar. It prints one
-// JSON line of counts; tests/integration/test_go_client.py checks them against Kafka.
+// JSON line of counts; tests/integration/test_other_clients.py checks them against Kafka.
 //
 //	go run ./examples/roundtrip -target 127.0.0.1:50051 -topic orders -n 200
 package main

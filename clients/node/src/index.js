@@ -1,0 +1,406 @@
+// Node.js client of the Kafka dedup sidecar.
+//
+// The sidecar runs next to the application, owns the Kafka consumer and the idempotent
+// producer, and streams de-duplicated deliveries over gRPC; it commits an offset only once
+// every record before it is acked. This module adds what every application needs on top of
+// the proto (loaded at run time from the copy in ../proto, which scripts/gen_protos.py keeps
+// identical to protos/):
+//
+//   - frames() and subscribe() iterate a Subscribe stream (a frame is the deliveries the
+//     sidecar sent together);
+//   - message.ack() is cheap: acks are gathered for a few milliseconds or up to a number of
+//     ids and sent as one Ack call; its promise settles with that ack's own result;
+//   - publish() and publishBatch() produce through the sidecar's idempotent producer.
+
+import { fileURLToPath } from "node:url";
+import * as grpc from "@grpc/grpc-js";
+import * as protoLoader from "@grpc/proto-loader";
+
+const PROTO = fileURLToPath(new URL("../proto/dedup/v1/dedup.proto", import.meta.url));
+
+// int64 fields (offsets, timestamps) arrive as Numbers: exact below 2^53, which Kafka offsets
+// and millisecond timestamps stay under.
+const definition = protoLoader.loadSync(PROTO, { longs: Number, enums: String, defaults: true, oneofs: true });
+const DedupService = grpc.loadPackageDefinition(definition).dedup.v1.DedupService;
+
+/** The answers to ack, nack and extendDeadline, per id. */
+export const AckResult = Object.freeze({
+  /** Settled (for nack and extendDeadline: done). */
+  OK: "OK",
+  /** The partition moved to another consumer since the delivery; it is redelivered there. */
+  STALE: "STALE",
+  /** No such delivery id in this sidecar. */
+  UNKNOWN: "UNKNOWN",
+  /** Acked before; harmless. */
+  ALREADY_ACKED: "ALREADY_ACKED",
+});
+
+const ACK_RESULT_PREFIX = "ACK_RESULT_";
+
+/** An Ack call failed as a whole (for example UNAVAILABLE while the store is down): nothing in it was acked. */
+export class AckError extends Error {
+  /** @param {grpc.ServiceError} cause */
+  constructor(cause) {
+    super(`the Ack call failed, none of its ids was acked: ${cause.message}`, { cause });
+    this.name = "AckError";
+    /** The gRPC status code (a number of grpc.status). */
+    this.code = cause.code;
+  }
+}
+
+/** One PublishBatch entry failed: its gRPC status code and the sidecar's message, which names what to change. */
+export class PublishError extends Error {
+  /**
+   * @param {number} code a grpc.status code
+   * @param {string} details the sidecar's message
+   */
+  constructor(code, details) {
+    super(`${grpc.status[code] ?? code}: ${details}`);
+    this.name = "PublishError";
+    this.code = code;
+    this.details = details;
+  }
+}
+
+/**
+ * The idempotency key of the index-th record published while handling the delivery keyed
+ * inputKey: a redelivered input republishes its outputs under the same keys, and the sidecar
+ * writes each once. The Python and Go clients derive keys the same way.
+ * @param {string} inputKey
+ * @param {number} index
+ */
+export function deriveKey(inputKey, index) {
+  return `${inputKey}/${index}`;
+}
+
+/** One delivery. Call ack() once its side effects are done, or nack(). */
+export class Message {
+  /**
+   * @param {DedupClient} client
+   * @param {any} d the Delivery as decoded
+   */
+  constructor(client, d) {
+    this.client = client;
+    /** @type {string} */ this.deliveryId = d.deliveryId;
+    /** @type {string} */ this.idempotencyKey = d.idempotencyKey;
+    /** @type {string} */ this.topic = d.topic;
+    /** @type {number} */ this.partition = d.partition;
+    /** @type {number} */ this.offset = d.offset;
+    /** The record key; null for a keyless record. @type {Buffer | null} */
+    this.key = d._key === "key" ? d.key : null;
+    /** @type {Buffer} */ this.value = d.value;
+    /** @type {{key: string, value: Buffer}[]} */ this.headers = d.headers;
+    /** @type {number} */ this.timestampMs = d.timestampMs;
+    /** 1 on first delivery; more after redeliveries. @type {number} */ this.attempt = d.attempt;
+    /** @type {number} */ this.deadlineMs = d.deadlineMs;
+  }
+
+  /**
+   * Queue an ack; the promise settles with its result. Ignoring the promise is safe: a failed
+   * ack is not an unhandled rejection, and the message is redelivered after its deadline.
+   * @returns {Promise<string>} one of AckResult
+   */
+  ack() {
+    return this.client.ack(this.deliveryId);
+  }
+
+  /**
+   * Give the message back for redelivery, or dead-letter it.
+   * @param {NackOptions} [options]
+   */
+  async nack(options) {
+    const [result] = await this.client.nack([this.deliveryId], options);
+    return result;
+  }
+}
+
+/**
+ * @typedef {object} NackOptions
+ * @property {number} [delaySeconds] before redelivery; unset: the sidecar's exponential backoff
+ * @property {boolean} [deadLetter] send to the dead-letter topic instead of redelivering
+ * @property {string} [reason] travels with a dead-lettered record
+ *
+ * @typedef {object} PublishRecord
+ * @property {string} topic
+ * @property {Buffer | string} value
+ * @property {Buffer | string | null} [key] unset or null: a keyless record
+ * @property {{key: string, value: Buffer | string}[]} [headers]
+ * @property {string} [idempotencyKey] empty: the sidecar generates a unique one
+ * @property {number} [partition] unset: the producer's partitioner chooses
+ *
+ * @typedef {object} PublishResult
+ * @property {string} idempotencyKey
+ * @property {string} topic
+ * @property {number} partition
+ * @property {number} offset
+ * @property {boolean} duplicate the key was published before; partition and offset are the first write's
+ *
+ * @typedef {object} SubscribeOptions
+ * @property {string[]} [topics] a subset of the sidecar's kafka.topics; empty: all
+ * @property {number} [maxInFlight] most un-acked deliveries on the stream; 0: the sidecar's default
+ * @property {number} [maxInFlightBytes] most un-acked payload bytes on the stream; 0: the default
+ * @property {number} [maxBatch] most deliveries per frame; 0: the default
+ *
+ * @typedef {object} ClientOptions
+ * @property {string} [token] sent as "authorization: Bearer <token>" (server.auth_token)
+ * @property {number} [ackLingerMs] how long acks are gathered before one Ack call (5)
+ * @property {number} [ackMaxIds] most ids per gathered Ack call (1000; at most server.max_ids_per_call)
+ * @property {boolean} [plainAcks] one Ack call per ack(): the simplest protocol use, and the slowest
+ * @property {number} [timeoutMs] deadline of each unary call (60000)
+ * @property {grpc.ChannelCredentials} [credentials] default: plaintext, for a sidecar on loopback
+ * @property {grpc.ChannelOptions} [channelOptions]
+ */
+
+/** Gathers ids for lingerMs or maxIds, then sends them in one call; each ack's promise gets its own result. */
+class AckBatcher {
+  /**
+   * @param {(ids: string[]) => Promise<string[]>} send
+   * @param {number} lingerMs
+   * @param {number} maxIds
+   */
+  constructor(send, lingerMs, maxIds) {
+    this.send = send;
+    this.lingerMs = lingerMs;
+    this.maxIds = maxIds;
+    /** @type {string[]} */ this.ids = [];
+    /** @type {{resolve: (r: string) => void, reject: (e: Error) => void}[]} */ this.waiting = [];
+    /** @type {NodeJS.Timeout | null} */ this.timer = null;
+    /** @type {Set<Promise<void>>} */ this.calls = new Set();
+  }
+
+  /** @param {string} id */
+  add(id) {
+    /** @type {Promise<string>} */
+    const result = new Promise((resolve, reject) => {
+      this.ids.push(id);
+      this.waiting.push({ resolve, reject });
+    });
+    result.catch(() => {}); // a caller that does not wait must not crash the process
+    if (this.ids.length >= this.maxIds) {
+      this.flush();
+    } else if (this.timer === null) {
+      this.timer = setTimeout(() => this.flush(), this.lingerMs);
+    }
+    return result;
+  }
+
+  flush() {
+    if (this.timer !== null) {
+      clearTimeout(this.timer);
+      this.timer = null;
+    }
+    if (this.ids.length === 0) return;
+    const ids = this.ids;
+    const waiting = this.waiting;
+    this.ids = [];
+    this.waiting = [];
+    const call = this.send(ids).then(
+      (results) => waiting.forEach((w, i) => w.resolve(results[i])),
+      (err) => {
+        const error = new AckError(err);
+        waiting.forEach((w) => w.reject(error));
+      },
+    );
+    this.calls.add(call);
+    call.finally(() => this.calls.delete(call));
+  }
+
+  /** Send what is gathered and wait for every Ack call sent until now. */
+  async drain() {
+    this.flush();
+    await Promise.all([...this.calls]);
+  }
+}
+
+export class DedupClient {
+  /**
+   * @param {string} target the sidecar's server.listen, "host:port"
+   * @param {ClientOptions} [options]
+   */
+  constructor(target, options = {}) {
+    this.options = { ackLingerMs: 5, ackMaxIds: 1000, plainAcks: false, timeoutMs: 60_000, ...options };
+    this.stub = new DedupService(target, this.options.credentials ?? grpc.credentials.createInsecure(), {
+      "grpc.max_receive_message_length": 64 * 1024 * 1024,
+      ...this.options.channelOptions,
+    });
+    this.metadata = new grpc.Metadata();
+    if (this.options.token) this.metadata.set("authorization", `Bearer ${this.options.token}`);
+    this.acks = new AckBatcher((ids) => this.ackMany(ids), this.options.ackLingerMs, this.options.ackMaxIds);
+  }
+
+  /**
+   * One unary call; rejects with the grpc.ServiceError (code, details) when it fails.
+   * @param {string} method
+   * @param {object} request
+   * @returns {Promise<any>}
+   */
+  call(method, request) {
+    const deadline = Date.now() + this.options.timeoutMs;
+    return new Promise((resolve, reject) => {
+      this.stub[method](request, this.metadata, { deadline }, (/** @type {any} */ err, /** @type {any} */ resp) =>
+        err ? reject(err) : resolve(resp),
+      );
+    });
+  }
+
+  /**
+   * Frames of messages until the stream ends; leaving the loop closes the stream, and its
+   * un-acked messages are redelivered.
+   * @param {SubscribeOptions} [options]
+   * @returns {AsyncGenerator<Message[]>}
+   */
+  async *frames(options = {}) {
+    const call = this.stub.Subscribe(
+      {
+        topics: options.topics ?? [],
+        maxInFlight: options.maxInFlight ?? 0,
+        maxInFlightBytes: options.maxInFlightBytes ?? 0,
+        maxBatch: options.maxBatch ?? 0,
+      },
+      this.metadata,
+    );
+    try {
+      for await (const frame of call) {
+        yield frame.deliveries.map((/** @type {any} */ d) => new Message(this, d));
+      }
+    } finally {
+      call.cancel();
+    }
+  }
+
+  /**
+   * Messages one at a time; see frames().
+   * @param {SubscribeOptions} [options]
+   * @returns {AsyncGenerator<Message>}
+   */
+  async *subscribe(options = {}) {
+    for await (const frame of this.frames(options)) yield* frame;
+  }
+
+  /**
+   * Queue an ack for one delivery id (gathered unless plainAcks); see Message.ack().
+   * @param {string} deliveryId
+   * @returns {Promise<string>}
+   */
+  ack(deliveryId) {
+    if (!this.options.plainAcks) return this.acks.add(deliveryId);
+    const result = this.ackMany([deliveryId]).then(
+      ([r]) => r,
+      (err) => Promise.reject(new AckError(err)),
+    );
+    result.catch(() => {});
+    return result;
+  }
+
+  /**
+   * One Ack call for these ids, not gathered with others. Rejects with the call's
+   * grpc.ServiceError (UNAVAILABLE when the sidecar's store is down: nothing was acked).
+   * @param {string[]} ids
+   * @returns {Promise<string[]>}
+   */
+  async ackMany(ids) {
+    return results(await this.call("Ack", { deliveryIds: ids }), ids.length);
+  }
+
+  /** Send the acks gathered so far and wait for the answers to every Ack call sent. */
+  async flushAcks() {
+    await this.acks.drain();
+  }
+
+  /**
+   * @param {string[]} ids
+   * @param {NackOptions} [options]
+   * @returns {Promise<string[]>}
+   */
+  async nack(ids, options = {}) {
+    /** @type {Record<string, unknown>} */
+    const request = { deliveryIds: ids, deadLetter: options.deadLetter ?? false, reason: options.reason ?? "" };
+    if (options.delaySeconds !== undefined) request.delaySeconds = options.delaySeconds;
+    return results(await this.call("Nack", request), ids.length);
+  }
+
+  /**
+   * @param {string[]} ids
+   * @param {number} seconds
+   * @returns {Promise<string[]>}
+   */
+  async extendDeadline(ids, seconds) {
+    return results(await this.call("ExtendDeadline", { deliveryIds: ids, seconds }), ids.length);
+  }
+
+  /**
+   * Publish one record and wait for Kafka's acknowledgement. Rejects with the call's
+   * grpc.ServiceError: INVALID_ARGUMENT for a bad record, ALREADY_EXISTS for a key published
+   * before with another payload, DEADLINE_EXCEEDED or UNAVAILABLE when the outcome is unknown
+   * (retry with the same idempotency key).
+   * @param {PublishRecord} record
+   * @returns {Promise<PublishResult>}
+   */
+  async publish(record) {
+    return publishResult(await this.call("Publish", publishRequest(record)));
+  }
+
+  /**
+   * Publish many records in one call. Rejects when the call fails as a whole (nothing is
+   * known of any entry: retry with the same keys); otherwise each entry gets its
+   * PublishResult or a PublishError, in order.
+   * @param {PublishRecord[]} records
+   * @returns {Promise<(PublishResult | PublishError)[]>}
+   */
+  async publishBatch(records) {
+    const resp = await this.call("PublishBatch", { entries: records.map(publishRequest) });
+    if (resp.results.length !== records.length) {
+      throw new Error(`the sidecar answered ${resp.results.length} results for ${records.length} records`);
+    }
+    return resp.results.map((/** @type {any} */ r) =>
+      r.code === 0 ? publishResult(r.response) : new PublishError(r.code, r.message),
+    );
+  }
+
+  /** Send the gathered acks, wait for their answers, and close the channel. */
+  async close() {
+    await this.flushAcks();
+    this.stub.close();
+  }
+}
+
+/**
+ * @param {any} resp an Ack, Nack or ExtendDeadline response
+ * @param {number} want
+ */
+function results(resp, want) {
+  if (resp.results.length !== want) {
+    throw new Error(`the sidecar answered ${resp.results.length} results for ${want} ids`);
+  }
+  return resp.results.map((/** @type {string} */ r) =>
+    r.startsWith(ACK_RESULT_PREFIX) ? r.slice(ACK_RESULT_PREFIX.length) : r,
+  );
+}
+
+/** @param {PublishRecord} r */
+function publishRequest(r) {
+  /** @type {Record<string, unknown>} */
+  const request = {
+    topic: r.topic,
+    value: typeof r.value === "string" ? Buffer.from(r.value) : r.value,
+    headers: (r.headers ?? []).map((h) => ({ key: h.key, value: Buffer.from(h.value) })),
+    idempotencyKey: r.idempotencyKey ?? "",
+  };
+  if (r.key !== undefined && r.key !== null) request.key = typeof r.key === "string" ? Buffer.from(r.key) : r.key;
+  if (r.partition !== undefined) request.partition = r.partition;
+  return request;
+}
+
+/**
+ * @param {any} r
+ * @returns {PublishResult}
+ */
+function publishResult(r) {
+  return {
+    idempotencyKey: r.idempotencyKey,
+    topic: r.topic,
+    partition: r.partition,
+    offset: r.offset,
+    duplicate: r.duplicate,
+  };
+}
