@@ -3,8 +3,8 @@
 // The sidecar runs next to the application, owns the Kafka consumer and the idempotent
 // producer, and streams de-duplicated deliveries over gRPC; it commits an offset only once
 // every record before it is acked. This module adds what every application needs on top of
-// the proto (loaded at run time from the copy in ../proto, which scripts/gen_protos.py keeps
-// identical to protos/):
+// the proto (loaded at run time: from the repository's protos/, or in a packed module from the
+// copy that `npm pack` puts in proto/):
 //
 //   - frames() and subscribe() iterate a Subscribe stream (a frame is the deliveries the
 //     sidecar sent together);
@@ -12,15 +12,20 @@
 //     ids and sent as one Ack call; its promise settles with that ack's own result;
 //   - publish() and publishBatch() produce through the sidecar's idempotent producer.
 
+import { existsSync } from "node:fs";
 import { fileURLToPath } from "node:url";
 import * as grpc from "@grpc/grpc-js";
 import * as protoLoader from "@grpc/proto-loader";
 
-const PROTO = fileURLToPath(new URL("../proto/dedup/v1/dedup.proto", import.meta.url));
+const PACKED = fileURLToPath(new URL("../proto/dedup/v1/dedup.proto", import.meta.url));
+/** The proto this client speaks: the packed copy, else the repository's single source. */
+export const PROTO_PATH = existsSync(PACKED)
+  ? PACKED
+  : fileURLToPath(new URL("../../../protos/dedup/v1/dedup.proto", import.meta.url));
 
 // int64 fields (offsets, timestamps) arrive as Numbers: exact below 2^53, which Kafka offsets
 // and millisecond timestamps stay under.
-const definition = protoLoader.loadSync(PROTO, { longs: Number, enums: String, defaults: true, oneofs: true });
+const definition = protoLoader.loadSync(PROTO_PATH, { longs: Number, enums: String, defaults: true, oneofs: true });
 const DedupService = grpc.loadPackageDefinition(definition).dedup.v1.DedupService;
 
 /** The answers to ack, nack and extendDeadline, per id. */

@@ -1,14 +1,12 @@
 // Unit tests against an in-process fake sidecar on 127.0.0.1.
 import { after, before, test } from "node:test";
 import assert from "node:assert/strict";
-import { fileURLToPath } from "node:url";
 import * as grpc from "@grpc/grpc-js";
 import * as protoLoader from "@grpc/proto-loader";
 
-import { AckError, AckResult, DedupClient, PublishError, deriveKey } from "../src/index.js";
+import { AckError, AckResult, DedupClient, PROTO_PATH, PublishError, deriveKey } from "../src/index.js";
 
-const PROTO = fileURLToPath(new URL("../proto/dedup/v1/dedup.proto", import.meta.url));
-const definition = protoLoader.loadSync(PROTO, { longs: Number, enums: String, defaults: true, oneofs: true });
+const definition = protoLoader.loadSync(PROTO_PATH, { longs: Number, enums: String, defaults: true, oneofs: true });
 const { DedupService } = grpc.loadPackageDefinition(definition).dedup.v1;
 
 /** What the fake was asked, and how it answers. */
