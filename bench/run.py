@@ -8,8 +8,10 @@ It starts a real Kafka broker and Redis (deploy/local/services.py), preloads top
 records that carry unique idempotency keys, and measures, on the same machine and data:
 
 * consume: a raw consumer committing every 1,000 records (baseline, no dedup) vs the sidecar
-  with the Redis store and the batched client, the per-message unary client, and the SQLite store;
-* publish: PublishBatch and Publish vs a raw idempotent producer;
+  with the Redis store and the batched client (Python; and Go, when Go is installed), the
+  per-message unary client, and the SQLite store;
+* publish: PublishBatch and Publish vs a raw idempotent producer, and two bounds that leave the
+  store, then Kafka, out (bench/ceiling.py);
 * latency: produce-to-app p50/p99 at a fixed rate, sidecar vs raw consumer;
 * memory: sidecar RSS at start and after every record was processed;
 * scaling: 1, 6 and 48 partitions; one sidecar replica and three.
@@ -26,6 +28,7 @@ import json
 import os
 import platform
 import random
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -252,6 +255,29 @@ async def consume_via(
     return dt
 
 
+def go_consumer(workdir: Path) -> Path | None:
+    """clients/go/examples/consume, built once per run; None without Go."""
+    binary = workdir / "go-consume"
+    if not binary.exists():
+        if shutil.which("go") is None:
+            log("Go not installed: no Go client row")
+            return None
+        build = ["go", "build", "-o", str(binary), "./examples/consume"]
+        subprocess.run(build, cwd=ROOT / "clients" / "go", check=True, timeout=600)
+    return binary
+
+
+async def consume_via_go(binary: Path, target: str, n: int) -> float:
+    """The same reads and gathered acks as consume_via, by the Go client in its own process."""
+    proc = await asyncio.create_subprocess_exec(
+        str(binary), "-target", target, "-n", str(n), stdout=subprocess.PIPE, stderr=subprocess.PIPE
+    )
+    out, err = await proc.communicate()
+    if proc.returncode != 0:
+        raise RuntimeError(f"the Go consumer failed: {err.decode().strip()}")
+    return float(json.loads(out)["seconds"])
+
+
 def sidecar_consume(
     kafka: services.KafkaBroker,
     topic: str,
@@ -262,7 +288,9 @@ def sidecar_consume(
     batched: bool = True,
     replicas: int = 1,
     memory: bool = False,
+    go: Path | None = None,
 ) -> Result:
+    """``go``: read with that build of the Go client's consume example instead of the Python client."""
     quiesce()
     group = f"sc-{time.time_ns()}"
     procs = [SidecarProc(kafka, topic, group, store, workdir) for _ in range(replicas)]
@@ -279,7 +307,10 @@ def sidecar_consume(
                 if memory and count >= n // 10 and "rss_10pct_mb" not in marks:
                     marks["rss_10pct_mb"] = procs[0].rss_mb()
 
-            dt = await consume_via([p.target for p in procs], n, batched, sample)
+            if go is not None:
+                dt = await consume_via_go(go, procs[0].target, n)
+            else:
+                dt = await consume_via([p.target for p in procs], n, batched, sample)
             extra.update(marks)
             extra["rss_end_mb"] = procs[0].rss_mb()
             return dt
@@ -599,6 +630,11 @@ def main() -> int:
         consume.append(
             sidecar_consume(kafka, "bench6", n, sqlite_store, work, "sidecar, SQLite store, batched acks")
         )
+        go = go_consumer(work)
+        if go is not None:
+            log("sidecar, redis store, batched acks by the Go client")
+            name = "sidecar, Redis store, batched acks, Go client"
+            consume.append(sidecar_consume(kafka, "bench6", n, redis_store, work, name, go=go))
         log("sidecar, redis store, one Ack call per message")
         consume.append(
             sidecar_consume(
