@@ -84,9 +84,14 @@ class DeliverySettings(BaseModel):
     backoff_max_seconds: float = Field(60, ge=0)
     #: Dead-letter topic; ``{topic}`` is replaced by the source topic.
     dead_letter_topic: str = "{topic}.dlq"
-    #: Pause a partition past this many unsettled records; resume at ``resume_unsettled``.
-    max_unsettled_per_partition: int = Field(10_000, ge=1)
-    resume_unsettled: int = Field(5_000, ge=0)
+    #: Pause a partition past this many unsettled records; resume at ``resume_unsettled``. A
+    #: pause drops what librdkafka prefetched for the partition, so this is a bound for a
+    #: partition that falls far behind, set above the depth of a busy pipeline.
+    max_unsettled_per_partition: int = Field(25_000, ge=1)
+    resume_unsettled: int = Field(15_000, ge=0)
+    #: Records held unsettled across all partitions before intake waits (fetching then stops
+    #: without a pause): bounds the sidecar's memory whatever the partition count.
+    max_unsettled: int = Field(50_000, ge=1)
     #: Retry interval for records whose key another sidecar is delivering (BUSY).
     busy_retry_seconds: float = Field(1.0, gt=0)
     #: Leave the group after this long with no app stream attached, so partitions move elsewhere.

@@ -153,6 +153,7 @@ class Engine:
         self._claims_in_flight = 0
         self._claim_kick = asyncio.Event()  # records queued, or a claim returned
         self._claim_room = asyncio.Event()  # the claim backlog fell below CLAIM_BACKLOG
+        self._settled_some = asyncio.Event()  # records settled (or partitions left) since cleared
         self._no_stream_since: float | None = clock()
         self._left_group = False
         self.accepting = True
@@ -232,6 +233,7 @@ class Engine:
         dropped: list[Pending] = []
         for tp in tps:
             part = self._partitions.pop(tp, None)
+            self._settled_some.set()  # its unsettled records no longer count
             if part is None:
                 continue
             tracker = part.tracker
@@ -348,6 +350,13 @@ class Engine:
             while len(self._claim_queue) >= CLAIM_BACKLOG:
                 self._claim_room.clear()
                 await self._claim_room.wait()
+        # And while too many records are held unsettled in all: the poll thread then stops taking
+        # records out of librdkafka, which stops fetching, and nothing prefetched is dropped (as a
+        # partition's pause would drop it).
+        limit = d.max_unsettled
+        while sum(part.tracker.unsettled for part in self._partitions.values()) >= limit:
+            self._settled_some.clear()
+            await self._settled_some.wait()
 
     async def _claim_loop(self) -> None:
         """Send queued records to the store, grouped like a group commit.
@@ -846,6 +855,7 @@ class Engine:
             return
         part.pending.pop(p.offset, None)
         part.tracker.settle(p.offset)
+        self._settled_some.set()
         # Later records with the same key are duplicates of a settled (done) key.
         for shadow in p.shadows:
             if shadow.state is State.SHADOWED:

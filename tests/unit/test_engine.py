@@ -128,6 +128,32 @@ async def test_revoked_in_flight_key_blocks_its_duplicate_until_acked(
     assert eng.in_flight == 0
 
 
+async def test_intake_waits_at_the_global_bound_without_pausing() -> None:
+    """delivery.max_unsettled holds intake back across partitions, with no partition paused
+    (a pause would drop what librdkafka prefetched); settling records lets intake go on."""
+    settings = config.load(None, kafka={"topics": [T]}, delivery={"max_unsettled": 3})
+    eng = Engine(settings, MemoryStore(), cast(AsyncProducer, FakeProducer()), Metrics(), owner="me")
+    consumer = FakeConsumer()
+    eng.start(cast(ConsumerLoop, consumer))
+    await eng.on_assigned([Assigned(T, 0, -1, None), Assigned(T, 1, -1, None)])
+    try:
+        s = eng.attach([], 100, 0, 100)
+        await intake(eng, msg(0, 0, "a"), msg(1, 0, "b"), msg(0, 1, "c"))  # 3 held: the bound
+        await intake(eng, msg(1, 1, "d"), msg(0, 2, "e"))
+        got = await take(eng, s, 3)
+        await asyncio.sleep(0.2)
+        assert sorted(m.idem_key for m in got) == ["a", "b", "c"]
+        held = eng.describe()["partitions"][f"{T}[1]"]["states"]
+        assert held == {"in_flight": 1}, "taken in past the bound"
+        assert not any(consumer.paused.values())
+        await eng.ack([got[0].delivery_ids[-1], got[1].delivery_ids[-1]])
+        rest = await take(eng, s, 2)
+        assert sorted(m.idem_key for m in rest) == ["d", "e"]
+        assert not any(consumer.paused.values())
+    finally:
+        await eng.stop(0)
+
+
 async def test_bounded_unsettled_pauses_and_resumes(engine: tuple[Engine, FakeConsumer]) -> None:
     eng, consumer = engine
     s = eng.attach([], 100, 0, 100)
