@@ -3,9 +3,9 @@
     python bench/ceiling.py MODE LISTEN BOOTSTRAP
 
 Serves ``DedupService/PublishBatch`` (and gRPC health, for start-up checks) on LISTEN, on the
-same runtime as the sidecar (grpc.aio on uvloop, the interpreter tuned as ``sidecar.cli`` tunes
-it), and answers in the sidecar's wire format (``sidecar.api.frames``). MODE says how much of
-the work it does:
+sidecar's own runtime (``sidecar.cli``: grpc.aio on uvloop, the same interpreter tuning), and
+answers in the sidecar's wire format (``sidecar.api.frames``). MODE says how much of the work
+it does:
 
 * ``grpc``: nothing but the transport; every entry is answered as written at offset 0. This is
   what the gRPC hop costs the client and a Python server, with no Kafka and no store.
@@ -20,7 +20,6 @@ show how much of the gap to the raw producer each layer takes.
 from __future__ import annotations
 
 import asyncio
-import gc
 import signal
 import sys
 from typing import Any
@@ -30,15 +29,13 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
 from sidecar._proto import dedup_pb2 as pb
 from sidecar.api.frames import encode_publish_results
-from sidecar.api.server import SERVICE_NAME
+from sidecar.api.server import SERVICE_NAME, passthrough
+from sidecar.cli import run_loop, tune_interpreter
+from sidecar.config import DeliverySettings
 from sidecar.errors import SidecarError
 from sidecar.kafka.producer import AsyncProducer, Outgoing
 
-HEADER = "idempotency-key"
-
-
-def _passthrough(data: bytes) -> bytes:
-    return data
+HEADER = DeliverySettings().idempotency_header  # the sidecar's default
 
 
 def _outgoing(e: pb.PublishRequest) -> Outgoing:
@@ -68,7 +65,7 @@ async def serve(mode: str, listen: str, bootstrap: str) -> None:
     handler = grpc.unary_unary_rpc_method_handler(
         publish_batch,
         request_deserializer=pb.PublishBatchRequest.FromString,
-        response_serializer=_passthrough,
+        response_serializer=passthrough,
     )
     server.add_generic_rpc_handlers(
         (grpc.method_handlers_generic_handler(SERVICE_NAME, {"PublishBatch": handler}),)
@@ -91,12 +88,8 @@ def main() -> int:
     if mode not in ("grpc", "produce"):
         print(f"ceiling.py: MODE must be grpc or produce, not {mode!r}", file=sys.stderr)
         return 2
-    gc.freeze()  # as sidecar.cli._tune_interpreter
-    gc.set_threshold(50_000, 20, 100)
-    sys.setswitchinterval(0.0005)
-    import uvloop
-
-    uvloop.run(serve(mode, listen, bootstrap))
+    tune_interpreter()
+    run_loop(serve(mode, listen, bootstrap))
     return 0
 
 

@@ -62,7 +62,7 @@ def _overrides(a: argparse.Namespace) -> dict[str, Any]:
     return flat
 
 
-def _run(main: Coroutine[Any, Any, None]) -> None:
+def run_loop(main: Coroutine[Any, Any, None]) -> None:
     """Run on uvloop when it is installed (the ``uvloop`` extra), else on asyncio's loop."""
     try:
         import uvloop
@@ -72,7 +72,7 @@ def _run(main: Coroutine[Any, Any, None]) -> None:
     uvloop.run(main)
 
 
-def _tune_interpreter() -> None:
+def tune_interpreter() -> None:
     """Make the cyclic garbage collector rare, and hand the GIL over sooner.
 
     Every in-flight record is a handful of container objects that live for a few hundred
@@ -112,9 +112,9 @@ def main(argv: list[str] | None = None) -> int:
         testing_hooks.arm_from_environment()
     from sidecar.app import Sidecar
 
-    _tune_interpreter()
+    tune_interpreter()
     try:
-        _run(Sidecar(settings).run())
+        run_loop(Sidecar(settings).run())
     except SidecarError as exc:
         logging.getLogger("sidecar").error("%s", exc)
         return 2

@@ -51,7 +51,8 @@ class TokenAuthInterceptor(grpc.aio.ServerInterceptor):
 _SERIALIZED = frozenset({"PublishBatch"})  # unary methods whose servicer returns serialized bytes
 
 
-def _passthrough(frame: bytes) -> bytes:
+def passthrough(frame: bytes) -> bytes:
+    """The response serializer of methods whose servicer returns bytes it serialized itself."""
     return frame
 
 
@@ -65,15 +66,13 @@ def _handlers(servicer: DedupServicer) -> dict[str, grpc.RpcMethodHandler[Any, A
         behaviour = getattr(servicer, method.name)
         if method.server_streaming:
             handlers[method.name] = grpc.unary_stream_rpc_method_handler(
-                behaviour, request_deserializer=request.FromString, response_serializer=_passthrough
+                behaviour, request_deserializer=request.FromString, response_serializer=passthrough
             )
         else:
             handlers[method.name] = grpc.unary_unary_rpc_method_handler(
                 behaviour,
                 request_deserializer=request.FromString,
-                response_serializer=_passthrough
-                if method.name in _SERIALIZED
-                else response.SerializeToString,
+                response_serializer=passthrough if method.name in _SERIALIZED else response.SerializeToString,
             )
     return handlers
 

@@ -233,9 +233,9 @@ class Engine:
         dropped: list[Pending] = []
         for tp in tps:
             part = self._partitions.pop(tp, None)
-            self._settled_some.set()  # its unsettled records no longer count
             if part is None:
                 continue
+            self._settled_some.set()  # its unsettled records no longer count
             tracker = part.tracker
             if not lost and tracker.committable() >= 0 and tracker.needs_commit():
                 commits.append(CommitOffset(tp[0], tp[1], tracker.committable(), tracker.commit_metadata()))

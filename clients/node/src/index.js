@@ -42,6 +42,17 @@ export const AckResult = Object.freeze({
 
 const ACK_RESULT_PREFIX = "ACK_RESULT_";
 
+/**
+ * An ack's promise, guarded so that a caller who does not wait for it cannot crash the process
+ * with an unhandled rejection (whoever awaits it still sees the rejection).
+ * @template T
+ * @param {Promise<T>} promise
+ */
+function unhandledIsFine(promise) {
+  promise.catch(() => {});
+  return promise;
+}
+
 /** An Ack call failed as a whole (for example UNAVAILABLE while the store is down): nothing in it was acked. */
 export class AckError extends Error {
   /** @param {grpc.ServiceError} cause */
@@ -176,11 +187,12 @@ class AckBatcher {
   /** @param {string} id */
   add(id) {
     /** @type {Promise<string>} */
-    const result = new Promise((resolve, reject) => {
-      this.ids.push(id);
-      this.waiting.push({ resolve, reject });
-    });
-    result.catch(() => {}); // a caller that does not wait must not crash the process
+    const result = unhandledIsFine(
+      new Promise((resolve, reject) => {
+        this.ids.push(id);
+        this.waiting.push({ resolve, reject });
+      }),
+    );
     if (this.ids.length >= this.maxIds) {
       this.flush();
     } else if (this.timer === null) {
@@ -289,12 +301,12 @@ export class DedupClient {
    */
   ack(deliveryId) {
     if (!this.options.plainAcks) return this.acks.add(deliveryId);
-    const result = this.ackMany([deliveryId]).then(
-      ([r]) => r,
-      (err) => Promise.reject(new AckError(err)),
+    return unhandledIsFine(
+      this.ackMany([deliveryId]).then(
+        ([r]) => r,
+        (err) => Promise.reject(new AckError(err)),
+      ),
     );
-    result.catch(() => {});
-    return result;
   }
 
   /**
