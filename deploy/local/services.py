@@ -33,7 +33,7 @@ import sys
 import tempfile
 import time
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -364,13 +364,65 @@ class KafkaBroker(_Service):
         self.stop()
 
 
+@dataclass(frozen=True)
+class TlsFiles:
+    """A throwaway CA, a server certificate for 127.0.0.1 and a client certificate, as PEM files."""
+
+    ca: Path
+    server_cert: Path
+    server_key: Path
+    client_cert: Path
+    client_key: Path
+
+    @classmethod
+    def generate(cls, directory: Path) -> TlsFiles:
+        """Make the files with openssl (valid one day; the server's SAN is IP 127.0.0.1 and localhost)."""
+        openssl = shutil.which("openssl")
+        if openssl is None:
+            raise RuntimeError("openssl is needed to generate test certificates: apt-get install openssl")
+        directory.mkdir(parents=True, exist_ok=True)
+        d = directory
+
+        def run(*args: str) -> None:
+            subprocess.run([openssl, *args], check=True, capture_output=True)
+
+        run("req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "1", "-subj", "/CN=dedup-test-ca",
+            "-keyout", str(d / "ca.key"), "-out", str(d / "ca.crt"))  # fmt: skip
+        for name, ext in (
+            ("server", "subjectAltName=IP:127.0.0.1,DNS:localhost\nextendedKeyUsage=serverAuth"),
+            ("client", "extendedKeyUsage=clientAuth"),
+        ):
+            (d / f"{name}.ext").write_text(ext + "\n")
+            run("req", "-newkey", "rsa:2048", "-nodes", "-subj", f"/CN=dedup-test-{name}",
+                "-keyout", str(d / f"{name}.key"), "-out", str(d / f"{name}.csr"))  # fmt: skip
+            run("x509", "-req", "-in", str(d / f"{name}.csr"), "-CA", str(d / "ca.crt"),
+                "-CAkey", str(d / "ca.key"), "-CAcreateserial", "-days", "1",
+                "-extfile", str(d / f"{name}.ext"), "-out", str(d / f"{name}.crt"))  # fmt: skip
+        return cls(d / "ca.crt", d / "server.crt", d / "server.key", d / "client.crt", d / "client.key")
+
+
+def redis_cli_binary() -> str:
+    found = shutil.which("redis-cli")
+    if not found:
+        redis_server_binary()  # Debian's redis-server brings redis-tools (redis-cli)
+        found = shutil.which("redis-cli")
+    if not found:
+        raise RuntimeError("redis-cli is missing; install Debian's package: apt-get install redis-tools")
+    return found
+
+
 @dataclass
 class RedisServer(_Service):
     port: int = 0
+    tls: TlsFiles | None = None
 
     @property
     def url(self) -> str:
-        return f"redis://127.0.0.1:{self.port}/0"
+        return f"{'rediss' if self.tls else 'redis'}://127.0.0.1:{self.port}/0"
+
+    @property
+    def address(self) -> str:
+        return f"127.0.0.1:{self.port}"
 
     @classmethod
     def start(
@@ -380,36 +432,34 @@ class RedisServer(_Service):
         timeout: float = 30.0,
         port: int = 0,
         password: str | None = None,
+        extra_args: list[str] | None = None,
+        tls: TlsFiles | None = None,
     ) -> RedisServer:
+        """Start redis-server on 127.0.0.1. ``tls``: serve TLS only (on ``port``), asking clients for
+        a certificate signed by its CA but not requiring one. ``extra_args``: more config flags."""
         binary = redis_server_binary()
         workdir.mkdir(parents=True, exist_ok=True)
         port = port or free_port()
         log_path = workdir / "redis.log"
-        args = [
-            binary,
-            "--bind",
-            "127.0.0.1",
-            "--port",
-            str(port),
-            "--dir",
-            str(workdir),
-            "--save",
-            "",
-            "--daemonize",
-            "no",
-            "--logfile",
-            str(log_path),
-        ]
+        args = [binary, "--bind", "127.0.0.1"]
+        if tls is None:
+            args += ["--port", str(port)]
+        else:
+            args += ["--port", "0", "--tls-port", str(port), "--tls-cert-file", str(tls.server_cert),
+                     "--tls-key-file", str(tls.server_key), "--tls-ca-cert-file", str(tls.ca),
+                     "--tls-auth-clients", "optional"]  # fmt: skip
+        args += ["--dir", str(workdir), "--save", "", "--daemonize", "no", "--logfile", str(log_path)]
         if password:
             args += ["--requirepass", password]
         if appendonly in ("always", "everysec"):
             args += ["--appendonly", "yes", "--appendfsync", appendonly]
         else:
             args += ["--appendonly", "no"]
+        args += extra_args or []
         proc = subprocess.Popen(
             args, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True
         )
-        server = cls(proc=proc, workdir=workdir, log_path=log_path, port=port)
+        server = cls(proc=proc, workdir=workdir, log_path=log_path, port=port, tls=tls)
         try:
             _wait_port(port, time.monotonic() + timeout, proc, "redis-server")
         except BaseException:
@@ -426,7 +476,261 @@ class RedisServer(_Service):
         )
         _wait_port(self.port, time.monotonic() + 30, self.proc, "redis-server")
 
+    def cli(self, *command: str, timeout: float = 10) -> str:
+        """Run one command with redis-cli against this server; return its raw output."""
+        args = [redis_cli_binary(), "-h", "127.0.0.1", "-p", str(self.port)]
+        if self.tls is not None:
+            args += ["--tls", "--cacert", str(self.tls.ca)]
+        out = subprocess.run([*args, *command], capture_output=True, text=True, timeout=timeout)
+        if out.returncode != 0:
+            raise RuntimeError(f"redis-cli {' '.join(command)} on {self.address}: {out.stderr.strip()}")
+        return out.stdout
+
+    def info(self, section: str) -> dict[str, str]:
+        fields = (line.partition(":") for line in self.cli("INFO", section).splitlines())
+        return {k: v.strip() for k, sep, v in fields if sep and not k.startswith("#")}
+
     def __enter__(self) -> RedisServer:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+
+
+def _wait_until(what: str, check: Callable[[], bool], timeout: float) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        with contextlib.suppress(RuntimeError, subprocess.TimeoutExpired):
+            if check():
+                return
+        time.sleep(0.2)
+    raise TimeoutError(f"{what} not within {timeout:.0f}s")
+
+
+@dataclass
+class RedisCluster:
+    """A real Redis Cluster on 127.0.0.1: ``masters`` masters, each with ``replicas`` replicas.
+
+    Built with ``redis-server --cluster-enabled yes`` and ``redis-cli --cluster create``. A failed
+    master's replica is promoted after ``node_timeout_ms``; a killed node that is started again
+    rejoins (as a replica of whoever took its slots).
+    """
+
+    nodes: list[RedisServer]
+    workdir: Path
+
+    @property
+    def url(self) -> str:
+        """A start-up node; the store learns the rest of the cluster from it."""
+        return self.nodes[0].url
+
+    @classmethod
+    def start(
+        cls,
+        workdir: Path,
+        masters: int = 3,
+        replicas: int = 1,
+        appendonly: str = "everysec",
+        node_timeout_ms: int = 2000,
+        tls: TlsFiles | None = None,
+    ) -> RedisCluster:
+        nodes: list[RedisServer] = []
+        cluster = cls(nodes, workdir)
+        try:
+            for i in range(masters * (1 + replicas)):
+                nodes.append(
+                    RedisServer.start(
+                        workdir / f"node{i}",
+                        appendonly=appendonly,
+                        tls=tls,
+                        extra_args=["--cluster-enabled", "yes", "--cluster-config-file", "nodes.conf",
+                                    "--cluster-port", str(free_port()),
+                                    "--cluster-node-timeout", str(node_timeout_ms),
+                                    # Let a replica take over however far behind it is: a test
+                                    # cluster must fail over, and the data loss it risks is the
+                                    # point of the WAIT setting.
+                                    "--cluster-replica-validity-factor", "0"],  # fmt: skip
+                    )
+                )
+            create = [redis_cli_binary(), "--cluster", "create", *(n.address for n in nodes),
+                      "--cluster-replicas", str(replicas), "--cluster-yes"]  # fmt: skip
+            if tls is not None:
+                create[1:1] = ["--tls", "--cacert", str(tls.ca)]
+            out = subprocess.run(create, capture_output=True, text=True, timeout=60)
+            if out.returncode != 0:
+                raise RuntimeError(f"redis-cli --cluster create failed:\n{out.stdout}\n{out.stderr}")
+            cluster.wait_ok()
+        except BaseException:
+            cluster.stop()
+            raise
+        return cluster
+
+    def wait_ok(self, timeout: float = 60) -> None:
+        """Until every live node says cluster_state:ok and every master has its replicas."""
+
+        def ok() -> bool:
+            live = [n for n in self.nodes if n.alive()]
+            if not all(n.info("cluster").get("cluster_enabled") == "1" for n in live):
+                return False
+            states = [n.cli("CLUSTER", "INFO") for n in live]
+            return all("cluster_state:ok" in s for s in states) and len(self.masters()) * 2 <= len(live)
+
+        _wait_until("Redis Cluster state ok", ok, timeout)
+
+    def masters(self) -> list[RedisServer]:
+        """The live nodes that are masters now (read from CLUSTER NODES)."""
+        live = [n for n in self.nodes if n.alive()]
+        by_address = {n.address: n for n in live}
+        out = []
+        for line in live[0].cli("CLUSTER", "NODES").splitlines():
+            fields = line.split()
+            address = fields[1].split("@")[0]
+            if "master" in fields[2] and "fail" not in fields[2] and address in by_address:
+                out.append(by_address[address])
+        return out
+
+    def node_of_slot(self, slot: int) -> RedisServer:
+        live = [n for n in self.nodes if n.alive()]
+        for line in live[0].cli("CLUSTER", "NODES").splitlines():
+            fields = line.split()
+            if "master" not in fields[2] or "fail" in fields[2]:
+                continue
+            for part in fields[8:]:
+                lo, _, hi = part.partition("-")
+                if lo.isdigit() and int(lo) <= slot <= int(hi or lo):
+                    address = fields[1].split("@")[0]
+                    return next(n for n in self.nodes if n.address == address)
+        raise RuntimeError(f"no live master owns slot {slot}")
+
+    def kill_master(self, master: RedisServer, timeout: float = 60) -> None:
+        """kill -9 a master and wait until its replica has taken its slots."""
+        before = {n.address for n in self.masters()}
+        master.kill()
+        _wait_until(
+            f"a replica promoted in place of {master.address}",
+            lambda: len({n.address for n in self.masters()} - before) == 1 and self._state_ok(),
+            timeout,
+        )
+
+    def _state_ok(self) -> bool:
+        return all("cluster_state:ok" in n.cli("CLUSTER", "INFO") for n in self.nodes if n.alive())
+
+    def stop(self) -> None:
+        for n in self.nodes:
+            n.stop()
+
+    def __enter__(self) -> RedisCluster:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+
+
+@dataclass
+class RedisSentinelSet:
+    """A primary with ``replicas`` replicas, watched by three Sentinels (quorum 2), on 127.0.0.1.
+
+    Its URL, ``redis+sentinel://host:port,host:port,host:port/<master name>/0``, names the
+    Sentinels; the store asks them where the primary is, and follows a failover.
+    """
+
+    servers: list[RedisServer]  # the primary first, as started; roles change on failover
+    sentinels: list[RedisServer]
+    master_name: str = "dedup"
+
+    @property
+    def url(self) -> str:
+        hosts = ",".join(s.address for s in self.sentinels)
+        return f"redis+sentinel://{hosts}/{self.master_name}/0"
+
+    @classmethod
+    def start(
+        cls, workdir: Path, replicas: int = 2, appendonly: str = "everysec", down_after_ms: int = 1000
+    ) -> RedisSentinelSet:
+        s = cls([], [])
+        try:
+            primary = RedisServer.start(workdir / "primary", appendonly=appendonly)
+            s.servers.append(primary)
+            for i in range(replicas):
+                s.servers.append(
+                    RedisServer.start(
+                        workdir / f"replica{i}",
+                        appendonly=appendonly,
+                        extra_args=["--replicaof", "127.0.0.1", str(primary.port)],
+                    )
+                )
+            for i in range(3):
+                d = workdir / f"sentinel{i}"
+                d.mkdir(parents=True, exist_ok=True)
+                port = free_port()
+                conf = d / "sentinel.conf"  # Sentinel rewrites its own file: one each, writable
+                conf.write_text(
+                    f"port {port}\nbind 127.0.0.1\ndir {d}\nlogfile {d / 'redis.log'}\n"
+                    f"sentinel monitor {s.master_name} 127.0.0.1 {primary.port} 2\n"
+                    f"sentinel down-after-milliseconds {s.master_name} {down_after_ms}\n"
+                    f"sentinel failover-timeout {s.master_name} 10000\n"
+                    f"sentinel parallel-syncs {s.master_name} 1\n"
+                )
+                proc = subprocess.Popen(
+                    [redis_server_binary(), str(conf), "--sentinel"],
+                    stdout=subprocess.DEVNULL,
+                    stderr=subprocess.DEVNULL,
+                    start_new_session=True,
+                )
+                sentinel = RedisServer(proc=proc, workdir=d, log_path=d / "redis.log", port=port)
+                s.sentinels.append(sentinel)
+                _wait_port(port, time.monotonic() + 30, proc, "redis-sentinel")
+            s.wait_ready()
+        except BaseException:
+            s.stop()
+            raise
+        return s
+
+    def master_address(self) -> str:
+        for sentinel in self.sentinels:
+            if sentinel.alive():
+                with contextlib.suppress(RuntimeError, subprocess.TimeoutExpired):
+                    out = sentinel.cli("SENTINEL", "get-master-addr-by-name", self.master_name).split()
+                    if len(out) == 2:
+                        return f"{out[0]}:{out[1]}"
+        raise RuntimeError("no Sentinel answered")
+
+    def master(self) -> RedisServer:
+        address = self.master_address()
+        return next(n for n in self.servers if n.address == address)
+
+    def wait_ready(self, timeout: float = 60) -> None:
+        """Until the Sentinels agree on a live master that has all its live replicas attached."""
+
+        def ready() -> bool:
+            master = self.master()
+            if not master.alive() or master.info("replication").get("role") != "master":
+                return False
+            others = sum(1 for n in self.servers if n.alive() and n is not master)
+            attached = int(master.info("replication").get("connected_slaves", "0"))
+            seen = self.sentinels[0].cli("SENTINEL", "sentinels", self.master_name).count("name")
+            return attached >= others and seen >= len(self.sentinels) - 1
+
+        _wait_until("Sentinel set ready", ready, timeout)
+
+    def kill_master(self, timeout: float = 60) -> RedisServer:
+        """kill -9 the primary and wait until the Sentinels have promoted a replica; returns the
+        killed server (start it again with ``restart``: Sentinel turns it into a replica)."""
+        old = self.master()
+        old.kill()
+        _wait_until(
+            f"Sentinel failover away from {old.address}",
+            lambda: self.master_address() != old.address and self.master().info("replication")["role"]
+            == "master",
+            timeout,
+        )
+        return old
+
+    def stop(self) -> None:
+        for n in [*self.sentinels, *self.servers]:
+            n.stop()
+
+    def __enter__(self) -> RedisSentinelSet:
         return self
 
     def __exit__(self, *exc: object) -> None:
