@@ -61,7 +61,18 @@ class StoreSettings(BaseModel):
     backend: Literal["memory", "sqlite", "redis"] = "sqlite"
     sqlite_path: Path = Path("./dedup-sidecar.sqlite3")
     sqlite_synchronous: Literal["FULL", "NORMAL"] = "FULL"
+    #: ``redis://`` or ``rediss://`` (one node, or any node of a Redis Cluster: detected at
+    #: start-up), or ``redis+sentinel://host:port[,host:port...]/<master name>[/<db>]``.
     redis_url: SecretStr = SecretStr("redis://127.0.0.1:6379/0")
+    #: Answer an Ack, record a Publish and take a claim only once this many replicas hold the
+    #: write (Redis WAIT): closes the window in which a failover loses the last writes. 0: off.
+    redis_min_replicas_acked: int = Field(0, ge=0)
+    #: How long a write may wait for those replicas before the call fails (and is retried).
+    redis_wait_timeout_ms: int = Field(1000, ge=1)
+    #: For rediss:// URLs: the CA to trust (default: the system's), and a client certificate.
+    redis_tls_ca_file: str | None = None
+    redis_tls_cert_file: str | None = None
+    redis_tls_key_file: str | None = None
     key_prefix: str = "dedup"
     #: How long a processed key is remembered (the dedup window).
     retention_seconds: int = Field(7 * 86_400, ge=1)

@@ -23,10 +23,20 @@ async def open_store(settings: Settings) -> DedupStore:
         return MemoryStore(retention_ms=retention_ms)
     if s.backend == "sqlite":
         return await SQLiteStore(s.sqlite_path, s.sqlite_synchronous, retention_ms=retention_ms).open()
-    store = RedisStore(s.redis_url.get_secret_value(), s.key_prefix, retention_ms)
+    store = RedisStore(
+        s.redis_url.get_secret_value(),
+        s.key_prefix,
+        retention_ms,
+        min_replicas=s.redis_min_replicas_acked,
+        wait_ms=s.redis_wait_timeout_ms,
+        tls_ca_file=s.redis_tls_ca_file,
+        tls_cert_file=s.redis_tls_cert_file,
+        tls_key_file=s.redis_tls_key_file,
+    )
     try:
         await store.ping()
         await store.check_durability(s.require_durable_store)
+        log.info("Redis dedup store: %s", store.shape)
     except BaseException:
         await store.close()
         raise

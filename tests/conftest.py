@@ -33,3 +33,32 @@ def redis_server(services_dir: Path) -> Iterator[services.RedisServer]:
 def kafka(services_dir: Path) -> Iterator[services.KafkaBroker]:
     with services.KafkaBroker.start(services_dir / "kafka") as broker:
         yield broker
+
+
+@pytest.fixture(scope="session")
+def redis_cluster(services_dir: Path) -> Iterator[services.RedisCluster]:
+    """Three masters, each with one replica: a real Redis Cluster."""
+    with services.RedisCluster.start(services_dir / "redis-cluster") as cluster:
+        yield cluster
+
+
+@pytest.fixture(scope="session")
+def redis_sentinel(services_dir: Path) -> Iterator[services.RedisSentinelSet]:
+    """A primary with two replicas, watched by three Sentinels."""
+    with services.RedisSentinelSet.start(services_dir / "redis-sentinel") as sentinel_set:
+        yield sentinel_set
+
+
+#: The store's ACL user in the tests: the documented command list, keys under the ``acl-`` prefix.
+ACL_USER, ACL_PASSWORD, ACL_PREFIX = "dedup", "s3cret-acl", "acl-"
+
+
+@pytest.fixture(scope="session")
+def redis_tls(services_dir: Path) -> Iterator[services.RedisServer]:
+    """A Redis that speaks TLS only, with the store's least-privilege ACL user created."""
+    from sidecar.store.redis_shapes import acl_setuser
+
+    tls = services.TlsFiles.generate(services_dir / "tls")
+    with services.RedisServer.start(services_dir / "redis-tls", appendonly="everysec", tls=tls) as server:
+        server.cli(*acl_setuser(ACL_USER, ACL_PASSWORD, ACL_PREFIX + "*"))
+        yield server

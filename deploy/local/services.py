@@ -482,8 +482,11 @@ class RedisServer(_Service):
         if self.tls is not None:
             args += ["--tls", "--cacert", str(self.tls.ca)]
         out = subprocess.run([*args, *command], capture_output=True, text=True, timeout=timeout)
-        if out.returncode != 0:
-            raise RuntimeError(f"redis-cli {' '.join(command)} on {self.address}: {out.stderr.strip()}")
+        # redis-cli exits 0 on an error reply too: it prints it (ERR, NOPERM, ...) on stdout.
+        first = out.stdout.split(" ", 1)[0]
+        if out.returncode != 0 or (first.isupper() and first.isalpha() and first not in ("OK", "PONG")):
+            said = (out.stderr or out.stdout).strip()
+            raise RuntimeError(f"redis-cli {command[0]} on {self.address}: {said}")
         return out.stdout
 
     def info(self, section: str) -> dict[str, str]:
@@ -538,20 +541,12 @@ class RedisCluster:
         cluster = cls(nodes, workdir)
         try:
             for i in range(masters * (1 + replicas)):
-                nodes.append(
-                    RedisServer.start(
-                        workdir / f"node{i}",
-                        appendonly=appendonly,
-                        tls=tls,
-                        extra_args=["--cluster-enabled", "yes", "--cluster-config-file", "nodes.conf",
-                                    "--cluster-port", str(free_port()),
-                                    "--cluster-node-timeout", str(node_timeout_ms),
-                                    # Let a replica take over however far behind it is: a test
-                                    # cluster must fail over, and the data loss it risks is the
-                                    # point of the WAIT setting.
-                                    "--cluster-replica-validity-factor", "0"],  # fmt: skip
-                    )
-                )
+                # A replica may take over however far behind it is (validity factor 0): a test
+                # cluster must fail over, and the writes that risks losing are what WAIT is for.
+                extra = ["--cluster-enabled", "yes", "--cluster-config-file", "nodes.conf",
+                         "--cluster-port", str(free_port()), "--cluster-node-timeout", str(node_timeout_ms),
+                         "--cluster-replica-validity-factor", "0"]  # fmt: skip
+                nodes.append(RedisServer.start(workdir / f"node{i}", appendonly=appendonly, tls=tls, extra_args=extra))
             create = [redis_cli_binary(), "--cluster", "create", *(n.address for n in nodes),
                       "--cluster-replicas", str(replicas), "--cluster-yes"]  # fmt: skip
             if tls is not None:

@@ -1,9 +1,10 @@
 """Redis dedup store: shared state for several sidecar replicas.
 
 Each operation is a Lua script that treats every key on its own, and a batch is one pipeline:
-one round trip per batch. On a standalone Redis a script call carries up to 500 keys; on Redis
-Cluster (detected with INFO) each call carries one key, so keys may live in any slot. Times
-come from the Redis server's clock (``TIME``), so replicas with skewed clocks agree on leases.
+one round trip per batch. On one node (or a Sentinel-watched primary) a script call carries up to
+500 keys; on Redis Cluster (detected with ``INFO cluster`` on first use) each call carries one key,
+and a batch is one pipeline per master (sidecar/store/redis_shapes.py). Times come from the Redis
+server's clock (``TIME``), so replicas with skewed clocks agree on leases.
 """
 
 from __future__ import annotations
@@ -12,13 +13,24 @@ import asyncio
 import logging
 from collections.abc import Awaitable, Callable, Sequence
 from typing import Any
+from urllib.parse import urlsplit
 
 import redis.asyncio as aioredis
-from redis.exceptions import NoScriptError, RedisError, ResponseError
-from redis.exceptions import TimeoutError as RedisTimeoutError
+from redis.asyncio.cluster import RedisCluster
+from redis.exceptions import RedisError, ResponseError
 
 from sidecar.errors import ConfigError, StoreUnavailable
 from sidecar.store.base import Claim, ClaimMode, ClaimStatus, PublishRecord
+from sidecar.store.redis_shapes import (
+    SENTINEL_SCHEMES,
+    ClusterRouter,
+    Script,
+    Standalone,
+    connection_kwargs,
+    resp,
+    sentinel_client,
+    unavailable,
+)
 
 log = logging.getLogger(__name__)
 _CHUNK = 500  # keys per script call on a standalone Redis: bounds how long one call blocks it
@@ -203,18 +215,6 @@ return out
 )
 
 
-def _resp(args: list[bytes]) -> bytes:
-    """One command in the Redis protocol (RESP): an array of bulk strings."""
-    parts = [b"*%d\r\n" % len(args)]
-    for a in args:
-        parts += (b"$%d\r\n" % len(a), a, b"\r\n")
-    return b"".join(parts)
-
-
-def _unavailable(exc: RedisError) -> StoreUnavailable:
-    return StoreUnavailable(f"Redis dedup store unreachable: {exc} (setting: store.redis_url)")
-
-
 class _Coalescer:
     """Joins the calls made while the event loop runs one batch of work into one round trip.
 
@@ -269,40 +269,62 @@ def _claim_of(reply: tuple[Any, ...]) -> Claim:
     return claim
 
 
-class _Script:
-    __slots__ = ("sha", "text")
-
-    def __init__(self, text: str) -> None:
-        self.text = text
-        self.sha: str | None = None
-
-
 class RedisStore:
     """Parameters:
-    url: ``redis://`` or ``rediss://`` URL, with credentials if needed.
+    url: ``redis://`` or ``rediss://`` (one node, or any node of a Redis Cluster: detected), or
+        ``redis+sentinel://host:port[,host:port...]/<master name>[/<db>]`` (a primary that
+        Sentinels fail over; ``rediss+sentinel://`` for TLS), with credentials if needed.
     prefix: prefix of every key this store writes.
+    min_replicas, wait_ms: answer only once ``min_replicas`` replicas hold each batch's writes
+        (``WAIT``), waiting at most ``wait_ms``; 0 answers as soon as the master has them.
+    tls_ca_file, tls_cert_file, tls_key_file: for ``rediss://``: the CA to trust and a client
+        certificate, if the server asks for one.
     """
 
     name = "redis"
     shared = True
 
     def __init__(
-        self, url: str, prefix: str = "dedup", retention_ms: int = 7 * 86_400_000, timeout_s: float = 5.0
+        self,
+        url: str,
+        prefix: str = "dedup",
+        retention_ms: int = 7 * 86_400_000,
+        timeout_s: float = 5.0,
+        min_replicas: int = 0,
+        wait_ms: int = 1000,
+        tls_ca_file: str | None = None,
+        tls_cert_file: str | None = None,
+        tls_key_file: str | None = None,
     ):
-        self._client: aioredis.Redis = aioredis.Redis.from_url(
-            url, socket_timeout=timeout_s, socket_connect_timeout=timeout_s, decode_responses=True
-        )
+        self._kwargs = connection_kwargs(url, timeout_s, tls_ca_file, tls_cert_file, tls_key_file)
+        self._sentinel = urlsplit(url).scheme in SENTINEL_SCHEMES
+        sentinels: list[aioredis.Redis] = []
+        try:
+            if self._sentinel:
+                self._client, sentinels = sentinel_client(url, self._kwargs)
+            else:
+                self._client = aioredis.Redis.from_url(url, **self._kwargs)
+        except ValueError as exc:
+            raise ConfigError(f"store.redis_url is not a Redis URL: {exc}") from None
         self._url = url
         self._timeout_s = timeout_s
+        self._min_replicas, self._wait_ms = min_replicas, wait_ms
         self._prefix = prefix
         self._retention_ms = retention_ms
-        self._claim = _Script(CLAIM)
-        self._complete = _Script(COMPLETE)
-        self._release = _Script(RELEASE)
-        self._publish_begin = _Script(PUBLISH_BEGIN)
-        self._publish_finish = _Script(PUBLISH_FINISH)
-        self._cluster: bool | None = None  # learnt from INFO cluster on first use
+        self._claim = Script(CLAIM)
+        self._complete = Script(COMPLETE)
+        self._release = Script(RELEASE)
+        self._publish_begin = Script(PUBLISH_BEGIN)
+        self._publish_finish = Script(PUBLISH_FINISH)
+        self._standalone = Standalone(self._client, timeout_s, min_replicas, wait_ms, sentinels)
+        self._router: ClusterRouter | None = None
+        self._shape: str | None = "sentinel" if self._sentinel else None  # learnt on first use
         self._joiners: dict[tuple[Any, ...], _Coalescer] = {}
+
+    @property
+    def shape(self) -> str | None:
+        """``standalone``, ``cluster`` or ``sentinel``; None until the first call."""
+        return self._shape
 
     def _p(self, key: str) -> bytes:
         return f"{self._prefix}:p:{key}".encode()
@@ -313,7 +335,7 @@ class RedisStore:
             joiner = self._joiners[what] = _Coalescer(run)
         return joiner
 
-    async def _per_key(self, script: _Script, keys: Sequence[str], args: list[Any], width: int) -> list[Any]:
+    async def _per_key(self, script: Script, keys: Sequence[str], args: list[Any], width: int) -> list[Any]:
         """Run ``script`` over ``keys`` (dedup keys); concurrent calls with the same script and
         arguments share one round trip. Returns one result per key (a tuple when ``width`` > 1)."""
         if not keys:
@@ -327,73 +349,46 @@ class RedisStore:
         return await self._joined((script.text, *args), run)([(prefix + k).encode() for k in keys])
 
     async def _eval(
-        self, script: _Script, keys: list[bytes], shared: list[bytes], per_key: list[bytes] | None, width: int
+        self, script: Script, keys: list[bytes], shared: list[bytes], per_key: list[bytes] | None, width: int
     ) -> list[Any]:
-        """One pipeline of EVALSHA calls: a chunk of keys per call on a standalone Redis, one key
-        per call on Redis Cluster (keys may live in any slot). ARGV is ``shared`` followed by the
-        chunk's ``per_key`` values. Returns one result per key (a tuple when ``width`` > 1)."""
+        """Run ``script`` over ``keys``: a chunk of keys per call on one node, one key per call on
+        Redis Cluster (keys may live in any slot). ARGV is ``shared`` followed by the call's
+        ``per_key`` values. Returns one result per key (a tuple when ``width`` > 1)."""
         try:
-            step = 1 if await self._is_cluster() else _CHUNK
-            for attempt in range(2):
-                if script.sha is None:
-                    script.sha = str(await self._client.script_load(script.text))
-                sha = script.sha.encode()
+            router = await self._cluster_router()
+            if router is not None:
+                extra: list[list[bytes]] = [[v] for v in per_key] if per_key is not None else [[]] * len(keys)
+                calls = [(k, [*shared, *e]) for k, e in zip(keys, extra, strict=True)]
+                replies = await router.run(script, calls)
+            else:
                 commands = []
-                for i in range(0, len(keys), step):
-                    chunk = keys[i : i + step]
-                    extra = per_key[i : i + step] if per_key is not None else []
-                    commands.append(
-                        _resp([b"EVALSHA", sha, str(len(chunk)).encode(), *chunk, *shared, *extra])
-                    )
-                try:
-                    replies = await self._round_trip(b"".join(commands), len(commands))
-                except NoScriptError:
-                    # Redis restarted or SCRIPT FLUSH: load again, once. Scripts are idempotent
-                    # per key, so re-running the ones that did execute is harmless.
-                    script.sha = None
-                    if attempt:
-                        raise
-                    continue
-                flat = [x for reply in replies for x in reply]
-                if width == 1:
-                    return flat
-                return [tuple(flat[i : i + width]) for i in range(0, len(flat), width)]
-            raise AssertionError("unreachable")
-        except RedisError as exc:
-            raise _unavailable(exc) from exc
-
-    async def _is_cluster(self) -> bool:
-        if self._cluster is None:
-            info = await self._client.info("cluster")
-            self._cluster = bool(info.get("cluster_enabled"))
-        return self._cluster
-
-    async def _round_trip(self, packed: bytes, replies: int) -> list[Any]:
-        """Send pipelined commands on one pooled connection and read their replies.
-
-        The hot path goes around redis-py's Pipeline (its per-call bookkeeping cost about as much
-        CPU as the round trip itself) but keeps its connections: URL, auth, TLS and timeouts.
-        """
-        pool = self._client.connection_pool
-        limit = self._timeout_s * 2
-        conn = None
-        try:
-            # A hard bound on the whole exchange, connecting included: a store that hangs (a
-            # Redis restarting under us) must fail the call, so the caller retries, never wait.
-            async with asyncio.timeout(limit):
-                conn = await pool.get_connection()  # type: ignore[no-untyped-call]
-                await conn.send_packed_command(packed, check_health=False)
-                return [await conn.read_response() for _ in range(replies)]
-        except BaseException as exc:
-            # Replies may be left unread (an error reply raises at once): never reuse it.
-            if conn is not None:
-                await conn.disconnect()
-            if isinstance(exc, TimeoutError):
-                raise RedisTimeoutError(f"no answer from Redis within {limit:.0f}s") from exc
+                for i in range(0, len(keys), _CHUNK):
+                    chunk = keys[i : i + _CHUNK]
+                    tail = per_key[i : i + _CHUNK] if per_key is not None else []
+                    count = b"%d" % len(chunk)
+                    commands.append(resp([b"EVALSHA", script.sha, count, *chunk, *shared, *tail]))
+                replies = await self._standalone.run(script, commands)
+        except StoreUnavailable:
             raise
-        finally:
-            if conn is not None:
-                await pool.release(conn)
+        except RedisError as exc:
+            raise unavailable(exc) from exc
+        flat = [x for reply in replies for x in reply]
+        if width == 1:
+            return flat
+        return [tuple(flat[i : i + width]) for i in range(0, len(flat), width)]
+
+    async def _cluster_router(self) -> ClusterRouter | None:
+        """The Cluster router when the server is a Redis Cluster (asked once, with INFO)."""
+        if self._shape is None:
+            info = await self._client.info("cluster")
+            if info.get("cluster_enabled"):
+                client = RedisCluster.from_url(self._url, **self._kwargs)
+                self._router = ClusterRouter(client, self._timeout_s, self._min_replicas, self._wait_ms)
+                self._shape = "cluster"
+                log.info("Redis dedup store: a Redis Cluster; batches are pipelined per master")
+            else:
+                self._shape = "standalone"
+        return self._router
 
     async def claim(
         self, keys: Sequence[str], owner: str, lease_ms: int, mode: ClaimMode = ClaimMode.CLAIM
@@ -446,30 +441,59 @@ class RedisStore:
         return 0  # Redis expires keys itself (PEXPIRE on every write)
 
     async def ping(self) -> None:
+        """Reach the server, learn its shape, and check that the store's scripts can run there."""
         try:
             await self._client.ping()
+            await self._cluster_router()
+            await self._per_key(self._release, ["~ping"], ["~ping", 1], 1)  # writes nothing
+        except StoreUnavailable as exc:
+            raise StoreUnavailable(f"at start-up: {exc}") from exc
         except RedisError as exc:
-            raise StoreUnavailable(
-                f"Redis dedup store unreachable at start-up: {exc} (setting: store.redis_url)"
-            ) from exc
+            raise unavailable(exc, " at start-up") from exc
+
+    async def _on_each_primary(self, *command: str) -> list[Any]:
+        """Run a command on every node that holds data: the masters of a Cluster, else the primary."""
+        router = await self._cluster_router()
+        if router is None:
+            return [await self._client.execute_command(*command)]  # type: ignore[no-untyped-call]
+        nodes = await router.primaries()
+        return [await router.client.execute_command(*command, target_nodes=node) for node in nodes]
 
     async def check_durability(self, require_durable: bool) -> bool:
-        """Read Redis's persistence settings. Warn without AOF or RDB; refuse if durability is required.
+        """Read Redis's persistence settings (on every master of a Cluster). Warn without AOF or
+        RDB; refuse if durability is required. With ``min_replicas``, warn when a master has fewer
+        replicas attached than that (every write would then wait and fail).
 
-        Returns True when some persistence is on, False when off or not readable.
+        Returns True when some persistence is on everywhere, False when off or not readable.
         """
+        durable = True
         try:
-            aof = (await self._client.config_get("appendonly")).get("appendonly", "")
-            save = (await self._client.config_get("save")).get("save", "")
-        except ResponseError:
-            msg = "cannot read Redis persistence settings (CONFIG GET is disabled); assuming they are durable"
-            log.warning(msg)
-            return True
+            try:
+                for aof, save in zip(
+                    await self._on_each_primary("CONFIG", "GET", "appendonly"),
+                    await self._on_each_primary("CONFIG", "GET", "save"),
+                    strict=True,
+                ):
+                    persists = aof.get("appendonly") == "yes" or bool((save.get("save") or "").strip())
+                    durable = durable and persists
+            except ResponseError:
+                log.warning(
+                    "cannot read Redis persistence settings (CONFIG GET is disabled); "
+                    "assuming they are durable"
+                )
+            if self._min_replicas:
+                for info in await self._on_each_primary("INFO", "replication"):
+                    attached = int(info.get("connected_slaves", 0))
+                    if attached < self._min_replicas:
+                        log.warning(
+                            "a Redis primary has %d replica(s) attached but store.redis_min_replicas_acked "
+                            "is %d: store calls fail until enough replicas attach",
+                            attached,
+                            self._min_replicas,
+                        )
         except RedisError as exc:
-            raise StoreUnavailable(
-                f"Redis dedup store unreachable: {exc} (setting: store.redis_url)"
-            ) from exc
-        if aof == "yes" or (save or "").strip():
+            raise unavailable(exc, " at start-up") from exc
+        if durable:
             return True
         msg = (
             "Redis has neither AOF nor RDB persistence: a Redis restart forgets every processed key, and "
@@ -482,4 +506,6 @@ class RedisStore:
         return False
 
     async def close(self) -> None:
-        await self._client.aclose()
+        if self._router is not None:
+            await self._router.close()
+        await self._standalone.close()

@@ -1,4 +1,9 @@
-"""One contract, three stores: memory, SQLite and Redis (the real redis-server) must agree."""
+"""One contract, three stores: memory, SQLite and Redis must agree.
+
+Redis runs in every shape the store supports, each a real server started by
+deploy/local/services.py: one node, a Cluster of three masters with replicas, a Sentinel-watched
+primary, and a TLS-only node reached as a least-privilege ACL user.
+"""
 
 from __future__ import annotations
 
@@ -25,7 +30,9 @@ DAY = 86_400_000
         "memory",
         "sqlite",
         pytest.param("redis", marks=pytest.mark.integration),
-        pytest.param("redis-one-key-per-call", marks=pytest.mark.integration),
+        pytest.param("redis-cluster", marks=pytest.mark.integration),
+        pytest.param("redis-sentinel", marks=pytest.mark.integration),
+        pytest.param("redis-tls-acl", marks=pytest.mark.integration),
     ]
 )
 async def store(request: pytest.FixtureRequest, tmp_path: Path) -> AsyncIterator[DedupStore]:
@@ -35,12 +42,27 @@ async def store(request: pytest.FixtureRequest, tmp_path: Path) -> AsyncIterator
     elif request.param == "sqlite":
         s = await SQLiteStore(tmp_path / "dedup.sqlite3").open()
     else:
-        redis = request.getfixturevalue("redis_server")
-        s = RedisStore(redis.url, prefix=f"test-{uuid.uuid4().hex[:8]}")
-        if request.param == "redis-one-key-per-call":
-            s._cluster = True  # the Redis Cluster path: one key per script call, pipelined
+        s = redis_store(request, request.param)
+        await s.ping()
+        assert s.shape == {"redis-cluster": "cluster", "redis-sentinel": "sentinel"}.get(
+            request.param, "standalone"
+        )
     yield s
     await s.close()
+
+
+def redis_store(request: pytest.FixtureRequest, shape: str, **kwargs: Any) -> RedisStore:
+    """A RedisStore on the real server of ``shape``, under a fresh key prefix."""
+    prefix = f"test-{uuid.uuid4().hex[:8]}"
+    if shape == "redis-tls-acl":
+        from tests.conftest import ACL_PASSWORD, ACL_PREFIX, ACL_USER
+
+        server = request.getfixturevalue("redis_tls")
+        assert server.tls is not None
+        url = f"rediss://{ACL_USER}:{ACL_PASSWORD}@{server.address}/0"
+        return RedisStore(url, prefix=ACL_PREFIX + prefix, tls_ca_file=str(server.tls.ca), **kwargs)
+    fixture = {"redis": "redis_server", "redis-cluster": "redis_cluster", "redis-sentinel": "redis_sentinel"}
+    return RedisStore(request.getfixturevalue(fixture[shape]).url, prefix=prefix, **kwargs)
 
 
 def keys(n: int) -> list[str]:
@@ -313,22 +335,22 @@ async def test_sqlite_survives_reopen(tmp_path: Path) -> None:
 
 
 @pytest.mark.integration
-@pytest.mark.parametrize("cluster", [False, True])
+@pytest.mark.parametrize("shape", ["redis", "redis-cluster"])
 async def test_redis_reloads_flushed_scripts_and_keeps_the_connection_usable(
-    redis_server: Any, cluster: bool
+    request: pytest.FixtureRequest, shape: str
 ) -> None:
-    import redis as redis_py
-
-    s = RedisStore(redis_server.url, prefix=f"test-{uuid.uuid4().hex[:8]}")
-    s._cluster = cluster
-    ks = keys(3)
+    s = redis_store(request, shape)
+    ks = keys(30)
     assert [c.status for c in await s.claim(ks[:2], "a", LEASE)] == [NEW, NEW]
-    # A Redis restart or SCRIPT FLUSH forgets the scripts: the next batch loads them again, and
-    # the reply that said NOSCRIPT does not leave the connection out of step with its replies.
-    redis_py.Redis.from_url(redis_server.url).script_flush()
-    assert [c.status for c in await s.claim(ks, "a", LEASE)] == [NEW, NEW, NEW]
-    assert await s.complete(ks, "a", DAY) == [False, False, False]
-    assert [c.status for c in await s.claim(ks, "b", LEASE)] == [DONE, DONE, DONE]
+    # A Redis restart, failover or SCRIPT FLUSH forgets the scripts: the next batch loads them
+    # again (on every node that lost them), and the replies that said NOSCRIPT do not leave the
+    # connection out of step with its replies.
+    server = request.getfixturevalue("redis_server" if shape == "redis" else "redis_cluster")
+    for node in server.nodes if shape == "redis-cluster" else [server]:
+        node.cli("SCRIPT", "FLUSH")
+    assert [c.status for c in await s.claim(ks, "a", LEASE)] == [NEW] * 30
+    assert await s.complete(ks, "a", DAY) == [False] * 30
+    assert [c.status for c in await s.claim(ks, "b", LEASE)] == [DONE] * 30
     await s.close()
 
 

@@ -1,0 +1,399 @@
+"""How the Redis store reaches its server: one node, a Sentinel-watched primary, or a Cluster.
+
+The store's scripts are the same in every shape; what differs is where a pipeline of script calls
+goes. ``Standalone`` sends a batch down one pooled connection (a plain URL, or a Sentinel-managed
+pool that asks the Sentinels where the primary is and follows a failover). ``ClusterRouter``
+groups a batch's keys by the master that owns their slot and sends one pipeline per master, all
+at once; it follows MOVED and ASK redirects and the slot moves of a failover itself, and retries
+only the keys that did not run.
+
+With ``min_replicas`` set, every pipeline ends with ``WAIT min_replicas timeout`` on the same
+connection, so an answer is given only once that many replicas hold the batch's writes (Redis
+replication is asynchronous: without it, a master that dies right after answering can take the
+last writes with it).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import hashlib
+import time
+from collections.abc import Sequence
+from typing import Any
+from urllib.parse import unquote, urlsplit
+
+import redis.asyncio as aioredis
+from redis.asyncio.cluster import ClusterNode, RedisCluster
+from redis.asyncio.sentinel import Sentinel
+from redis.crc import key_slot
+from redis.exceptions import (
+    AskError,
+    AuthenticationError,
+    ClusterDownError,
+    MovedError,
+    NoPermissionError,
+    NoScriptError,
+    ReadOnlyError,
+    RedisError,
+    ResponseError,
+    TryAgainError,
+)
+from redis.exceptions import ConnectionError as RedisConnectionError
+from redis.exceptions import TimeoutError as RedisTimeoutError
+
+from sidecar.errors import ConfigError, StoreUnavailable
+
+SENTINEL_SCHEMES = ("redis+sentinel", "rediss+sentinel")
+
+
+#: Every command the store sends, its scripts' included (ACLs apply inside scripts too). CONFIG
+#: GET and INFO are read at start-up only; without CONFIG GET the durability check is skipped.
+ACL_COMMANDS = (
+    "ping", "info", "config|get", "evalsha", "script|load", "wait",
+    "cluster|slots", "cluster|shards", "cluster|nodes", "asking", "readonly",
+    "time", "get", "set", "del", "pttl", "pexpire",
+)  # fmt: skip
+
+
+def acl_setuser(user: str, password: str, key_pattern: str) -> list[str]:
+    """The ``ACL SETUSER`` command (as words) for a user that may do exactly what the store needs."""
+    return ["ACL", "SETUSER", user, "reset", "on", f">{password}", f"~{key_pattern}", "resetchannels",
+            "-@all", *(f"+{c}" for c in ACL_COMMANDS)]  # fmt: skip
+
+
+def describe(exc: BaseException) -> str:
+    """What went wrong, in words an operator can act on (never the URL: it may hold a password)."""
+    if isinstance(exc, StoreUnavailable):
+        return str(exc)
+    if isinstance(exc, NoPermissionError):
+        return (
+            f"Redis refused a command to the store's user: {exc} (the ACL user in store.redis_url "
+            "needs the commands listed in docs/OPERATIONS.md)"
+        )
+    if isinstance(exc, AuthenticationError):
+        return f"Redis refused the credentials: {exc} (user and password in store.redis_url)"
+    if isinstance(exc, ReadOnlyError):
+        return (
+            "Redis answered READONLY: store.redis_url points at a replica; point it at the primary, "
+            "or use redis+sentinel:// to follow the primary"
+        )
+    if isinstance(exc, ClusterDownError):
+        return f"Redis Cluster is down ({exc}): a failover may be in progress"
+    if isinstance(exc, TryAgainError):
+        return f"Redis Cluster is moving a slot ({exc}); the call is retried"
+    if isinstance(exc, RedisTimeoutError | TimeoutError):
+        return f"Redis did not answer in time: {exc}"
+    if isinstance(exc, RedisConnectionError | OSError):
+        return f"Redis unreachable: {exc}"
+    return f"Redis error: {type(exc).__name__}: {exc}"
+
+
+def unavailable(exc: BaseException, where: str = "") -> StoreUnavailable:
+    return StoreUnavailable(f"dedup store: {describe(exc)}{where} (setting: store.redis_url)")
+
+
+def resp(args: Sequence[bytes]) -> bytes:
+    """One command in the Redis protocol (RESP): an array of bulk strings."""
+    parts = [b"*%d\r\n" % len(args)]
+    for a in args:
+        parts += (b"$%d\r\n" % len(a), a, b"\r\n")
+    return b"".join(parts)
+
+
+class Script:
+    """A Lua script and its SHA1, computed here: the same on every node, loaded where missing."""
+
+    __slots__ = ("load", "sha", "text")
+
+    def __init__(self, text: str) -> None:
+        self.text = text
+        self.sha = hashlib.sha1(text.encode()).hexdigest().encode()
+        self.load = resp([b"SCRIPT", b"LOAD", text.encode()])
+
+
+class ReplicaShortfall(StoreUnavailable):
+    """WAIT returned fewer replicas than store.redis_min_replicas_acked asks for."""
+
+
+def check_wait(reply: Any, want: int, timeout_ms: int, node: str) -> None:
+    got = int(reply)
+    if got < want:
+        raise ReplicaShortfall(
+            f"dedup store: the write reached {got} of the {want} replicas that "
+            f"store.redis_min_replicas_acked asks for within {timeout_ms} ms on Redis {node} "
+            "(store.redis_wait_timeout_ms); the call is retried"
+        )
+
+
+def connection_kwargs(
+    url: str, timeout_s: float, ca_file: str | None, cert_file: str | None, key_file: str | None
+) -> dict[str, Any]:
+    kwargs: dict[str, Any] = {
+        "socket_timeout": timeout_s,
+        "socket_connect_timeout": timeout_s,
+        "decode_responses": True,
+    }
+    tls = urlsplit(url).scheme in ("rediss", "rediss+sentinel")
+    files = {"ssl_ca_certs": ca_file, "ssl_certfile": cert_file, "ssl_keyfile": key_file}
+    given = {k: v for k, v in files.items() if v}
+    if given and not tls:
+        raise ConfigError(
+            "store.redis_tls_* files are set but store.redis_url does not start with rediss:// "
+            "(or rediss+sentinel://): TLS is chosen by the URL"
+        )
+    if tls:
+        kwargs.update(given)
+    return kwargs
+
+
+def sentinel_client(url: str, kwargs: dict[str, Any]) -> tuple[aioredis.Redis, list[aioredis.Redis]]:
+    """A client of the primary named in ``redis+sentinel://[user:password@]host:port[,host:port...]
+    /<master name>[/<db>]``, and the clients of the Sentinels (to close with it). The credentials
+    are the data nodes'; Sentinels are asked without."""
+    parts = urlsplit(url)
+    hosts: list[tuple[str, int]] = []
+    for item in parts.netloc.rpartition("@")[2].split(","):
+        host, _, port = item.rpartition(":")
+        if not host or not port.isdigit():
+            raise ConfigError(
+                "store.redis_url: a redis+sentinel:// URL lists the Sentinels as host:port[,host:port...]"
+            )
+        hosts.append((host.strip("[]"), int(port)))
+    path = [p for p in parts.path.split("/") if p]
+    if not path or len(path) > 2 or (len(path) == 2 and not path[1].isdigit()):
+        raise ConfigError(
+            "store.redis_url: a redis+sentinel:// URL ends with /<master name>[/<db>], "
+            "e.g. redis+sentinel://s1:26379,s2:26379,s3:26379/mymaster/0"
+        )
+    node_kwargs = dict(kwargs)
+    if parts.username:
+        node_kwargs["username"] = unquote(parts.username)
+    if parts.password:
+        node_kwargs["password"] = unquote(parts.password)
+    if parts.scheme == "rediss+sentinel":
+        node_kwargs["ssl"] = True
+    sentinel_kwargs = {k: v for k, v in kwargs.items() if k.startswith("socket_")}
+    sentinel = Sentinel(hosts, sentinel_kwargs=sentinel_kwargs)  # type: ignore[no-untyped-call]
+    client: aioredis.Redis = sentinel.master_for(
+        path[0], redis_class=aioredis.Redis, db=int(path[1]) if len(path) == 2 else 0, **node_kwargs
+    )
+    return client, list(sentinel.sentinels)
+
+
+class Standalone:
+    """One node (or the primary a Sentinel names): a batch is one pipeline on one connection."""
+
+    def __init__(
+        self,
+        client: aioredis.Redis,
+        timeout_s: float,
+        min_replicas: int,
+        wait_ms: int,
+        sentinels: Sequence[aioredis.Redis] = (),
+    ) -> None:
+        self.client = client
+        self._sentinels = list(sentinels)
+        self._timeout_s = timeout_s
+        self._wait = resp([b"WAIT", b"%d" % min_replicas, b"%d" % wait_ms]) if min_replicas else b""
+        self._min_replicas, self._wait_ms = min_replicas, wait_ms
+
+    async def run(self, script: Script, commands: list[bytes]) -> list[Any]:
+        """Send ``commands`` (packed EVALSHA calls of ``script``) and return their replies."""
+        for attempt in range(2):
+            try:
+                return await self._round_trip(b"".join(commands), len(commands))
+            except NoScriptError:
+                # Redis restarted, failed over or SCRIPT FLUSH: load it and run again, once.
+                # Scripts are idempotent per key, so re-running those that did execute is harmless.
+                if attempt:
+                    raise
+                await self._round_trip(script.load, 1, wait=False)
+        raise AssertionError("unreachable")
+
+    async def _round_trip(self, packed: bytes, replies: int, wait: bool = True) -> list[Any]:
+        """Send pipelined commands on one pooled connection and read their replies.
+
+        The hot path goes around redis-py's Pipeline (its per-call bookkeeping cost about as much
+        CPU as the round trip itself) but keeps its connections: URL, auth, TLS, timeouts and,
+        with Sentinel, finding the primary.
+        """
+        pool = self.client.connection_pool
+        limit = self._timeout_s * 2 + (self._wait_ms / 1000 if wait else 0)
+        conn = None
+        waiting = wait and bool(self._wait)
+        try:
+            # A hard bound on the whole exchange, connecting included: a store that hangs (a
+            # Redis restarting under us) must fail the call, so the caller retries, never wait.
+            async with asyncio.timeout(limit):
+                conn = await pool.get_connection()  # type: ignore[no-untyped-call]
+                await conn.send_packed_command(packed + self._wait if waiting else packed, check_health=False)
+                out = [await conn.read_response() for _ in range(replies)]
+                if waiting:
+                    check_wait(await conn.read_response(), self._min_replicas, self._wait_ms, conn.host)
+                return out
+        except BaseException as exc:
+            # Replies may be left unread (an error reply raises at once): never reuse it.
+            if conn is not None:
+                await conn.disconnect()
+            if isinstance(exc, TimeoutError):
+                raise RedisTimeoutError(f"no answer from Redis within {limit:.0f}s") from exc
+            raise
+        finally:
+            if conn is not None:
+                await pool.release(conn)
+
+    async def close(self) -> None:
+        await self.client.aclose()
+        for sentinel in self._sentinels:
+            await sentinel.aclose()
+
+
+class ClusterRouter:
+    """Pipelines per Cluster master. Each script call carries one key, so it touches one slot."""
+
+    #: Rounds of retries (with a topology refresh where needed) within one call's time budget.
+    ROUNDS = 50
+
+    def __init__(self, client: RedisCluster, timeout_s: float, min_replicas: int, wait_ms: int) -> None:
+        self.client = client
+        self._timeout_s = timeout_s
+        self._min_replicas, self._wait_ms = min_replicas, wait_ms
+        self._wait = resp([b"WAIT", b"%d" % min_replicas, b"%d" % wait_ms]) if min_replicas else b""
+        self._ready = False
+        self._refreshing: asyncio.Task[None] | None = None
+
+    async def _initialize(self) -> None:
+        if not self._ready:
+            await self.client.initialize()
+            self._ready = True
+
+    async def run(self, script: Script, calls: list[tuple[bytes, list[bytes]]]) -> list[Any]:
+        """Run ``script`` once per (key, argv) and return the replies in order.
+
+        MOVED refreshes the slot map and retries the key at its new owner; ASK sends it once to
+        the importing node after ASKING; NOSCRIPT loads the script on that node; TRYAGAIN,
+        CLUSTERDOWN and an unreachable master (a failover under way) are retried with the slot
+        map read again, until the time budget is spent: then the error says what happened.
+        """
+        await self._initialize()
+        nodes = self.client.nodes_manager
+        results: list[Any] = [None] * len(calls)
+        todo = list(range(len(calls)))
+        asking: dict[int, ClusterNode] = {}
+        load_on: set[str] = set()
+        deadline = time.monotonic() + self._timeout_s * 2
+        last: BaseException | None = None
+        for _ in range(self.ROUNDS):
+            groups: dict[str, tuple[ClusterNode, list[int]]] = {}
+            try:
+                for i in todo:
+                    node = asking.get(i) or nodes.get_node_from_slot(key_slot(calls[i][0]))
+                    groups.setdefault(node.name, (node, []))[1].append(i)
+            except RedisError as exc:  # a slot no live master covers: mid-failover
+                last = exc
+                groups = {}
+            sent = list(groups.values())
+            outcomes = await asyncio.gather(
+                *(self._send(node, script, calls, asking, idx, load_on) for node, idx in sent),
+                return_exceptions=True,
+            )
+            todo, refresh = [], not sent
+            for (node, idx), outcome in zip(sent, outcomes, strict=True):
+                if isinstance(outcome, ReplicaShortfall):
+                    raise outcome
+                if isinstance(outcome, BaseException):
+                    if not isinstance(outcome, RedisConnectionError | RedisTimeoutError | OSError):
+                        raise unavailable(outcome, f" at Redis Cluster node {node.name}") from outcome
+                    last, refresh = outcome, True  # the node is gone or hung: retry where its slots went
+                    todo += idx
+                    continue
+                load_on.discard(node.name)
+                for i, reply in zip(idx, outcome, strict=True):
+                    asking.pop(i, None)
+                    if not isinstance(reply, ResponseError):
+                        results[i] = reply
+                        continue
+                    todo.append(i)
+                    if isinstance(reply, MovedError):
+                        refresh = True
+                    elif isinstance(reply, AskError):
+                        target = nodes.get_node(host=reply.host, port=reply.port)
+                        if target is None:
+                            refresh = True
+                        else:
+                            asking[i] = target
+                    elif isinstance(reply, NoScriptError):
+                        load_on.add(node.name)
+                    elif isinstance(reply, TryAgainError | ClusterDownError):
+                        last = reply
+                    else:
+                        raise unavailable(reply, f" at Redis Cluster node {node.name}")
+            if not todo:
+                return results
+            if time.monotonic() > deadline:
+                break
+            if refresh or last is not None:
+                await asyncio.sleep(0.05 if not last else 0.2)
+            if refresh:
+                await self._refresh()
+        raise unavailable(last or StoreUnavailable("slots kept moving"), " (Redis Cluster)")
+
+    async def _refresh(self) -> None:
+        """Read the slot map again; concurrent callers share one refresh."""
+        if self._refreshing is None or self._refreshing.done():
+            self._refreshing = asyncio.create_task(self.client.nodes_manager.initialize())
+        with contextlib.suppress(RedisError):  # no node answered yet: the next round tries again
+            await asyncio.shield(self._refreshing)
+
+    async def _send(
+        self,
+        node: ClusterNode,
+        script: Script,
+        calls: list[tuple[bytes, list[bytes]]],
+        asking: dict[int, ClusterNode],
+        idx: list[int],
+        load_on: set[str],
+    ) -> list[Any]:
+        """One pipeline to one node: [SCRIPT LOAD], each call (after ASKING when redirected), [WAIT]."""
+        parts: list[bytes] = []
+        expect: list[bool] = []  # per reply: is it a call's reply (True) or a preamble's (False)
+        if node.name in load_on:
+            parts.append(script.load)
+            expect.append(False)
+        for i in idx:
+            key, argv = calls[i]
+            if i in asking:
+                parts.append(b"*1\r\n$6\r\nASKING\r\n")
+                expect.append(False)
+            parts.append(resp([b"EVALSHA", script.sha, b"1", key, *argv]))
+            expect.append(True)
+        conn = node.acquire_connection()
+        try:
+            async with asyncio.timeout(self._timeout_s * 2 + self._wait_ms / 1000):
+                await conn.send_packed_command(b"".join(parts) + self._wait, check_health=False)
+                out: list[Any] = []
+                for is_call in expect:
+                    try:
+                        reply = await conn.read_response()
+                    except ResponseError as exc:  # the reply was read whole: the stream stays in step
+                        reply = exc
+                    if is_call:
+                        out.append(reply)
+                if self._wait:
+                    check_wait(await conn.read_response(), self._min_replicas, self._wait_ms, node.name)
+                return out
+        except BaseException as exc:
+            await conn.disconnect()
+            if isinstance(exc, TimeoutError):
+                raise RedisTimeoutError(f"no answer from Redis node {node.name} in time") from exc
+            raise
+        finally:
+            node.release(conn)
+
+    async def primaries(self) -> list[ClusterNode]:
+        await self._initialize()
+        return list(self.client.get_primaries())
+
+    async def close(self) -> None:
+        await self.client.aclose()
