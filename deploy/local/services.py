@@ -546,7 +546,8 @@ class RedisCluster:
                 extra = ["--cluster-enabled", "yes", "--cluster-config-file", "nodes.conf",
                          "--cluster-port", str(free_port()), "--cluster-node-timeout", str(node_timeout_ms),
                          "--cluster-replica-validity-factor", "0"]  # fmt: skip
-                nodes.append(RedisServer.start(workdir / f"node{i}", appendonly=appendonly, tls=tls, extra_args=extra))
+                node = RedisServer.start(workdir / f"node{i}", appendonly, tls=tls, extra_args=extra)
+                nodes.append(node)
             create = [redis_cli_binary(), "--cluster", "create", *(n.address for n in nodes),
                       "--cluster-replicas", str(replicas), "--cluster-yes"]  # fmt: skip
             if tls is not None:
@@ -715,8 +716,9 @@ class RedisSentinelSet:
         old.kill()
         _wait_until(
             f"Sentinel failover away from {old.address}",
-            lambda: self.master_address() != old.address and self.master().info("replication")["role"]
-            == "master",
+            lambda: (
+                self.master_address() != old.address and self.master().info("replication")["role"] == "master"
+            ),
             timeout,
         )
         return old
