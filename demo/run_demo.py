@@ -95,10 +95,17 @@ def main() -> int:
     parser.add_argument("--messages", type=int, default=1000)
     parser.add_argument("--republish", type=int, default=150)
     parser.add_argument("--kafka-duplicates", type=int, default=100)
+    parser.add_argument(
+        "--redis",
+        choices=["single", "cluster", "sentinel"],
+        default="single",
+        help="the Redis shape the store uses: one node, a Cluster of three masters with a replica "
+        "each, or a primary with two replicas behind three Sentinels",
+    )
     args = parser.parse_args()
     with (
         tempfile.TemporaryDirectory(prefix="dedup-demo-") as tmp,
-        services.running(Path(tmp)) as (kafka, redis),
+        services.running(Path(tmp), redis_shape=args.redis) as (kafka, redis),
     ):
         kafka.create_topic(TOPIC, 3)
         port, metrics_port = services.free_port(), services.free_port()
@@ -138,6 +145,9 @@ def main() -> int:
             sidecar.terminate()
             sidecar.wait(30)
         twice = sum(1 for n in delivered.values() if n > 1)
+        if isinstance(redis, services.RedisCluster):
+            spread = [int(m.cli("DBSIZE").strip()) for m in redis.masters()]
+            print(f"demo: store keys per Cluster master: {spread}")
         print(f"demo: records in Kafka:          {args.messages + args.kafka_duplicates}")
         print(f"demo: delivered to the app:      {sum(delivered.values())} ({len(delivered)} distinct keys)")
         print(f"demo: acked:                     {acked}")

@@ -734,23 +734,40 @@ class RedisSentinelSet:
         self.stop()
 
 
+RedisShape = RedisServer | RedisCluster | RedisSentinelSet
+
+
+def start_redis(workdir: Path, shape: str = "single", appendonly: str = "everysec") -> RedisShape:
+    """Start Redis in ``shape``: ``single``, ``cluster`` (3 masters with a replica each) or
+    ``sentinel`` (a primary with 2 replicas behind 3 Sentinels). Each has ``.url`` and ``.stop()``."""
+    if shape == "cluster":
+        return RedisCluster.start(workdir, appendonly=appendonly)
+    if shape == "sentinel":
+        return RedisSentinelSet.start(workdir, appendonly=appendonly)
+    if shape == "single":
+        return RedisServer.start(workdir, appendonly=appendonly)
+    raise ValueError(f"unknown Redis shape {shape!r}: single, cluster or sentinel")
+
+
 @contextlib.contextmanager
 def running(
-    workdir: Path | None = None, quick_start: bool = True
-) -> Iterator[tuple[KafkaBroker, RedisServer]]:
+    workdir: Path | None = None, quick_start: bool = True, redis_shape: str = "single"
+) -> Iterator[tuple[KafkaBroker, RedisShape]]:
     """Start Kafka and Redis in a temporary directory; stop both and remove it on exit.
 
-    ``quick_start``: see KafkaBroker.start."""
+    ``quick_start``: see KafkaBroker.start. ``redis_shape``: see start_redis."""
     base = Path(tempfile.mkdtemp(prefix="dedup-services-")) if workdir is None else workdir
+    redis: RedisShape | None = None
     try:
         t0 = time.monotonic()
-        with (
-            RedisServer.start(base / "redis") as redis,
-            KafkaBroker.start(base / "kafka", quick_start=quick_start) as kafka,
-        ):
+        appendonly = "no" if redis_shape == "single" else "everysec"
+        redis = start_redis(base / "redis", redis_shape, appendonly)
+        with KafkaBroker.start(base / "kafka", quick_start=quick_start) as kafka:
             _log(f"kafka {kafka.bootstrap_servers} and {redis.url} ready in {time.monotonic() - t0:.1f}s")
             yield kafka, redis
     finally:
+        if redis is not None:
+            redis.stop()
         if workdir is None:
             shutil.rmtree(base, ignore_errors=True)
 
@@ -761,12 +778,19 @@ def main(argv: list[str] | None = None) -> int:
     sub.add_parser("install", help="fetch the broker jars and redis-server (cached)")
     up = sub.add_parser("up", help="start Kafka and Redis until interrupted")
     up.add_argument("--topic", action="append", default=[], help="NAME[:PARTITIONS] to create")
+    up.add_argument(
+        "--redis",
+        choices=["single", "cluster", "sentinel"],
+        default="single",
+        help="single: one node; cluster: 3 masters with a replica each; sentinel: a primary with "
+        "2 replicas behind 3 Sentinels (REDIS_URL is then a redis+sentinel:// URL)",
+    )
     args = parser.parse_args(argv)
     if args.cmd == "install":
         _log(f"kafka jars: {kafka_lib_dir()}")
         _log(f"redis-server: {redis_server_binary()}")
         return 0
-    with running() as (kafka, redis):
+    with running(redis_shape=args.redis) as (kafka, redis):
         for spec in args.topic:
             name, _, parts = spec.partition(":")
             kafka.create_topic(name, int(parts or 1))
