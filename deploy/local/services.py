@@ -449,6 +449,7 @@ class RedisServer(_Service):
                      "--tls-key-file", str(tls.server_key), "--tls-ca-cert-file", str(tls.ca),
                      "--tls-auth-clients", "optional"]  # fmt: skip
         args += ["--dir", str(workdir), "--save", "", "--daemonize", "no", "--logfile", str(log_path)]
+        args += ["--repl-diskless-sync-delay", "0"]  # a replica syncs at once, not 5 s later
         if password:
             args += ["--requirepass", password]
         if appendonly in ("always", "everysec"):
@@ -562,28 +563,47 @@ class RedisCluster:
         return cluster
 
     def wait_ok(self, timeout: float = 60) -> None:
-        """Until every live node says cluster_state:ok and every master has its replicas."""
+        """Until every live node says cluster_state:ok and every master has its replicas in sync."""
 
         def ok() -> bool:
             live = [n for n in self.nodes if n.alive()]
             if not all(n.info("cluster").get("cluster_enabled") == "1" for n in live):
                 return False
             states = [n.cli("CLUSTER", "INFO") for n in live]
-            return all("cluster_state:ok" in s for s in states) and len(self.masters()) * 2 <= len(live)
+            if not all("cluster_state:ok" in s for s in states):
+                return False
+            masters = {n.address for n in self.masters()}
+            others = [n.info("replication") for n in live if n.address not in masters]
+            if not all(r.get("role") == "slave" and r.get("master_link_status") == "up" for r in others):
+                return False
+            # Every node's own view (gossip) agrees that the others are replicas.
+            for n in live:
+                view = [line.split()[2] for line in n.cli("CLUSTER", "NODES").splitlines()]
+                if sum("slave" in flags and "fail" not in flags for flags in view) < len(others):
+                    return False
+            return True
 
         _wait_until("Redis Cluster state ok", ok, timeout)
 
     def masters(self) -> list[RedisServer]:
-        """The live nodes that are masters now (read from CLUSTER NODES)."""
+        """The live nodes that are masters of some slots now (read from CLUSTER NODES)."""
         live = [n for n in self.nodes if n.alive()]
         by_address = {n.address: n for n in live}
         out = []
         for line in live[0].cli("CLUSTER", "NODES").splitlines():
             fields = line.split()
             address = fields[1].split("@")[0]
-            if "master" in fields[2] and "fail" not in fields[2] and address in by_address:
+            serving = "master" in fields[2] and "fail" not in fields[2] and len(fields) > 8
+            if serving and address in by_address:
                 out.append(by_address[address])
         return out
+
+    def replicas_of(self, master: RedisServer) -> list[RedisServer]:
+        """The live nodes replicating ``master`` now."""
+        lines = [line.split() for line in master.cli("CLUSTER", "NODES").splitlines()]
+        master_id = next(f[0] for f in lines if "myself" in f[2])
+        addresses = {f[1].split("@")[0] for f in lines if "slave" in f[2] and f[3] == master_id}
+        return [n for n in self.nodes if n.address in addresses and n.alive()]
 
     def node_of_slot(self, slot: int) -> RedisServer:
         live = [n for n in self.nodes if n.alive()]
@@ -703,7 +723,9 @@ class RedisSentinelSet:
             if not master.alive() or master.info("replication").get("role") != "master":
                 return False
             others = sum(1 for n in self.servers if n.alive() and n is not master)
-            attached = int(master.info("replication").get("connected_slaves", "0"))
+            attached = sum(
+                "state=online" in v for k, v in master.info("replication").items() if k.startswith("slave")
+            )
             seen = self.sentinels[0].cli("SENTINEL", "sentinels", self.master_name).count("name")
             return attached >= others and seen >= len(self.sentinels) - 1
 
