@@ -7,6 +7,8 @@ import os
 import signal
 import time
 
+import services
+
 from tests.chaos.harness import VARIANTS, Fault, Scenario
 
 
@@ -64,26 +66,68 @@ async def f6_churn(s: Scenario) -> str:
     return "three replicas per group; one kill -9'd and restarted every ~3 s, 5 times"
 
 
+def one_redis(s: Scenario) -> services.RedisServer:
+    assert isinstance(s.redis, services.RedisServer), "this fault needs a single Redis node"
+    return s.redis
+
+
 async def f7_kill_redis(s: Scenario) -> str:
+    redis = one_redis(s)
     await settle_in(s)
     for _ in range(2):
-        s.redis.kill()
+        redis.kill()
         await asyncio.sleep(1.0)
-        s.redis.restart()
+        redis.restart()
         await asyncio.sleep(s.rng.uniform(1.0, 2.0))
     return "redis-server kill -9'd twice and restarted on its data"
 
 
 async def f8_pause_redis(s: Scenario) -> str:
+    redis = one_redis(s)
     await settle_in(s)
-    s.redis.pause()
+    redis.pause()
     t0 = time.time()
     await asyncio.sleep(4)
     t1 = time.time()
-    s.redis.resume()
+    redis.resume()
     early = [t for v in VARIANTS for t in s.ack_times(v) if t0 + 0.3 < t < t1]
     assert not early, f"{len(early)} acks confirmed while Redis was paused"
     return "redis-server SIGSTOPped 4 s; no Ack was confirmed while it was paused"
+
+
+async def f15_cluster_master_kill(s: Scenario) -> str:
+    """Needs ``s.redis`` to be a RedisCluster."""
+    cluster = s.redis
+    assert isinstance(cluster, services.RedisCluster)
+    await settle_in(s)
+    victim = s.rng.choice(cluster.masters()[1:])  # not the start-up node the sidecars were given
+    t0 = time.monotonic()
+    await asyncio.to_thread(cluster.kill_master, victim)
+    promoted = time.monotonic() - t0
+    await asyncio.sleep(1.0)
+    await asyncio.to_thread(victim.restart)
+    await asyncio.to_thread(cluster.wait_ok)
+    return (
+        f"a Redis Cluster master kill -9'd under load; its replica took its slots in {promoted:.1f} s; "
+        "the old master restarted as a replica"
+    )
+
+
+async def f16_sentinel_failover(s: Scenario) -> str:
+    """Needs ``s.redis`` to be a RedisSentinelSet."""
+    sentinel_set = s.redis
+    assert isinstance(sentinel_set, services.RedisSentinelSet)
+    await settle_in(s)
+    t0 = time.monotonic()
+    old = await asyncio.to_thread(sentinel_set.kill_master)
+    promoted = time.monotonic() - t0
+    await asyncio.sleep(1.0)
+    await asyncio.to_thread(old.restart)
+    await asyncio.to_thread(sentinel_set.wait_ready)
+    return (
+        f"the Sentinel-watched primary kill -9'd under load; a replica was promoted in {promoted:.1f} s; "
+        "the old primary restarted and was made a replica"
+    )
 
 
 async def f9_kill_broker(s: Scenario) -> str:
