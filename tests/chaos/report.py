@@ -22,7 +22,9 @@ import services  # noqa: E402
 from tests.chaos import faults  # noqa: E402
 from tests.chaos.harness import Fault, Figures, run_scenario  # noqa: E402
 from tests.chaos.proxy import FaultProxy  # noqa: E402
+from tests.chaos.test_faults import FAILOVERS, failover_env, failover_fault  # noqa: E402
 
+#: (name, title, fault, scenario arguments, Redis: an appendfsync policy for one node, or a shape)
 FAULTS: list[tuple[str, str, Fault, dict[str, Any], str]] = [
     (
         "F1",
@@ -92,6 +94,17 @@ FAULTS: list[tuple[str, str, Fault, dict[str, Any], str]] = [
     ("F8", "Redis paused (SIGSTOP 4 s)", faults.f8_pause_redis, {}, "everysec"),
     ("F9", "broker kill -9 and restart", faults.f9_kill_broker, {}, "everysec"),
     ("F10", "broker paused (SIGSTOP 5 s)", faults.f10_pause_broker, {}, "everysec"),
+    *(
+        (
+            name,
+            f"{'Redis Cluster master' if shape == 'cluster' else 'Sentinel primary'} kill -9, "
+            f"{'WAIT for 1 replica' if wait else 'no WAIT'}",
+            failover_fault(shape),
+            {"env": failover_env(wait)},
+            shape,
+        )
+        for name, shape, wait in FAILOVERS
+    ),
 ]
 
 
@@ -108,13 +121,20 @@ async def run_all(messages: int, seeds: int, only: set[str]) -> list[tuple[str, 
                     work = base / f"{name}-{seed}"
                     work.mkdir()
                     t0 = time.monotonic()
-                    with services.RedisServer.start(work / "redis", appendonly=aof) as redis:
+                    if aof in ("cluster", "sentinel"):
+                        redis: services.RedisShape = services.start_redis(work / "redis", aof)
+                    else:
+                        redis = services.RedisServer.start(work / "redis", appendonly=aof)
+                    try:
                         if name == "F1":
+                            assert isinstance(redis, services.RedisServer)
                             figs = await run_f1(work, redis, messages, seed, kwargs)
                         else:
                             figs = await run_scenario(
                                 name, fault, kafka, redis, work, messages, seed=seed, **kwargs
                             )
+                    finally:
+                        redis.stop()
                     took = time.monotonic() - t0
                     print(
                         f"[chaos] {name} seed {seed}: {[f.row() for f in figs]} in {took:.0f}s",
@@ -143,8 +163,20 @@ async def run_f1(
             await proxy.stop()
 
 
+def existing_rows(path: Path) -> list[str]:
+    """The fault rows of a report already written (``| F<n>...: title | ...``)."""
+    if not path.exists():
+        return []
+    return [line for line in path.read_text().splitlines() if line.startswith("| F") and ": " in line]
+
+
 def write(
-    results: list[tuple[str, list[Figures]]], messages: int, seeds: int, command: str, path: Path
+    results: list[tuple[str, list[Figures]]],
+    messages: int,
+    seeds: int,
+    command: str,
+    path: Path,
+    keep: list[str] | None = None,
 ) -> None:
     lines = [
         "# Reliability under faults",
@@ -161,13 +193,36 @@ def write(
         "app's duplicates measure the window the contract admits (an effect applied, then the ack lost); "
         "the inbox app closes it.",
         "",
+        "The F15 and F16 rows run on a real Redis Cluster (three masters, one replica each) and a real "
+        "Sentinel-watched primary with two replicas, and kill the master under load, with and without "
+        "`store.redis_min_replicas_acked = 1` (WAIT).",
+        "",
+        *(
+            [
+                f"This file was last updated by a partial run (`{command}`): the rows of the faults it ran "
+                "are new; every other row is from the run before, on the same harness.",
+                "",
+            ]
+            if keep is not None
+            else []
+        ),
         "| fault | app | sent | lost | duplicated | unexpected | delivered after OK ack | redelivered keys "
         "| max attempt | recovery s | keys by highest attempt | what happened |",
         "| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | --- | --- |",
     ]
+    rows: dict[str, list[str]] = {}
     for title, figs in results:
         for f in figs:
-            lines.append("| " + " | ".join([f"{f.fault}: {title}", *f.row()[1:], f.attempts, f.notes]) + " |")
+            row = "| " + " | ".join([f"{f.fault}: {title}", *f.row()[1:], f.attempts, f.notes]) + " |"
+            rows.setdefault(f.fault, []).append(row)
+    if keep is not None:  # a partial run: the other faults keep the rows of the last full run
+        for line in keep:
+            name = line[2:].split(":", 1)[0]
+            if name not in rows:
+                rows.setdefault(name, []).append(line)
+    order = [name for name, *_ in FAULTS]
+    for name in sorted(rows, key=lambda n: order.index(n) if n in order else len(order)):
+        lines += rows[name]
     lines += [
         "",
         "Columns: *lost* — published (acknowledged by Publish) with no effect; *duplicated* — keys whose "
@@ -192,7 +247,8 @@ def main() -> int:
     a = ap.parse_args()
     results = asyncio.run(run_all(a.messages, a.seeds, set(a.only)))
     command = " ".join(["scripts/reliability.sh", *sys.argv[1:]])
-    write(results, a.messages, a.seeds, command, Path(a.out))
+    out = Path(a.out)
+    write(results, a.messages, a.seeds, command, out, existing_rows(out) if a.only else None)
     bad = [
         f
         for _, figs in results
