@@ -326,6 +326,11 @@ class RedisStore:
         """``standalone``, ``cluster`` or ``sentinel``; None until the first call."""
         return self._shape
 
+    @property
+    def round_trips(self) -> int:
+        """Pipelines sent to Redis so far (on a Cluster, one per master a batch touches)."""
+        return self._standalone.round_trips + (self._router.round_trips if self._router else 0)
+
     def _p(self, key: str) -> bytes:
         return f"{self._prefix}:p:{key}".encode()
 

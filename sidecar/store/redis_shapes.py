@@ -194,6 +194,7 @@ class Standalone:
     ) -> None:
         self.client = client
         self._sentinels = list(sentinels)
+        self.round_trips = 0  # pipelines sent, for capacity figures
         self._timeout_s = timeout_s
         self._wait = resp([b"WAIT", b"%d" % min_replicas, b"%d" % wait_ms]) if min_replicas else b""
         self._min_replicas, self._wait_ms = min_replicas, wait_ms
@@ -219,6 +220,7 @@ class Standalone:
         with Sentinel, finding the primary.
         """
         pool = self.client.connection_pool
+        self.round_trips += 1
         limit = self._timeout_s * 2 + (self._wait_ms / 1000 if wait else 0)
         conn = None
         waiting = wait and bool(self._wait)
@@ -257,6 +259,7 @@ class ClusterRouter:
 
     def __init__(self, client: RedisCluster, timeout_s: float, min_replicas: int, wait_ms: int) -> None:
         self.client = client
+        self.round_trips = 0  # pipelines sent (one per master a batch touches), for capacity figures
         self._timeout_s = timeout_s
         self._min_replicas, self._wait_ms = min_replicas, wait_ms
         self._wait = resp([b"WAIT", b"%d" % min_replicas, b"%d" % wait_ms]) if min_replicas else b""
@@ -369,6 +372,7 @@ class ClusterRouter:
             parts.append(resp([b"EVALSHA", script.sha, b"1", key, *argv]))
             expect.append(True)
         conn = node.acquire_connection()
+        self.round_trips += 1
         try:
             async with asyncio.timeout(self._timeout_s * 2 + self._wait_ms / 1000):
                 await conn.send_packed_command(b"".join(parts) + self._wait, check_health=False)

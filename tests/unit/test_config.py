@@ -57,3 +57,38 @@ def test_secrets_do_not_print() -> None:
     )
     assert "hunter2" not in s.model_dump_json()
     assert "zq-secret-value" not in repr(s.server)
+
+
+@pytest.mark.parametrize(
+    ("url", "says"),
+    [
+        ("redis+sentinel://s1:26379,s2:26379/", "/<master name>"),
+        ("redis+sentinel://s1:26379/mymaster/zero", "/<master name>"),
+        ("redis+sentinel://s1/mymaster", "host:port"),
+        ("http://127.0.0.1:6379/0", "store.redis_url"),
+    ],
+)
+def test_bad_redis_urls_name_the_setting(url: str, says: str) -> None:
+    from sidecar.store.redis import RedisStore
+
+    with pytest.raises(ConfigError, match="store.redis_url") as info:
+        RedisStore(url)
+    assert says in str(info.value)
+
+
+def test_tls_files_need_a_rediss_url() -> None:
+    from sidecar.store.redis import RedisStore
+
+    with pytest.raises(ConfigError, match=r"store\.redis_tls_\* files.*rediss://"):
+        RedisStore("redis://127.0.0.1:6379/0", tls_ca_file="/etc/ca.pem")
+
+
+async def test_store_errors_never_show_the_password() -> None:
+    from sidecar.errors import StoreUnavailable
+    from sidecar.store.redis import RedisStore
+
+    store = RedisStore("redis://user:hunter2@127.0.0.1:1/0", timeout_s=0.5)
+    with pytest.raises(StoreUnavailable, match=r"unreachable.*store\.redis_url") as info:
+        await store.ping()
+    assert "hunter2" not in str(info.value)
+    await store.close()

@@ -1,0 +1,239 @@
+"""Measure what the Redis store costs, to size it: bytes per key, Redis CPU and round trips per
+record, and the consume and publish rates of the Cluster and WAIT paths next to one node.
+
+Usage: python bench/capacity.py [--keys 1000000] [--records 100000] [--quick]
+(scripts/capacity.sh wraps it). It starts its own Kafka broker and Redis servers on 127.0.0.1
+and writes bench/capacity.json; docs/CAPACITY.md quotes the figures.
+
+What it measures, each against real servers:
+
+* memory: ``MEMORY USAGE`` of a done mark and of a publish record written by the store, and
+  ``INFO memory`` before and after ``--keys`` done marks (all a key costs: value, key, expiry);
+* store work per consumed record (a claim and a complete, in the batches the sidecar uses) and
+  per published record (a publish begin and finish): round trips, script calls, and the CPU the
+  Redis processes spent (``INFO cpu``, masters and replicas apart), on one node, on a Cluster of
+  three masters, and with WAIT for one replica;
+* rates through a real sidecar process, as ratios to the raw client measured in the same run:
+  consume with the batched client and PublishBatch, on one node, the Cluster, the Cluster with
+  WAIT, and a Sentinel primary with WAIT.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import sys
+import tempfile
+import time
+import uuid
+from pathlib import Path
+from typing import Any
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path[:0] = [str(ROOT / "deploy" / "local"), str(ROOT / "bench")]
+
+import run as bench  # noqa: E402
+import services  # noqa: E402
+
+from sidecar.store.base import PublishRecord  # noqa: E402
+from sidecar.store.redis import RedisStore  # noqa: E402
+
+GROUP, TOPIC = "orders-app", "orders"
+BATCH = 500  # records per claim and complete: the consumer's fetch batch
+
+
+def log(msg: str) -> None:
+    print(f"[capacity] {msg}", file=sys.stderr, flush=True)
+
+
+def idem(i: int) -> str:
+    return str(uuid.UUID(int=i))  # 36 characters, like the UUIDs most producers use
+
+
+def dedup_key(i: int) -> str:
+    return f"{len(GROUP)}:{GROUP}:{TOPIC}:{idem(i)}"  # sidecar.engine.identity.store_key
+
+
+def cpu_seconds(nodes: list[services.RedisServer]) -> float:
+    total = 0.0
+    for n in nodes:
+        info = n.info("cpu")
+        total += float(info["used_cpu_user"]) + float(info["used_cpu_sys"])
+    return total
+
+
+def evalsha_calls(nodes: list[services.RedisServer]) -> int:
+    calls = 0
+    for n in nodes:
+        stat = n.info("commandstats").get("cmdstat_evalsha", "calls=0,")
+        calls += int(stat.split("calls=")[1].split(",")[0])
+    return calls
+
+
+async def store_work(
+    url: str, masters: list[services.RedisServer], replicas: list[services.RedisServer], n: int, wait: int
+) -> dict[str, Any]:
+    """Per consumed and per published record: round trips, script calls, Redis CPU (µs)."""
+    out: dict[str, Any] = {}
+    prefix = f"cap{uuid.uuid4().hex[:6]}"
+    store = RedisStore(url, prefix=prefix, min_replicas=wait, wait_ms=5000)
+    await store.ping()
+    for what in ("consume", "publish"):
+        trips0 = store.round_trips
+        calls0, cpu_m0, cpu_r0 = evalsha_calls(masters), cpu_seconds(masters), cpu_seconds(replicas)
+        t0 = time.perf_counter()
+        for start in range(0, n, BATCH):
+            ids = range(start, min(n, start + BATCH))
+            if what == "consume":
+                keys = [dedup_key(i) for i in ids]
+                await store.claim(keys, "owner-1", 35_000)
+                await store.complete(keys, "owner-1", 7 * 86_400_000)
+            else:
+                keys = [idem(i) for i in ids]
+                await store.publish_begin(keys, "owner-1", 35_000)
+                records = [
+                    (k, PublishRecord("0" * 32, TOPIC, i % 6, i)) for k, i in zip(keys, ids, strict=True)
+                ]
+                await store.publish_finish(records, "owner-1", 7 * 86_400_000)
+        seconds = time.perf_counter() - t0
+        out[what] = {
+            "records": n,
+            "round_trips_per_1000": round((store.round_trips - trips0) * 1000 / n, 2),
+            "script_calls_per_record": round((evalsha_calls(masters) - calls0) / n, 3),
+            "redis_cpu_us_per_record": round((cpu_seconds(masters) - cpu_m0) * 1e6 / n, 2),
+            "replica_cpu_us_per_record": round((cpu_seconds(replicas) - cpu_r0) * 1e6 / n, 2),
+            "store_only_records_per_s": round(n / seconds),
+        }
+    await store.close()
+    return out
+
+
+async def memory(redis: services.RedisServer, keys: int) -> dict[str, Any]:
+    """Bytes per done mark and per publish record, sampled and over ``keys`` done marks."""
+    store = RedisStore(redis.url, prefix="dedup")
+    sample_done, sample_pub = dedup_key(10**12), idem(10**12)
+    await store.claim([sample_done], "owner-1", 35_000)
+    await store.complete([sample_done], "owner-1", 7 * 86_400_000)
+    await store.publish_begin([sample_pub], "owner-1", 35_000)
+    await store.publish_finish(
+        [(sample_pub, PublishRecord("0" * 32, TOPIC, 3, 123_456_789))], "owner-1", 86_400_000
+    )
+    done_bytes = int(redis.cli("MEMORY", "USAGE", f"dedup:k:{sample_done}").strip())
+    pub_bytes = int(redis.cli("MEMORY", "USAGE", f"dedup:p:{sample_pub}").strip())
+    before = int(redis.info("memory")["used_memory"])
+    t0 = time.monotonic()
+    step = 10_000
+    for start in range(0, keys, step):
+        batch = [dedup_key(i) for i in range(start, min(keys, start + step))]
+        await asyncio.gather(
+            *(
+                store.complete(batch[j : j + BATCH], "owner-1", 7 * 86_400_000)
+                for j in range(0, len(batch), BATCH)
+            )
+        )
+        if start and start % 200_000 == 0:
+            log(f"memory: {start:,} done marks written ({time.monotonic() - t0:.0f}s)")
+    after = int(redis.info("memory")["used_memory"])
+    await store.close()
+    return {
+        "memory_usage_done_mark_bytes": done_bytes,
+        "memory_usage_publish_record_bytes": pub_bytes,
+        "keys": keys,
+        "used_memory_per_done_mark_bytes": round((after - before) / keys, 1),
+        "example_done_key": f"dedup:k:{sample_done}",
+        "example_publish_key": f"dedup:p:{sample_pub}",
+    }
+
+
+def rates(
+    kafka: services.KafkaBroker, shapes: dict[str, dict[str, str]], n: int, work: Path
+) -> dict[str, Any]:
+    """Consume and PublishBatch through a sidecar per store shape, each next to the raw client,
+    alternating so the machine's drift hits every shape alike."""
+    n_pub = max(5_000, n // 2)
+    bench.preload(kafka, "cap6", 6, n, "c6")
+    kafka.create_topic("cappub", 6)
+    out: dict[str, Any] = {"consume": {}, "publish": {}}
+    for name, store in shapes.items():
+        log(f"rates: {name}")
+        raw = bench.raw_consume(kafka, "cap6", n)
+        sc = bench.sidecar_consume(kafka, "cap6", n, store, work, name)
+        out["consume"][name] = {
+            "rate": round(sc.rate),
+            "raw": round(raw.rate),
+            "ratio": round(sc.rate / raw.rate, 3),
+        }
+        raw = bench.raw_publish(kafka, "cappub", n_pub)
+        sp = bench.sidecar_publish(kafka, "cappub", n_pub, store, work, 500)
+        out["publish"][name] = {
+            "rate": round(sp.rate),
+            "raw": round(raw.rate),
+            "ratio": round(sp.rate / raw.rate, 3),
+        }
+    return out
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--keys", type=int, default=1_000_000, help="done marks for the INFO memory figure")
+    ap.add_argument("--records", type=int, default=100_000, help="records per rate and store-work figure")
+    ap.add_argument("--quick", action="store_true", help="small sizes, to check the harness works")
+    ap.add_argument("--out", default=str(ROOT / "bench" / "capacity.json"))
+    a = ap.parse_args()
+    keys, n = (20_000, 10_000) if a.quick else (a.keys, a.records)
+    result: dict[str, Any] = {
+        "machine": bench.machine(),
+        "command": " ".join(["scripts/capacity.sh", *sys.argv[1:]]),
+    }
+    with tempfile.TemporaryDirectory(prefix="dedup-capacity-") as tmp:
+        work = Path(tmp)
+        with services.RedisServer.start(work / "mem", appendonly="no") as redis:
+            log(f"memory: {keys:,} done marks")
+            result["memory"] = asyncio.run(memory(redis, keys))
+        with (
+            services.RedisServer.start(work / "single", appendonly="everysec") as single,
+            services.RedisCluster.start(work / "cluster") as cluster,
+            services.RedisSentinelSet.start(work / "sentinel") as sentinel,
+            services.KafkaBroker.start(work / "kafka", quick_start=False) as kafka,
+        ):
+            masters = cluster.masters()
+            replicas = [x for x in cluster.nodes if x not in masters]
+            primary = sentinel.master()
+            sentinel_replicas = [x for x in sentinel.servers if x is not primary]
+            work_rows = {
+                "one node": (single.url, [single], [], 0),
+                "Cluster, 3 masters": (cluster.url, masters, replicas, 0),
+                "Cluster, WAIT 1": (cluster.url, masters, replicas, 1),
+                "Sentinel primary, WAIT 1": (sentinel.url, [primary], sentinel_replicas, 1),
+            }
+            result["store_work"] = {}
+            for name, (url, m, r, wait) in work_rows.items():
+                log(f"store work: {name}")
+                result["store_work"][name] = asyncio.run(store_work(url, m, r, n, wait))
+            shapes = {
+                "one node": {"DEDUP_STORE__BACKEND": "redis", "DEDUP_STORE__REDIS_URL": single.url},
+                "Cluster, 3 masters": {
+                    "DEDUP_STORE__BACKEND": "redis",
+                    "DEDUP_STORE__REDIS_URL": cluster.url,
+                },
+                "Cluster, WAIT 1": {
+                    "DEDUP_STORE__BACKEND": "redis",
+                    "DEDUP_STORE__REDIS_URL": cluster.url,
+                    "DEDUP_STORE__REDIS_MIN_REPLICAS_ACKED": "1",
+                },
+                "Sentinel primary, WAIT 1": {
+                    "DEDUP_STORE__BACKEND": "redis",
+                    "DEDUP_STORE__REDIS_URL": sentinel.url,
+                    "DEDUP_STORE__REDIS_MIN_REPLICAS_ACKED": "1",
+                },
+            }
+            result["rates"] = rates(kafka, shapes, n, work)
+    Path(a.out).write_text(json.dumps(result, indent=2) + "\n")
+    log(f"wrote {a.out}")
+    print(json.dumps(result, indent=2))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
