@@ -71,7 +71,7 @@ def test_secrets_do_not_print() -> None:
 def test_bad_redis_urls_name_the_setting(url: str, says: str) -> None:
     from sidecar.store.redis import RedisStore
 
-    with pytest.raises(ConfigError, match="store.redis_url") as info:
+    with pytest.raises(ConfigError, match=r"store\.redis_url") as info:
         RedisStore(url)
     assert says in str(info.value)
 
