@@ -180,7 +180,12 @@ def main() -> int:
     ap.add_argument("--records", type=int, default=100_000, help="records per rate and store-work figure")
     ap.add_argument("--quick", action="store_true", help="small sizes, to check the harness works")
     ap.add_argument("--out", default=str(ROOT / "bench" / "capacity.json"))
+    ap.add_argument("--doc", default=str(ROOT / "docs" / "CAPACITY.md"))
+    ap.add_argument("--render-only", action="store_true", help="rewrite the doc from --out")
     a = ap.parse_args()
+    if a.render_only:
+        write_doc(json.loads(Path(a.out).read_text()), Path(a.doc))
+        return 0
     keys, n = (20_000, 10_000) if a.quick else (a.keys, a.records)
     result: dict[str, Any] = {
         "machine": bench.machine(),
@@ -189,6 +194,7 @@ def main() -> int:
     with tempfile.TemporaryDirectory(prefix="dedup-capacity-") as tmp:
         work = Path(tmp)
         with services.RedisServer.start(work / "mem", appendonly="no") as redis:
+            result["redis_version"] = redis.info("server")["redis_version"]
             log(f"memory: {keys:,} done marks")
             result["memory"] = asyncio.run(memory(redis, keys))
         with (
@@ -230,10 +236,119 @@ def main() -> int:
             }
             result["rates"] = rates(kafka, shapes, n, work)
     Path(a.out).write_text(json.dumps(result, indent=2) + "\n")
-    log(f"wrote {a.out}")
-    print(json.dumps(result, indent=2))
+    write_doc(result, Path(a.doc))
+    log(f"wrote {a.out} and {a.doc}")
     return 0
 
 
 if __name__ == "__main__":
     sys.exit(main())
+
+
+# ------------------------------------------------------------------------------------------------
+# docs/CAPACITY.md: the measured section, between markers, under the hand-written guide.
+
+START, END = "<!-- measured:start -->", "<!-- measured:end -->"
+#: A Redis master runs commands on one thread: plan for this share of a core, leaving headroom
+#: for replication, persistence rewrites and bursts.
+CORE_BUDGET = 0.6
+#: Redis memory per key at scale comes out above MEMORY USAGE (allocator, expiry dictionary);
+#: the sizing uses the INFO figure, plus this margin for fragmentation and the growth of dicts.
+MEMORY_MARGIN = 1.5
+
+
+def _gb(n: float) -> str:
+    return f"{n / 1e9:,.1f} GB" if n >= 1e9 else f"{n / 1e6:,.0f} MB"
+
+
+def sizing_rows(result: dict[str, Any], records_s: float, windows: list[tuple[str, int]]) -> list[str]:
+    per_key = result["memory"]["used_memory_per_done_mark_bytes"] * MEMORY_MARGIN
+    work = result["store_work"]
+    one = work["one node"]["consume"]["redis_cpu_us_per_record"]
+    cl = work["Cluster, 3 masters"]["consume"]["redis_cpu_us_per_record"]
+    rows = []
+    for label, seconds in windows:
+        memory = records_s * seconds * per_key
+        cores_cluster = records_s * cl / 1e6
+        masters = max(1, round(max(cores_cluster / CORE_BUDGET, memory / 25e9) + 0.499))
+        rows.append(
+            f"| {records_s:,.0f} | {label} | {records_s * seconds / 1e6:,.0f} M | {_gb(memory)} "
+            f"| {records_s * one / 1e6:.2f} | {cores_cluster:.2f} | {masters} |"
+        )
+    return rows
+
+
+def render(result: dict[str, Any]) -> str:
+    mem, work, rates_ = result["memory"], result["store_work"], result["rates"]
+    lines = [
+        START,
+        f"Measured by `{result['command']}` on {result['machine'].get('cpus', '?')} CPUs "
+        f"({result['machine'].get('platform', '')}), Redis {result.get('redis_version', '?')}, "
+        f"Kafka {result['machine'].get('kafka', '?')}. Sidecar, Kafka and every Redis process share the machine.",
+        "",
+        "### Bytes per key",
+        "",
+        "| what | bytes |",
+        "| --- | ---: |",
+        f"| a done mark, `MEMORY USAGE` (`{mem['example_done_key']}`) | {mem['memory_usage_done_mark_bytes']} |",
+        f"| a publish record, `MEMORY USAGE` (`{mem['example_publish_key']}`) "
+        f"| {mem['memory_usage_publish_record_bytes']} |",
+        f"| a done mark, `INFO memory` over {mem['keys']:,} of them (with expiry and dict overhead) "
+        f"| {mem['used_memory_per_done_mark_bytes']} |",
+        "",
+        "### Store work per record",
+        "",
+        "Claims and completes in batches of 500 (a consumed record), publish begin and finish in",
+        "batches of 500 (a published record), run straight against each shape. CPU is what the",
+        "Redis processes spent (`INFO cpu`, user + system), masters and replicas apart.",
+        "",
+        "| shape | record | round trips per 1,000 | script calls per record | master CPU µs | replica CPU µs "
+        "| store-only records/s |",
+        "| --- | --- | ---: | ---: | ---: | ---: | ---: |",
+    ]
+    for shape, per in work.items():
+        for what, w in per.items():
+            lines.append(
+                f"| {shape} | {what}d | {w['round_trips_per_1000']} | {w['script_calls_per_record']} "
+                f"| {w['redis_cpu_us_per_record']} | {w['replica_cpu_us_per_record']} "
+                f"| {w['store_only_records_per_s']:,} |"
+            )
+    lines += [
+        "",
+        "### Rates through a sidecar, as ratios to the raw client in the same run",
+        "",
+        "Consume: 1 KB records, 6 partitions, the batched Python client, against a raw",
+        "confluent-kafka consumer committing every 1,000. Publish: `PublishBatch` of 500, 4 calls in",
+        "flight, against a raw idempotent producer. Each shape's pair ran back to back.",
+        "",
+        "| store | consume records/s | raw | ratio | PublishBatch records/s | raw | ratio |",
+        "| --- | ---: | ---: | ---: | ---: | ---: | ---: |",
+    ]
+    for shape, c in rates_["consume"].items():
+        p = rates_["publish"][shape]
+        lines.append(
+            f"| {shape} | {c['rate']:,} | {c['raw']:,} | {c['ratio']} | {p['rate']:,} | {p['raw']:,} | {p['ratio']} |"
+        )
+    lines += [
+        "",
+        "### Sizing, from the figures above",
+        "",
+        f"Memory is records/s × window × the `INFO memory` bytes per done mark × {MEMORY_MARGIN} (margin for",
+        "fragmentation and dict growth), per consumer group. Redis CPU is records/s × the master CPU per",
+        f"consumed record. Masters: enough that each runs at most {CORE_BUDGET:.0%} of a core and holds at",
+        "most 25 GB. Published records add their publish records on top, for `store.retention_seconds`.",
+        "",
+        "| consumed records/s | window | keys held | Redis memory | cores, one node | cores, Cluster | Cluster masters |",
+        "| ---: | --- | ---: | ---: | ---: | ---: | ---: |",
+    ]
+    windows = [("7 days (default)", 7 * 86_400), ("1 day", 86_400), ("1 hour", 3_600), ("10 minutes", 600)]
+    lines += sizing_rows(result, 10 * 1_000, windows)
+    lines += sizing_rows(result, 1_000 * 5_000, windows)
+    lines.append(END)
+    return "\n".join(lines)
+
+
+def write_doc(result: dict[str, Any], path: Path) -> None:
+    text = path.read_text()
+    start, end = text.index(START), text.index(END) + len(END)
+    path.write_text(text[:start] + render(result) + text[end:])

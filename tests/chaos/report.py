@@ -216,9 +216,10 @@ def write(
             row = "| " + " | ".join([f"{f.fault}: {title}", *f.row()[1:], f.attempts, f.notes]) + " |"
             rows.setdefault(f.fault, []).append(row)
     if keep is not None:  # a partial run: the other faults keep the rows of the last full run
+        ran = set(rows)
         for line in keep:
             name = line[2:].split(":", 1)[0]
-            if name not in rows:
+            if name not in ran:
                 rows.setdefault(name, []).append(line)
     order = [name for name, *_ in FAULTS]
     for name in sorted(rows, key=lambda n: order.index(n) if n in order else len(order)):
