@@ -241,10 +241,6 @@ def main() -> int:
     return 0
 
 
-if __name__ == "__main__":
-    sys.exit(main())
-
-
 # ------------------------------------------------------------------------------------------------
 # docs/CAPACITY.md: the measured section, between markers, under the hand-written guide.
 
@@ -284,13 +280,15 @@ def render(result: dict[str, Any]) -> str:
         START,
         f"Measured by `{result['command']}` on {result['machine'].get('cpus', '?')} CPUs "
         f"({result['machine'].get('platform', '')}), Redis {result.get('redis_version', '?')}, "
-        f"Kafka {result['machine'].get('kafka', '?')}. Sidecar, Kafka and every Redis process share the machine.",
+        f"Kafka {result['machine'].get('kafka', '?')}. The sidecar, Kafka and every Redis process share "
+        "the machine.",
         "",
         "### Bytes per key",
         "",
         "| what | bytes |",
         "| --- | ---: |",
-        f"| a done mark, `MEMORY USAGE` (`{mem['example_done_key']}`) | {mem['memory_usage_done_mark_bytes']} |",
+        f"| a done mark, `MEMORY USAGE` (`{mem['example_done_key']}`) "
+        f"| {mem['memory_usage_done_mark_bytes']} |",
         f"| a publish record, `MEMORY USAGE` (`{mem['example_publish_key']}`) "
         f"| {mem['memory_usage_publish_record_bytes']} |",
         f"| a done mark, `INFO memory` over {mem['keys']:,} of them (with expiry and dict overhead) "
@@ -309,7 +307,8 @@ def render(result: dict[str, Any]) -> str:
     for shape, per in work.items():
         for what, w in per.items():
             lines.append(
-                f"| {shape} | {what}d | {w['round_trips_per_1000']} | {w['script_calls_per_record']} "
+                f"| {shape} | {what.replace('consume', 'consumed').replace('publish', 'published')} "
+                f"| {w['round_trips_per_1000']} | {w['script_calls_per_record']} "
                 f"| {w['redis_cpu_us_per_record']} | {w['replica_cpu_us_per_record']} "
                 f"| {w['store_only_records_per_s']:,} |"
             )
@@ -327,18 +326,20 @@ def render(result: dict[str, Any]) -> str:
     for shape, c in rates_["consume"].items():
         p = rates_["publish"][shape]
         lines.append(
-            f"| {shape} | {c['rate']:,} | {c['raw']:,} | {c['ratio']} | {p['rate']:,} | {p['raw']:,} | {p['ratio']} |"
+            f"| {shape} | {c['rate']:,} | {c['raw']:,} | {c['ratio']} "
+            f"| {p['rate']:,} | {p['raw']:,} | {p['ratio']} |"
         )
     lines += [
         "",
         "### Sizing, from the figures above",
         "",
-        f"Memory is records/s × window × the `INFO memory` bytes per done mark × {MEMORY_MARGIN} (margin for",
-        "fragmentation and dict growth), per consumer group. Redis CPU is records/s × the master CPU per",
+        f"Memory is records/s x window x the `INFO memory` bytes per done mark x {MEMORY_MARGIN} (margin for",
+        "fragmentation and dict growth), per consumer group. Redis CPU is records/s x the master CPU per",
         f"consumed record. Masters: enough that each runs at most {CORE_BUDGET:.0%} of a core and holds at",
         "most 25 GB. Published records add their publish records on top, for `store.retention_seconds`.",
         "",
-        "| consumed records/s | window | keys held | Redis memory | cores, one node | cores, Cluster | Cluster masters |",
+        "| consumed records/s | window | keys held | Redis memory | cores, one node | cores, Cluster "
+        "| Cluster masters |",
         "| ---: | --- | ---: | ---: | ---: | ---: | ---: |",
     ]
     windows = [("7 days (default)", 7 * 86_400), ("1 day", 86_400), ("1 hour", 3_600), ("10 minutes", 600)]
@@ -352,3 +353,7 @@ def write_doc(result: dict[str, Any], path: Path) -> None:
     text = path.read_text()
     start, end = text.index(START), text.index(END) + len(END)
     path.write_text(text[:start] + render(result) + text[end:])
+
+
+if __name__ == "__main__":
+    sys.exit(main())
