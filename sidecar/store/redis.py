@@ -42,8 +42,8 @@ local out = {}
 """
 
 # Each script walks KEYS and treats every key on its own (atomically: a script runs alone). On a
-# standalone Redis a whole batch is one call; on Redis Cluster each call carries one key so keys
-# can live in any slot, and the calls of a batch share one pipeline.
+# standalone Redis a whole batch is one call; on Redis Cluster a call carries the keys one master
+# owns (redis_shapes.Script.packed), or one key when slots move; a batch is a pipeline per master.
 #
 # A key's state is one string, "<done>|<owner>|<lease deadline ms>|<attempt>", with the key's
 # TTL as its expiry. A string costs Redis about a third less CPU per claim and complete than the
@@ -362,9 +362,7 @@ class RedisStore:
         try:
             router = await self._cluster_router()
             if router is not None:
-                extra: list[list[bytes]] = [[v] for v in per_key] if per_key is not None else [[]] * len(keys)
-                calls = [(k, [*shared, *e]) for k, e in zip(keys, extra, strict=True)]
-                replies = await router.run(script, calls)
+                replies = await router.run(script, keys, shared, per_key)
             else:
                 commands = []
                 for i in range(0, len(keys), _CHUNK):

@@ -18,6 +18,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import hashlib
+import re
 import time
 from collections.abc import Sequence
 from typing import Any
@@ -101,15 +102,33 @@ def resp(args: Sequence[bytes]) -> bytes:
     return b"".join(parts)
 
 
+#: Turns a script that walks KEYS into one that takes its keys in ARGV (``n, key1..keyn, args...``)
+#: and may touch keys of any slot the node serves (Redis 7.0 script flags): one call then carries a
+#: whole batch's keys for one Cluster master, as one call carries 500 keys on one node.
+_PACKED_PROLOGUE = """#!lua flags=allow-cross-slot-keys
+local n = tonumber(ARGV[1])
+local K_, A_ = {}, {}
+for i = 1, n do K_[i] = ARGV[i + 1] end
+for i = n + 2, #ARGV do A_[#A_ + 1] = ARGV[i] end
+"""
+
+
 class Script:
-    """A Lua script and its SHA1, computed here: the same on every node, loaded where missing."""
+    """A Lua script and its SHA1, computed here: the same on every node, loaded where missing.
 
-    __slots__ = ("load", "sha", "text")
+    ``packed`` is the same script taking its keys in ARGV, for one call per Cluster master.
+    """
 
-    def __init__(self, text: str) -> None:
+    __slots__ = ("load", "packed", "sha", "text")
+
+    def __init__(self, text: str, packable: bool = True) -> None:
         self.text = text
         self.sha = hashlib.sha1(text.encode()).hexdigest().encode()
         self.load = resp([b"SCRIPT", b"LOAD", text.encode()])
+        self.packed: Script | None = None
+        if packable:
+            body = re.sub(r"\bKEYS\b", "K_", re.sub(r"\bARGV\b", "A_", text))
+            self.packed = Script(_PACKED_PROLOGUE + body, packable=False)
 
 
 class ReplicaShortfall(StoreUnavailable):
@@ -252,14 +271,23 @@ class Standalone:
 
 
 class ClusterRouter:
-    """Pipelines per Cluster master. Each script call carries one key, so it touches one slot."""
+    """Pipelines per Cluster master.
+
+    On Redis 7.0 or newer (``packed``), a batch's keys that one master owns travel in one script
+    call (up to 500 keys; the script's ``allow-cross-slot-keys`` flag lets it touch every slot the
+    master serves): as few commands as on one node. Keys whose call failed (a slot moving, a
+    failover) are sent again one key per call, which follows MOVED and ASK key by key. Older
+    Redis gets one key per call from the start (a script may then touch one slot only).
+    """
 
     #: Rounds of retries (with a topology refresh where needed) within one call's time budget.
     ROUNDS = 50
+    CHUNK = 500
 
     def __init__(self, client: RedisCluster, timeout_s: float, min_replicas: int, wait_ms: int) -> None:
         self.client = client
         self.round_trips = 0  # pipelines sent (one per master a batch touches), for capacity figures
+        self.packed = False  # set once the servers are known to be Redis 7.0 or newer
         self._timeout_s = timeout_s
         self._min_replicas, self._wait_ms = min_replicas, wait_ms
         self._wait = resp([b"WAIT", b"%d" % min_replicas, b"%d" % wait_ms]) if min_replicas else b""
@@ -269,10 +297,18 @@ class ClusterRouter:
     async def _initialize(self) -> None:
         if not self._ready:
             await self.client.initialize()
+            versions = [
+                str((await self.client.info("server", target_nodes=node)).get("redis_version", "0"))
+                for node in self.client.get_primaries()
+            ]
+            self.packed = all(int(v.split(".")[0]) >= 7 for v in versions)
             self._ready = True
 
-    async def run(self, script: Script, calls: list[tuple[bytes, list[bytes]]]) -> list[Any]:
-        """Run ``script`` once per (key, argv) and return the replies in order.
+    async def run(
+        self, script: Script, keys: list[bytes], shared: list[bytes], per_key: list[bytes] | None
+    ) -> list[list[Any]]:
+        """Run ``script`` over ``keys`` (ARGV: ``shared``, then the key's ``per_key`` value) and
+        return each key's reply, in order.
 
         MOVED refreshes the slot map and retries the key at its new owner; ASK sends it once to
         the importing node after ASKING; NOSCRIPT loads the script on that node; TRYAGAIN,
@@ -281,8 +317,9 @@ class ClusterRouter:
         """
         await self._initialize()
         nodes = self.client.nodes_manager
-        results: list[Any] = [None] * len(calls)
-        todo = list(range(len(calls)))
+        results: list[Any] = [None] * len(keys)
+        todo = list(range(len(keys)))
+        single: set[int] = set() if self.packed else set(todo)  # keys sent one per call
         asking: dict[int, ClusterNode] = {}
         load_on: set[str] = set()
         deadline = time.monotonic() + self._timeout_s * 2
@@ -291,43 +328,54 @@ class ClusterRouter:
             groups: dict[str, tuple[ClusterNode, list[int]]] = {}
             try:
                 for i in todo:
-                    node = asking.get(i) or nodes.get_node_from_slot(key_slot(calls[i][0]))
+                    node = asking.get(i) or nodes.get_node_from_slot(key_slot(keys[i]))
                     groups.setdefault(node.name, (node, []))[1].append(i)
             except RedisError as exc:  # a slot no live master covers: mid-failover
                 last = exc
                 groups = {}
             sent = list(groups.values())
             outcomes = await asyncio.gather(
-                *(self._send(node, script, calls, asking, idx, load_on) for node, idx in sent),
+                *(
+                    self._send(node, script, keys, shared, per_key, idx, single, asking, load_on)
+                    for node, idx in sent
+                ),
                 return_exceptions=True,
             )
             todo, refresh = [], not sent
-            for (node, idx), outcome in zip(sent, outcomes, strict=True):
+            for (node, _), outcome in zip(sent, outcomes, strict=True):
                 if isinstance(outcome, ReplicaShortfall):
                     raise outcome
                 if isinstance(outcome, BaseException):
                     if not isinstance(outcome, RedisConnectionError | RedisTimeoutError | OSError):
                         raise unavailable(outcome, f" at Redis Cluster node {node.name}") from outcome
                     last, refresh = outcome, True  # the node is gone or hung: retry where its slots went
-                    todo += idx
+                    todo += groups[node.name][1]
                     continue
                 load_on.discard(node.name)
-                for i, reply in zip(idx, outcome, strict=True):
-                    asking.pop(i, None)
+                for idx, reply in outcome:
+                    for i in idx:
+                        asking.pop(i, None)
                     if not isinstance(reply, ResponseError):
-                        results[i] = reply
+                        if len(idx) == 1 and idx[0] in single:
+                            results[idx[0]] = reply
+                        else:  # a packed call: its keys' replies one after another
+                            width = len(reply) // len(idx)
+                            for j, i in enumerate(idx):
+                                results[i] = reply[j * width : (j + 1) * width]
                         continue
-                    todo.append(i)
-                    if isinstance(reply, MovedError):
+                    todo += idx
+                    if isinstance(reply, NoScriptError):
+                        load_on.add(node.name)
+                    elif len(idx) > 1 or idx[0] not in single:
+                        single.update(idx)  # a packed call failed (a slot moving): key by key now
+                    elif isinstance(reply, MovedError):
                         refresh = True
                     elif isinstance(reply, AskError):
                         target = nodes.get_node(host=reply.host, port=reply.port)
                         if target is None:
                             refresh = True
                         else:
-                            asking[i] = target
-                    elif isinstance(reply, NoScriptError):
-                        load_on.add(node.name)
+                            asking[idx[0]] = target
                     elif isinstance(reply, TryAgainError | ClusterDownError):
                         last = reply
                     else:
@@ -353,37 +401,67 @@ class ClusterRouter:
         self,
         node: ClusterNode,
         script: Script,
-        calls: list[tuple[bytes, list[bytes]]],
-        asking: dict[int, ClusterNode],
+        keys: list[bytes],
+        shared: list[bytes],
+        per_key: list[bytes] | None,
         idx: list[int],
+        single: set[int],
+        asking: dict[int, ClusterNode],
         load_on: set[str],
-    ) -> list[Any]:
-        """One pipeline to one node: [SCRIPT LOAD], each call (after ASKING when redirected), [WAIT]."""
+    ) -> list[tuple[list[int], Any]]:
+        """One pipeline to one node: [SCRIPT LOAD], packed calls of up to CHUNK keys, single-key
+        calls (after ASKING when redirected), [WAIT]. Returns (key indices, reply) per call."""
         parts: list[bytes] = []
-        expect: list[bool] = []  # per reply: is it a call's reply (True) or a preamble's (False)
+        calls: list[list[int] | None] = []  # per reply: the keys of a call, or None for a preamble
+        packed_idx = [i for i in idx if i not in single]
         if node.name in load_on:
-            parts.append(script.load)
-            expect.append(False)
+            parts.append(script.packed.load if packed_idx and script.packed else script.load)
+            calls.append(None)
+            if packed_idx and script.packed and len(packed_idx) < len(idx):
+                parts.append(script.load)
+                calls.append(None)
+        if packed_idx:
+            assert script.packed is not None
+            for c in range(0, len(packed_idx), self.CHUNK):
+                chunk = packed_idx[c : c + self.CHUNK]
+                extra = [per_key[i] for i in chunk] if per_key is not None else []
+                count = b"%d" % len(chunk)
+                parts.append(
+                    resp(
+                        [
+                            b"EVALSHA",
+                            script.packed.sha,
+                            b"0",
+                            count,
+                            *(keys[i] for i in chunk),
+                            *shared,
+                            *extra,
+                        ]
+                    )
+                )
+                calls.append(chunk)
         for i in idx:
-            key, argv = calls[i]
+            if i not in single:
+                continue
             if i in asking:
                 parts.append(b"*1\r\n$6\r\nASKING\r\n")
-                expect.append(False)
-            parts.append(resp([b"EVALSHA", script.sha, b"1", key, *argv]))
-            expect.append(True)
+                calls.append(None)
+            extra = [per_key[i]] if per_key is not None else []
+            parts.append(resp([b"EVALSHA", script.sha, b"1", keys[i], *shared, *extra]))
+            calls.append([i])
         conn = node.acquire_connection()
         self.round_trips += 1
         try:
             async with asyncio.timeout(self._timeout_s * 2 + self._wait_ms / 1000):
                 await conn.send_packed_command(b"".join(parts) + self._wait, check_health=False)
-                out: list[Any] = []
-                for is_call in expect:
+                out: list[tuple[list[int], Any]] = []
+                for call in calls:
                     try:
                         reply = await conn.read_response()
                     except ResponseError as exc:  # the reply was read whole: the stream stays in step
                         reply = exc
-                    if is_call:
-                        out.append(reply)
+                    if call is not None:
+                        out.append((call, reply))
                 if self._wait:
                     check_wait(await conn.read_response(), self._min_replicas, self._wait_ms, node.name)
                 return out

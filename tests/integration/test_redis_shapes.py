@@ -269,3 +269,47 @@ async def test_a_master_lost_before_its_replica_had_the_write(tmp_path: Path, wa
         else:
             assert acknowledged == keys
             assert lost == on_victim, f"{len(lost)} lost; {len(on_victim)} were on the dead master"
+
+
+@pytest.mark.timeout(120)
+async def test_a_slot_moving_under_the_store_keeps_every_answer_right(tmp_path: Path) -> None:
+    """Resharding, done by hand as redis-cli --cluster reshard does it: a slot MIGRATING on its
+    master and IMPORTING on another, half its keys moved, then the slot handed over. Calls made
+    meanwhile follow ASK (keys already moved, and new keys) and then MOVED, and every answer is
+    the one a single node would give."""
+    with services.RedisCluster.start(tmp_path / "cluster", replicas=0) as cluster:
+        tag = "{slot-under-move}"
+        slot = key_slot(tag[1:-1].encode())
+        source = cluster.node_of_slot(slot)
+        target = next(m for m in cluster.masters() if m is not source)
+        ids = {n.address: n.cli("CLUSTER", "MYID").strip() for n in (source, target)}
+        store = RedisStore(cluster.url, prefix="mv")
+        done = [f"done-{i}{tag}" for i in range(40)]
+        others = [f"other-{i}" for i in range(60)]  # keys in every other slot, in the same batches
+        await store.claim(done + others, "a", 60_000)
+        await store.complete(done + others, "a", DAY)
+
+        target.cli("CLUSTER", "SETSLOT", str(slot), "IMPORTING", ids[source.address])
+        source.cli("CLUSTER", "SETSLOT", str(slot), "MIGRATING", ids[target.address])
+        moving = source.cli("CLUSTER", "GETKEYSINSLOT", str(slot), "20").split()
+        assert len(moving) == 20
+        source.cli("MIGRATE", "127.0.0.1", str(target.port), "", "0", "5000", "KEYS", *moving)
+
+        fresh = [f"fresh-{i}{tag}" for i in range(10)]  # absent: created on the importing node (ASK)
+        claims = await store.claim(done + fresh + others, "b", 60_000)
+        assert [c.status for c in claims] == [ClaimStatus.DONE] * 40 + [ClaimStatus.NEW] * 10 + [
+            ClaimStatus.DONE
+        ] * 60
+        assert await store.complete(fresh, "b", DAY) == [False] * 10
+        target_keys = target.cli("CLUSTER", "GETKEYSINSLOT", str(slot), "100").split()
+        assert f"mv:k:{fresh[0]}" in target_keys  # created on the importing node, after ASKING
+        assert f"mv:k:{fresh[0]}" not in source.cli("CLUSTER", "GETKEYSINSLOT", str(slot), "100").split()
+
+        rest = source.cli("CLUSTER", "GETKEYSINSLOT", str(slot), "100").split()
+        source.cli("MIGRATE", "127.0.0.1", str(target.port), "", "0", "5000", "KEYS", *rest)
+        for master in cluster.masters():
+            master.cli("CLUSTER", "SETSLOT", str(slot), "NODE", ids[target.address])
+        claims = await store.claim(done + fresh + others, "c", 60_000)  # the slot map is stale: MOVED
+        assert [c.status for c in claims] == [ClaimStatus.DONE] * 110
+        assert cluster.node_of_slot(slot) is target
+        await store.close()
