@@ -790,6 +790,10 @@ def write_markdown(r: dict[str, Any], path: Path, png: str | None) -> None:
         "Redis from Debian. Everything — broker, Redis, sidecar, client "
         "and baseline — shares the same cores, so read the ratios, not the absolute rates.",
         "",
+        "The Redis store's other shapes (a three-master Redis Cluster, WAIT for a replica, a "
+        "Sentinel primary) are measured next to one node, as ratios to the raw client in the same run, "
+        "by `scripts/capacity.sh` (bench/capacity.py): see [CAPACITY.md](CAPACITY.md).",
+        "",
         "## Consume: end to end, 1 KB records",
         "",
         "Ratio is throughput divided by the raw consumer's in the same run (same topic data). "

@@ -127,6 +127,24 @@ async def test_tls_needs_the_ca_and_acl_user_needs_its_password(redis_tls: servi
     with pytest.raises(StoreUnavailable, match=r"refused the credentials.*store\.redis_url"):
         await wrong.ping()
     await wrong.close()
+    # A Redis that requires client certificates: refused without one, served with one.
+    tls = redis_tls.tls
+    with services.RedisServer.start(
+        redis_tls.workdir.parent / "redis-mtls", tls=tls, extra_args=["--tls-auth-clients", "yes"]
+    ) as strict:
+        bare = RedisStore(f"rediss://{strict.address}/0", tls_ca_file=str(tls.ca), timeout_s=2)
+        with pytest.raises(StoreUnavailable, match=r"store\.redis_url"):
+            await bare.ping()
+        await bare.close()
+        with_cert = RedisStore(
+            f"rediss://{strict.address}/0",
+            tls_ca_file=str(tls.ca),
+            tls_cert_file=str(tls.client_cert),
+            tls_key_file=str(tls.client_key),
+        )
+        await with_cert.ping()
+        assert (await with_cert.claim(["k"], "a", 1000))[0].status is ClaimStatus.NEW
+        await with_cert.close()
     # The ACL user may touch only its own prefix: another prefix is refused, by name.
     outside = RedisStore(url, prefix="dedup", tls_ca_file=str(redis_tls.tls.ca))
     with pytest.raises(StoreUnavailable, match=r"refused a command"):
