@@ -95,13 +95,7 @@ def main() -> int:
     parser.add_argument("--messages", type=int, default=1000)
     parser.add_argument("--republish", type=int, default=150)
     parser.add_argument("--kafka-duplicates", type=int, default=100)
-    parser.add_argument(
-        "--redis",
-        choices=["single", "cluster", "sentinel"],
-        default="single",
-        help="the Redis shape the store uses: one node, a Cluster of three masters with a replica "
-        "each, or a primary with two replicas behind three Sentinels",
-    )
+    services.add_redis_shape_argument(parser)
     args = parser.parse_args()
     with (
         tempfile.TemporaryDirectory(prefix="dedup-demo-") as tmp,

@@ -618,8 +618,9 @@ class RedisCluster:
                     return next(n for n in self.nodes if n.address == address)
         raise RuntimeError(f"no live master owns slot {slot}")
 
-    def kill_master(self, master: RedisServer, timeout: float = 60) -> None:
-        """kill -9 a master and wait until its replica has taken its slots."""
+    def kill_master(self, master: RedisServer, timeout: float = 60) -> RedisServer:
+        """kill -9 a master and wait until its replica has taken its slots; returns the killed
+        node (start it again with ``restart``: it rejoins as a replica)."""
         before = {n.address for n in self.masters()}
         master.kill()
         _wait_until(
@@ -627,6 +628,7 @@ class RedisCluster:
             lambda: len({n.address for n in self.masters()} - before) == 1 and self._state_ok(),
             timeout,
         )
+        return master
 
     def _state_ok(self) -> bool:
         return all("cluster_state:ok" in n.cli("CLUSTER", "INFO") for n in self.nodes if n.alive())
@@ -757,6 +759,18 @@ class RedisSentinelSet:
 
 
 RedisShape = RedisServer | RedisCluster | RedisSentinelSet
+REDIS_SHAPES = ("single", "cluster", "sentinel")
+
+
+def add_redis_shape_argument(parser: argparse.ArgumentParser) -> None:
+    """``--redis single|cluster|sentinel``, for the commands that start Redis."""
+    parser.add_argument(
+        "--redis",
+        choices=REDIS_SHAPES,
+        default="single",
+        help="the Redis shape: one node; a Cluster of 3 masters with a replica each; or a primary "
+        "with 2 replicas behind 3 Sentinels (its URL is a redis+sentinel:// URL)",
+    )
 
 
 def start_redis(workdir: Path, shape: str = "single", appendonly: str = "everysec") -> RedisShape:
@@ -800,13 +814,7 @@ def main(argv: list[str] | None = None) -> int:
     sub.add_parser("install", help="fetch the broker jars and redis-server (cached)")
     up = sub.add_parser("up", help="start Kafka and Redis until interrupted")
     up.add_argument("--topic", action="append", default=[], help="NAME[:PARTITIONS] to create")
-    up.add_argument(
-        "--redis",
-        choices=["single", "cluster", "sentinel"],
-        default="single",
-        help="single: one node; cluster: 3 masters with a replica each; sentinel: a primary with "
-        "2 replicas behind 3 Sentinels (REDIS_URL is then a redis+sentinel:// URL)",
-    )
+    add_redis_shape_argument(up)
     args = parser.parse_args(argv)
     if args.cmd == "install":
         _log(f"kafka jars: {kafka_lib_dir()}")

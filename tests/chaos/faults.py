@@ -6,6 +6,7 @@ import asyncio
 import os
 import signal
 import time
+from collections.abc import Callable
 
 import services
 
@@ -95,18 +96,27 @@ async def f8_pause_redis(s: Scenario) -> str:
     return "redis-server SIGSTOPped 4 s; no Ack was confirmed while it was paused"
 
 
+async def redis_failover(
+    s: Scenario, kill: Callable[[], services.RedisServer], healed: Callable[[], None]
+) -> float:
+    """Kill the master under load, wait for the promotion, start the old master again (it comes
+    back as a replica) and wait until the set is whole. Returns the seconds the promotion took."""
+    await settle_in(s)
+    t0 = time.monotonic()
+    old = await asyncio.to_thread(kill)
+    promoted = time.monotonic() - t0
+    await asyncio.sleep(1.0)
+    await asyncio.to_thread(old.restart)
+    await asyncio.to_thread(healed)
+    return promoted
+
+
 async def f15_cluster_master_kill(s: Scenario) -> str:
     """Needs ``s.redis`` to be a RedisCluster."""
     cluster = s.redis
     assert isinstance(cluster, services.RedisCluster)
-    await settle_in(s)
     victim = s.rng.choice(cluster.masters()[1:])  # not the start-up node the sidecars were given
-    t0 = time.monotonic()
-    await asyncio.to_thread(cluster.kill_master, victim)
-    promoted = time.monotonic() - t0
-    await asyncio.sleep(1.0)
-    await asyncio.to_thread(victim.restart)
-    await asyncio.to_thread(cluster.wait_ok)
+    promoted = await redis_failover(s, lambda: cluster.kill_master(victim), cluster.wait_ok)
     return (
         f"a Redis Cluster master kill -9'd under load; its replica took its slots in {promoted:.1f} s; "
         "the old master restarted as a replica"
@@ -117,13 +127,7 @@ async def f16_sentinel_failover(s: Scenario) -> str:
     """Needs ``s.redis`` to be a RedisSentinelSet."""
     sentinel_set = s.redis
     assert isinstance(sentinel_set, services.RedisSentinelSet)
-    await settle_in(s)
-    t0 = time.monotonic()
-    old = await asyncio.to_thread(sentinel_set.kill_master)
-    promoted = time.monotonic() - t0
-    await asyncio.sleep(1.0)
-    await asyncio.to_thread(old.restart)
-    await asyncio.to_thread(sentinel_set.wait_ready)
+    promoted = await redis_failover(s, sentinel_set.kill_master, sentinel_set.wait_ready)
     return (
         f"the Sentinel-watched primary kill -9'd under load; a replica was promoted in {promoted:.1f} s; "
         "the old primary restarted and was made a replica"

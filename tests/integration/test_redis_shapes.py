@@ -178,6 +178,15 @@ async def _complete_through_a_failover(
     return done, errors
 
 
+async def assert_all_done(url: str, prefix: str, done: list[str]) -> None:
+    """Every key in ``done`` is still done (read by another owner, after the failover)."""
+    check = RedisStore(url, prefix=prefix)
+    claims = await check.claim(done, "b", 5000)
+    await check.close()
+    lost = [k for k, c in zip(done, claims, strict=True) if c.status is not ClaimStatus.DONE]
+    assert not lost, f"{len(lost)} of {len(done)} acknowledged completes lost in the failover"
+
+
 @pytest.mark.timeout(180)
 async def test_cluster_master_kill_with_wait_keeps_every_acknowledged_write(tmp_path: Path) -> None:
     with services.RedisCluster.start(tmp_path / "cluster") as cluster:
@@ -204,12 +213,8 @@ async def test_cluster_master_kill_with_wait_keeps_every_acknowledged_write(tmp_
             assert "MOVED" not in e
             assert "ASK " not in e
             assert "store.redis" in e
-        check = RedisStore(cluster.url, prefix="fo")
-        claims = await check.claim(done, "b", 5000)
-        lost = [k for k, c in zip(done, claims, strict=True) if c.status is not ClaimStatus.DONE]
-        assert not lost, f"{len(lost)} of {len(done)} acknowledged completes lost in the failover"
-        await check.close()
         await store.close()
+        await assert_all_done(cluster.url, "fo", done)
 
 
 @pytest.mark.timeout(180)
@@ -231,12 +236,8 @@ async def test_sentinel_failover_with_wait_keeps_every_acknowledged_write(tmp_pa
         await task
         assert sentinel_set.master_address() != old[0].address
         assert all("store.redis" in e for e in errors)
-        check = RedisStore(sentinel_set.url, prefix="fo")
-        claims = await check.claim(done, "b", 5000)
-        lost = [k for k, c in zip(done, claims, strict=True) if c.status is not ClaimStatus.DONE]
-        assert not lost, f"{len(lost)} of {len(done)} acknowledged completes lost in the failover"
-        await check.close()
         await store.close()
+        await assert_all_done(sentinel_set.url, "fo", done)
 
 
 @pytest.mark.timeout(180)
