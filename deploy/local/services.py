@@ -119,19 +119,34 @@ def redis_server_binary() -> str:
     found = shutil.which("redis-server")
     if found:
         return found
-    if os.geteuid() != 0:
-        raise RuntimeError("redis-server is missing; install Debian's package: apt-get install redis-server")
-    _log("installing Debian's redis-server package (first run only)")
-    env = dict(os.environ, DEBIAN_FRONTEND="noninteractive")
-    subprocess.run(["apt-get", "update", "-qq"], check=True, env=env)
-    subprocess.run(
-        ["apt-get", "install", "-y", "-qq", "--no-install-recommends", "redis-server"], check=True, env=env
-    )
+    _apt_install("redis-server")
     found = shutil.which("redis-server")
     if not found:
         raise RuntimeError("apt-get installed redis-server but it is not on PATH")
     # Debian may start a system instance on 6379; we never use it, and leave nothing running.
     subprocess.run(["service", "redis-server", "stop"], check=False, capture_output=True)
+    return found
+
+
+def _apt_install(package: str) -> None:
+    if os.geteuid() != 0:
+        raise RuntimeError(f"{package} is missing; install Debian's package: apt-get install {package}")
+    _log(f"installing Debian's {package} package (first run only)")
+    env = dict(os.environ, DEBIAN_FRONTEND="noninteractive")
+    subprocess.run(["apt-get", "update", "-qq"], check=True, env=env)
+    subprocess.run(
+        ["apt-get", "install", "-y", "-qq", "--no-install-recommends", package], check=True, env=env
+    )
+
+
+def openssl_binary() -> str:
+    """Return the path of openssl (for test certificates), installing Debian's package if missing."""
+    found = shutil.which("openssl")
+    if not found:
+        _apt_install("openssl")
+        found = shutil.which("openssl")
+    if not found:
+        raise RuntimeError("apt-get installed openssl but it is not on PATH")
     return found
 
 
@@ -377,9 +392,7 @@ class TlsFiles:
     @classmethod
     def generate(cls, directory: Path) -> TlsFiles:
         """Make the files with openssl (valid one day; the server's SAN is IP 127.0.0.1 and localhost)."""
-        openssl = shutil.which("openssl")
-        if openssl is None:
-            raise RuntimeError("openssl is needed to generate test certificates: apt-get install openssl")
+        openssl = openssl_binary()
         directory.mkdir(parents=True, exist_ok=True)
         d = directory
 
@@ -402,12 +415,16 @@ class TlsFiles:
 
 
 def redis_cli_binary() -> str:
+    """Return the path of redis-cli (Debian's redis-tools, which redis-server brings)."""
     found = shutil.which("redis-cli")
     if not found:
-        redis_server_binary()  # Debian's redis-server brings redis-tools (redis-cli)
+        redis_server_binary()
         found = shutil.which("redis-cli")
     if not found:
-        raise RuntimeError("redis-cli is missing; install Debian's package: apt-get install redis-tools")
+        _apt_install("redis-tools")
+        found = shutil.which("redis-cli")
+    if not found:
+        raise RuntimeError("apt-get installed redis-tools but redis-cli is not on PATH")
     return found
 
 
@@ -818,7 +835,8 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if args.cmd == "install":
         _log(f"kafka jars: {kafka_lib_dir()}")
-        _log(f"redis-server: {redis_server_binary()}")
+        _log(f"redis-server: {redis_server_binary()}, redis-cli: {redis_cli_binary()}")
+        _log(f"openssl: {openssl_binary()}")
         return 0
     with running(redis_shape=args.redis) as (kafka, redis):
         for spec in args.topic:
