@@ -72,12 +72,17 @@ def evalsha_calls(nodes: list[services.RedisServer]) -> int:
 
 
 async def store_work(
-    url: str, masters: list[services.RedisServer], replicas: list[services.RedisServer], n: int, wait: int
+    url: str,
+    masters: list[services.RedisServer],
+    replicas: list[services.RedisServer],
+    n: int,
+    wait: int,
+    batching: str = "per-master",
 ) -> dict[str, Any]:
     """Per consumed and per published record: round trips, script calls, Redis CPU (µs)."""
     out: dict[str, Any] = {}
     prefix = f"cap{uuid.uuid4().hex[:6]}"
-    store = RedisStore(url, prefix=prefix, min_replicas=wait, wait_ms=5000)
+    store = RedisStore(url, prefix=prefix, min_replicas=wait, wait_ms=5000, cluster_batching=batching)
     await store.ping()
     for what in ("consume", "publish"):
         trips0 = store.round_trips
@@ -214,15 +219,16 @@ def main() -> int:
             primary = sentinel.master()
             sentinel_replicas = [x for x in sentinel.servers if x is not primary]
             work_rows = {
-                "one node": (single.url, [single], [], 0),
-                "Cluster, 3 masters": (cluster.url, masters, replicas, 0),
-                "Cluster, WAIT 1": (cluster.url, masters, replicas, 1),
-                "Sentinel primary, WAIT 1": (sentinel.url, [primary], sentinel_replicas, 1),
+                "one node": (single.url, [single], [], 0, "per-master"),
+                "Cluster, 3 masters": (cluster.url, masters, replicas, 0, "per-master"),
+                "Cluster, one key per call": (cluster.url, masters, replicas, 0, "per-key"),
+                "Cluster, WAIT 1": (cluster.url, masters, replicas, 1, "per-master"),
+                "Sentinel primary, WAIT 1": (sentinel.url, [primary], sentinel_replicas, 1, "per-master"),
             }
             result["store_work"] = {}
-            for name, (url, m, r, wait) in work_rows.items():
+            for name, (url, m, r, wait, batching) in work_rows.items():
                 log(f"store work: {name}")
-                result["store_work"][name] = asyncio.run(store_work(url, m, r, n, wait))
+                result["store_work"][name] = asyncio.run(store_work(url, m, r, n, wait, batching))
             shapes = {
                 "one node": {"DEDUP_STORE__BACKEND": "redis", "DEDUP_STORE__REDIS_URL": single.url},
                 "Cluster, 3 masters": {

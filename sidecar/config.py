@@ -69,6 +69,10 @@ class StoreSettings(BaseModel):
     redis_min_replicas_acked: int = Field(0, ge=0)
     #: How long a write may wait for those replicas before the call fails (and is retried).
     redis_wait_timeout_ms: int = Field(1000, ge=1)
+    #: On a Redis Cluster: ``per-master`` sends a master's share of a batch as one script call
+    #: (Redis 7+, cross-slot script flag); ``per-key`` sends one key per call (each call touches
+    #: one slot). Both are one pipeline per master.
+    redis_cluster_batching: Literal["per-master", "per-key"] = "per-master"
     #: For rediss:// URLs: the CA to trust (default: the system's), and a client certificate.
     redis_tls_ca_file: str | None = None
     redis_tls_cert_file: str | None = None

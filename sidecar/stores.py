@@ -32,6 +32,7 @@ async def open_store(settings: Settings) -> DedupStore:
         tls_ca_file=s.redis_tls_ca_file,
         tls_cert_file=s.redis_tls_cert_file,
         tls_key_file=s.redis_tls_key_file,
+        cluster_batching=s.redis_cluster_batching,
     )
     try:
         await store.ping()

@@ -279,6 +279,8 @@ class RedisStore:
         (``WAIT``), waiting at most ``wait_ms``; 0 answers as soon as the master has them.
     tls_ca_file, tls_cert_file, tls_key_file: for ``rediss://``: the CA to trust and a client
         certificate, if the server asks for one.
+    cluster_batching: on a Cluster, ``per-master`` (one script call carries a master's keys, on
+        Redis 7 or newer) or ``per-key`` (one key per call: every call touches one slot).
     """
 
     name = "redis"
@@ -295,6 +297,7 @@ class RedisStore:
         tls_ca_file: str | None = None,
         tls_cert_file: str | None = None,
         tls_key_file: str | None = None,
+        cluster_batching: str = "per-master",
     ):
         self._kwargs = connection_kwargs(url, timeout_s, tls_ca_file, tls_cert_file, tls_key_file)
         self._sentinel = urlsplit(url).scheme in SENTINEL_SCHEMES
@@ -307,6 +310,7 @@ class RedisStore:
         except ValueError as exc:
             raise ConfigError(f"store.redis_url is not a Redis URL: {exc}") from None
         self._url = url
+        self._cluster_batching = cluster_batching
         self._timeout_s = timeout_s
         self._min_replicas, self._wait_ms = min_replicas, wait_ms
         self._prefix = prefix
@@ -325,6 +329,11 @@ class RedisStore:
     def shape(self) -> str | None:
         """``standalone``, ``cluster`` or ``sentinel``; None until the first call."""
         return self._shape
+
+    @property
+    def per_master_calls(self) -> bool:
+        """On a Cluster: True while a master's keys travel in one script call (see ClusterRouter)."""
+        return self._router is not None and self._router.packed
 
     @property
     def round_trips(self) -> int:
@@ -386,9 +395,15 @@ class RedisStore:
             info = await self._client.info("cluster")
             if info.get("cluster_enabled"):
                 client = RedisCluster.from_url(self._url, **self._kwargs)
-                self._router = ClusterRouter(client, self._timeout_s, self._min_replicas, self._wait_ms)
+                per_master = self._cluster_batching == "per-master"
+                self._router = ClusterRouter(
+                    client, self._timeout_s, self._min_replicas, self._wait_ms, per_master
+                )
                 self._shape = "cluster"
-                log.info("Redis dedup store: a Redis Cluster; batches are pipelined per master")
+                log.info(
+                    "Redis dedup store: a Redis Cluster; batches are pipelined per master, %s",
+                    "a master's keys in one call" if per_master else "one key per call",
+                )
             else:
                 self._shape = "standalone"
         return self._router

@@ -18,6 +18,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import hashlib
+import logging
 import re
 import time
 from collections.abc import Sequence
@@ -44,6 +45,8 @@ from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from sidecar.errors import ConfigError, StoreUnavailable
+
+log = logging.getLogger(__name__)
 
 SENTINEL_SCHEMES = ("redis+sentinel", "rediss+sentinel")
 
@@ -270,6 +273,11 @@ class Standalone:
             await sentinel.aclose()
 
 
+#: The errors of a packed call whose keys are not all where the slot map said: slots moving, or
+#: a failover. Any other error means the server will not run packed scripts at all.
+_KEY_MOVING = re.compile(r"non local key|MOVED|ASK|TRYAGAIN|CLUSTERDOWN|not served|slot", re.IGNORECASE)
+
+
 class ClusterRouter:
     """Pipelines per Cluster master.
 
@@ -284,9 +292,12 @@ class ClusterRouter:
     ROUNDS = 50
     CHUNK = 500
 
-    def __init__(self, client: RedisCluster, timeout_s: float, min_replicas: int, wait_ms: int) -> None:
+    def __init__(
+        self, client: RedisCluster, timeout_s: float, min_replicas: int, wait_ms: int, per_master: bool = True
+    ) -> None:
         self.client = client
         self.round_trips = 0  # pipelines sent (one per master a batch touches), for capacity figures
+        self._per_master = per_master  # store.redis_cluster_batching
         self.packed = False  # set once the servers are known to be Redis 7.0 or newer
         self._timeout_s = timeout_s
         self._min_replicas, self._wait_ms = min_replicas, wait_ms
@@ -301,7 +312,7 @@ class ClusterRouter:
                 str((await self.client.info("server", target_nodes=node)).get("redis_version", "0"))
                 for node in self.client.get_primaries()
             ]
-            self.packed = all(int(v.split(".")[0]) >= 7 for v in versions)
+            self.packed = self._per_master and all(int(v.split(".")[0]) >= 7 for v in versions)
             self._ready = True
 
     async def run(
@@ -368,6 +379,15 @@ class ClusterRouter:
                         load_on.add(node.name)
                     elif len(idx) > 1 or idx[0] not in single:
                         single.update(idx)  # a packed call failed (a slot moving): key by key now
+                        if not _KEY_MOVING.search(str(reply)) and self.packed:
+                            # Not a key in the wrong place: the server refuses the packed script
+                            # itself (a proxy, a Redis without script flags). Stop trying it.
+                            self.packed = False
+                            log.warning(
+                                "Redis Cluster refused a script call carrying several slots (%s); "
+                                "sending one key per call from now on (store.redis_cluster_batching)",
+                                reply,
+                            )
                     elif isinstance(reply, MovedError):
                         refresh = True
                     elif isinstance(reply, AskError):

@@ -31,6 +31,7 @@ DAY = 86_400_000
         "sqlite",
         pytest.param("redis", marks=pytest.mark.integration),
         pytest.param("redis-cluster", marks=pytest.mark.integration),
+        pytest.param("redis-cluster-per-key", marks=pytest.mark.integration),
         pytest.param("redis-sentinel", marks=pytest.mark.integration),
         pytest.param("redis-tls-acl", marks=pytest.mark.integration),
     ]
@@ -44,9 +45,12 @@ async def store(request: pytest.FixtureRequest, tmp_path: Path) -> AsyncIterator
     else:
         s = redis_store(request, request.param)
         await s.ping()
-        assert s.shape == {"redis-cluster": "cluster", "redis-sentinel": "sentinel"}.get(
-            request.param, "standalone"
-        )
+        assert s.shape == {
+            "redis-cluster": "cluster",
+            "redis-cluster-per-key": "cluster",
+            "redis-sentinel": "sentinel",
+        }.get(request.param, "standalone")
+        assert s.per_master_calls is (request.param == "redis-cluster")
     yield s
     await s.close()
 
@@ -61,6 +65,9 @@ def redis_store(request: pytest.FixtureRequest, shape: str, **kwargs: Any) -> Re
         assert server.tls is not None
         url = f"rediss://{ACL_USER}:{ACL_PASSWORD}@{server.address}/0"
         return RedisStore(url, prefix=ACL_PREFIX + prefix, tls_ca_file=str(server.tls.ca), **kwargs)
+    if shape == "redis-cluster-per-key":  # store.redis_cluster_batching = "per-key"
+        kwargs["cluster_batching"] = "per-key"
+        shape = "redis-cluster"
     fixture = {"redis": "redis_server", "redis-cluster": "redis_cluster", "redis-sentinel": "redis_sentinel"}
     return RedisStore(request.getfixturevalue(fixture[shape]).url, prefix=prefix, **kwargs)
 
@@ -335,7 +342,7 @@ async def test_sqlite_survives_reopen(tmp_path: Path) -> None:
 
 
 @pytest.mark.integration
-@pytest.mark.parametrize("shape", ["redis", "redis-cluster"])
+@pytest.mark.parametrize("shape", ["redis", "redis-cluster", "redis-cluster-per-key"])
 async def test_redis_reloads_flushed_scripts_and_keeps_the_connection_usable(
     request: pytest.FixtureRequest, shape: str
 ) -> None:
@@ -346,7 +353,7 @@ async def test_redis_reloads_flushed_scripts_and_keeps_the_connection_usable(
     # again (on every node that lost them), and the replies that said NOSCRIPT do not leave the
     # connection out of step with its replies.
     server = request.getfixturevalue("redis_server" if shape == "redis" else "redis_cluster")
-    for node in server.nodes if shape == "redis-cluster" else [server]:
+    for node in server.nodes if shape != "redis" else [server]:
         node.cli("SCRIPT", "FLUSH")
     assert [c.status for c in await s.claim(ks, "a", LEASE)] == [NEW] * 30
     assert await s.complete(ks, "a", DAY) == [False] * 30
