@@ -273,9 +273,10 @@ class Standalone:
             await sentinel.aclose()
 
 
-#: The errors of a packed call whose keys are not all where the slot map said: slots moving, or
-#: a failover. Any other error means the server will not run packed scripts at all.
-_KEY_MOVING = re.compile(r"non local key|MOVED|ASK|TRYAGAIN|CLUSTERDOWN|not served|slot", re.IGNORECASE)
+#: The errors of a server that will not run packed scripts at all (no script flags, a proxy that
+#: routes by declared keys). Any other error of a packed call (a key not on that node while slots
+#: move, a failover, a replica answering READONLY) only sends that call's keys one by one.
+_REFUSES_PACKED = re.compile(r"shebang|flag|compil|CROSSSLOT|unknown command", re.IGNORECASE)
 
 
 class ClusterRouter:
@@ -379,7 +380,7 @@ class ClusterRouter:
                         load_on.add(node.name)
                     elif len(idx) > 1 or idx[0] not in single:
                         single.update(idx)  # a packed call failed (a slot moving): key by key now
-                        if not _KEY_MOVING.search(str(reply)) and self.packed:
+                        if _REFUSES_PACKED.search(str(reply)) and self.packed:
                             # Not a key in the wrong place: the server refuses the packed script
                             # itself (a proxy, a Redis without script flags). Stop trying it.
                             self.packed = False

@@ -50,3 +50,24 @@ def test_the_acl_line_grants_only_the_store_commands_on_its_prefix() -> None:
     assert "-@all" in words
     assert words.index("-@all") < words.index("+evalsha")  # everything off, then the list on
     assert not any(w in words for w in ("+@all", "+flushall", "+keys", "+eval"))
+
+
+@pytest.mark.parametrize(
+    ("error", "refuses"),
+    [
+        # Redis 6 reading a shebang line; Redis 7 given a flag it does not know; a proxy.
+        ("ERR Error compiling script (new function): user_script:1: unexpected symbol near '#'", True),
+        ("ERR Unexpected flag in script shebang: allow-cross-slot-keys", True),
+        ("CROSSSLOT Keys in request don't hash to the same slot", True),
+        # A key out of place while a slot moves, a failover, a stale map: only that call falls back.
+        ("ERR Script attempted to access a non local key in a cluster node script: abc", False),
+        ("READONLY You can't write against a read only replica.", False),
+        ("CLUSTERDOWN The cluster is down", False),
+        ("TRYAGAIN Multiple keys request during rehashing of slot", False),
+        ("OOM command not allowed when used memory > 'maxmemory'.", False),
+    ],
+)
+def test_only_a_server_that_refuses_packed_scripts_turns_them_off(error: str, refuses: bool) -> None:
+    from sidecar.store.redis_shapes import _REFUSES_PACKED
+
+    assert bool(_REFUSES_PACKED.search(error)) is refuses
