@@ -24,6 +24,7 @@ from sidecar.store.base import Claim, ClaimMode, ClaimStatus, PublishRecord
 from sidecar.store.redis_shapes import (
     SENTINEL_SCHEMES,
     ClusterRouter,
+    ReplicaShortfall,
     Script,
     Standalone,
     connection_kwargs,
@@ -324,6 +325,7 @@ class RedisStore:
         self._router: ClusterRouter | None = None
         self._shape: str | None = "sentinel" if self._sentinel else None  # learnt on first use
         self._joiners: dict[tuple[Any, ...], _Coalescer] = {}
+        self._closed = False
 
     @property
     def shape(self) -> str | None:
@@ -464,6 +466,8 @@ class RedisStore:
             await self._client.ping()
             await self._cluster_router()
             await self._per_key(self._release, ["~ping"], ["~ping", 1], 1)  # writes nothing
+        except ReplicaShortfall as exc:  # reachable and allowed: replicas lag, which may pass
+            log.warning("at start-up: %s", exc)
         except StoreUnavailable as exc:
             raise StoreUnavailable(f"at start-up: {exc}") from exc
         except RedisError as exc:
@@ -523,7 +527,17 @@ class RedisStore:
         log.warning("%s; set store.require_durable_store=true to refuse to start instead", msg)
         return False
 
+    async def __aenter__(self) -> RedisStore:
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.close()
+
     async def close(self) -> None:
+        """Close every connection. Closing again does nothing."""
+        if self._closed:
+            return
+        self._closed = True
         if self._router is not None:
             await self._router.close()
         await self._standalone.close()

@@ -15,7 +15,9 @@ import asyncio
 import time
 import uuid
 from collections import Counter
+from collections.abc import AsyncIterator, Callable
 from pathlib import Path
+from typing import Any
 
 import pytest
 import services
@@ -39,6 +41,22 @@ from tests.integration.helpers import (
 )
 
 DAY = 86_400_000
+
+MakeStore = Callable[..., RedisStore]
+
+
+@pytest.fixture
+async def make_store() -> AsyncIterator[MakeStore]:
+    """RedisStore(...), closed after the test whatever happens (an unclosed one warns later)."""
+    made: list[RedisStore] = []
+
+    def make(*args: Any, **kwargs: Any) -> RedisStore:
+        made.append(RedisStore(*args, **kwargs))
+        return made[-1]
+
+    yield make
+    for store in made:
+        await store.close()
 
 
 def keys_per_master(cluster: services.RedisCluster, pattern: str) -> list[int]:
@@ -92,17 +110,17 @@ async def test_sidecar_on_a_redis_cluster_consumes_and_publishes_as_on_one_node(
 
 @pytest.mark.parametrize("shape", ["redis_cluster", "redis_sentinel"])
 async def test_wait_for_replicas_answers_or_names_the_setting(
-    request: pytest.FixtureRequest, shape: str
+    request: pytest.FixtureRequest, shape: str, make_store: MakeStore
 ) -> None:
     url = request.getfixturevalue(shape).url
     prefix = unique("wait")
-    ok = RedisStore(url, prefix=prefix, min_replicas=1, wait_ms=2000)
+    ok = make_store(url, prefix=prefix, min_replicas=1, wait_ms=2000)
     ks = [f"k{i}" for i in range(50)]
     assert [c.status for c in await ok.claim(ks, "a", 5000)] == [ClaimStatus.NEW] * 50
     assert await ok.complete(ks, "a", DAY) == [False] * 50
     await ok.close()
     # More replicas than there are: the write waits its timeout, then fails naming the setting.
-    too_many = RedisStore(url, prefix=prefix, min_replicas=3, wait_ms=200)
+    too_many = make_store(url, prefix=prefix, min_replicas=3, wait_ms=200)
     t0 = time.monotonic()
     with pytest.raises(ReplicaShortfall, match=r"store\.redis_min_replicas_acked") as info:
         await too_many.claim(["other"], "a", 5000)
@@ -111,17 +129,19 @@ async def test_wait_for_replicas_answers_or_names_the_setting(
     await too_many.close()
 
 
-async def test_tls_needs_the_ca_and_acl_user_needs_its_password(redis_tls: services.RedisServer) -> None:
+async def test_tls_needs_the_ca_and_acl_user_needs_its_password(
+    redis_tls: services.RedisServer, make_store: MakeStore
+) -> None:
     assert redis_tls.tls is not None
     url = f"rediss://{ACL_USER}:{ACL_PASSWORD}@{redis_tls.address}/0"
-    good = RedisStore(url, prefix=f"{ACL_PREFIX}{uuid.uuid4().hex[:6]}", tls_ca_file=str(redis_tls.tls.ca))
+    good = make_store(url, prefix=f"{ACL_PREFIX}{uuid.uuid4().hex[:6]}", tls_ca_file=str(redis_tls.tls.ca))
     await good.ping()
     await good.close()
-    untrusted = RedisStore(url, prefix=f"{ACL_PREFIX}x", timeout_s=2)  # the system CAs do not know it
+    untrusted = make_store(url, prefix=f"{ACL_PREFIX}x", timeout_s=2)  # the system CAs do not know it
     with pytest.raises(StoreUnavailable, match=r"certificate verify failed"):
         await untrusted.ping()
     await untrusted.close()
-    wrong = RedisStore(
+    wrong = make_store(
         url.replace(ACL_PASSWORD, "nope"), prefix=f"{ACL_PREFIX}x", tls_ca_file=str(redis_tls.tls.ca)
     )
     with pytest.raises(StoreUnavailable, match=r"refused the credentials.*store\.redis_url"):
@@ -132,11 +152,11 @@ async def test_tls_needs_the_ca_and_acl_user_needs_its_password(redis_tls: servi
     with services.RedisServer.start(
         redis_tls.workdir.parent / "redis-mtls", tls=tls, extra_args=["--tls-auth-clients", "yes"]
     ) as strict:
-        bare = RedisStore(f"rediss://{strict.address}/0", tls_ca_file=str(tls.ca), timeout_s=2)
+        bare = make_store(f"rediss://{strict.address}/0", tls_ca_file=str(tls.ca), timeout_s=2)
         with pytest.raises(StoreUnavailable, match=r"store\.redis_url"):
             await bare.ping()
         await bare.close()
-        with_cert = RedisStore(
+        with_cert = make_store(
             f"rediss://{strict.address}/0",
             tls_ca_file=str(tls.ca),
             tls_cert_file=str(tls.client_cert),
@@ -146,7 +166,7 @@ async def test_tls_needs_the_ca_and_acl_user_needs_its_password(redis_tls: servi
         assert (await with_cert.claim(["k"], "a", 1000))[0].status is ClaimStatus.NEW
         await with_cert.close()
     # The ACL user may touch only its own prefix: another prefix is refused, by name.
-    outside = RedisStore(url, prefix="dedup", tls_ca_file=str(redis_tls.tls.ca))
+    outside = make_store(url, prefix="dedup", tls_ca_file=str(redis_tls.tls.ca))
     with pytest.raises(StoreUnavailable, match=r"refused a command"):
         await outside.claim(["k"], "a", 1000)
     await outside.close()
@@ -180,17 +200,18 @@ async def _complete_through_a_failover(
 
 async def assert_all_done(url: str, prefix: str, done: list[str]) -> None:
     """Every key in ``done`` is still done (read by another owner, after the failover)."""
-    check = RedisStore(url, prefix=prefix)
-    claims = await check.claim(done, "b", 5000)
-    await check.close()
+    async with RedisStore(url, prefix=prefix) as check:
+        claims = await check.claim(done, "b", 5000)
     lost = [k for k, c in zip(done, claims, strict=True) if c.status is not ClaimStatus.DONE]
     assert not lost, f"{len(lost)} of {len(done)} acknowledged completes lost in the failover"
 
 
 @pytest.mark.timeout(180)
-async def test_cluster_master_kill_with_wait_keeps_every_acknowledged_write(tmp_path: Path) -> None:
+async def test_cluster_master_kill_with_wait_keeps_every_acknowledged_write(
+    tmp_path: Path, make_store: MakeStore
+) -> None:
     with services.RedisCluster.start(tmp_path / "cluster") as cluster:
-        store = RedisStore(cluster.url, prefix="fo", min_replicas=1, wait_ms=1000, timeout_s=2)
+        store = make_store(cluster.url, prefix="fo", min_replicas=1, wait_ms=1000, timeout_s=2)
         await store.ping()
         victim = cluster.masters()[0]
         loop = asyncio.get_running_loop()
@@ -218,9 +239,11 @@ async def test_cluster_master_kill_with_wait_keeps_every_acknowledged_write(tmp_
 
 
 @pytest.mark.timeout(180)
-async def test_sentinel_failover_with_wait_keeps_every_acknowledged_write(tmp_path: Path) -> None:
+async def test_sentinel_failover_with_wait_keeps_every_acknowledged_write(
+    tmp_path: Path, make_store: MakeStore
+) -> None:
     with services.RedisSentinelSet.start(tmp_path / "sentinel") as sentinel_set:
-        store = RedisStore(sentinel_set.url, prefix="fo", min_replicas=1, wait_ms=1000, timeout_s=2)
+        store = make_store(sentinel_set.url, prefix="fo", min_replicas=1, wait_ms=1000, timeout_s=2)
         await store.ping()
         loop = asyncio.get_running_loop()
         failed: asyncio.Future[None] = loop.create_future()
@@ -242,7 +265,9 @@ async def test_sentinel_failover_with_wait_keeps_every_acknowledged_write(tmp_pa
 
 @pytest.mark.timeout(180)
 @pytest.mark.parametrize("wait", [False, True], ids=["no-wait", "wait"])
-async def test_a_master_lost_before_its_replica_had_the_write(tmp_path: Path, wait: bool) -> None:
+async def test_a_master_lost_before_its_replica_had_the_write(
+    tmp_path: Path, wait: bool, make_store: MakeStore
+) -> None:
     """The window, made to happen: a master answers, then dies before its replica got the write,
     and the replica is promoted. Without WAIT the done marks the dead master acknowledged are gone;
     with it, its answers never came (the calls failed naming the setting), so nothing acknowledged
@@ -250,6 +275,8 @@ async def test_a_master_lost_before_its_replica_had_the_write(tmp_path: Path, wa
     with services.RedisCluster.start(tmp_path / "cluster") as cluster:
         victim = cluster.masters()[0]
         [replica] = cluster.replicas_of(victim)
+        store = make_store(victim.url, prefix="w", min_replicas=int(wait), wait_ms=50)
+        await store.ping()
         # Hold the replica back: stopped, behind 64 MB of replication stream that fills the
         # socket buffers, so what the victim writes next stays in the victim's memory only.
         replica.pause()
@@ -259,8 +286,6 @@ async def test_a_master_lost_before_its_replica_had_the_write(tmp_path: Path, wa
             if cluster.node_of_slot(key_slot(f"{{t{i}}}".encode())) is victim
         )
         victim.cli("EVAL", "redis.call('SET', KEYS[1], string.rep('x', 67108864))", "1", f"ballast{tag}")
-        store = RedisStore(victim.url, prefix="w", min_replicas=int(wait), wait_ms=50)
-        await store.ping()
         keys = [f"k{i}" for i in range(300)]
         on_victim = {k for k in keys if cluster.node_of_slot(key_slot(f"w:k:{k}".encode())) is victim}
         acknowledged: list[str] = []
@@ -277,7 +302,7 @@ async def test_a_master_lost_before_its_replica_had_the_write(tmp_path: Path, wa
         replica.resume()
         await asyncio.to_thread(cluster.wait_ok)  # the replica took over the victim's slots
         assert replica.address in {m.address for m in cluster.masters()}
-        check = RedisStore(replica.url, prefix="w")
+        check = make_store(replica.url, prefix="w")
         claims = await check.claim(acknowledged, "b", 5000)
         await check.close()
         lost = {k for k, c in zip(acknowledged, claims, strict=True) if c.status is not ClaimStatus.DONE}
@@ -291,7 +316,9 @@ async def test_a_master_lost_before_its_replica_had_the_write(tmp_path: Path, wa
 
 
 @pytest.mark.timeout(120)
-async def test_a_slot_moving_under_the_store_keeps_every_answer_right(tmp_path: Path) -> None:
+async def test_a_slot_moving_under_the_store_keeps_every_answer_right(
+    tmp_path: Path, make_store: MakeStore
+) -> None:
     """Resharding, done by hand as redis-cli --cluster reshard does it: a slot MIGRATING on its
     master and IMPORTING on another, half its keys moved, then the slot handed over. Calls made
     meanwhile follow ASK (keys already moved, and new keys) and then MOVED, and every answer is
@@ -302,7 +329,7 @@ async def test_a_slot_moving_under_the_store_keeps_every_answer_right(tmp_path: 
         source = cluster.node_of_slot(slot)
         target = next(m for m in cluster.masters() if m is not source)
         ids = {n.address: n.cli("CLUSTER", "MYID").strip() for n in (source, target)}
-        store = RedisStore(cluster.url, prefix="mv")
+        store = make_store(cluster.url, prefix="mv")
         done = [f"done-{i}{tag}" for i in range(40)]
         others = [f"other-{i}" for i in range(60)]  # keys in every other slot, in the same batches
         await store.claim(done + others, "a", 60_000)
