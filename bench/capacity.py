@@ -235,6 +235,11 @@ def main() -> int:
                     "DEDUP_STORE__BACKEND": "redis",
                     "DEDUP_STORE__REDIS_URL": cluster.url,
                 },
+                "Cluster, one key per call": {
+                    "DEDUP_STORE__BACKEND": "redis",
+                    "DEDUP_STORE__REDIS_URL": cluster.url,
+                    "DEDUP_STORE__REDIS_CLUSTER_BATCHING": "per-key",
+                },
                 "Cluster, WAIT 1": {
                     "DEDUP_STORE__BACKEND": "redis",
                     "DEDUP_STORE__REDIS_URL": cluster.url,

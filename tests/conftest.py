@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import signal
 import sys
 import tempfile
 from collections.abc import Iterator
@@ -15,6 +16,16 @@ ROOT = Path(__file__).resolve().parent.parent
 # deploy/local/services.py is a script users run; tests import it as a module.
 sys.path.insert(0, str(ROOT / "deploy" / "local"))
 import services  # noqa: E402
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    """SIGTERM (a CI runner stopping the job) ends the run as Ctrl+C does, so the session's
+    fixtures stop the brokers and redis-servers they started instead of leaving them behind."""
+
+    def interrupt(signum: int, frame: object) -> None:
+        raise KeyboardInterrupt(f"signal {signum}")
+
+    signal.signal(signal.SIGTERM, interrupt)
 
 
 @pytest.fixture(scope="session")

@@ -838,14 +838,39 @@ def main(argv: list[str] | None = None) -> int:
         _log(f"redis-server: {redis_server_binary()}, redis-cli: {redis_cli_binary()}")
         _log(f"openssl: {openssl_binary()}")
         return 0
-    with running(redis_shape=args.redis) as (kafka, redis):
-        for spec in args.topic:
-            name, _, parts = spec.partition(":")
-            kafka.create_topic(name, int(parts or 1))
-        print(f"KAFKA_BOOTSTRAP={kafka.bootstrap_servers}\nREDIS_URL={redis.url}", flush=True)
-        with contextlib.suppress(KeyboardInterrupt):
-            signal.sigwait({signal.SIGINT, signal.SIGTERM})
+    stop_on_signals()
+    try:
+        with running(redis_shape=args.redis) as (kafka, redis):
+            for spec in args.topic:
+                name, _, parts = spec.partition(":")
+                kafka.create_topic(name, int(parts or 1))
+            print(f"KAFKA_BOOTSTRAP={kafka.bootstrap_servers}\nREDIS_URL={redis.url}", flush=True)
+            while True:
+                signal.pause()
+    except Stopped as stopped:
+        _log(f"signal {stopped.signum}: stopped every service")
     return 0
+
+
+class Stopped(BaseException):
+    """Raised in the main thread by SIGINT or SIGTERM, so every ``with`` stops what it started."""
+
+    def __init__(self, signum: int) -> None:
+        super().__init__(signum)
+        self.signum = signum
+
+
+def stop_on_signals() -> None:
+    """Make SIGINT and SIGTERM unwind the main thread (raising Stopped), however the process was
+    started: a background job ignores SIGINT, and SIGTERM would end it at once, in both cases
+    leaving its broker and redis-servers (each in its own session) running. Children get the
+    default handlers back when they start (a caught signal is reset by exec)."""
+
+    def stop(signum: int, frame: object) -> None:
+        raise Stopped(signum)
+
+    for signum in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(signum, stop)
 
 
 if __name__ == "__main__":
