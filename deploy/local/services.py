@@ -119,10 +119,7 @@ def redis_server_binary() -> str:
     found = shutil.which("redis-server")
     if found:
         return found
-    _apt_install("redis-server")
-    found = shutil.which("redis-server")
-    if not found:
-        raise RuntimeError("apt-get installed redis-server but it is not on PATH")
+    found = debian_tool("redis-server", "redis-server")
     # Debian may start a system instance on 6379; we never use it, and leave nothing running.
     subprocess.run(["service", "redis-server", "stop"], check=False, capture_output=True)
     return found
@@ -139,15 +136,20 @@ def _apt_install(package: str) -> None:
     )
 
 
-def openssl_binary() -> str:
-    """Return the path of openssl (for test certificates), installing Debian's package if missing."""
-    found = shutil.which("openssl")
+def debian_tool(command: str, package: str) -> str:
+    """Return the path of ``command``, installing Debian's ``package`` when it is missing."""
+    found = shutil.which(command)
     if not found:
-        _apt_install("openssl")
-        found = shutil.which("openssl")
+        _apt_install(package)
+        found = shutil.which(command)
     if not found:
-        raise RuntimeError("apt-get installed openssl but it is not on PATH")
+        raise RuntimeError(f"apt-get installed {package} but {command} is not on PATH")
     return found
+
+
+def openssl_binary() -> str:
+    """Return the path of openssl (for test certificates)."""
+    return debian_tool("openssl", "openssl")
 
 
 def java_binary() -> str:
@@ -416,16 +418,9 @@ class TlsFiles:
 
 def redis_cli_binary() -> str:
     """Return the path of redis-cli (Debian's redis-tools, which redis-server brings)."""
-    found = shutil.which("redis-cli")
-    if not found:
+    if not shutil.which("redis-cli"):
         redis_server_binary()
-        found = shutil.which("redis-cli")
-    if not found:
-        _apt_install("redis-tools")
-        found = shutil.which("redis-cli")
-    if not found:
-        raise RuntimeError("apt-get installed redis-tools but redis-cli is not on PATH")
-    return found
+    return debian_tool("redis-cli", "redis-tools")
 
 
 @dataclass
