@@ -28,7 +28,7 @@ import tempfile
 import time
 import uuid
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path[:0] = [str(ROOT / "deploy" / "local"), str(ROOT / "bench")]
@@ -77,7 +77,7 @@ async def store_work(
     replicas: list[services.RedisServer],
     n: int,
     wait: int,
-    batching: str = "per-master",
+    batching: Literal["per-master", "per-key"] = "per-master",
 ) -> dict[str, Any]:
     """Per consumed and per published record: round trips, script calls, Redis CPU (µs)."""
     out: dict[str, Any] = {}
@@ -218,7 +218,10 @@ def main() -> int:
             replicas = [x for x in cluster.nodes if x not in masters]
             primary = sentinel.master()
             sentinel_replicas = [x for x in sentinel.servers if x is not primary]
-            work_rows = {
+            Batching = Literal["per-master", "per-key"]
+            work_rows: dict[
+                str, tuple[str, list[services.RedisServer], list[services.RedisServer], int, Batching]
+            ] = {
                 "one node": (single.url, [single], [], 0, "per-master"),
                 "Cluster, 3 masters": (cluster.url, masters, replicas, 0, "per-master"),
                 "Cluster, one key per call": (cluster.url, masters, replicas, 0, "per-key"),

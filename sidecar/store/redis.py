@@ -2,8 +2,8 @@
 
 Each operation is a Lua script that treats every key on its own, and a batch is one pipeline:
 one round trip per batch. On one node (or a Sentinel-watched primary) a script call carries up to
-500 keys; on Redis Cluster (detected with ``INFO cluster`` on first use) each call carries one key,
-and a batch is one pipeline per master (sidecar/store/redis_shapes.py). Times come from the Redis
+500 keys; on Redis Cluster (detected with ``INFO cluster`` on first use) a batch is one pipeline per
+master, a call carrying a master's keys or one key (sidecar/store/redis_shapes.py). Times come from the Redis
 server's clock (``TIME``), so replicas with skewed clocks agree on leases.
 """
 
@@ -12,7 +12,7 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections.abc import Awaitable, Callable, Sequence
-from typing import Any
+from typing import Any, Literal
 from urllib.parse import urlsplit
 
 import redis.asyncio as aioredis
@@ -25,6 +25,7 @@ from sidecar.store.redis_shapes import (
     SENTINEL_SCHEMES,
     ClusterRouter,
     ReplicaShortfall,
+    ReplicaWait,
     Script,
     Standalone,
     connection_kwargs,
@@ -298,13 +299,13 @@ class RedisStore:
         tls_ca_file: str | None = None,
         tls_cert_file: str | None = None,
         tls_key_file: str | None = None,
-        cluster_batching: str = "per-master",
+        cluster_batching: Literal["per-master", "per-key"] = "per-master",
     ):
         self._kwargs = connection_kwargs(url, timeout_s, tls_ca_file, tls_cert_file, tls_key_file)
-        self._sentinel = urlsplit(url).scheme in SENTINEL_SCHEMES
+        sentinel = urlsplit(url).scheme in SENTINEL_SCHEMES
         sentinels: list[aioredis.Redis] = []
         try:
-            if self._sentinel:
+            if sentinel:
                 self._client, sentinels = sentinel_client(url, self._kwargs)
             else:
                 self._client = aioredis.Redis.from_url(url, **self._kwargs)
@@ -313,7 +314,7 @@ class RedisStore:
         self._url = url
         self._cluster_batching = cluster_batching
         self._timeout_s = timeout_s
-        self._min_replicas, self._wait_ms = min_replicas, wait_ms
+        self._wait = ReplicaWait(min_replicas, wait_ms)
         self._prefix = prefix
         self._retention_ms = retention_ms
         self._claim = Script(CLAIM)
@@ -321,9 +322,9 @@ class RedisStore:
         self._release = Script(RELEASE)
         self._publish_begin = Script(PUBLISH_BEGIN)
         self._publish_finish = Script(PUBLISH_FINISH)
-        self._standalone = Standalone(self._client, timeout_s, min_replicas, wait_ms, sentinels)
+        self._standalone = Standalone(self._client, timeout_s, self._wait, sentinels)
         self._router: ClusterRouter | None = None
-        self._shape: str | None = "sentinel" if self._sentinel else None  # learnt on first use
+        self._shape: str | None = "sentinel" if sentinel else None  # learnt on first use
         self._joiners: dict[tuple[Any, ...], _Coalescer] = {}
         self._closed = False
 
@@ -367,11 +368,12 @@ class RedisStore:
     async def _eval(
         self, script: Script, keys: list[bytes], shared: list[bytes], per_key: list[bytes] | None, width: int
     ) -> list[Any]:
-        """Run ``script`` over ``keys``: a chunk of keys per call on one node, one key per call on
-        Redis Cluster (keys may live in any slot). ARGV is ``shared`` followed by the call's
+        """Run ``script`` over ``keys``: a chunk of keys per call on one node, a pipeline per
+        master on Redis Cluster (ClusterRouter). ARGV is ``shared`` followed by the call's
         ``per_key`` values. Returns one result per key (a tuple when ``width`` > 1)."""
         try:
-            router = await self._cluster_router()
+            # The shape is learnt once; after that no coroutine per batch to ask for it.
+            router = self._router if self._shape is not None else await self._cluster_router()
             if router is not None:
                 replies = await router.run(script, keys, shared, per_key)
             else:
@@ -398,9 +400,7 @@ class RedisStore:
             if info.get("cluster_enabled"):
                 client = RedisCluster.from_url(self._url, **self._kwargs)
                 per_master = self._cluster_batching == "per-master"
-                self._router = ClusterRouter(
-                    client, self._timeout_s, self._min_replicas, self._wait_ms, per_master
-                )
+                self._router = ClusterRouter(client, self._timeout_s, self._wait, per_master)
                 self._shape = "cluster"
                 log.info(
                     "Redis dedup store: a Redis Cluster; batches are pipelined per master, %s",
@@ -503,15 +503,15 @@ class RedisStore:
                     "cannot read Redis persistence settings (CONFIG GET is disabled); "
                     "assuming they are durable"
                 )
-            if self._min_replicas:
+            if self._wait.replicas:
                 for info in await self._on_each_primary("INFO", "replication"):
                     attached = int(info.get("connected_slaves", 0))
-                    if attached < self._min_replicas:
+                    if attached < self._wait.replicas:
                         log.warning(
                             "a Redis primary has %d replica(s) attached but store.redis_min_replicas_acked "
                             "is %d: store calls fail until enough replicas attach",
                             attached,
-                            self._min_replicas,
+                            self._wait.replicas,
                         )
         except RedisError as exc:
             raise unavailable(exc, " at start-up") from exc

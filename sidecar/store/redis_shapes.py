@@ -148,6 +148,21 @@ def check_wait(reply: Any, want: int, timeout_ms: int, node: str) -> None:
         )
 
 
+class ReplicaWait:
+    """``WAIT replicas timeout`` at the end of every pipeline (store.redis_min_replicas_acked), on
+    the connection that carried the writes; nothing when ``replicas`` is 0."""
+
+    __slots__ = ("command", "replicas", "seconds", "timeout_ms")
+
+    def __init__(self, replicas: int, timeout_ms: int) -> None:
+        self.replicas, self.timeout_ms = replicas, timeout_ms
+        self.command = resp([b"WAIT", b"%d" % replicas, b"%d" % timeout_ms]) if replicas else b""
+        self.seconds = timeout_ms / 1000 if replicas else 0.0  # added to a pipeline's time bound
+
+    def check(self, reply: Any, node: str) -> None:
+        check_wait(reply, self.replicas, self.timeout_ms, node)
+
+
 def connection_kwargs(
     url: str, timeout_s: float, ca_file: str | None, cert_file: str | None, key_file: str | None
 ) -> dict[str, Any]:
@@ -210,16 +225,14 @@ class Standalone:
         self,
         client: aioredis.Redis,
         timeout_s: float,
-        min_replicas: int,
-        wait_ms: int,
+        wait: ReplicaWait,
         sentinels: Sequence[aioredis.Redis] = (),
     ) -> None:
         self.client = client
         self._sentinels = list(sentinels)
         self.round_trips = 0  # pipelines sent, for capacity figures
         self._timeout_s = timeout_s
-        self._wait = resp([b"WAIT", b"%d" % min_replicas, b"%d" % wait_ms]) if min_replicas else b""
-        self._min_replicas, self._wait_ms = min_replicas, wait_ms
+        self._wait = wait
 
     async def run(self, script: Script, commands: list[bytes]) -> list[Any]:
         """Send ``commands`` (packed EVALSHA calls of ``script``) and return their replies."""
@@ -243,18 +256,20 @@ class Standalone:
         """
         pool = self.client.connection_pool
         self.round_trips += 1
-        limit = self._timeout_s * 2 + (self._wait_ms / 1000 if wait else 0)
+        waiting = wait and bool(self._wait.replicas)
+        limit = self._timeout_s * 2 + (self._wait.seconds if waiting else 0)
         conn = None
-        waiting = wait and bool(self._wait)
         try:
             # A hard bound on the whole exchange, connecting included: a store that hangs (a
             # Redis restarting under us) must fail the call, so the caller retries, never wait.
             async with asyncio.timeout(limit):
                 conn = await pool.get_connection()  # type: ignore[no-untyped-call]
-                await conn.send_packed_command(packed + self._wait if waiting else packed, check_health=False)
+                await conn.send_packed_command(
+                    packed + self._wait.command if waiting else packed, check_health=False
+                )
                 out = [await conn.read_response() for _ in range(replies)]
                 if waiting:
-                    check_wait(await conn.read_response(), self._min_replicas, self._wait_ms, conn.host)
+                    self._wait.check(await conn.read_response(), conn.host)
                 return out
         except BaseException as exc:
             # Replies may be left unread (an error reply raises at once): never reuse it.
@@ -294,15 +309,14 @@ class ClusterRouter:
     CHUNK = 500
 
     def __init__(
-        self, client: RedisCluster, timeout_s: float, min_replicas: int, wait_ms: int, per_master: bool = True
+        self, client: RedisCluster, timeout_s: float, wait: ReplicaWait, per_master: bool = True
     ) -> None:
         self.client = client
         self.round_trips = 0  # pipelines sent (one per master a batch touches), for capacity figures
         self._per_master = per_master  # store.redis_cluster_batching
         self.packed = False  # set once the servers are known to be Redis 7.0 or newer
         self._timeout_s = timeout_s
-        self._min_replicas, self._wait_ms = min_replicas, wait_ms
-        self._wait = resp([b"WAIT", b"%d" % min_replicas, b"%d" % wait_ms]) if min_replicas else b""
+        self._wait = wait
         self._ready = False
         self._refreshing: asyncio.Task[None] | None = None
 
@@ -473,8 +487,8 @@ class ClusterRouter:
         conn = node.acquire_connection()
         self.round_trips += 1
         try:
-            async with asyncio.timeout(self._timeout_s * 2 + self._wait_ms / 1000):
-                await conn.send_packed_command(b"".join(parts) + self._wait, check_health=False)
+            async with asyncio.timeout(self._timeout_s * 2 + self._wait.seconds):
+                await conn.send_packed_command(b"".join(parts) + self._wait.command, check_health=False)
                 out: list[tuple[list[int], Any]] = []
                 for call in calls:
                     try:
@@ -483,8 +497,8 @@ class ClusterRouter:
                         reply = exc
                     if call is not None:
                         out.append((call, reply))
-                if self._wait:
-                    check_wait(await conn.read_response(), self._min_replicas, self._wait_ms, node.name)
+                if self._wait.replicas:
+                    self._wait.check(await conn.read_response(), node.name)
                 return out
         except BaseException as exc:
             await conn.disconnect()
