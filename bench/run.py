@@ -70,7 +70,11 @@ class Result:
         return self.records / self.seconds if self.seconds else 0.0
 
 
-def preload(kafka: services.KafkaBroker, topic: str, partitions: int, n: int, prefix: str) -> None:
+def preload(
+    kafka: services.KafkaBroker, topic: str, partitions: int, n: int, prefix: str, keys: int = 0
+) -> None:
+    """n records of 1 KB round-robin over the partitions; with ``keys``, record i has Kafka key
+    ``k{i % keys}`` and goes where the default partitioner puts it."""
     kafka.create_topic(topic, partitions)
     p = Producer(
         {
@@ -84,12 +88,13 @@ def preload(kafka: services.KafkaBroker, topic: str, partitions: int, n: int, pr
     for i in range(n):
         while True:
             try:
-                p.produce(
-                    topic,
-                    VALUES[i % len(VALUES)],
-                    headers=[("idempotency-key", f"{prefix}-{i}".encode())],
-                    partition=i % partitions,
-                )
+                headers: list[tuple[str, str | bytes | None]] = [
+                    ("idempotency-key", f"{prefix}-{i}".encode())
+                ]
+                if keys:
+                    p.produce(topic, VALUES[i % len(VALUES)], f"k{i % keys}".encode(), headers=headers)
+                else:
+                    p.produce(topic, VALUES[i % len(VALUES)], headers=headers, partition=i % partitions)
                 break
             except BufferError:
                 p.poll(0.05)
@@ -669,6 +674,23 @@ def main() -> int:
             )
             s.extra["baseline"] = b.rate
             consume += [b, s]
+
+        # Ordering (delivery.ordering): 1,000 distinct Kafka keys over 6 partitions, each mode
+        # against the raw consumer on the same topic. "partition" sends one record per partition
+        # at a time: a round trip per record, so it gets the small count of the unary row.
+        log("ordering: preloading 1,000 keys")
+        preload(kafka, "benchkeys", 6, n, "bk", keys=1000)
+        b = raw_consume(kafka, "benchkeys", n)
+        b.name = "raw consumer, 1,000 Kafka keys"
+        consume.append(b)
+        for mode, count in (("unordered", n), ("key", n), ("partition", n_unary)):
+            log(f"ordering: {mode}")
+            env = {**redis_store, "DEDUP_DELIVERY__ORDERING": mode}
+            s = sidecar_consume(
+                kafka, "benchkeys", count, env, work, f'sidecar, ordering = "{mode}", 1,000 keys, Redis'
+            )
+            s.extra["baseline"] = b.rate
+            consume.append(s)
 
         # Before the 1M-record memory run, which leaves the broker and Redis busier. Three runs;
         # each figure is the median of the three (a 2-core machine has noisy tails).

@@ -84,9 +84,11 @@ class Sidecar:
         self.store = await open_store(s)
         self._producer = kproducer.AsyncProducer(producer_conf, loop, s.publish.timeout_seconds)
         self.engine = Engine(s, self.store, self._producer, self.metrics, self.owner)
+        if self.engine.retry_topics:
+            await self._ensure_retry_topics(consumer_conf)
         self._consumer = kconsumer.ConsumerLoop(
             consumer_conf,
-            s.kafka.topics,
+            [*s.kafka.topics, *self.engine.retry_topics],
             self.engine,
             loop,
             s.kafka.fetch_batch,
@@ -130,6 +132,55 @@ class Sidecar:
             s.kafka.group_id,
             ",".join(s.kafka.topics),
         )
+
+    async def _ensure_retry_topics(self, consumer_conf: dict[str, Any]) -> None:
+        """Create the retry topics that are missing (``delivery.retry_create_topics``), each like
+        its source topic: the same partition count and replication factor."""
+        from confluent_kafka.admin import AdminClient
+        from confluent_kafka.cimpl import NewTopic
+
+        s = self.settings
+        assert self.engine is not None
+        conf = {k: v for k, v in consumer_conf.items() if k not in ("group.id", "session.timeout.ms")}
+        admin = AdminClient(conf)
+        meta = await asyncio.to_thread(admin.list_topics, timeout=15)
+        sources = self.engine.reroute.retry_sources
+        missing = [t for t in sources if t not in meta.topics]
+        if not missing:
+            return
+        if not s.delivery.retry_create_topics:
+            raise ConfigError(
+                f"retry topics {missing} do not exist: create them, or set "
+                "delivery.retry_create_topics = true so the sidecar does"
+            )
+        new = []
+        for name in missing:
+            src = meta.topics.get(sources[name])
+            if src is None or not src.partitions:
+                raise ConfigError(
+                    f"cannot create retry topic {name!r}: its source topic {sources[name]!r} "
+                    "(kafka.topics) does not exist"
+                )
+            rf = len(next(iter(src.partitions.values())).replicas)
+            new.append(NewTopic(name, len(src.partitions), rf))
+        for name, fut in admin.create_topics(new, request_timeout=15).items():
+            try:
+                await asyncio.to_thread(fut.result, 20)
+                log.info("created retry topic %s", name)
+            except Exception as exc:
+                if "TOPIC_ALREADY_EXISTS" in str(exc):
+                    continue
+                raise ConfigError(
+                    f"cannot create retry topic {name!r} ({exc}); create it, or give the sidecar's "
+                    "principal CREATE on it (delivery.retry_create_topics)"
+                ) from exc
+        # Metadata spreads to the brokers asynchronously: subscribe once every partition has a leader.
+        deadline = time.monotonic() + 15
+        while time.monotonic() < deadline:
+            meta = await asyncio.to_thread(admin.list_topics, timeout=5)
+            if all(meta.topics.get(t) is not None and not meta.topics[t].error for t in missing):
+                break
+            await asyncio.sleep(0.1)
 
     async def _watch_group(self) -> None:
         """A local store cannot fence other members: detect a shared group and say so loudly."""

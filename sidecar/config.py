@@ -7,6 +7,7 @@ Environment variables use the ``DEDUP_`` prefix and ``__`` between section and f
 
 from __future__ import annotations
 
+import itertools
 import os
 import re
 from contextvars import ContextVar
@@ -113,6 +114,37 @@ class DeliverySettings(BaseModel):
     detach_grace_seconds: float = Field(30, gt=0)
     default_max_in_flight: int = Field(1000, ge=1)
     default_max_batch: int = Field(500, ge=1)
+    #: ``unordered``: every record may be in flight at once. ``key``: a record waits while an
+    #: earlier record of its partition with the same Kafka key is unsettled (records without a
+    #: key are not ordered). ``partition``: one unsettled record per partition at a time. A
+    #: Subscribe may ask for a narrower ordering for its topics, never a wider one.
+    ordering: Literal["unordered", "key", "partition"] = "unordered"
+    #: Retry topics for long Nack delays: a delay of at least the first tier's seconds is not
+    #: held in memory but written to the retry topic of the largest tier not above it, and the
+    #: source offset settles. Strictly increasing seconds, e.g. [60, 600, 3600]. Empty: every
+    #: delay is held in memory. Only for ``ordering = "unordered"``.
+    retry_tiers_seconds: list[float] = Field(default_factory=list)
+    #: Retry topic name; ``{topic}`` is the source topic and ``{tier}`` the tier's index.
+    retry_topic: str = "{topic}.retry.{tier}"
+    #: Create missing retry topics at start-up, with the source topic's partition count and
+    #: replication factor. Off: a missing retry topic stops the start with its name.
+    retry_create_topics: bool = True
+
+    @field_validator("retry_tiers_seconds")
+    @classmethod
+    def _tiers(cls, v: list[float]) -> list[float]:
+        if any(t <= 0 for t in v) or any(b <= a for a, b in itertools.pairwise(v)):
+            raise ValueError(
+                f"delivery.retry_tiers_seconds must be positive and strictly increasing, got {v}"
+            )
+        return v
+
+    @field_validator("retry_topic")
+    @classmethod
+    def _retry_topic(cls, v: str) -> str:
+        if "{topic}" not in v or "{tier}" not in v:
+            raise ValueError(f"delivery.retry_topic must contain {{topic}} and {{tier}}, got {v!r}")
+        return v
 
 
 class CommitSettings(BaseModel):
@@ -160,6 +192,26 @@ class Settings(BaseSettings):
     def _check(self) -> Settings:
         if self.delivery.resume_unsettled > self.delivery.max_unsettled_per_partition:
             raise ValueError("delivery.resume_unsettled must not exceed delivery.max_unsettled_per_partition")
+        d = self.delivery
+        if d.retry_tiers_seconds and d.ordering != "unordered":
+            raise ValueError(
+                f"delivery.retry_tiers_seconds cannot be used with delivery.ordering = {d.ordering!r}: a "
+                "record moved to a retry topic would let later records of its key pass it; set "
+                "delivery.retry_tiers_seconds = [] (Nack delays then stay in memory) or "
+                "ordering = 'unordered'"
+            )
+        if d.retry_tiers_seconds:
+            for t in self.kafka.topics:
+                for i in range(len(d.retry_tiers_seconds)):
+                    name = d.retry_topic.replace("{topic}", t).replace("{tier}", str(i))
+                    if not valid_topic(name):
+                        raise ValueError(
+                            f"retry topic {name!r} (delivery.retry_topic) is not a valid topic name"
+                        )
+                    if name in self.kafka.topics:
+                        raise ValueError(
+                            f"retry topic {name!r} (delivery.retry_topic) is also in kafka.topics"
+                        )
         return self
 
     @classmethod

@@ -17,6 +17,9 @@ class Metrics:
         self.nacked = Counter("dedup_nacked_total", "Deliveries given back by Nack", registry=r)
         self.redelivered = Counter("dedup_redelivered_total", "Redeliveries", ["reason"], registry=r)
         self.dead_lettered = Counter("dedup_dead_lettered_total", "Records written to the DLQ", registry=r)
+        self.retried = Counter(
+            "dedup_retry_topic_writes_total", "Nacked records moved to a retry topic", ["tier"], registry=r
+        )
         self.late_acks = Counter(
             "dedup_late_acks_total", "Completes after the claim was lost (effect happened anyway)", registry=r
         )

@@ -25,7 +25,7 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x14\x64\x65\x64up/v1/dedup.proto\x12\x08\x64\x65\x64up.v1\"i\n\x10SubscribeRequest\x12\x0e\n\x06topics\x18\x01 \x03(\t\x12\x15\n\rmax_in_flight\x18\x02 \x01(\x05\x12\x1b\n\x13max_in_flight_bytes\x18\x03 \x01(\x03\x12\x11\n\tmax_batch\x18\x04 \x01(\x05\";\n\x11SubscribeResponse\x12&\n\ndeliveries\x18\x01 \x03(\x0b\x32\x12.dedup.v1.Delivery\"$\n\x06Header\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\x0c\"\xf2\x01\n\x08\x44\x65livery\x12\x13\n\x0b\x64\x65livery_id\x18\x01 \x01(\t\x12\x17\n\x0fidempotency_key\x18\x02 \x01(\t\x12\r\n\x05topic\x18\x03 \x01(\t\x12\x11\n\tpartition\x18\x04 \x01(\x05\x12\x0e\n\x06offset\x18\x05 \x01(\x03\x12\x10\n\x03key\x18\x06 \x01(\x0cH\x00\x88\x01\x01\x12\r\n\x05value\x18\x07 \x01(\x0c\x12!\n\x07headers\x18\x08 \x03(\x0b\x32\x10.dedup.v1.Header\x12\x14\n\x0ctimestamp_ms\x18\t \x01(\x03\x12\x0f\n\x07\x61ttempt\x18\n \x01(\x05\x12\x13\n\x0b\x64\x65\x61\x64line_ms\x18\x0b \x01(\x03\x42\x06\n\x04_key\"\"\n\nAckRequest\x12\x14\n\x0c\x64\x65livery_ids\x18\x01 \x03(\t\"3\n\x0b\x41\x63kResponse\x12$\n\x07results\x18\x01 \x03(\x0e\x32\x13.dedup.v1.AckResult\"v\n\x0bNackRequest\x12\x14\n\x0c\x64\x65livery_ids\x18\x01 \x03(\t\x12\x1a\n\rdelay_seconds\x18\x02 \x01(\x01H\x00\x88\x01\x01\x12\x13\n\x0b\x64\x65\x61\x64_letter\x18\x03 \x01(\x08\x12\x0e\n\x06reason\x18\x04 \x01(\tB\x10\n\x0e_delay_seconds\"4\n\x0cNackResponse\x12$\n\x07results\x18\x01 \x03(\x0e\x32\x13.dedup.v1.AckResult\">\n\x15\x45xtendDeadlineRequest\x12\x14\n\x0c\x64\x65livery_ids\x18\x01 \x03(\t\x12\x0f\n\x07seconds\x18\x02 \x01(\x05\">\n\x16\x45xtendDeadlineResponse\x12$\n\x07results\x18\x01 \x03(\x0e\x32\x13.dedup.v1.AckResult\"\xaa\x01\n\x0ePublishRequest\x12\r\n\x05topic\x18\x01 \x01(\t\x12\x10\n\x03key\x18\x02 \x01(\x0cH\x00\x88\x01\x01\x12\r\n\x05value\x18\x03 \x01(\x0c\x12!\n\x07headers\x18\x04 \x03(\x0b\x32\x10.dedup.v1.Header\x12\x17\n\x0fidempotency_key\x18\x05 \x01(\t\x12\x16\n\tpartition\x18\x06 \x01(\x05H\x01\x88\x01\x01\x42\x06\n\x04_keyB\x0c\n\n_partition\"o\n\x0fPublishResponse\x12\x17\n\x0fidempotency_key\x18\x01 \x01(\t\x12\r\n\x05topic\x18\x02 \x01(\t\x12\x11\n\tpartition\x18\x03 \x01(\x05\x12\x0e\n\x06offset\x18\x04 \x01(\x03\x12\x11\n\tduplicate\x18\x05 \x01(\x08\"@\n\x13PublishBatchRequest\x12)\n\x07\x65ntries\x18\x01 \x03(\x0b\x32\x18.dedup.v1.PublishRequest\"`\n\x12PublishBatchResult\x12\x0c\n\x04\x63ode\x18\x01 \x01(\x05\x12\x0f\n\x07message\x18\x02 \x01(\t\x12+\n\x08response\x18\x03 \x01(\x0b\x32\x19.dedup.v1.PublishResponse\"E\n\x14PublishBatchResponse\x12-\n\x07results\x18\x01 \x03(\x0b\x32\x1c.dedup.v1.PublishBatchResult*\x86\x01\n\tAckResult\x12\x1a\n\x16\x41\x43K_RESULT_UNSPECIFIED\x10\x00\x12\x11\n\rACK_RESULT_OK\x10\x01\x12\x14\n\x10\x41\x43K_RESULT_STALE\x10\x02\x12\x16\n\x12\x41\x43K_RESULT_UNKNOWN\x10\x03\x12\x1c\n\x18\x41\x43K_RESULT_ALREADY_ACKED\x10\x04\x32\xa5\x03\n\x0c\x44\x65\x64upService\x12\x46\n\tSubscribe\x12\x1a.dedup.v1.SubscribeRequest\x1a\x1b.dedup.v1.SubscribeResponse0\x01\x12\x32\n\x03\x41\x63k\x12\x14.dedup.v1.AckRequest\x1a\x15.dedup.v1.AckResponse\x12\x35\n\x04Nack\x12\x15.dedup.v1.NackRequest\x1a\x16.dedup.v1.NackResponse\x12S\n\x0e\x45xtendDeadline\x12\x1f.dedup.v1.ExtendDeadlineRequest\x1a .dedup.v1.ExtendDeadlineResponse\x12>\n\x07Publish\x12\x18.dedup.v1.PublishRequest\x1a\x19.dedup.v1.PublishResponse\x12M\n\x0cPublishBatch\x12\x1d.dedup.v1.PublishBatchRequest\x1a\x1e.dedup.v1.PublishBatchResponseBX\n\x19io.github.dedupsidecar.v1P\x01Z9github.com/kafka-dedup-sidecar/clients/go/dedupv1;dedupv1b\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x14\x64\x65\x64up/v1/dedup.proto\x12\x08\x64\x65\x64up.v1\"\x8f\x01\n\x10SubscribeRequest\x12\x0e\n\x06topics\x18\x01 \x03(\t\x12\x15\n\rmax_in_flight\x18\x02 \x01(\x05\x12\x1b\n\x13max_in_flight_bytes\x18\x03 \x01(\x03\x12\x11\n\tmax_batch\x18\x04 \x01(\x05\x12$\n\x08ordering\x18\x05 \x01(\x0e\x32\x12.dedup.v1.Ordering\";\n\x11SubscribeResponse\x12&\n\ndeliveries\x18\x01 \x03(\x0b\x32\x12.dedup.v1.Delivery\"$\n\x06Header\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\x0c\"\xf2\x01\n\x08\x44\x65livery\x12\x13\n\x0b\x64\x65livery_id\x18\x01 \x01(\t\x12\x17\n\x0fidempotency_key\x18\x02 \x01(\t\x12\r\n\x05topic\x18\x03 \x01(\t\x12\x11\n\tpartition\x18\x04 \x01(\x05\x12\x0e\n\x06offset\x18\x05 \x01(\x03\x12\x10\n\x03key\x18\x06 \x01(\x0cH\x00\x88\x01\x01\x12\r\n\x05value\x18\x07 \x01(\x0c\x12!\n\x07headers\x18\x08 \x03(\x0b\x32\x10.dedup.v1.Header\x12\x14\n\x0ctimestamp_ms\x18\t \x01(\x03\x12\x0f\n\x07\x61ttempt\x18\n \x01(\x05\x12\x13\n\x0b\x64\x65\x61\x64line_ms\x18\x0b \x01(\x03\x42\x06\n\x04_key\"\"\n\nAckRequest\x12\x14\n\x0c\x64\x65livery_ids\x18\x01 \x03(\t\"3\n\x0b\x41\x63kResponse\x12$\n\x07results\x18\x01 \x03(\x0e\x32\x13.dedup.v1.AckResult\"v\n\x0bNackRequest\x12\x14\n\x0c\x64\x65livery_ids\x18\x01 \x03(\t\x12\x1a\n\rdelay_seconds\x18\x02 \x01(\x01H\x00\x88\x01\x01\x12\x13\n\x0b\x64\x65\x61\x64_letter\x18\x03 \x01(\x08\x12\x0e\n\x06reason\x18\x04 \x01(\tB\x10\n\x0e_delay_seconds\"4\n\x0cNackResponse\x12$\n\x07results\x18\x01 \x03(\x0e\x32\x13.dedup.v1.AckResult\">\n\x15\x45xtendDeadlineRequest\x12\x14\n\x0c\x64\x65livery_ids\x18\x01 \x03(\t\x12\x0f\n\x07seconds\x18\x02 \x01(\x05\">\n\x16\x45xtendDeadlineResponse\x12$\n\x07results\x18\x01 \x03(\x0e\x32\x13.dedup.v1.AckResult\"\xaa\x01\n\x0ePublishRequest\x12\r\n\x05topic\x18\x01 \x01(\t\x12\x10\n\x03key\x18\x02 \x01(\x0cH\x00\x88\x01\x01\x12\r\n\x05value\x18\x03 \x01(\x0c\x12!\n\x07headers\x18\x04 \x03(\x0b\x32\x10.dedup.v1.Header\x12\x17\n\x0fidempotency_key\x18\x05 \x01(\t\x12\x16\n\tpartition\x18\x06 \x01(\x05H\x01\x88\x01\x01\x42\x06\n\x04_keyB\x0c\n\n_partition\"o\n\x0fPublishResponse\x12\x17\n\x0fidempotency_key\x18\x01 \x01(\t\x12\r\n\x05topic\x18\x02 \x01(\t\x12\x11\n\tpartition\x18\x03 \x01(\x05\x12\x0e\n\x06offset\x18\x04 \x01(\x03\x12\x11\n\tduplicate\x18\x05 \x01(\x08\"@\n\x13PublishBatchRequest\x12)\n\x07\x65ntries\x18\x01 \x03(\x0b\x32\x18.dedup.v1.PublishRequest\"`\n\x12PublishBatchResult\x12\x0c\n\x04\x63ode\x18\x01 \x01(\x05\x12\x0f\n\x07message\x18\x02 \x01(\t\x12+\n\x08response\x18\x03 \x01(\x0b\x32\x19.dedup.v1.PublishResponse\"E\n\x14PublishBatchResponse\x12-\n\x07results\x18\x01 \x03(\x0b\x32\x1c.dedup.v1.PublishBatchResult*f\n\x08Ordering\x12\x18\n\x14ORDERING_UNSPECIFIED\x10\x00\x12\x16\n\x12ORDERING_UNORDERED\x10\x01\x12\x10\n\x0cORDERING_KEY\x10\x02\x12\x16\n\x12ORDERING_PARTITION\x10\x03*\x86\x01\n\tAckResult\x12\x1a\n\x16\x41\x43K_RESULT_UNSPECIFIED\x10\x00\x12\x11\n\rACK_RESULT_OK\x10\x01\x12\x14\n\x10\x41\x43K_RESULT_STALE\x10\x02\x12\x16\n\x12\x41\x43K_RESULT_UNKNOWN\x10\x03\x12\x1c\n\x18\x41\x43K_RESULT_ALREADY_ACKED\x10\x04\x32\xa5\x03\n\x0c\x44\x65\x64upService\x12\x46\n\tSubscribe\x12\x1a.dedup.v1.SubscribeRequest\x1a\x1b.dedup.v1.SubscribeResponse0\x01\x12\x32\n\x03\x41\x63k\x12\x14.dedup.v1.AckRequest\x1a\x15.dedup.v1.AckResponse\x12\x35\n\x04Nack\x12\x15.dedup.v1.NackRequest\x1a\x16.dedup.v1.NackResponse\x12S\n\x0e\x45xtendDeadline\x12\x1f.dedup.v1.ExtendDeadlineRequest\x1a .dedup.v1.ExtendDeadlineResponse\x12>\n\x07Publish\x12\x18.dedup.v1.PublishRequest\x1a\x19.dedup.v1.PublishResponse\x12M\n\x0cPublishBatch\x12\x1d.dedup.v1.PublishBatchRequest\x1a\x1e.dedup.v1.PublishBatchResponseBX\n\x19io.github.dedupsidecar.v1P\x01Z9github.com/kafka-dedup-sidecar/clients/go/dedupv1;dedupv1b\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -33,38 +33,40 @@ _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'sidecar._proto.dedup_pb2', 
 if not _descriptor._USE_C_DESCRIPTORS:
   _globals['DESCRIPTOR']._loaded_options = None
   _globals['DESCRIPTOR']._serialized_options = b'\n\031io.github.dedupsidecar.v1P\001Z9github.com/kafka-dedup-sidecar/clients/go/dedupv1;dedupv1'
-  _globals['_ACKRESULT']._serialized_start=1398
-  _globals['_ACKRESULT']._serialized_end=1532
-  _globals['_SUBSCRIBEREQUEST']._serialized_start=34
-  _globals['_SUBSCRIBEREQUEST']._serialized_end=139
-  _globals['_SUBSCRIBERESPONSE']._serialized_start=141
-  _globals['_SUBSCRIBERESPONSE']._serialized_end=200
-  _globals['_HEADER']._serialized_start=202
-  _globals['_HEADER']._serialized_end=238
-  _globals['_DELIVERY']._serialized_start=241
-  _globals['_DELIVERY']._serialized_end=483
-  _globals['_ACKREQUEST']._serialized_start=485
-  _globals['_ACKREQUEST']._serialized_end=519
-  _globals['_ACKRESPONSE']._serialized_start=521
-  _globals['_ACKRESPONSE']._serialized_end=572
-  _globals['_NACKREQUEST']._serialized_start=574
-  _globals['_NACKREQUEST']._serialized_end=692
-  _globals['_NACKRESPONSE']._serialized_start=694
-  _globals['_NACKRESPONSE']._serialized_end=746
-  _globals['_EXTENDDEADLINEREQUEST']._serialized_start=748
-  _globals['_EXTENDDEADLINEREQUEST']._serialized_end=810
-  _globals['_EXTENDDEADLINERESPONSE']._serialized_start=812
-  _globals['_EXTENDDEADLINERESPONSE']._serialized_end=874
-  _globals['_PUBLISHREQUEST']._serialized_start=877
-  _globals['_PUBLISHREQUEST']._serialized_end=1047
-  _globals['_PUBLISHRESPONSE']._serialized_start=1049
-  _globals['_PUBLISHRESPONSE']._serialized_end=1160
-  _globals['_PUBLISHBATCHREQUEST']._serialized_start=1162
-  _globals['_PUBLISHBATCHREQUEST']._serialized_end=1226
-  _globals['_PUBLISHBATCHRESULT']._serialized_start=1228
-  _globals['_PUBLISHBATCHRESULT']._serialized_end=1324
-  _globals['_PUBLISHBATCHRESPONSE']._serialized_start=1326
-  _globals['_PUBLISHBATCHRESPONSE']._serialized_end=1395
-  _globals['_DEDUPSERVICE']._serialized_start=1535
-  _globals['_DEDUPSERVICE']._serialized_end=1956
+  _globals['_ORDERING']._serialized_start=1436
+  _globals['_ORDERING']._serialized_end=1538
+  _globals['_ACKRESULT']._serialized_start=1541
+  _globals['_ACKRESULT']._serialized_end=1675
+  _globals['_SUBSCRIBEREQUEST']._serialized_start=35
+  _globals['_SUBSCRIBEREQUEST']._serialized_end=178
+  _globals['_SUBSCRIBERESPONSE']._serialized_start=180
+  _globals['_SUBSCRIBERESPONSE']._serialized_end=239
+  _globals['_HEADER']._serialized_start=241
+  _globals['_HEADER']._serialized_end=277
+  _globals['_DELIVERY']._serialized_start=280
+  _globals['_DELIVERY']._serialized_end=522
+  _globals['_ACKREQUEST']._serialized_start=524
+  _globals['_ACKREQUEST']._serialized_end=558
+  _globals['_ACKRESPONSE']._serialized_start=560
+  _globals['_ACKRESPONSE']._serialized_end=611
+  _globals['_NACKREQUEST']._serialized_start=613
+  _globals['_NACKREQUEST']._serialized_end=731
+  _globals['_NACKRESPONSE']._serialized_start=733
+  _globals['_NACKRESPONSE']._serialized_end=785
+  _globals['_EXTENDDEADLINEREQUEST']._serialized_start=787
+  _globals['_EXTENDDEADLINEREQUEST']._serialized_end=849
+  _globals['_EXTENDDEADLINERESPONSE']._serialized_start=851
+  _globals['_EXTENDDEADLINERESPONSE']._serialized_end=913
+  _globals['_PUBLISHREQUEST']._serialized_start=916
+  _globals['_PUBLISHREQUEST']._serialized_end=1086
+  _globals['_PUBLISHRESPONSE']._serialized_start=1088
+  _globals['_PUBLISHRESPONSE']._serialized_end=1199
+  _globals['_PUBLISHBATCHREQUEST']._serialized_start=1201
+  _globals['_PUBLISHBATCHREQUEST']._serialized_end=1265
+  _globals['_PUBLISHBATCHRESULT']._serialized_start=1267
+  _globals['_PUBLISHBATCHRESULT']._serialized_end=1363
+  _globals['_PUBLISHBATCHRESPONSE']._serialized_start=1365
+  _globals['_PUBLISHBATCHRESPONSE']._serialized_end=1434
+  _globals['_DEDUPSERVICE']._serialized_start=1678
+  _globals['_DEDUPSERVICE']._serialized_end=2099
 # @@protoc_insertion_point(module_scope)

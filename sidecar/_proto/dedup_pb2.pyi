@@ -32,6 +32,39 @@ else:
 
 DESCRIPTOR: _descriptor.FileDescriptor
 
+class _Ordering:
+    ValueType = _typing.NewType("ValueType", _builtins.int)
+    V: _TypeAlias = ValueType  # noqa: Y015
+
+class _OrderingEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_Ordering.ValueType], _builtins.type):
+    DESCRIPTOR: _descriptor.EnumDescriptor
+    ORDERING_UNSPECIFIED: _Ordering.ValueType  # 0
+    """The sidecar's `delivery.ordering`."""
+    ORDERING_UNORDERED: _Ordering.ValueType  # 1
+    """Every record may be in flight at once; acks land in any order."""
+    ORDERING_KEY: _Ordering.ValueType  # 2
+    """A record is not delivered while an earlier record of its partition with the same Kafka key is
+    unsettled (in flight, waiting out a Nack delay, or held by another sidecar's lease). Records
+    without a key are not ordered.
+    """
+    ORDERING_PARTITION: _Ordering.ValueType  # 3
+    """One unsettled record per partition at a time, in offset order."""
+
+class Ordering(_Ordering, metaclass=_OrderingEnumTypeWrapper): ...
+
+ORDERING_UNSPECIFIED: Ordering.ValueType  # 0
+"""The sidecar's `delivery.ordering`."""
+ORDERING_UNORDERED: Ordering.ValueType  # 1
+"""Every record may be in flight at once; acks land in any order."""
+ORDERING_KEY: Ordering.ValueType  # 2
+"""A record is not delivered while an earlier record of its partition with the same Kafka key is
+unsettled (in flight, waiting out a Nack delay, or held by another sidecar's lease). Records
+without a key are not ordered.
+"""
+ORDERING_PARTITION: Ordering.ValueType  # 3
+"""One unsettled record per partition at a time, in offset order."""
+Global___Ordering: _TypeAlias = Ordering  # noqa: Y015
+
 class _AckResult:
     ValueType = _typing.NewType("ValueType", _builtins.int)
     V: _TypeAlias = ValueType  # noqa: Y015
@@ -79,6 +112,7 @@ class SubscribeRequest(_message.Message):
     MAX_IN_FLIGHT_FIELD_NUMBER: _builtins.int
     MAX_IN_FLIGHT_BYTES_FIELD_NUMBER: _builtins.int
     MAX_BATCH_FIELD_NUMBER: _builtins.int
+    ORDERING_FIELD_NUMBER: _builtins.int
     max_in_flight: _builtins.int
     """Most un-acked deliveries outstanding on this stream. 0 means the sidecar default (1000)."""
     max_in_flight_bytes: _builtins.int
@@ -87,6 +121,11 @@ class SubscribeRequest(_message.Message):
     """
     max_batch: _builtins.int
     """Most deliveries per response frame. 0 means the sidecar default (500)."""
+    ordering: Global___Ordering.ValueType
+    """The ordering this stream needs for its topics. Unspecified means the sidecar's
+    `delivery.ordering`. A stream may narrow it (unordered < key < partition), never widen it; the
+    narrowest ordering any open stream asks for a topic applies to all of that topic's records.
+    """
     @_builtins.property
     def topics(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
         """Topics to receive, a subset of the sidecar's `kafka.topics`. Empty means all of them."""
@@ -98,10 +137,11 @@ class SubscribeRequest(_message.Message):
         max_in_flight: _builtins.int = ...,
         max_in_flight_bytes: _builtins.int = ...,
         max_batch: _builtins.int = ...,
+        ordering: Global___Ordering.ValueType = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["max_batch", b"max_batch", "max_in_flight", b"max_in_flight", "max_in_flight_bytes", b"max_in_flight_bytes", "topics", b"topics"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["max_batch", b"max_batch", "max_in_flight", b"max_in_flight", "max_in_flight_bytes", b"max_in_flight_bytes", "ordering", b"ordering", "topics", b"topics"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

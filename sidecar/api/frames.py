@@ -98,9 +98,15 @@ def encode_frame(batch: Sequence[Pending], deadline_ms: int) -> bytes:
         parts = [len_field(b"\x0a", p.delivery_ids[-1].encode())]
         if p.idem_key:
             parts.append(len_field(b"\x12", p.idem_key.encode()))
-        parts.append(tp_field(*p.tp))
-        if p.offset:
-            parts += (b"\x28", varint(p.offset))
+        origin = p.origin
+        if origin is None:
+            parts.append(tp_field(*p.tp))
+            if p.offset:
+                parts += (b"\x28", varint(p.offset))
+        else:  # a record read from a retry topic shows where it was first consumed
+            parts.append(tp_field(origin.topic, origin.partition))
+            if origin.offset:
+                parts += (b"\x28", varint(origin.offset))
         if p.key is not None:
             parts.append(len_field(b"\x32", p.key))
         value = p.value

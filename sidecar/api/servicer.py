@@ -63,6 +63,14 @@ def _response(out: PublishOutput) -> pb.PublishResponse:
     )
 
 
+#: SubscribeRequest.ordering -> the setting's name ("" for the sidecar's own).
+_ORDERINGS = {
+    pb.ORDERING_UNORDERED: "unordered",
+    pb.ORDERING_KEY: "key",
+    pb.ORDERING_PARTITION: "partition",
+}
+
+
 class DedupServicer:
     """The DedupService methods; server.py registers them (see _handlers there)."""
 
@@ -78,7 +86,11 @@ class DedupServicer:
         engine = self._engine
         try:
             stream = engine.attach(
-                list(request.topics), request.max_in_flight, request.max_in_flight_bytes, request.max_batch
+                list(request.topics),
+                request.max_in_flight,
+                request.max_in_flight_bytes,
+                request.max_batch,
+                _ORDERINGS.get(request.ordering, ""),
             )
         except SidecarError as exc:
             await context.abort(*status_for(exc))

@@ -6,6 +6,7 @@ import asyncio
 import itertools
 from collections import deque
 
+from sidecar.engine.ordering import Ordering
 from sidecar.engine.records import Pending, State
 
 _ids = itertools.count(1)
@@ -19,11 +20,20 @@ class Stream:
         max_in_flight: most un-acked deliveries outstanding.
         max_bytes: most un-acked value bytes outstanding (0: no limit).
         max_batch: most deliveries per frame.
+        ordering: the ordering it asked for (at least the sidecar's; see ordering.py).
     """
 
-    def __init__(self, topics: frozenset[str], max_in_flight: int, max_bytes: int, max_batch: int) -> None:
+    def __init__(
+        self,
+        topics: frozenset[str],
+        max_in_flight: int,
+        max_bytes: int,
+        max_batch: int,
+        ordering: Ordering = Ordering.UNORDERED,
+    ) -> None:
         self.id = next(_ids)
         self.topics = topics
+        self.ordering = ordering
         self.max_in_flight = max_in_flight
         self.max_bytes = max_bytes
         self.max_batch = max_batch
@@ -42,7 +52,7 @@ class Stream:
         self.closed = False
 
     def wants(self, p: Pending) -> bool:
-        return not self.topics or p.tp[0] in self.topics
+        return not self.topics or p.topic in self.topics
 
     @property
     def outstanding(self) -> int:
@@ -98,6 +108,11 @@ class ReadyQueue:
             self._q.appendleft(p)
         else:
             self._q.append(p)
+
+    def drop_held(self) -> None:
+        """Forget records that are no longer READY (an ordering change held them back), so that
+        pushing one again later cannot queue it twice."""
+        self._q = deque(p for p in self._q if p.state is State.READY)
 
     def take(self, stream: Stream) -> list[Pending]:
         """Take what ``stream`` may receive now: within its credit, its batch size and its topics."""

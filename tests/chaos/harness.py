@@ -52,6 +52,9 @@ class Figures:
     max_attempt: int
     recovery_s: float
     delivered_after_ack: int = 0
+    #: With Kafka keys (``entities``): effects applied before an effect of a lower offset with the
+    #: same Kafka key (first effect per idempotency key); None when the scenario has no keys.
+    order_violations: int | None = None
     notes: str = ""
     attempts: str = ""  # distribution: "attempt:keys" for each highest attempt seen
 
@@ -119,6 +122,7 @@ class Scenario:
     messages: how many unique keys to publish.
     members: sidecar+app pairs per variant.
     env: extra DEDUP_* settings for every sidecar.
+    entities: when set, every record gets one of this many Kafka keys (for the ordering check).
     """
 
     def __init__(
@@ -133,8 +137,10 @@ class Scenario:
         app_args: list[str] | None = None,
         seed: int = 1,
         publisher_env: dict[str, str] | None = None,
+        entities: int = 0,
     ) -> None:
         self.name = name
+        self.entities = entities
         self.kafka = kafka
         self.redis = redis
         self.workdir = workdir
@@ -224,7 +230,10 @@ class Scenario:
                 async with DedupClient(target.target) as c:
                     while pending:
                         chunk = pending[:200]
-                        entries = [publish_request(self.topic, k.encode(), idempotency_key=k) for k in chunk]
+                        entries = [
+                            publish_request(self.topic, k.encode(), self.kafka_key(k), idempotency_key=k)
+                            for k in chunk
+                        ]
                         out = await c.publish_batch(entries, timeout=30)
                         done = {r.idempotency_key for r in out if isinstance(r, PublishResult)}
                         self.sent.update(done)
@@ -237,7 +246,9 @@ class Scenario:
             for attempt in range(20):
                 try:
                     async with DedupClient(self.alive_sidecar(attempt).target) as c:
-                        r = await c.publish(self.topic, k.encode(), idempotency_key=k, timeout=10)
+                        r = await c.publish(
+                            self.topic, k.encode(), self.kafka_key(k), idempotency_key=k, timeout=10
+                        )
                         self.sent.add(r.idempotency_key)
                     break
                 except grpc.aio.AioRpcError:
@@ -249,8 +260,37 @@ class Scenario:
         """A producer whose retry wrote the record twice: the copy is in Kafka, same key."""
         p = Producer({"bootstrap.servers": self.kafka.bootstrap_servers})
         for k in keys:
-            p.produce(self.topic, k.encode(), headers=[("idempotency-key", k.encode())])
+            p.produce(self.topic, k.encode(), self.kafka_key(k), headers=[("idempotency-key", k.encode())])
         p.flush(60)
+
+    def kafka_key(self, idempotency_key: str) -> bytes | None:
+        """The entity a record belongs to (its Kafka key), when the scenario has entities."""
+        if not self.entities:
+            return None
+        return f"e{int(idempotency_key.rsplit('-', 1)[1]) % self.entities}".encode()
+
+    def order_violations(self, variant: str) -> int | None:
+        """Effects applied after an effect of a higher offset with the same Kafka key. The first
+        effect of each idempotency key counts (a naive app's repeat is the dedup window)."""
+        if not self.entities:
+            return None
+        firsts: dict[str, tuple[float, bytes, int, int]] = {}
+        for ledger in {m.ledger for m in self.groups[variant]}:
+            if not ledger.exists():
+                continue
+            db = sqlite3.connect(ledger, timeout=30)
+            for key, at, kkey, part, off in db.execute("SELECT key, at, kkey, part, off FROM effects"):
+                if kkey is not None and (key not in firsts or at < firsts[key][0]):
+                    firsts[key] = (at, kkey, part, off)
+            db.close()
+        violations = 0
+        highest: dict[tuple[bytes, int], int] = {}
+        for _, kkey, part, off in sorted(firsts.values()):
+            top = highest.get((kkey, part), -1)
+            if off < top:
+                violations += 1
+            highest[(kkey, part)] = max(top, off)
+        return violations
 
     def alive_sidecar(self, turn: int) -> SidecarProcess:
         alive = [m.sidecar for m in self.members if m.sidecar.proc and m.sidecar.proc.poll() is None]
@@ -327,6 +367,7 @@ class Scenario:
                     max_attempt=max(attempts.values(), default=0),
                     recovery_s=max(0.0, last_first - self.heal_at),
                     delivered_after_ack=self.delivered_after_ack(v),
+                    order_violations=self.order_violations(v),
                     attempts=" ".join(f"{a}:{n}" for a, n in sorted(Counter(attempts.values()).items())),
                 )
             )

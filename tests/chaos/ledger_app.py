@@ -27,7 +27,11 @@ from dedup_client import AckError, DedupClient, SQLiteInbox
 def open_ledger(path: str) -> sqlite3.Connection:
     db = sqlite3.connect(path, timeout=30)
     db.execute("PRAGMA journal_mode=WAL")
-    db.execute("CREATE TABLE IF NOT EXISTS effects (key TEXT, attempt INTEGER, at REAL)")
+    # kkey/part/off: the delivery's Kafka key and coordinates (the ordering check reads them).
+    db.execute(
+        "CREATE TABLE IF NOT EXISTS effects "
+        "(key TEXT, attempt INTEGER, at REAL, kkey BLOB, part INTEGER, off INTEGER)"
+    )
     db.execute("CREATE TABLE IF NOT EXISTS deliveries (key TEXT, attempt INTEGER, at REAL, deadline REAL)")
     db.execute("CREATE TABLE IF NOT EXISTS acks (key TEXT, result TEXT, at REAL)")
     db.commit()
@@ -56,10 +60,10 @@ async def run(target: str, path: str, variant: str, stall_every: int, stall_s: f
                         "INSERT INTO deliveries VALUES (?, ?, ?, ?)",
                         (key, attempt, now, msg.deadline_ms / 1000),
                     )
-                    row = (key, attempt, now)
+                    row = (key, attempt, now, msg.key, msg.partition, msg.offset)
 
-                    def effect(c: sqlite3.Connection, row: tuple[str, int, float] = row) -> None:
-                        c.execute("INSERT INTO effects VALUES (?, ?, ?)", row)
+                    def effect(c: sqlite3.Connection, row: tuple[Any, ...] = row) -> None:
+                        c.execute("INSERT INTO effects VALUES (?, ?, ?, ?, ?, ?)", row)
 
                     if inbox is not None:
                         inbox.apply(key, effect)

@@ -22,7 +22,7 @@ import services  # noqa: E402
 from tests.chaos import faults  # noqa: E402
 from tests.chaos.harness import Fault, Figures, run_scenario  # noqa: E402
 from tests.chaos.proxy import FaultProxy  # noqa: E402
-from tests.chaos.test_faults import FAILOVERS, failover_env, failover_fault  # noqa: E402
+from tests.chaos.test_faults import FAILOVERS, ORDERED, failover_env, failover_fault  # noqa: E402
 
 #: (name, title, fault, scenario arguments, Redis: an appendfsync policy for one node, or a shape)
 FAULTS: list[tuple[str, str, Fault, dict[str, Any], str]] = [
@@ -88,6 +88,20 @@ FAULTS: list[tuple[str, str, Fault, dict[str, Any], str]] = [
         "everysec",
     ),
     ("F6", "rebalance churn over three replicas", faults.f6_churn, {}, "everysec"),
+    (
+        "F2-key",
+        'kill -9 of a sidecar, delivery.ordering = "key", 100 Kafka keys',
+        faults.f2_kill_sidecar,
+        {"env": ORDERED, "entities": 100},
+        "everysec",
+    ),
+    (
+        "F6-key",
+        'rebalance churn, delivery.ordering = "key", 100 Kafka keys',
+        faults.f6_churn,
+        {"env": ORDERED, "entities": 100},
+        "everysec",
+    ),
     ("F7-always", "Redis kill -9, appendfsync always", faults.f7_kill_redis, {}, "always"),
     ("F7-everysec", "Redis kill -9, appendfsync everysec", faults.f7_kill_redis, {}, "everysec"),
     ("F7-none", "Redis kill -9, no persistence", faults.f7_kill_redis, {}, "no"),
@@ -213,7 +227,10 @@ def write(
     rows: dict[str, list[str]] = {}
     for title, figs in results:
         for f in figs:
-            row = "| " + " | ".join([f"{f.fault}: {title}", *f.row()[1:], f.attempts, f.notes]) + " |"
+            notes = f.notes
+            if f.order_violations is not None:
+                notes = f"{notes}; order violations: {f.order_violations}".lstrip("; ")
+            row = "| " + " | ".join([f"{f.fault}: {title}", *f.row()[1:], f.attempts, notes]) + " |"
             rows.setdefault(f.fault, []).append(row)
     if keep is not None:  # a partial run: the other faults keep the rows of the last full run
         ran = set(rows)
@@ -235,6 +252,11 @@ def write(
         "",
         "The F2-<point> rows kill the sidecar at exact points through test-only hooks "
         "(sidecar/testing_hooks.py), armed only by a hidden flag plus an environment variable.",
+        "",
+        'The F2-key and F6-key rows run with `delivery.ordering = "key"` and give every record one of 100 '
+        "Kafka keys. *Order violations* counts effects applied after an effect of a higher offset with the "
+        "same Kafka key (the first effect of each idempotency key; a naive app's repeat after a kill is the "
+        "dedup window, not an ordering fault).",
     ]
     path.write_text("\n".join(lines) + "\n")
 
@@ -254,7 +276,7 @@ def main() -> int:
         f
         for _, figs in results
         for f in figs
-        if f.lost or f.unexpected or (f.variant == "inbox" and f.duplicated)
+        if f.lost or f.unexpected or (f.variant == "inbox" and f.duplicated) or f.order_violations
     ]
     return 1 if bad else 0
 

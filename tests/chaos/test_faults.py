@@ -18,6 +18,7 @@ from tests.chaos.harness import Fault, Figures, run_scenario
 from tests.chaos.proxy import FaultProxy
 
 MESSAGES = 1500
+ORDERED = {"DEDUP_DELIVERY__ORDERING": "key"}
 
 SCENARIOS: list[tuple[str, Fault, dict[str, Any]]] = [
     ("F2", faults.f2_kill_sidecar, {}),
@@ -39,6 +40,9 @@ SCENARIOS: list[tuple[str, Fault, dict[str, Any]]] = [
     ("F4", faults.f4_zombie_sidecar, {}),
     ("F5", faults.f5_app_stall, {"app_args": ["--stall-every", "500", "--stall", "7"]}),
     ("F6", faults.f6_churn, {}),
+    # delivery.ordering = "key" under a kill -9 and under churn: 100 entities (Kafka keys).
+    ("F2-key", faults.f2_kill_sidecar, {"env": ORDERED, "entities": 100}),
+    ("F6-key", faults.f6_churn, {"env": ORDERED, "entities": 100}),
     ("F8", faults.f8_pause_redis, {}),
     ("F9", faults.f9_kill_broker, {}),
     ("F10", faults.f10_pause_broker, {}),
@@ -53,6 +57,7 @@ def assert_contract(figures: list[Figures]) -> None:
         assert f.unexpected == 0, f"{f.fault}/{f.variant}: {f.unexpected} effects for keys never sent"
         if f.variant == "inbox":
             assert f.duplicated == 0, f"{f.fault}/inbox: {f.duplicated} keys took effect twice"
+        assert not f.order_violations, f"{f.fault}/{f.variant}: {f.order_violations} effects out of key order"
         # Without Redis persistence the store forgets acks; without WAIT a failover may lose the
         # last done marks (reported, not failed: the window the WAIT setting closes).
         if not f.fault.endswith(("-no", "-nowait")):

@@ -10,7 +10,7 @@ import pytest
 from confluent_kafka import Message
 
 from sidecar import config
-from sidecar.engine import engine as engine_module
+from sidecar.engine import dispatch as engine_module
 from sidecar.engine.engine import AckOutcome, Engine
 from sidecar.engine.identity import store_key
 from sidecar.errors import StoreUnavailable
@@ -222,7 +222,7 @@ async def test_a_claim_won_for_a_revoked_partition_is_handed_back(
         await gate.wait()
         return await real_claim(keys, owner, lease_ms, mode)
 
-    eng.store.claim = slow_claim  # type: ignore[method-assign]
+    eng.core.store.claim = slow_claim  # type: ignore[method-assign]
     eng.on_records([msg(0, 0, "orphan")])
     await asyncio.sleep(0.05)
     await eng.on_revoked([(T, 0)], lost=False)
@@ -259,7 +259,7 @@ async def test_a_record_that_waited_past_its_lease_is_still_its_first_attempt(
     # The app is slower than the sidecar claims ahead: a record waits in the ready queue until
     # its lease ran out. Handing it out renews the claim; nobody was sent it, so attempt stays 1.
     eng, _ = engine
-    eng._lease_ms = 100  # leases far shorter than the queueing below
+    eng.core.lease_ms = 100  # leases far shorter than the queueing below
     await intake(eng, msg(0, 0, "slow-0"), msg(0, 1, "slow-1"))
     await asyncio.sleep(0.2)  # both leases have expired while the records wait
     s = eng.attach([T], 10, 0, 10)
@@ -282,7 +282,7 @@ async def test_claims_gather_while_one_is_in_flight(engine: tuple[Engine, FakeCo
         await gate.wait()
         return await real_claim(keys, owner, lease_ms, mode)
 
-    eng.store.claim = gated_claim  # type: ignore[method-assign]
+    eng.core.store.claim = gated_claim  # type: ignore[method-assign]
     eng.on_records([msg(0, 0, "g0")])
     await asyncio.sleep(0.05)
     for o in range(1, 4):
@@ -321,7 +321,7 @@ async def test_commit_metadata_skips_settled_after_reassign(engine: tuple[Engine
 async def waiting_past_their_leases(eng: Engine, *keys: str) -> asyncio.Event:
     """Take in records with ``keys`` (partition 0) and let their leases run out while they wait,
     so handing them out renews the claims; the renewals then wait for the returned event."""
-    eng._lease_ms = 100
+    eng.core.lease_ms = 100
     await intake(eng, *(msg(0, o, k) for o, k in enumerate(keys)))
     await asyncio.sleep(0.2)
     gate = asyncio.Event()
@@ -334,7 +334,7 @@ async def waiting_past_their_leases(eng: Engine, *keys: str) -> asyncio.Event:
             await gate.wait()
         return await real_claim(keys, owner, lease_ms, mode)
 
-    eng.store.claim = gated_claim  # type: ignore[method-assign]
+    eng.core.store.claim = gated_claim  # type: ignore[method-assign]
     return gate
 
 
@@ -394,7 +394,7 @@ async def test_an_unexpected_claim_failure_retries_the_records_later(
             raise failures.pop()
         return await real_claim(keys, owner, lease_ms, mode)
 
-    eng.store.claim = flaky_claim  # type: ignore[method-assign]
+    eng.core.store.claim = flaky_claim  # type: ignore[method-assign]
     await intake(eng, msg(0, 0, "u0"))
     s = eng.attach([T], 10, 0, 10)
     assert [(p.idem_key, p.attempt) for p in await take(eng, s, 1)] == [("u0", 1)]
@@ -408,7 +408,7 @@ async def test_a_partition_that_stops_committing_is_reported_once(
     # stall naming that record, and a gauge; progress clears both.
     eng, _ = engine
     now = [1000.0]
-    eng._clock = lambda: now[0]
+    eng.core.clock = lambda: now[0]
     await intake(eng, msg(0, 0, "held"), msg(0, 1, "next"))
     s = eng.attach([T], 10, 0, 10)
     got = await take(eng, s, 2)
@@ -435,10 +435,10 @@ async def expired_at(eng: Engine, s: Any, *keys: str) -> list[Any]:
     """Deliver records with ``keys`` (partition 0) on ``s`` and let their ack deadlines pass, so
     ``s`` holds their expired copies (for up to one more deadline, set long here). Returns the
     records in key order."""
-    eng._deadline_s = 0.1
+    eng.core.deadline_s = 0.1
     await intake(eng, *(msg(0, o, k) for o, k in enumerate(keys)))
     got = await take(eng, s, len(keys))
-    eng._deadline_s = 30
+    eng.core.deadline_s = 30
     await asyncio.sleep(0.3)
     return sorted(got, key=lambda p: p.idem_key)
 
@@ -491,7 +491,7 @@ async def test_a_redelivery_goes_ahead_of_the_backlog(engine: tuple[Engine, Fake
     # Records claimed at intake can queue by the thousand. A record whose deadline passed holds
     # its partition's commits back until it settles, so it goes to the front, not the back.
     eng, _ = engine
-    eng._deadline_s = 0.1
+    eng.core.deadline_s = 0.1
     await intake(eng, *(msg(0, o, f"b{o}") for o in range(4)))
     first = eng.attach([T], 1, 0, 1)
     assert [p.idem_key for p in await take(eng, first, 1)] == ["b0"]
@@ -506,7 +506,7 @@ async def test_an_expired_copy_gives_its_credit_back_after_one_more_deadline(
     # An app that lost a copy (or never answers it) must not starve: the copy holds its credit
     # for one more ack deadline at most, then the record may come to that stream again.
     eng, _ = engine
-    eng._deadline_s = 0.2
+    eng.core.deadline_s = 0.2
     await intake(eng, msg(0, 0, "lost"))
     s = eng.attach([T], 1, 0, 1)
     await take(eng, s, 1)
@@ -523,7 +523,7 @@ async def test_a_copy_whose_ack_failed_does_not_hold_credit_past_its_deadline(
     # will not answer that copy again. Held as an expired copy, it would hold the stream's credit
     # and keep its own redelivery away from the stream (records never delivered).
     eng, _ = engine
-    eng._deadline_s = 0.2
+    eng.core.deadline_s = 0.2
     await intake(eng, msg(0, 0, "down"))
     s = eng.attach([T], 1, 0, 1)
     [p] = await take(eng, s, 1)
@@ -532,10 +532,10 @@ async def test_a_copy_whose_ack_failed_does_not_hold_credit_past_its_deadline(
     async def failing_complete(*args: Any) -> Any:
         raise StoreUnavailable("Redis dedup store unreachable (test)")
 
-    eng.store.complete = failing_complete  # type: ignore[method-assign,assignment]
+    eng.core.store.complete = failing_complete  # type: ignore[method-assign,assignment]
     with pytest.raises(StoreUnavailable):
         await eng.ack([p.delivery_ids[-1]])
-    eng.store.complete = real_complete  # type: ignore[method-assign]
+    eng.core.store.complete = real_complete  # type: ignore[method-assign]
     await asyncio.sleep(0.25)  # past the deadline
     assert s.outstanding <= 1
     [again] = await asyncio.wait_for(eng.next_frame(s), 0.15)  # at once, not a deadline later
@@ -549,9 +549,9 @@ async def test_a_lease_runs_from_when_the_store_was_asked(engine: tuple[Engine, 
     # another sidecar take over, and delivered a key after that sidecar's Ack had returned OK.
     eng, _ = engine
     now, store_now = [1000.0], [1_000_000]
-    eng._clock = lambda: now[0]
-    eng.store = MemoryStore(clock=lambda: store_now[0])
-    eng._deadline_s, eng._lease_ms = 5, 6000
+    eng.core.clock = lambda: now[0]
+    eng.core.store = MemoryStore(clock=lambda: store_now[0])
+    eng.core.deadline_s, eng.core.lease_ms = 5, 6000
     real_claim = eng.store.claim
     gate = asyncio.Event()
 
@@ -563,7 +563,7 @@ async def test_a_lease_runs_from_when_the_store_was_asked(engine: tuple[Engine, 
             await gate.wait()  # SIGSTOP: the store has answered, the sidecar has not read it
         return answer
 
-    eng.store.claim = paused_before_reading  # type: ignore[method-assign]
+    eng.core.store.claim = paused_before_reading  # type: ignore[method-assign]
     eng.on_records([msg(0, 0, "z")])
     await asyncio.sleep(0.05)
     now[0] += 10
@@ -577,7 +577,7 @@ async def test_a_lease_runs_from_when_the_store_was_asked(engine: tuple[Engine, 
     s = eng.attach([T], 10, 0, 10)
     with pytest.raises(TimeoutError):
         await asyncio.wait_for(eng.next_frame(s), 0.3)  # renewing the lease finds it done
-    assert not eng._partitions[(T, 0)].pending  # settled as a duplicate, never delivered
+    assert not eng.core.partitions[(T, 0)].pending  # settled as a duplicate, never delivered
 
 
 async def claimed_by_the_next_owner(eng: Engine, key: str) -> tuple[str, int]:
@@ -594,7 +594,7 @@ async def test_a_redelivery_is_counted_in_the_store(
     # stream broke after the app may have applied it). If this sidecar then dies, the sidecar
     # that takes the key over must say 3: the store counts the redelivery, not only this engine.
     eng, _ = engine
-    eng._lease_ms = 300
+    eng.core.lease_ms = 300
     first = eng.attach([T], 1, 0, 1)
     if ended_by == "deadline":
         await expired_at(eng, first, "r")

@@ -8,17 +8,23 @@ from hypothesis import strategies as st
 
 from sidecar._proto import dedup_pb2 as pb
 from sidecar.api.frames import encode_frame, encode_publish_results
-from sidecar.engine.records import Pending
+from sidecar.engine.records import Origin, Pending
 
 text = st.text(max_size=40)
 int64 = st.integers(min_value=0, max_value=2**63 - 1)
 headers = st.lists(st.tuples(text, st.one_of(st.none(), st.binary(max_size=30))), max_size=4)
 
 
+partitions = st.integers(min_value=-1, max_value=2**31 - 1)
+
+
 @st.composite
 def pendings(draw: st.DrawFn) -> Pending:
+    tp = (draw(text), draw(partitions))
+    # A record read from a retry topic shows its source coordinates.
+    origin = draw(st.one_of(st.none(), st.builds(Origin, text, partitions, int64)))
     p = Pending(
-        (draw(text), draw(st.integers(min_value=-1, max_value=2**31 - 1))),
+        tp,
         draw(int64),
         1,
         draw(st.one_of(st.none(), text)),
@@ -27,6 +33,8 @@ def pendings(draw: st.DrawFn) -> Pending:
         draw(st.binary(max_size=20_000)),
         draw(headers),
         draw(int64),
+        origin.topic if origin else tp[0],
+        origin=origin,
     )
     p.attempt = draw(st.integers(min_value=0, max_value=2**31 - 1))
     p.delivery_ids.append(f"{draw(st.integers(0, 2**32 - 1)):08x}.{draw(int64)}")
@@ -37,9 +45,9 @@ def expected(p: Pending, deadline_ms: int) -> pb.Delivery:
     d = pb.Delivery(
         delivery_id=p.delivery_ids[-1],
         idempotency_key=p.idem_key or "",
-        topic=p.tp[0],
-        partition=p.tp[1],
-        offset=p.offset,
+        topic=p.coordinates()[0],
+        partition=p.coordinates()[1],
+        offset=p.coordinates()[2],
         value=p.value,
         headers=[pb.Header(key=k, value=v or b"") for k, v in p.headers],
         timestamp_ms=p.timestamp_ms,
@@ -61,7 +69,9 @@ def test_frames_parse_as_the_generated_messages(batch: list[Pending], deadline_m
 
 
 def test_frames_are_byte_for_byte_what_the_runtime_writes_for_a_typical_record() -> None:
-    p = Pending(("orders", 3), 12345, 1, "k-1", "", b"key", b"x" * 1024, [("idempotency-key", b"k-1")], 17)
+    p = Pending(
+        ("orders", 3), 12345, 1, "k-1", "", b"key", b"x" * 1024, [("idempotency-key", b"k-1")], 17, "orders"
+    )
     p.attempt = 2
     p.delivery_ids.append("0a1b2c3d.99")
     want = pb.SubscribeResponse(deliveries=[expected(p, 1_795_741_851_013)]).SerializeToString()

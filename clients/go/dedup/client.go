@@ -127,6 +127,9 @@ type SubscribeOptions struct {
 	MaxInFlightBytes int64
 	// MaxBatch is the most deliveries in one frame.
 	MaxBatch int32
+	// Ordering narrows the sidecar's delivery.ordering for these topics
+	// (dedupv1.Ordering_ORDERING_KEY or ORDERING_PARTITION); unspecified keeps the sidecar's.
+	Ordering dedupv1.Ordering
 }
 
 // Stream is an open Subscribe call.
@@ -145,6 +148,7 @@ func (c *Client) Subscribe(ctx context.Context, o SubscribeOptions) (*Stream, er
 		MaxInFlight:      o.MaxInFlight,
 		MaxInFlightBytes: o.MaxInFlightBytes,
 		MaxBatch:         o.MaxBatch,
+		Ordering:         o.Ordering,
 	})
 	if err != nil {
 		cancel()

@@ -34,6 +34,64 @@ const (
 	_ = protoimpl.EnforceVersion(protoimpl.MaxVersion - 20)
 )
 
+type Ordering int32
+
+const (
+	// The sidecar's `delivery.ordering`.
+	Ordering_ORDERING_UNSPECIFIED Ordering = 0
+	// Every record may be in flight at once; acks land in any order.
+	Ordering_ORDERING_UNORDERED Ordering = 1
+	// A record is not delivered while an earlier record of its partition with the same Kafka key is
+	// unsettled (in flight, waiting out a Nack delay, or held by another sidecar's lease). Records
+	// without a key are not ordered.
+	Ordering_ORDERING_KEY Ordering = 2
+	// One unsettled record per partition at a time, in offset order.
+	Ordering_ORDERING_PARTITION Ordering = 3
+)
+
+// Enum value maps for Ordering.
+var (
+	Ordering_name = map[int32]string{
+		0: "ORDERING_UNSPECIFIED",
+		1: "ORDERING_UNORDERED",
+		2: "ORDERING_KEY",
+		3: "ORDERING_PARTITION",
+	}
+	Ordering_value = map[string]int32{
+		"ORDERING_UNSPECIFIED": 0,
+		"ORDERING_UNORDERED":   1,
+		"ORDERING_KEY":         2,
+		"ORDERING_PARTITION":   3,
+	}
+)
+
+func (x Ordering) Enum() *Ordering {
+	p := new(Ordering)
+	*p = x
+	return p
+}
+
+func (x Ordering) String() string {
+	return protoimpl.X.EnumStringOf(x.Descriptor(), protoreflect.EnumNumber(x))
+}
+
+func (Ordering) Descriptor() protoreflect.EnumDescriptor {
+	return file_dedup_v1_dedup_proto_enumTypes[0].Descriptor()
+}
+
+func (Ordering) Type() protoreflect.EnumType {
+	return &file_dedup_v1_dedup_proto_enumTypes[0]
+}
+
+func (x Ordering) Number() protoreflect.EnumNumber {
+	return protoreflect.EnumNumber(x)
+}
+
+// Deprecated: Use Ordering.Descriptor instead.
+func (Ordering) EnumDescriptor() ([]byte, []int) {
+	return file_dedup_v1_dedup_proto_rawDescGZIP(), []int{0}
+}
+
 type AckResult int32
 
 const (
@@ -80,11 +138,11 @@ func (x AckResult) String() string {
 }
 
 func (AckResult) Descriptor() protoreflect.EnumDescriptor {
-	return file_dedup_v1_dedup_proto_enumTypes[0].Descriptor()
+	return file_dedup_v1_dedup_proto_enumTypes[1].Descriptor()
 }
 
 func (AckResult) Type() protoreflect.EnumType {
-	return &file_dedup_v1_dedup_proto_enumTypes[0]
+	return &file_dedup_v1_dedup_proto_enumTypes[1]
 }
 
 func (x AckResult) Number() protoreflect.EnumNumber {
@@ -93,7 +151,7 @@ func (x AckResult) Number() protoreflect.EnumNumber {
 
 // Deprecated: Use AckResult.Descriptor instead.
 func (AckResult) EnumDescriptor() ([]byte, []int) {
-	return file_dedup_v1_dedup_proto_rawDescGZIP(), []int{0}
+	return file_dedup_v1_dedup_proto_rawDescGZIP(), []int{1}
 }
 
 type SubscribeRequest struct {
@@ -106,7 +164,11 @@ type SubscribeRequest struct {
 	// record larger than this is still delivered when nothing else is outstanding.
 	MaxInFlightBytes int64 `protobuf:"varint,3,opt,name=max_in_flight_bytes,json=maxInFlightBytes,proto3" json:"max_in_flight_bytes,omitempty"`
 	// Most deliveries per response frame. 0 means the sidecar default (500).
-	MaxBatch      int32 `protobuf:"varint,4,opt,name=max_batch,json=maxBatch,proto3" json:"max_batch,omitempty"`
+	MaxBatch int32 `protobuf:"varint,4,opt,name=max_batch,json=maxBatch,proto3" json:"max_batch,omitempty"`
+	// The ordering this stream needs for its topics. Unspecified means the sidecar's
+	// `delivery.ordering`. A stream may narrow it (unordered < key < partition), never widen it; the
+	// narrowest ordering any open stream asks for a topic applies to all of that topic's records.
+	Ordering      Ordering `protobuf:"varint,5,opt,name=ordering,proto3,enum=dedup.v1.Ordering" json:"ordering,omitempty"`
 	unknownFields protoimpl.UnknownFields
 	sizeCache     protoimpl.SizeCache
 }
@@ -167,6 +229,13 @@ func (x *SubscribeRequest) GetMaxBatch() int32 {
 		return x.MaxBatch
 	}
 	return 0
+}
+
+func (x *SubscribeRequest) GetOrdering() Ordering {
+	if x != nil {
+		return x.Ordering
+	}
+	return Ordering_ORDERING_UNSPECIFIED
 }
 
 type SubscribeResponse struct {
@@ -1020,12 +1089,13 @@ var File_dedup_v1_dedup_proto protoreflect.FileDescriptor
 
 const file_dedup_v1_dedup_proto_rawDesc = "" +
 	"\n" +
-	"\x14dedup/v1/dedup.proto\x12\bdedup.v1\"\x9a\x01\n" +
+	"\x14dedup/v1/dedup.proto\x12\bdedup.v1\"\xca\x01\n" +
 	"\x10SubscribeRequest\x12\x16\n" +
 	"\x06topics\x18\x01 \x03(\tR\x06topics\x12\"\n" +
 	"\rmax_in_flight\x18\x02 \x01(\x05R\vmaxInFlight\x12-\n" +
 	"\x13max_in_flight_bytes\x18\x03 \x01(\x03R\x10maxInFlightBytes\x12\x1b\n" +
-	"\tmax_batch\x18\x04 \x01(\x05R\bmaxBatch\"G\n" +
+	"\tmax_batch\x18\x04 \x01(\x05R\bmaxBatch\x12.\n" +
+	"\bordering\x18\x05 \x01(\x0e2\x12.dedup.v1.OrderingR\bordering\"G\n" +
 	"\x11SubscribeResponse\x122\n" +
 	"\n" +
 	"deliveries\x18\x01 \x03(\v2\x12.dedup.v1.DeliveryR\n" +
@@ -1091,7 +1161,12 @@ const file_dedup_v1_dedup_proto_rawDesc = "" +
 	"\amessage\x18\x02 \x01(\tR\amessage\x125\n" +
 	"\bresponse\x18\x03 \x01(\v2\x19.dedup.v1.PublishResponseR\bresponse\"N\n" +
 	"\x14PublishBatchResponse\x126\n" +
-	"\aresults\x18\x01 \x03(\v2\x1c.dedup.v1.PublishBatchResultR\aresults*\x86\x01\n" +
+	"\aresults\x18\x01 \x03(\v2\x1c.dedup.v1.PublishBatchResultR\aresults*f\n" +
+	"\bOrdering\x12\x18\n" +
+	"\x14ORDERING_UNSPECIFIED\x10\x00\x12\x16\n" +
+	"\x12ORDERING_UNORDERED\x10\x01\x12\x10\n" +
+	"\fORDERING_KEY\x10\x02\x12\x16\n" +
+	"\x12ORDERING_PARTITION\x10\x03*\x86\x01\n" +
 	"\tAckResult\x12\x1a\n" +
 	"\x16ACK_RESULT_UNSPECIFIED\x10\x00\x12\x11\n" +
 	"\rACK_RESULT_OK\x10\x01\x12\x14\n" +
@@ -1119,53 +1194,55 @@ func file_dedup_v1_dedup_proto_rawDescGZIP() []byte {
 	return file_dedup_v1_dedup_proto_rawDescData
 }
 
-var file_dedup_v1_dedup_proto_enumTypes = make([]protoimpl.EnumInfo, 1)
+var file_dedup_v1_dedup_proto_enumTypes = make([]protoimpl.EnumInfo, 2)
 var file_dedup_v1_dedup_proto_msgTypes = make([]protoimpl.MessageInfo, 15)
 var file_dedup_v1_dedup_proto_goTypes = []any{
-	(AckResult)(0),                 // 0: dedup.v1.AckResult
-	(*SubscribeRequest)(nil),       // 1: dedup.v1.SubscribeRequest
-	(*SubscribeResponse)(nil),      // 2: dedup.v1.SubscribeResponse
-	(*Header)(nil),                 // 3: dedup.v1.Header
-	(*Delivery)(nil),               // 4: dedup.v1.Delivery
-	(*AckRequest)(nil),             // 5: dedup.v1.AckRequest
-	(*AckResponse)(nil),            // 6: dedup.v1.AckResponse
-	(*NackRequest)(nil),            // 7: dedup.v1.NackRequest
-	(*NackResponse)(nil),           // 8: dedup.v1.NackResponse
-	(*ExtendDeadlineRequest)(nil),  // 9: dedup.v1.ExtendDeadlineRequest
-	(*ExtendDeadlineResponse)(nil), // 10: dedup.v1.ExtendDeadlineResponse
-	(*PublishRequest)(nil),         // 11: dedup.v1.PublishRequest
-	(*PublishResponse)(nil),        // 12: dedup.v1.PublishResponse
-	(*PublishBatchRequest)(nil),    // 13: dedup.v1.PublishBatchRequest
-	(*PublishBatchResult)(nil),     // 14: dedup.v1.PublishBatchResult
-	(*PublishBatchResponse)(nil),   // 15: dedup.v1.PublishBatchResponse
+	(Ordering)(0),                  // 0: dedup.v1.Ordering
+	(AckResult)(0),                 // 1: dedup.v1.AckResult
+	(*SubscribeRequest)(nil),       // 2: dedup.v1.SubscribeRequest
+	(*SubscribeResponse)(nil),      // 3: dedup.v1.SubscribeResponse
+	(*Header)(nil),                 // 4: dedup.v1.Header
+	(*Delivery)(nil),               // 5: dedup.v1.Delivery
+	(*AckRequest)(nil),             // 6: dedup.v1.AckRequest
+	(*AckResponse)(nil),            // 7: dedup.v1.AckResponse
+	(*NackRequest)(nil),            // 8: dedup.v1.NackRequest
+	(*NackResponse)(nil),           // 9: dedup.v1.NackResponse
+	(*ExtendDeadlineRequest)(nil),  // 10: dedup.v1.ExtendDeadlineRequest
+	(*ExtendDeadlineResponse)(nil), // 11: dedup.v1.ExtendDeadlineResponse
+	(*PublishRequest)(nil),         // 12: dedup.v1.PublishRequest
+	(*PublishResponse)(nil),        // 13: dedup.v1.PublishResponse
+	(*PublishBatchRequest)(nil),    // 14: dedup.v1.PublishBatchRequest
+	(*PublishBatchResult)(nil),     // 15: dedup.v1.PublishBatchResult
+	(*PublishBatchResponse)(nil),   // 16: dedup.v1.PublishBatchResponse
 }
 var file_dedup_v1_dedup_proto_depIdxs = []int32{
-	4,  // 0: dedup.v1.SubscribeResponse.deliveries:type_name -> dedup.v1.Delivery
-	3,  // 1: dedup.v1.Delivery.headers:type_name -> dedup.v1.Header
-	0,  // 2: dedup.v1.AckResponse.results:type_name -> dedup.v1.AckResult
-	0,  // 3: dedup.v1.NackResponse.results:type_name -> dedup.v1.AckResult
-	0,  // 4: dedup.v1.ExtendDeadlineResponse.results:type_name -> dedup.v1.AckResult
-	3,  // 5: dedup.v1.PublishRequest.headers:type_name -> dedup.v1.Header
-	11, // 6: dedup.v1.PublishBatchRequest.entries:type_name -> dedup.v1.PublishRequest
-	12, // 7: dedup.v1.PublishBatchResult.response:type_name -> dedup.v1.PublishResponse
-	14, // 8: dedup.v1.PublishBatchResponse.results:type_name -> dedup.v1.PublishBatchResult
-	1,  // 9: dedup.v1.DedupService.Subscribe:input_type -> dedup.v1.SubscribeRequest
-	5,  // 10: dedup.v1.DedupService.Ack:input_type -> dedup.v1.AckRequest
-	7,  // 11: dedup.v1.DedupService.Nack:input_type -> dedup.v1.NackRequest
-	9,  // 12: dedup.v1.DedupService.ExtendDeadline:input_type -> dedup.v1.ExtendDeadlineRequest
-	11, // 13: dedup.v1.DedupService.Publish:input_type -> dedup.v1.PublishRequest
-	13, // 14: dedup.v1.DedupService.PublishBatch:input_type -> dedup.v1.PublishBatchRequest
-	2,  // 15: dedup.v1.DedupService.Subscribe:output_type -> dedup.v1.SubscribeResponse
-	6,  // 16: dedup.v1.DedupService.Ack:output_type -> dedup.v1.AckResponse
-	8,  // 17: dedup.v1.DedupService.Nack:output_type -> dedup.v1.NackResponse
-	10, // 18: dedup.v1.DedupService.ExtendDeadline:output_type -> dedup.v1.ExtendDeadlineResponse
-	12, // 19: dedup.v1.DedupService.Publish:output_type -> dedup.v1.PublishResponse
-	15, // 20: dedup.v1.DedupService.PublishBatch:output_type -> dedup.v1.PublishBatchResponse
-	15, // [15:21] is the sub-list for method output_type
-	9,  // [9:15] is the sub-list for method input_type
-	9,  // [9:9] is the sub-list for extension type_name
-	9,  // [9:9] is the sub-list for extension extendee
-	0,  // [0:9] is the sub-list for field type_name
+	0,  // 0: dedup.v1.SubscribeRequest.ordering:type_name -> dedup.v1.Ordering
+	5,  // 1: dedup.v1.SubscribeResponse.deliveries:type_name -> dedup.v1.Delivery
+	4,  // 2: dedup.v1.Delivery.headers:type_name -> dedup.v1.Header
+	1,  // 3: dedup.v1.AckResponse.results:type_name -> dedup.v1.AckResult
+	1,  // 4: dedup.v1.NackResponse.results:type_name -> dedup.v1.AckResult
+	1,  // 5: dedup.v1.ExtendDeadlineResponse.results:type_name -> dedup.v1.AckResult
+	4,  // 6: dedup.v1.PublishRequest.headers:type_name -> dedup.v1.Header
+	12, // 7: dedup.v1.PublishBatchRequest.entries:type_name -> dedup.v1.PublishRequest
+	13, // 8: dedup.v1.PublishBatchResult.response:type_name -> dedup.v1.PublishResponse
+	15, // 9: dedup.v1.PublishBatchResponse.results:type_name -> dedup.v1.PublishBatchResult
+	2,  // 10: dedup.v1.DedupService.Subscribe:input_type -> dedup.v1.SubscribeRequest
+	6,  // 11: dedup.v1.DedupService.Ack:input_type -> dedup.v1.AckRequest
+	8,  // 12: dedup.v1.DedupService.Nack:input_type -> dedup.v1.NackRequest
+	10, // 13: dedup.v1.DedupService.ExtendDeadline:input_type -> dedup.v1.ExtendDeadlineRequest
+	12, // 14: dedup.v1.DedupService.Publish:input_type -> dedup.v1.PublishRequest
+	14, // 15: dedup.v1.DedupService.PublishBatch:input_type -> dedup.v1.PublishBatchRequest
+	3,  // 16: dedup.v1.DedupService.Subscribe:output_type -> dedup.v1.SubscribeResponse
+	7,  // 17: dedup.v1.DedupService.Ack:output_type -> dedup.v1.AckResponse
+	9,  // 18: dedup.v1.DedupService.Nack:output_type -> dedup.v1.NackResponse
+	11, // 19: dedup.v1.DedupService.ExtendDeadline:output_type -> dedup.v1.ExtendDeadlineResponse
+	13, // 20: dedup.v1.DedupService.Publish:output_type -> dedup.v1.PublishResponse
+	16, // 21: dedup.v1.DedupService.PublishBatch:output_type -> dedup.v1.PublishBatchResponse
+	16, // [16:22] is the sub-list for method output_type
+	10, // [10:16] is the sub-list for method input_type
+	10, // [10:10] is the sub-list for extension type_name
+	10, // [10:10] is the sub-list for extension extendee
+	0,  // [0:10] is the sub-list for field type_name
 }
 
 func init() { file_dedup_v1_dedup_proto_init() }
@@ -1181,7 +1258,7 @@ func file_dedup_v1_dedup_proto_init() {
 		File: protoimpl.DescBuilder{
 			GoPackagePath: reflect.TypeOf(x{}).PkgPath(),
 			RawDescriptor: unsafe.Slice(unsafe.StringData(file_dedup_v1_dedup_proto_rawDesc), len(file_dedup_v1_dedup_proto_rawDesc)),
-			NumEnums:      1,
+			NumEnums:      2,
 			NumMessages:   15,
 			NumExtensions: 0,
 			NumServices:   1,

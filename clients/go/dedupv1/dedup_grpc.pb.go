@@ -55,8 +55,8 @@ type DedupServiceClient interface {
 	//
 	// Status codes:
 	//
-	//	INVALID_ARGUMENT   a topic in `topics` is not one the sidecar consumes (`kafka.topics`), or a
-	//	                   negative limit.
+	//	INVALID_ARGUMENT   a topic in `topics` is not one the sidecar consumes (`kafka.topics`), a
+	//	                   negative limit, or an `ordering` weaker than `delivery.ordering`.
 	//	RESOURCE_EXHAUSTED more than `server.max_streams` streams are open.
 	//	UNAVAILABLE        the sidecar is shutting down; the stream ends with this status.
 	Subscribe(ctx context.Context, in *SubscribeRequest, opts ...grpc.CallOption) (grpc.ServerStreamingClient[SubscribeResponse], error)
@@ -74,6 +74,9 @@ type DedupServiceClient interface {
 	// Nack gives deliveries back. Each is redelivered after `delay` (or the sidecar's exponential
 	// backoff when `delay` is unset). Past `delivery.max_attempts`, or with `dead_letter` set, the
 	// record is written to the dead-letter topic and settled once Kafka acknowledged that write.
+	// With `delivery.retry_tiers_seconds` set, a delay of at least the first tier moves the record
+	// to a retry topic (its source offset then commits) and it is delivered again from there, with
+	// its source topic, partition, offset and idempotency key, once the delay is over.
 	//
 	// Status codes: as for Ack.
 	Nack(ctx context.Context, in *NackRequest, opts ...grpc.CallOption) (*NackResponse, error)
@@ -206,8 +209,8 @@ type DedupServiceServer interface {
 	//
 	// Status codes:
 	//
-	//	INVALID_ARGUMENT   a topic in `topics` is not one the sidecar consumes (`kafka.topics`), or a
-	//	                   negative limit.
+	//	INVALID_ARGUMENT   a topic in `topics` is not one the sidecar consumes (`kafka.topics`), a
+	//	                   negative limit, or an `ordering` weaker than `delivery.ordering`.
 	//	RESOURCE_EXHAUSTED more than `server.max_streams` streams are open.
 	//	UNAVAILABLE        the sidecar is shutting down; the stream ends with this status.
 	Subscribe(*SubscribeRequest, grpc.ServerStreamingServer[SubscribeResponse]) error
@@ -225,6 +228,9 @@ type DedupServiceServer interface {
 	// Nack gives deliveries back. Each is redelivered after `delay` (or the sidecar's exponential
 	// backoff when `delay` is unset). Past `delivery.max_attempts`, or with `dead_letter` set, the
 	// record is written to the dead-letter topic and settled once Kafka acknowledged that write.
+	// With `delivery.retry_tiers_seconds` set, a delay of at least the first tier moves the record
+	// to a retry topic (its source offset then commits) and it is delivered again from there, with
+	// its source topic, partition, offset and idempotency key, once the delay is over.
 	//
 	// Status codes: as for Ack.
 	Nack(context.Context, *NackRequest) (*NackResponse, error)

@@ -156,6 +156,8 @@ export class Message {
  * @property {number} [maxInFlight] most un-acked deliveries on the stream; 0: the sidecar's default
  * @property {number} [maxInFlightBytes] most un-acked payload bytes on the stream; 0: the default
  * @property {number} [maxBatch] most deliveries per frame; 0: the default
+ * @property {"unordered"|"key"|"partition"} [ordering] narrows the sidecar's delivery.ordering for
+ *   these topics; unset: the sidecar's
  *
  * @typedef {object} ClientOptions
  * @property {string} [token] sent as "authorization: Bearer <token>" (server.auth_token)
@@ -273,6 +275,7 @@ export class DedupClient {
         maxInFlight: options.maxInFlight ?? 0,
         maxInFlightBytes: options.maxInFlightBytes ?? 0,
         maxBatch: options.maxBatch ?? 0,
+        ordering: options.ordering ? `ORDERING_${options.ordering.toUpperCase()}` : "ORDERING_UNSPECIFIED",
       },
       this.metadata,
     );

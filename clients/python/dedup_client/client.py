@@ -183,6 +183,13 @@ class Message:
         await self._client.nack([self.delivery_id], delay_seconds, dead_letter, reason)
 
 
+_ORDERINGS = {
+    "unordered": pb.ORDERING_UNORDERED,
+    "key": pb.ORDERING_KEY,
+    "partition": pb.ORDERING_PARTITION,
+}
+
+
 class DedupClient:
     """Parameters:
     target: the sidecar's address, ``host:port``.
@@ -238,9 +245,13 @@ class DedupClient:
         max_in_flight: int = 0,
         max_in_flight_bytes: int = 0,
         max_batch: int = 0,
+        ordering: str = "",
     ) -> AsyncGenerator[Message, None]:
-        """Yield messages until the stream ends. Un-acked messages are redelivered if it closes."""
-        frames = self.frames(topics, max_in_flight, max_in_flight_bytes, max_batch)
+        """Yield messages until the stream ends. Un-acked messages are redelivered if it closes.
+
+        ``ordering``: "unordered", "key" or "partition" to narrow the sidecar's
+        ``delivery.ordering`` for these topics; "" keeps the sidecar's."""
+        frames = self.frames(topics, max_in_flight, max_in_flight_bytes, max_batch, ordering)
         try:
             async for frame in frames:
                 for msg in frame:
@@ -254,13 +265,17 @@ class DedupClient:
         max_in_flight: int = 0,
         max_in_flight_bytes: int = 0,
         max_batch: int = 0,
+        ordering: str = "",
     ) -> AsyncGenerator[list[Message], None]:
         """Like :meth:`subscribe`, a whole frame at a time (for batch processing)."""
+        if ordering and ordering not in _ORDERINGS:
+            raise ValueError(f"ordering must be one of {sorted(_ORDERINGS)}, not {ordering!r}")
         request = pb.SubscribeRequest(
             topics=list(topics),
             max_in_flight=max_in_flight,
             max_in_flight_bytes=max_in_flight_bytes,
             max_batch=max_batch,
+            ordering=_ORDERINGS.get(ordering, pb.ORDERING_UNSPECIFIED),
         )
         call = self.stub.Subscribe(request, metadata=self._metadata)
         try:

@@ -55,8 +55,8 @@ class DedupServiceStub:
     When the stream closes, its un-acked deliveries are redelivered (with `attempt` + 1) at once.
 
     Status codes:
-      INVALID_ARGUMENT   a topic in `topics` is not one the sidecar consumes (`kafka.topics`), or a
-                         negative limit.
+      INVALID_ARGUMENT   a topic in `topics` is not one the sidecar consumes (`kafka.topics`), a
+                         negative limit, or an `ordering` weaker than `delivery.ordering`.
       RESOURCE_EXHAUSTED more than `server.max_streams` streams are open.
       UNAVAILABLE        the sidecar is shutting down; the stream ends with this status.
     """
@@ -75,6 +75,9 @@ class DedupServiceStub:
     """Nack gives deliveries back. Each is redelivered after `delay` (or the sidecar's exponential
     backoff when `delay` is unset). Past `delivery.max_attempts`, or with `dead_letter` set, the
     record is written to the dead-letter topic and settled once Kafka acknowledged that write.
+    With `delivery.retry_tiers_seconds` set, a delay of at least the first tier moves the record
+    to a retry topic (its source offset then commits) and it is delivered again from there, with
+    its source topic, partition, offset and idempotency key, once the delay is over.
 
     Status codes: as for Ack.
     """
@@ -128,8 +131,8 @@ class DedupServiceAsyncStub(DedupServiceStub):
     When the stream closes, its un-acked deliveries are redelivered (with `attempt` + 1) at once.
 
     Status codes:
-      INVALID_ARGUMENT   a topic in `topics` is not one the sidecar consumes (`kafka.topics`), or a
-                         negative limit.
+      INVALID_ARGUMENT   a topic in `topics` is not one the sidecar consumes (`kafka.topics`), a
+                         negative limit, or an `ordering` weaker than `delivery.ordering`.
       RESOURCE_EXHAUSTED more than `server.max_streams` streams are open.
       UNAVAILABLE        the sidecar is shutting down; the stream ends with this status.
     """
@@ -148,6 +151,9 @@ class DedupServiceAsyncStub(DedupServiceStub):
     """Nack gives deliveries back. Each is redelivered after `delay` (or the sidecar's exponential
     backoff when `delay` is unset). Past `delivery.max_attempts`, or with `dead_letter` set, the
     record is written to the dead-letter topic and settled once Kafka acknowledged that write.
+    With `delivery.retry_tiers_seconds` set, a delay of at least the first tier moves the record
+    to a retry topic (its source offset then commits) and it is delivered again from there, with
+    its source topic, partition, offset and idempotency key, once the delay is over.
 
     Status codes: as for Ack.
     """
@@ -204,8 +210,8 @@ class DedupServiceServicer(metaclass=_abc_1.ABCMeta):
         When the stream closes, its un-acked deliveries are redelivered (with `attempt` + 1) at once.
 
         Status codes:
-          INVALID_ARGUMENT   a topic in `topics` is not one the sidecar consumes (`kafka.topics`), or a
-                             negative limit.
+          INVALID_ARGUMENT   a topic in `topics` is not one the sidecar consumes (`kafka.topics`), a
+                             negative limit, or an `ordering` weaker than `delivery.ordering`.
           RESOURCE_EXHAUSTED more than `server.max_streams` streams are open.
           UNAVAILABLE        the sidecar is shutting down; the stream ends with this status.
         """
@@ -236,6 +242,9 @@ class DedupServiceServicer(metaclass=_abc_1.ABCMeta):
         """Nack gives deliveries back. Each is redelivered after `delay` (or the sidecar's exponential
         backoff when `delay` is unset). Past `delivery.max_attempts`, or with `dead_letter` set, the
         record is written to the dead-letter topic and settled once Kafka acknowledged that write.
+        With `delivery.retry_tiers_seconds` set, a delay of at least the first tier moves the record
+        to a retry topic (its source offset then commits) and it is delivered again from there, with
+        its source topic, partition, offset and idempotency key, once the delay is over.
 
         Status codes: as for Ack.
         """

@@ -1,0 +1,191 @@
+"""The state every engine part shares, and the few steps all of them take.
+
+The parts (intake, claims, dispatch, settlement, reroute, maintenance) each hold the one ``Core``
+and change records only through it or through each other in one direction (see engine.py). What
+lives here: the per-partition books, the index of records by idempotency key and by delivery
+id, the ready queue and the streams, the list of records waiting on a timer, and three steps:
+``ready`` (a claimed record may go out, if its ordering chain lets it), ``settle`` (a record is
+done with) and ``update_pause`` (a partition's fetch bound).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Awaitable, Callable, Coroutine, Iterable
+from typing import Any, TypeVar
+
+from sidecar.config import Settings
+from sidecar.engine import ordering
+from sidecar.engine.ordering import Ordering
+from sidecar.engine.records import TP, Partition, Pending, Recent, State
+from sidecar.engine.streams import ReadyQueue, Stream
+from sidecar.errors import StoreUnavailable
+from sidecar.kafka.consumer import CommitOffset, ConsumerLoop
+from sidecar.kafka.producer import AsyncProducer
+from sidecar.metrics import Metrics
+from sidecar.store.base import DedupStore
+
+log = logging.getLogger(__name__)
+T = TypeVar("T")
+
+
+class Core:
+    """Parameters:
+    settings: the sidecar settings.
+    store: the dedup store (claims, completes, releases).
+    producer: used for dead letters and retry topics.
+    metrics: Prometheus metrics.
+    owner: this sidecar's identity in store claims.
+    clock: monotonic seconds.
+    """
+
+    def __init__(
+        self,
+        settings: Settings,
+        store: DedupStore,
+        producer: AsyncProducer,
+        metrics: Metrics,
+        owner: str,
+        clock: Callable[[], float],
+    ) -> None:
+        self.settings = settings
+        self.store = store
+        self.producer = producer
+        self.metrics = metrics
+        self.owner = owner
+        self.clock = clock
+        d = settings.delivery
+        self.deadline_s = d.ack_deadline_seconds
+        self.lease_ms = int((d.ack_deadline_seconds + d.lease_margin_seconds) * 1000)
+        self.retention_ms = settings.store.retention_seconds * 1000
+        self.group = settings.kafka.group_id
+        self.consumer: ConsumerLoop | None = None
+        self.partitions: dict[TP, Partition] = {}
+        self.ready_queue = ReadyQueue()
+        self.streams: dict[int, Stream] = {}
+        self.key_index: dict[str, Pending] = {}  # store key -> the pending record holding its claim
+        self.by_id: dict[str, Pending] = {}  # delivery id -> record, while it may be answered
+        self.stale = Recent(100_000)  # delivery id -> store key, for late acks after revoke
+        # Keys whose delivery is still out at an app although its partition was revoked: our own
+        # claim covers them, so the store would say NEW to us. Hold other records with the key
+        # back until that delivery is acked or its lease runs out.
+        self.stale_leases: dict[str, float] = {}
+        self.acked = Recent(100_000)  # delivery id -> "" for ALREADY_ACKED answers
+        self.waiting: list[Pending] = []  # BUSY and DELAYED records, checked by the timer
+        self.background: set[asyncio.Task[None]] = set()
+        self.commit_wakeup = asyncio.Event()
+        self.settled_some = asyncio.Event()  # records settled (or partitions left) since cleared
+        self.base_ordering = Ordering.parse(d.ordering)
+        self.topic_ordering: dict[str, Ordering] = {}  # narrowed by attached streams
+        self.accepting = True
+        self.stopping = False
+
+    # ---------------------------------------------------------------------------------------------
+
+    def spawn(self, coro: Coroutine[Any, Any, None]) -> None:
+        task = asyncio.create_task(coro)
+        self.background.add(task)
+        task.add_done_callback(self.background.discard)
+
+    async def counted(self, call: Awaitable[T]) -> T:
+        """Await a store call; a failure is counted in the metrics and re-raised (nothing applied)."""
+        try:
+            return await call
+        except StoreUnavailable:
+            self.metrics.store_errors.inc()
+            raise
+
+    def ordering_of(self, topic: str) -> Ordering:
+        return self.topic_ordering.get(topic, self.base_ordering)
+
+    def wait(self, p: Pending, state: State, due: float) -> None:
+        """Park a record until ``due``; the timer claims it again then."""
+        p.state, p.due = state, due
+        self.waiting.append(p)
+
+    def ready(self, records: Iterable[Pending], front: bool = False) -> None:
+        """Claimed records may be sent: queue each for the streams, or hold it while an earlier
+        record of its ordering chain is unsettled. ``front``: records that waited already go
+        ahead of the intake backlog (pass them in order; they keep it)."""
+        queue = self.ready_queue
+        go: list[Pending] = []
+        for p in records:
+            if p.chain is None or ordering.may_deliver(p):
+                go.append(p)
+            else:
+                p.state = State.HELD
+        for p in reversed(go) if front else go:
+            queue.push(p, front=front)
+        self.wake_streams()
+
+    def wake_streams(self) -> None:
+        for s in self.streams.values():
+            s.wakeup.set()
+
+    def unchain(self, p: Pending) -> None:
+        """``p`` left its chain (settled or dropped): the record behind it may go now."""
+        nxt = ordering.leave(self.partitions.get(p.tp), p)
+        if nxt is not None:
+            self.ready_queue.push(nxt, front=True)
+            self.wake_streams()
+
+    def settle(self, p: Pending, quiet: bool = False) -> None:
+        """Settle a record (acked, duplicate, dead-lettered or moved to a retry topic).
+        ``quiet``: the caller updates pausing and wakes the committer once for a whole batch."""
+        if p.state in (State.SETTLED, State.DROPPED):
+            return
+        part = self.partitions.get(p.tp)
+        if p.stream is not None:
+            p.stream.remove(p)
+        for did in p.delivery_ids:
+            self.by_id.pop(did, None)
+            self.acked.put(did, "")
+        p.state = State.SETTLED
+        if self.key_index.get(p.store_key) is p:
+            del self.key_index[p.store_key]
+        if part is None or part.generation != p.generation:
+            return
+        if p.chain is not None:
+            self.unchain(p)
+        part.pending.pop(p.offset, None)
+        part.tracker.settle(p.offset)
+        self.settled_some.set()
+        # Later records with the same key are duplicates of a settled (done) key.
+        for shadow in p.shadows:
+            if shadow.state is State.SHADOWED:
+                self.metrics.skipped.labels("duplicate").inc()
+                self.settle(shadow)
+        p.shadows.clear()
+        if not quiet:
+            self.update_pause(p.tp)
+            self.commit_wakeup.set()
+
+    def update_pause(self, tp: TP) -> None:
+        part = self.partitions.get(tp)
+        if part is None or self.consumer is None:
+            return
+        want = part.tracker.should_pause or part.scheduled > 0
+        if want != part.paused:
+            part.paused = want
+            self.consumer.set_paused(tp, want)
+            self.metrics.paused_partitions.inc(1 if want else -1)
+
+    async def commit_now(self, only: set[TP] | None = None) -> None:
+        """Commit every partition's settled prefix (with settled-above metadata) that moved."""
+        if self.consumer is None:
+            return
+        offsets = []
+        for tp, part in self.partitions.items():
+            if only is not None and tp not in only:
+                continue
+            t = part.tracker
+            if t.committable() >= 0 and t.needs_commit():
+                offsets.append(CommitOffset(tp[0], tp[1], t.committable(), t.commit_metadata()))
+        if not offsets:
+            return
+        for o in await self.consumer.commit(offsets):
+            done = self.partitions.get((o.topic, o.partition))
+            if done is not None:
+                done.tracker.mark_committed(o.offset)
+        self.metrics.commits.inc()

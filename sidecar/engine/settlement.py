@@ -1,0 +1,236 @@
+"""Settlement: Ack, Nack and ExtendDeadline.
+
+An Ack marks the keys done in the store, then settles the records (their offsets become
+committable). A Nack gives records back: redelivered after a delay kept in memory, moved to a
+retry topic when the delay reaches the first retry tier, or dead-lettered. Every call looks all of
+its ids up before it changes anything, so a call with one malformed id changes nothing.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Awaitable, Sequence
+from typing import TypeVar
+
+from sidecar import testing_hooks
+from sidecar.engine.core import Core
+from sidecar.engine.dispatch import Dispatch
+from sidecar.engine.records import TP, Pending, Recent, State
+from sidecar.engine.reroute import Reroute
+from sidecar.errors import InvalidArgument, StoreUnavailable
+from sidecar.store.base import ClaimMode, ClaimStatus
+
+T = TypeVar("T")
+_ID_RE = re.compile(r"^([0-9a-f]{8})\.([0-9]+)$")
+
+
+class AckOutcome:
+    OK = 1
+    STALE = 2
+    UNKNOWN = 3
+    ALREADY_ACKED = 4
+
+
+class Settlement:
+    def __init__(self, core: Core, dispatch: Dispatch, reroute: Reroute) -> None:
+        self.core = core
+        self.dispatch = dispatch
+        self.reroute = reroute
+        # Ids whose Ack or Nack failed (store unreachable): the app answered those copies once
+        # and may not again, so past their deadline they do not hold credit (see Stream.expired).
+        self.answered_failed = Recent(10_000)
+
+    async def _answer_failed_on_error(self, ids: Sequence[str], call: Awaitable[T]) -> T:
+        """``Core.counted`` for an Ack or Nack: when it fails, remember its ids as answered once."""
+        try:
+            return await self.core.counted(call)
+        except StoreUnavailable:
+            for did in ids:
+                self.answered_failed.put(did, "")
+            raise
+
+    def _check_ids(self, ids: Sequence[str]) -> None:
+        if not ids:
+            raise InvalidArgument("no delivery ids given")
+        limit = self.core.settings.server.max_ids_per_call
+        if len(ids) > limit:
+            raise InvalidArgument(
+                f"{len(ids)} ids in one call; the limit is {limit} (server.max_ids_per_call)"
+            )
+
+    def _lookup(self, did: str) -> tuple[int, Pending | None]:
+        """What an id refers to. Raises InvalidArgument for a malformed id (callers look every id
+        up before they change anything, so a call with one bad id changes nothing)."""
+        core = self.core
+        p = core.by_id.get(did)
+        if p is not None:
+            return AckOutcome.OK, p
+        if not _ID_RE.match(did):
+            raise InvalidArgument(
+                f"malformed delivery id {did[:64]!r}: pass delivery_id from a Delivery as is"
+            )
+        if did in core.stale:
+            return AckOutcome.STALE, None
+        if did in core.acked:
+            return AckOutcome.ALREADY_ACKED, None
+        return AckOutcome.UNKNOWN, None
+
+    def answered(self, ids: Sequence[str]) -> None:
+        """Ack or Nack answered these ids (or they were held long enough): expired copies among
+        them give their credit back."""
+        expired = self.dispatch.expired
+        if expired:
+            for did in ids:
+                s = expired.pop(did, None)
+                if s is not None:
+                    s.answered(did)
+
+    async def ack(self, ids: Sequence[str]) -> list[int]:
+        """Settle deliveries. Raises StoreUnavailable (nothing applied) when the store is down."""
+        core = self.core
+        self._check_ids(ids)
+        results: list[int] = []
+        records: dict[int, Pending] = {}
+        stale_keys: dict[str, None] = {}
+        for did in ids:
+            outcome, p = self._lookup(did)
+            results.append(outcome)
+            if p is not None:
+                records[id(p)] = p
+            elif outcome == AckOutcome.STALE:
+                stale_keys[core.stale.get(did) or ""] = None
+        self.answered(ids)  # after the lookups: a malformed id fails the call before any change
+        todo = list(records.values())
+        for p in todo:
+            p.acking += 1
+        try:
+            keys = [p.store_key for p in todo] + list(stale_keys)
+            if keys:
+                testing_hooks.reached("ack_before_mark")
+                late = await self._answer_failed_on_error(
+                    ids, core.store.complete(keys, core.owner, core.retention_ms)
+                )
+                testing_hooks.reached("mark_before_commit")
+                core.metrics.late_acks.inc(sum(late))
+                for key in stale_keys:
+                    core.stale_leases.pop(key, None)
+        finally:
+            for p in todo:
+                p.acking -= 1
+        touched: set[TP] = set()
+        for i, did in enumerate(ids):
+            if results[i] != AckOutcome.OK:
+                continue
+            p = core.by_id.get(did)
+            if p is None:  # settled or revoked while the store answered
+                results[i] = AckOutcome.STALE if did in core.stale else AckOutcome.OK
+                continue
+            part = core.partitions.get(p.tp)
+            if part is None or part.generation != p.generation:
+                results[i] = AckOutcome.STALE
+                continue
+            core.settle(p, quiet=True)
+            touched.add(p.tp)
+        for tp in touched:
+            core.update_pause(tp)
+        if touched:
+            core.commit_wakeup.set()
+        core.metrics.acked.inc(sum(1 for r in results if r == AckOutcome.OK))
+        core.metrics.stale_acks.inc(sum(1 for r in results if r == AckOutcome.STALE))
+        if core.settings.commit.mode == "per-ack" and touched:
+            await core.commit_now(touched)
+        return results
+
+    async def nack(
+        self, ids: Sequence[str], delay_s: float | None, dead_letter: bool, reason: str
+    ) -> list[int]:
+        core = self.core
+        self._check_ids(ids)
+        if delay_s is not None and not (0 <= delay_s <= 86_400):
+            raise InvalidArgument("delay_seconds must be between 0 and 86400")
+        results: list[int] = []
+        redeliver: dict[int, Pending] = {}
+        dlq: dict[int, Pending] = {}
+        d = core.settings.delivery
+        for did in ids:
+            outcome, p = self._lookup(did)
+            results.append(outcome)
+            if p is None or p.state is not State.IN_FLIGHT or p.delivery_ids[-1] != did:
+                continue  # an expired copy: its record is already on its way again
+            if dead_letter or p.attempt >= d.max_attempts:
+                dlq[id(p)] = p
+            else:
+                redeliver[id(p)] = p
+        self.answered(ids)  # after the lookups: a malformed id fails the call before any change
+        waits = {
+            id(p): (
+                delay_s
+                if delay_s is not None
+                else min(d.backoff_max_seconds, d.backoff_initial_seconds * 2 ** max(p.attempt - 1, 0))
+            )
+            for p in redeliver.values()
+        }
+        # Long delays go to a retry topic under the claim they hold; the rest give it back.
+        tiers = {i: self.reroute.tier_for(p, waits[i]) for i, p in redeliver.items()}
+        in_memory = [p for i, p in redeliver.items() if tiers[i] is None]
+        if in_memory:
+            await self._answer_failed_on_error(
+                ids, core.store.release([p.store_key for p in in_memory], core.owner)
+            )
+        now = core.clock()
+        retry: list[tuple[Pending, int, float]] = []
+        for i, p in redeliver.items():
+            if p.state is not State.IN_FLIGHT:
+                continue
+            if p.stream is not None:
+                p.stream.remove(p)
+            tier = tiers[i]
+            if tier is None:
+                core.wait(p, State.DELAYED, now + waits[i])
+            else:
+                retry.append((p, tier, waits[i]))
+            core.metrics.nacked.inc()
+        if retry:
+            self.reroute.to_retry(retry)
+        todo = [p for p in dlq.values() if p.state is State.IN_FLIGHT]
+        for p in todo:
+            if p.stream is not None:
+                p.stream.remove(p)
+            p.reason_code = "nack" if dead_letter else "max-attempts"
+            p.reason = reason or (f"nacked {p.attempt} times (delivery.max_attempts={d.max_attempts})")
+        if todo:
+            self.reroute.dead_letter(todo)
+        return results
+
+    async def extend(self, ids: Sequence[str], seconds: int) -> list[int]:
+        core = self.core
+        self._check_ids(ids)
+        limit = core.settings.delivery.max_ack_deadline_seconds
+        if not 1 <= seconds <= limit:
+            raise InvalidArgument(
+                f"seconds must be between 1 and {limit} (delivery.max_ack_deadline_seconds)"
+            )
+        results: list[int] = []
+        todo: dict[int, Pending] = {}
+        for did in ids:
+            outcome, p = self._lookup(did)
+            if p is not None and (p.state is not State.IN_FLIGHT or p.delivery_ids[-1] != did):
+                # An expired copy: the record went back for redelivery, there is nothing to extend.
+                outcome = AckOutcome.STALE
+            elif p is not None:
+                todo[id(p)] = p
+            results.append(outcome)
+        lease_ms = int((seconds + core.settings.delivery.lease_margin_seconds) * 1000)
+        recs = list(todo.values())
+        if recs:
+            # Renewals: the same delivery goes on, so the same attempt. Deadline and lease run
+            # from when the store was asked (see Claims.claim).
+            asked = core.clock()
+            claims = await core.counted(
+                core.store.claim([p.store_key for p in recs], core.owner, lease_ms, mode=ClaimMode.RENEW)
+            )
+            for p, c in zip(recs, claims, strict=True):
+                if c.status is ClaimStatus.NEW and p.state is State.IN_FLIGHT:
+                    p.deadline = asked + seconds
+                    p.lease_until = asked + lease_ms / 1000
+        return results
