@@ -54,13 +54,7 @@ __all__ = ["AckOutcome", "Engine"]
 
 
 class Engine:
-    """Parameters:
-    settings: the sidecar settings.
-    store: the dedup store (claims, completes, releases).
-    producer: used for dead letters and retry topics.
-    metrics: Prometheus metrics.
-    owner: this sidecar's identity in store claims.
-    """
+    """The engine's one entry point; its parameters are Core's (see core.py)."""
 
     def __init__(
         self,

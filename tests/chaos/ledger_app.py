@@ -9,6 +9,7 @@ and then acks. Two variants:
   (dedup_client.SQLiteInbox). Duplicated effects must be zero.
 
 Usage: python -m tests.chaos.ledger_app SIDECAR LEDGER.db naive|inbox [--stall-every N --stall S]
+       [--work-ms MS] [--concurrent]
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import functools
+import random
 import sqlite3
 import time
 from typing import Any
@@ -45,37 +47,53 @@ def record_ack(db: sqlite3.Connection, key: str, fut: asyncio.Future[Any]) -> No
     db.commit()
 
 
-async def run(target: str, path: str, variant: str, stall_every: int, stall_s: float, work_s: float) -> None:
+async def run(
+    target: str, path: str, variant: str, stall_every: int, stall_s: float, work_s: float, concurrent: bool
+) -> None:
+    """``concurrent``: work on every delivery at once, each after a random wait of up to twice
+    ``work_s`` (the ordering rows: only the sidecar's ordering keeps a key's effects in order)."""
     db = open_ledger(path)
     inbox = SQLiteInbox(db) if variant == "inbox" else None
     seen = 0
+    rng = random.Random()
+
+    async def handle(msg: Any, delay: float) -> None:
+        if delay:
+            await asyncio.sleep(delay)
+        now = time.time()
+        key, attempt = msg.idempotency_key, msg.attempt
+        db.execute("INSERT INTO deliveries VALUES (?, ?, ?, ?)", (key, attempt, now, msg.deadline_ms / 1000))
+        row = (key, attempt, now, msg.key, msg.partition, msg.offset)
+
+        def effect(c: sqlite3.Connection) -> None:
+            c.execute("INSERT INTO effects VALUES (?, ?, ?, ?, ?, ?)", row)
+
+        if inbox is not None:
+            inbox.apply(key, effect)
+        else:
+            effect(db)
+            db.commit()
+        if not concurrent:
+            await asyncio.sleep(work_s)  # the effect takes a while: deliveries stay in flight
+        if stall_every and seen % stall_every == 0:
+            await asyncio.sleep(stall_s)  # F5: stall past the lease
+        fut = msg.ack()
+        fut.add_done_callback(functools.partial(record_ack, db, key))
+
     while True:
+        tasks: set[asyncio.Task[None]] = set()
         try:
             async with DedupClient(target, ack_linger=0.002) as client:
                 async for msg in client.subscribe(max_in_flight=200):
                     seen += 1
-                    now = time.time()
-                    key, attempt = msg.idempotency_key, msg.attempt
-                    db.execute(
-                        "INSERT INTO deliveries VALUES (?, ?, ?, ?)",
-                        (key, attempt, now, msg.deadline_ms / 1000),
-                    )
-                    row = (key, attempt, now, msg.key, msg.partition, msg.offset)
-
-                    def effect(c: sqlite3.Connection, row: tuple[Any, ...] = row) -> None:
-                        c.execute("INSERT INTO effects VALUES (?, ?, ?, ?, ?, ?)", row)
-
-                    if inbox is not None:
-                        inbox.apply(key, effect)
+                    if concurrent:
+                        task = asyncio.create_task(handle(msg, rng.random() * 2 * work_s))
+                        tasks.add(task)
+                        task.add_done_callback(tasks.discard)
                     else:
-                        effect(db)
-                        db.commit()
-                    await asyncio.sleep(work_s)  # the effect takes a while: deliveries stay in flight
-                    if stall_every and seen % stall_every == 0:
-                        await asyncio.sleep(stall_s)  # F5: stall past the lease
-                    fut = msg.ack()
-                    fut.add_done_callback(functools.partial(record_ack, db, key))
+                        await handle(msg, 0.0)
         except (grpc.aio.AioRpcError, AckError, OSError):
+            await asyncio.gather(*tasks, return_exceptions=True)
             await asyncio.sleep(0.2)  # the sidecar is gone or restarting: reconnect
 
 
@@ -87,8 +105,9 @@ def main() -> None:
     ap.add_argument("--stall-every", type=int, default=0)
     ap.add_argument("--stall", type=float, default=0.0)
     ap.add_argument("--work-ms", type=float, default=3.0, help="time each effect takes")
+    ap.add_argument("--concurrent", action="store_true", help="work on all deliveries at once")
     a = ap.parse_args()
-    asyncio.run(run(a.target, a.ledger, a.variant, a.stall_every, a.stall, a.work_ms / 1000))
+    asyncio.run(run(a.target, a.ledger, a.variant, a.stall_every, a.stall, a.work_ms / 1000, a.concurrent))
 
 
 if __name__ == "__main__":

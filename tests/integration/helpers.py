@@ -284,3 +284,15 @@ async def wait_group_balanced(
             pass
         await asyncio.sleep(0.2)
     raise TimeoutError(f"group {group} did not balance over {members} members")
+
+
+async def stop_all(
+    stop: asyncio.Event, apps: list[asyncio.Task[None]], sidecars: dict[str, SidecarProcess]
+) -> None:
+    """End a multi-sidecar test: tell the apps to stop, cancel them, then stop every sidecar."""
+    stop.set()
+    for t in apps:
+        t.cancel()
+    await asyncio.gather(*apps, return_exceptions=True)
+    for sc in sidecars.values():
+        sc.terminate()

@@ -25,6 +25,7 @@ from tests.integration.helpers import (
     committed_offsets,
     process_env,
     raw_produce,
+    stop_all,
     unique,
     wait_group_balanced,
 )
@@ -163,12 +164,7 @@ async def test_kill9_restart_and_join_keep_every_key_once(
             await asyncio.sleep(0.5)
         assert committed_offsets(kafka, group, topic, PARTITIONS) == ends
     finally:
-        stop.set()
-        for t in apps:
-            t.cancel()
-        await asyncio.gather(*apps, return_exceptions=True)
-        for sc in sidecars.values():
-            sc.terminate()
+        await stop_all(stop, apps, sidecars)
 
     # No duplicate after an ack: each key acked OK once, and never received after that ack.
     twice = {k: v for k, v in ledger.acked_ok.items() if len(v) > 1}

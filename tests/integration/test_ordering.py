@@ -30,6 +30,7 @@ from tests.integration.helpers import (
     SidecarProcess,
     committed_offsets,
     process_env,
+    stop_all,
     unique,
     wait_group_balanced,
 )
@@ -156,12 +157,7 @@ async def test_ordering_holds_across_a_rebalance_and_a_kill9(
         else:
             raise AssertionError(f"commits stopped at {ends}")
     finally:
-        stop.set()
-        for t in apps:
-            t.cancel()
-        await asyncio.gather(*apps, return_exceptions=True)
-        for sc in sidecars.values():
-            sc.terminate()
+        await stop_all(stop, apps, sidecars)
 
     # Within each key, effects were applied in offset (= sequence) order, each once.
     wrong = {k: seqs for k, seqs in book.applied.items() if seqs != list(range(per_key))}

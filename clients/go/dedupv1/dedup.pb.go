@@ -340,9 +340,11 @@ type Delivery struct {
 	DeliveryId string `protobuf:"bytes,1,opt,name=delivery_id,json=deliveryId,proto3" json:"delivery_id,omitempty"`
 	// The record's idempotency key: from the idempotency header, or the configured fallback.
 	IdempotencyKey string `protobuf:"bytes,2,opt,name=idempotency_key,json=idempotencyKey,proto3" json:"idempotency_key,omitempty"`
-	Topic          string `protobuf:"bytes,3,opt,name=topic,proto3" json:"topic,omitempty"`
-	Partition      int32  `protobuf:"varint,4,opt,name=partition,proto3" json:"partition,omitempty"`
-	Offset         int64  `protobuf:"varint,5,opt,name=offset,proto3" json:"offset,omitempty"`
+	// Where the record was consumed. A record coming back from a retry topic (see Nack) carries
+	// the topic, partition and offset it was first consumed at.
+	Topic     string `protobuf:"bytes,3,opt,name=topic,proto3" json:"topic,omitempty"`
+	Partition int32  `protobuf:"varint,4,opt,name=partition,proto3" json:"partition,omitempty"`
+	Offset    int64  `protobuf:"varint,5,opt,name=offset,proto3" json:"offset,omitempty"`
 	// Record key; unset when the record has no key.
 	Key     []byte    `protobuf:"bytes,6,opt,name=key,proto3,oneof" json:"key,omitempty"`
 	Value   []byte    `protobuf:"bytes,7,opt,name=value,proto3" json:"value,omitempty"`

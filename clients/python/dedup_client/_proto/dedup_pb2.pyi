@@ -209,6 +209,9 @@ class Delivery(_message.Message):
     idempotency_key: _builtins.str
     """The record's idempotency key: from the idempotency header, or the configured fallback."""
     topic: _builtins.str
+    """Where the record was consumed. A record coming back from a retry topic (see Nack) carries
+    the topic, partition and offset it was first consumed at.
+    """
     partition: _builtins.int
     offset: _builtins.int
     key: _builtins.bytes
