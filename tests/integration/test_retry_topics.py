@@ -1,6 +1,9 @@
-"""Retry topics on a real broker and Redis: a Nack with a long delay leaves the source partition
-(which commits past it), survives a sidecar restart in a retry topic the sidecar created, and is
-delivered once when due, under its source coordinates, as the next attempt."""
+"""Retry topics and poison records on a real broker and Redis.
+
+A Nack with a long delay leaves the source partition (which commits past it), survives a sidecar
+restart in a retry topic the sidecar created, and is delivered once when due, under its source
+coordinates, as the next attempt. A record the app never answers is dead-lettered after
+delivery.max_attempts with the reason code "deadline"."""
 
 from __future__ import annotations
 
@@ -85,3 +88,47 @@ async def test_a_long_nack_waits_in_a_retry_topic_across_a_restart(
     finally:
         second.terminate()
     print(f"\ndelivered {waited:.1f}s after a Nack of {DELAY_S:.0f}s, across a restart")
+
+
+async def test_a_record_that_times_out_every_time_is_dead_lettered_with_reason_deadline(
+    kafka: services.KafkaBroker, redis_server: services.RedisServer, tmp_path: Path
+) -> None:
+    """A poison record: the app takes it and never answers (it crashes or hangs on it). After
+    delivery.max_attempts deliveries it goes to the dead-letter topic, and the partition moves on."""
+    topic, group = unique("poison"), unique("g")
+    kafka.create_topic(topic, 1)
+    kafka.create_topic(f"{topic}.dlq", 1)
+    env = process_env(
+        kafka,
+        topic,
+        group,
+        redis_server.url,
+        DEDUP_DELIVERY__ACK_DEADLINE_SECONDS="1",
+        DEDUP_DELIVERY__LEASE_MARGIN_SECONDS="0",
+        DEDUP_DELIVERY__MAX_ATTEMPTS="3",
+        DEDUP_STORE__KEY_PREFIX=unique("p"),
+    )
+    p = Producer({"bootstrap.servers": kafka.bootstrap_servers})
+    p.produce(topic, b"poison", b"acct-9", headers=[("idempotency-key", b"bad-1")])
+    assert p.flush(10) == 0
+    sc = SidecarProcess(env, tmp_path / "sidecar.log")
+    sc.start()
+    try:
+        await sc.wait_serving()
+        async with DedupClient(sc.target) as client, Inbox(client) as inbox:
+            got = await inbox.wait(3, timeout=20)  # never acked
+            assert [m.attempt for m in got] == [1, 2, 3]
+            [dead] = read_topic(kafka, f"{topic}.dlq", expect=1, timeout=20)
+            headers = dict(dead.headers())
+            assert headers["dedup-reason-code"] == b"deadline"
+            assert headers["dedup-attempts"] == b"3"
+            assert headers["dedup-original-topic"] == topic.encode()
+            assert dead.value() == b"poison"
+            deadline = time.monotonic() + 10
+            while committed_offsets(kafka, group, topic, 1)[0] != 1:
+                assert time.monotonic() < deadline, "the partition did not move past the poison record"
+                await asyncio.sleep(0.2)
+            await asyncio.sleep(2)
+            assert len(inbox.messages) == 3, "delivered again after it was dead-lettered"
+    finally:
+        sc.terminate()
