@@ -20,19 +20,24 @@ from typing import Any
 from grpc_health.v1 import health, health_pb2
 from prometheus_client import start_http_server
 
+from sidecar import logs
 from sidecar.api.server import SERVICE_NAME, build_server
 from sidecar.api.servicer import DedupServicer
 from sidecar.config import Settings
 from sidecar.engine.engine import Engine
-from sidecar.errors import ConfigError
+from sidecar.errors import ConfigError, KafkaUnavailable
 from sidecar.kafka import consumer as kconsumer
 from sidecar.kafka import producer as kproducer
+from sidecar.kafka.topics import TopicCatalog
 from sidecar.metrics import Metrics
 from sidecar.publish.publisher import Publisher
 from sidecar.store.base import DedupStore
 from sidecar.stores import open_store
 
 log = logging.getLogger(__name__)
+_SERVING = health_pb2.HealthCheckResponse.SERVING
+_NOT_SERVING = health_pb2.HealthCheckResponse.NOT_SERVING
+READINESS_INTERVAL_S = 3.0  # how often readiness checks the store, the brokers and the topics
 
 
 def _kafka_config(
@@ -57,11 +62,10 @@ class Sidecar:
     """One sidecar process. ``await start()``, then ``await stop()``; or ``await run()``."""
 
     def __init__(self, settings: Settings) -> None:
-        if not settings.kafka.topics:
-            raise ConfigError("no topics to consume: set kafka.topics (DEDUP_KAFKA__TOPICS='[\"orders\"]')")
         self.settings = settings
         self.metrics = Metrics()
         self.owner = settings.owner_id or f"{socket.gethostname()}-{os.getpid()}-{os.urandom(3).hex()}"
+        logs.set_owner(self.owner)
         self.port = 0
         self.metrics_port = 0
         self.store: DedupStore | None = None
@@ -72,6 +76,8 @@ class Sidecar:
         self._metrics_server: Any = None
         self._health = health.aio.HealthServicer()
         self._watch: asyncio.Task[None] | None = None
+        self._readiness: asyncio.Task[None] | None = None
+        self.topics: TopicCatalog
         self._stopped = asyncio.Event()
 
     async def start(self) -> None:
@@ -84,17 +90,22 @@ class Sidecar:
         self.store = await open_store(s)
         self._producer = kproducer.AsyncProducer(producer_conf, loop, s.publish.timeout_seconds)
         self.engine = Engine(s, self.store, self._producer, self.metrics, self.owner)
-        if self.engine.retry_topics:
-            await self._ensure_retry_topics(consumer_conf)
-        self._consumer = kconsumer.ConsumerLoop(
-            consumer_conf,
-            [*s.kafka.topics, *self.engine.retry_topics],
-            self.engine,
-            loop,
-            s.kafka.fetch_batch,
-            max(5_000, 10 * s.kafka.fetch_batch),
-            handover_interval=s.kafka.handover_interval_ms / 1000,
-        )
+        self.topics = TopicCatalog(self._producer.topics)
+        if s.kafka.topics:
+            await self._check_topics()
+            if self.engine.retry_topics:
+                await self._ensure_retry_topics(consumer_conf)
+            self._consumer = kconsumer.ConsumerLoop(
+                consumer_conf,
+                [*s.kafka.topics, *self.engine.retry_topics],
+                self.engine,
+                loop,
+                s.kafka.fetch_batch,
+                max(5_000, 10 * s.kafka.fetch_batch),
+                handover_interval=s.kafka.handover_interval_ms / 1000,
+            )
+        else:
+            log.info("no kafka.topics: publish-only, no consumer and no group")
         publisher = Publisher(
             s.publish,
             s.delivery.idempotency_header,
@@ -103,6 +114,7 @@ class Sidecar:
             self.metrics,
             s.store.retention_seconds * 1000,
             self.owner,
+            self.topics if s.publish.check_topics else None,
         )
         servicer = DedupServicer(self.engine, publisher, s.publish.max_batch_entries)
         token = s.server.auth_token.get_secret_value() if s.server.auth_token else None
@@ -118,20 +130,77 @@ class Sidecar:
             self.metrics_port = self._metrics_server.server_port
         await self._server.start()
         self.engine.start(self._consumer)
-        self._consumer.start()
-        if not self.store.shared:
-            self._watch = asyncio.create_task(self._watch_group())
-        await self._health.set(SERVICE_NAME, health_pb2.HealthCheckResponse.SERVING)
-        await self._health.set("", health_pb2.HealthCheckResponse.SERVING)
+        if self._consumer is not None:
+            self._consumer.start()
+            if not self.store.shared:
+                self._watch = asyncio.create_task(self._watch_group())
+        ready = not self.engine.missing_topics
+        await self._health.set(SERVICE_NAME, _SERVING if ready else _NOT_SERVING)
+        await self._health.set("", _SERVING)
+        self._readiness = asyncio.create_task(self._watch_readiness(ready))
         log.info(
             "sidecar %s serving on %s:%d (store=%s, group=%s, topics=%s)",
             self.owner,
             host,
             self.port,
             self.store.name,
-            s.kafka.group_id,
-            ",".join(s.kafka.topics),
+            s.kafka.group_id if s.kafka.topics else "none",
+            ",".join(s.kafka.topics) or "none: publish-only",
         )
+
+    async def _check_topics(self) -> None:
+        """Say at start-up which of kafka.topics the cluster does not have: Subscribe answers
+        NOT_FOUND for them and the DedupService health entry is NOT_SERVING until they exist."""
+        assert self.engine is not None
+        try:
+            counts = await self.topics.partitions(self.settings.kafka.topics)
+        except KafkaUnavailable as exc:
+            log.warning("cannot check that kafka.topics exist: %s", exc)
+            return
+        missing = {t for t, n in counts.items() if n is None}
+        self.engine.missing_topics.update(missing)
+        if missing:
+            log.error(
+                "topics %s in kafka.topics do not exist on the cluster: create them (Subscribe answers "
+                "NOT_FOUND and the %s health entry is NOT_SERVING until they exist)",
+                sorted(missing),
+                SERVICE_NAME,
+            )
+
+    async def _watch_readiness(self, ready: bool) -> None:
+        """Keep the DedupService health entry (readiness) true to what the sidecar can do: it is
+        NOT_SERVING while the store or every broker is unreachable, or a topic of kafka.topics does
+        not exist, and SERVING again by itself once they are back. The overall entry (liveness)
+        stays SERVING: restarting the sidecar would not bring a broker back."""
+        assert self.store is not None
+        assert self.engine is not None
+        store, missing = self.store, self.engine.missing_topics
+        while True:
+            await asyncio.sleep(READINESS_INTERVAL_S)
+            problems: list[str] = []
+            try:
+                async with asyncio.timeout(READINESS_INTERVAL_S):
+                    await store.ping()
+            except Exception as exc:  # noqa: BLE001 - any failure means "not ready"
+                problems.append(f"store unreachable ({exc or type(exc).__name__})")
+            try:
+                await self.topics.refresh()
+                for t in [t for t in missing if self.topics.known(t) is not None]:
+                    log.info("topic %s exists now", t)
+                    missing.discard(t)
+            except KafkaUnavailable as exc:
+                problems.append(f"Kafka unreachable ({exc})")
+            if missing:
+                problems.append(f"topics {sorted(missing)} in kafka.topics do not exist")
+            if (not problems) != ready:
+                ready = not problems
+                await self._health.set(SERVICE_NAME, _SERVING if ready else _NOT_SERVING)
+                if ready:
+                    log.info("ready again: %s health entry SERVING", SERVICE_NAME)
+                else:
+                    log.error(
+                        "not ready (%s health entry NOT_SERVING): %s", SERVICE_NAME, "; ".join(problems)
+                    )
 
     async def _ensure_retry_topics(self, consumer_conf: dict[str, Any]) -> None:
         """Create the retry topics that are missing (``delivery.retry_create_topics``), each like
@@ -218,8 +287,9 @@ class Sidecar:
     async def stop(self) -> None:
         s = self.settings
         await self._health.enter_graceful_shutdown()
-        if self._watch is not None:
-            self._watch.cancel()
+        for task in (self._watch, self._readiness):
+            if task is not None:
+                task.cancel()
         if self._consumer is not None:
             self._consumer.halted = True
         if self.engine is not None:
@@ -260,11 +330,10 @@ class Sidecar:
             loop.add_signal_handler(sig, on_signal, sig)
         loop.add_signal_handler(signal.SIGUSR1, self._dump_state)
         await self.start()
-        assert self._consumer is not None
         while not stop.is_set():
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(stop.wait(), 1.0)
-            if self._consumer.fatal is not None:
+            if self._consumer is not None and self._consumer.fatal is not None:
                 log.error("consumer failed: %s; shutting down", self._consumer.fatal)
                 break
         t0 = time.monotonic()

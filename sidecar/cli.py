@@ -12,7 +12,7 @@ from typing import Any
 
 from pydantic import ValidationError
 
-from sidecar import __version__, config
+from sidecar import __version__, config, logs
 from sidecar.errors import SidecarError
 
 
@@ -33,6 +33,7 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--listen", help="server.listen (HOST:PORT)")
     p.add_argument("--metrics-listen", help="server.metrics_listen (HOST:PORT, empty to disable)")
     p.add_argument("--log-level", choices=["DEBUG", "INFO", "WARNING", "ERROR"])
+    p.add_argument("--log-format", choices=["text", "json"], help="log_format: one JSON object per line")
     p.add_argument(
         "--print-config", action="store_true", help="print the effective settings as JSON and exit"
     )
@@ -59,6 +60,8 @@ def _overrides(a: argparse.Namespace) -> dict[str, Any]:
     flat: dict[str, Any] = {k: v for k, v in out.items() if v}
     if a.log_level:
         flat["log_level"] = a.log_level
+    if a.log_format:
+        flat["log_format"] = a.log_format
     return flat
 
 
@@ -103,9 +106,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.print_config:
         print(settings.model_dump_json(indent=2))
         return 0
-    logging.basicConfig(
-        level=settings.log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s", stream=sys.stderr
-    )
+    logs.configure(settings.log_level, settings.log_format)
     if args.testonly_fault_hooks:
         from sidecar import testing_hooks
 

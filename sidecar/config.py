@@ -7,14 +7,17 @@ Environment variables use the ``DEDUP_`` prefix and ``__`` between section and f
 
 from __future__ import annotations
 
+import difflib
 import itertools
 import os
 import re
+import tomllib
+from collections.abc import Mapping
 from contextvars import ContextVar
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import BaseModel, Field, SecretStr, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, SecretStr, field_validator, model_validator
 from pydantic_settings import (
     BaseSettings,
     PydanticBaseSettingsSource,
@@ -27,11 +30,17 @@ from sidecar.errors import ConfigError
 _TOPIC_RE = re.compile(r"^[A-Za-z0-9._-]{1,249}$")
 
 
+class _Section(BaseModel):
+    """A settings section: a key it does not define is an error, not a silent no-op."""
+
+    model_config = ConfigDict(extra="forbid")
+
+
 def valid_topic(name: str) -> bool:
     return bool(_TOPIC_RE.match(name)) and name not in (".", "..")
 
 
-class KafkaSettings(BaseModel):
+class KafkaSettings(_Section):
     bootstrap_servers: str = "127.0.0.1:9092"
     group_id: str = "dedup-sidecar"
     topics: list[str] = Field(default_factory=list)
@@ -58,7 +67,7 @@ class KafkaSettings(BaseModel):
         return v
 
 
-class StoreSettings(BaseModel):
+class StoreSettings(_Section):
     backend: Literal["memory", "sqlite", "redis"] = "sqlite"
     sqlite_path: Path = Path("./dedup-sidecar.sqlite3")
     sqlite_synchronous: Literal["FULL", "NORMAL"] = "FULL"
@@ -86,7 +95,7 @@ class StoreSettings(BaseModel):
     purge_interval_seconds: float = Field(300, gt=0)
 
 
-class DeliverySettings(BaseModel):
+class DeliverySettings(_Section):
     idempotency_header: str = "idempotency-key"
     #: What identifies a record without the header: its coordinates, a hash of key and value, or
     #: nothing (the record goes to the dead-letter topic).
@@ -147,22 +156,26 @@ class DeliverySettings(BaseModel):
         return v
 
 
-class CommitSettings(BaseModel):
+class CommitSettings(_Section):
     #: ``interval``: commit settled prefixes every ``interval_ms``; ``per-ack``: commit synchronously
     #: inside every Ack call (slow; for comparison).
     mode: Literal["interval", "per-ack"] = "interval"
     interval_ms: int = Field(100, ge=1)
 
 
-class PublishSettings(BaseModel):
+class PublishSettings(_Section):
     max_message_bytes: int = Field(1_000_000, ge=1)
     max_batch_entries: int = Field(1000, ge=1)
     #: Topics Publish may write to. Empty allows any.
     allowed_topics: list[str] = Field(default_factory=list)
     timeout_seconds: float = Field(30, gt=0)
+    #: Answer NOT_FOUND at once for a topic the cluster's metadata does not list (refreshed on a
+    #: miss), instead of waiting timeout_seconds for Kafka to give up. Turn off for a cluster that
+    #: creates topics on first write (auto.create.topics.enable).
+    check_topics: bool = True
 
 
-class ServerSettings(BaseModel):
+class ServerSettings(_Section):
     listen: str = "127.0.0.1:50051"
     #: Prometheus /metrics; empty disables it.
     metrics_listen: str = "127.0.0.1:9464"
@@ -185,6 +198,8 @@ class Settings(BaseSettings):
     publish: PublishSettings = Field(default_factory=PublishSettings)
     server: ServerSettings = Field(default_factory=ServerSettings)
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
+    #: ``text``: one readable line per record; ``json``: one JSON object per line (sidecar/logs.py).
+    log_format: Literal["text", "json"] = "text"
     #: Identity of this sidecar in store claims. Empty: a fresh random id per process.
     owner_id: str = ""
 
@@ -243,8 +258,70 @@ def load(config_file: str | Path | None = None, **overrides: Any) -> Settings:
     path = Path(raw) if raw else None
     if path is not None and not path.is_file():
         raise ConfigError(f"config file {path} does not exist (flag --config or DEDUP_CONFIG)")
+    if path is not None:
+        try:
+            data = tomllib.loads(path.read_text())
+        except (tomllib.TOMLDecodeError, UnicodeDecodeError) as exc:
+            raise ConfigError(f"config file {path}: {exc}") from None
+        for dotted, hint in unknown_settings(data):
+            raise ConfigError(f"unknown setting {dotted!r} in {path}{hint}")
+    check_environment(os.environ)
     token = _CONFIG_FILE.set(path)
     try:
         return Settings(**overrides)
     finally:
         _CONFIG_FILE.reset(token)
+
+
+#: DEDUP_* variables that are not settings: the file's name, test-only fault hooks, and the
+#: local services' download cache (deploy/local/services.py).
+_OTHER_VARIABLES = ("DEDUP_CONFIG", "DEDUP_TESTONLY_", "DEDUP_CACHE_DIR")
+
+
+def _fields(model: type[BaseModel]) -> dict[str, type[BaseModel] | None]:
+    """A model's setting names; for a section, its model (its keys are settings too)."""
+    out: dict[str, type[BaseModel] | None] = {}
+    for name, f in model.model_fields.items():
+        kind = f.annotation
+        out[name] = kind if isinstance(kind, type) and issubclass(kind, BaseModel) else None
+    return out
+
+
+def _hint(name: str, choices: list[str], prefix: str = "") -> str:
+    close = difflib.get_close_matches(name, choices, n=1, cutoff=0.6)
+    return (
+        f"; did you mean {prefix + close[0]!r}?" if close else f"; valid here: {', '.join(sorted(choices))}"
+    )
+
+
+def unknown_settings(
+    data: dict[str, Any], model: type[BaseModel] = Settings, where: str = ""
+) -> list[tuple[str, str]]:
+    """Keys of a settings file (as nested dicts) that name no setting: (dotted name, hint)."""
+    found: list[tuple[str, str]] = []
+    fields = _fields(model)
+    for key, value in data.items():
+        dotted = where + key
+        if key not in fields:
+            found.append((dotted, _hint(key, list(fields), where)))
+        elif fields[key] is not None and isinstance(value, dict):
+            found += unknown_settings(value, fields[key] or Settings, dotted + ".")
+    return found
+
+
+def check_environment(environ: Mapping[str, str]) -> None:
+    """Refuse a DEDUP_* variable that names no setting, with the closest valid name."""
+    top = _fields(Settings)
+    for var in sorted(environ):
+        if not var.startswith("DEDUP_") or var.startswith(_OTHER_VARIABLES):
+            continue
+        parts = var[len("DEDUP_") :].lower().split("__")
+        section = top.get(parts[0], ...)
+        if section is ... or (section is None and len(parts) > 1):
+            names = [f"DEDUP_{n.upper()}" for n in top]
+            raise ConfigError(f"unknown environment variable {var}{_hint(var, names)}")
+        if section is not None and len(parts) > 1:
+            fields = _fields(section)
+            if parts[1] not in fields:
+                names = [f"DEDUP_{parts[0].upper()}__{n.upper()}" for n in fields]
+                raise ConfigError(f"unknown environment variable {var}{_hint(var, names)}")

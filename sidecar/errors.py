@@ -25,6 +25,10 @@ class PermissionDenied(SidecarError):
     pass
 
 
+class FailedPrecondition(SidecarError):
+    """The call cannot work with this sidecar's configuration; the message names the setting."""
+
+
 class ResourceExhausted(SidecarError):
     retriable = True
 

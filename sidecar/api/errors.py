@@ -16,6 +16,7 @@ _CODES: list[tuple[type[errors.SidecarError], grpc.StatusCode]] = [
     (errors.PublishIndeterminate, grpc.StatusCode.DEADLINE_EXCEEDED),
     (errors.Unavailable, grpc.StatusCode.UNAVAILABLE),
     (errors.ConfigError, grpc.StatusCode.FAILED_PRECONDITION),
+    (errors.FailedPrecondition, grpc.StatusCode.FAILED_PRECONDITION),
 ]
 
 

@@ -78,6 +78,7 @@ class Core:
         self.settled_some = asyncio.Event()  # records settled (or partitions left) since cleared
         self.base_ordering = Ordering.parse(d.ordering)
         self.topic_ordering: dict[str, Ordering] = {}  # narrowed by attached streams
+        self.missing_topics: set[str] = set()  # in kafka.topics, not (yet) on the cluster
         self.accepting = True
         self.stopping = False
 

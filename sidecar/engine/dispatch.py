@@ -24,7 +24,14 @@ from sidecar.engine.core import Core
 from sidecar.engine.ordering import Ordering
 from sidecar.engine.records import Pending, State
 from sidecar.engine.streams import Stream
-from sidecar.errors import InvalidArgument, ResourceExhausted, ShuttingDown, StoreUnavailable
+from sidecar.errors import (
+    FailedPrecondition,
+    InvalidArgument,
+    NotFound,
+    ResourceExhausted,
+    ShuttingDown,
+    StoreUnavailable,
+)
 from sidecar.store.base import ClaimMode
 
 log = logging.getLogger(__name__)
@@ -54,6 +61,16 @@ class Dispatch:
         if core.stopping or not core.accepting:
             raise ShuttingDown("the sidecar is shutting down")
         configured = set(core.settings.kafka.topics)
+        if not configured:
+            raise FailedPrecondition(
+                "this sidecar consumes no topics (publish-only): set kafka.topics to subscribe"
+            )
+        missing = sorted(core.missing_topics.intersection(topics or configured))
+        if missing:
+            raise NotFound(
+                f"topics {missing} in kafka.topics do not exist on the cluster: create them; the "
+                "sidecar consumes them as soon as they exist"
+            )
         unknown = [t for t in topics if t not in configured]
         if unknown:
             raise InvalidArgument(

@@ -101,6 +101,11 @@ class Engine:
         return self.core.stopping
 
     @property
+    def missing_topics(self) -> set[str]:
+        """Topics of kafka.topics the cluster does not have (Subscribe answers NOT_FOUND)."""
+        return self.core.missing_topics
+
+    @property
     def retry_topics(self) -> list[str]:
         """The retry topics the consumer subscribes to besides ``kafka.topics``."""
         return list(self.reroute.retry_sources)
@@ -108,7 +113,8 @@ class Engine:
     # ---------------------------------------------------------------------------------------------
     # lifecycle
 
-    def start(self, consumer: ConsumerLoop) -> None:
+    def start(self, consumer: ConsumerLoop | None) -> None:
+        """Start the loops; ``consumer`` is None for a publish-only sidecar (no kafka.topics)."""
         self.core.consumer = consumer
         m = self.maintenance
         loops = [

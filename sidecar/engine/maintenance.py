@@ -175,6 +175,7 @@ class Maintenance:
                 what,
                 len(core.streams),
                 part.tracker.unsettled,
+                extra=p.log_fields() if p is not None else {"topic": tp[0], "partition": tp[1], "offset": at},
             )
         core.metrics.stalled_partitions.set(stalled)
 

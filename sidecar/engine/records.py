@@ -69,6 +69,11 @@ class Pending:
     reason: str = ""
     reason_code: str = ""
 
+    def log_fields(self) -> dict[str, object]:
+        """``extra=`` for a log call about this record (JSON logs carry them as fields)."""
+        topic, partition, offset = self.coordinates()
+        return {"topic": topic, "partition": partition, "offset": offset, "idempotency_key": self.idem_key}
+
     def coordinates(self) -> tuple[str, int, int]:
         """Topic, partition and offset as the app sees them (a retry record's source)."""
         o = self.origin

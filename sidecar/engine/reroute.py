@@ -147,7 +147,12 @@ class Reroute:
                         return
                     if not isinstance(exc, StoreUnavailable):
                         log.warning(
-                            "writing %s[%d]@%d to %s failed, retrying: %s", *p.tp, p.offset, target, exc
+                            "moving %s[%d]@%d to %s failed, retrying: %s",
+                            *p.tp,
+                            p.offset,
+                            target,
+                            exc,
+                            extra=p.log_fields(),
                         )
                     await asyncio.sleep(delay)
                     delay = min(delay * 2, 10)
@@ -186,6 +191,12 @@ class Reroute:
                 except Exception as exc:  # noqa: BLE001 - never lose the record: retry
                     if core.stopping:
                         return
-                    log.warning("dead-lettering %s[%d]@%d failed, retrying: %s", *p.tp, p.offset, exc)
+                    log.warning(
+                        "dead-lettering %s[%d]@%d failed, retrying: %s",
+                        *p.tp,
+                        p.offset,
+                        exc,
+                        extra=p.log_fields(),
+                    )
                     await asyncio.sleep(delay)
                     delay = min(delay * 2, 10)

@@ -123,6 +123,13 @@ class AsyncProducer:
             else:
                 sent._settle(i, _delivery_error(err, topic))
 
+    def topics(self, timeout_s: float = 5.0) -> dict[str, int]:
+        """Blocking: every topic of the cluster with its partition count (a metadata request)."""
+        with self._lock:
+            producer = self._producer
+        meta = producer.list_topics(timeout=timeout_s)
+        return {name: len(t.partitions) for name, t in meta.topics.items() if t.error is None}
+
     def _reset(self) -> None:
         log.error("re-creating the producer after a fatal error")
         with self._lock:

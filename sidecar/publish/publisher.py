@@ -28,12 +28,15 @@ from sidecar.engine.identity import MAX_KEY_BYTES
 from sidecar.errors import (
     AlreadyExists,
     InvalidArgument,
+    KafkaUnavailable,
+    NotFound,
     PermissionDenied,
     ResourceExhausted,
     SidecarError,
     Unavailable,
 )
 from sidecar.kafka.producer import AsyncProducer, Outgoing, Produced, Sent, indeterminate
+from sidecar.kafka.topics import TopicCatalog
 from sidecar.metrics import Metrics
 from sidecar.store.base import Claim, ClaimStatus, DedupStore, PublishRecord
 
@@ -134,8 +137,10 @@ class Publisher:
         metrics: Metrics,
         retention_ms: int,
         owner: str = "publisher",
+        topics: TopicCatalog | None = None,
     ) -> None:
         self._settings = settings
+        self._topics = topics  # None: no existence check (publish.check_topics = false)
         self._header = idempotency_header
         self._store = store
         self._producer = producer
@@ -204,12 +209,20 @@ class Publisher:
         slots: list[_Entry | tuple[_Entry, str] | Exception] = []
         leaders: list[_Entry] = []
         inflight = self._inflight
+        checked: list[PublishInput | SidecarError] = []
         for req in reqs:
             try:
                 self.validate(req)
+                checked.append(req)
             except SidecarError as exc:
-                slots.append(exc)
+                checked.append(exc)
+        if self._topics is not None:
+            await self._check_exists(checked, self._topics)
+        for item in checked:
+            if isinstance(item, SidecarError):
+                slots.append(item)
                 continue
+            req = item
             if not req.idempotency_key:
                 req = replace(req, idempotency_key=new_key())
             dig = digest(req)
@@ -238,6 +251,32 @@ class Publisher:
             else:
                 out.append(slot)
         return out
+
+    @staticmethod
+    async def _check_exists(checked: list[PublishInput | SidecarError], topics: TopicCatalog) -> None:
+        """Replace each request for a topic (or partition) the cluster does not have with
+        NotFound, before anything is claimed in the store or sent to Kafka."""
+        known = topics.known
+        unseen = {r.topic for r in checked if not isinstance(r, SidecarError) and known(r.topic) is None}
+        failed: SidecarError | None = None
+        if unseen:
+            try:
+                await topics.partitions(unseen)
+            except KafkaUnavailable as exc:
+                failed = exc
+        for i, r in enumerate(checked):
+            if isinstance(r, SidecarError):
+                continue
+            n = known(r.topic)
+            if n is None:
+                checked[i] = failed or NotFound(
+                    f"topic {r.topic!r} does not exist on the cluster: create it, or set "
+                    "publish.check_topics = false if the cluster creates topics on first write"
+                )
+            elif r.partition is not None and r.partition >= n:
+                checked[i] = NotFound(
+                    f"partition {r.partition} of topic {r.topic!r} does not exist: it has {n}"
+                )
 
     async def _joined(self, first: _Entry, dig: str) -> Outcome:
         """The outcome of a request that joined ``first``, a publish of the same key."""

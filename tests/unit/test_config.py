@@ -92,3 +92,54 @@ async def test_store_errors_never_show_the_password() -> None:
         await store.ping()
     assert "hunter2" not in str(info.value)
     await store.close()
+
+
+@pytest.mark.parametrize(
+    ("text", "message"),
+    [
+        ('[kafka]\ntopicz = ["a"]\n', "unknown setting 'kafka.topicz' in .*; did you mean 'kafka.topics'"),
+        ('[delivery]\nordering = "key"\n[kafkaa]\n', "unknown setting 'kafkaa' .*did you mean 'kafka'"),
+        ("log_levle = 'INFO'\n", "unknown setting 'log_levle' .*did you mean 'log_level'"),
+        ('[kafka\ntopics = ["a"]\n', r"config file .*c\.toml: .*\(at line 1, column 7\)"),
+    ],
+)
+def test_a_file_with_a_typo_or_a_syntax_error_is_one_clear_line(
+    tmp_path: Path, text: str, message: str
+) -> None:
+    f = tmp_path / "c.toml"
+    f.write_text(text)
+    with pytest.raises(ConfigError, match=message):
+        config.load(f)
+
+
+def test_dict_settings_take_any_key(tmp_path: Path) -> None:
+    f = tmp_path / "c.toml"
+    f.write_text('[kafka.consumer]\n"security.protocol" = "SASL_SSL"\n')
+    assert config.load(f).kafka.consumer == {"security.protocol": "SASL_SSL"}
+
+
+@pytest.mark.parametrize(
+    ("name", "message"),
+    [
+        (
+            "DEDUP_KAFKA__TOPICZ",
+            "unknown environment variable DEDUP_KAFKA__TOPICZ; did you mean 'DEDUP_KAFKA__TOPICS'",
+        ),
+        ("DEDUP_LOGLEVEL", "did you mean 'DEDUP_LOG_LEVEL'"),
+        ("DEDUP_KAFKAA__TOPICS", "unknown environment variable DEDUP_KAFKAA__TOPICS"),
+        ("DEDUP_LOG_LEVEL__X", "unknown environment variable DEDUP_LOG_LEVEL__X"),
+    ],
+)
+def test_an_unknown_environment_variable_is_refused(
+    monkeypatch: pytest.MonkeyPatch, name: str, message: str
+) -> None:
+    monkeypatch.setenv(name, "x")
+    with pytest.raises(ConfigError, match=message):
+        config.load()
+
+
+def test_other_dedup_variables_and_dict_subkeys_pass(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("DEDUP_TESTONLY_KILL_AT", "x:1")
+    monkeypatch.setenv("DEDUP_CACHE_DIR", "/tmp")
+    monkeypatch.setenv("DEDUP_KAFKA__PRODUCER__LINGER_MS", "5")
+    assert config.load().kafka.producer == {"linger_ms": "5"}
