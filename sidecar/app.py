@@ -29,9 +29,10 @@ from sidecar.errors import ConfigError, KafkaUnavailable
 from sidecar.kafka import consumer as kconsumer
 from sidecar.kafka import producer as kproducer
 from sidecar.kafka.topics import TopicCatalog
-from sidecar.metrics import Metrics
+from sidecar.metrics import EngineCollector, Metrics
 from sidecar.publish.publisher import Publisher
 from sidecar.store.base import DedupStore
+from sidecar.store.timed import TimedStore
 from sidecar.stores import open_store
 
 log = logging.getLogger(__name__)
@@ -77,6 +78,7 @@ class Sidecar:
         self._health = health.aio.HealthServicer()
         self._watch: asyncio.Task[None] | None = None
         self._readiness: asyncio.Task[None] | None = None
+        self._lag: dict[tuple[str, int], int] = {}  # from librdkafka statistics
         self.topics: TopicCatalog
         self._stopped = asyncio.Event()
 
@@ -85,11 +87,15 @@ class Sidecar:
         loop = asyncio.get_running_loop()
         consumer_conf = _kafka_config(s, s.kafka.consumer, kconsumer.OWNED_PROPERTIES, "consumer")
         consumer_conf.update({"group.id": s.kafka.group_id, "session.timeout.ms": s.kafka.session_timeout_ms})
+        if s.kafka.statistics_interval_ms:
+            consumer_conf.setdefault("statistics.interval.ms", s.kafka.statistics_interval_ms)
+            consumer_conf["stats_cb"] = self._on_statistics
         producer_conf = _kafka_config(s, s.kafka.producer, kproducer.OWNED_PROPERTIES, "producer")
         host, port = _split_listen(s.server.listen, "server.listen")
-        self.store = await open_store(s)
+        self.store = TimedStore(await open_store(s), self.metrics.store_seconds)
         self._producer = kproducer.AsyncProducer(producer_conf, loop, s.publish.timeout_seconds)
         self.engine = Engine(s, self.store, self._producer, self.metrics, self.owner)
+        self.metrics.registry.register(EngineCollector(self.engine, lambda: self._lag))
         self.topics = TopicCatalog(self._producer.topics)
         if s.kafka.topics:
             await self._check_topics()
@@ -167,6 +173,21 @@ class Sidecar:
                 SERVICE_NAME,
             )
 
+    def _on_statistics(self, raw: str) -> None:
+        """librdkafka statistics (on the consumer's thread, every kafka.statistics_interval_ms):
+        keep each partition's consumer lag, the log end offset minus the committed offset."""
+        try:
+            stats = json.loads(raw)
+            lag: dict[tuple[str, int], int] = {}
+            for topic, t in stats.get("topics", {}).items():
+                for p, part in t.get("partitions", {}).items():
+                    n = part.get("consumer_lag", -1)
+                    if int(p) >= 0 and n >= 0:
+                        lag[(topic, int(p))] = n
+            self._lag = lag
+        except (ValueError, AttributeError, TypeError) as exc:
+            log.debug("unreadable librdkafka statistics: %s", exc)
+
     async def _watch_readiness(self, ready: bool) -> None:
         """Keep the DedupService health entry (readiness) true to what the sidecar can do: it is
         NOT_SERVING while the store or every broker is unreachable, or a topic of kafka.topics does
@@ -210,7 +231,8 @@ class Sidecar:
 
         s = self.settings
         assert self.engine is not None
-        conf = {k: v for k, v in consumer_conf.items() if k not in ("group.id", "session.timeout.ms")}
+        skip = ("group.id", "session.timeout.ms", "stats_cb", "statistics.interval.ms")
+        conf = {k: v for k, v in consumer_conf.items() if k not in skip}
         admin = AdminClient(conf)
         meta = await asyncio.to_thread(admin.list_topics, timeout=15)
         sources = self.engine.reroute.retry_sources
@@ -302,6 +324,7 @@ class Sidecar:
             await self._server.stop(1.0)
         if self._metrics_server is not None:
             self._metrics_server.shutdown()
+            self._metrics_server.server_close()
         if self.store is not None:
             await self.store.close()
         self._stopped.set()

@@ -57,6 +57,9 @@ class KafkaSettings(_Section):
     #: fetch over alone.
     handover_interval_ms: float = Field(2.0, ge=0, le=100)
     session_timeout_ms: int = Field(10_000, ge=1000)
+    #: How often librdkafka reports statistics, from which dedup_consumer_lag_records is read
+    #: (so the lag is at most this old). 0 turns them, and the lag metric, off.
+    statistics_interval_ms: int = Field(5000, ge=0)
 
     @field_validator("topics")
     @classmethod

@@ -141,7 +141,7 @@ class Claims:
                 else:
                     won.append(p)
             elif c.status is ClaimStatus.DONE:
-                core.metrics.skipped.labels("duplicate").inc()
+                core.metrics.skipped.labels("duplicate", p.topic).inc()
                 core.settle(p)
             else:
                 core.wait(p, State.BUSY, now + d.busy_retry_seconds)
@@ -221,7 +221,7 @@ class Claims:
                 p.attempt = max(p.attempt, c.attempt)
             elif c.status is ClaimStatus.DONE:
                 keep.discard(id(p))
-                core.metrics.skipped.labels("duplicate").inc()
+                core.metrics.skipped.labels("duplicate", p.topic).inc()
                 core.settle(p)
             else:
                 keep.discard(id(p))

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import time
 from collections.abc import Awaitable, Callable, Coroutine, Iterable
 from typing import Any, TypeVar
 
@@ -155,7 +156,7 @@ class Core:
         # Later records with the same key are duplicates of a settled (done) key.
         for shadow in p.shadows:
             if shadow.state is State.SHADOWED:
-                self.metrics.skipped.labels("duplicate").inc()
+                self.metrics.skipped.labels("duplicate", shadow.topic).inc()
                 self.settle(shadow)
         p.shadows.clear()
         if not quiet:
@@ -185,8 +186,13 @@ class Core:
                 offsets.append(CommitOffset(tp[0], tp[1], t.committable(), t.commit_metadata()))
         if not offsets:
             return
-        for o in await self.consumer.commit(offsets):
+        t0 = time.perf_counter()
+        committed = await self.consumer.commit(offsets)
+        self.metrics.commit_seconds.observe(time.perf_counter() - t0)
+        now = self.clock()
+        for o in committed:
             done = self.partitions.get((o.topic, o.partition))
             if done is not None:
                 done.tracker.mark_committed(o.offset)
+                done.last_commit = now
         self.metrics.commits.inc()

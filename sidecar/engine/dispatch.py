@@ -32,6 +32,7 @@ from sidecar.errors import (
     ShuttingDown,
     StoreUnavailable,
 )
+from sidecar.metrics import count_by_topic
 from sidecar.store.base import ClaimMode
 
 log = logging.getLogger(__name__)
@@ -127,7 +128,7 @@ class Dispatch:
                 # counted in the store too (a sidecar taking the key over later counts on).
                 p.state = State.CLAIMING
                 again.append(p)
-                core.metrics.redelivered.labels("stream_closed").inc()
+                core.metrics.redelivered.labels("stream_closed", p.topic).inc()
         if s.ordering > core.base_ordering:
             self._reorder()
         if again:
@@ -227,7 +228,8 @@ class Dispatch:
     def _hand_out(self, s: Stream, batch: list[Pending]) -> None:
         testing_hooks.reached("before_delivery")
         core = self.core
-        deadline = core.clock() + core.deadline_s
+        now = core.clock()
+        deadline = now + core.deadline_s
         by_id, instance, seq = core.by_id, self.instance, self._seq
         for p in batch:
             did = f"{instance}.{next(seq)}"
@@ -236,8 +238,9 @@ class Dispatch:
             p.state = State.IN_FLIGHT
             p.unsent = False
             p.deadline = deadline
+            p.sent_at = now
             s.add(p)
-        core.metrics.delivered.inc(len(batch))
+        count_by_topic(core.metrics.delivered, batch)
 
     def deadline_epoch_ms(self, p: Pending) -> int:
         return int((time.time() + (p.deadline - self.core.clock())) * 1000)

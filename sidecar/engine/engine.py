@@ -163,8 +163,10 @@ class Engine:
         d = self.settings.delivery
         for a in partitions:
             tracker = AckTracker(d.max_unsettled_per_partition, d.resume_unsettled, a.committed, a.metadata)
-            core.partitions[(a.topic, a.partition)] = Partition(tracker, next(self._generations), {})
+            part = Partition(tracker, next(self._generations), {}, last_commit=core.clock())
+            core.partitions[(a.topic, a.partition)] = part
         self.metrics.assigned_partitions.set(len(core.partitions))
+        self.metrics.rebalances.labels("assigned").inc(len(partitions))
 
     async def on_revoked(self, tps: list[TP], lost: bool) -> list[CommitOffset]:
         core = self.core
@@ -187,6 +189,7 @@ class Engine:
                 dropped.append(p)
         core.waiting = [p for p in core.waiting if p.state in (State.BUSY, State.DELAYED)]
         self.metrics.assigned_partitions.set(len(core.partitions))
+        self.metrics.rebalances.labels("lost" if lost else "revoked").inc(len(tps))
         # Undelivered records: let the next owner claim them at once rather than after the lease,
         # unless a duplicate of the key in a partition we keep takes over the claim here.
         kept = {p.store_key for p in dropped for sh in p.shadows if sh.state is State.SHADOWED}
@@ -254,6 +257,14 @@ class Engine:
             },
             "intake_queue": self.intake.queue.qsize(),
         }
+
+    def partition_gauges(self) -> list[tuple[str, int, int, float]]:
+        """(topic, partition, unsettled records, monotonic time of the last commit) per
+        partition; read by the metrics collector on another thread."""
+        return [
+            (tp[0], tp[1], part.tracker.unsettled, part.last_commit)
+            for tp, part in list(self.core.partitions.items())
+        ]
 
     def committable(self) -> dict[TP, int]:
         return {tp: part.tracker.committable() for tp, part in self.core.partitions.items()}

@@ -75,7 +75,7 @@ class Intake:
                 continue
             touched.add(tp)
             if result is OfferResult.ALREADY_SETTLED:
-                core.metrics.skipped.labels("commit_metadata").inc()
+                core.metrics.skipped.labels("commit_metadata", retry_sources.get(topic, topic)).inc()
                 continue
             # librdkafka hands consumed headers over as a list of (str, bytes | None).
             headers = cast(list[tuple[str, bytes | None]], m.headers() or [])

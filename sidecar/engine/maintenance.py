@@ -52,7 +52,7 @@ class Maintenance:
             else:
                 dispatch.expired[s.expire(p, now + core.deadline_s)] = s
             p.state = State.CLAIMING
-            core.metrics.redelivered.labels("deadline").inc()
+            core.metrics.redelivered.labels("deadline", p.topic).inc()
         expired = [p for _, p in late]
         # BUSY and DELAYED records whose time has come.
         due = [p for p in core.waiting if p.due <= now and p.state in (State.BUSY, State.DELAYED)]

@@ -58,6 +58,7 @@ class Pending:
     state: State = State.CLAIMING
     stream: Holder | None = None
     deadline: float = 0.0  # monotonic ack deadline while in flight
+    sent_at: float = 0.0  # monotonic time of its last delivery (ack latency)
     lease_until: float = 0.0  # monotonic estimate of the store lease end
     due: float = 0.0  # monotonic time of the next claim (BUSY / DELAYED)
     delivery_ids: list[str] = field(default_factory=list)
@@ -90,6 +91,7 @@ class Partition:
     stalled: bool = False
     #: Ordering chains (see ordering.py): chain key -> unsettled records in offset order.
     chains: dict[object, deque[Pending]] = field(default_factory=dict)
+    last_commit: float = 0.0  # monotonic time of its last commit (or assignment)
     #: Records of a retry partition waiting for their due time; the partition stays paused
     #: while there are any, so nothing is fetched past a record that is not due.
     scheduled: int = 0

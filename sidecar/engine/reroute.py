@@ -186,7 +186,7 @@ class Reroute:
                     await core.producer.produce(template.replace("{topic}", topic), p.value, p.key, headers)
                     if p.store_key:
                         await core.store.complete([p.store_key], core.owner, core.retention_ms)
-                    core.metrics.dead_lettered.inc()
+                    core.metrics.dead_lettered.labels(topic, p.reason_code or "nack").inc()
                     core.settle(p)
                 except Exception as exc:  # noqa: BLE001 - never lose the record: retry
                     if core.stopping:

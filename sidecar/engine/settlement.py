@@ -9,6 +9,7 @@ its ids up before it changes anything, so a call with one malformed id changes n
 from __future__ import annotations
 
 import re
+import time
 from collections.abc import Awaitable, Sequence
 from typing import TypeVar
 
@@ -18,6 +19,7 @@ from sidecar.engine.dispatch import Dispatch
 from sidecar.engine.records import TP, Pending, Recent, State
 from sidecar.engine.reroute import Reroute
 from sidecar.errors import InvalidArgument, StoreUnavailable
+from sidecar.metrics import count_by_topic
 from sidecar.store.base import ClaimMode, ClaimStatus
 
 T = TypeVar("T")
@@ -118,6 +120,7 @@ class Settlement:
             for p in todo:
                 p.acking -= 1
         touched: set[TP] = set()
+        settled: list[Pending] = []
         for i, did in enumerate(ids):
             if results[i] != AckOutcome.OK:
                 continue
@@ -130,12 +133,20 @@ class Settlement:
                 results[i] = AckOutcome.STALE
                 continue
             core.settle(p, quiet=True)
+            settled.append(p)
             touched.add(p.tp)
         for tp in touched:
             core.update_pause(tp)
         if touched:
             core.commit_wakeup.set()
-        core.metrics.acked.inc(sum(1 for r in results if r == AckOutcome.OK))
+        if settled:
+            m = core.metrics
+            count_by_topic(m.acked, settled)
+            now, wall = core.clock(), time.time()
+            m.ack_latency.observe_many([now - p.sent_at for p in settled])
+            m.end_to_end_latency.observe_many(
+                [wall - p.timestamp_ms / 1000 for p in settled if p.timestamp_ms]
+            )
         core.metrics.stale_acks.inc(sum(1 for r in results if r == AckOutcome.STALE))
         if core.settings.commit.mode == "per-ack" and touched:
             await core.commit_now(touched)
@@ -189,7 +200,7 @@ class Settlement:
                 core.wait(p, State.DELAYED, now + waits[i])
             else:
                 retry.append((p, tier, waits[i]))
-            core.metrics.nacked.inc()
+            core.metrics.nacked.labels(p.topic).inc()
         if retry:
             self.reroute.to_retry(retry)
         todo = [p for p in dlq.values() if p.state is State.IN_FLIGHT]

@@ -206,6 +206,7 @@ class Publisher:
         already being published (by a concurrent call, or earlier in this batch) waits for that
         publish and reports it as a duplicate, or AlreadyExists if its payload differs.
         """
+        t0 = time.perf_counter()
         slots: list[_Entry | tuple[_Entry, str] | Exception] = []
         leaders: list[_Entry] = []
         inflight = self._inflight
@@ -250,7 +251,22 @@ class Publisher:
                 out.append(await self._joined(*slot))
             else:
                 out.append(slot)
+        self._observe(out, time.perf_counter() - t0)
         return out
+
+    def _observe(self, outcomes: list[Outcome], seconds: float) -> None:
+        """Every entry of the call took ``seconds``; counted per outcome (ok, duplicate, error)."""
+        ok = dup = 0
+        for o in outcomes:
+            if isinstance(o, PublishOutput):
+                if o.duplicate:
+                    dup += 1
+                else:
+                    ok += 1
+        hist = self._metrics.publish_seconds
+        for label, n in (("ok", ok), ("duplicate", dup), ("error", len(outcomes) - ok - dup)):
+            if n:
+                hist.observe(seconds, n, (label,))
 
     @staticmethod
     async def _check_exists(checked: list[PublishInput | SidecarError], topics: TopicCatalog) -> None:

@@ -159,4 +159,4 @@ async def test_duplicates_in_one_partition_reach_the_app_once(kafka: services.Ka
             await c.ack_many([m.delivery_id for m in got])
             await asyncio.sleep(1.0)
             assert len(inbox.messages) == 2
-        assert sc.metrics.skipped.labels("duplicate")._value.get() == 2
+        assert sc.metrics.skipped.labels("duplicate", topic)._value.get() == 2

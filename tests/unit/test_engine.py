@@ -313,7 +313,7 @@ async def test_commit_metadata_skips_settled_after_reassign(engine: tuple[Engine
     assert c.offset == 0
     await eng.on_assigned([Assigned(T, 0, c.offset, c.metadata)])
     await intake(eng, msg(0, 0, "a"), msg(0, 1, "b"), msg(0, 2, "c"))
-    assert eng.metrics.skipped.labels("commit_metadata")._value.get() == 2
+    assert eng.metrics.skipped.labels("commit_metadata", T)._value.get() == 2
     # "a" is still out at the app from before the revoke: held back, not delivered twice.
     assert eng.describe()["partitions"][f"{T}[0]"]["states"] == {"busy": 1}
 

@@ -134,7 +134,7 @@ async def test_a_duplicate_does_not_hold_its_key_back(engines: Any) -> None:
     # Record 1 was settled as a duplicate as soon as its claim came back: 2 goes next.
     [nxt] = await frame(eng, s)
     assert nxt.offset == 2
-    assert eng.metrics.skipped.labels("duplicate")._value.get() == 1
+    assert eng.metrics.skipped.labels("duplicate", T)._value.get() == 1
 
 
 async def test_a_subscribe_may_narrow_the_ordering_but_not_widen_it(engines: Any) -> None:
@@ -225,7 +225,7 @@ async def test_a_long_nack_moves_to_a_retry_topic_and_comes_back_when_due(engine
     eng.on_records([rec(7, "a")])
     await settle_down()
     assert await frame(eng, s, 0.2) == []
-    assert eng.metrics.skipped.labels("duplicate")._value.get() == 1
+    assert eng.metrics.skipped.labels("duplicate", T)._value.get() == 1
 
 
 def test_retry_topics_are_refused_with_an_ordering() -> None:

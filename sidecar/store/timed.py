@@ -1,0 +1,63 @@
+"""A dedup store wrapper that times every round trip into ``dedup_store_request_seconds{op}``.
+
+Every store call carries a batch, so one observation per call costs nothing per record."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Awaitable, Sequence
+from typing import TypeVar
+
+from prometheus_client import Histogram
+
+from sidecar.store.base import Claim, ClaimMode, DedupStore, PublishRecord
+
+T = TypeVar("T")
+
+
+class TimedStore:
+    def __init__(self, inner: DedupStore, seconds: Histogram) -> None:
+        self.inner = inner
+        self.name = inner.name
+        self.shared = inner.shared
+        self._timers = {op: seconds.labels(op) for op in _OPS}
+
+    async def _timed(self, op: str, call: Awaitable[T]) -> T:
+        t0 = time.perf_counter()
+        try:
+            return await call
+        finally:
+            self._timers[op].observe(time.perf_counter() - t0)
+
+    async def claim(
+        self, keys: Sequence[str], owner: str, lease_ms: int, mode: ClaimMode = ClaimMode.CLAIM
+    ) -> list[Claim]:
+        return await self._timed("claim", self.inner.claim(keys, owner, lease_ms, mode))
+
+    async def complete(self, keys: Sequence[str], owner: str, retention_ms: int) -> list[bool]:
+        return await self._timed("complete", self.inner.complete(keys, owner, retention_ms))
+
+    async def release(self, keys: Sequence[str], owner: str, delivered: bool = True) -> list[bool]:
+        return await self._timed("release", self.inner.release(keys, owner, delivered))
+
+    async def publish_begin(
+        self, keys: Sequence[str], owner: str, lease_ms: int
+    ) -> list[PublishRecord | Claim]:
+        return await self._timed("publish_begin", self.inner.publish_begin(keys, owner, lease_ms))
+
+    async def publish_finish(
+        self, entries: Sequence[tuple[str, PublishRecord | None]], owner: str, retention_ms: int
+    ) -> list[PublishRecord | None]:
+        return await self._timed("publish_finish", self.inner.publish_finish(entries, owner, retention_ms))
+
+    async def purge(self) -> int:
+        return await self._timed("purge", self.inner.purge())
+
+    async def ping(self) -> None:
+        await self._timed("ping", self.inner.ping())
+
+    async def close(self) -> None:
+        await self.inner.close()
+
+
+_OPS = ("claim", "complete", "release", "publish_begin", "publish_finish", "purge", "ping")
