@@ -58,9 +58,24 @@ def test_dockerfile_env_names_real_settings() -> None:
     assert 'ENTRYPOINT ["dedup-sidecar"]' in text
 
 
+def test_kubernetes_runs_a_native_sidecar_that_is_ready_when_it_can_work() -> None:
+    doc = yaml.safe_load((ROOT / "deploy/kubernetes/deployment.yaml").read_text())
+    pod = doc["spec"]["template"]["spec"]
+    [sidecar] = [c for c in pod["initContainers"] if c["name"] == "dedup-sidecar"]
+    # Started before the app and stopped after it: an init container that keeps running.
+    assert sidecar["restartPolicy"] == "Always"
+    assert all(c["name"] != "dedup-sidecar" for c in pod["containers"])
+    # Readiness asks for the DedupService entry (store, brokers, topics), liveness the overall one.
+    assert sidecar["readinessProbe"]["grpc"]["service"] == "dedup.v1.DedupService"
+    assert "service" not in sidecar["livenessProbe"]["grpc"]
+    assert sidecar["startupProbe"]["grpc"]["port"] == 50051
+
+
 def test_kubernetes_probes_reach_the_listen_address() -> None:
     doc = yaml.safe_load((ROOT / "deploy/kubernetes/deployment.yaml").read_text())
-    sidecar = next(c for c in doc["spec"]["template"]["spec"]["containers"] if c["name"] == "dedup-sidecar")
+    sidecar = next(
+        c for c in doc["spec"]["template"]["spec"]["initContainers"] if c["name"] == "dedup-sidecar"
+    )
     env = {e["name"]: e.get("value") for e in sidecar["env"]}
     # A gRPC probe dials the pod IP: a loopback-only listener would fail it.
     assert env["DEDUP_SERVER__LISTEN"].startswith("0.0.0.0:")
