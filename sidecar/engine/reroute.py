@@ -70,6 +70,18 @@ class RetryRecord:
         self.origin = Origin(topic, partition, offset) if partition >= 0 and offset >= 0 else None
 
 
+def _provenance(p: Pending) -> list[tuple[str, bytes]]:
+    """The record's own headers, then where it was first consumed and its attempts so far."""
+    topic, partition, offset = p.coordinates()
+    return [
+        *((k, v or b"") for k, v in p.headers),
+        (H_TOPIC, topic.encode()),
+        (H_PARTITION, str(partition).encode()),
+        (H_OFFSET, str(offset).encode()),
+        (H_ATTEMPTS, str(p.attempt).encode()),
+    ]
+
+
 def _int(text: str | None, default: int) -> int:
     try:
         return int(text) if text is not None else default
@@ -115,13 +127,8 @@ class Reroute:
         core = self.core
         for p, tier, delay_s in records:
             due_ms = int(time.time() * 1000 + delay_s * 1000)
-            topic, partition, offset = p.coordinates()
             headers = [
-                *((k, v or b"") for k, v in p.headers),
-                (H_TOPIC, topic.encode()),
-                (H_PARTITION, str(partition).encode()),
-                (H_OFFSET, str(offset).encode()),
-                (H_ATTEMPTS, str(p.attempt).encode()),
+                *_provenance(p),
                 (H_DUE, str(due_ms).encode()),
                 (H_KEY, (p.idem_key or "").encode()),
                 (H_TIER, str(tier).encode()),
@@ -170,13 +177,9 @@ class Reroute:
         core = self.core
         template = core.settings.delivery.dead_letter_topic
         for p in records:
-            topic, partition, offset = p.coordinates()
+            topic = p.topic
             headers = [
-                *((k, v or b"") for k, v in p.headers),
-                (H_TOPIC, topic.encode()),
-                (H_PARTITION, str(partition).encode()),
-                (H_OFFSET, str(offset).encode()),
-                (H_ATTEMPTS, str(p.attempt).encode()),
+                *_provenance(p),
                 (H_REASON, p.reason.encode()[:1000]),
                 (H_REASON_CODE, p.reason_code.encode()),
             ]
