@@ -21,6 +21,7 @@ from grpc_health.v1 import health, health_pb2
 from prometheus_client import start_http_server
 
 from sidecar import logs
+from sidecar.api.admin import AdminServicer
 from sidecar.api.server import SERVICE_NAME, build_server
 from sidecar.api.servicer import DedupServicer
 from sidecar.config import Settings
@@ -79,6 +80,7 @@ class Sidecar:
         self._watch: asyncio.Task[None] | None = None
         self._readiness: asyncio.Task[None] | None = None
         self._lag: dict[tuple[str, int], int] = {}  # from librdkafka statistics
+        self.ready = False  # what the DedupService health entry says
         self.topics: TopicCatalog
         self._stopped = asyncio.Event()
 
@@ -124,7 +126,8 @@ class Sidecar:
         )
         servicer = DedupServicer(self.engine, publisher, s.publish.max_batch_entries)
         token = s.server.auth_token.get_secret_value() if s.server.auth_token else None
-        self._server = build_server(servicer, self._health, token, s.publish.max_message_bytes)
+        admin = AdminServicer(self, self.engine, self.store, s.kafka.group_id, self._store_name)
+        self._server = build_server(servicer, self._health, token, s.publish.max_message_bytes, admin)
         self.port = self._server.add_insecure_port(f"{host}:{port}")
         if self.port == 0:
             raise ConfigError(
@@ -140,7 +143,7 @@ class Sidecar:
             self._consumer.start()
             if not self.store.shared:
                 self._watch = asyncio.create_task(self._watch_group())
-        ready = not self.engine.missing_topics
+        ready = self.ready = not self.engine.missing_topics
         await self._health.set(SERVICE_NAME, _SERVING if ready else _NOT_SERVING)
         await self._health.set("", _SERVING)
         self._readiness = asyncio.create_task(self._watch_readiness(ready))
@@ -172,6 +175,15 @@ class Sidecar:
                 sorted(missing),
                 SERVICE_NAME,
             )
+
+    def lag(self) -> dict[tuple[str, int], int]:
+        return self._lag
+
+    def _store_name(self) -> str:
+        inner = getattr(self.store, "inner", self.store)
+        name = str(getattr(inner, "name", "?"))
+        shape = getattr(inner, "shape", None)
+        return f"{name} ({shape})" if shape else name
 
     def _on_statistics(self, raw: str) -> None:
         """librdkafka statistics (on the consumer's thread, every kafka.statistics_interval_ms):
@@ -214,7 +226,7 @@ class Sidecar:
             if missing:
                 problems.append(f"topics {sorted(missing)} in kafka.topics do not exist")
             if (not problems) != ready:
-                ready = not problems
+                ready = self.ready = not problems
                 await self._health.set(SERVICE_NAME, _SERVING if ready else _NOT_SERVING)
                 if ready:
                     log.info("ready again: %s health entry SERVING", SERVICE_NAME)

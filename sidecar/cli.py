@@ -12,7 +12,7 @@ from typing import Any
 
 from pydantic import ValidationError
 
-from sidecar import __version__, config, logs
+from sidecar import __version__, admin_cli, config, logs
 from sidecar.errors import SidecarError
 
 
@@ -21,7 +21,8 @@ def _parser() -> argparse.ArgumentParser:
         prog="dedup-sidecar",
         description="Stream de-duplicated Kafka records to a local app over gRPC; commit only after Ack.",
         epilog="Settings come from defaults < --config FILE (or DEDUP_CONFIG) < DEDUP_* environment < flags. "
-        "See deploy/sidecar.example.toml.",
+        "See deploy/sidecar.example.toml. Against a running sidecar: 'dedup-sidecar status' and "
+        "'dedup-sidecar key TOPIC KEY' (each with --help).",
     )
     p.add_argument("--config", help="TOML settings file")
     p.add_argument("--bootstrap-servers", help="kafka.bootstrap_servers")
@@ -94,6 +95,9 @@ def tune_interpreter() -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if argv and argv[0] in admin_cli.COMMANDS:
+        return admin_cli.admin_main(argv)
     args = _parser().parse_args(argv)
     try:
         settings = config.load(args.config, **_overrides(args))

@@ -372,3 +372,132 @@ class DedupService:
             timeout,
             metadata,
             _registered_method=True)
+
+
+class AdminServiceStub:
+    """AdminService answers operators (`dedup-sidecar status`, `dedup-sidecar key`) on the same port
+    and with the same credentials as DedupService.
+    """
+
+    def __init__(self, channel):
+        """Constructor.
+
+        Args:
+            channel: A grpc.Channel.
+        """
+        self.Status = channel.unary_unary(
+                '/dedup.v1.AdminService/Status',
+                request_serializer=dedup_dot_v1_dot_dedup__pb2.StatusRequest.SerializeToString,
+                response_deserializer=dedup_dot_v1_dot_dedup__pb2.StatusResponse.FromString,
+                _registered_method=True)
+        self.GetKey = channel.unary_unary(
+                '/dedup.v1.AdminService/GetKey',
+                request_serializer=dedup_dot_v1_dot_dedup__pb2.GetKeyRequest.SerializeToString,
+                response_deserializer=dedup_dot_v1_dot_dedup__pb2.GetKeyResponse.FromString,
+                _registered_method=True)
+
+
+class AdminServiceServicer:
+    """AdminService answers operators (`dedup-sidecar status`, `dedup-sidecar key`) on the same port
+    and with the same credentials as DedupService.
+    """
+
+    def Status(self, request, context):
+        """Status describes this sidecar now: its partitions (offsets, unsettled and in-flight records,
+        lag), its streams and whether it is ready.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def GetKey(self, request, context):
+        """GetKey reads an idempotency key's state in the dedup store, as a consumer of `topic` in this
+        sidecar's group sees it, and its Publish result if it was published.
+
+        Status codes:
+        INVALID_ARGUMENT   empty key or topic.
+        UNAVAILABLE        the store is unreachable.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+
+def add_AdminServiceServicer_to_server(servicer, server):
+    rpc_method_handlers = {
+            'Status': grpc.unary_unary_rpc_method_handler(
+                    servicer.Status,
+                    request_deserializer=dedup_dot_v1_dot_dedup__pb2.StatusRequest.FromString,
+                    response_serializer=dedup_dot_v1_dot_dedup__pb2.StatusResponse.SerializeToString,
+            ),
+            'GetKey': grpc.unary_unary_rpc_method_handler(
+                    servicer.GetKey,
+                    request_deserializer=dedup_dot_v1_dot_dedup__pb2.GetKeyRequest.FromString,
+                    response_serializer=dedup_dot_v1_dot_dedup__pb2.GetKeyResponse.SerializeToString,
+            ),
+    }
+    generic_handler = grpc.method_handlers_generic_handler(
+            'dedup.v1.AdminService', rpc_method_handlers)
+    server.add_generic_rpc_handlers((generic_handler,))
+    server.add_registered_method_handlers('dedup.v1.AdminService', rpc_method_handlers)
+
+
+ # This class is part of an EXPERIMENTAL API.
+class AdminService:
+    """AdminService answers operators (`dedup-sidecar status`, `dedup-sidecar key`) on the same port
+    and with the same credentials as DedupService.
+    """
+
+    @staticmethod
+    def Status(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/dedup.v1.AdminService/Status',
+            dedup_dot_v1_dot_dedup__pb2.StatusRequest.SerializeToString,
+            dedup_dot_v1_dot_dedup__pb2.StatusResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def GetKey(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/dedup.v1.AdminService/GetKey',
+            dedup_dot_v1_dot_dedup__pb2.GetKeyRequest.SerializeToString,
+            dedup_dot_v1_dot_dedup__pb2.GetKeyResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)

@@ -11,9 +11,11 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
 from sidecar._proto import dedup_pb2
+from sidecar._proto import dedup_pb2_grpc as pb_grpc
 from sidecar.api.servicer import DedupServicer
 
 SERVICE_NAME = dedup_pb2.DESCRIPTOR.services_by_name["DedupService"].full_name
+ADMIN_SERVICE_NAME = dedup_pb2.DESCRIPTOR.services_by_name["AdminService"].full_name
 _OPEN_METHODS = ("/grpc.health.v1.Health/", "/grpc.reflection.")
 
 
@@ -82,6 +84,7 @@ def build_server(
     health_servicer: health.aio.HealthServicer,
     auth_token: str | None,
     max_message_bytes: int,
+    admin: pb_grpc.AdminServiceServicer | None = None,
 ) -> grpc.aio.Server:
     interceptors = [TokenAuthInterceptor(auth_token)] if auth_token else []
     # Leave room above publish.max_message_bytes so oversize records get our RESOURCE_EXHAUSTED
@@ -99,8 +102,13 @@ def build_server(
     server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(SERVICE_NAME, handlers),))
     server.add_registered_method_handlers(SERVICE_NAME, handlers)
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
-    reflection.enable_server_reflection(
-        (SERVICE_NAME, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name, reflection.SERVICE_NAME),
-        server,
-    )
+    names = [
+        SERVICE_NAME,
+        health_pb2.DESCRIPTOR.services_by_name["Health"].full_name,
+        reflection.SERVICE_NAME,
+    ]
+    if admin is not None:  # behind the same token as DedupService
+        pb_grpc.add_AdminServiceServicer_to_server(admin, server)
+        names.append(ADMIN_SERVICE_NAME)
+    reflection.enable_server_reflection(names, server)
     return server

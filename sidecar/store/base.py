@@ -68,6 +68,18 @@ class PublishRecord:
         return cls(digest, topic, int(partition), int(offset))
 
 
+@dataclass(frozen=True, slots=True)
+class KeyInfo:
+    """What the store holds for a key, for operators (``dedup-sidecar key``)."""
+
+    state: str  # "absent", "claimed" (a live lease), "released" (lease ended or given back), "done"
+    owner: str = ""
+    lease_until_ms: int = 0  # epoch ms; meaningful when claimed
+    expires_ms: int = 0  # epoch ms when the entry is forgotten
+    attempt: int = 0
+    published: PublishRecord | None = None  # its Publish result, if it was published
+
+
 @runtime_checkable
 class DedupStore(Protocol):
     """Batched claim/complete/release over idempotency keys. See the module docstring."""
@@ -132,6 +144,11 @@ class DedupStore(Protocol):
 
     async def purge(self) -> int:
         """Delete expired claims and done marks past retention. Returns how many were removed."""
+        ...
+
+    async def inspect(self, key: str, publish_key: str) -> KeyInfo:
+        """Read, without changing anything, the delivery state of ``key`` (a store key) and the
+        Publish result recorded under ``publish_key`` (an idempotency key)."""
         ...
 
     async def ping(self) -> None:

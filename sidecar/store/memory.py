@@ -5,7 +5,15 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 from sidecar.store import rules
-from sidecar.store.base import Claim, ClaimMode, Clock, PublishRecord, publish_claim_key, wall_clock_ms
+from sidecar.store.base import (
+    Claim,
+    ClaimMode,
+    Clock,
+    KeyInfo,
+    PublishRecord,
+    publish_claim_key,
+    wall_clock_ms,
+)
 
 
 class MemoryStore:
@@ -52,6 +60,10 @@ class MemoryStore:
             released, _ = rules.release(self._keys.get(key), owner, now, delivered)
             out.append(released)
         return out
+
+    async def inspect(self, key: str, publish_key: str) -> KeyInfo:
+        now = self._clock()
+        return rules.describe(self._keys.get(key), now, self._live_record(publish_key, now))
 
     def _live_record(self, key: str, now: int) -> PublishRecord | None:
         got = self._published.get(key)

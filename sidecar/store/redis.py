@@ -20,7 +20,8 @@ from redis.asyncio.cluster import RedisCluster
 from redis.exceptions import RedisError, ResponseError
 
 from sidecar.errors import ConfigError, StoreUnavailable
-from sidecar.store.base import Claim, ClaimMode, ClaimStatus, PublishRecord
+from sidecar.store import rules
+from sidecar.store.base import Claim, ClaimMode, ClaimStatus, KeyInfo, PublishRecord
 from sidecar.store.redis_shapes import (
     SENTINEL_SCHEMES,
     ClusterRouter,
@@ -35,6 +36,12 @@ from sidecar.store.redis_shapes import (
 )
 
 log = logging.getLogger(__name__)
+
+
+def _text(v: bytes | str | None) -> str | None:
+    return v.decode() if isinstance(v, bytes) else v
+
+
 _CHUNK = 500  # keys per script call on a standalone Redis: bounds how long one call blocks it
 
 _NOW = """
@@ -472,6 +479,31 @@ class RedisStore:
             raise StoreUnavailable(f"at start-up: {exc}") from exc
         except RedisError as exc:
             raise unavailable(exc, " at start-up") from exc
+
+    async def inspect(self, key: str, publish_key: str) -> KeyInfo:
+        """GET the key's state and its publish record (two reads, on whichever node owns each)."""
+        try:
+            router = await self._cluster_router()
+            client: Any = router.client if router is not None else self._client
+            seconds, micros = await client.time()
+            now = int(seconds) * 1000 + int(micros) // 1000
+            raw = await client.get(f"{self._prefix}:k:{key}".encode())
+            ttl = await client.pttl(f"{self._prefix}:k:{key}".encode())
+            pub = await client.get(self._p(publish_key))
+        except RedisError as exc:
+            raise unavailable(exc, "") from exc
+        published = None
+        pub_text = _text(pub)
+        if pub_text is not None and not pub_text.startswith("~"):  # "~owner|lease": in progress
+            published = PublishRecord.decode(pub_text)
+        state = _text(raw)
+        if state is None:
+            return rules.describe(None, now, published)
+        done, rest = state.split("|", 1)
+        owner, lease, attempt = rest.rsplit("|", 2)
+        expires = now + ttl if ttl > 0 else 0
+        entry = rules.Entry(done == "1", owner, int(lease), int(attempt), expires or now + 1)
+        return rules.describe(entry, now, published)
 
     async def _on_each_primary(self, *command: str) -> list[Any]:
         """Run a command on every node that holds data: the masters of a Cluster, else the primary."""

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from sidecar.store.base import Claim, ClaimMode, ClaimStatus
+from sidecar.store.base import Claim, ClaimMode, ClaimStatus, KeyInfo, PublishRecord
 
 
 @dataclass(slots=True)
@@ -51,6 +51,16 @@ def claim(
     entry.attempt = max(entry.attempt, 1) if same else entry.attempt + 1
     entry.expires = max(entry.expires, now + lease_ms)
     return Claim(ClaimStatus.NEW, entry.attempt), entry
+
+
+def describe(entry: Entry | None, now: int, published: PublishRecord | None = None) -> KeyInfo:
+    """An entry as operators see it (KeyInfo)."""
+    entry = live(entry, now)
+    if entry is None:
+        return KeyInfo("absent", published=published)
+    state = "done" if entry.done else "claimed" if entry.deadline > now else "released"
+    lease = entry.deadline if state == "claimed" else 0
+    return KeyInfo(state, entry.owner, lease, entry.expires, entry.attempt, published)
 
 
 def complete(entry: Entry | None, owner: str, now: int, retention_ms: int) -> tuple[bool, Entry]:

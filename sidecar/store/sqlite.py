@@ -15,7 +15,15 @@ from typing import Literal, TypeVar
 
 from sidecar.errors import StoreUnavailable
 from sidecar.store import rules
-from sidecar.store.base import Claim, ClaimMode, Clock, PublishRecord, publish_claim_key, wall_clock_ms
+from sidecar.store.base import (
+    Claim,
+    ClaimMode,
+    Clock,
+    KeyInfo,
+    PublishRecord,
+    publish_claim_key,
+    wall_clock_ms,
+)
 
 T = TypeVar("T")
 #: What a batch operation does to one key's entry: (its answer, the entry to write or None).
@@ -232,6 +240,17 @@ class SQLiteStore:
 
     async def ping(self) -> None:
         await self._run(lambda: self._conn().execute("SELECT 1").fetchone())
+
+    async def inspect(self, key: str, publish_key: str) -> KeyInfo:
+        def read() -> KeyInfo:
+            db, now = self._conn(), self._clock()
+            row = db.execute(
+                "SELECT record FROM publish_results WHERE key = ? AND expires > ?", (publish_key, now)
+            ).fetchone()
+            published = PublishRecord.decode(row[0]) if row else None
+            return rules.describe(self._load(db, [key]).get(key), now, published)
+
+        return await self._run(read)
 
     async def close(self) -> None:
         if self._db is not None:

@@ -10,7 +10,7 @@ from typing import TypeVar
 
 from prometheus_client import Histogram
 
-from sidecar.store.base import Claim, ClaimMode, DedupStore, PublishRecord
+from sidecar.store.base import Claim, ClaimMode, DedupStore, KeyInfo, PublishRecord
 
 T = TypeVar("T")
 
@@ -52,6 +52,9 @@ class TimedStore:
 
     async def purge(self) -> int:
         return await self._timed("purge", self.inner.purge())
+
+    async def inspect(self, key: str, publish_key: str) -> KeyInfo:
+        return await self.inner.inspect(key, publish_key)
 
     async def ping(self) -> None:
         await self._timed("ping", self.inner.ping())

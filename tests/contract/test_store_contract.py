@@ -392,3 +392,25 @@ async def test_concurrent_single_key_calls_each_get_their_own_answer(store: Dedu
         *(store.publish_begin([k], "late", LEASE) for k in ["pk-" + ks[0], "missing-" + ks[1]] * 5)
     )
     assert [begun(x) for x in looked] == [[stored[0][0]], ["NEW"]] * 5
+
+
+async def test_inspect_reads_each_state_without_changing_it(store: DedupStore) -> None:
+    k, p = keys(2)
+    assert (await store.inspect(k, p)).state == "absent"
+    await store.claim([k], "a", LEASE)
+    got = await store.inspect(k, p)
+    assert (got.state, got.owner, got.attempt) == ("claimed", "a", 1)
+    assert got.lease_until_ms > 0
+    assert got.expires_ms >= got.lease_until_ms
+    assert (await store.inspect(k, p)).state == "claimed"  # reading changed nothing
+    await store.release([k], "a")
+    assert (await store.inspect(k, p)).state == "released"
+    await store.complete([k], "b", DAY)
+    done = await store.inspect(k, p)
+    assert (done.state, done.owner, done.attempt) == ("done", "b", 1)
+    assert done.published is None
+    record = PublishRecord("d1", "orders", 2, 40)
+    await store.publish_begin([p], "a", LEASE)
+    assert (await store.inspect(k, p)).published is None  # a publish in progress is no result
+    await store.publish_finish([(p, record)], "a", DAY)
+    assert (await store.inspect(k, p)).published == record

@@ -154,6 +154,65 @@ func (AckResult) EnumDescriptor() ([]byte, []int) {
 	return file_dedup_v1_dedup_proto_rawDescGZIP(), []int{1}
 }
 
+type KeyState int32
+
+const (
+	KeyState_KEY_STATE_UNSPECIFIED KeyState = 0
+	// The store has no entry: never claimed, or forgotten after store.retention_seconds.
+	KeyState_KEY_STATE_ABSENT KeyState = 1
+	// A sidecar holds a live lease on it: it is being delivered.
+	KeyState_KEY_STATE_CLAIMED KeyState = 2
+	// Claimed before, and the lease ended or was given back: the next claim delivers it again.
+	KeyState_KEY_STATE_RELEASED KeyState = 3
+	// Processed: it is not delivered again until it expires.
+	KeyState_KEY_STATE_DONE KeyState = 4
+)
+
+// Enum value maps for KeyState.
+var (
+	KeyState_name = map[int32]string{
+		0: "KEY_STATE_UNSPECIFIED",
+		1: "KEY_STATE_ABSENT",
+		2: "KEY_STATE_CLAIMED",
+		3: "KEY_STATE_RELEASED",
+		4: "KEY_STATE_DONE",
+	}
+	KeyState_value = map[string]int32{
+		"KEY_STATE_UNSPECIFIED": 0,
+		"KEY_STATE_ABSENT":      1,
+		"KEY_STATE_CLAIMED":     2,
+		"KEY_STATE_RELEASED":    3,
+		"KEY_STATE_DONE":        4,
+	}
+)
+
+func (x KeyState) Enum() *KeyState {
+	p := new(KeyState)
+	*p = x
+	return p
+}
+
+func (x KeyState) String() string {
+	return protoimpl.X.EnumStringOf(x.Descriptor(), protoreflect.EnumNumber(x))
+}
+
+func (KeyState) Descriptor() protoreflect.EnumDescriptor {
+	return file_dedup_v1_dedup_proto_enumTypes[2].Descriptor()
+}
+
+func (KeyState) Type() protoreflect.EnumType {
+	return &file_dedup_v1_dedup_proto_enumTypes[2]
+}
+
+func (x KeyState) Number() protoreflect.EnumNumber {
+	return protoreflect.EnumNumber(x)
+}
+
+// Deprecated: Use KeyState.Descriptor instead.
+func (KeyState) EnumDescriptor() ([]byte, []int) {
+	return file_dedup_v1_dedup_proto_rawDescGZIP(), []int{2}
+}
+
 type SubscribeRequest struct {
 	state protoimpl.MessageState `protogen:"open.v1"`
 	// Topics to receive, a subset of the sidecar's `kafka.topics`. Empty means all of them.
@@ -1087,6 +1146,458 @@ func (x *PublishBatchResponse) GetResults() []*PublishBatchResult {
 	return nil
 }
 
+type StatusRequest struct {
+	state         protoimpl.MessageState `protogen:"open.v1"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *StatusRequest) Reset() {
+	*x = StatusRequest{}
+	mi := &file_dedup_v1_dedup_proto_msgTypes[15]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *StatusRequest) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*StatusRequest) ProtoMessage() {}
+
+func (x *StatusRequest) ProtoReflect() protoreflect.Message {
+	mi := &file_dedup_v1_dedup_proto_msgTypes[15]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use StatusRequest.ProtoReflect.Descriptor instead.
+func (*StatusRequest) Descriptor() ([]byte, []int) {
+	return file_dedup_v1_dedup_proto_rawDescGZIP(), []int{15}
+}
+
+type PartitionStatus struct {
+	state     protoimpl.MessageState `protogen:"open.v1"`
+	Topic     string                 `protobuf:"bytes,1,opt,name=topic,proto3" json:"topic,omitempty"`
+	Partition int32                  `protobuf:"varint,2,opt,name=partition,proto3" json:"partition,omitempty"`
+	// Last committed offset (-1: none yet) and the offset a commit would write now.
+	Committed   int64 `protobuf:"varint,3,opt,name=committed,proto3" json:"committed,omitempty"`
+	Committable int64 `protobuf:"varint,4,opt,name=committable,proto3" json:"committable,omitempty"`
+	Unsettled   int64 `protobuf:"varint,5,opt,name=unsettled,proto3" json:"unsettled,omitempty"`
+	InFlight    int64 `protobuf:"varint,6,opt,name=in_flight,json=inFlight,proto3" json:"in_flight,omitempty"`
+	// Log end offset minus the committed offset, from librdkafka statistics; -1 when unknown.
+	Lag    int64 `protobuf:"varint,7,opt,name=lag,proto3" json:"lag,omitempty"`
+	Paused bool  `protobuf:"varint,8,opt,name=paused,proto3" json:"paused,omitempty"`
+	// unordered, key or partition.
+	Ordering      string `protobuf:"bytes,9,opt,name=ordering,proto3" json:"ordering,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *PartitionStatus) Reset() {
+	*x = PartitionStatus{}
+	mi := &file_dedup_v1_dedup_proto_msgTypes[16]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *PartitionStatus) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*PartitionStatus) ProtoMessage() {}
+
+func (x *PartitionStatus) ProtoReflect() protoreflect.Message {
+	mi := &file_dedup_v1_dedup_proto_msgTypes[16]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use PartitionStatus.ProtoReflect.Descriptor instead.
+func (*PartitionStatus) Descriptor() ([]byte, []int) {
+	return file_dedup_v1_dedup_proto_rawDescGZIP(), []int{16}
+}
+
+func (x *PartitionStatus) GetTopic() string {
+	if x != nil {
+		return x.Topic
+	}
+	return ""
+}
+
+func (x *PartitionStatus) GetPartition() int32 {
+	if x != nil {
+		return x.Partition
+	}
+	return 0
+}
+
+func (x *PartitionStatus) GetCommitted() int64 {
+	if x != nil {
+		return x.Committed
+	}
+	return 0
+}
+
+func (x *PartitionStatus) GetCommittable() int64 {
+	if x != nil {
+		return x.Committable
+	}
+	return 0
+}
+
+func (x *PartitionStatus) GetUnsettled() int64 {
+	if x != nil {
+		return x.Unsettled
+	}
+	return 0
+}
+
+func (x *PartitionStatus) GetInFlight() int64 {
+	if x != nil {
+		return x.InFlight
+	}
+	return 0
+}
+
+func (x *PartitionStatus) GetLag() int64 {
+	if x != nil {
+		return x.Lag
+	}
+	return 0
+}
+
+func (x *PartitionStatus) GetPaused() bool {
+	if x != nil {
+		return x.Paused
+	}
+	return false
+}
+
+func (x *PartitionStatus) GetOrdering() string {
+	if x != nil {
+		return x.Ordering
+	}
+	return ""
+}
+
+type StreamStatus struct {
+	state         protoimpl.MessageState `protogen:"open.v1"`
+	Id            int64                  `protobuf:"varint,1,opt,name=id,proto3" json:"id,omitempty"`
+	Topics        []string               `protobuf:"bytes,2,rep,name=topics,proto3" json:"topics,omitempty"`
+	InFlight      int64                  `protobuf:"varint,3,opt,name=in_flight,json=inFlight,proto3" json:"in_flight,omitempty"`
+	Ordering      string                 `protobuf:"bytes,4,opt,name=ordering,proto3" json:"ordering,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *StreamStatus) Reset() {
+	*x = StreamStatus{}
+	mi := &file_dedup_v1_dedup_proto_msgTypes[17]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *StreamStatus) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*StreamStatus) ProtoMessage() {}
+
+func (x *StreamStatus) ProtoReflect() protoreflect.Message {
+	mi := &file_dedup_v1_dedup_proto_msgTypes[17]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use StreamStatus.ProtoReflect.Descriptor instead.
+func (*StreamStatus) Descriptor() ([]byte, []int) {
+	return file_dedup_v1_dedup_proto_rawDescGZIP(), []int{17}
+}
+
+func (x *StreamStatus) GetId() int64 {
+	if x != nil {
+		return x.Id
+	}
+	return 0
+}
+
+func (x *StreamStatus) GetTopics() []string {
+	if x != nil {
+		return x.Topics
+	}
+	return nil
+}
+
+func (x *StreamStatus) GetInFlight() int64 {
+	if x != nil {
+		return x.InFlight
+	}
+	return 0
+}
+
+func (x *StreamStatus) GetOrdering() string {
+	if x != nil {
+		return x.Ordering
+	}
+	return ""
+}
+
+type StatusResponse struct {
+	state protoimpl.MessageState `protogen:"open.v1"`
+	// This sidecar's id in store claims.
+	Owner   string `protobuf:"bytes,1,opt,name=owner,proto3" json:"owner,omitempty"`
+	GroupId string `protobuf:"bytes,2,opt,name=group_id,json=groupId,proto3" json:"group_id,omitempty"`
+	// The store backend and, for Redis, its shape.
+	Store string `protobuf:"bytes,3,opt,name=store,proto3" json:"store,omitempty"`
+	// What the dedup.v1.DedupService health entry says.
+	Ready bool `protobuf:"varint,4,opt,name=ready,proto3" json:"ready,omitempty"`
+	// Topics of kafka.topics the cluster does not have.
+	MissingTopics []string           `protobuf:"bytes,5,rep,name=missing_topics,json=missingTopics,proto3" json:"missing_topics,omitempty"`
+	Partitions    []*PartitionStatus `protobuf:"bytes,6,rep,name=partitions,proto3" json:"partitions,omitempty"`
+	Streams       []*StreamStatus    `protobuf:"bytes,7,rep,name=streams,proto3" json:"streams,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *StatusResponse) Reset() {
+	*x = StatusResponse{}
+	mi := &file_dedup_v1_dedup_proto_msgTypes[18]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *StatusResponse) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*StatusResponse) ProtoMessage() {}
+
+func (x *StatusResponse) ProtoReflect() protoreflect.Message {
+	mi := &file_dedup_v1_dedup_proto_msgTypes[18]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use StatusResponse.ProtoReflect.Descriptor instead.
+func (*StatusResponse) Descriptor() ([]byte, []int) {
+	return file_dedup_v1_dedup_proto_rawDescGZIP(), []int{18}
+}
+
+func (x *StatusResponse) GetOwner() string {
+	if x != nil {
+		return x.Owner
+	}
+	return ""
+}
+
+func (x *StatusResponse) GetGroupId() string {
+	if x != nil {
+		return x.GroupId
+	}
+	return ""
+}
+
+func (x *StatusResponse) GetStore() string {
+	if x != nil {
+		return x.Store
+	}
+	return ""
+}
+
+func (x *StatusResponse) GetReady() bool {
+	if x != nil {
+		return x.Ready
+	}
+	return false
+}
+
+func (x *StatusResponse) GetMissingTopics() []string {
+	if x != nil {
+		return x.MissingTopics
+	}
+	return nil
+}
+
+func (x *StatusResponse) GetPartitions() []*PartitionStatus {
+	if x != nil {
+		return x.Partitions
+	}
+	return nil
+}
+
+func (x *StatusResponse) GetStreams() []*StreamStatus {
+	if x != nil {
+		return x.Streams
+	}
+	return nil
+}
+
+type GetKeyRequest struct {
+	state protoimpl.MessageState `protogen:"open.v1"`
+	// The topic it is consumed from (the store namespaces keys by group and topic).
+	Topic          string `protobuf:"bytes,1,opt,name=topic,proto3" json:"topic,omitempty"`
+	IdempotencyKey string `protobuf:"bytes,2,opt,name=idempotency_key,json=idempotencyKey,proto3" json:"idempotency_key,omitempty"`
+	unknownFields  protoimpl.UnknownFields
+	sizeCache      protoimpl.SizeCache
+}
+
+func (x *GetKeyRequest) Reset() {
+	*x = GetKeyRequest{}
+	mi := &file_dedup_v1_dedup_proto_msgTypes[19]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *GetKeyRequest) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*GetKeyRequest) ProtoMessage() {}
+
+func (x *GetKeyRequest) ProtoReflect() protoreflect.Message {
+	mi := &file_dedup_v1_dedup_proto_msgTypes[19]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use GetKeyRequest.ProtoReflect.Descriptor instead.
+func (*GetKeyRequest) Descriptor() ([]byte, []int) {
+	return file_dedup_v1_dedup_proto_rawDescGZIP(), []int{19}
+}
+
+func (x *GetKeyRequest) GetTopic() string {
+	if x != nil {
+		return x.Topic
+	}
+	return ""
+}
+
+func (x *GetKeyRequest) GetIdempotencyKey() string {
+	if x != nil {
+		return x.IdempotencyKey
+	}
+	return ""
+}
+
+type GetKeyResponse struct {
+	state protoimpl.MessageState `protogen:"open.v1"`
+	State KeyState               `protobuf:"varint,1,opt,name=state,proto3,enum=dedup.v1.KeyState" json:"state,omitempty"`
+	// The claim's or done mark's owner (a sidecar's owner id).
+	Owner string `protobuf:"bytes,2,opt,name=owner,proto3" json:"owner,omitempty"`
+	// Unix milliseconds: when the lease ends (CLAIMED), and when the entry is forgotten.
+	LeaseUntilMs int64 `protobuf:"varint,3,opt,name=lease_until_ms,json=leaseUntilMs,proto3" json:"lease_until_ms,omitempty"`
+	ExpiresMs    int64 `protobuf:"varint,4,opt,name=expires_ms,json=expiresMs,proto3" json:"expires_ms,omitempty"`
+	// Deliveries started so far.
+	Attempt int32 `protobuf:"varint,5,opt,name=attempt,proto3" json:"attempt,omitempty"`
+	// Set when the key was published through Publish: where the record was written.
+	Published     *PublishResponse `protobuf:"bytes,6,opt,name=published,proto3,oneof" json:"published,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *GetKeyResponse) Reset() {
+	*x = GetKeyResponse{}
+	mi := &file_dedup_v1_dedup_proto_msgTypes[20]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *GetKeyResponse) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*GetKeyResponse) ProtoMessage() {}
+
+func (x *GetKeyResponse) ProtoReflect() protoreflect.Message {
+	mi := &file_dedup_v1_dedup_proto_msgTypes[20]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use GetKeyResponse.ProtoReflect.Descriptor instead.
+func (*GetKeyResponse) Descriptor() ([]byte, []int) {
+	return file_dedup_v1_dedup_proto_rawDescGZIP(), []int{20}
+}
+
+func (x *GetKeyResponse) GetState() KeyState {
+	if x != nil {
+		return x.State
+	}
+	return KeyState_KEY_STATE_UNSPECIFIED
+}
+
+func (x *GetKeyResponse) GetOwner() string {
+	if x != nil {
+		return x.Owner
+	}
+	return ""
+}
+
+func (x *GetKeyResponse) GetLeaseUntilMs() int64 {
+	if x != nil {
+		return x.LeaseUntilMs
+	}
+	return 0
+}
+
+func (x *GetKeyResponse) GetExpiresMs() int64 {
+	if x != nil {
+		return x.ExpiresMs
+	}
+	return 0
+}
+
+func (x *GetKeyResponse) GetAttempt() int32 {
+	if x != nil {
+		return x.Attempt
+	}
+	return 0
+}
+
+func (x *GetKeyResponse) GetPublished() *PublishResponse {
+	if x != nil {
+		return x.Published
+	}
+	return nil
+}
+
 var File_dedup_v1_dedup_proto protoreflect.FileDescriptor
 
 const file_dedup_v1_dedup_proto_rawDesc = "" +
@@ -1163,7 +1674,46 @@ const file_dedup_v1_dedup_proto_rawDesc = "" +
 	"\amessage\x18\x02 \x01(\tR\amessage\x125\n" +
 	"\bresponse\x18\x03 \x01(\v2\x19.dedup.v1.PublishResponseR\bresponse\"N\n" +
 	"\x14PublishBatchResponse\x126\n" +
-	"\aresults\x18\x01 \x03(\v2\x1c.dedup.v1.PublishBatchResultR\aresults*f\n" +
+	"\aresults\x18\x01 \x03(\v2\x1c.dedup.v1.PublishBatchResultR\aresults\"\x0f\n" +
+	"\rStatusRequest\"\x86\x02\n" +
+	"\x0fPartitionStatus\x12\x14\n" +
+	"\x05topic\x18\x01 \x01(\tR\x05topic\x12\x1c\n" +
+	"\tpartition\x18\x02 \x01(\x05R\tpartition\x12\x1c\n" +
+	"\tcommitted\x18\x03 \x01(\x03R\tcommitted\x12 \n" +
+	"\vcommittable\x18\x04 \x01(\x03R\vcommittable\x12\x1c\n" +
+	"\tunsettled\x18\x05 \x01(\x03R\tunsettled\x12\x1b\n" +
+	"\tin_flight\x18\x06 \x01(\x03R\binFlight\x12\x10\n" +
+	"\x03lag\x18\a \x01(\x03R\x03lag\x12\x16\n" +
+	"\x06paused\x18\b \x01(\bR\x06paused\x12\x1a\n" +
+	"\bordering\x18\t \x01(\tR\bordering\"o\n" +
+	"\fStreamStatus\x12\x0e\n" +
+	"\x02id\x18\x01 \x01(\x03R\x02id\x12\x16\n" +
+	"\x06topics\x18\x02 \x03(\tR\x06topics\x12\x1b\n" +
+	"\tin_flight\x18\x03 \x01(\x03R\binFlight\x12\x1a\n" +
+	"\bordering\x18\x04 \x01(\tR\bordering\"\x81\x02\n" +
+	"\x0eStatusResponse\x12\x14\n" +
+	"\x05owner\x18\x01 \x01(\tR\x05owner\x12\x19\n" +
+	"\bgroup_id\x18\x02 \x01(\tR\agroupId\x12\x14\n" +
+	"\x05store\x18\x03 \x01(\tR\x05store\x12\x14\n" +
+	"\x05ready\x18\x04 \x01(\bR\x05ready\x12%\n" +
+	"\x0emissing_topics\x18\x05 \x03(\tR\rmissingTopics\x129\n" +
+	"\n" +
+	"partitions\x18\x06 \x03(\v2\x19.dedup.v1.PartitionStatusR\n" +
+	"partitions\x120\n" +
+	"\astreams\x18\a \x03(\v2\x16.dedup.v1.StreamStatusR\astreams\"N\n" +
+	"\rGetKeyRequest\x12\x14\n" +
+	"\x05topic\x18\x01 \x01(\tR\x05topic\x12'\n" +
+	"\x0fidempotency_key\x18\x02 \x01(\tR\x0eidempotencyKey\"\xfb\x01\n" +
+	"\x0eGetKeyResponse\x12(\n" +
+	"\x05state\x18\x01 \x01(\x0e2\x12.dedup.v1.KeyStateR\x05state\x12\x14\n" +
+	"\x05owner\x18\x02 \x01(\tR\x05owner\x12$\n" +
+	"\x0elease_until_ms\x18\x03 \x01(\x03R\fleaseUntilMs\x12\x1d\n" +
+	"\n" +
+	"expires_ms\x18\x04 \x01(\x03R\texpiresMs\x12\x18\n" +
+	"\aattempt\x18\x05 \x01(\x05R\aattempt\x12<\n" +
+	"\tpublished\x18\x06 \x01(\v2\x19.dedup.v1.PublishResponseH\x00R\tpublished\x88\x01\x01B\f\n" +
+	"\n" +
+	"_published*f\n" +
 	"\bOrdering\x12\x18\n" +
 	"\x14ORDERING_UNSPECIFIED\x10\x00\x12\x16\n" +
 	"\x12ORDERING_UNORDERED\x10\x01\x12\x10\n" +
@@ -1174,14 +1724,23 @@ const file_dedup_v1_dedup_proto_rawDesc = "" +
 	"\rACK_RESULT_OK\x10\x01\x12\x14\n" +
 	"\x10ACK_RESULT_STALE\x10\x02\x12\x16\n" +
 	"\x12ACK_RESULT_UNKNOWN\x10\x03\x12\x1c\n" +
-	"\x18ACK_RESULT_ALREADY_ACKED\x10\x042\xa5\x03\n" +
+	"\x18ACK_RESULT_ALREADY_ACKED\x10\x04*~\n" +
+	"\bKeyState\x12\x19\n" +
+	"\x15KEY_STATE_UNSPECIFIED\x10\x00\x12\x14\n" +
+	"\x10KEY_STATE_ABSENT\x10\x01\x12\x15\n" +
+	"\x11KEY_STATE_CLAIMED\x10\x02\x12\x16\n" +
+	"\x12KEY_STATE_RELEASED\x10\x03\x12\x12\n" +
+	"\x0eKEY_STATE_DONE\x10\x042\xa5\x03\n" +
 	"\fDedupService\x12F\n" +
 	"\tSubscribe\x12\x1a.dedup.v1.SubscribeRequest\x1a\x1b.dedup.v1.SubscribeResponse0\x01\x122\n" +
 	"\x03Ack\x12\x14.dedup.v1.AckRequest\x1a\x15.dedup.v1.AckResponse\x125\n" +
 	"\x04Nack\x12\x15.dedup.v1.NackRequest\x1a\x16.dedup.v1.NackResponse\x12S\n" +
 	"\x0eExtendDeadline\x12\x1f.dedup.v1.ExtendDeadlineRequest\x1a .dedup.v1.ExtendDeadlineResponse\x12>\n" +
 	"\aPublish\x12\x18.dedup.v1.PublishRequest\x1a\x19.dedup.v1.PublishResponse\x12M\n" +
-	"\fPublishBatch\x12\x1d.dedup.v1.PublishBatchRequest\x1a\x1e.dedup.v1.PublishBatchResponseBX\n" +
+	"\fPublishBatch\x12\x1d.dedup.v1.PublishBatchRequest\x1a\x1e.dedup.v1.PublishBatchResponse2\x88\x01\n" +
+	"\fAdminService\x12;\n" +
+	"\x06Status\x12\x17.dedup.v1.StatusRequest\x1a\x18.dedup.v1.StatusResponse\x12;\n" +
+	"\x06GetKey\x12\x17.dedup.v1.GetKeyRequest\x1a\x18.dedup.v1.GetKeyResponseBX\n" +
 	"\x19io.github.dedupsidecar.v1P\x01Z9github.com/kafka-dedup-sidecar/clients/go/dedupv1;dedupv1b\x06proto3"
 
 var (
@@ -1196,55 +1755,70 @@ func file_dedup_v1_dedup_proto_rawDescGZIP() []byte {
 	return file_dedup_v1_dedup_proto_rawDescData
 }
 
-var file_dedup_v1_dedup_proto_enumTypes = make([]protoimpl.EnumInfo, 2)
-var file_dedup_v1_dedup_proto_msgTypes = make([]protoimpl.MessageInfo, 15)
+var file_dedup_v1_dedup_proto_enumTypes = make([]protoimpl.EnumInfo, 3)
+var file_dedup_v1_dedup_proto_msgTypes = make([]protoimpl.MessageInfo, 21)
 var file_dedup_v1_dedup_proto_goTypes = []any{
 	(Ordering)(0),                  // 0: dedup.v1.Ordering
 	(AckResult)(0),                 // 1: dedup.v1.AckResult
-	(*SubscribeRequest)(nil),       // 2: dedup.v1.SubscribeRequest
-	(*SubscribeResponse)(nil),      // 3: dedup.v1.SubscribeResponse
-	(*Header)(nil),                 // 4: dedup.v1.Header
-	(*Delivery)(nil),               // 5: dedup.v1.Delivery
-	(*AckRequest)(nil),             // 6: dedup.v1.AckRequest
-	(*AckResponse)(nil),            // 7: dedup.v1.AckResponse
-	(*NackRequest)(nil),            // 8: dedup.v1.NackRequest
-	(*NackResponse)(nil),           // 9: dedup.v1.NackResponse
-	(*ExtendDeadlineRequest)(nil),  // 10: dedup.v1.ExtendDeadlineRequest
-	(*ExtendDeadlineResponse)(nil), // 11: dedup.v1.ExtendDeadlineResponse
-	(*PublishRequest)(nil),         // 12: dedup.v1.PublishRequest
-	(*PublishResponse)(nil),        // 13: dedup.v1.PublishResponse
-	(*PublishBatchRequest)(nil),    // 14: dedup.v1.PublishBatchRequest
-	(*PublishBatchResult)(nil),     // 15: dedup.v1.PublishBatchResult
-	(*PublishBatchResponse)(nil),   // 16: dedup.v1.PublishBatchResponse
+	(KeyState)(0),                  // 2: dedup.v1.KeyState
+	(*SubscribeRequest)(nil),       // 3: dedup.v1.SubscribeRequest
+	(*SubscribeResponse)(nil),      // 4: dedup.v1.SubscribeResponse
+	(*Header)(nil),                 // 5: dedup.v1.Header
+	(*Delivery)(nil),               // 6: dedup.v1.Delivery
+	(*AckRequest)(nil),             // 7: dedup.v1.AckRequest
+	(*AckResponse)(nil),            // 8: dedup.v1.AckResponse
+	(*NackRequest)(nil),            // 9: dedup.v1.NackRequest
+	(*NackResponse)(nil),           // 10: dedup.v1.NackResponse
+	(*ExtendDeadlineRequest)(nil),  // 11: dedup.v1.ExtendDeadlineRequest
+	(*ExtendDeadlineResponse)(nil), // 12: dedup.v1.ExtendDeadlineResponse
+	(*PublishRequest)(nil),         // 13: dedup.v1.PublishRequest
+	(*PublishResponse)(nil),        // 14: dedup.v1.PublishResponse
+	(*PublishBatchRequest)(nil),    // 15: dedup.v1.PublishBatchRequest
+	(*PublishBatchResult)(nil),     // 16: dedup.v1.PublishBatchResult
+	(*PublishBatchResponse)(nil),   // 17: dedup.v1.PublishBatchResponse
+	(*StatusRequest)(nil),          // 18: dedup.v1.StatusRequest
+	(*PartitionStatus)(nil),        // 19: dedup.v1.PartitionStatus
+	(*StreamStatus)(nil),           // 20: dedup.v1.StreamStatus
+	(*StatusResponse)(nil),         // 21: dedup.v1.StatusResponse
+	(*GetKeyRequest)(nil),          // 22: dedup.v1.GetKeyRequest
+	(*GetKeyResponse)(nil),         // 23: dedup.v1.GetKeyResponse
 }
 var file_dedup_v1_dedup_proto_depIdxs = []int32{
 	0,  // 0: dedup.v1.SubscribeRequest.ordering:type_name -> dedup.v1.Ordering
-	5,  // 1: dedup.v1.SubscribeResponse.deliveries:type_name -> dedup.v1.Delivery
-	4,  // 2: dedup.v1.Delivery.headers:type_name -> dedup.v1.Header
+	6,  // 1: dedup.v1.SubscribeResponse.deliveries:type_name -> dedup.v1.Delivery
+	5,  // 2: dedup.v1.Delivery.headers:type_name -> dedup.v1.Header
 	1,  // 3: dedup.v1.AckResponse.results:type_name -> dedup.v1.AckResult
 	1,  // 4: dedup.v1.NackResponse.results:type_name -> dedup.v1.AckResult
 	1,  // 5: dedup.v1.ExtendDeadlineResponse.results:type_name -> dedup.v1.AckResult
-	4,  // 6: dedup.v1.PublishRequest.headers:type_name -> dedup.v1.Header
-	12, // 7: dedup.v1.PublishBatchRequest.entries:type_name -> dedup.v1.PublishRequest
-	13, // 8: dedup.v1.PublishBatchResult.response:type_name -> dedup.v1.PublishResponse
-	15, // 9: dedup.v1.PublishBatchResponse.results:type_name -> dedup.v1.PublishBatchResult
-	2,  // 10: dedup.v1.DedupService.Subscribe:input_type -> dedup.v1.SubscribeRequest
-	6,  // 11: dedup.v1.DedupService.Ack:input_type -> dedup.v1.AckRequest
-	8,  // 12: dedup.v1.DedupService.Nack:input_type -> dedup.v1.NackRequest
-	10, // 13: dedup.v1.DedupService.ExtendDeadline:input_type -> dedup.v1.ExtendDeadlineRequest
-	12, // 14: dedup.v1.DedupService.Publish:input_type -> dedup.v1.PublishRequest
-	14, // 15: dedup.v1.DedupService.PublishBatch:input_type -> dedup.v1.PublishBatchRequest
-	3,  // 16: dedup.v1.DedupService.Subscribe:output_type -> dedup.v1.SubscribeResponse
-	7,  // 17: dedup.v1.DedupService.Ack:output_type -> dedup.v1.AckResponse
-	9,  // 18: dedup.v1.DedupService.Nack:output_type -> dedup.v1.NackResponse
-	11, // 19: dedup.v1.DedupService.ExtendDeadline:output_type -> dedup.v1.ExtendDeadlineResponse
-	13, // 20: dedup.v1.DedupService.Publish:output_type -> dedup.v1.PublishResponse
-	16, // 21: dedup.v1.DedupService.PublishBatch:output_type -> dedup.v1.PublishBatchResponse
-	16, // [16:22] is the sub-list for method output_type
-	10, // [10:16] is the sub-list for method input_type
-	10, // [10:10] is the sub-list for extension type_name
-	10, // [10:10] is the sub-list for extension extendee
-	0,  // [0:10] is the sub-list for field type_name
+	5,  // 6: dedup.v1.PublishRequest.headers:type_name -> dedup.v1.Header
+	13, // 7: dedup.v1.PublishBatchRequest.entries:type_name -> dedup.v1.PublishRequest
+	14, // 8: dedup.v1.PublishBatchResult.response:type_name -> dedup.v1.PublishResponse
+	16, // 9: dedup.v1.PublishBatchResponse.results:type_name -> dedup.v1.PublishBatchResult
+	19, // 10: dedup.v1.StatusResponse.partitions:type_name -> dedup.v1.PartitionStatus
+	20, // 11: dedup.v1.StatusResponse.streams:type_name -> dedup.v1.StreamStatus
+	2,  // 12: dedup.v1.GetKeyResponse.state:type_name -> dedup.v1.KeyState
+	14, // 13: dedup.v1.GetKeyResponse.published:type_name -> dedup.v1.PublishResponse
+	3,  // 14: dedup.v1.DedupService.Subscribe:input_type -> dedup.v1.SubscribeRequest
+	7,  // 15: dedup.v1.DedupService.Ack:input_type -> dedup.v1.AckRequest
+	9,  // 16: dedup.v1.DedupService.Nack:input_type -> dedup.v1.NackRequest
+	11, // 17: dedup.v1.DedupService.ExtendDeadline:input_type -> dedup.v1.ExtendDeadlineRequest
+	13, // 18: dedup.v1.DedupService.Publish:input_type -> dedup.v1.PublishRequest
+	15, // 19: dedup.v1.DedupService.PublishBatch:input_type -> dedup.v1.PublishBatchRequest
+	18, // 20: dedup.v1.AdminService.Status:input_type -> dedup.v1.StatusRequest
+	22, // 21: dedup.v1.AdminService.GetKey:input_type -> dedup.v1.GetKeyRequest
+	4,  // 22: dedup.v1.DedupService.Subscribe:output_type -> dedup.v1.SubscribeResponse
+	8,  // 23: dedup.v1.DedupService.Ack:output_type -> dedup.v1.AckResponse
+	10, // 24: dedup.v1.DedupService.Nack:output_type -> dedup.v1.NackResponse
+	12, // 25: dedup.v1.DedupService.ExtendDeadline:output_type -> dedup.v1.ExtendDeadlineResponse
+	14, // 26: dedup.v1.DedupService.Publish:output_type -> dedup.v1.PublishResponse
+	17, // 27: dedup.v1.DedupService.PublishBatch:output_type -> dedup.v1.PublishBatchResponse
+	21, // 28: dedup.v1.AdminService.Status:output_type -> dedup.v1.StatusResponse
+	23, // 29: dedup.v1.AdminService.GetKey:output_type -> dedup.v1.GetKeyResponse
+	22, // [22:30] is the sub-list for method output_type
+	14, // [14:22] is the sub-list for method input_type
+	14, // [14:14] is the sub-list for extension type_name
+	14, // [14:14] is the sub-list for extension extendee
+	0,  // [0:14] is the sub-list for field type_name
 }
 
 func init() { file_dedup_v1_dedup_proto_init() }
@@ -1255,15 +1829,16 @@ func file_dedup_v1_dedup_proto_init() {
 	file_dedup_v1_dedup_proto_msgTypes[3].OneofWrappers = []any{}
 	file_dedup_v1_dedup_proto_msgTypes[6].OneofWrappers = []any{}
 	file_dedup_v1_dedup_proto_msgTypes[10].OneofWrappers = []any{}
+	file_dedup_v1_dedup_proto_msgTypes[20].OneofWrappers = []any{}
 	type x struct{}
 	out := protoimpl.TypeBuilder{
 		File: protoimpl.DescBuilder{
 			GoPackagePath: reflect.TypeOf(x{}).PkgPath(),
 			RawDescriptor: unsafe.Slice(unsafe.StringData(file_dedup_v1_dedup_proto_rawDesc), len(file_dedup_v1_dedup_proto_rawDesc)),
-			NumEnums:      2,
-			NumMessages:   15,
+			NumEnums:      3,
+			NumMessages:   21,
 			NumExtensions: 0,
-			NumServices:   1,
+			NumServices:   2,
 		},
 		GoTypes:           file_dedup_v1_dedup_proto_goTypes,
 		DependencyIndexes: file_dedup_v1_dedup_proto_depIdxs,

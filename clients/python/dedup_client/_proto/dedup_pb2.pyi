@@ -104,6 +104,35 @@ ACK_RESULT_ALREADY_ACKED: AckResult.ValueType  # 4
 """Already settled by an earlier Ack (or dead-lettered). Nothing more was done."""
 Global___AckResult: _TypeAlias = AckResult  # noqa: Y015
 
+class _KeyState:
+    ValueType = _typing.NewType("ValueType", _builtins.int)
+    V: _TypeAlias = ValueType  # noqa: Y015
+
+class _KeyStateEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_KeyState.ValueType], _builtins.type):
+    DESCRIPTOR: _descriptor.EnumDescriptor
+    KEY_STATE_UNSPECIFIED: _KeyState.ValueType  # 0
+    KEY_STATE_ABSENT: _KeyState.ValueType  # 1
+    """The store has no entry: never claimed, or forgotten after store.retention_seconds."""
+    KEY_STATE_CLAIMED: _KeyState.ValueType  # 2
+    """A sidecar holds a live lease on it: it is being delivered."""
+    KEY_STATE_RELEASED: _KeyState.ValueType  # 3
+    """Claimed before, and the lease ended or was given back: the next claim delivers it again."""
+    KEY_STATE_DONE: _KeyState.ValueType  # 4
+    """Processed: it is not delivered again until it expires."""
+
+class KeyState(_KeyState, metaclass=_KeyStateEnumTypeWrapper): ...
+
+KEY_STATE_UNSPECIFIED: KeyState.ValueType  # 0
+KEY_STATE_ABSENT: KeyState.ValueType  # 1
+"""The store has no entry: never claimed, or forgotten after store.retention_seconds."""
+KEY_STATE_CLAIMED: KeyState.ValueType  # 2
+"""A sidecar holds a live lease on it: it is being delivered."""
+KEY_STATE_RELEASED: KeyState.ValueType  # 3
+"""Claimed before, and the lease ended or was given back: the next claim delivers it again."""
+KEY_STATE_DONE: KeyState.ValueType  # 4
+"""Processed: it is not delivered again until it expires."""
+Global___KeyState: _TypeAlias = KeyState  # noqa: Y015
+
 @_typing.final
 class SubscribeRequest(_message.Message):
     DESCRIPTOR: _descriptor.Descriptor
@@ -547,3 +576,203 @@ class PublishBatchResponse(_message.Message):
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___PublishBatchResponse: _TypeAlias = PublishBatchResponse  # noqa: Y015
+
+@_typing.final
+class StatusRequest(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    def __init__(
+        self,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___StatusRequest: _TypeAlias = StatusRequest  # noqa: Y015
+
+@_typing.final
+class PartitionStatus(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    TOPIC_FIELD_NUMBER: _builtins.int
+    PARTITION_FIELD_NUMBER: _builtins.int
+    COMMITTED_FIELD_NUMBER: _builtins.int
+    COMMITTABLE_FIELD_NUMBER: _builtins.int
+    UNSETTLED_FIELD_NUMBER: _builtins.int
+    IN_FLIGHT_FIELD_NUMBER: _builtins.int
+    LAG_FIELD_NUMBER: _builtins.int
+    PAUSED_FIELD_NUMBER: _builtins.int
+    ORDERING_FIELD_NUMBER: _builtins.int
+    topic: _builtins.str
+    partition: _builtins.int
+    committed: _builtins.int
+    """Last committed offset (-1: none yet) and the offset a commit would write now."""
+    committable: _builtins.int
+    unsettled: _builtins.int
+    in_flight: _builtins.int
+    lag: _builtins.int
+    """Log end offset minus the committed offset, from librdkafka statistics; -1 when unknown."""
+    paused: _builtins.bool
+    ordering: _builtins.str
+    """unordered, key or partition."""
+    def __init__(
+        self,
+        *,
+        topic: _builtins.str = ...,
+        partition: _builtins.int = ...,
+        committed: _builtins.int = ...,
+        committable: _builtins.int = ...,
+        unsettled: _builtins.int = ...,
+        in_flight: _builtins.int = ...,
+        lag: _builtins.int = ...,
+        paused: _builtins.bool = ...,
+        ordering: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["committable", b"committable", "committed", b"committed", "in_flight", b"in_flight", "lag", b"lag", "ordering", b"ordering", "partition", b"partition", "paused", b"paused", "topic", b"topic", "unsettled", b"unsettled"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___PartitionStatus: _TypeAlias = PartitionStatus  # noqa: Y015
+
+@_typing.final
+class StreamStatus(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    ID_FIELD_NUMBER: _builtins.int
+    TOPICS_FIELD_NUMBER: _builtins.int
+    IN_FLIGHT_FIELD_NUMBER: _builtins.int
+    ORDERING_FIELD_NUMBER: _builtins.int
+    id: _builtins.int
+    in_flight: _builtins.int
+    ordering: _builtins.str
+    @_builtins.property
+    def topics(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]: ...
+    def __init__(
+        self,
+        *,
+        id: _builtins.int = ...,
+        topics: _abc.Iterable[_builtins.str] | None = ...,
+        in_flight: _builtins.int = ...,
+        ordering: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["id", b"id", "in_flight", b"in_flight", "ordering", b"ordering", "topics", b"topics"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___StreamStatus: _TypeAlias = StreamStatus  # noqa: Y015
+
+@_typing.final
+class StatusResponse(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    OWNER_FIELD_NUMBER: _builtins.int
+    GROUP_ID_FIELD_NUMBER: _builtins.int
+    STORE_FIELD_NUMBER: _builtins.int
+    READY_FIELD_NUMBER: _builtins.int
+    MISSING_TOPICS_FIELD_NUMBER: _builtins.int
+    PARTITIONS_FIELD_NUMBER: _builtins.int
+    STREAMS_FIELD_NUMBER: _builtins.int
+    owner: _builtins.str
+    """This sidecar's id in store claims."""
+    group_id: _builtins.str
+    store: _builtins.str
+    """The store backend and, for Redis, its shape."""
+    ready: _builtins.bool
+    """What the dedup.v1.DedupService health entry says."""
+    @_builtins.property
+    def missing_topics(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
+        """Topics of kafka.topics the cluster does not have."""
+
+    @_builtins.property
+    def partitions(self) -> _containers.RepeatedCompositeFieldContainer[Global___PartitionStatus]: ...
+    @_builtins.property
+    def streams(self) -> _containers.RepeatedCompositeFieldContainer[Global___StreamStatus]: ...
+    def __init__(
+        self,
+        *,
+        owner: _builtins.str = ...,
+        group_id: _builtins.str = ...,
+        store: _builtins.str = ...,
+        ready: _builtins.bool = ...,
+        missing_topics: _abc.Iterable[_builtins.str] | None = ...,
+        partitions: _abc.Iterable[Global___PartitionStatus] | None = ...,
+        streams: _abc.Iterable[Global___StreamStatus] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["group_id", b"group_id", "missing_topics", b"missing_topics", "owner", b"owner", "partitions", b"partitions", "ready", b"ready", "store", b"store", "streams", b"streams"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___StatusResponse: _TypeAlias = StatusResponse  # noqa: Y015
+
+@_typing.final
+class GetKeyRequest(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    TOPIC_FIELD_NUMBER: _builtins.int
+    IDEMPOTENCY_KEY_FIELD_NUMBER: _builtins.int
+    topic: _builtins.str
+    """The topic it is consumed from (the store namespaces keys by group and topic)."""
+    idempotency_key: _builtins.str
+    def __init__(
+        self,
+        *,
+        topic: _builtins.str = ...,
+        idempotency_key: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["idempotency_key", b"idempotency_key", "topic", b"topic"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___GetKeyRequest: _TypeAlias = GetKeyRequest  # noqa: Y015
+
+@_typing.final
+class GetKeyResponse(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    STATE_FIELD_NUMBER: _builtins.int
+    OWNER_FIELD_NUMBER: _builtins.int
+    LEASE_UNTIL_MS_FIELD_NUMBER: _builtins.int
+    EXPIRES_MS_FIELD_NUMBER: _builtins.int
+    ATTEMPT_FIELD_NUMBER: _builtins.int
+    PUBLISHED_FIELD_NUMBER: _builtins.int
+    state: Global___KeyState.ValueType
+    owner: _builtins.str
+    """The claim's or done mark's owner (a sidecar's owner id)."""
+    lease_until_ms: _builtins.int
+    """Unix milliseconds: when the lease ends (CLAIMED), and when the entry is forgotten."""
+    expires_ms: _builtins.int
+    attempt: _builtins.int
+    """Deliveries started so far."""
+    @_builtins.property
+    def published(self) -> Global___PublishResponse:
+        """Set when the key was published through Publish: where the record was written."""
+
+    def __init__(
+        self,
+        *,
+        state: Global___KeyState.ValueType = ...,
+        owner: _builtins.str = ...,
+        lease_until_ms: _builtins.int = ...,
+        expires_ms: _builtins.int = ...,
+        attempt: _builtins.int = ...,
+        published: Global___PublishResponse | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["_published", b"_published", "published", b"published"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["_published", b"_published", "attempt", b"attempt", "expires_ms", b"expires_ms", "lease_until_ms", b"lease_until_ms", "owner", b"owner", "published", b"published", "state", b"state"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    _WhichOneofReturnType__published: _TypeAlias = _typing.Literal["published"]  # noqa: Y015
+    _WhichOneofArgType__published: _TypeAlias = _typing.Literal["_published", b"_published"]  # noqa: Y015
+    def WhichOneof(self, oneof_group: _WhichOneofArgType__published) -> _WhichOneofReturnType__published | None: ...
+
+Global___GetKeyResponse: _TypeAlias = GetKeyResponse  # noqa: Y015

@@ -303,3 +303,76 @@ class DedupServiceServicer(metaclass=_abc_1.ABCMeta):
         """
 
 def add_DedupServiceServicer_to_server(servicer: DedupServiceServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...
+
+class AdminServiceStub:
+    """AdminService answers operators (`dedup-sidecar status`, `dedup-sidecar key`) on the same port
+    and with the same credentials as DedupService.
+    """
+
+    @_typing.overload
+    def __new__(cls, channel: _grpc.Channel) -> _Self: ...
+    @_typing.overload
+    def __new__(cls, channel: _aio.Channel) -> AdminServiceAsyncStub: ...
+    Status: _grpc.UnaryUnaryMultiCallable[_dedup_pb2.StatusRequest, _dedup_pb2.StatusResponse]
+    """Status describes this sidecar now: its partitions (offsets, unsettled and in-flight records,
+    lag), its streams and whether it is ready.
+    """
+    GetKey: _grpc.UnaryUnaryMultiCallable[_dedup_pb2.GetKeyRequest, _dedup_pb2.GetKeyResponse]
+    """GetKey reads an idempotency key's state in the dedup store, as a consumer of `topic` in this
+    sidecar's group sees it, and its Publish result if it was published.
+
+    Status codes:
+      INVALID_ARGUMENT   empty key or topic.
+      UNAVAILABLE        the store is unreachable.
+    """
+
+@_typing.type_check_only
+class AdminServiceAsyncStub(AdminServiceStub):
+    """AdminService answers operators (`dedup-sidecar status`, `dedup-sidecar key`) on the same port
+    and with the same credentials as DedupService.
+    """
+
+    def __init__(self, channel: _aio.Channel) -> None: ...
+    Status: _aio.UnaryUnaryMultiCallable[_dedup_pb2.StatusRequest, _dedup_pb2.StatusResponse]  # type: ignore[assignment]
+    """Status describes this sidecar now: its partitions (offsets, unsettled and in-flight records,
+    lag), its streams and whether it is ready.
+    """
+    GetKey: _aio.UnaryUnaryMultiCallable[_dedup_pb2.GetKeyRequest, _dedup_pb2.GetKeyResponse]  # type: ignore[assignment]
+    """GetKey reads an idempotency key's state in the dedup store, as a consumer of `topic` in this
+    sidecar's group sees it, and its Publish result if it was published.
+
+    Status codes:
+      INVALID_ARGUMENT   empty key or topic.
+      UNAVAILABLE        the store is unreachable.
+    """
+
+class AdminServiceServicer(metaclass=_abc_1.ABCMeta):
+    """AdminService answers operators (`dedup-sidecar status`, `dedup-sidecar key`) on the same port
+    and with the same credentials as DedupService.
+    """
+
+    @_abc_1.abstractmethod
+    def Status(
+        self,
+        request: _dedup_pb2.StatusRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_dedup_pb2.StatusResponse, _abc.Awaitable[_dedup_pb2.StatusResponse]]:
+        """Status describes this sidecar now: its partitions (offsets, unsettled and in-flight records,
+        lag), its streams and whether it is ready.
+        """
+
+    @_abc_1.abstractmethod
+    def GetKey(
+        self,
+        request: _dedup_pb2.GetKeyRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_dedup_pb2.GetKeyResponse, _abc.Awaitable[_dedup_pb2.GetKeyResponse]]:
+        """GetKey reads an idempotency key's state in the dedup store, as a consumer of `topic` in this
+        sidecar's group sees it, and its Publish result if it was published.
+
+        Status codes:
+          INVALID_ARGUMENT   empty key or topic.
+          UNAVAILABLE        the store is unreachable.
+        """
+
+def add_AdminServiceServicer_to_server(servicer: AdminServiceServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...

@@ -1,0 +1,123 @@
+"""``dedup-sidecar status`` and ``dedup-sidecar key TOPIC KEY``: ask a running sidecar.
+
+They dial the sidecar's gRPC port (``--target``, else ``server.listen`` from the same settings the
+sidecar reads) with its token (``--token``, else ``server.auth_token``), call AdminService, and
+print a human-readable answer, or JSON with ``--json``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import sys
+from typing import Any
+
+import grpc
+from google.protobuf.json_format import MessageToDict
+
+from sidecar import config
+from sidecar._proto import dedup_pb2 as pb
+from sidecar._proto import dedup_pb2_grpc as pb_grpc
+from sidecar.errors import SidecarError
+
+COMMANDS = ("status", "key")
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="dedup-sidecar", description="Ask a running sidecar.")
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument("--config", help="the sidecar's settings file (for server.listen and the token)")
+    common.add_argument("--target", help="HOST:PORT of the sidecar (default: server.listen)")
+    common.add_argument("--token", help="bearer token (default: server.auth_token)")
+    common.add_argument("--json", action="store_true", help="print JSON")
+    common.add_argument("--timeout", type=float, default=10.0, help="seconds to wait for an answer")
+    sub = p.add_subparsers(dest="command", required=True)
+    sub.add_parser("status", parents=[common], help="partitions, offsets, lag, streams, readiness")
+    key = sub.add_parser("key", parents=[common], help="an idempotency key's state in the dedup store")
+    key.add_argument("topic", help="the topic it is consumed from")
+    key.add_argument("idempotency_key")
+    return p
+
+
+def _target_and_token(a: argparse.Namespace) -> tuple[str, str | None]:
+    target, token = a.target, a.token
+    if target is None or token is None:
+        s = config.load(a.config)
+        if target is None:
+            host, _, port = s.server.listen.rpartition(":")
+            host = "127.0.0.1" if host in ("", "0.0.0.0", "[::]", "::") else host
+            target = f"{host}:{port}"
+        if token is None and s.server.auth_token is not None:
+            token = s.server.auth_token.get_secret_value()
+    return target, token
+
+
+def _when(ms: int) -> str:
+    return (
+        datetime.datetime.fromtimestamp(ms / 1000, datetime.UTC).strftime("%Y-%m-%dT%H:%M:%SZ") if ms else "-"
+    )
+
+
+def _print_status(r: pb.StatusResponse) -> None:
+    ready = "ready" if r.ready else "NOT ready"
+    print(f"sidecar {r.owner}: {ready}; group {r.group_id or '-'}; store {r.store}")
+    if r.missing_topics:
+        print(f"topics that do not exist: {', '.join(r.missing_topics)}")
+    header = ("topic", "partition", "committed", "committable", "unsettled", "in flight", "lag", "paused")
+    rows: list[tuple[str, ...]] = [(*header, "ordering")]
+    for p in r.partitions:
+        lag = str(p.lag) if p.lag >= 0 else "-"
+        numbers = (p.partition, p.committed, p.committable, p.unsettled, p.in_flight)
+        rows.append((p.topic, *map(str, numbers), lag, "yes" if p.paused else "no", p.ordering))
+    if len(rows) == 1:
+        print("no partitions assigned")
+    else:
+        widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
+        for row in rows:
+            print("  ".join(cell.ljust(w) for cell, w in zip(row, widths, strict=True)).rstrip())
+    print(f"{len(r.streams)} stream(s)")
+    for s in r.streams:
+        print(f"  #{s.id}: {','.join(s.topics) or 'all topics'}, {s.in_flight} in flight, {s.ordering}")
+
+
+def _print_key(a: argparse.Namespace, r: pb.GetKeyResponse) -> None:
+    state = pb.KeyState.Name(r.state).removeprefix("KEY_STATE_").lower()
+    line = f"{a.topic} / {a.idempotency_key}: {state}"
+    if r.state == pb.KEY_STATE_CLAIMED:
+        line += f" by {r.owner} until {_when(r.lease_until_ms)}, attempt {r.attempt}"
+    elif r.state in (pb.KEY_STATE_DONE, pb.KEY_STATE_RELEASED):
+        line += f" (by {r.owner}, attempt {r.attempt}, kept until {_when(r.expires_ms)})"
+    print(line)
+    if r.HasField("published"):
+        p = r.published
+        print(f"published: {p.topic}[{p.partition}]@{p.offset}")
+
+
+def admin_main(argv: list[str]) -> int:
+    a = _parser().parse_args(argv)
+    try:
+        target, token = _target_and_token(a)
+    except SidecarError as exc:
+        print(f"dedup-sidecar: {exc}", file=sys.stderr)
+        return 2
+    metadata = (("authorization", f"Bearer {token}"),) if token else ()
+    try:
+        with grpc.insecure_channel(target) as channel:
+            stub = pb_grpc.AdminServiceStub(channel)
+            if a.command == "status":
+                answer: Any = stub.Status(pb.StatusRequest(), metadata=metadata, timeout=a.timeout)
+            else:
+                req = pb.GetKeyRequest(topic=a.topic, idempotency_key=a.idempotency_key)
+                answer = stub.GetKey(req, metadata=metadata, timeout=a.timeout)
+    except grpc.RpcError as exc:
+        code, details = exc.code(), exc.details()
+        print(f"dedup-sidecar: {target} answered {code.name}: {details}", file=sys.stderr)
+        return 1
+    if a.json:
+        print(json.dumps(MessageToDict(answer, preserving_proto_field_name=True), indent=2, sort_keys=True))
+    elif a.command == "status":
+        _print_status(answer)
+    else:
+        _print_key(a, answer)
+    return 0

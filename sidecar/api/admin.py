@@ -1,0 +1,116 @@
+"""AdminService: what ``dedup-sidecar status`` and ``dedup-sidecar key`` ask a running sidecar."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any, Protocol
+
+import grpc
+
+from sidecar._proto import dedup_pb2 as pb
+from sidecar._proto import dedup_pb2_grpc as pb_grpc
+from sidecar.api.errors import status_for
+from sidecar.engine.engine import Engine
+from sidecar.engine.identity import store_key
+from sidecar.errors import SidecarError
+from sidecar.store.base import DedupStore
+
+_STATES = {
+    "absent": pb.KEY_STATE_ABSENT,
+    "claimed": pb.KEY_STATE_CLAIMED,
+    "released": pb.KEY_STATE_RELEASED,
+    "done": pb.KEY_STATE_DONE,
+}
+
+
+class StatusSource(Protocol):
+    """What the admin service reads from the running sidecar (sidecar.app.Sidecar)."""
+
+    owner: str
+    ready: bool
+
+    def lag(self) -> dict[tuple[str, int], int]: ...
+
+
+class AdminServicer(pb_grpc.AdminServiceServicer):
+    def __init__(
+        self,
+        source: StatusSource,
+        engine: Engine,
+        store: DedupStore,
+        group: str,
+        store_name: Callable[[], str],
+    ) -> None:
+        self._source = source
+        self._engine = engine
+        self._store = store
+        self._group = group
+        self._store_name = store_name
+
+    async def Status(
+        self, request: pb.StatusRequest, context: grpc.aio.ServicerContext[Any, Any]
+    ) -> pb.StatusResponse:
+        engine, lag = self._engine, self._source.lag()
+        snap = engine.describe()
+        parts = []
+        for name, p in snap["partitions"].items():
+            topic, _, rest = name.rpartition("[")
+            partition = int(rest.rstrip("]"))
+            parts.append(
+                pb.PartitionStatus(
+                    topic=topic,
+                    partition=partition,
+                    committed=p["committed"],
+                    committable=p["committable"],
+                    unsettled=p["unsettled"],
+                    in_flight=p["states"].get("in_flight", 0),
+                    lag=lag.get((topic, partition), -1),
+                    paused=p["paused"],
+                    ordering=p["ordering"],
+                )
+            )
+        streams = [
+            pb.StreamStatus(
+                id=s.id, topics=sorted(s.topics), in_flight=len(s.in_flight), ordering=s.ordering.label
+            )
+            for s in engine.streams()
+        ]
+        return pb.StatusResponse(
+            owner=self._source.owner,
+            group_id=self._group,
+            store=self._store_name(),
+            ready=self._source.ready,
+            missing_topics=sorted(engine.missing_topics),
+            partitions=parts,
+            streams=streams,
+        )
+
+    async def GetKey(
+        self, request: pb.GetKeyRequest, context: grpc.aio.ServicerContext[Any, Any]
+    ) -> pb.GetKeyResponse:
+        if not request.topic or not request.idempotency_key:
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, "give both a topic and an idempotency key")
+        try:
+            info = await self._store.inspect(
+                store_key(self._group, request.topic, request.idempotency_key), request.idempotency_key
+            )
+        except SidecarError as exc:
+            await context.abort(*status_for(exc))
+        out = pb.GetKeyResponse(
+            state=_STATES[info.state],
+            owner=info.owner,
+            lease_until_ms=info.lease_until_ms,
+            expires_ms=info.expires_ms,
+            attempt=info.attempt,
+        )
+        if info.published is not None:
+            r = info.published
+            out.published.CopyFrom(
+                pb.PublishResponse(
+                    idempotency_key=request.idempotency_key,
+                    topic=r.topic,
+                    partition=r.partition,
+                    offset=r.offset,
+                )
+            )
+        return out
