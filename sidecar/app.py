@@ -20,7 +20,7 @@ from typing import Any
 from grpc_health.v1 import health, health_pb2
 from prometheus_client import start_http_server
 
-from sidecar import logs
+from sidecar import logs, tracing
 from sidecar.api.admin import AdminServicer
 from sidecar.api.server import SERVICE_NAME, build_server
 from sidecar.api.servicer import DedupServicer
@@ -86,6 +86,7 @@ class Sidecar:
 
     async def start(self) -> None:
         s = self.settings
+        tracing.setup(s.tracing.exporter, s.tracing.otlp_endpoint, s.tracing.sample_ratio)
         loop = asyncio.get_running_loop()
         consumer_conf = _kafka_config(s, s.kafka.consumer, kconsumer.OWNED_PROPERTIES, "consumer")
         consumer_conf.update({"group.id": s.kafka.group_id, "session.timeout.ms": s.kafka.session_timeout_ms})

@@ -189,6 +189,16 @@ class ServerSettings(_Section):
     shutdown_grace_seconds: float = Field(10, ge=0)
 
 
+class TracingSettings(_Section):
+    #: ``none``: spans are recorded only if the process installs an OpenTelemetry SDK itself;
+    #: ``otlp``: export to ``otlp_endpoint`` (needs the ``otlp`` extra); ``console``: print them.
+    #: W3C trace headers travel from Publish to the record and from the record to the app always.
+    exporter: Literal["none", "otlp", "console"] = "none"
+    otlp_endpoint: str = "http://127.0.0.1:4317"
+    #: Share of publishes without a caller trace that start one (records follow their parent).
+    sample_ratio: float = Field(1.0, ge=0, le=1)
+
+
 class Settings(BaseSettings):
     """All sidecar settings. See deploy/sidecar.example.toml for each one explained."""
 
@@ -200,6 +210,7 @@ class Settings(BaseSettings):
     commit: CommitSettings = Field(default_factory=CommitSettings)
     publish: PublishSettings = Field(default_factory=PublishSettings)
     server: ServerSettings = Field(default_factory=ServerSettings)
+    tracing: TracingSettings = Field(default_factory=TracingSettings)
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
     #: ``text``: one readable line per record; ``json``: one JSON object per line (sidecar/logs.py).
     log_format: Literal["text", "json"] = "text"

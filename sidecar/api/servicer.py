@@ -4,12 +4,12 @@ from __future__ import annotations
 
 import functools
 import logging
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from typing import Any, TypeVar
 
 import grpc
 
-from sidecar import testing_hooks
+from sidecar import testing_hooks, tracing
 from sidecar._proto import dedup_pb2 as pb
 from sidecar.api.errors import status_for
 from sidecar.api.frames import encode_frame, encode_publish_results
@@ -42,7 +42,7 @@ def _mapped(
     return wrapper
 
 
-def _input(req: pb.PublishRequest) -> PublishInput:
+def _input(req: pb.PublishRequest, trace: Sequence[tuple[str, bytes]] = ()) -> PublishInput:
     return PublishInput(
         req.topic,
         req.value,
@@ -50,7 +50,20 @@ def _input(req: pb.PublishRequest) -> PublishInput:
         [(h.key, h.value) for h in req.headers] if req.headers else (),
         req.idempotency_key,
         req.partition if req.HasField("partition") else None,
+        trace,
     )
+
+
+def _publish_trace(
+    context: grpc.aio.ServicerContext[Any, Any], name: str, **attributes: Any
+) -> tuple[Sequence[tuple[str, bytes]], Any]:
+    """The trace headers a publish writes, and its ``dedup.publish`` span (or None): the caller's
+    context, continued by the span when spans are recorded."""
+    caller = tracing.trace_headers(context.invocation_metadata())
+    if not tracing.active():
+        return caller, None
+    span = tracing.start(name, tracing.context_of(caller), **attributes)
+    return (tracing.inject(span) if span.get_span_context().is_valid else caller), span
 
 
 def _response(out: PublishOutput) -> pb.PublishResponse:
@@ -135,7 +148,12 @@ class DedupServicer:
     async def Publish(
         self, request: pb.PublishRequest, context: grpc.aio.ServicerContext[Any, Any]
     ) -> pb.PublishResponse:
-        return _response(await self._publisher.publish(_input(request)))
+        trace, span = _publish_trace(context, "dedup.publish", topic=request.topic)
+        try:
+            return _response(await self._publisher.publish(_input(request, trace)))
+        finally:
+            if span is not None:
+                span.end()
 
     @_mapped
     async def PublishBatch(
@@ -149,7 +167,12 @@ class DedupServicer:
             raise InvalidArgument(
                 f"{n} entries; the limit is {self._max_batch_entries} (publish.max_batch_entries)"
             )
-        outcomes = await self._publisher.publish_batch([_input(e) for e in request.entries])
+        trace, span = _publish_trace(context, "dedup.publish", entries=n)
+        try:
+            outcomes = await self._publisher.publish_batch([_input(e, trace) for e in request.entries])
+        finally:
+            if span is not None:
+                span.end()
         results: list[tuple[str, str, int, int, bool] | tuple[int, str]] = []
         for out in outcomes:
             if isinstance(out, Exception):

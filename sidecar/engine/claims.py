@@ -10,19 +10,32 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import time
 from collections import deque
 
+from sidecar import tracing
 from sidecar.engine.core import Core
 from sidecar.engine.records import Pending, State
 from sidecar.engine.reroute import Reroute
 from sidecar.errors import StoreUnavailable
-from sidecar.store.base import ClaimMode, ClaimStatus
+from sidecar.store.base import Claim, ClaimMode, ClaimStatus
 
 log = logging.getLogger(__name__)
 
 CLAIM_BATCH = 500  # keys per claim round trip
 CLAIM_SLOTS = 4  # claim round trips in flight at most
 CLAIM_BACKLOG = 2_000  # records waiting for a claim before intake waits
+
+
+def _trace_claims(records: list[Pending], claims: list[Claim], asked_ns: int) -> None:
+    """A dedup.claim span (the store round trip just made) for each record with a trace context."""
+    for p, c in zip(records, claims, strict=True):
+        ctx = tracing.context_of(p.headers)
+        if ctx is not None:
+            span = tracing.tracer.start_span(
+                "dedup.claim", context=ctx, start_time=asked_ns, attributes={"dedup.claim": c.status.name}
+            )
+            span.end()
 
 
 class Claims:
@@ -112,7 +125,7 @@ class Claims:
             # The lease runs from when the store was asked, not from when its answer was read: a
             # sidecar paused in between (SIGSTOP, a long GC, a starved VM) must not believe in a
             # lease the store already let another sidecar take over.
-            asked = core.clock()
+            asked, asked_ns = core.clock(), time.time_ns()
             try:
                 claims = await core.store.claim([p.store_key for p in live], core.owner, core.lease_ms, mode)
                 break
@@ -124,6 +137,8 @@ class Claims:
                 await asyncio.sleep(delay)
                 delay = min(delay * 2, 5.0)
         now = core.clock()
+        if tracing.active():
+            _trace_claims(live, claims, asked_ns)
         orphans: list[str] = []
         won: list[Pending] = []
         poison: list[Pending] = []

@@ -16,6 +16,7 @@ import time
 from collections.abc import Awaitable, Callable, Coroutine, Iterable
 from typing import Any, TypeVar
 
+from sidecar import tracing
 from sidecar.config import Settings
 from sidecar.engine import ordering
 from sidecar.engine.ordering import Ordering
@@ -80,6 +81,7 @@ class Core:
         self.base_ordering = Ordering.parse(d.ordering)
         self.topic_ordering: dict[str, Ordering] = {}  # narrowed by attached streams
         self.missing_topics: set[str] = set()  # in kafka.topics, not (yet) on the cluster
+        self.traced_settled: list[Any] = []  # span contexts of traced records settled since a commit
         self.accepting = True
         self.stopping = False
 
@@ -144,6 +146,10 @@ class Core:
             self.by_id.pop(did, None)
             self.acked.put(did, "")
         p.state = State.SETTLED
+        if p.span is not None:
+            self.traced_settled.append(p.span.get_span_context())
+            p.span.end()
+            p.span = None
         if self.key_index.get(p.store_key) is p:
             del self.key_index[p.store_key]
         if part is None or part.generation != p.generation:
@@ -196,3 +202,6 @@ class Core:
                 done.tracker.mark_committed(o.offset)
                 done.last_commit = now
         self.metrics.commits.inc()
+        if self.traced_settled:
+            tracing.commit_span(self.traced_settled, len(committed))
+            self.traced_settled = []

@@ -17,7 +17,7 @@ import os
 import time
 from collections.abc import Sequence
 
-from sidecar import testing_hooks
+from sidecar import testing_hooks, tracing
 from sidecar.engine import ordering
 from sidecar.engine.claims import Claims
 from sidecar.engine.core import Core
@@ -231,6 +231,9 @@ class Dispatch:
         now = core.clock()
         deadline = now + core.deadline_s
         by_id, instance, seq = core.by_id, self.instance, self._seq
+        if tracing.active():
+            for p in batch:
+                self._trace_delivery(p)
         for p in batch:
             did = f"{instance}.{next(seq)}"
             p.delivery_ids.append(did)
@@ -241,6 +244,22 @@ class Dispatch:
             p.sent_at = now
             s.add(p)
         count_by_topic(core.metrics.delivered, batch)
+
+    @staticmethod
+    def _trace_delivery(p: Pending) -> None:
+        """Start the record's dedup.deliver span, a child of the trace context in its headers."""
+        if p.span is not None:
+            p.span.end()  # the previous delivery's
+            p.span = None
+        ctx = tracing.context_of(p.headers)
+        if ctx is not None:
+            topic, partition, offset = p.coordinates()
+            p.span = tracing.start(
+                "dedup.deliver",
+                ctx,
+                **{"messaging.destination.name": topic, "dedup.partition": partition, "dedup.offset": offset},
+                **{"dedup.attempt": p.attempt, "dedup.idempotency_key": p.idem_key or ""},
+            )
 
     def deadline_epoch_ms(self, p: Pending) -> int:
         return int((time.time() + (p.deadline - self.core.clock())) * 1000)

@@ -213,6 +213,9 @@ class Engine:
             del core.key_index[p.store_key]
         p.state = State.DROPPED
         p.chain = None  # its chain went with its partition
+        if p.span is not None:
+            p.span.end()
+            p.span = None
 
     def on_records(self, records: list[Message]) -> None:
         self.intake.put(records)

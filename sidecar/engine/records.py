@@ -6,7 +6,7 @@ from __future__ import annotations
 from collections import deque
 from dataclasses import dataclass, field
 from enum import Enum
-from typing import Protocol
+from typing import Any, Protocol
 
 from sidecar.offsets import AckTracker
 
@@ -69,6 +69,7 @@ class Pending:
     scheduled: bool = False  # read from a retry topic before its due time; not claimed yet
     reason: str = ""
     reason_code: str = ""
+    span: Any = None  # its dedup.deliver span while in flight, when traced (sidecar/tracing.py)
 
     def log_fields(self) -> dict[str, object]:
         """``extra=`` for a log call about this record (JSON logs carry them as fields)."""

@@ -13,7 +13,9 @@ import time
 from collections.abc import Awaitable, Sequence
 from typing import TypeVar
 
-from sidecar import testing_hooks
+from opentelemetry import trace
+
+from sidecar import testing_hooks, tracing
 from sidecar.engine.core import Core
 from sidecar.engine.dispatch import Dispatch
 from sidecar.engine.records import TP, Pending, Recent, State
@@ -105,6 +107,7 @@ class Settlement:
         todo = list(records.values())
         for p in todo:
             p.acking += 1
+        traced = [tracing.start("dedup.ack", trace.set_span_in_context(p.span)) for p in todo if p.span]
         try:
             keys = [p.store_key for p in todo] + list(stale_keys)
             if keys:
@@ -119,6 +122,8 @@ class Settlement:
         finally:
             for p in todo:
                 p.acking -= 1
+            for span in traced:
+                span.end()
         touched: set[TP] = set()
         settled: list[Pending] = []
         for i, did in enumerate(ids):

@@ -49,6 +49,9 @@ class PublishInput:
     headers: Sequence[tuple[str, bytes]]
     idempotency_key: str
     partition: int | None
+    #: The caller's W3C trace headers (sidecar/tracing.py): written with the record, not part of
+    #: its payload (a retry with a new span id is the same record).
+    trace: Sequence[tuple[str, bytes]] = ()
 
 
 class PublishOutput(NamedTuple):
@@ -435,6 +438,8 @@ class Publisher:
             *req.headers,
             (self._header, req.idempotency_key.encode()),
         ]
+        if req.trace and not any(k == "traceparent" for k, _ in req.headers):
+            headers += req.trace
         return Outgoing(req.topic, req.value, req.key, headers, req.partition)
 
     def _settle_found(self, entry: _Entry, found: PublishRecord) -> None:
