@@ -5,6 +5,7 @@ up; histograms have counts; counters carry the topic)."""
 from __future__ import annotations
 
 import asyncio
+import re
 import time
 import urllib.request
 
@@ -12,7 +13,7 @@ import services
 from dedup_client import DedupClient
 from prometheus_client.parser import text_string_to_metric_families
 
-from tests.integration.helpers import Inbox, raw_produce, running_sidecar, settings_dict, unique
+from tests.integration.helpers import ROOT, Inbox, raw_produce, running_sidecar, settings_dict, unique
 
 
 def scrape(port: int) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
@@ -32,6 +33,27 @@ def total(samples: dict[tuple[str, tuple[tuple[str, str], ...]], float], name: s
 
 def names(samples: dict[tuple[str, tuple[tuple[str, str], ...]], float]) -> set[str]:
     return {n for n, _ in samples}
+
+
+def exposed(port: int) -> set[str]:
+    """Every series name /metrics can show, also for families with no sample yet."""
+    with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5) as r:
+        text = r.read().decode()
+    out: set[str] = set()
+    for family in text_string_to_metric_families(text):
+        suffixes = {"counter": ("_total",), "histogram": ("_bucket", "_count", "_sum", "")}.get(
+            family.type, ("",)
+        )
+        out.update(family.name + s for s in suffixes)
+    return out
+
+
+def used_in_deploy_monitoring() -> set[str]:
+    found: set[str] = set()
+    for path in (ROOT / "deploy" / "monitoring").iterdir():
+        if path.suffix in (".yaml", ".json") and ".test." not in path.name:
+            found.update(re.findall(r"\bdedup_[a-z_]+", path.read_text()))
+    return found
 
 
 async def test_metrics_follow_a_run(kafka: services.KafkaBroker) -> None:
@@ -71,6 +93,7 @@ async def test_metrics_follow_a_run(kafka: services.KafkaBroker) -> None:
             m = await lag_becomes(0)
         await c.publish(out, b"out", idempotency_key=unique("pub"))
         m = scrape(port)
+        available = exposed(port)
     assert total(m, "dedup_delivered_total", topic=topic) == 1000
     assert total(m, "dedup_acked_total", topic=topic) == 1000
     assert total(m, "dedup_unsettled_records", topic=topic) == 0
@@ -99,3 +122,7 @@ async def test_metrics_follow_a_run(kafka: services.KafkaBroker) -> None:
         "dedup_seconds_since_commit",
     }
     assert documented <= names(m), documented - names(m)
+    # The dashboard and the alert rules only use names a sidecar exposes.
+    used = used_in_deploy_monitoring()
+    assert len(used) > 10
+    assert used <= available, f"deploy/monitoring uses names no sidecar exposes: {sorted(used - available)}"
