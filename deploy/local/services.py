@@ -147,6 +147,35 @@ def debian_tool(command: str, package: str) -> str:
     return found
 
 
+def promtool_binary() -> str:
+    """Return the path of promtool (to check deploy/monitoring's alert rules): one on PATH, or
+    the one in Debian's prometheus package, unpacked into the cache. The package is downloaded and
+    unpacked, not installed, so no Prometheus server is set up on the machine."""
+    found = shutil.which("promtool")
+    if found:
+        return found
+    target = cache_dir() / "promtool"
+    binary = target / "usr" / "bin" / "promtool"
+    if binary.exists():
+        return str(binary)
+    target.mkdir(parents=True, exist_ok=True)
+    _log("fetching promtool from Debian's prometheus package (first run only)")
+    download = target / "download"
+    download.mkdir(exist_ok=True)
+    env = dict(os.environ, DEBIAN_FRONTEND="noninteractive")
+    got = subprocess.run(["apt-get", "download", "-qq", "prometheus"], cwd=download, env=env, check=False)
+    if got.returncode != 0:
+        subprocess.run(["apt-get", "update", "-qq"], check=True, env=env)
+        subprocess.run(["apt-get", "download", "-qq", "prometheus"], cwd=download, env=env, check=True)
+    [deb] = sorted(download.glob("prometheus_*.deb"))
+    subprocess.run(["dpkg-deb", "-x", str(deb), str(target)], check=True)
+    deb.unlink()
+    (binary.parent / "prometheus").unlink(missing_ok=True)  # the server itself is not needed
+    if not binary.exists():
+        raise RuntimeError(f"Debian's prometheus package has no usr/bin/promtool ({deb.name})")
+    return str(binary)
+
+
 def openssl_binary() -> str:
     """Return the path of openssl (for test certificates)."""
     return debian_tool("openssl", "openssl")
@@ -832,6 +861,7 @@ def main(argv: list[str] | None = None) -> int:
         _log(f"kafka jars: {kafka_lib_dir()}")
         _log(f"redis-server: {redis_server_binary()}, redis-cli: {redis_cli_binary()}")
         _log(f"openssl: {openssl_binary()}")
+        _log(f"promtool: {promtool_binary()}")
         return 0
     stop_on_signals()
     try:

@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import json
 import re
+import subprocess
 from pathlib import Path
 from typing import Any
 
 import pytest
+import services
 import yaml
 
 from sidecar.config import Settings
@@ -48,6 +51,23 @@ def test_yaml_parses_and_names_real_settings(path: str) -> None:
     assert names
     unknown = [n for n in names if not setting_exists(n)]
     assert not unknown, f"{path} sets unknown settings {unknown}"
+
+
+def test_alert_rules_pass_promtool() -> None:
+    """promtool checks deploy/monitoring/alerts.yaml and runs its unit test case."""
+    promtool = services.promtool_binary()
+    folder = ROOT / "deploy" / "monitoring"
+    for args in (["check", "rules", "alerts.yaml"], ["test", "rules", "alerts.test.yaml"]):
+        done = subprocess.run([promtool, *args], cwd=folder, capture_output=True, text=True, timeout=120)
+        assert done.returncode == 0, f"promtool {' '.join(args)}:\n{done.stdout}{done.stderr}"
+
+
+def test_the_dashboard_is_grafana_json_with_prometheus_queries() -> None:
+    dash = json.loads((ROOT / "deploy" / "monitoring" / "dashboard.json").read_text())
+    assert dash["panels"]
+    for panel in dash["panels"]:
+        assert panel["targets"], panel["title"]
+        assert all("dedup_" in t["expr"] for t in panel["targets"]), panel["title"]
 
 
 def test_dockerfile_env_names_real_settings() -> None:
