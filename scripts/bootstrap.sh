@@ -33,6 +33,13 @@ if command -v go >/dev/null 2>&1; then
     fi
   done
   (cd clients/go && go mod download)
+  # kustomize renders deploy/kubernetes in tests/unit/test_deploy_files.py (pinned).
+  kustomize=sigs.k8s.io/kustomize/kustomize/v5@v5.8.0
+  if [ "$(cat .tools/kustomize.version 2>/dev/null)" != "$kustomize" ]; then
+    echo "bootstrap: kustomize (first run only)" >&2
+    GOBIN="$PWD/.tools/bin" go install "$kustomize"
+    echo "$kustomize" > .tools/kustomize.version
+  fi
 else
   echo "bootstrap: Go not found: the Go client's tests and stub check are skipped" >&2
 fi
