@@ -22,8 +22,10 @@ import tempfile
 import time
 import urllib.request
 from pathlib import Path
+from typing import Any
 
-from confluent_kafka import Producer
+import grpc
+from confluent_kafka import Consumer, Producer
 from dedup_client import DedupClient
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -46,18 +48,54 @@ def metric(port: int, name: str) -> float:
     return total
 
 
+async def publish_half(client: DedupClient, unique: int, republish: int) -> dict[str, Any]:
+    """Publish ``unique`` orders, then ``republish`` of them again (same key, same payload)."""
+    keys = [f"order-{i:05d}" for i in range(unique)]
+    first = {}
+    for k in keys:
+        first[k] = await client.publish(TOPIC, f'{{"order": "{k}"}}'.encode(), idempotency_key=k)
+    for k in keys[:republish]:  # an app retrying after a timeout: same key, same payload
+        r = await client.publish(TOPIC, f'{{"order": "{k}"}}'.encode(), idempotency_key=k)
+        assert r.duplicate
+        assert r.offset == first[k].offset
+    return first
+
+
+async def publish_only(target: str, bootstrap: str, unique: int, republish: int) -> bool:
+    """The publish half against a publish-only sidecar (no kafka.topics): every key is in the
+    topic once, read back with a plain consumer, and Subscribe says why it cannot work."""
+    async with DedupClient(target) as client:
+        await publish_half(client, unique, republish)
+        gen = client.subscribe([TOPIC])
+        try:
+            await anext(gen)
+        except grpc.aio.AioRpcError as exc:
+            print(f"demo: Subscribe on a publish-only sidecar: {exc.code().name}: {exc.details()}")
+        finally:
+            await gen.aclose()
+    consumer = Consumer(
+        {"bootstrap.servers": bootstrap, "group.id": "demo-reader", "auto.offset.reset": "earliest"}
+    )
+    consumer.subscribe([TOPIC])
+    counts: dict[str, int] = {}
+    deadline = time.monotonic() + 30
+    while sum(counts.values()) < unique and time.monotonic() < deadline:
+        for m in consumer.consume(500, 1.0):
+            if m.error() is None:
+                k = repr(dict(m.headers() or []).get("idempotency-key"))
+                counts[k] = counts.get(k, 0) + 1
+    consumer.close()
+    print(
+        f"demo: published {unique} orders, re-published {republish}; the topic holds {sum(counts.values())}"
+    )
+    return len(counts) == unique and all(n == 1 for n in counts.values())
+
+
 async def app(target: str, bootstrap: str, unique: int, republish: int, kafka_dups: int) -> dict[str, int]:
     async with DedupClient(target) as client:
         keys = [f"order-{i:05d}" for i in range(unique)]
-        first = {}
-        for k in keys:
-            first[k] = await client.publish(TOPIC, f'{{"order": "{k}"}}'.encode(), idempotency_key=k)
-        repeated = 0
-        for k in keys[:republish]:  # an app retrying after a timeout: same key, same payload
-            r = await client.publish(TOPIC, f'{{"order": "{k}"}}'.encode(), idempotency_key=k)
-            assert r.duplicate
-            assert r.offset == first[k].offset
-            repeated += 1
+        first = await publish_half(client, unique, republish)
+        repeated = republish
         producer = Producer({"bootstrap.servers": bootstrap})
         for k in keys[-kafka_dups:]:  # a plain producer whose retry wrote the record twice
             r = first[k]
@@ -95,6 +133,9 @@ def main() -> int:
     parser.add_argument("--messages", type=int, default=1000)
     parser.add_argument("--republish", type=int, default=150)
     parser.add_argument("--kafka-duplicates", type=int, default=100)
+    parser.add_argument(
+        "--publish-only", action="store_true", help="a sidecar with no kafka.topics: the publish half alone"
+    )
     services.add_redis_shape_argument(parser)
     args = parser.parse_args()
     with (
@@ -106,7 +147,7 @@ def main() -> int:
         env = {
             **os.environ,
             "DEDUP_KAFKA__BOOTSTRAP_SERVERS": kafka.bootstrap_servers,
-            "DEDUP_KAFKA__TOPICS": f'["{TOPIC}"]',
+            "DEDUP_KAFKA__TOPICS": "[]" if args.publish_only else f'["{TOPIC}"]',
             "DEDUP_KAFKA__GROUP_ID": "demo-app",
             "DEDUP_STORE__BACKEND": "redis",
             "DEDUP_STORE__REDIS_URL": redis.url,
@@ -124,6 +165,12 @@ def main() -> int:
             )
         try:
             time.sleep(1.5)
+            if args.publish_only:
+                once = asyncio.run(
+                    publish_only(f"127.0.0.1:{port}", kafka.bootstrap_servers, args.messages, args.republish)
+                )
+                print("demo: OK: every order in the topic once" if once else "demo: MISMATCH")
+                return 0 if once else 1
             delivered = asyncio.run(
                 app(
                     f"127.0.0.1:{port}",
