@@ -26,8 +26,9 @@ def cli(*args: str) -> subprocess.CompletedProcess[str]:
 async def test_status_and_key_describe_a_running_sidecar(
     kafka: services.KafkaBroker, redis_server: services.RedisServer, tmp_path: Path
 ) -> None:
-    topic, group = unique("admin"), unique("g")
+    topic, out_topic, group = unique("admin"), unique("admin-out"), unique("g")
     kafka.create_topic(topic, 2)
+    kafka.create_topic(out_topic, 1)
     env = process_env(
         kafka,
         topic,
@@ -45,7 +46,7 @@ async def test_status_and_key_describe_a_running_sidecar(
         async with DedupClient(sc.target, token=TOKEN) as c, Inbox(c) as inbox:
             got = {m.idempotency_key: m for m in await inbox.wait(2)}
             await c.ack_many([got["done-1"].delivery_id])
-            await c.publish(topic, b"p", idempotency_key="pub-1")
+            await c.publish(out_topic, b"p", idempotency_key="pub-1")  # not a consumed topic
             await asyncio.sleep(0.5)  # the commit of partition 0
             auth = ["--target", sc.target, "--token", TOKEN]
 
@@ -74,7 +75,7 @@ async def test_status_and_key_describe_a_running_sidecar(
             published = json.loads(
                 (await asyncio.to_thread(cli, "key", topic, "pub-1", "--json", *auth)).stdout
             )
-            assert published["published"]["topic"] == topic
+            assert published["published"]["topic"] == out_topic
             absent = await asyncio.to_thread(cli, "key", topic, "never", *auth)
             assert "never: absent" in absent.stdout
 
