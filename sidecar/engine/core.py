@@ -147,7 +147,8 @@ class Core:
             self.acked.put(did, "")
         p.state = State.SETTLED
         if p.span is not None:
-            self.traced_settled.append(p.span.get_span_context())
+            if len(self.traced_settled) < 1000:  # the next commit span's links (bounded)
+                self.traced_settled.append(p.span.get_span_context())
             p.span.end()
             p.span = None
         if self.key_index.get(p.store_key) is p:
