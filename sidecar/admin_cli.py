@@ -45,9 +45,9 @@ def _target_and_token(a: argparse.Namespace) -> tuple[str, str | None]:
     if target is None or token is None:
         s = config.load(a.config)
         if target is None:
-            host, _, port = s.server.listen.rpartition(":")
-            host = "127.0.0.1" if host in ("", "0.0.0.0", "[::]", "::") else host
-            target = f"{host}:{port}"
+            host, port = config.split_listen(s.server.listen, "server.listen")
+            host = "127.0.0.1" if host in ("0.0.0.0", "::") else host  # a wildcard: dial loopback
+            target = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
         if token is None and s.server.auth_token is not None:
             token = s.server.auth_token.get_secret_value()
     return target, token

@@ -24,7 +24,7 @@ from sidecar import logs, tracing
 from sidecar.api.admin import AdminServicer
 from sidecar.api.server import SERVICE_NAME, build_server
 from sidecar.api.servicer import DedupServicer
-from sidecar.config import Settings
+from sidecar.config import Settings, split_listen
 from sidecar.engine.engine import Engine
 from sidecar.errors import ConfigError, KafkaUnavailable
 from sidecar.kafka import consumer as kconsumer
@@ -51,13 +51,6 @@ def _kafka_config(
             f"kafka.{kind} sets {sorted(clash)}, which the sidecar owns to keep its guarantees; remove them"
         )
     return {"bootstrap.servers": settings.kafka.bootstrap_servers, "client.id": "dedup-sidecar", **extra}
-
-
-def _split_listen(listen: str, setting: str) -> tuple[str, int]:
-    host, sep, port = listen.rpartition(":")
-    if not sep or not port.isdigit():
-        raise ConfigError(f"{setting}={listen!r} is not HOST:PORT")
-    return host.strip("[]") or "127.0.0.1", int(port)
 
 
 class Sidecar:
@@ -94,7 +87,7 @@ class Sidecar:
             consumer_conf.setdefault("statistics.interval.ms", s.kafka.statistics_interval_ms)
             consumer_conf["stats_cb"] = self._on_statistics
         producer_conf = _kafka_config(s, s.kafka.producer, kproducer.OWNED_PROPERTIES, "producer")
-        host, port = _split_listen(s.server.listen, "server.listen")
+        host, port = split_listen(s.server.listen, "server.listen")
         self.store = TimedStore(await open_store(s), self.metrics.store_seconds)
         self._producer = kproducer.AsyncProducer(producer_conf, loop, s.publish.timeout_seconds)
         self.engine = Engine(s, self.store, self._producer, self.metrics, self.owner)
@@ -135,7 +128,7 @@ class Sidecar:
                 f"cannot listen on {s.server.listen} (server.listen): address in use or invalid"
             )
         if s.server.metrics_listen:
-            mhost, mport = _split_listen(s.server.metrics_listen, "server.metrics_listen")
+            mhost, mport = split_listen(s.server.metrics_listen, "server.metrics_listen")
             self._metrics_server, _ = start_http_server(mport, mhost, registry=self.metrics.registry)
             self.metrics_port = self._metrics_server.server_port
         await self._server.start()

@@ -36,6 +36,14 @@ class _Section(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
 
+def split_listen(listen: str, setting: str) -> tuple[str, int]:
+    """HOST:PORT of a listen setting; an empty host is loopback. ConfigError names the setting."""
+    host, sep, port = listen.rpartition(":")
+    if not sep or not port.isdigit():
+        raise ConfigError(f"{setting}={listen!r} is not HOST:PORT")
+    return host.strip("[]") or "127.0.0.1", int(port)
+
+
 def valid_topic(name: str) -> bool:
     return bool(_TOPIC_RE.match(name)) and name not in (".", "..")
 

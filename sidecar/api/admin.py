@@ -51,24 +51,20 @@ class AdminServicer(pb_grpc.AdminServiceServicer):
         self, request: pb.StatusRequest, context: grpc.aio.ServicerContext[Any, Any]
     ) -> pb.StatusResponse:
         engine, lag = self._engine, self._source.lag()
-        snap = engine.describe()
-        parts = []
-        for name, p in snap["partitions"].items():
-            topic, _, rest = name.rpartition("[")
-            partition = int(rest.rstrip("]"))
-            parts.append(
-                pb.PartitionStatus(
-                    topic=topic,
-                    partition=partition,
-                    committed=p["committed"],
-                    committable=p["committable"],
-                    unsettled=p["unsettled"],
-                    in_flight=p["states"].get("in_flight", 0),
-                    lag=lag.get((topic, partition), -1),
-                    paused=p["paused"],
-                    ordering=p["ordering"],
-                )
+        parts = [
+            pb.PartitionStatus(
+                topic=tp[0],
+                partition=tp[1],
+                committed=part.tracker.committed,
+                committable=part.tracker.committable(),
+                unsettled=part.tracker.unsettled,
+                in_flight=states.get("in_flight", 0),
+                lag=lag.get(tp, -1),
+                paused=part.paused,
+                ordering=engine.core.ordering_of(tp[0]).label,
             )
+            for tp, part, states in engine.partitions()
+        ]
         streams = [
             pb.StreamStatus(
                 id=s.id, topics=sorted(s.topics), in_flight=len(s.in_flight), ordering=s.ordering.label

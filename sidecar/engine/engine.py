@@ -227,15 +227,23 @@ class Engine:
     def in_flight(self) -> int:
         return sum(len(s.in_flight) for s in self.core.streams.values())
 
+    def partitions(self) -> list[tuple[TP, Partition, dict[str, int]]]:
+        """Each assigned partition, its books, and its pending records counted by state."""
+        out = []
+        for tp, part in sorted(self.core.partitions.items()):
+            states: dict[str, int] = {}
+            for p in part.pending.values():
+                states[p.state.value] = states.get(p.state.value, 0) + 1
+            out.append((tp, part, states))
+        return out
+
     def describe(self) -> dict[str, Any]:
         """A snapshot for operators (logged on SIGUSR1): per partition, records by state."""
         core = self.core
         parts: dict[str, Any] = {}
-        for tp, part in sorted(core.partitions.items()):
-            states: dict[str, int] = {}
+        for tp, part, states in self.partitions():
             oldest: dict[str, Any] = {}
             for p in part.pending.values():
-                states[p.state.value] = states.get(p.state.value, 0) + 1
                 if p.state.value not in oldest or p.offset < oldest[p.state.value]["offset"]:
                     oldest[p.state.value] = {"offset": p.offset, "key": p.idem_key, "attempt": p.attempt}
             parts[f"{tp[0]}[{tp[1]}]"] = {

@@ -21,6 +21,7 @@ from sidecar.engine import ordering
 from sidecar.engine.claims import CLAIM_BACKLOG, Claims
 from sidecar.engine.core import Core
 from sidecar.engine.identity import idempotency_key, store_key
+from sidecar.engine.ordering import Ordering
 from sidecar.engine.records import TP, Pending, State
 from sidecar.engine.reroute import Reroute, RetryRecord
 from sidecar.offsets import OfferResult
@@ -64,6 +65,7 @@ class Intake:
         to_claim: list[Pending] = []
         no_key: list[Pending] = []
         touched: set[TP] = set()
+        modes: dict[TP, Ordering] = {}  # per partition, looked up once per batch
         for m in batch:
             topic, partition, offset = m.topic() or "", m.partition() or 0, m.offset() or 0
             tp = (topic, partition)
@@ -100,7 +102,11 @@ class Intake:
             else:
                 p = self._retry_record(part.generation, tp, offset, source, headers, key, value, ts)
             part.pending[offset] = p
-            ordering.enter(part, p, core.ordering_of(p.topic))
+            mode = modes.get(tp)
+            if mode is None:
+                mode = modes[tp] = core.ordering_of(p.topic)
+            if mode:  # unordered records join no chain
+                ordering.enter(part, p, mode)
             if p.idem_key is None:
                 no_key.append(p)
                 continue

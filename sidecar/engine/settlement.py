@@ -107,7 +107,11 @@ class Settlement:
         todo = list(records.values())
         for p in todo:
             p.acking += 1
-        traced = [tracing.start("dedup.ack", trace.set_span_in_context(p.span)) for p in todo if p.span]
+        traced = (
+            [tracing.start("dedup.ack", trace.set_span_in_context(p.span)) for p in todo if p.span]
+            if tracing.active()
+            else []
+        )
         try:
             keys = [p.store_key for p in todo] + list(stale_keys)
             if keys:
