@@ -11,6 +11,7 @@ import argparse
 import datetime
 import json
 import sys
+from pathlib import Path
 from typing import Any
 
 import grpc
@@ -19,6 +20,7 @@ from google.protobuf.json_format import MessageToDict
 from sidecar import config
 from sidecar._proto import dedup_pb2 as pb
 from sidecar._proto import dedup_pb2_grpc as pb_grpc
+from sidecar.api.security import read_tokens
 from sidecar.errors import SidecarError
 
 COMMANDS = ("status", "key")
@@ -28,8 +30,13 @@ def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="dedup-sidecar", description="Ask a running sidecar.")
     common = argparse.ArgumentParser(add_help=False)
     common.add_argument("--config", help="the sidecar's settings file (for server.listen and the token)")
-    common.add_argument("--target", help="HOST:PORT of the sidecar (default: server.listen)")
-    common.add_argument("--token", help="bearer token (default: server.auth_token)")
+    common.add_argument("--target", help="HOST:PORT or unix:///path of the sidecar (default: server.listen)")
+    common.add_argument(
+        "--token", help="bearer token (default: server.auth_token, else the first in server.auth_token_file)"
+    )
+    common.add_argument("--tls-ca-file", help="dial with TLS, trusting this CA (PEM)")
+    common.add_argument("--tls-cert-file", help="client certificate for mTLS (PEM)")
+    common.add_argument("--tls-key-file", help="client key for mTLS (PEM)")
     common.add_argument("--json", action="store_true", help="print JSON")
     common.add_argument("--timeout", type=float, default=10.0, help="seconds to wait for an answer")
     sub = p.add_subparsers(dest="command", required=True)
@@ -44,13 +51,27 @@ def _target_and_token(a: argparse.Namespace) -> tuple[str, str | None]:
     target, token = a.target, a.token
     if target is None or token is None:
         s = config.load(a.config)
-        if target is None:
+        if target is None and config.is_unix_listen(s.server.listen):
+            target = f"unix:{config.unix_socket_path(s.server.listen)}"
+        elif target is None:
             host, port = config.split_listen(s.server.listen, "server.listen")
             host = "127.0.0.1" if host in ("0.0.0.0", "::") else host  # a wildcard: dial loopback
             target = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
         if token is None and s.server.auth_token is not None:
             token = s.server.auth_token.get_secret_value()
+        elif token is None and s.server.auth_token_file is not None:
+            tokens = read_tokens(s.server.auth_token_file, "server.auth_token_file")
+            token = tokens[0].decode() if tokens else None
     return target, token
+
+
+def _channel(a: argparse.Namespace, target: str) -> grpc.Channel:
+    if a.tls_ca_file is None and a.tls_cert_file is None:
+        return grpc.insecure_channel(target)
+    blobs = []
+    for path in (a.tls_ca_file, a.tls_key_file, a.tls_cert_file):
+        blobs.append(Path(path).read_bytes() if path else None)
+    return grpc.secure_channel(target, grpc.ssl_channel_credentials(*blobs))
 
 
 def _when(ms: int) -> str:
@@ -98,12 +119,16 @@ def admin_main(argv: list[str]) -> int:
     a = _parser().parse_args(argv)
     try:
         target, token = _target_and_token(a)
+        channel = _channel(a, target)
     except SidecarError as exc:
         print(f"dedup-sidecar: {exc}", file=sys.stderr)
         return 2
+    except OSError as exc:
+        print(f"dedup-sidecar: cannot read {exc.filename}: {exc.strerror}", file=sys.stderr)
+        return 2
     metadata = (("authorization", f"Bearer {token}"),) if token else ()
     try:
-        with grpc.insecure_channel(target) as channel:
+        with channel:
             stub = pb_grpc.AdminServiceStub(channel)
             if a.command == "status":
                 answer: Any = stub.Status(pb.StatusRequest(), metadata=metadata, timeout=a.timeout)

@@ -18,13 +18,14 @@ import time
 from typing import Any
 
 from grpc_health.v1 import health, health_pb2
-from prometheus_client import start_http_server
 
 from sidecar import logs, tracing
+from sidecar.api import listeners
 from sidecar.api.admin import AdminServicer
-from sidecar.api.server import SERVICE_NAME, build_server
+from sidecar.api.security import Certificates, Guard
+from sidecar.api.server import SERVICE_NAME, build_health_server, build_server
 from sidecar.api.servicer import DedupServicer
-from sidecar.config import Settings, split_listen
+from sidecar.config import Settings, is_loopback_listen
 from sidecar.engine.engine import Engine
 from sidecar.errors import ConfigError, KafkaUnavailable
 from sidecar.kafka import consumer as kconsumer
@@ -53,6 +54,27 @@ def _kafka_config(
     return {"bootstrap.servers": settings.kafka.bootstrap_servers, "client.id": "dedup-sidecar", **extra}
 
 
+def _warn_exposure(s: Settings, certs: Certificates | None) -> None:
+    """Warn about remote listeners that start but leak: a token in clear text, or TLS that lets
+    any client in (the settings validator refuses the worst case, neither TLS nor a token)."""
+    srv = s.server
+    if is_loopback_listen(srv.listen) or srv.allow_insecure_remote:
+        return
+    if certs is None:
+        log.warning(
+            "server.listen=%s is reachable from other hosts without TLS: bearer tokens cross the network "
+            "in clear text; set server.tls_cert_file and server.tls_key_file",
+            srv.listen,
+        )
+    elif not certs.mtls and not (srv.auth_token or srv.auth_token_file or srv.credentials):
+        log.warning(
+            "server.listen=%s is reachable from other hosts over TLS, but asks callers for no token and no "
+            "client certificate: anyone who can connect may consume and publish; set server.auth_token or "
+            "server.tls_client_ca_file",
+            srv.listen,
+        )
+
+
 class Sidecar:
     """One sidecar process. ``await start()``, then ``await stop()``; or ``await run()``."""
 
@@ -69,6 +91,10 @@ class Sidecar:
         self._producer: kproducer.AsyncProducer | None = None
         self._server: Any = None
         self._metrics_server: Any = None
+        self._health_server: Any = None
+        self.guard: Guard
+        self.health_port = 0
+        self._reload: asyncio.Task[None] | None = None
         self._health = health.aio.HealthServicer()
         self._watch: asyncio.Task[None] | None = None
         self._readiness: asyncio.Task[None] | None = None
@@ -87,7 +113,10 @@ class Sidecar:
             consumer_conf.setdefault("statistics.interval.ms", s.kafka.statistics_interval_ms)
             consumer_conf["stats_cb"] = self._on_statistics
         producer_conf = _kafka_config(s, s.kafka.producer, kproducer.OWNED_PROPERTIES, "producer")
-        host, port = split_listen(s.server.listen, "server.listen")
+        # Credentials and certificates first: a bad file stops the start before anything connects.
+        self.guard = Guard(s.server)
+        certs = Certificates(s.server) if s.server.tls_cert_file is not None else None
+        _warn_exposure(s, certs)
         self.store = TimedStore(await open_store(s), self.metrics.store_seconds)
         self._producer = kproducer.AsyncProducer(producer_conf, loop, s.publish.timeout_seconds)
         self.engine = Engine(s, self.store, self._producer, self.metrics, self.owner)
@@ -118,20 +147,20 @@ class Sidecar:
             self.owner,
             self.topics if s.publish.check_topics else None,
         )
-        servicer = DedupServicer(self.engine, publisher, s.publish.max_batch_entries)
-        token = s.server.auth_token.get_secret_value() if s.server.auth_token else None
+        servicer = DedupServicer(self.engine, publisher, s.publish.max_batch_entries, s.kafka.topics)
         admin = AdminServicer(self, self.engine, self.store, s.kafka.group_id, self._store_name)
-        self._server = build_server(servicer, self._health, token, s.publish.max_message_bytes, admin)
-        self.port = self._server.add_insecure_port(f"{host}:{port}")
-        if self.port == 0:
-            raise ConfigError(
-                f"cannot listen on {s.server.listen} (server.listen): address in use or invalid"
-            )
+        self._server = build_server(servicer, self._health, self.guard, s.publish.max_message_bytes, admin)
+        srv = s.server
+        self.port = listeners.bind(self._server, srv.listen, "server.listen", certs, srv.socket_mode)
+        if srv.health_listen:
+            self._health_server = build_health_server(self._health)
+            self.health_port = listeners.bind(self._health_server, srv.health_listen, "server.health_listen")
         if s.server.metrics_listen:
-            mhost, mport = split_listen(s.server.metrics_listen, "server.metrics_listen")
-            self._metrics_server, _ = start_http_server(mport, mhost, registry=self.metrics.registry)
-            self.metrics_port = self._metrics_server.server_port
+            self._metrics_server, self.metrics_port = listeners.metrics(s.server, self.metrics.registry)
         await self._server.start()
+        if self._health_server is not None:
+            await self._health_server.start()
+        self._reload = asyncio.create_task(self._reload_files(certs))
         self.engine.start(self._consumer)
         if self._consumer is not None:
             self._consumer.start()
@@ -141,11 +170,12 @@ class Sidecar:
         await self._health.set(SERVICE_NAME, _SERVING if ready else _NOT_SERVING)
         await self._health.set("", _SERVING)
         self._readiness = asyncio.create_task(self._watch_readiness(ready))
+        where = srv.listen if not self.port else f"{srv.listen.rpartition(':')[0]}:{self.port}"
         log.info(
-            "sidecar %s serving on %s:%d (store=%s, group=%s, topics=%s)",
+            "sidecar %s serving on %s%s (store=%s, group=%s, topics=%s)",
             self.owner,
-            host,
-            self.port,
+            where,
+            " with TLS" if certs is not None else "",
             self.store.name,
             s.kafka.group_id if s.kafka.topics else "none",
             ",".join(s.kafka.topics) or "none: publish-only",
@@ -315,7 +345,7 @@ class Sidecar:
     async def stop(self) -> None:
         s = self.settings
         await self._health.enter_graceful_shutdown()
-        for task in (self._watch, self._readiness):
+        for task in (self._watch, self._readiness, self._reload):
             if task is not None:
                 task.cancel()
         if self._consumer is not None:
@@ -328,6 +358,9 @@ class Sidecar:
             await self._producer.close()
         if self._server is not None:
             await self._server.stop(1.0)
+            listeners.remove_socket(s.server.listen)
+        if self._health_server is not None:
+            await self._health_server.stop(0)
         if self._metrics_server is not None:
             self._metrics_server.shutdown()
             self._metrics_server.server_close()
@@ -335,6 +368,17 @@ class Sidecar:
             await self.store.close()
         self._stopped.set()
         log.info("sidecar stopped")
+
+    async def _reload_files(self, certs: Certificates | None) -> None:
+        """Re-read token and certificate files that changed, so secrets rotate without a restart."""
+        while True:
+            await asyncio.sleep(self.settings.server.reload_interval_seconds)
+            try:
+                await asyncio.to_thread(self.guard.reload)
+                if certs is not None:
+                    await asyncio.to_thread(certs.reload)
+            except Exception:
+                log.exception("re-reading token or certificate files failed; the ones read before stay")
 
     def _dump_state(self) -> None:
         if self.engine is not None:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import gc
+import json
 import logging
 import sys
 from collections.abc import Coroutine
@@ -102,13 +103,13 @@ def main(argv: list[str] | None = None) -> int:
     try:
         settings = config.load(args.config, **_overrides(args))
     except ValidationError as exc:
-        print(f"dedup-sidecar: invalid settings:\n{exc}", file=sys.stderr)
+        print(f"dedup-sidecar: invalid settings:\n{config.describe_errors(exc)}", file=sys.stderr)
         return 2
     except SidecarError as exc:
         print(f"dedup-sidecar: {exc}", file=sys.stderr)
         return 2
     if args.print_config:
-        print(settings.model_dump_json(indent=2))
+        print(json.dumps(config.redacted(settings), indent=2))
         return 0
     logs.configure(settings.log_level, settings.log_format)
     if args.testonly_fault_hooks:

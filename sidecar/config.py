@@ -8,6 +8,7 @@ Environment variables use the ``DEDUP_`` prefix and ``__`` between section and f
 from __future__ import annotations
 
 import difflib
+import ipaddress
 import itertools
 import os
 import re
@@ -17,7 +18,15 @@ from contextvars import ContextVar
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, SecretStr, field_validator, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    SecretStr,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
 from pydantic_settings import (
     BaseSettings,
     PydanticBaseSettingsSource,
@@ -186,15 +195,161 @@ class PublishSettings(_Section):
     check_topics: bool = True
 
 
+class CredentialSettings(_Section):
+    """One caller the server knows, and what it may do. A call presents a credential with its
+    bearer token, or, on an mTLS listener without a token, with its client certificate."""
+
+    #: Named in log lines and PERMISSION_DENIED messages; never a secret.
+    name: str = Field(min_length=1, max_length=128)
+    #: Bearer tokens of this credential: one inline, and/or a file of one token per line (re-read
+    #: when it changes, so a new token can be added before the old one is removed).
+    token: SecretStr | None = None
+    token_file: Path | None = None
+    #: mTLS identities: a client certificate matches when its SPIFFE id, a SAN (DNS, URI, e-mail
+    #: or IP) or its subject's common name is one of these.
+    identities: list[str] = Field(default_factory=list)
+    #: Topic patterns (fnmatch: ``orders.*``) this credential may Subscribe to and Ack, Nack and
+    #: extend the records of, and ones it may Publish to. Empty: none.
+    subscribe: list[str] = Field(default_factory=list)
+    publish: list[str] = Field(default_factory=list)
+    #: May Nack with dead_letter = true (send a record to the dead-letter topic at once).
+    dead_letter: bool = False
+    #: May call AdminService (status, key state).
+    admin: bool = False
+
+    @model_validator(mode="after")
+    def _presented(self) -> CredentialSettings:
+        if self.token is None and self.token_file is None and not self.identities:
+            raise ValueError(
+                f"server.credentials {self.name!r} has no token, token_file or identities: nothing could "
+                "ever present it"
+            )
+        return self
+
+
+_LOOPBACK_HOSTS = ("localhost",)
+
+
+def is_unix_listen(listen: str) -> bool:
+    return listen.startswith("unix:")
+
+
+def unix_socket_path(listen: str) -> str:
+    """The file of a ``unix:///abs/path`` or ``unix:relative/path`` listen setting."""
+    rest = listen[len("unix:") :]
+    return rest[2:] if rest.startswith("//") else rest
+
+
+def is_loopback_listen(listen: str) -> bool:
+    """A listen setting reachable only from this host: a Unix socket, or a loopback address."""
+    if is_unix_listen(listen):
+        return True
+    host, _ = split_listen(listen, "server.listen")
+    if host in _LOOPBACK_HOSTS:
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False  # a name: it may resolve to anything
+
+
 class ServerSettings(_Section):
+    #: ``HOST:PORT``, or ``unix:///run/dedup/sidecar.sock`` (a Unix domain socket).
     listen: str = "127.0.0.1:50051"
+    #: File mode of the Unix socket (octal), e.g. "0660" to let a group (a pod's fsGroup) connect.
+    socket_mode: str = "0600"
+    #: A second gRPC port that serves only grpc.health.v1 (for the kubelet's probes, which dial the
+    #: pod IP): it may bind beyond loopback while the API stays on a Unix socket. Empty: none.
+    health_listen: str = ""
     #: Prometheus /metrics; empty disables it.
     metrics_listen: str = "127.0.0.1:9464"
-    #: Require ``authorization: Bearer <token>`` on every call when set.
+    #: Serve /metrics over HTTPS with this certificate and key (PEM).
+    metrics_tls_cert_file: Path | None = None
+    metrics_tls_key_file: Path | None = None
+    #: Require ``authorization: Bearer <token>`` on every call when set (one app, every right).
     auth_token: SecretStr | None = None
+    #: The same, from a file of one token per line, re-read when it changes: every token in it, and
+    #: auth_token, are valid at once, so tokens rotate without a restart.
+    auth_token_file: Path | None = None
+    #: Named callers with their own tokens or mTLS identities and rights (see CredentialSettings).
+    #: When set, they replace auth_token / auth_token_file.
+    credentials: list[CredentialSettings] = Field(default_factory=list)
+    #: TLS for the gRPC port: certificate chain and private key (PEM), re-read when they change.
+    tls_cert_file: Path | None = None
+    tls_key_file: Path | None = None
+    #: mTLS: require a client certificate signed by this CA (PEM).
+    tls_client_ca_file: Path | None = None
+    #: How often token and certificate files are checked for changes.
+    reload_interval_seconds: float = Field(2.0, gt=0, le=3600)
+    #: Start even when server.listen is reachable from other hosts with neither TLS nor a token.
+    allow_insecure_remote: bool = False
     max_streams: int = Field(16, ge=1)
     max_ids_per_call: int = Field(10_000, ge=1)
     shutdown_grace_seconds: float = Field(10, ge=0)
+
+    @field_validator("socket_mode")
+    @classmethod
+    def _mode(cls, v: str) -> str:
+        if not re.fullmatch(r"0?[0-7]{3}", v):
+            raise ValueError(f"server.socket_mode must be an octal file mode such as '0660', got {v!r}")
+        return v
+
+    @model_validator(mode="after")
+    def _secure(self) -> ServerSettings:
+        if (self.tls_cert_file is None) != (self.tls_key_file is None):
+            raise ValueError("server.tls_cert_file and server.tls_key_file must be set together")
+        if self.tls_client_ca_file is not None and self.tls_cert_file is None:
+            raise ValueError("server.tls_client_ca_file (mTLS) needs server.tls_cert_file and tls_key_file")
+        if (self.metrics_tls_cert_file is None) != (self.metrics_tls_key_file is None):
+            raise ValueError(
+                "server.metrics_tls_cert_file and server.metrics_tls_key_file must be set together"
+            )
+        if is_unix_listen(self.listen):
+            if not unix_socket_path(self.listen):
+                raise ValueError(f"server.listen={self.listen!r} names no socket file (unix:///path)")
+            if self.tls_cert_file is not None:
+                raise ValueError(
+                    "server.tls_cert_file: TLS is for TCP listeners; a Unix socket is guarded by its "
+                    "file mode (server.socket_mode)"
+                )
+        else:
+            try:
+                split_listen(self.listen, "server.listen")
+            except ConfigError as exc:
+                raise ValueError(str(exc)) from None
+        if self.identities_used and self.tls_client_ca_file is None:
+            raise ValueError(
+                "server.credentials name mTLS identities, but server.tls_client_ca_file is not set, so no "
+                "client certificate is ever asked for"
+            )
+        names = [c.name for c in self.credentials]
+        if len(set(names)) != len(names):
+            raise ValueError(f"server.credentials names must be unique, got {names}")
+        if self.credentials and (self.auth_token is not None or self.auth_token_file is not None):
+            raise ValueError(
+                "server.credentials replaces server.auth_token / auth_token_file: give that token to a "
+                "credential instead"
+            )
+        if not self.allow_insecure_remote and not is_loopback_listen(self.listen):
+            authenticated = (
+                self.auth_token is not None
+                or self.auth_token_file is not None
+                or bool(self.credentials)
+                or self.tls_client_ca_file is not None
+            )
+            if self.tls_cert_file is None and not authenticated:
+                raise ValueError(
+                    f"server.listen={self.listen!r} is reachable from other hosts, with neither TLS "
+                    "(server.tls_cert_file) nor a token (server.auth_token, server.auth_token_file or "
+                    "server.credentials): anyone on the network could consume and publish. Listen on "
+                    "loopback or a Unix socket, set TLS or a token, or set "
+                    "server.allow_insecure_remote = true to accept that"
+                )
+        return self
+
+    @property
+    def identities_used(self) -> bool:
+        return any(c.identities for c in self.credentials)
 
 
 class TracingSettings(_Section):
@@ -329,6 +484,33 @@ def unknown_settings(
         elif fields[key] is not None and isinstance(value, dict):
             found += unknown_settings(value, fields[key] or Settings, dotted + ".")
     return found
+
+
+#: librdkafka properties whose values are secrets (kafka.consumer / kafka.producer pass-through).
+_SECRET_PROPERTY = re.compile(r"password|secret|key\.pem|oauthbearer\.config|jaas", re.IGNORECASE)
+REDACTED = "**********"
+
+
+def redacted(settings: Settings) -> dict[str, Any]:
+    """The settings as JSON-ready data with every secret masked: SecretStr fields (pydantic masks
+    them) and the secret librdkafka properties of the pass-through sections."""
+    data: dict[str, Any] = settings.model_dump(mode="json")
+    for kind in ("consumer", "producer"):
+        section = data["kafka"][kind]
+        for name in section:
+            if _SECRET_PROPERTY.search(name):
+                section[name] = REDACTED
+    return data
+
+
+def describe_errors(exc: ValidationError) -> str:
+    """A ValidationError as one line per setting, without the values given: a value may be a
+    secret, and the setting's name and the rule are what a person needs."""
+    lines = []
+    for err in exc.errors(include_url=False, include_input=False):
+        where = ".".join(str(part) for part in err["loc"]) or "settings"
+        lines.append(f"  {where}: {err['msg']}")
+    return "\n".join(lines)
 
 
 def check_environment(environ: Mapping[str, str]) -> None:

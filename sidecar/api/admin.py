@@ -10,6 +10,7 @@ import grpc
 from sidecar._proto import dedup_pb2 as pb
 from sidecar._proto import dedup_pb2_grpc as pb_grpc
 from sidecar.api.errors import status_for
+from sidecar.api.security import Principal
 from sidecar.engine.engine import Engine
 from sidecar.engine.identity import store_key
 from sidecar.errors import SidecarError
@@ -46,6 +47,9 @@ class AdminServicer(pb_grpc.AdminServiceServicer):
         self._store = store
         self._group = group
         self._store_name = store_name
+
+    def authorize(self, method: str, caller: Principal, request: Any) -> None:
+        caller.check_admin()
 
     async def Status(
         self, request: pb.StatusRequest, context: grpc.aio.ServicerContext[Any, Any]

@@ -13,6 +13,7 @@ from sidecar import testing_hooks, tracing
 from sidecar._proto import dedup_pb2 as pb
 from sidecar.api.errors import status_for
 from sidecar.api.frames import encode_frame, encode_publish_results
+from sidecar.api.security import Principal
 from sidecar.engine.engine import Engine
 from sidecar.errors import InvalidArgument, ShuttingDown, SidecarError
 from sidecar.publish.publisher import Publisher, PublishInput, PublishOutput
@@ -87,10 +88,34 @@ _ORDERINGS = {
 class DedupServicer:
     """The DedupService methods; server.py registers them (see _handlers there)."""
 
-    def __init__(self, engine: Engine, publisher: Publisher, max_batch_entries: int) -> None:
+    def __init__(
+        self, engine: Engine, publisher: Publisher, max_batch_entries: int, topics: Sequence[str] = ()
+    ) -> None:
         self._engine = engine
         self._publisher = publisher
         self._max_batch_entries = max_batch_entries
+        self._topics = list(topics)
+
+    def authorize(self, method: str, caller: Principal, request: Any) -> None:
+        """Raise PermissionDenied if ``caller`` may not make this call (sidecar.api.server calls it
+        for callers with restricted rights, before the method runs, so a refused call changes
+        nothing). A delivery id is checked against the topic of the record it names."""
+        if method == "Subscribe":
+            for topic in request.topics or self._topics:
+                caller.check_subscribe(topic)
+        elif method == "Publish":
+            caller.check_publish(request.topic)
+        elif method == "PublishBatch":
+            for topic in dict.fromkeys(e.topic for e in request.entries):
+                caller.check_publish(topic)
+        elif method in ("Ack", "Nack", "ExtendDeadline"):
+            if method == "Nack" and request.dead_letter:
+                caller.check_dead_letter()
+            topic_of = self._engine.topic_of
+            for did in request.delivery_ids:
+                topic = topic_of(did)
+                if topic is not None:
+                    caller.check_subscribe(topic, "settle records of")
 
     async def Subscribe(
         self, request: pb.SubscribeRequest, context: grpc.aio.ServicerContext[Any, Any]

@@ -227,6 +227,11 @@ class Engine:
     def in_flight(self) -> int:
         return sum(len(s.in_flight) for s in self.core.streams.values())
 
+    def topic_of(self, delivery_id: str) -> str | None:
+        """The topic of an in-flight delivery (None for an id this process does not hold)."""
+        p = self.core.by_id.get(delivery_id)
+        return None if p is None else p.topic
+
     def partitions(self) -> list[tuple[TP, Partition, dict[str, int]]]:
         """Each assigned partition, its books, and its pending records counted by state."""
         out = []
