@@ -15,6 +15,7 @@ ROOT = Path(__file__).resolve().parent.parent
 
 # deploy/local/services.py is a script users run; tests import it as a module.
 sys.path.insert(0, str(ROOT / "deploy" / "local"))
+import certs  # noqa: E402
 import services  # noqa: E402
 
 
@@ -73,3 +74,12 @@ def redis_tls(services_dir: Path) -> Iterator[services.RedisServer]:
     with services.RedisServer.start(services_dir / "redis-tls", appendonly="everysec", tls=tls) as server:
         server.cli(*acl_setuser(ACL_USER, ACL_PASSWORD, ACL_PREFIX + "*"))
         yield server
+
+
+@pytest.fixture(scope="session")
+def test_ca(services_dir: Path) -> certs.CertificateAuthority:
+    """A throwaway CA (deploy/local/certs.py), with a server certificate for localhost and
+    127.0.0.1 as ``server`` and client certificates issued by tests."""
+    ca = certs.CertificateAuthority(services_dir / "tls")
+    ca.server()
+    return ca

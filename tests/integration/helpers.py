@@ -147,12 +147,18 @@ class SidecarProcess:
     def target(self) -> str:
         return f"127.0.0.1:{self.port}"
 
+    @property
+    def health_target(self) -> str:
+        """Where wait_serving asks: server.health_listen when the env sets it (a TLS or Unix
+        socket API port), else the API port."""
+        return self.env.get("DEDUP_SERVER__HEALTH_LISTEN") or self.target
+
     def start(self) -> None:
         env = {
             **os.environ,
-            **self.env,
             "DEDUP_SERVER__LISTEN": self.target,
             "DEDUP_SERVER__METRICS_LISTEN": "",
+            **self.env,
         }
         with open(self.log_path, "ab") as log:
             hooks = ["--testonly-fault-hooks"] if "DEDUP_TESTONLY_KILL_AT" in env else []
@@ -166,7 +172,7 @@ class SidecarProcess:
 
     async def wait_serving(self, timeout: float = 30) -> None:
         deadline = time.monotonic() + timeout
-        async with grpc.aio.insecure_channel(self.target) as ch:
+        async with grpc.aio.insecure_channel(self.health_target) as ch:
             stub = health_pb2_grpc.HealthStub(ch)
             while time.monotonic() < deadline:
                 assert self.proc is not None

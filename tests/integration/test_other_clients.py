@@ -9,7 +9,9 @@ import json
 import shutil
 import subprocess
 import time
+from pathlib import Path
 
+import certs
 import pytest
 import services
 
@@ -91,3 +93,44 @@ async def test_client_publishes_once_and_acks_everything_it_receives(
         assert code == 1
         assert b"unauthenticated" in err.lower(), err
         assert b"server.auth_token" in err, err
+
+
+@pytest.mark.parametrize("shape", ["mtls", "unix"])
+async def test_client_over_mtls_and_a_unix_socket(
+    kafka: services.KafkaBroker,
+    roundtrip: tuple[str, list[str]],
+    test_ca: certs.CertificateAuthority,
+    tmp_path: Path,
+    shape: str,
+) -> None:
+    """The same round trip through the client's TLS options against a sidecar that asks for a
+    client certificate, and through a Unix socket target."""
+    prefix, command = roundtrip
+    topic, group = unique(f"{prefix}-{shape}"), unique("g")
+    kafka.create_topic(topic, 2)
+    n, again = 60, 5
+    if shape == "mtls":
+        client = test_ca.issue(f"{prefix}-app", [f"URI:spiffe://test/{prefix}-app"])
+        server = {
+            "tls_cert_file": str(test_ca.dir / "server.pem"),
+            "tls_key_file": str(test_ca.dir / "server.key"),
+            "tls_client_ca_file": str(test_ca.cert),
+        }
+    else:
+        server = {"listen": f"unix://{tmp_path}/sidecar.sock", "socket_mode": "0600"}
+    cfg = settings_dict(kafka, [topic], group, server=server)
+    async with running_sidecar(**cfg) as sc:
+        if shape == "mtls":
+            target = f"127.0.0.1:{sc.port}"
+            tls = ["--tls-ca", str(test_ca.cert), "--tls-server-name", "localhost"]
+            tls += ["--tls-cert", str(client.cert), "--tls-key", str(client.key)]
+        else:
+            target, tls = f"unix://{tmp_path}/sidecar.sock", []
+        args = ["--target", target, "--topic", topic, "--n", str(n), "--again", str(again), *tls]
+        code, out, err = await run([*command, *args], 120)
+        assert code == 0, err.decode()
+        assert json.loads(out) == {"published": n, "duplicates": again, "received": n, "acked": n}
+        assert len(read_topic(kafka, topic, expect=n)) == n
+        if shape == "mtls":  # without the client certificate the handshake fails
+            code, _, err = await run([*command, *args[:12]], 60)
+            assert code == 1, err

@@ -18,13 +18,17 @@ package dedup
 
 import (
 	"context"
+	"crypto/tls"
+	"crypto/x509"
 	"errors"
 	"fmt"
+	"os"
 	"strconv"
 	"time"
 
 	"google.golang.org/grpc"
 	"google.golang.org/grpc/codes"
+	"google.golang.org/grpc/credentials"
 	"google.golang.org/grpc/credentials/insecure"
 	"google.golang.org/grpc/status"
 
@@ -62,9 +66,50 @@ type Options struct {
 	// PlainAcks makes Message.Ack send one Ack call per message: the simplest protocol use,
 	// and the slowest.
 	PlainAcks bool
-	// DialOptions are added after the defaults (plaintext, which suits a sidecar on loopback,
-	// and a 64 MiB receive limit for large frames).
+	// TLS dials the sidecar with TLS (server.tls_cert_file), and with a client certificate for
+	// mTLS (server.tls_client_ca_file). Nil: plaintext, which suits loopback and Unix sockets.
+	TLS *TLSOptions
+	// DialOptions are added after the defaults (plaintext or TLS, and a 64 MiB receive limit
+	// for large frames).
 	DialOptions []grpc.DialOption
+}
+
+// TLSOptions are the files of a TLS or mTLS connection to the sidecar, all PEM.
+type TLSOptions struct {
+	// CAFile is the CA that signed the sidecar's certificate. Empty: the system's CAs.
+	CAFile string
+	// CertFile and KeyFile are the client certificate and key, for mTLS. Both or neither.
+	CertFile, KeyFile string
+	// ServerName is checked against the sidecar's certificate when it is not the target's
+	// host (for example a certificate for "sidecar.local" dialled at 127.0.0.1).
+	ServerName string
+}
+
+// Config is the tls.Config these options describe.
+func (t *TLSOptions) Config() (*tls.Config, error) {
+	cfg := &tls.Config{MinVersion: tls.VersionTLS12, ServerName: t.ServerName}
+	if t.CAFile != "" {
+		pem, err := os.ReadFile(t.CAFile)
+		if err != nil {
+			return nil, fmt.Errorf("dedup: TLS CA file: %w", err)
+		}
+		pool := x509.NewCertPool()
+		if !pool.AppendCertsFromPEM(pem) {
+			return nil, fmt.Errorf("dedup: TLS CA file %q holds no PEM certificate", t.CAFile)
+		}
+		cfg.RootCAs = pool
+	}
+	if (t.CertFile == "") != (t.KeyFile == "") {
+		return nil, errors.New("dedup: TLS CertFile and KeyFile go together (mTLS)")
+	}
+	if t.CertFile != "" {
+		pair, err := tls.LoadX509KeyPair(t.CertFile, t.KeyFile)
+		if err != nil {
+			return nil, fmt.Errorf("dedup: TLS client certificate: %w", err)
+		}
+		cfg.Certificates = []tls.Certificate{pair}
+	}
+	return cfg, nil
 }
 
 // Client talks to one sidecar.
@@ -75,8 +120,8 @@ type Client struct {
 	acks *ackBatcher
 }
 
-// New connects to the sidecar at target ("host:port", or any gRPC target). The connection is
-// made lazily, on the first call.
+// New connects to the sidecar at target: "host:port", "unix:///run/dedup/sidecar.sock" for a
+// sidecar on a Unix socket, or any gRPC target. The connection is made lazily, on the first call.
 func New(target string, opts Options) (*Client, error) {
 	if opts.AckLinger <= 0 {
 		opts.AckLinger = 5 * time.Millisecond
@@ -87,8 +132,16 @@ func New(target string, opts Options) (*Client, error) {
 	if opts.AckTimeout <= 0 {
 		opts.AckTimeout = 30 * time.Second
 	}
+	transport := insecure.NewCredentials()
+	if opts.TLS != nil {
+		cfg, err := opts.TLS.Config()
+		if err != nil {
+			return nil, err
+		}
+		transport = credentials.NewTLS(cfg)
+	}
 	dial := []grpc.DialOption{
-		grpc.WithTransportCredentials(insecure.NewCredentials()),
+		grpc.WithTransportCredentials(transport),
 		grpc.WithDefaultCallOptions(grpc.MaxCallRecvMsgSize(64 << 20)),
 	}
 	if opts.Token != "" {
@@ -276,5 +329,6 @@ func (b bearer) GetRequestMetadata(context.Context, ...string) (map[string]strin
 	return map[string]string{"authorization": string(b)}, nil
 }
 
-// RequireTransportSecurity is false: the sidecar listens on loopback, in the same pod.
+// RequireTransportSecurity is false: a sidecar on loopback or a Unix socket, in the same pod,
+// takes a token over plaintext.
 func (bearer) RequireTransportSecurity() bool { return false }

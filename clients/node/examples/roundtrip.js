@@ -14,6 +14,10 @@ const { values: args } = parseArgs({
     n: { type: "string", default: "100" },
     again: { type: "string", default: "10" },
     token: { type: "string", default: "" },
+    "tls-ca": { type: "string" },
+    "tls-cert": { type: "string" },
+    "tls-key": { type: "string" },
+    "tls-server-name": { type: "string" },
   },
 });
 if (!args.topic) {
@@ -25,7 +29,16 @@ const again = Number(args.again);
 
 async function run() {
   const summary = { published: 0, duplicates: 0, received: 0, acked: 0 };
-  const client = new DedupClient(args.target, { token: args.token || undefined });
+  const tls =
+    args["tls-ca"] || args["tls-cert"]
+      ? {
+          caFile: args["tls-ca"],
+          certFile: args["tls-cert"],
+          keyFile: args["tls-key"],
+          serverName: args["tls-server-name"],
+        }
+      : undefined;
+  const client = new DedupClient(args.target, { token: args.token || undefined, tls });
   try {
     const records = Array.from({ length: n }, (_, i) => ({
       topic: args.topic,

@@ -12,7 +12,7 @@
 //     ids and sent as one Ack call; its promise settles with that ack's own result;
 //   - publish() and publishBatch() produce through the sidecar's idempotent producer.
 
-import { existsSync } from "node:fs";
+import { existsSync, readFileSync } from "node:fs";
 import { fileURLToPath } from "node:url";
 import * as grpc from "@grpc/grpc-js";
 import * as protoLoader from "@grpc/proto-loader";
@@ -165,9 +165,32 @@ export class Message {
  * @property {number} [ackMaxIds] most ids per gathered Ack call (1000; at most server.max_ids_per_call)
  * @property {boolean} [plainAcks] one Ack call per ack(): the simplest protocol use, and the slowest
  * @property {number} [timeoutMs] deadline of each unary call (60000)
- * @property {grpc.ChannelCredentials} [credentials] default: plaintext, for a sidecar on loopback
+ * @property {TlsOptions} [tls] dial with TLS (server.tls_cert_file), and mTLS with certFile/keyFile
+ * @property {grpc.ChannelCredentials} [credentials] overrides tls; default: plaintext, for a sidecar
+ *   on loopback or a Unix socket
  * @property {grpc.ChannelOptions} [channelOptions]
+ *
+ * @typedef {object} TlsOptions
+ * @property {string} [caFile] the CA that signed the sidecar's certificate (PEM); unset: the system's
+ * @property {string} [certFile] client certificate for mTLS (PEM), with keyFile
+ * @property {string} [keyFile] client key for mTLS (PEM), with certFile
+ * @property {string} [serverName] name to check the sidecar's certificate against, when it is not
+ *   the target's host
  */
+
+/**
+ * Channel credentials and options for TLS options.
+ * @param {TlsOptions} tls
+ * @returns {{credentials: grpc.ChannelCredentials, channelOptions: grpc.ChannelOptions}}
+ */
+export function tlsCredentials(tls) {
+  if (!tls.certFile !== !tls.keyFile) throw new TypeError("tls.certFile and tls.keyFile go together (mTLS)");
+  const read = (path) => (path ? readFileSync(path) : null);
+  return {
+    credentials: grpc.credentials.createSsl(read(tls.caFile), read(tls.keyFile), read(tls.certFile)),
+    channelOptions: tls.serverName ? { "grpc.ssl_target_name_override": tls.serverName } : {},
+  };
+}
 
 /** Gathers ids for lingerMs or maxIds, then sends them in one call; each ack's promise gets its own result. */
 class AckBatcher {
@@ -233,13 +256,16 @@ class AckBatcher {
 
 export class DedupClient {
   /**
-   * @param {string} target the sidecar's server.listen, "host:port"
+   * @param {string} target the sidecar's server.listen: "host:port", or "unix:///run/dedup/sidecar.sock"
    * @param {ClientOptions} [options]
    */
   constructor(target, options = {}) {
     this.options = { ackLingerMs: 5, ackMaxIds: 1000, plainAcks: false, timeoutMs: 60_000, ...options };
-    this.stub = new DedupService(target, this.options.credentials ?? grpc.credentials.createInsecure(), {
+    const secured = this.options.tls ? tlsCredentials(this.options.tls) : null;
+    const credentials = this.options.credentials ?? secured?.credentials ?? grpc.credentials.createInsecure();
+    this.stub = new DedupService(target, credentials, {
       "grpc.max_receive_message_length": 64 * 1024 * 1024,
+      ...secured?.channelOptions,
       ...this.options.channelOptions,
     });
     this.metadata = new grpc.Metadata();

@@ -190,10 +190,25 @@ _ORDERINGS = {
 }
 
 
+def _read(path: str | None) -> bytes | None:
+    if path is None:
+        return None
+    with open(path, "rb") as f:
+        return f.read()
+
+
 class DedupClient:
     """Parameters:
-    target: the sidecar's address, ``host:port``.
-    token: bearer token when the sidecar sets ``server.auth_token``.
+    target: the sidecar's address: ``host:port``, or ``unix:///run/dedup/sidecar.sock`` for a
+        sidecar listening on a Unix socket (``server.listen = "unix:///..."``).
+    token: bearer token when the sidecar asks for one (``server.auth_token``, ``auth_token_file``
+        or ``credentials``).
+    tls_ca_file: dial with TLS, trusting this CA (PEM) for the sidecar's certificate
+        (``server.tls_cert_file``). ``True`` trusts the system's CAs.
+    tls_cert_file, tls_key_file: the client certificate and key (PEM) for mTLS
+        (``server.tls_client_ca_file``).
+    tls_server_name: the name to check the sidecar's certificate against, when it is not the
+        target's host (for example a certificate for ``sidecar.local`` dialled at 127.0.0.1).
     ack_linger: seconds acks are gathered before one Ack call (0.005 by default).
     ack_max_ids: most ids per Ack call.
     coalesce_acks: False sends one Ack call per ack (the plain path any client does first).
@@ -207,6 +222,11 @@ class DedupClient:
         self,
         target: str,
         token: str | None = None,
+        *,
+        tls_ca_file: str | bool | None = None,
+        tls_cert_file: str | None = None,
+        tls_key_file: str | None = None,
+        tls_server_name: str | None = None,
         ack_linger: float = 0.005,
         ack_max_ids: int = 1000,
         coalesce_acks: bool = True,
@@ -214,9 +234,20 @@ class DedupClient:
         publish_linger: float = 0.002,
         publish_max_entries: int = 500,
     ) -> None:
-        self._channel = grpc.aio.insecure_channel(
-            target, options=[("grpc.max_receive_message_length", 64 * 1024 * 1024)]
-        )
+        options: list[tuple[str, Any]] = [("grpc.max_receive_message_length", 64 * 1024 * 1024)]
+        if tls_ca_file is None and tls_cert_file is None:
+            self._channel = grpc.aio.insecure_channel(target, options=options)
+        else:
+            if (tls_cert_file is None) != (tls_key_file is None):
+                raise ValueError("tls_cert_file and tls_key_file go together (mTLS)")
+            if tls_server_name:
+                options.append(("grpc.ssl_target_name_override", tls_server_name))
+            creds = grpc.ssl_channel_credentials(
+                _read(tls_ca_file) if isinstance(tls_ca_file, str) else None,
+                _read(tls_key_file),
+                _read(tls_cert_file),
+            )
+            self._channel = grpc.aio.secure_channel(target, creds, options=options)
         self.stub = pb_grpc.DedupServiceStub(self._channel)
         self._metadata = (("authorization", f"Bearer {token}"),) if token else None
         self._coalesce = coalesce_acks

@@ -31,6 +31,11 @@ func main() {
 	again := flag.Int("again", 10, "records to publish a second time (duplicates)")
 	token := flag.String("token", "", "the sidecar's server.auth_token, if set")
 	timeout := flag.Duration("timeout", 60*time.Second, "give up after this long")
+	var tlsOpts dedup.TLSOptions
+	flag.StringVar(&tlsOpts.CAFile, "tls-ca", "", "dial with TLS, trusting this CA (PEM)")
+	flag.StringVar(&tlsOpts.CertFile, "tls-cert", "", "client certificate for mTLS (PEM)")
+	flag.StringVar(&tlsOpts.KeyFile, "tls-key", "", "client key for mTLS (PEM)")
+	flag.StringVar(&tlsOpts.ServerName, "tls-server-name", "", "name to check the sidecar's certificate against")
 	flag.Parse()
 	if *topic == "" {
 		fmt.Fprintln(os.Stderr, "roundtrip: -topic is required")
@@ -38,7 +43,11 @@ func main() {
 	}
 	ctx, cancel := context.WithTimeout(context.Background(), *timeout)
 	defer cancel()
-	out, err := run(ctx, *target, *topic, *n, *again, *token)
+	opts := dedup.Options{Token: *token}
+	if tlsOpts.CAFile != "" || tlsOpts.CertFile != "" {
+		opts.TLS = &tlsOpts
+	}
+	out, err := run(ctx, *target, *topic, *n, *again, opts)
 	if err != nil {
 		fmt.Fprintln(os.Stderr, "roundtrip:", err)
 		os.Exit(1)
@@ -47,9 +56,9 @@ func main() {
 	fmt.Println(string(line))
 }
 
-func run(ctx context.Context, target, topic string, n, again int, token string) (summary, error) {
+func run(ctx context.Context, target, topic string, n, again int, opts dedup.Options) (summary, error) {
 	var out summary
-	c, err := dedup.New(target, dedup.Options{Token: token})
+	c, err := dedup.New(target, opts)
 	if err != nil {
 		return out, err
 	}
