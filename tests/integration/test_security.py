@@ -91,9 +91,15 @@ async def test_mtls_identities_get_their_own_topic_rights(
     env = {**tls_env(test_ca, mtls=True), "DEDUP_SERVER__CREDENTIALS": json.dumps(credentials)}
     async with sidecar_process(kafka, tmp_path, [orders, payments], **env) as sc:
 
-        def client(cert: certs.Issued | None, ca: Path = test_ca.cert, **kw: Any) -> DedupClient:
-            files = {"tls_cert_file": str(cert.cert), "tls_key_file": str(cert.key)} if cert else {}
-            return DedupClient(sc.target, tls_ca_file=str(ca), tls_server_name="localhost", **files, **kw)
+        def client(cert: certs.Issued | None, token: str | None = None) -> DedupClient:
+            return DedupClient(
+                sc.target,
+                token,
+                tls_ca_file=str(test_ca.cert),
+                tls_server_name="localhost",
+                tls_cert_file=str(cert.cert) if cert else None,
+                tls_key_file=str(cert.key) if cert else None,
+            )
 
         # A plaintext dial, TLS without a client certificate, and a certificate from another CA
         # never get past the handshake.
