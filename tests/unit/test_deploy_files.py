@@ -6,6 +6,7 @@ import json
 import re
 import shutil
 import subprocess
+import tomllib
 from pathlib import Path
 from typing import Any
 
@@ -14,6 +15,7 @@ import pytest
 import services
 import yaml
 
+from sidecar import config
 from sidecar.config import Settings
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -113,16 +115,67 @@ def test_kubernetes_runs_a_native_sidecar_that_is_ready_when_it_can_work() -> No
     # Readiness asks for the DedupService entry (store, brokers, topics), liveness the overall one.
     assert sidecar["readinessProbe"]["grpc"]["service"] == "dedup.v1.DedupService"
     assert "service" not in sidecar["livenessProbe"]["grpc"]
-    assert sidecar["startupProbe"]["grpc"]["port"] == 50051
+    assert "grpc" in sidecar["startupProbe"]
 
 
-def test_kubernetes_probes_reach_the_listen_address() -> None:
+def test_kubernetes_app_reaches_the_socket_and_probes_the_health_port() -> None:
     doc = yaml.safe_load((ROOT / "deploy/kubernetes/deployment.yaml").read_text())
-    sidecar = next(
-        c for c in doc["spec"]["template"]["spec"]["initContainers"] if c["name"] == "dedup-sidecar"
-    )
+    pod = doc["spec"]["template"]["spec"]
+    sidecar = next(c for c in pod["initContainers"] if c["name"] == "dedup-sidecar")
+    [app] = pod["containers"]
     env = {e["name"]: e.get("value") for e in sidecar["env"]}
-    # A gRPC probe dials the pod IP: a loopback-only listener would fail it.
-    assert env["DEDUP_SERVER__LISTEN"].startswith("0.0.0.0:")
-    assert "DEDUP_SERVER__AUTH_TOKEN" in env
-    assert sidecar["readinessProbe"]["grpc"]["port"] == int(env["DEDUP_SERVER__LISTEN"].rsplit(":", 1)[1])
+    settings = config.load(
+        server={
+            "listen": env["DEDUP_SERVER__LISTEN"],
+            "socket_mode": env["DEDUP_SERVER__SOCKET_MODE"],
+            "health_listen": env["DEDUP_SERVER__HEALTH_LISTEN"],
+        }
+    )
+    # The API is a Unix socket in a volume both containers mount, at the path the app dials.
+    socket_dir = config.unix_socket_path(settings.server.listen).rsplit("/", 1)[0]
+    mounts = {
+        c["name"]: {m["mountPath"]: m["name"] for m in c.get("volumeMounts", [])} for c in (sidecar, app)
+    }
+    assert mounts["dedup-sidecar"][socket_dir] == mounts["app"][socket_dir]
+    assert {e["name"]: e.get("value") for e in app["env"]}["DEDUP_SIDECAR"] == env["DEDUP_SERVER__LISTEN"]
+    # The socket's group is the pod's fsGroup, which the app's container gets as well.
+    assert settings.server.socket_mode == "0660"
+    assert pod["securityContext"]["fsGroup"] == sidecar["securityContext"]["runAsGroup"]
+    # The kubelet's gRPC probes dial the pod IP: the health-only port, bound beyond loopback.
+    health_port = int(env["DEDUP_SERVER__HEALTH_LISTEN"].rsplit(":", 1)[1])
+    assert env["DEDUP_SERVER__HEALTH_LISTEN"].startswith("0.0.0.0:")
+    for probe in ("startupProbe", "readinessProbe", "livenessProbe"):
+        assert sidecar[probe]["grpc"]["port"] == health_port
+    # Non-root on a read-only root filesystem, as the Dockerfile's user.
+    assert sidecar["securityContext"]["readOnlyRootFilesystem"] is True
+    assert sidecar["securityContext"]["runAsUser"] == 10001
+
+
+def test_the_image_installs_the_locked_dependencies_by_hash_and_runs_as_non_root() -> None:
+    text = (ROOT / "Dockerfile").read_text()
+    assert "--require-hashes -r /tmp/requirements.lock" in text
+    assert "COPY deploy/requirements.lock" in text
+    assert "--no-deps /wheels/" in text  # the sidecar's wheel resolves nothing
+    [user] = re.findall(r"^USER (\S+)$", text, re.MULTILINE)
+    assert user.split(":")[0] == "10001"
+
+
+def test_the_lock_pins_every_runtime_dependency_with_hashes() -> None:
+    """deploy/requirements.lock (scripts/lock.sh) satisfies pyproject.toml: every runtime
+    requirement, and the uvloop extra, pinned to a version its specifier allows, with hashes."""
+    from packaging.requirements import Requirement
+    from packaging.utils import canonicalize_name
+
+    project = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
+    wanted = [Requirement(r) for r in [*project["dependencies"], *project["optional-dependencies"]["uvloop"]]]
+    text = (ROOT / "deploy/requirements.lock").read_text()
+    pins: dict[str, str] = {}
+    for block in re.split(r"\n(?=[A-Za-z0-9])", text):
+        m = re.match(r"([A-Za-z0-9_.\-]+)==([^\s;\\]+)", block)
+        if m:
+            pins[canonicalize_name(m.group(1))] = m.group(2)
+            assert "--hash=sha256:" in block, m.group(1)
+    for req in wanted:
+        name = canonicalize_name(req.name)
+        assert name in pins, f"{req.name} is not in deploy/requirements.lock: run scripts/lock.sh"
+        assert req.specifier.contains(pins[name], prereleases=True), (req, pins[name])
