@@ -317,3 +317,29 @@ async def test_token_file_rotation_and_no_secret_in_any_output(
         for secret in secrets:
             assert secret not in text, (where, secret)
     assert "re-read server.auth_token_file" in outputs["log"]
+
+
+async def test_metrics_over_https(kafka: services.KafkaBroker, test_ca: certs.CertificateAuthority) -> None:
+    import ssl
+    import urllib.request
+
+    from tests.integration.helpers import running_sidecar, settings_dict
+
+    topic = unique("metrics-tls")
+    kafka.create_topic(topic, 1)
+    server = {
+        "metrics_listen": "127.0.0.1:0",
+        "metrics_tls_cert_file": str(test_ca.dir / "server.pem"),
+        "metrics_tls_key_file": str(test_ca.dir / "server.key"),
+    }
+    async with running_sidecar(**settings_dict(kafka, [topic], unique("g"), server=server)) as sc:
+        url = f"https://localhost:{sc.metrics_port}/metrics"
+        trust = ssl.create_default_context(cafile=str(test_ca.cert))
+
+        def fetch(u: str, ctx: ssl.SSLContext | None) -> str:
+            with urllib.request.urlopen(u, context=ctx, timeout=10) as r:
+                return str(r.read().decode())
+
+        assert "dedup_" in await asyncio.to_thread(fetch, url, trust)
+        with pytest.raises(ConnectionError):  # plain HTTP on the HTTPS port gets no metrics
+            await asyncio.to_thread(fetch, url.replace("https:", "http:"), None)
