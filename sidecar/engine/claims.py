@@ -119,7 +119,9 @@ class Claims:
                     core.wait(p, State.BUSY, min(held, now + d.busy_retry_seconds))
             records = [p for p in records if p.state is not State.BUSY]
         while True:
-            live = [p for p in records if p.state is not State.DROPPED]
+            # Only records still waiting for this claim: one may have been dropped (revoked) or
+            # settled (an Ack of an earlier delivery id, after its stream broke) since.
+            live = [p for p in records if p.state is State.CLAIMING]
             if not live:
                 return
             # The lease runs from when the store was asked, not from when its answer was read: a
@@ -143,8 +145,11 @@ class Claims:
         won: list[Pending] = []
         poison: list[Pending] = []
         for p, c in zip(live, claims, strict=True):
-            if p.state is State.DROPPED:
-                if c.status is ClaimStatus.NEW:
+            if p.state is not State.CLAIMING:
+                # Dropped while the store answered: hand a won claim back. Settled meanwhile (the
+                # app acked an earlier delivery of it): its key is done; delivering it again now
+                # would be a redelivery after an OK ack.
+                if p.state is State.DROPPED and c.status is ClaimStatus.NEW:
                     orphans.append(p.store_key)
                 continue
             if c.status is ClaimStatus.NEW:

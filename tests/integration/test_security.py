@@ -214,8 +214,13 @@ async def test_unix_socket_listener(kafka: services.KafkaBroker, tmp_path: Path)
         sc.kill9()  # leaves the socket file behind
     assert sock.exists()
     # A restart replaces the stale socket file; a file that is not a socket is refused by name.
-    async with sidecar_process(kafka, tmp_path, [topic], **env), DedupClient(f"unix://{sock}") as c:
-        assert (await c.publish(topic, b"v", idempotency_key="u1")).duplicate
+    async with sidecar_process(kafka, tmp_path, [topic], **env) as sc:
+        async with DedupClient(f"unix://{sock}") as c:
+            assert (await c.publish(topic, b"v", idempotency_key="u1")).duplicate
+        # The admin commands find the socket from the same settings.
+        status = await asyncio.to_thread(run_sidecar, sc.env, "status")
+        assert status.returncode == 0, status.stderr
+        assert ": ready;" in status.stdout
     assert not sock.exists()  # removed at shutdown
     sock.write_text("not a socket")
     out = start_and_fail({**env, "DEDUP_KAFKA__BOOTSTRAP_SERVERS": kafka.bootstrap_servers})

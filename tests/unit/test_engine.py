@@ -620,3 +620,28 @@ async def test_a_redelivery_claimed_but_not_sent_gives_its_attempt_back_when_the
     assert (old.state.value, old.attempt) == ("ready", 2)
     await eng.on_revoked([(T, 0)], lost=False)
     assert await claimed_by_the_next_owner(eng, "u") == ("NEW", 2)
+
+
+@pytest.mark.parametrize("when", ["claiming", "in flight again"])
+async def test_an_ack_of_an_earlier_delivery_id_settles_and_ends_redelivery(
+    engine: tuple[Engine, FakeConsumer], when: str
+) -> None:
+    """The app acks a delivery after its stream broke (found by tests/integration/test_fuzz.py):
+    the record settles, and is not delivered again, whether its redelivery was still claiming
+    or already in flight on another stream."""
+    eng, _ = engine
+    first = eng.attach([T], 10, 0, 10)
+    await intake(eng, msg(0, 0, "r"))
+    [d1] = await take(eng, first, 1)
+    old_id = d1.delivery_ids[-1]
+    eng.detach(first)  # the redelivery's claim starts now
+    second = eng.attach([T], 10, 0, 10)
+    if when == "in flight again":
+        [d2] = await take(eng, second, 1)
+        assert d2.delivery_ids[-1] != old_id
+    assert await eng.ack([old_id]) == [AckOutcome.OK]
+    eng.detach(second)
+    third = eng.attach([T], 10, 0, 10)
+    with pytest.raises(TimeoutError):
+        await asyncio.wait_for(eng.next_frame(third), 0.5)
+    assert eng.committable()[(T, 0)] == 1
