@@ -36,11 +36,11 @@ request of each method. The checks:
 - every offset below each committed offset was settled (acked OK, or dead-lettered by the app or by
   the sidecar after `delivery.max_attempts`).
 
-**Open finding (issue #17 stays open).** When a record was delivered again after its stream
-broke, an Ack answered OK (mostly of its earlier delivery id) is sometimes followed by one more
-delivery. The fuzz check reports it as XFAIL with the count below, not as a pass; every other check
-is a hard failure. A race it exposed first (a redelivery's claim answered after an Ack settled the
-record) is fixed in sidecar/engine/claims.py.
+It found one real bug, since fixed in sidecar/engine/claims.py: a record redelivered because its
+stream broke could be sent once more after an OK Ack of its earlier delivery id, when the
+redelivery's claim was answered after the Ack had settled the record. "Sent after an OK ack" is
+judged by the sidecar's own send time (each delivery's deadline_ms less the ack deadline, on the
+same machine's clock), so a frame sent before the Ack and read late by a slow client does not count.
 
 Malformed HTTP/2 (no preface, truncated and oversized frames, bad HPACK, random bytes) is sent to
 the port, and ten streams that never read are held open while data flows past them.

@@ -7,12 +7,10 @@ the wire carries it), and arbitrary bytes as any method's request. Invariants:
 
 - every call is answered with a precise status: never UNKNOWN, INTERNAL or UNAVAILABLE, and the
   process never exits;
-- a record whose Ack was answered OK is never delivered again;
-
-  OPEN FINDING, not yet fixed (issue #17 stays open): when a record was delivered again after its
-  stream broke, an Ack answered OK (mostly of its earlier delivery id) is sometimes followed by
-  one more delivery. The check then reports XFAIL with the count and each case's timeline, not a
-  pass; every other check stays a hard failure. docs/FUZZING.md gives the count of the long run.
+- a record whose Ack was answered OK is never sent again: no delivery of its key leaves the sidecar
+  after the answer (the send time is the delivery's deadline_ms less the ack deadline, on this
+  machine's clock; a frame sent before the Ack took effect may reach a slow reader later, which is
+  not a redelivery);
 - nothing is committed that was not settled: every offset below a committed offset was acked OK or
   dead-lettered by these calls.
 
@@ -56,6 +54,8 @@ pytestmark = pytest.mark.integration
 EXAMPLES = int(os.environ.get("FUZZ_EXAMPLES", "12"))
 PARTITIONS = 2
 MAX_MESSAGE = 50_000  # publish.max_message_bytes of the fuzzed sidecar
+ACK_DEADLINE_S = 30  # delivery.ack_deadline_seconds (the default) of the fuzzed sidecar
+CLOCK_SLACK_S = 0.005  # deadline_ms is rounded to the millisecond
 #: The codes a precise answer may carry. UNKNOWN, INTERNAL and UNAVAILABLE mean a bug or a crash.
 PRECISE = {
     grpc.StatusCode.OK,
@@ -75,16 +75,6 @@ METHODS += [
 ]
 
 
-def _issued_after(did: str, other: str) -> bool:
-    """Whether delivery ``did`` was issued after ``other`` by the same sidecar process (ids are
-    ``<process>.<counter>``). A frame issued before the acked delivery can still reach a reader
-    late (the client's thread, or the transport, held it): the sidecar sent it before the ack,
-    so it is not a redelivery after one."""
-    process, _, counter = did.partition(".")
-    other_process, _, other_counter = other.partition(".")
-    return process != other_process or int(counter) > int(other_counter)
-
-
 @dataclass
 class Seen:
     """What the fuzzer's calls did, shared with the stream readers."""
@@ -92,15 +82,10 @@ class Seen:
     topics: list[str]
     lock: threading.Lock = field(default_factory=threading.Lock)
     delivered: dict[str, pb.Delivery] = field(default_factory=dict)  # by delivery id
-    #: idempotency key -> (when its Ack was answered OK, the delivery id acked, whether that id was
-    #: the latest delivery of the record the reader had seen)
-    acked_at: dict[str, tuple[float, str, bool]] = field(default_factory=dict)
+    #: idempotency key -> (wall-clock time its Ack was answered OK, the delivery id acked)
+    acked_at: dict[str, tuple[float, str]] = field(default_factory=dict)
     settled: set[tuple[str, int, int]] = field(default_factory=set)
     redelivered_after_ack: list[str] = field(default_factory=list)
-    #: The same, where the id acked was not the latest delivery the reader had seen (see the
-    #: module's docstring: the open finding)
-    redelivered_after_earlier_id_ack: list[str] = field(default_factory=list)
-    latest: dict[str, str] = field(default_factory=dict)  # idempotency key -> its latest delivery id
     imprecise: list[str] = field(default_factory=list)
     calls: dict[str, int] = field(default_factory=dict)
     deliveries: int = 0
@@ -265,18 +250,21 @@ class Driver:
         t.start()
         self.streams.append((call, t))
 
-    def settle(self, ids: list[str], results: Any, settled: bool) -> None:
-        now = time.monotonic()
-        self.seen.journal.append(("ack/dead-letter" if settled else "nack", ids, list(results), now))
+    def settle(self, method: str, ids: list[str], results: Any) -> None:
+        """Record an Ack's or a Nack's answers. Only an OK Ack settles a record for these checks:
+        a Nack's OK means "given back", also for an earlier delivery id whose record is already
+        on its way again, and dead letters are read back from the dead-letter topic instead."""
+        now, wall = time.monotonic(), time.time()
+        self.seen.journal.append((method, ids, list(results), now))
+        if method != "ack":
+            return
         with self.seen.lock:
             for did, result in zip(ids, results, strict=True):
                 d = self.seen.delivered.get(did)
                 if d is None or result != pb.ACK_RESULT_OK:
                     continue
-                if settled:
-                    self.seen.settled.add((d.topic, d.partition, d.offset))
-                    latest = self.seen.latest.get(d.idempotency_key) == did
-                    self.seen.acked_at.setdefault(d.idempotency_key, (now, did, latest))
+                self.seen.settled.add((d.topic, d.partition, d.offset))
+                self.seen.acked_at.setdefault(d.idempotency_key, (wall, did))
 
     def story(self, d: pb.Delivery, late: float) -> str:
         """What the calls did to a record's deliveries: for a failure message."""
@@ -292,7 +280,7 @@ class Driver:
         )
         return (
             f"{d.topic}[{d.partition}]@{d.offset} key {d.idempotency_key!r} delivered as {d.delivery_id} "
-            f"(attempt {d.attempt}) {late:.1f}s after an OK ack; received {got}; calls {calls}"
+            f"(attempt {d.attempt}), sent {late:.3f}s after an OK ack; received {got}; calls {calls}"
         )
 
     def read(self, call: Any) -> None:
@@ -303,18 +291,13 @@ class Driver:
                     for d in frame.deliveries:
                         self.seen.deliveries += 1
                         acked = self.seen.acked_at.get(d.idempotency_key)
-                        if (
-                            acked is not None
-                            and _issued_after(d.delivery_id, acked[1])
-                            and now > acked[0] + 1.0
-                        ):
-                            found = self.story(d, now - acked[0])
-                            if acked[2]:
-                                self.seen.redelivered_after_ack.append(found)
-                            else:
-                                self.seen.redelivered_after_earlier_id_ack.append(found)
+                        # When the sidecar sent it: its deadline less the ack deadline (the
+                        # sidecar's clock is this machine's). A frame sent before the Ack took
+                        # effect may reach this thread late; one sent after it is a redelivery.
+                        sent = d.deadline_ms / 1000 - ACK_DEADLINE_S
+                        if acked is not None and sent > acked[0] + CLOCK_SLACK_S:
+                            self.seen.redelivered_after_ack.append(self.story(d, sent - acked[0]))
                         self.seen.delivered[d.delivery_id] = d
-                        self.seen.latest[d.idempotency_key] = d.delivery_id
                         self.seen.received[d.delivery_id] = now
         except grpc.RpcError as exc:
             if exc.code() not in PRECISE | {grpc.StatusCode.CANCELLED}:
@@ -348,7 +331,7 @@ class Driver:
             if op == "ack":
                 r = self.call("Ack", lambda: self.stub.Ack(pb.AckRequest(delivery_ids=ids)))
                 if r is not None:
-                    self.settle(ids, r.results, True)
+                    self.settle("ack", ids, r.results)
             elif op == "nack":
                 dead = data.draw(st.booleans())
                 delay = data.draw(st.one_of(st.none(), st.floats(), st.floats(-10, 5)))
@@ -360,7 +343,7 @@ class Driver:
                 )
                 r = self.call("Nack", lambda: self.stub.Nack(nack))
                 if r is not None:
-                    self.settle(ids, r.results, dead)
+                    self.settle("dead-letter" if dead else "nack", ids, r.results)
             else:
                 seconds = data.draw(st.one_of(st.integers(-(2**31), 2**31 - 1), st.integers(5, 60)))
                 extend = pb.ExtendDeadlineRequest(delivery_ids=ids, seconds=seconds)
@@ -476,8 +459,8 @@ def test_the_contract_held_under_fuzzing(fuzzed: Fuzzed, kafka: services.KafkaBr
     assert not seen.imprecise, seen.imprecise[:10]
     assert_serving(fuzzed)
     time.sleep(1.0)  # past commit.interval_ms for the last acks
-    # The sidecar dead-letters on its own too: a Nack past delivery.max_attempts. Those records
-    # are settled; the dead-letter topic says which (its provenance headers).
+    # Dead letters settle records: the app's (Nack with dead_letter) and the sidecar's own (past
+    # delivery.max_attempts). The dead-letter topic says which (its provenance headers).
     sidecar_dead_letters = 0
     for m in read_topic(kafka, fuzzed.topics[0] + ".dlq", timeout=5):
         h = {k: v for k, v in m.headers() or []}
@@ -504,20 +487,17 @@ def test_the_contract_held_under_fuzzing(fuzzed: Fuzzed, kafka: services.KafkaBr
                         (topic, partition, offset, committed, ids, calls, [seen.delivered[i] for i in ids])
                     )
             covered += max(committed, 0)
-    found = seen.redelivered_after_ack + seen.redelivered_after_earlier_id_ack
+    found = seen.redelivered_after_ack
     print(
         f"\nfuzz: {EXAMPLES} sequences, {sum(seen.calls.values())} calls {dict(sorted(seen.calls.items()))}, "
-        f"{seen.deliveries} deliveries, {len(seen.settled)} settled ({sidecar_dead_letters} dead-lettered by "
-        f"the sidecar after delivery.max_attempts), {covered} committed; 0 imprecise answers; "
-        f"{len(found)} redeliveries after an OK ack (open finding, issue #17)"
+        f"{seen.deliveries} deliveries, {len(seen.settled)} settled ({sidecar_dead_letters} "
+        f"dead-lettered, by the app or after delivery.max_attempts), {covered} committed; "
+        "0 imprecise answers; "
+        f"{len(found)} deliveries sent after an OK ack"
     )
     if found:
         (fuzzed.proc.log_path.parent / "redelivered-after-ack.txt").write_text("\n".join(found))
-        # Not a pass: reported as XFAIL with the count, until the bug is fixed (docs/FUZZING.md).
-        pytest.xfail(
-            f"OPEN FINDING (issue #17): {len(found)} redelivery(ies) after an OK Ack, each after the app "
-            f"acked a record that had been delivered again after its stream broke; first: {found[0][:600]}"
-        )
+    assert not found, found[:3]
 
 
 def test_malformed_http2_frames_do_not_hurt_the_server(fuzzed: Fuzzed) -> None:
