@@ -36,9 +36,10 @@ request of each method. The checks:
 - every offset below each committed offset was settled (acked OK, or dead-lettered by the app or by
   the sidecar after `delivery.max_attempts`).
 
-It found one real bug, since fixed in sidecar/engine/claims.py: a record redelivered because its
-stream broke could be sent once more after an OK Ack of its earlier delivery id, when the
-redelivery's claim was answered after the Ack had settled the record. "Sent after an OK ack" is
+Chasing its first reports found one real bug, since fixed in sidecar/engine/claims.py (with a unit
+test that makes the order happen): a record redelivered because its stream broke could be sent once
+more after an OK Ack of its earlier delivery id, when the redelivery's claim was answered after the
+Ack had settled the record. "Sent after an OK ack" is
 judged by the sidecar's own send time (each delivery's deadline_ms less the ack deadline, on the
 same machine's clock), so a frame sent before the Ack and read late by a slow client does not count.
 

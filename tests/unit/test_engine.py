@@ -622,26 +622,44 @@ async def test_a_redelivery_claimed_but_not_sent_gives_its_attempt_back_when_the
     assert await claimed_by_the_next_owner(eng, "u") == ("NEW", 2)
 
 
+class LateClaimAnswers(MemoryStore):
+    """Claims take effect at once, but their answers arrive late (a store call that waits in a
+    thread pool or on the network while a later call is answered first)."""
+
+    async def claim(self, *args: Any, **kwargs: Any) -> Any:
+        answer = await super().claim(*args, **kwargs)
+        await asyncio.sleep(0.05)
+        return answer
+
+
 @pytest.mark.parametrize("when", ["claiming", "in flight again"])
-async def test_an_ack_of_an_earlier_delivery_id_settles_and_ends_redelivery(
-    engine: tuple[Engine, FakeConsumer], when: str
-) -> None:
-    """The app acks a delivery after its stream broke (found by tests/integration/test_fuzz.py):
-    the record settles, and is not delivered again, whether its redelivery was still claiming
-    or already in flight on another stream."""
-    eng, _ = engine
-    first = eng.attach([T], 10, 0, 10)
-    await intake(eng, msg(0, 0, "r"))
-    [d1] = await take(eng, first, 1)
-    old_id = d1.delivery_ids[-1]
-    eng.detach(first)  # the redelivery's claim starts now
-    second = eng.attach([T], 10, 0, 10)
-    if when == "in flight again":
-        [d2] = await take(eng, second, 1)
-        assert d2.delivery_ids[-1] != old_id
-    assert await eng.ack([old_id]) == [AckOutcome.OK]
-    eng.detach(second)
-    third = eng.attach([T], 10, 0, 10)
-    with pytest.raises(TimeoutError):
-        await asyncio.wait_for(eng.next_frame(third), 0.5)
-    assert eng.committable()[(T, 0)] == 1
+async def test_an_ack_of_an_earlier_delivery_id_settles_and_ends_redelivery(when: str) -> None:
+    """The app acks a delivery after its stream broke: the record settles and is not delivered
+    again, whether its redelivery's claim was still unanswered or it was already in flight on
+    another stream. (Before the fix, a claim answered after the Ack had settled the record sent
+    it once more: a delivery after an OK ack.)"""
+    settings = config.load(None, kafka={"topics": [T]}, delivery={"ack_deadline_seconds": 30})
+    eng = Engine(settings, LateClaimAnswers(), cast(AsyncProducer, FakeProducer()), Metrics(), owner="me")
+    eng.start(cast(ConsumerLoop, FakeConsumer()))
+    await eng.on_assigned([Assigned(T, 0, -1, None)])
+    try:
+        first = eng.attach([T], 10, 0, 10)
+        await intake(eng, msg(0, 0, "r"))
+        [d1] = await take(eng, first, 1)
+        old_id = d1.delivery_ids[-1]
+        eng.detach(first)  # the redelivery's claim starts now; its answer comes 50 ms later
+        await asyncio.sleep(0.01)  # the claim has taken effect in the store; its answer has not come
+        second = eng.attach([T], 10, 0, 10)
+        if when == "in flight again":
+            [d2] = await take(eng, second, 1)
+            assert d2.delivery_ids[-1] != old_id
+        assert await eng.ack([old_id]) == [AckOutcome.OK]
+        with pytest.raises(TimeoutError):  # nothing is sent after the OK answer
+            await asyncio.wait_for(eng.next_frame(second), 0.3)
+        eng.detach(second)
+        third = eng.attach([T], 10, 0, 10)
+        with pytest.raises(TimeoutError):
+            await asyncio.wait_for(eng.next_frame(third), 0.3)
+        assert eng.committable()[(T, 0)] == 1
+    finally:
+        await eng.stop(0)
