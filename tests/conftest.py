@@ -80,6 +80,6 @@ def redis_tls(services_dir: Path) -> Iterator[services.RedisServer]:
 def test_ca(services_dir: Path) -> certs.CertificateAuthority:
     """A throwaway CA (deploy/local/certs.py), with a server certificate for localhost and
     127.0.0.1 as ``server`` and client certificates issued by tests."""
-    ca = certs.CertificateAuthority(services_dir / "tls")
+    ca = certs.CertificateAuthority(services_dir / "app-tls")  # not "tls": the Redis files live there
     ca.server()
     return ca
