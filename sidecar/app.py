@@ -66,7 +66,7 @@ def _warn_exposure(s: Settings, certs: Certificates | None) -> None:
             "in clear text; set server.tls_cert_file and server.tls_key_file",
             srv.listen,
         )
-    elif not certs.mtls and not (srv.auth_token or srv.auth_token_file or srv.credentials):
+    elif not srv.asks_for_credentials:
         log.warning(
             "server.listen=%s is reachable from other hosts over TLS, but asks callers for no token and no "
             "client certificate: anyone who can connect may consume and publish; set server.auth_token or "

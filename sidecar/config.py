@@ -330,22 +330,26 @@ class ServerSettings(_Section):
                 "server.credentials replaces server.auth_token / auth_token_file: give that token to a "
                 "credential instead"
             )
-        if not self.allow_insecure_remote and not is_loopback_listen(self.listen):
-            authenticated = (
-                self.auth_token is not None
-                or self.auth_token_file is not None
-                or bool(self.credentials)
-                or self.tls_client_ca_file is not None
+        remote = not self.allow_insecure_remote and not is_loopback_listen(self.listen)
+        if remote and self.tls_cert_file is None and not self.asks_for_credentials:
+            raise ValueError(
+                f"server.listen={self.listen!r} is reachable from other hosts, with neither TLS "
+                "(server.tls_cert_file) nor a token (server.auth_token, server.auth_token_file or "
+                "server.credentials): anyone on the network could consume and publish. Listen on "
+                "loopback or a Unix socket, set TLS or a token, or set "
+                "server.allow_insecure_remote = true to accept that"
             )
-            if self.tls_cert_file is None and not authenticated:
-                raise ValueError(
-                    f"server.listen={self.listen!r} is reachable from other hosts, with neither TLS "
-                    "(server.tls_cert_file) nor a token (server.auth_token, server.auth_token_file or "
-                    "server.credentials): anyone on the network could consume and publish. Listen on "
-                    "loopback or a Unix socket, set TLS or a token, or set "
-                    "server.allow_insecure_remote = true to accept that"
-                )
         return self
+
+    @property
+    def asks_for_credentials(self) -> bool:
+        """Whether callers must present a token or a client certificate."""
+        return (
+            self.auth_token is not None
+            or self.auth_token_file is not None
+            or bool(self.credentials)
+            or self.tls_client_ca_file is not None
+        )
 
     @property
     def identities_used(self) -> bool:

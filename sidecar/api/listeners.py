@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import socket
 import ssl
 import stat
 from pathlib import Path
@@ -32,8 +33,6 @@ def _prepare_socket(path: Path, setting: str) -> None:
         return
     if not stat.S_ISSOCK(st.st_mode):
         raise ConfigError(f"{setting}: {str(path)!r} exists and is not a socket; refusing to replace it")
-    import socket
-
     probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     try:
         probe.connect(os.fspath(path))

@@ -147,7 +147,6 @@ class Guard:
         self._sources: list[_Source] = []
         self._identities: dict[bytes, Principal] = {}
         self._tokens: list[tuple[bytes, Principal]] = []
-        self._lock = threading.Lock()
         self.mtls = s.tls_client_ca_file is not None
         if s.credentials:
             for i, c in enumerate(s.credentials):
@@ -172,9 +171,8 @@ class Guard:
             self._identities[ident.encode()] = p
 
     def _rebuild(self) -> None:
-        tokens = [(t, src.principal) for src in self._sources for t in src.tokens()]
-        with self._lock:
-            self._tokens = tokens
+        # One assignment: a call reads the old list or the new one, never a half-built one.
+        self._tokens = [(t, src.principal) for src in self._sources for t in src.tokens()]
 
     def reload(self) -> None:
         """Re-read token files that changed (called every server.reload_interval_seconds)."""
