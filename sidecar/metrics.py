@@ -112,6 +112,11 @@ class Metrics:
         self.late_acks = Counter(
             "dedup_late_acks_total", "Completes after the claim was lost (effect happened anyway)", registry=r
         )
+        self.ack_fence_waits = Counter(
+            "dedup_ack_fence_waits_total",
+            "Late Acks answered only once another sidecar's live claim on one of their keys ended",
+            registry=r,
+        )
         self.stale_acks = Counter("dedup_stale_acks_total", "Acks for partitions revoked since", registry=r)
         self.busy = Counter("dedup_busy_claims_total", "Claims held back: another owner's lease", registry=r)
         self.store_errors = Counter("dedup_store_errors_total", "Failed store round trips", registry=r)

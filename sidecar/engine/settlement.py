@@ -8,6 +8,8 @@ its ids up before it changes anything, so a call with one malformed id changes n
 
 from __future__ import annotations
 
+import asyncio
+import logging
 import re
 import time
 from collections.abc import Awaitable, Sequence
@@ -24,6 +26,7 @@ from sidecar.errors import InvalidArgument, StoreUnavailable
 from sidecar.metrics import count_by_topic
 from sidecar.store.base import ClaimMode, ClaimStatus
 
+log = logging.getLogger(__name__)
 T = TypeVar("T")
 _ID_RE = re.compile(r"^([0-9a-f]{8})\.([0-9]+)$")
 
@@ -112,6 +115,7 @@ class Settlement:
             if tracing.active()
             else []
         )
+        fenced_ms = 0
         try:
             keys = [p.store_key for p in todo] + list(stale_keys)
             if keys:
@@ -120,7 +124,8 @@ class Settlement:
                     ids, core.store.complete(keys, core.owner, core.retention_ms)
                 )
                 testing_hooks.reached("mark_before_commit")
-                core.metrics.late_acks.inc(sum(late))
+                core.metrics.late_acks.inc(sum(1 for r in late if r))
+                fenced_ms = max(late, default=0)
                 for key in stale_keys:
                     core.stale_leases.pop(key, None)
         finally:
@@ -159,7 +164,19 @@ class Settlement:
         core.metrics.stale_acks.inc(sum(1 for r in results if r == AckOutcome.STALE))
         if core.settings.commit.mode == "per-ack" and touched:
             await core.commit_now(touched)
+        if fenced_ms > 0:
+            await self._outlast_other_claims(fenced_ms)
         return results
+
+    async def _outlast_other_claims(self, ms: int) -> None:
+        """A late Ack found another sidecar's live claim on a key (this one was paused or cut off
+        past its lease, and the partition moved). That sidecar may have claimed the key just
+        before the done mark and still send it, without asking the store again, until its lease
+        ends. The answer waits that long: OK (or STALE) promises the key is not delivered again,
+        and a delivery before the answer keeps that promise."""
+        self.core.metrics.ack_fence_waits.inc()
+        log.info("a late Ack met another sidecar's live claim; answering in %d ms, when it ends", ms)
+        await asyncio.sleep(ms / 1000 + 0.01)
 
     async def nack(
         self, ids: Sequence[str], delay_s: float | None, dead_letter: bool, reason: str

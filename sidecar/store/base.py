@@ -68,6 +68,12 @@ class PublishRecord:
         return cls(digest, topic, int(partition), int(offset))
 
 
+#: complete(): the owner held a live claim (or the key was done already).
+IN_TIME = 0
+#: complete(): late (the owner's claim had lapsed or was taken), and nobody else holds a live claim.
+LATE = -1
+
+
 @dataclass(frozen=True, slots=True)
 class KeyInfo:
     """What the store holds for a key, for operators (``dedup-sidecar key``)."""
@@ -98,11 +104,15 @@ class DedupStore(Protocol):
         """
         ...
 
-    async def complete(self, keys: Sequence[str], owner: str, retention_ms: int) -> list[bool]:
+    async def complete(self, keys: Sequence[str], owner: str, retention_ms: int) -> list[int]:
         """Mark keys done for ``retention_ms``. Idempotent.
 
-        Returns, per key, True when this was a *late* complete: the owner no longer held the claim
-        (lease expired or taken). The key is marked done anyway, because the effect happened.
+        Returns, per key, IN_TIME (0) when ``owner`` held a live claim or the key was done already.
+        Otherwise the complete was *late* (the lease expired or was taken) and the key is marked
+        done anyway, because the effect happened. A late complete returns LATE (-1) when no other
+        owner holds a live claim, or else the milliseconds that claim still runs: its owner may have
+        claimed the key just before this complete and still deliver it until then (it checks the
+        store again only when it renews). Whoever promises "not delivered again" waits that long.
         """
         ...
 

@@ -45,7 +45,7 @@ class MemoryStore:
             out.append(result)
         return out
 
-    async def complete(self, keys: Sequence[str], owner: str, retention_ms: int) -> list[bool]:
+    async def complete(self, keys: Sequence[str], owner: str, retention_ms: int) -> list[int]:
         now = self._clock()
         out = []
         for key in keys:

@@ -127,7 +127,8 @@ return out
 """
 )
 
-# ARGV owner, retention_ms. Returns 1 per key when late.
+# ARGV owner, retention_ms. Returns per key 0 (in time), -1 (late) or the ms another owner's live
+# claim still runs (rules.complete).
 COMPLETE = (
     _NOW
     + _PARSE
@@ -140,7 +141,9 @@ for _, k in ipairs(KEYS) do
     out[#out + 1] = 0
   else
     redis.call('SET', k, '1|' .. ARGV[1] .. '|0|' .. attempt, 'PX', ARGV[2])
-    if v and o == ARGV[1] and until_ms > now then out[#out + 1] = 0 else out[#out + 1] = 1 end
+    if not v or until_ms <= now then out[#out + 1] = -1
+    elseif o ~= ARGV[1] then out[#out + 1] = until_ms - now
+    else out[#out + 1] = 0 end
   end
 end
 return out
@@ -425,8 +428,8 @@ class RedisStore:
         known = _CLAIMS
         return [known.get(r) or _claim_of(r) for r in raw]
 
-    async def complete(self, keys: Sequence[str], owner: str, retention_ms: int) -> list[bool]:
-        return [bool(int(x)) for x in await self._per_key(self._complete, keys, [owner, retention_ms], 1)]
+    async def complete(self, keys: Sequence[str], owner: str, retention_ms: int) -> list[int]:
+        return [int(x) for x in await self._per_key(self._complete, keys, [owner, retention_ms], 1)]
 
     async def release(self, keys: Sequence[str], owner: str, delivered: bool = True) -> list[bool]:
         flag = 1 if delivered else 0

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from sidecar.store.base import Claim, ClaimMode, ClaimStatus, KeyInfo, PublishRecord
+from sidecar.store.base import IN_TIME, LATE, Claim, ClaimMode, ClaimStatus, KeyInfo, PublishRecord
 
 
 @dataclass(slots=True)
@@ -63,14 +63,20 @@ def describe(entry: Entry | None, now: int, published: PublishRecord | None = No
     return KeyInfo(state, entry.owner, lease, entry.expires, entry.attempt, published)
 
 
-def complete(entry: Entry | None, owner: str, now: int, retention_ms: int) -> tuple[bool, Entry]:
-    """Returns (late, new entry). Late: the owner no longer held a live claim."""
+def complete(entry: Entry | None, owner: str, now: int, retention_ms: int) -> tuple[int, Entry]:
+    """Returns (result, new entry): IN_TIME, LATE, or the ms another owner's live claim still runs
+    (see DedupStore.complete)."""
     entry = live(entry, now)
     if entry is not None and entry.done:
-        return False, entry
-    late = entry is None or entry.owner != owner or entry.deadline <= now
+        return IN_TIME, entry
+    if entry is None or entry.deadline <= now:
+        result = LATE
+    elif entry.owner != owner:
+        result = entry.deadline - now
+    else:
+        result = IN_TIME
     attempt = entry.attempt if entry is not None else 1
-    return late, Entry(True, owner, now + retention_ms, attempt, now + retention_ms)
+    return result, Entry(True, owner, now + retention_ms, attempt, now + retention_ms)
 
 
 def release(entry: Entry | None, owner: str, now: int, delivered: bool = True) -> tuple[bool, Entry | None]:

@@ -186,8 +186,8 @@ class SQLiteStore:
         step = self._claim_step(owner, lease_ms, mode)
         return await self._run(lambda: self._apply(keys, step))
 
-    async def complete(self, keys: Sequence[str], owner: str, retention_ms: int) -> list[bool]:
-        def step(entry: rules.Entry | None, now: int) -> tuple[bool, rules.Entry | None]:
+    async def complete(self, keys: Sequence[str], owner: str, retention_ms: int) -> list[int]:
+        def step(entry: rules.Entry | None, now: int) -> tuple[int, rules.Entry | None]:
             return rules.complete(entry, owner, now, retention_ms)
 
         return await self._run(lambda: self._apply(keys, step))

@@ -34,7 +34,7 @@ class TimedStore:
     ) -> list[Claim]:
         return await self._timed("claim", self.inner.claim(keys, owner, lease_ms, mode))
 
-    async def complete(self, keys: Sequence[str], owner: str, retention_ms: int) -> list[bool]:
+    async def complete(self, keys: Sequence[str], owner: str, retention_ms: int) -> list[int]:
         return await self._timed("complete", self.inner.complete(keys, owner, retention_ms))
 
     async def release(self, keys: Sequence[str], owner: str, delivered: bool = True) -> list[bool]:

@@ -15,7 +15,7 @@ from typing import Any
 
 import pytest
 
-from sidecar.store.base import Claim, ClaimMode, ClaimStatus, DedupStore, PublishRecord
+from sidecar.store.base import IN_TIME, LATE, Claim, ClaimMode, ClaimStatus, DedupStore, PublishRecord
 from sidecar.store.memory import MemoryStore
 from sidecar.store.redis import RedisStore
 from sidecar.store.sqlite import SQLiteStore
@@ -127,8 +127,20 @@ async def test_late_complete_still_marks_done(store: DedupStore) -> None:
     await store.claim([a], "a", 100)
     await asyncio.sleep(0.25)
     await store.claim([a], "b", LEASE)  # b took over
-    assert await store.complete([a, b], "a", DAY) == [True, True]  # b was never claimed: late too
+    late, never = await store.complete([a, b], "a", DAY)
+    # a: b's live claim still runs (b may deliver the key until it ends); b was never claimed
+    assert 0 < late <= LEASE
+    assert never == LATE
     assert [c.status for c in await store.claim([a, b], "b", LEASE)] == [DONE, DONE]
+
+
+async def test_a_complete_after_the_own_lease_lapsed_is_late(store: DedupStore) -> None:
+    lapsed, released = keys(2)
+    await store.claim([lapsed, released], "a", 100)
+    await store.release([released], "a")
+    await asyncio.sleep(0.25)
+    assert await store.complete([lapsed, released], "a", DAY) == [LATE, LATE]
+    assert await store.complete([lapsed], "b", DAY) == [IN_TIME]  # done already
 
 
 async def test_release_only_by_owner(store: DedupStore) -> None:

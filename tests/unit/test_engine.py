@@ -580,6 +580,47 @@ async def test_a_lease_runs_from_when_the_store_was_asked(engine: tuple[Engine, 
     assert not eng.core.partitions[(T, 0)].pending  # settled as a duplicate, never delivered
 
 
+async def test_a_late_ack_answers_once_the_next_owners_claim_has_ended(
+    engine: tuple[Engine, FakeConsumer],
+) -> None:
+    # The second F4 failure in CI (zombie sidecar): this sidecar was paused past its lease with
+    # the app's Ack queued. Another sidecar claimed the key and held it in its ready queue; the
+    # Ack then marked it done and answered OK, and the other sidecar sent the key after that OK
+    # (it asks the store again only when its lease nears its end). The answer must wait until
+    # that claim has ended: a delivery before the OK keeps the promise, one after it breaks it.
+    eng, _ = engine
+    store_now = [1_000_000]
+    eng.core.store = MemoryStore(clock=lambda: store_now[0])
+    s = eng.attach([T], 10, 0, 10)
+    await intake(eng, msg(0, 0, "z"))
+    [p] = await take(eng, s, 1)
+    store_now[0] += 60_000  # paused: the lease lapsed, and the next owner claimed the key
+    key = store_key(eng.settings.kafka.group_id, T, "z")
+    [other] = await eng.store.claim([key], "next-owner", 600)
+    assert other.status.name == "NEW"
+    t0 = asyncio.get_running_loop().time()
+    assert await eng.ack([p.delivery_ids[-1]]) == [AckOutcome.OK]
+    waited = asyncio.get_running_loop().time() - t0
+    assert 0.6 <= waited < 2.0, waited
+    assert eng.metrics.ack_fence_waits._value.get() == 1
+    assert eng.metrics.late_acks._value.get() == 1
+    [after] = await eng.store.claim([key], "next-owner", 600, ClaimMode.RENEW)
+    assert after.status.name == "DONE"  # its renewal before sending finds the key done
+
+
+async def test_a_late_ack_with_no_other_claim_answers_at_once(engine: tuple[Engine, FakeConsumer]) -> None:
+    eng, _ = engine
+    store_now = [1_000_000]
+    eng.core.store = MemoryStore(clock=lambda: store_now[0])
+    s = eng.attach([T], 10, 0, 10)
+    await intake(eng, msg(0, 0, "y"))
+    [p] = await take(eng, s, 1)
+    store_now[0] += 60_000
+    assert await asyncio.wait_for(eng.ack([p.delivery_ids[-1]]), 0.3) == [AckOutcome.OK]
+    assert eng.metrics.late_acks._value.get() == 1
+    assert eng.metrics.ack_fence_waits._value.get() == 0
+
+
 async def claimed_by_the_next_owner(eng: Engine, key: str) -> tuple[str, int]:
     """What another sidecar gets when it claims ``key`` (this one having gone away)."""
     [c] = await eng.store.claim([store_key(eng.settings.kafka.group_id, T, key)], "next-owner", 30_000)
