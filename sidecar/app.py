@@ -28,6 +28,7 @@ from sidecar.api.servicer import DedupServicer
 from sidecar.config import Settings, is_loopback_listen
 from sidecar.engine.engine import Engine
 from sidecar.errors import ConfigError, KafkaUnavailable
+from sidecar.kafka import connect
 from sidecar.kafka import consumer as kconsumer
 from sidecar.kafka import producer as kproducer
 from sidecar.kafka.topics import TopicCatalog
@@ -51,7 +52,7 @@ def _kafka_config(
         raise ConfigError(
             f"kafka.{kind} sets {sorted(clash)}, which the sidecar owns to keep its guarantees; remove them"
         )
-    return {"bootstrap.servers": settings.kafka.bootstrap_servers, "client.id": "dedup-sidecar", **extra}
+    return {**connect.client_config(settings.kafka), **extra}
 
 
 def _warn_exposure(s: Settings, certs: Certificates | None) -> None:
@@ -117,6 +118,11 @@ class Sidecar:
         self.guard = Guard(s.server)
         certs = Certificates(s.server) if s.server.tls_cert_file is not None else None
         _warn_exposure(s, certs)
+        if connect.secured(producer_conf):
+            security = {
+                k: v for k, v in producer_conf.items() if k.startswith(("security.", "sasl.", "ssl."))
+            }
+            await asyncio.to_thread(connect.check_credentials, {**connect.client_config(s.kafka), **security})
         self.store = TimedStore(await open_store(s), self.metrics.store_seconds)
         self._producer = kproducer.AsyncProducer(producer_conf, loop, s.publish.timeout_seconds)
         self.engine = Engine(s, self.store, self._producer, self.metrics, self.owner)
@@ -313,7 +319,7 @@ class Sidecar:
         """A local store cannot fence other members: detect a shared group and say so loudly."""
         from confluent_kafka.admin import AdminClient
 
-        admin = AdminClient({"bootstrap.servers": self.settings.kafka.bootstrap_servers})
+        admin = AdminClient(connect.client_config(self.settings.kafka))
         group = self.settings.kafka.group_id
         warned = False
         delay = 3.0  # first look soon after joining, then every 10 s

@@ -77,6 +77,49 @@ class KafkaSettings(_Section):
     #: How often librdkafka reports statistics, from which dedup_consumer_lag_records is read
     #: (so the lag is at most this old). 0 turns them, and the lag metric, off.
     statistics_interval_ms: int = Field(5000, ge=0)
+    #: How every Kafka client of the sidecar (consumer, producer, admin) connects. These apply to
+    #: all of them; kafka.consumer / kafka.producer can still override single properties.
+    security_protocol: Literal["PLAINTEXT", "SSL", "SASL_PLAINTEXT", "SASL_SSL"] = "PLAINTEXT"
+    #: With SASL_*: the mechanism (others, e.g. OAUTHBEARER, through the pass-through maps).
+    sasl_mechanism: Literal["PLAIN", "SCRAM-SHA-256", "SCRAM-SHA-512"] | None = None
+    sasl_username: str | None = None
+    #: The password, or a file holding it (a mounted secret; trailing newlines are ignored).
+    sasl_password: SecretStr | None = None
+    sasl_password_file: Path | None = None
+    #: With SSL / SASL_SSL: the CA bundle that signed the brokers' certificates (default: the
+    #: system's), and a client certificate and key for brokers that ask for one (mTLS).
+    ssl_ca_file: Path | None = None
+    ssl_cert_file: Path | None = None
+    ssl_key_file: Path | None = None
+
+    @model_validator(mode="after")
+    def _security(self) -> KafkaSettings:
+        sasl = self.security_protocol.startswith("SASL_")
+        if self.sasl_password is not None and self.sasl_password_file is not None:
+            raise ValueError("set kafka.sasl_password or kafka.sasl_password_file, not both")
+        if sasl:
+            has_password = self.sasl_password is not None or self.sasl_password_file is not None
+            if self.sasl_mechanism is None or not self.sasl_username or not has_password:
+                passed = {k.lower() for k in (*self.consumer, *self.producer)}
+                if "sasl.mechanisms" not in passed and "sasl.mechanism" not in passed:
+                    raise ValueError(
+                        f"kafka.security_protocol={self.security_protocol} needs kafka.sasl_mechanism, "
+                        "kafka.sasl_username and kafka.sasl_password (or kafka.sasl_password_file)"
+                    )
+        elif self.sasl_mechanism or self.sasl_username or self.sasl_password or self.sasl_password_file:
+            raise ValueError(
+                "kafka.sasl_* settings are set but kafka.security_protocol="
+                f"{self.security_protocol} does not use SASL: set it to SASL_SSL (or SASL_PLAINTEXT)"
+            )
+        tls = self.security_protocol in ("SSL", "SASL_SSL")
+        if not tls and (self.ssl_ca_file or self.ssl_cert_file or self.ssl_key_file):
+            raise ValueError(
+                "kafka.ssl_* files are set but kafka.security_protocol="
+                f"{self.security_protocol} does not use TLS: set it to SSL or SASL_SSL"
+            )
+        if (self.ssl_cert_file is None) != (self.ssl_key_file is None):
+            raise ValueError("kafka.ssl_cert_file and kafka.ssl_key_file go together: set both or neither")
+        return self
 
     @field_validator("topics")
     @classmethod

@@ -33,8 +33,8 @@ import services
 from confluent_kafka import Producer
 from dedup_client import DedupClient, PublishResult
 from dedup_client.client import publish_request
+from faultproxy import FaultProxy
 
-from tests.chaos.proxy import FaultProxy
 from tests.integration.helpers import ROOT, SidecarProcess, process_env
 
 VARIANTS = ("naive", "inbox")

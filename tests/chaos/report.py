@@ -18,10 +18,10 @@ ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT / "deploy" / "local"))  # deploy/local/services.py, as in tests/conftest.py
 
 import services  # noqa: E402
+from faultproxy import FaultProxy  # noqa: E402
 
 from tests.chaos import faults  # noqa: E402
 from tests.chaos.harness import Fault, Figures, run_scenario  # noqa: E402
-from tests.chaos.proxy import FaultProxy  # noqa: E402
 from tests.chaos.test_faults import FAILOVERS, ORDERED, failover_env, failover_fault  # noqa: E402
 
 #: (name, title, fault, scenario arguments, Redis: an appendfsync policy for one node, or a shape)

@@ -12,10 +12,10 @@ from typing import Any
 
 import pytest
 import services
+from faultproxy import FaultProxy
 
 from tests.chaos import faults
 from tests.chaos.harness import Fault, Figures, run_scenario
-from tests.chaos.proxy import FaultProxy
 
 MESSAGES = 1500
 ORDERED = {"DEDUP_DELIVERY__ORDERING": "key"}

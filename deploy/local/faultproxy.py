@@ -6,8 +6,9 @@ Modes, switchable at run time:
 * ``blackhole``: keep connections open but forward nothing (requests time out);
 * ``reset``: close every connection at once and refuse new ones with an immediate close.
 
-Used for F1 (timeouts and resets between the sidecar and the broker). The broker advertises the
-proxy's address, so every connection a client makes goes through it.
+Used for F1 (timeouts and resets between the sidecar and the broker; the broker advertises the
+proxy's address, so every connection a client makes goes through it) and for the links of a
+partitionable KafkaCluster (services.py), where a ProxyThread runs them off the caller's loop.
 """
 
 from __future__ import annotations
@@ -15,6 +16,9 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import socket
+import threading
+from collections.abc import Coroutine
+from typing import Any
 
 
 class FaultProxy:
@@ -85,3 +89,32 @@ class FaultProxy:
         await asyncio.gather(pipe(reader, up_writer), pipe(up_reader, writer))
         self._writers.discard(writer)
         self._writers.discard(up_writer)
+
+
+class ProxyThread:
+    """FaultProxies served by an event loop of their own, in a daemon thread: they keep forwarding
+    whatever the caller does with its own loop (or whether it has one), for a whole test session."""
+
+    def __init__(self) -> None:
+        self._loop = asyncio.new_event_loop()
+        self._thread = threading.Thread(target=self._loop.run_forever, name="fault-proxies", daemon=True)
+        self._thread.start()
+        self.proxies: list[FaultProxy] = []
+
+    def _call(self, coro: Coroutine[Any, Any, None]) -> None:
+        asyncio.run_coroutine_threadsafe(coro, self._loop).result(30)
+
+    def add(self, listen_port: int, upstream_port: int) -> FaultProxy:
+        proxy = FaultProxy(listen_port, upstream_port)
+        self._call(proxy.start())
+        self.proxies.append(proxy)
+        return proxy
+
+    def set_mode(self, proxy: FaultProxy, mode: str) -> None:
+        self._loop.call_soon_threadsafe(proxy.set_mode, mode)
+
+    def stop(self) -> None:
+        for proxy in self.proxies:
+            self._call(proxy.stop())
+        self._loop.call_soon_threadsafe(self._loop.stop)
+        self._thread.join(10)
