@@ -48,6 +48,22 @@ def kafka(services_dir: Path) -> Iterator[services.KafkaBroker]:
 
 
 @pytest.fixture(scope="session")
+def kafka_scram(services_dir: Path) -> services.ScramListener:
+    """The SASL_SSL listener of ``kafka_cluster``: its CA, keystore and SCRAM user."""
+    return services.ScramListener.make(services_dir / "kafka-tls", username="sidecar")
+
+
+@pytest.fixture(scope="session")
+def kafka_cluster(services_dir: Path, kafka_scram: services.ScramListener) -> Iterator[services.KafkaCluster]:
+    """Three KRaft nodes, replication factor 3 and min.insync.replicas 2, every link through a
+    fault proxy (``cut_off``), and a SASL_SSL listener with SCRAM-SHA-512 (``kafka_scram``)."""
+    with services.KafkaCluster.start(
+        services_dir / "kafka-cluster", partitionable=True, scram=kafka_scram
+    ) as cluster:
+        yield cluster
+
+
+@pytest.fixture(scope="session")
 def redis_cluster(services_dir: Path) -> Iterator[services.RedisCluster]:
     """Three masters, each with one replica: a real Redis Cluster."""
     with services.RedisCluster.start(services_dir / "redis-cluster") as cluster:

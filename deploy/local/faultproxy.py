@@ -118,3 +118,5 @@ class ProxyThread:
             self._call(proxy.stop())
         self._loop.call_soon_threadsafe(self._loop.stop)
         self._thread.join(10)
+        if not self._thread.is_alive():
+            self._loop.close()

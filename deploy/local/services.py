@@ -708,8 +708,18 @@ class KafkaCluster:
                 self.proxies.set_mode(proxy, mode)
 
     def stop(self) -> None:
+        """Stop every node at once (one by one, each would wait on the others' controlled shutdown)."""
         for n in self.nodes:
-            n.stop()
+            if n.alive():
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(n.proc.pid, signal.SIGCONT)
+                n.proc.terminate()
+        deadline = time.monotonic() + 15
+        for n in self.nodes:
+            try:
+                n.proc.wait(max(0.1, deadline - time.monotonic()))
+            except subprocess.TimeoutExpired:
+                n.kill()
         if self.proxies is not None:
             self.proxies.stop()
             self.proxies = None

@@ -9,6 +9,7 @@ transport error); only its error callback says why, so the check listens there.
 from __future__ import annotations
 
 import logging
+import time
 from pathlib import Path
 from typing import Any
 
@@ -93,13 +94,17 @@ def check_credentials(conf: dict[str, Any], timeout_s: float = 15.0) -> None:
     logged (the sidecar starts, and readiness says NOT_SERVING until the brokers answer)."""
     errors: list[KafkaError] = []
     admin = AdminClient({**conf, "error_cb": errors.append})  # type: ignore[dict-item]
-    try:
-        admin.list_topics(timeout=timeout_s)
-        return
-    except Exception as exc:  # noqa: BLE001 - the error callback says why
-        failure: object = exc
-    finally:
-        admin.poll(0)
+    failure: object = None
+    deadline = time.monotonic() + timeout_s
+    refused = (KafkaError._AUTHENTICATION, KafkaError._SSL)
+    while time.monotonic() < deadline and not any(e.code() in refused for e in errors):
+        try:
+            admin.list_topics(timeout=1)
+            return
+        except Exception as exc:  # noqa: BLE001 - the error callback says why
+            failure = exc
+        finally:
+            admin.poll(0)
     codes = {e.code() for e in errors}
     if KafkaError._AUTHENTICATION in codes:
         why = next(e.str() for e in errors if e.code() == KafkaError._AUTHENTICATION)
