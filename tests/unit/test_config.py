@@ -143,3 +143,56 @@ def test_other_dedup_variables_and_dict_subkeys_pass(monkeypatch: pytest.MonkeyP
     monkeypatch.setenv("DEDUP_CACHE_DIR", "/tmp")
     monkeypatch.setenv("DEDUP_KAFKA__PRODUCER__LINGER_MS", "5")
     assert config.load().kafka.producer == {"linger_ms": "5"}
+
+
+def test_kafka_security_settings_are_checked_together() -> None:
+    with pytest.raises(ValidationError, match="kafka.sasl_mechanism, kafka.sasl_username"):
+        config.load(kafka={"security_protocol": "SASL_SSL"})
+    with pytest.raises(ValidationError, match="not both"):
+        config.load(
+            kafka={
+                "security_protocol": "SASL_SSL",
+                "sasl_mechanism": "SCRAM-SHA-512",
+                "sasl_username": "u",
+                "sasl_password": "p",
+                "sasl_password_file": "/run/secrets/p",
+            }
+        )
+    with pytest.raises(ValidationError, match="set it to SASL_SSL"):
+        config.load(kafka={"sasl_username": "u"})
+    with pytest.raises(ValidationError, match="set it to SSL or SASL_SSL"):
+        config.load(kafka={"ssl_ca_file": "/etc/ca.pem"})
+    with pytest.raises(ValidationError, match="go together"):
+        config.load(kafka={"security_protocol": "SSL", "ssl_cert_file": "/c.pem"})
+    # Another mechanism through the pass-through maps is left to librdkafka.
+    config.load(kafka={"security_protocol": "SASL_SSL", "consumer": {"sasl.mechanisms": "OAUTHBEARER"}})
+
+
+def test_kafka_client_config_from_the_security_settings(tmp_path: Path) -> None:
+    from sidecar.kafka.connect import client_config
+
+    secret = tmp_path / "pw"
+    secret.write_text("s3cret\n")
+    ca = tmp_path / "ca.pem"
+    ca.write_text("-----BEGIN CERTIFICATE-----\n")
+    s = config.load(
+        kafka={
+            "security_protocol": "SASL_SSL",
+            "sasl_mechanism": "SCRAM-SHA-512",
+            "sasl_username": "orders",
+            "sasl_password_file": str(secret),
+            "ssl_ca_file": str(ca),
+        }
+    )
+    conf = client_config(s.kafka)
+    assert conf["security.protocol"] == "SASL_SSL"
+    assert conf["sasl.mechanisms"] == "SCRAM-SHA-512"
+    assert (conf["sasl.username"], conf["sasl.password"]) == ("orders", "s3cret")
+    assert conf["ssl.ca.location"] == str(ca)
+    assert "s3cret" not in str(config.redacted(s))
+    secret.write_text("")
+    with pytest.raises(ConfigError, match="kafka.sasl_password_file"):
+        client_config(s.kafka)
+    gone = config.load(kafka={"security_protocol": "SSL", "ssl_ca_file": str(tmp_path / "none.pem")})
+    with pytest.raises(ConfigError, match="kafka.ssl_ca_file"):
+        client_config(gone.kafka)
