@@ -6,11 +6,13 @@ import asyncio
 import os
 import signal
 import time
+from collections import Counter
 from collections.abc import Callable
 
 import services
 
 from tests.chaos.harness import VARIANTS, Fault, Member, Scenario
+from tests.integration.helpers import SidecarProcess
 
 
 async def settle_in(s: Scenario, seconds: float = 1.5) -> None:
@@ -134,19 +136,26 @@ async def f16_sentinel_failover(s: Scenario) -> str:
     )
 
 
+def one_broker(s: Scenario) -> services.KafkaBroker:
+    assert isinstance(s.kafka, services.KafkaBroker), "this fault needs a single broker"
+    return s.kafka
+
+
 async def f9_kill_broker(s: Scenario) -> str:
+    broker = one_broker(s)
     await settle_in(s)
-    s.kafka.kill()
+    broker.kill()
     await asyncio.sleep(2)
-    await asyncio.to_thread(s.kafka.restart)
+    await asyncio.to_thread(broker.restart)
     return "Kafka broker kill -9'd and restarted on its data"
 
 
 async def f10_pause_broker(s: Scenario) -> str:
+    broker = one_broker(s)
     await settle_in(s)
-    s.kafka.pause()
+    broker.pause()
     await asyncio.sleep(5)
-    s.kafka.resume()
+    broker.resume()
     return "Kafka broker SIGSTOPped 5 s, then SIGCONT"
 
 
@@ -215,3 +224,121 @@ def kill_point(point: str, hit: int) -> Fault:
         return f"sidecar SIGKILLed itself at {point} (hit {hit}), restarted"
 
     return fault
+
+
+# --------------------------------------------------------------------------------------------
+# A replicated three-node cluster (services.KafkaCluster): F11-F14.
+
+
+def kafka_cluster(s: Scenario) -> services.KafkaCluster:
+    assert isinstance(s.kafka, services.KafkaCluster), "this fault needs a three-node KafkaCluster"
+    return s.kafka
+
+
+async def busiest_leader(s: Scenario) -> tuple[int, int]:
+    """The node leading the most partitions of the scenario's topic, and how many it leads."""
+    leaders = await asyncio.to_thread(kafka_cluster(s).leaders, s.topic)
+    node, count = Counter(leaders.values()).most_common(1)[0]
+    return node, count
+
+
+async def leaders_moved_off(s: Scenario, node: int, timeout: float = 60) -> float:
+    """Seconds until every partition of the topic has a leader other than ``node``."""
+    cluster = kafka_cluster(s)
+    t0 = time.monotonic()
+    while time.monotonic() - t0 < timeout:
+        try:
+            leaders = await asyncio.to_thread(cluster.leaders, s.topic)
+            if all(n not in (-1, node) for n in leaders.values()):
+                return time.monotonic() - t0
+        except Exception:  # noqa: BLE001 - metadata from a node that is going away; ask again
+            pass
+        await asyncio.sleep(0.2)
+    raise TimeoutError(f"partitions of {s.topic} still led by node {node} after {timeout:.0f} s")
+
+
+async def f11_leader_kill(s: Scenario) -> str:
+    cluster = kafka_cluster(s)
+    await settle_in(s)
+    victim, led = await busiest_leader(s)
+    cluster.node(victim).kill()
+    moved = await leaders_moved_off(s, victim)
+    await asyncio.sleep(2)
+    await asyncio.to_thread(cluster.node(victim).restart)
+    synced = await asyncio.to_thread(cluster.wait_in_sync)
+    return (
+        f"node {victim}, leader of {led} of the 6 partitions, kill -9'd under load: every partition had "
+        f"a new leader in {moved:.1f} s; restarted, all replicas in sync {synced:.1f} s later"
+    )
+
+
+async def f12_rolling_restart(s: Scenario) -> str:
+    cluster = kafka_cluster(s)
+    await settle_in(s)
+    took = []
+    for node in cluster.nodes:
+        t0 = time.monotonic()
+        await asyncio.to_thread(node.stop)  # SIGTERM: a controlled shutdown moves its leaders first
+        await asyncio.to_thread(node.restart)
+        await asyncio.to_thread(cluster.wait_in_sync)
+        took.append(time.monotonic() - t0)
+    return (
+        "rolling restart under load: each node stopped (controlled shutdown), restarted, and the next "
+        f"one only once every replica was in sync ({', '.join(f'{t:.0f}' for t in took)} s per node)"
+    )
+
+
+async def f13_cut_off_broker(s: Scenario, seconds: float = 15) -> str:
+    cluster = kafka_cluster(s)
+    await settle_in(s)
+    victim, led = await busiest_leader(s)
+    cluster.cut_off(victim)
+    moved = await leaders_moved_off(s, victim)
+    await asyncio.sleep(max(0.0, seconds - moved))
+    cluster.heal(victim)
+    synced = await asyncio.to_thread(cluster.wait_in_sync)
+    return (
+        f"node {victim}, leader of {led} of the 6 partitions, cut off from the other nodes and the "
+        f"sidecars for {max(seconds, moved):.0f} s (past the 6 s broker session and 8 s replica lag): new "
+        f"leaders in {moved:.1f} s; healed, all replicas in sync {synced:.1f} s later"
+    )
+
+
+async def f14_coordinator_kill(s: Scenario) -> str:
+    cluster = kafka_cluster(s)
+    await settle_in(s)
+    group = f"{s.topic}-naive"
+    victim = await asyncio.to_thread(cluster.coordinator_of, group)
+    joining = []
+    for v in VARIANTS:  # a third member in each group: both rebalance
+        first = s.member(v, 0)
+        m = Member(
+            SidecarProcess(first.sidecar.env, s.workdir / f"{s.name}-{v}-{len(s.groups[v])}.sidecar.log"),
+            first.ledger,
+            v,
+            first.app_args,
+        )
+        s.groups[v].append(m)
+        m.sidecar.start()
+        joining.append(m)
+    await asyncio.sleep(2.0)  # the new members join: the groups are rebalancing
+    cluster.node(victim).kill()
+    t0 = time.monotonic()
+    await asyncio.gather(*(m.sidecar.wait_serving(90) for m in joining))
+    for m in joining:
+        m.start_app()
+    after = -1
+    while after in (-1, victim) and time.monotonic() - t0 < 60:
+        try:
+            after = await asyncio.to_thread(cluster.coordinator_of, group)
+        except Exception:  # noqa: BLE001 - no coordinator yet; ask again
+            await asyncio.sleep(0.2)
+    found = time.monotonic() - t0
+    await asyncio.sleep(2)
+    await asyncio.to_thread(cluster.node(victim).restart)
+    synced = await asyncio.to_thread(cluster.wait_in_sync)
+    return (
+        f"node {victim}, coordinator of the naive group, kill -9'd while a third member joined each group: "
+        f"the group was coordinated by node {after} {found:.1f} s later; restarted, replicas in sync "
+        f"{synced:.1f} s later"
+    )

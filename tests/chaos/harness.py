@@ -38,6 +38,9 @@ from faultproxy import FaultProxy
 from tests.integration.helpers import ROOT, SidecarProcess, process_env
 
 VARIANTS = ("naive", "inbox")
+#: Marks the copies a plain producer writes on purpose (a retry's duplicate), so reading the topic
+#: back can tell them from a record Publish wrote twice.
+COPY_HEADER = "chaos-copy"
 
 
 @dataclass
@@ -57,6 +60,10 @@ class Figures:
     order_violations: int | None = None
     notes: str = ""
     attempts: str = ""  # distribution: "attempt:keys" for each highest attempt seen
+    #: Read back from the topic (scenarios with ``readback``): keys that Publish/PublishBatch
+    #: wrote more than once, and acknowledged keys with no record at all.
+    topic_duplicates: int | None = None
+    topic_missing: int | None = None
 
     def row(self) -> list[str]:
         return [
@@ -128,7 +135,7 @@ class Scenario:
     def __init__(
         self,
         name: str,
-        kafka: services.KafkaBroker,
+        kafka: services.KafkaShape,
         redis: services.RedisShape,
         workdir: Path,
         messages: int,
@@ -138,8 +145,10 @@ class Scenario:
         seed: int = 1,
         publisher_env: dict[str, str] | None = None,
         entities: int = 0,
+        readback: bool = False,
     ) -> None:
         self.name = name
+        self.readback = readback
         self.entities = entities
         self.kafka = kafka
         self.redis = redis
@@ -260,7 +269,8 @@ class Scenario:
         """A producer whose retry wrote the record twice: the copy is in Kafka, same key."""
         p = Producer({"bootstrap.servers": self.kafka.bootstrap_servers})
         for k in keys:
-            p.produce(self.topic, k.encode(), self.kafka_key(k), headers=[("idempotency-key", k.encode())])
+            headers = [("idempotency-key", k.encode()), (COPY_HEADER, b"1")]
+            p.produce(self.topic, k.encode(), self.kafka_key(k), headers=headers)
         p.flush(60)
 
     def kafka_key(self, idempotency_key: str) -> bytes | None:
@@ -349,7 +359,42 @@ class Scenario:
                 return
             await asyncio.sleep(0.5)
 
+    def read_topic(self) -> tuple[int, int]:
+        """Read the whole topic back: (keys Publish wrote more than once, acknowledged keys with
+        no record). Copies the scenario wrote on purpose (COPY_HEADER) are not counted."""
+        from confluent_kafka import Consumer, TopicPartition
+
+        c = Consumer(
+            {
+                "bootstrap.servers": self.kafka.bootstrap_servers,
+                "group.id": f"readback-{uuid.uuid4().hex[:6]}",
+                "enable.auto.commit": False,
+                "isolation.level": "read_uncommitted",
+            }
+        )
+        try:
+            parts = c.list_topics(self.topic, timeout=15).topics[self.topic].partitions
+            ends = {p: c.get_watermark_offsets(TopicPartition(self.topic, p), timeout=15)[1] for p in parts}
+            c.assign([TopicPartition(self.topic, p, 0) for p in parts])
+            copies: Counter[str] = Counter()
+            done = {p for p, end in ends.items() if end == 0}
+            deadline = time.monotonic() + 120
+            while len(done) < len(ends) and time.monotonic() < deadline:
+                for m in c.consume(1000, 1.0):
+                    if m.error():
+                        continue
+                    headers = dict(m.headers() or [])
+                    if COPY_HEADER not in headers:
+                        copies[(headers.get("idempotency-key") or b"").decode()] += 1
+                    if (m.offset() or 0) + 1 >= ends[m.partition() or 0]:
+                        done.add(m.partition() or 0)
+            assert len(done) == len(ends), f"read {len(done)} of {len(ends)} partitions back in time"
+        finally:
+            c.close()
+        return sum(1 for n in copies.values() if n > 1), len(self.sent - set(copies))
+
     def check(self) -> list[Figures]:
+        topic = self.read_topic() if self.readback else (None, None)
         out = []
         for v in VARIANTS:
             counts, attempts, firsts = self.effects(v)
@@ -369,6 +414,8 @@ class Scenario:
                     delivered_after_ack=self.delivered_after_ack(v),
                     order_violations=self.order_violations(v),
                     attempts=" ".join(f"{a}:{n}" for a, n in sorted(Counter(attempts.values()).items())),
+                    topic_duplicates=topic[0],
+                    topic_missing=topic[1],
                 )
             )
         return out
@@ -384,7 +431,7 @@ Fault = Callable[[Scenario], Awaitable[str]]
 async def run_scenario(
     name: str,
     fault: Fault,
-    kafka: services.KafkaBroker,
+    kafka: services.KafkaShape,
     redis: services.RedisShape,
     workdir: Path,
     messages: int,

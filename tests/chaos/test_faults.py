@@ -50,6 +50,16 @@ SCENARIOS: list[tuple[str, Fault, dict[str, Any]]] = [
 ]
 
 
+#: The replicated three-node cluster (tests/conftest.py kafka_cluster): RF 3, min.insync.replicas 2.
+CLUSTER_MESSAGES = 3000
+CLUSTER_SCENARIOS: list[tuple[str, Fault]] = [
+    ("F11", faults.f11_leader_kill),
+    ("F12", faults.f12_rolling_restart),
+    ("F13", faults.f13_cut_off_broker),
+    ("F14", faults.f14_coordinator_kill),
+]
+
+
 def assert_contract(figures: list[Figures]) -> None:
     for f in figures:
         order = "" if f.order_violations is None else f" order violations: {f.order_violations}"
@@ -64,6 +74,12 @@ def assert_contract(figures: list[Figures]) -> None:
         # last done marks (reported, not failed: the window the WAIT setting closes).
         if not f.fault.endswith(("-no", "-nowait")):
             assert f.delivered_after_ack == 0, f"{f.fault}/{f.variant}: delivered again after an OK ack"
+        if f.topic_duplicates is not None:
+            print(f"{f.fault} read back: {f.topic_duplicates} keys written twice, {f.topic_missing} missing")
+            assert f.topic_duplicates == 0, (
+                f"{f.fault}: {f.topic_duplicates} keys have two records in the topic"
+            )
+            assert f.topic_missing == 0, f"{f.fault}: {f.topic_missing} acknowledged keys have no record"
 
 
 @pytest.mark.timeout(300)
@@ -143,4 +159,19 @@ async def test_redis_failover(
         )
     finally:
         redis.stop()
+    assert_contract(figures)
+
+
+@pytest.mark.timeout(480)
+@pytest.mark.parametrize(("name", "fault"), CLUSTER_SCENARIOS, ids=[s[0] for s in CLUSTER_SCENARIOS])
+async def test_cluster_fault(
+    name: str,
+    fault: Fault,
+    kafka_cluster: services.KafkaCluster,
+    chaos_redis: services.RedisServer,
+    tmp_path: Path,
+) -> None:
+    figures = await run_scenario(
+        name, fault, kafka_cluster, chaos_redis, tmp_path, CLUSTER_MESSAGES, readback=True
+    )
     assert_contract(figures)

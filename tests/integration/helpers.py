@@ -211,7 +211,7 @@ class SidecarProcess:
 
 
 def process_env(
-    kafka: services.KafkaBroker, topic: str, group: str, redis_url: str | None, **extra: str
+    kafka: services.KafkaShape, topic: str, group: str, redis_url: str | None, **extra: str
 ) -> dict[str, str]:
     env = {
         "DEDUP_KAFKA__BOOTSTRAP_SERVERS": kafka.bootstrap_servers,

@@ -146,7 +146,7 @@ def test_other_dedup_variables_and_dict_subkeys_pass(monkeypatch: pytest.MonkeyP
 
 
 def test_kafka_security_settings_are_checked_together() -> None:
-    with pytest.raises(ValidationError, match="kafka.sasl_mechanism, kafka.sasl_username"):
+    with pytest.raises(ValidationError, match=r"kafka\.sasl_mechanism, kafka\.sasl_username"):
         config.load(kafka={"security_protocol": "SASL_SSL"})
     with pytest.raises(ValidationError, match="not both"):
         config.load(
@@ -191,8 +191,8 @@ def test_kafka_client_config_from_the_security_settings(tmp_path: Path) -> None:
     assert conf["ssl.ca.location"] == str(ca)
     assert "s3cret" not in str(config.redacted(s))
     secret.write_text("")
-    with pytest.raises(ConfigError, match="kafka.sasl_password_file"):
+    with pytest.raises(ConfigError, match=r"kafka\.sasl_password_file"):
         client_config(s.kafka)
     gone = config.load(kafka={"security_protocol": "SSL", "ssl_ca_file": str(tmp_path / "none.pem")})
-    with pytest.raises(ConfigError, match="kafka.ssl_ca_file"):
+    with pytest.raises(ConfigError, match=r"kafka\.ssl_ca_file"):
         client_config(gone.kafka)
