@@ -671,7 +671,8 @@ class KafkaCluster:
 
     def coordinator_of(self, group: str) -> int:
         """The node id of ``group``'s coordinator."""
-        fut = self.admin().describe_consumer_groups([group], request_timeout=10)[group]
+        admin = self.admin()  # held until the answer: a dropped client never completes its futures
+        fut = admin.describe_consumer_groups([group], request_timeout=10)[group]
         return int(fut.result(15).coordinator.id)
 
     def under_replicated(self, topics: list[str] | None = None) -> int:

@@ -269,7 +269,10 @@ class Scenario:
         """A producer whose retry wrote the record twice: the copy is in Kafka, same key."""
         p = Producer({"bootstrap.servers": self.kafka.bootstrap_servers})
         for k in keys:
-            headers = [("idempotency-key", k.encode()), (COPY_HEADER, b"1")]
+            headers: list[tuple[str, str | bytes | None]] = [
+                ("idempotency-key", k.encode()),
+                (COPY_HEADER, b"1"),
+            ]
             p.produce(self.topic, k.encode(), self.kafka_key(k), headers=headers)
         p.flush(60)
 
@@ -385,7 +388,8 @@ class Scenario:
                         continue
                     headers = dict(m.headers() or [])
                     if COPY_HEADER not in headers:
-                        copies[(headers.get("idempotency-key") or b"").decode()] += 1
+                        key = headers.get("idempotency-key") or b""
+                        copies[key.decode() if isinstance(key, bytes) else key] += 1
                     if (m.offset() or 0) + 1 >= ends[m.partition() or 0]:
                         done.add(m.partition() or 0)
             assert len(done) == len(ends), f"read {len(done)} of {len(ends)} partitions back in time"
