@@ -24,7 +24,11 @@ from tests.chaos import faults  # noqa: E402
 from tests.chaos.harness import Fault, Figures, run_scenario  # noqa: E402
 from tests.chaos.test_faults import FAILOVERS, ORDERED, failover_env, failover_fault  # noqa: E402
 
-#: (name, title, fault, scenario arguments, Redis: an appendfsync policy for one node, or a shape)
+#: The F11-F14 rows run on services.KafkaCluster (a single Redis node, appendfsync everysec).
+KAFKA_CLUSTER = "kafka-cluster"
+
+#: (name, title, fault, scenario arguments, Redis: an appendfsync policy for one node, or a shape;
+#: or KAFKA_CLUSTER)
 FAULTS: list[tuple[str, str, Fault, dict[str, Any], str]] = [
     (
         "F1",
@@ -119,6 +123,11 @@ FAULTS: list[tuple[str, str, Fault, dict[str, Any], str]] = [
         )
         for name, shape, wait in FAILOVERS
     ),
+    # On the replicated three-node cluster (RF 3, min.insync.replicas 2), topic read back.
+    ("F11", "cluster: the busiest leader kill -9'd, restarted", faults.f11_leader_kill, {}, KAFKA_CLUSTER),
+    ("F12", "cluster: rolling restart of every node", faults.f12_rolling_restart, {}, KAFKA_CLUSTER),
+    ("F13", "cluster: one node cut off (network partition)", faults.f13_cut_off_broker, {}, KAFKA_CLUSTER),
+    ("F14", "cluster: coordinator kill -9'd in a rebalance", faults.f14_coordinator_kill, {}, KAFKA_CLUSTER),
 ]
 
 
@@ -127,6 +136,7 @@ async def run_all(messages: int, seeds: int, only: set[str]) -> list[tuple[str, 
     with tempfile.TemporaryDirectory(prefix="dedup-chaos-") as tmp:
         base = Path(tmp)
         kafka = services.KafkaBroker.start(base / "kafka")
+        cluster: services.KafkaCluster | None = None
         try:
             for name, title, fault, kwargs, aof in FAULTS:
                 if only and name not in only:
@@ -135,17 +145,24 @@ async def run_all(messages: int, seeds: int, only: set[str]) -> list[tuple[str, 
                     work = base / f"{name}-{seed}"
                     work.mkdir()
                     t0 = time.monotonic()
+                    on: services.KafkaShape = kafka
+                    if aof == KAFKA_CLUSTER:
+                        if cluster is None:
+                            cluster = services.KafkaCluster.start(base / "kafka-cluster", partitionable=True)
+                        on, kwargs = cluster, {**kwargs, "readback": True}
                     if aof in ("cluster", "sentinel"):
                         redis: services.RedisShape = services.start_redis(work / "redis", aof)
                     else:
-                        redis = services.RedisServer.start(work / "redis", appendonly=aof)
+                        redis = services.RedisServer.start(
+                            work / "redis", appendonly="everysec" if aof == KAFKA_CLUSTER else aof
+                        )
                     try:
                         if name == "F1":
                             assert isinstance(redis, services.RedisServer)
                             figs = await run_f1(work, redis, messages, seed, kwargs)
                         else:
                             figs = await run_scenario(
-                                name, fault, kafka, redis, work, messages, seed=seed, **kwargs
+                                name, fault, on, redis, work, messages, seed=seed, **kwargs
                             )
                     finally:
                         redis.stop()
@@ -158,6 +175,8 @@ async def run_all(messages: int, seeds: int, only: set[str]) -> list[tuple[str, 
                     out.append((title, figs))
         finally:
             kafka.stop()
+            if cluster is not None:
+                cluster.stop()
     return out
 
 
@@ -230,6 +249,11 @@ def write(
             notes = f.notes
             if f.order_violations is not None:
                 notes = f"{notes}; order violations: {f.order_violations}".lstrip("; ")
+            if f.topic_duplicates is not None:
+                notes = (
+                    f"{notes}; topic read back: {f.topic_duplicates} keys written twice, "
+                    f"{f.topic_missing} acknowledged keys missing"
+                )
             row = "| " + " | ".join([f"{f.fault}: {title}", *f.row()[1:], f.attempts, notes]) + " |"
             rows.setdefault(f.fault, []).append(row)
     if keep is not None:  # a partial run: the other faults keep the rows of the last full run
@@ -249,6 +273,14 @@ def write(
         "(contract point 2; expected only when Redis loses its data); *redelivered keys* — "
         "keys delivered more than once (attempt > 1); *recovery* — seconds from the end of the fault until "
         "every key had its effect.",
+        "",
+        "The F11-F14 rows run on a replicated cluster of three KRaft nodes (each a broker and a "
+        "controller; replication factor 3, `min.insync.replicas` 2, the internal topics replicated too), "
+        "started by deploy/local/services.py (KafkaCluster). Every link between two nodes, in each "
+        "direction, and every node's client port cross a fault proxy, so F13 cuts one node off from the "
+        "others and from the sidecars at once. After each run the topic is read back: every key "
+        "published through Publish or PublishBatch must have exactly one record (the plain producer's "
+        "deliberate copies carry a header and are not counted).",
         "",
         "The F2-<point> rows kill the sidecar at exact points through test-only hooks "
         "(sidecar/testing_hooks.py), armed only by a hidden flag plus an environment variable.",
@@ -276,7 +308,12 @@ def main() -> int:
         f
         for _, figs in results
         for f in figs
-        if f.lost or f.unexpected or (f.variant == "inbox" and f.duplicated) or f.order_violations
+        if f.lost
+        or f.unexpected
+        or (f.variant == "inbox" and f.duplicated)
+        or f.order_violations
+        or f.topic_duplicates
+        or f.topic_missing
     ]
     return 1 if bad else 0
 
