@@ -257,15 +257,20 @@ async def leaders_moved_off(s: Scenario, node: int, timeout: float = 60) -> floa
     raise TimeoutError(f"partitions of {s.topic} still led by node {node} after {timeout:.0f} s")
 
 
+async def restart_in_sync(cluster: services.KafkaCluster, node: int) -> float:
+    """Start a killed node again after 2 s; returns the seconds until every replica was in sync."""
+    await asyncio.sleep(2)
+    await asyncio.to_thread(cluster.node(node).restart)
+    return await asyncio.to_thread(cluster.wait_in_sync)
+
+
 async def f11_leader_kill(s: Scenario) -> str:
     cluster = kafka_cluster(s)
     await settle_in(s)
     victim, led = await busiest_leader(s)
     cluster.node(victim).kill()
     moved = await leaders_moved_off(s, victim)
-    await asyncio.sleep(2)
-    await asyncio.to_thread(cluster.node(victim).restart)
-    synced = await asyncio.to_thread(cluster.wait_in_sync)
+    synced = await restart_in_sync(cluster, victim)
     return (
         f"node {victim}, leader of {led} of the 6 partitions, kill -9'd under load: every partition had "
         f"a new leader in {moved:.1f} s; restarted, all replicas in sync {synced:.1f} s later"
@@ -334,9 +339,7 @@ async def f14_coordinator_kill(s: Scenario) -> str:
         except Exception:  # noqa: BLE001 - no coordinator yet; ask again
             await asyncio.sleep(0.2)
     found = time.monotonic() - t0
-    await asyncio.sleep(2)
-    await asyncio.to_thread(cluster.node(victim).restart)
-    synced = await asyncio.to_thread(cluster.wait_in_sync)
+    synced = await restart_in_sync(cluster, victim)
     return (
         f"node {victim}, coordinator of the naive group, kill -9'd while a third member joined each group: "
         f"the group was coordinated by node {after} {found:.1f} s later; restarted, replicas in sync "

@@ -580,6 +580,18 @@ async def test_a_lease_runs_from_when_the_store_was_asked(engine: tuple[Engine, 
     assert not eng.core.partitions[(T, 0)].pending  # settled as a duplicate, never delivered
 
 
+async def delivered_then_paused(eng: Engine, key: str) -> Any:
+    """Deliver a record with ``key``, then move the store's clock a minute on (this sidecar was
+    paused past its lease). Returns the record."""
+    store_now = [1_000_000]
+    eng.core.store = MemoryStore(clock=lambda: store_now[0])
+    s = eng.attach([T], 10, 0, 10)
+    await intake(eng, msg(0, 0, key))
+    [p] = await take(eng, s, 1)
+    store_now[0] += 60_000
+    return p
+
+
 async def test_a_late_ack_answers_once_the_next_owners_claim_has_ended(
     engine: tuple[Engine, FakeConsumer],
 ) -> None:
@@ -589,12 +601,7 @@ async def test_a_late_ack_answers_once_the_next_owners_claim_has_ended(
     # (it asks the store again only when its lease nears its end). The answer must wait until
     # that claim has ended: a delivery before the OK keeps the promise, one after it breaks it.
     eng, _ = engine
-    store_now = [1_000_000]
-    eng.core.store = MemoryStore(clock=lambda: store_now[0])
-    s = eng.attach([T], 10, 0, 10)
-    await intake(eng, msg(0, 0, "z"))
-    [p] = await take(eng, s, 1)
-    store_now[0] += 60_000  # paused: the lease lapsed, and the next owner claimed the key
+    p = await delivered_then_paused(eng, "z")  # the lease lapsed, and the next owner claimed the key
     key = store_key(eng.settings.kafka.group_id, T, "z")
     [other] = await eng.store.claim([key], "next-owner", 600)
     assert other.status.name == "NEW"
@@ -610,12 +617,7 @@ async def test_a_late_ack_answers_once_the_next_owners_claim_has_ended(
 
 async def test_a_late_ack_with_no_other_claim_answers_at_once(engine: tuple[Engine, FakeConsumer]) -> None:
     eng, _ = engine
-    store_now = [1_000_000]
-    eng.core.store = MemoryStore(clock=lambda: store_now[0])
-    s = eng.attach([T], 10, 0, 10)
-    await intake(eng, msg(0, 0, "y"))
-    [p] = await take(eng, s, 1)
-    store_now[0] += 60_000
+    p = await delivered_then_paused(eng, "y")
     assert await asyncio.wait_for(eng.ack([p.delivery_ids[-1]]), 0.3) == [AckOutcome.OK]
     assert eng.metrics.late_acks._value.get() == 1
     assert eng.metrics.ack_fence_waits._value.get() == 0
