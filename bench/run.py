@@ -71,7 +71,7 @@ class Result:
 
 
 def preload(
-    kafka: services.KafkaBroker, topic: str, partitions: int, n: int, prefix: str, keys: int = 0
+    kafka: services.KafkaShape, topic: str, partitions: int, n: int, prefix: str, keys: int = 0
 ) -> None:
     """n records of 1 KB round-robin over the partitions; with ``keys``, record i has Kafka key
     ``k{i % keys}`` and goes where the default partitioner puts it."""
@@ -116,7 +116,7 @@ def quiesce() -> None:
         log(f"waited {time.perf_counter() - t0:.1f}s for dirty pages to be written out")
 
 
-def raw_consume(kafka: services.KafkaBroker, topic: str, n: int) -> Result:
+def raw_consume(kafka: services.KafkaShape, topic: str, n: int) -> Result:
     quiesce()
     c = Consumer(
         {
@@ -157,7 +157,7 @@ class SidecarProc:
 
     def __init__(
         self,
-        kafka: services.KafkaBroker,
+        kafka: services.KafkaShape,
         topic: str,
         group: str,
         store: dict[str, str],
@@ -284,7 +284,7 @@ async def consume_via_go(binary: Path, target: str, n: int) -> float:
 
 
 def sidecar_consume(
-    kafka: services.KafkaBroker,
+    kafka: services.KafkaShape,
     topic: str,
     n: int,
     store: dict[str, str],
@@ -327,7 +327,7 @@ def sidecar_consume(
     return Result(name, n, dt, extra)
 
 
-def raw_publish(kafka: services.KafkaBroker, topic: str, n: int) -> Result:
+def raw_publish(kafka: services.KafkaShape, topic: str, n: int) -> Result:
     p = Producer(
         {
             "bootstrap.servers": kafka.bootstrap_servers,
@@ -367,7 +367,7 @@ CEILINGS = {
 
 
 def sidecar_publish(
-    kafka: services.KafkaBroker,
+    kafka: services.KafkaShape,
     topic: str,
     n: int,
     store: dict[str, str],
@@ -430,7 +430,7 @@ def sidecar_publish(
 
 
 def latency(
-    kafka: services.KafkaBroker,
+    kafka: services.KafkaShape,
     topic: str,
     rate: int,
     seconds: float,
@@ -595,7 +595,14 @@ def main() -> int:
     ap.add_argument(
         "--render-only", action="store_true", help="redraw the markdown and plot from bench/results.json"
     )
+    ap.add_argument(
+        "--cluster",
+        action="store_true",
+        help="only the rows on a three-broker cluster (RF 3, acks=all): update bench/results.json and redraw",
+    )
     args = ap.parse_args()
+    if args.cluster:
+        return cluster_main(args)
     if args.render_only:
         saved = json.loads((ROOT / "bench" / "results.json").read_text())
         png = Path(args.out).with_suffix(".png")
@@ -768,12 +775,84 @@ def main() -> int:
         }
         for k, v in pairs.items()
     }
-    (ROOT / "bench" / "results.json").write_text(json.dumps(results, indent=2) + "\n")
+    saved_path = ROOT / "bench" / "results.json"
+    if saved_path.exists() and "cluster" in (saved := json.loads(saved_path.read_text())):
+        results["cluster"] = saved["cluster"]  # from its own run (--cluster)
+    saved_path.write_text(json.dumps(results, indent=2) + "\n")
     png = Path(args.out).with_suffix(".png")
     have_plot = plot(results, png)
     write_markdown(results, Path(args.out), png.name if have_plot else None)
     log(f"wrote {args.out}")
     return 0
+
+
+def cluster_rows(n: int, n_pub: int, rounds: int) -> dict[str, Any]:
+    """Consume and PublishBatch on a three-broker cluster (replication factor 3, min.insync.replicas
+    2, acks=all), each against the raw client on the same cluster, as alternating pairs."""
+    pairs: dict[str, list[tuple[float, float]]] = {"consume": [], "publish": []}
+    with (
+        tempfile.TemporaryDirectory(prefix="dedup-bench-cluster-") as tmp,
+        services.KafkaCluster.start(Path(tmp) / "kafka", quick_start=False) as cluster,
+        services.RedisServer.start(Path(tmp) / "redis", appendonly="no") as redis,
+    ):
+        work = Path(tmp)
+        redis_store = {"DEDUP_STORE__BACKEND": "redis", "DEDUP_STORE__REDIS_URL": redis.url}
+        log(f"cluster: preloading {n} x 1 KB records into 6 partitions, RF 3")
+        preload(cluster, "cbench6", 6, n, "c6")
+        cluster.create_topic("cbenchpub", 6)
+        for i in range(rounds):
+            log(f"cluster: round {i + 1} of {rounds}")
+            raw = raw_consume(cluster, "cbench6", n)
+            sc = sidecar_consume(cluster, "cbench6", n, redis_store, work, "cluster")
+            pairs["consume"].append((sc.rate, raw.rate))
+            raw = raw_publish(cluster, "cbenchpub", n_pub)
+            sc = sidecar_publish(cluster, "cbenchpub", n_pub, redis_store, work, 500)
+            pairs["publish"].append((sc.rate, raw.rate))
+    return {
+        "records": n,
+        "publish_records": n_pub,
+        **{
+            k: {
+                "ratios": [round(sc / raw, 3) for sc, raw in v],
+                "rates": [[round(sc), round(raw)] for sc, raw in v],
+                "median": round(sorted(sc / raw for sc, raw in v)[len(v) // 2], 3),
+            }
+            for k, v in pairs.items()
+        },
+    }
+
+
+def cluster_main(args: argparse.Namespace) -> int:
+    n = 20_000 if args.quick else args.records
+    saved_path = ROOT / "bench" / "results.json"
+    saved = json.loads(saved_path.read_text())
+    saved["cluster"] = cluster_rows(n, max(5_000, n // 2), 1 if args.quick else 3)
+    saved["cluster"]["command"] = " ".join(["scripts/bench.sh", *sys.argv[1:]])
+    saved_path.write_text(json.dumps(saved, indent=2) + "\n")
+    png = Path(args.out).with_suffix(".png")
+    write_markdown(saved, Path(args.out), png.name if plot(saved, png) else None)
+    log(f"wrote {args.out}")
+    return 0
+
+
+def cluster_section(c: dict[str, Any]) -> list[str]:
+    rows = [
+        ("consume: sidecar (Redis store, batched acks) / raw consumer", c["consume"]),
+        ("PublishBatch of 500 (Redis store) / raw idempotent producer, acks=all", c["publish"]),
+    ]
+    return [
+        "",
+        "## On a replicated three-broker cluster",
+        "",
+        f"Generated by `{c['command']}`: three KRaft nodes (each a broker and a controller) on the same "
+        "machine, replication factor 3, `min.insync.replicas` 2, every produce with `acks=all`; "
+        f"{c['records']} records consumed and {c['publish_records']} published per run, the raw client "
+        "and the sidecar alternating on the same cluster. Each pair: ratio (sidecar / raw msg/s).",
+        "",
+        "| comparison | median ratio | each pair |",
+        "| --- | ---: | --- |",
+        *(f"| {name} | {v['median']} | {pair_cells(v)} |" for name, v in rows),
+    ]
 
 
 def pair_cells(pairs: dict[str, Any]) -> str:
@@ -874,6 +953,8 @@ def write_markdown(r: dict[str, Any], path: Path, png: str | None) -> None:
         f"Sidecar RSS: {mem.get('rss_start_mb', 0):.0f} MB at start, {mem.get('rss_10pct_mb', 0):.0f} MB "
         f"after {mem['records'] // 10} records, {mem.get('rss_end_mb', 0):.0f} MB after {mem['records']}.",
     ]
+    if "cluster" in r:
+        lines += cluster_section(r["cluster"])
     if png:
         lines += ["", f"![throughput ratios]({png})"]
     analysis = ROOT / "bench" / "ANALYSIS.md"
