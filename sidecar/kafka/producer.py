@@ -9,6 +9,7 @@ fenced idempotent producer) replaces the producer instead of wedging the sidecar
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import threading
 import time
@@ -104,7 +105,15 @@ class AsyncProducer:
         while not self._stop.is_set():
             with self._lock:
                 producer = self._producer
-            producer.poll(0.05)
+            try:
+                producer.poll(0.05)
+            except KafkaException as exc:
+                # confluent-kafka raises a fatal error from poll() (it does not always reach the
+                # error callback): this thread must live on to replace the producer and to serve
+                # every delivery report, or the callers wait for answers that never come.
+                self._on_error(exc.args[0])
+            except Exception:
+                log.exception("serving the producer's callbacks failed; going on")
             if self._delivered:
                 # One wake-up of the event loop for all the reports this poll served.
                 self._loop.call_soon_threadsafe(self._resolve_delivered)
@@ -135,7 +144,7 @@ class AsyncProducer:
         with self._lock:
             old, self._producer = self._producer, Producer(self._config)
             self._needs_reset = False
-        old.flush(5)
+        _drain(old, 5.0)
 
     def _on_error(self, err: KafkaError) -> None:
         if err.fatal():
@@ -223,6 +232,15 @@ class AsyncProducer:
             log.warning("%d records were not delivered before shutdown", left)
         self._stop.set()
         await asyncio.to_thread(self._thread.join, 5)
+
+
+def _drain(producer: Producer, timeout_s: float) -> None:
+    """Serve the delivery reports a producer still owes (after a fatal error librdkafka fails
+    every record it holds), however often flush() raises the fatal error again."""
+    deadline = time.monotonic() + timeout_s
+    while len(producer) and time.monotonic() < deadline:
+        with contextlib.suppress(KafkaException):
+            producer.flush(max(0.0, deadline - time.monotonic()))
 
 
 def indeterminate(timeout_s: float) -> PublishIndeterminate:
