@@ -1,4 +1,4 @@
-"""Start a real single-node Apache Kafka (KRaft) and a real Redis on 127.0.0.1.
+"""Start a real Apache Kafka (KRaft: one broker, or a cluster of three) and a real Redis on 127.0.0.1.
 
 This is the project's own way to get real services for the demo, the integration tests and the
 benchmarks. It has no dependency beyond the standard library, so it can run before the virtual
@@ -8,6 +8,7 @@ Usage::
 
     python deploy/local/services.py install        # fetch the broker jars and redis-server, once
     python deploy/local/services.py up             # start both, print their addresses, wait for Ctrl+C
+    python deploy/local/services.py up --kafka cluster   # three brokers, replication factor 3
 
 From Python::
 
@@ -1163,13 +1164,31 @@ def running(
     """Start Kafka and Redis in a temporary directory; stop both and remove it on exit.
 
     ``quick_start``: see KafkaBroker.start. ``redis_shape``: see start_redis."""
+    with running_shapes(workdir, quick_start, redis_shape, "single") as (kafka, redis):
+        assert isinstance(kafka, KafkaBroker)
+        yield kafka, redis
+
+
+@contextlib.contextmanager
+def running_shapes(
+    workdir: Path | None = None,
+    quick_start: bool = True,
+    redis_shape: str = "single",
+    kafka_shape: str = "single",
+) -> Iterator[tuple[KafkaShape, RedisShape]]:
+    """As ``running``, with ``kafka_shape`` "single" (one broker) or "cluster" (KafkaCluster)."""
     base = Path(tempfile.mkdtemp(prefix="dedup-services-")) if workdir is None else workdir
     redis: RedisShape | None = None
     try:
         t0 = time.monotonic()
         appendonly = "no" if redis_shape == "single" else "everysec"
         redis = start_redis(base / "redis", redis_shape, appendonly)
-        with KafkaBroker.start(base / "kafka", quick_start=quick_start) as kafka:
+        kafka: KafkaShape = (
+            KafkaCluster.start(base / "kafka", quick_start=quick_start)
+            if kafka_shape == "cluster"
+            else KafkaBroker.start(base / "kafka", quick_start=quick_start)
+        )
+        with kafka:
             _log(f"kafka {kafka.bootstrap_servers} and {redis.url} ready in {time.monotonic() - t0:.1f}s")
             yield kafka, redis
     finally:
@@ -1185,6 +1204,13 @@ def main(argv: list[str] | None = None) -> int:
     sub.add_parser("install", help="fetch the broker jars and redis-server (cached)")
     up = sub.add_parser("up", help="start Kafka and Redis until interrupted")
     up.add_argument("--topic", action="append", default=[], help="NAME[:PARTITIONS] to create")
+    up.add_argument(
+        "--kafka",
+        choices=("single", "cluster"),
+        default="single",
+        help="one broker, or a cluster of three KRaft nodes with replication factor 3 and "
+        "min.insync.replicas 2",
+    )
     add_redis_shape_argument(up)
     args = parser.parse_args(argv)
     if args.cmd == "install":
@@ -1195,7 +1221,7 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     stop_on_signals()
     try:
-        with running(redis_shape=args.redis) as (kafka, redis):
+        with running_shapes(redis_shape=args.redis, kafka_shape=args.kafka) as (kafka, redis):
             for spec in args.topic:
                 name, _, parts = spec.partition(":")
                 kafka.create_topic(name, int(parts or 1))
