@@ -316,36 +316,45 @@ class Sidecar:
             await asyncio.sleep(0.1)
 
     async def _watch_group(self) -> None:
-        """A local store cannot fence other members: detect a shared group and say so loudly."""
-        from confluent_kafka.admin import AdminClient
+        """A local store cannot fence other members: detect a shared group and say so loudly.
 
-        admin = AdminClient(connect.client_config(self.settings.kafka))
+        The sign is this member's assignment: while it holds fewer partitions of its topics than
+        they have, another member holds the rest. Three looks in a row, 3 s apart, so a
+        rebalance in progress is not taken for one. (This asked DescribeGroups before; librdkafka
+        aborts the whole process when such a request to a dead coordinator times out, its issue
+        4605, and a check that only advises must not be able to do that.)"""
+        assert self.engine is not None
+        assert self._consumer is not None
+        assert self.store is not None
+        consumer, store = self._consumer, self.store
+        topics = [*self.settings.kafka.topics, *self.engine.retry_topics]
         group = self.settings.kafka.group_id
         warned = False
-        delay = 3.0  # first look soon after joining, then every 10 s
+        looks = 0
         while True:
-            await asyncio.sleep(delay)
-            delay = 10.0
+            await asyncio.sleep(3.0)
             try:
-                fut = admin.describe_consumer_groups([group], request_timeout=10)[group]
-                desc = await asyncio.to_thread(fut.result, 15)
-            except Exception as exc:  # noqa: BLE001 - advisory check only
-                log.debug("describe_consumer_groups failed: %s", exc)
+                counts = await self.topics.partitions(topics)
+            except KafkaUnavailable:
                 continue
-            members = len(desc.members)
-            self.metrics.local_store_shared_group.set(1 if members > 1 else 0)
-            if members > 1 and not warned:
-                assert self.store is not None
+            total = sum(n or 0 for n in counts.values())
+            held = consumer.assigned_count
+            looks = looks + 1 if consumer.subscribed and held < total else 0
+            shared = looks >= 3
+            self.metrics.local_store_shared_group.set(1 if shared else 0)
+            if shared and not warned:
                 log.error(
-                    "CORRECTNESS HOLE: group %r has %d members but store.backend=%s is local to this "
-                    "process; after a rebalance another member cannot see which keys were processed "
-                    "here. Use store.backend=redis for more than one replica",
+                    "CORRECTNESS HOLE: another member of group %r holds %d of the %d partitions of %s, but "
+                    "store.backend=%s is local to this process; after a rebalance another member cannot "
+                    "see which keys were processed here. Use store.backend=redis for more than one replica",
                     group,
-                    members,
-                    self.store.name,
+                    total - held,
+                    total,
+                    ", ".join(topics),
+                    store.name,
                 )
                 warned = True
-            elif members <= 1:
+            elif not shared and looks == 0:
                 warned = False
 
     async def stop(self) -> None:

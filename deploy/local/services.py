@@ -443,6 +443,10 @@ class KafkaBroker(_Service):
         self.stop()
 
 
+#: Partitions of a KafkaCluster's __consumer_offsets (few: every one has three replicas to sync).
+OFFSETS_PARTITIONS = 3
+
+
 @dataclass(frozen=True)
 class ScramListener:
     """A SASL_SSL listener with SCRAM-SHA-512 on every node of a KafkaCluster: the nodes' PEM
@@ -559,7 +563,7 @@ class KafkaCluster:
                     "default.replication.factor": rf,
                     "min.insync.replicas": isr,
                     "offsets.topic.replication.factor": rf,
-                    "offsets.topic.num.partitions": "3",
+                    "offsets.topic.num.partitions": str(OFFSETS_PARTITIONS),
                     "transaction.state.log.replication.factor": rf,
                     "transaction.state.log.min.isr": isr,
                     "share.coordinator.state.topic.replication.factor": rf,
@@ -676,10 +680,16 @@ class KafkaCluster:
         return {p: m.leader for p, m in md.partitions.items()}
 
     def coordinator_of(self, group: str) -> int:
-        """The node id of ``group``'s coordinator."""
-        admin = self.admin()  # held until the answer: a dropped client never completes its futures
-        fut = admin.describe_consumer_groups([group], request_timeout=10)[group]
-        return int(fut.result(15).coordinator.id)
+        """The node id of ``group``'s coordinator (-1: none now): the leader of the
+        __consumer_offsets partition the group hashes to, as Kafka places it. Read from metadata,
+        not with DescribeGroups: librdkafka aborts the process when a DescribeGroups request to a
+        dead coordinator times out (librdkafka issue 4605, an assertion on eonce->refcnt)."""
+        h = 0
+        for unit in group.encode("utf-16-be").hex(" ", 2).split():  # Java's String.hashCode
+            h = (31 * h + int(unit, 16)) & 0xFFFFFFFF
+        signed = h - (1 << 32) if h & 0x80000000 else h
+        partition = (0 if signed == -(1 << 31) else abs(signed)) % OFFSETS_PARTITIONS  # Kafka's Utils.abs
+        return self.leaders("__consumer_offsets").get(partition, -1)
 
     def under_replicated(self, topics: list[str] | None = None) -> int:
         """Partitions (of ``topics``, default all, internal ones included) whose ISR is short of

@@ -158,6 +158,16 @@ class ConsumerLoop:
         if self._thread is not None:
             await asyncio.to_thread(self._thread.join, timeout)
 
+    @property
+    def subscribed(self) -> bool:
+        """In the group (not left for want of an app stream)."""
+        return self._subscribed
+
+    @property
+    def assigned_count(self) -> int:
+        """How many partitions this member holds now."""
+        return len(self._assigned)
+
     def join_group(self) -> None:
         self._command(self._do_subscribe)
 
