@@ -991,7 +991,8 @@ class RedisCluster:
         live = [n for n in self.nodes if n.alive()]
         for line in live[0].cli("CLUSTER", "NODES").splitlines():
             fields = line.split()
-            if "master" not in fields[2] or "fail" in fields[2]:
+            flags = fields[2].split(",")
+            if "master" not in flags or "fail" in flags:  # "fail?" is only a suspicion: still the owner
                 continue
             for part in fields[8:]:
                 lo, _, hi = part.partition("-")

@@ -262,6 +262,10 @@ async def test_a_master_lost_before_its_replica_had_the_write(
         [replica] = cluster.replicas_of(victim)
         store = make_store(victim.url, prefix="w", min_replicas=int(wait), wait_ms=50)
         await store.ping()
+        # The slot map, read before the victim is kept busy below (the other nodes may then
+        # suspect it, "fail?", until it answers again).
+        keys = [f"k{i}" for i in range(300)]
+        on_victim = {k for k in keys if cluster.node_of_slot(key_slot(f"w:k:{k}".encode())) is victim}
         # Hold the replica back: stopped, behind 64 MB of replication stream that fills the
         # socket buffers, so what the victim writes next stays in the victim's memory only.
         replica.pause()
@@ -271,8 +275,6 @@ async def test_a_master_lost_before_its_replica_had_the_write(
             if cluster.node_of_slot(key_slot(f"{{t{i}}}".encode())) is victim
         )
         victim.cli("EVAL", "redis.call('SET', KEYS[1], string.rep('x', 67108864))", "1", f"ballast{tag}")
-        keys = [f"k{i}" for i in range(300)]
-        on_victim = {k for k in keys if cluster.node_of_slot(key_slot(f"w:k:{k}".encode())) is victim}
         acknowledged: list[str] = []
         refusals: list[str] = []
         for k in keys:  # one call each: a WAIT shortfall fails the call of a key on the victim only
