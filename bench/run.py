@@ -743,14 +743,9 @@ def main() -> int:
         }
         for i in range(1 if args.quick else 3):
             log(f"repeated pairs, round {i + 1}")
-            raw = raw_consume(kafka, "bench6", n)
-            sc = sidecar_consume(kafka, "bench6", n, redis_store, work, "pair")
-            pairs["consume"].append((sc.rate, raw.rate))
-            raw = raw_publish(kafka, "benchpub", n_pub)
-            sc = sidecar_publish(kafka, "benchpub", n_pub, redis_store, work, 500)
-            pairs["publish"].append((sc.rate, raw.rate))
+            raw_rate = pair_round(kafka, ("bench6", "benchpub"), (n, n_pub), redis_store, work, pairs)
             bound = sidecar_publish(kafka, "benchpub", n_pub, {}, work, 500, ceiling="produce")
-            pairs["publish_bound"].append((bound.rate, raw.rate))
+            pairs["publish_bound"].append((bound.rate, raw_rate))
 
     def row(r: Result, baseline: float) -> dict[str, Any]:
         return {
@@ -767,14 +762,7 @@ def main() -> int:
     results["latency"] = lat
     results["latency_linger0"] = lat0
     results["memory"] = {"records": n_mem, **mem.extra}
-    results["pairs"] = {
-        k: {
-            "ratios": [round(sc / raw, 3) for sc, raw in v],
-            "rates": [[round(sc), round(raw)] for sc, raw in v],
-            "median": round(sorted(sc / raw for sc, raw in v)[len(v) // 2], 3),
-        }
-        for k, v in pairs.items()
-    }
+    results["pairs"] = summarize_pairs(pairs)
     saved_path = ROOT / "bench" / "results.json"
     if saved_path.exists() and "cluster" in (saved := json.loads(saved_path.read_text())):
         results["cluster"] = saved["cluster"]  # from its own run (--cluster)
@@ -809,23 +797,39 @@ def cluster_rows(n: int, n_pub: int, rounds: int) -> dict[str, Any]:
             raw_publish(cluster, "cbenchpub", n_pub)
         for i in range(rounds):
             log(f"cluster: round {i + 1} of {rounds}")
-            raw = raw_consume(cluster, "cbench6", n)
-            sc = sidecar_consume(cluster, "cbench6", n, redis_store, work, "cluster")
-            pairs["consume"].append((sc.rate, raw.rate))
-            raw = raw_publish(cluster, "cbenchpub", n_pub)
-            sc = sidecar_publish(cluster, "cbenchpub", n_pub, redis_store, work, 500)
-            pairs["publish"].append((sc.rate, raw.rate))
+            pair_round(cluster, ("cbench6", "cbenchpub"), (n, n_pub), redis_store, work, pairs)
+    return {"records": n, "publish_records": n_pub, **summarize_pairs(pairs)}
+
+
+def pair_round(
+    kafka: services.KafkaShape,
+    topics: tuple[str, str],
+    counts: tuple[int, int],
+    store: dict[str, str],
+    work: Path,
+    pairs: dict[str, list[tuple[float, float]]],
+) -> float:
+    """One raw-then-sidecar pair each for consume (topics[0], counts[0] records) and for
+    PublishBatch of 500 (topics[1], counts[1]); appends (sidecar, raw) rates to ``pairs`` and
+    returns the raw producer's rate."""
+    raw = raw_consume(kafka, topics[0], counts[0])
+    sc = sidecar_consume(kafka, topics[0], counts[0], store, work, "pair")
+    pairs["consume"].append((sc.rate, raw.rate))
+    raw = raw_publish(kafka, topics[1], counts[1])
+    sc = sidecar_publish(kafka, topics[1], counts[1], store, work, 500)
+    pairs["publish"].append((sc.rate, raw.rate))
+    return raw.rate
+
+
+def summarize_pairs(pairs: dict[str, list[tuple[float, float]]]) -> dict[str, Any]:
+    """Per comparison: each pair's ratio and rates, and the median ratio."""
     return {
-        "records": n,
-        "publish_records": n_pub,
-        **{
-            k: {
-                "ratios": [round(sc / raw, 3) for sc, raw in v],
-                "rates": [[round(sc), round(raw)] for sc, raw in v],
-                "median": round(sorted(sc / raw for sc, raw in v)[len(v) // 2], 3),
-            }
-            for k, v in pairs.items()
-        },
+        k: {
+            "ratios": [round(sc / raw, 3) for sc, raw in v],
+            "rates": [[round(sc), round(raw)] for sc, raw in v],
+            "median": round(sorted(sc / raw for sc, raw in v)[len(v) // 2], 3),
+        }
+        for k, v in pairs.items()
     }
 
 
