@@ -119,10 +119,7 @@ class Sidecar:
         certs = Certificates(s.server) if s.server.tls_cert_file is not None else None
         _warn_exposure(s, certs)
         if connect.secured(producer_conf):
-            security = {
-                k: v for k, v in producer_conf.items() if k.startswith(("security.", "sasl.", "ssl."))
-            }
-            await asyncio.to_thread(connect.check_credentials, {**connect.client_config(s.kafka), **security})
+            await asyncio.to_thread(connect.check_credentials, connect.security_only(producer_conf))
         self.store = TimedStore(await open_store(s), self.metrics.store_seconds)
         self._producer = kproducer.AsyncProducer(producer_conf, loop, s.publish.timeout_seconds)
         self.engine = Engine(s, self.store, self._producer, self.metrics, self.owner)

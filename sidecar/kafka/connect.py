@@ -21,17 +21,6 @@ from sidecar.errors import ConfigError
 
 log = logging.getLogger(__name__)
 
-#: librdkafka properties the security settings fill in (a pass-through map may still set them).
-SECURITY_PROPERTIES = (
-    "security.protocol",
-    "sasl.mechanisms",
-    "sasl.username",
-    "sasl.password",
-    "ssl.ca.location",
-    "ssl.certificate.location",
-    "ssl.key.location",
-)
-
 
 def _readable(path: Path, setting: str) -> Path:
     try:

@@ -35,7 +35,7 @@ from dedup_client import DedupClient, PublishResult
 from dedup_client.client import publish_request
 from faultproxy import FaultProxy
 
-from tests.integration.helpers import ROOT, SidecarProcess, process_env
+from tests.integration.helpers import ROOT, SidecarProcess, process_env, records_per_key
 
 VARIANTS = ("naive", "inbox")
 #: Marks the copies a plain producer writes on purpose (a retry's duplicate), so reading the topic
@@ -365,37 +365,8 @@ class Scenario:
     def read_topic(self) -> tuple[int, int]:
         """Read the whole topic back: (keys Publish wrote more than once, acknowledged keys with
         no record). Copies the scenario wrote on purpose (COPY_HEADER) are not counted."""
-        from confluent_kafka import Consumer, TopicPartition
-
-        c = Consumer(
-            {
-                "bootstrap.servers": self.kafka.bootstrap_servers,
-                "group.id": f"readback-{uuid.uuid4().hex[:6]}",
-                "enable.auto.commit": False,
-                "isolation.level": "read_uncommitted",
-            }
-        )
-        try:
-            parts = c.list_topics(self.topic, timeout=15).topics[self.topic].partitions
-            ends = {p: c.get_watermark_offsets(TopicPartition(self.topic, p), timeout=15)[1] for p in parts}
-            c.assign([TopicPartition(self.topic, p, 0) for p in parts])
-            copies: Counter[str] = Counter()
-            done = {p for p, end in ends.items() if end == 0}
-            deadline = time.monotonic() + 120
-            while len(done) < len(ends) and time.monotonic() < deadline:
-                for m in c.consume(1000, 1.0):
-                    if m.error():
-                        continue
-                    headers = dict(m.headers() or [])
-                    if COPY_HEADER not in headers:
-                        key = headers.get("idempotency-key") or b""
-                        copies[key.decode() if isinstance(key, bytes) else key] += 1
-                    if (m.offset() or 0) + 1 >= ends[m.partition() or 0]:
-                        done.add(m.partition() or 0)
-            assert len(done) == len(ends), f"read {len(done)} of {len(ends)} partitions back in time"
-        finally:
-            c.close()
-        return sum(1 for n in copies.values() if n > 1), len(self.sent - set(copies))
+        counts = records_per_key(self.kafka.bootstrap_servers, self.topic, skip_header=COPY_HEADER)
+        return sum(1 for n in counts.values() if n > 1), len(self.sent - set(counts))
 
     def check(self) -> list[Figures]:
         topic = self.read_topic() if self.readback else (None, None)

@@ -10,6 +10,7 @@ import subprocess
 import sys
 import time
 import uuid
+from collections import Counter
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager, suppress
 from pathlib import Path
@@ -132,6 +133,35 @@ def raw_produce(
         else:
             p.produce(topic, value=value, headers=headers, partition=partition)
     assert p.flush(30) == 0
+
+
+def records_per_key(bootstrap: str, topic: str, skip_header: str | None = None) -> Counter[str]:
+    """Read every partition of ``topic`` to its end and count the records per idempotency key;
+    records carrying ``skip_header`` are left out."""
+    c = Consumer(
+        {"bootstrap.servers": bootstrap, "group.id": unique("readback"), "enable.auto.commit": False}
+    )
+    try:
+        parts = c.list_topics(topic, timeout=15).topics[topic].partitions
+        ends = {p: c.get_watermark_offsets(TopicPartition(topic, p), timeout=15)[1] for p in parts}
+        c.assign([TopicPartition(topic, p, 0) for p in parts])
+        counts: Counter[str] = Counter()
+        done = {p for p, end in ends.items() if end == 0}
+        deadline = time.monotonic() + 120
+        while len(done) < len(ends) and time.monotonic() < deadline:
+            for m in c.consume(1000, 1.0):
+                if m.error():
+                    continue
+                headers = dict(m.headers() or [])
+                if skip_header is None or skip_header not in headers:
+                    key = headers.get("idempotency-key") or b""
+                    counts[key.decode() if isinstance(key, bytes) else key] += 1
+                if (m.offset() or 0) + 1 >= ends[m.partition() or 0]:
+                    done.add(m.partition() or 0)
+        assert len(done) == len(ends), f"read {len(done)} of {len(ends)} partitions back in time"
+    finally:
+        c.close()
+    return counts
 
 
 class SidecarProcess:

@@ -14,17 +14,16 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections import Counter
 from pathlib import Path
 
 import pytest
 import services
-from confluent_kafka import Consumer, ElectionType, TopicPartition
+from confluent_kafka import ElectionType, TopicPartition
 from confluent_kafka.cimpl import NewTopic
 from dedup_client import DedupClient, PublishResult
 from dedup_client.client import publish_request
 
-from tests.integration.helpers import SidecarProcess, process_env, unique
+from tests.integration.helpers import SidecarProcess, process_env, records_per_key, unique
 
 pytestmark = pytest.mark.integration
 
@@ -46,26 +45,6 @@ def wait_for(what: str, check: object, timeout: float = 60) -> None:
 def partition_state(cluster: services.KafkaCluster, topic: str) -> tuple[int, list[int]]:
     md = cluster.admin().list_topics(topic, timeout=5).topics[topic].partitions[0]
     return md.leader, list(md.isrs)
-
-
-def records_per_key(cluster: services.KafkaCluster, topic: str) -> Counter[str]:
-    c = Consumer(
-        {"bootstrap.servers": cluster.bootstrap_servers, "group.id": unique("r"), "enable.auto.commit": False}
-    )
-    try:
-        tp = TopicPartition(topic, 0)
-        low, high = c.get_watermark_offsets(tp, timeout=15)
-        c.assign([TopicPartition(topic, 0, low)])
-        out: Counter[str] = Counter()
-        seen, deadline = low, time.monotonic() + 60
-        while seen < high and time.monotonic() < deadline:
-            for m in c.consume(500, 1.0):
-                if not m.error():
-                    out[dict(m.headers() or [])["idempotency-key"].decode()] += 1  # type: ignore[union-attr]
-                    seen = (m.offset() or 0) + 1
-        return out
-    finally:
-        c.close()
 
 
 async def publish(target: str, topic: str, keys: list[str]) -> tuple[set[str], list[str]]:
@@ -153,6 +132,6 @@ async def test_a_sequence_gap_after_an_unclean_election(
     print("\n".join(line for line in log.splitlines() if "producer" in line.lower())[-3000:])
     assert "OUT_OF_ORDER_SEQUENCE_NUMBER" in log or "UNKNOWN_PRODUCER_ID" in log, "no producer error happened"
     assert "re-creating the producer after a fatal error" in log
-    counts = records_per_key(cluster, topic)
+    counts = records_per_key(cluster.bootstrap_servers, topic)
     assert [k for k, n in counts.items() if n > 1] == []
     assert all(counts[k] == 1 for k in first + after)
