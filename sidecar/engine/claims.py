@@ -219,32 +219,51 @@ class Claims:
 
     async def renew(self, batch: list[Pending]) -> list[Pending]:
         """Extend leases that would end before the new ack deadline (records that waited long).
-        Returns the records of ``batch`` still to be sent."""
+        Returns the records of ``batch`` still to be sent.
+
+        A renewal whose answer is read long after it was asked (the sidecar was paused between
+        the two: SIGSTOP, a long GC, a starved VM) may describe a lease that has already run
+        out, and the key may since have been delivered and acked by another sidecar. Such
+        records are renewed again, so nothing is handed out on a lease older than half of one.
+        """
         core = self.core
+        lease_s = core.lease_ms / 1000
+        floor = min(core.deadline_s, lease_s) / 2  # cover a fresh lease still has at hand-out
+        keep = {id(p) for p in batch}
         now = core.clock()
         stale = [p for p in batch if p.lease_until < now + core.deadline_s]
-        if not stale:
-            return batch
-        # Renewals: none of these was delivered since our last claim of it.
-        claims = await core.store.claim(
-            [p.store_key for p in stale], core.owner, core.lease_ms, mode=ClaimMode.RENEW
-        )
-        keep = {id(p) for p in batch}
-        orphans: list[str] = []
-        for p, c in zip(stale, claims, strict=True):
-            if p.state is State.DROPPED:
-                keep.discard(id(p))
-                if c.status is ClaimStatus.NEW:
-                    orphans.append(p.store_key)
-            elif c.status is ClaimStatus.NEW:
-                p.lease_until = now + core.lease_ms / 1000
-                p.attempt = max(p.attempt, c.attempt)
-            elif c.status is ClaimStatus.DONE:
-                keep.discard(id(p))
-                core.metrics.skipped.labels("duplicate", p.topic).inc()
-                core.settle(p)
-            else:
-                keep.discard(id(p))
-                core.wait(p, State.BUSY, now + core.settings.delivery.busy_retry_seconds)
-        await self.release_orphans(orphans)
+        while stale:
+            asked = core.clock()
+            # Renewals: none of these was delivered since our last claim of it.
+            claims = await core.store.claim(
+                [p.store_key for p in stale], core.owner, core.lease_ms, mode=ClaimMode.RENEW
+            )
+            orphans: list[str] = []
+            for p, c in zip(stale, claims, strict=True):
+                if p.state is State.DROPPED:
+                    keep.discard(id(p))
+                    if c.status is ClaimStatus.NEW:
+                        orphans.append(p.store_key)
+                elif c.status is ClaimStatus.NEW:
+                    p.lease_until = asked + lease_s
+                    p.attempt = max(p.attempt, c.attempt)
+                elif c.status is ClaimStatus.DONE:
+                    keep.discard(id(p))
+                    core.metrics.skipped.labels("duplicate", p.topic).inc()
+                    core.settle(p)
+                else:
+                    keep.discard(id(p))
+                    core.wait(p, State.BUSY, asked + core.settings.delivery.busy_retry_seconds)
+            await self.release_orphans(orphans)
+            now = core.clock()
+            stale = [
+                p for p in stale if id(p) in keep and p.state is State.READY and p.lease_until < now + floor
+            ]
+            if stale:
+                log.warning(
+                    "a lease renewal was answered %.1fs after it was asked; renewing %d leases again "
+                    "before sending",
+                    now - asked,
+                    len(stale),
+                )
         return [p for p in batch if id(p) in keep and p.state is State.READY]

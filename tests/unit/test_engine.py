@@ -580,6 +580,48 @@ async def test_a_lease_runs_from_when_the_store_was_asked(engine: tuple[Engine, 
     assert not eng.core.partitions[(T, 0)].pending  # settled as a duplicate, never delivered
 
 
+async def test_a_renewal_read_after_a_pause_is_renewed_again_before_sending(
+    engine: tuple[Engine, FakeConsumer],
+) -> None:
+    # The third F4 failure in CI (zombie sidecar): the sidecar renewed a queued record's lease
+    # before sending it, and was stopped after the store answered NEW but before the record was
+    # handed out. By SIGCONT the lease had run out and another sidecar had delivered the key and
+    # had its Ack answered OK; the resumed sidecar sent the key anyway, on the stale renewal.
+    eng, _ = engine
+    now, store_now = [1000.0], [1_000_000]
+    eng.core.clock = lambda: now[0]
+    eng.core.store = MemoryStore(clock=lambda: store_now[0])
+    eng.core.deadline_s, eng.core.lease_ms = 5, 6000
+    real_claim = eng.store.claim
+    key = store_key(eng.settings.kafka.group_id, T, "z")
+    renewals: list[int] = []
+
+    async def paused_after_the_renewal(
+        keys: Sequence[str], owner: str, lease_ms: int, mode: ClaimMode = ClaimMode.CLAIM
+    ) -> Any:
+        answer = await real_claim(keys, owner, lease_ms, mode)
+        if mode is ClaimMode.RENEW:
+            renewals.append(len(keys))
+            if len(renewals) == 1:  # SIGSTOP once the store has renewed; the lease runs out
+                now[0] += 10
+                store_now[0] += 10_000
+                [other] = await real_claim([key], "other-sidecar", 6000)
+                assert other.status.name == "NEW"
+                await eng.store.complete([key], "other-sidecar", 60_000)  # its app acked: OK
+        return answer
+
+    eng.core.store.claim = paused_after_the_renewal  # type: ignore[method-assign]
+    eng.on_records([msg(0, 0, "z")])
+    await asyncio.sleep(0.05)  # claimed NEW, waiting in the ready queue
+    now[0] += 2
+    store_now[0] += 2_000  # queued long enough that its lease no longer covers a deadline
+    s = eng.attach([T], 10, 0, 10)
+    with pytest.raises(TimeoutError):
+        await asyncio.wait_for(eng.next_frame(s), 0.3)
+    assert renewals == [1, 1]  # the stale renewal was renewed again, and found the key done
+    assert not eng.core.partitions[(T, 0)].pending  # settled as a duplicate, never delivered
+
+
 async def delivered_then_paused(eng: Engine, key: str) -> Any:
     """Deliver a record with ``key``, then move the store's clock a minute on (this sidecar was
     paused past its lease). Returns the record."""
