@@ -545,10 +545,12 @@ def rss_mb(pid: int) -> float:
 async def test_clients_that_never_read_do_not_grow_memory_or_starve_others(
     kafka: services.KafkaBroker, tmp_path: Path
 ) -> None:
-    """Ten streams that never read hold what they were sent; the sidecar's RSS stays flat as more
-    data flows past them, and a reading client still gets every record (the held ones once their
-    ack deadline passes) while Publish answers promptly."""
+    """Ten streams that never read hold what they were sent, and three more read one record every
+    quarter second; the sidecar's RSS stays flat as more data flows past them, and a reading client
+    still gets every record (the held ones once their ack deadline passes) while Publish answers
+    promptly."""
     import asyncio
+    import contextlib
 
     from dedup_client import DedupClient
 
@@ -578,25 +580,47 @@ async def test_clients_that_never_read_do_not_grow_memory_or_starve_others(
         await asyncio.sleep(1)
         seen: set[str] = set()
         rss: list[float] = []
-        async with DedupClient(proc.target) as good:
+
+        async def read_slowly(client: DedupClient) -> None:
+            async for m in client.subscribe(topics=[topic], max_in_flight=50):
+                seen.add(m.idempotency_key)
+                m.ack()
+                await asyncio.sleep(0.25)
+
+        async with contextlib.AsyncExitStack() as clients:
+            slow_readers = [await clients.enter_async_context(DedupClient(proc.target)) for _ in range(3)]
+            readers = [asyncio.create_task(read_slowly(c)) for c in slow_readers]
+            good = await clients.enter_async_context(DedupClient(proc.target))
             stream = good.subscribe(topics=[topic], max_in_flight=500)
 
-            async def receive(until: int) -> None:
-                while len(seen) < until:
-                    m = await asyncio.wait_for(anext(stream), 30)
+            async def read() -> None:
+                async for m in stream:
                     seen.add(m.idempotency_key)
                     m.ack()
 
+            readers.append(asyncio.create_task(read()))
+
+            async def receive(until: int) -> None:
+                async with asyncio.timeout(60):
+                    while len(seen) < until:
+                        await asyncio.sleep(0.05)
+
             for phase in range(3):
                 keys = [f"{phase}-{i}" for i in range(3000)]
+                target = len(seen) + len(keys) + 1  # + the probe; the slow readers take some too
                 await asyncio.to_thread(raw_produce, kafka, topic, [(k, value, None) for k in keys])
                 started = time.monotonic()
                 await good.publish(topic, b"probe", idempotency_key=unique("probe"))
                 assert time.monotonic() - started < 3, "Publish stalled behind the slow streams"
-                await receive(len(seen) + len(keys) + 1)  # + the probe
+                await receive(target)
                 rss.append(rss_mb(pid))
-            await stream.aclose()
-        print(f"\nRSS after each 3,000 x 8 KiB phase with 10 streams never reading: {rss} MB")
+            for r in readers:
+                assert not r.done(), r  # still being served, slowly
+                r.cancel()
+            await asyncio.gather(*readers, return_exceptions=True)
+        print(
+            f"\nRSS after each 3,000 x 8 KiB phase with 10 streams never reading, 3 reading slowly: {rss} MB"
+        )
         # Flat once warm: the third phase costs no more memory than the second.
         assert rss[2] - rss[1] < 40, rss
     finally:
