@@ -33,7 +33,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -56,6 +56,11 @@ VALUES = [random.Random(i).randbytes(512).hex().encode() for i in range(1024)]
 
 def log(msg: str) -> None:
     print(f"[bench {time.strftime('%H:%M:%S')}] {msg}", file=sys.stderr, flush=True)
+
+
+def cpu_per_record(cpu_s: float, n: int) -> dict[str, float]:
+    """The ``cpu_us`` figure of a Result: a process's user + system CPU per record, in µs."""
+    return {"cpu_us": round(cpu_s / n * 1e6, 2)} if n else {}
 
 
 @dataclass
@@ -118,6 +123,7 @@ def quiesce() -> None:
 
 def raw_consume(kafka: services.KafkaShape, topic: str, n: int) -> Result:
     quiesce()
+    cpu0 = time.process_time()  # this process is the raw client: every librdkafka thread counts
     c = Consumer(
         {
             "bootstrap.servers": kafka.bootstrap_servers,
@@ -149,7 +155,17 @@ def raw_consume(kafka: services.KafkaShape, topic: str, n: int) -> Result:
         c.commit(asynchronous=False)
     dt = time.perf_counter() - (t0 or time.perf_counter())
     c.close()
-    return Result("raw consumer (commit every 1,000)", n, dt)
+    return Result("raw consumer (commit every 1,000)", n, dt, cpu_per_record(time.process_time() - cpu0, n))
+
+
+CLOCK_TICKS = os.sysconf("SC_CLK_TCK")
+
+
+def process_cpu_seconds(pid: int) -> float:
+    """User + system CPU of a process so far, every thread included (/proc/PID/stat)."""
+    with open(f"/proc/{pid}/stat") as f:
+        fields = f.read().rpartition(")")[2].split()
+    return (int(fields[11]) + int(fields[12])) / CLOCK_TICKS  # utime, stime
 
 
 class SidecarProc:
@@ -163,7 +179,9 @@ class SidecarProc:
         store: dict[str, str],
         workdir: Path,
         ceiling: str | None = None,
+        wrap: Sequence[str] = (),
     ):
+        """``wrap``: a command to run the sidecar under (a profiler), given its argv after it."""
         self.port, self.metrics_port = services.free_port(), services.free_port()
         env = {
             **os.environ,
@@ -180,7 +198,7 @@ class SidecarProc:
         if ceiling:
             script = str(ROOT / "bench" / "ceiling.py")
             argv = [sys.executable, script, ceiling, self.target, kafka.bootstrap_servers]
-        self.proc = subprocess.Popen(argv, env=env, stdout=self.log, stderr=subprocess.STDOUT)
+        self.proc = subprocess.Popen([*wrap, *argv], env=env, stdout=self.log, stderr=subprocess.STDOUT)
 
     @property
     def target(self) -> str:
@@ -192,6 +210,9 @@ class SidecarProc:
                 if line.startswith("VmRSS:"):
                     return int(line.split()[1]) / 1024
         return 0.0
+
+    def cpu_seconds(self) -> float:
+        return process_cpu_seconds(self.proc.pid)
 
     def stop(self) -> None:
         self.proc.terminate()
@@ -312,10 +333,12 @@ def sidecar_consume(
                 if memory and count >= n // 10 and "rss_10pct_mb" not in marks:
                     marks["rss_10pct_mb"] = procs[0].rss_mb()
 
+            cpu0 = sum(p.cpu_seconds() for p in procs)
             if go is not None:
                 dt = await consume_via_go(go, procs[0].target, n)
             else:
                 dt = await consume_via([p.target for p in procs], n, batched, sample)
+            extra.update(cpu_per_record(sum(p.cpu_seconds() for p in procs) - cpu0, n))
             extra.update(marks)
             extra["rss_end_mb"] = procs[0].rss_mb()
             return dt
@@ -348,7 +371,7 @@ def raw_publish(kafka: services.KafkaShape, topic: str, n: int) -> Result:
     p.produce(topic, VALUE, headers=[("idempotency-key", b"raw-warm-up")])
     p.flush(30)
     quiesce()
-    t0 = time.perf_counter()
+    t0, cpu0 = time.perf_counter(), time.process_time()
     for i in range(n):
         while True:
             try:
@@ -357,7 +380,8 @@ def raw_publish(kafka: services.KafkaShape, topic: str, n: int) -> Result:
             except BufferError:
                 p.poll(0.01)
     p.flush(120)
-    return Result("raw idempotent producer", n, time.perf_counter() - t0)
+    dt, cpu = time.perf_counter() - t0, time.process_time() - cpu0
+    return Result("raw idempotent producer", n, dt, cpu_per_record(cpu, n))
 
 
 CEILINGS = {
@@ -375,15 +399,18 @@ def sidecar_publish(
     batch: int,
     coalesce: bool = False,
     ceiling: str | None = None,
+    store_name: str = "",
 ) -> Result:
     """``batch`` > 1: PublishBatch calls of that many, 4 in flight. Otherwise one ``publish()`` per
     record: 64 unary calls in flight, or with ``coalesce`` 2,000 calls gathered by the client.
-    ``ceiling``: the same PublishBatch calls, answered by bench/ceiling.py in that mode."""
+    ``ceiling``: the same PublishBatch calls, answered by bench/ceiling.py in that mode.
+    ``store_name``: said in the row's name (the Redis store's rows say none)."""
     # The sidecar consumes another (empty) topic: only the publish path is measured.
     quiesce()
     idle = f"benchidle-{time.time_ns()}"
     kafka.create_topic(idle, 1)
     proc = SidecarProc(kafka, idle, f"pub-{time.time_ns()}", store, workdir, ceiling)
+    cpu: list[float] = []
     try:
 
         async def run() -> float:
@@ -393,6 +420,7 @@ def sidecar_publish(
                 # Warms the producer up, as the raw one is; a batch, which every mode serves.
                 await c.publish_batch([publish_request(topic, VALUE, idempotency_key=f"{prefix}-warm-up")])
                 t0 = time.perf_counter()
+                cpu.append(proc.cpu_seconds())
                 if batch > 1:
                     sem = asyncio.Semaphore(4)
 
@@ -413,6 +441,7 @@ def sidecar_publish(
                             await c.publish(topic, VALUE, idempotency_key=f"{prefix}-{i}")
 
                     await asyncio.gather(*(one(i) for i in range(n)))
+                cpu.append(proc.cpu_seconds())
                 return time.perf_counter() - t0
 
         dt = asyncio.run(run())
@@ -426,7 +455,9 @@ def sidecar_publish(
         name = "publish() coalesced by the client (2,000 in flight)"
     else:
         name = "Publish (64 calls in flight)"
-    return Result(name, n, dt)
+    if store_name:
+        name += f", {store_name} store"
+    return Result(name, n, dt, cpu_per_record(cpu[1] - cpu[0], n))
 
 
 def latency(
@@ -728,6 +759,7 @@ def main() -> int:
         publish = [
             pub_base,
             sidecar_publish(kafka, "benchpub", n_pub, redis_store, work, 500),
+            sidecar_publish(kafka, "benchpub", n_pub, sqlite_store, work, 500, store_name="SQLite"),
             sidecar_publish(kafka, "benchpub", n_unary, redis_store, work, 1),
             sidecar_publish(kafka, "benchpub", n_pub, redis_store, work, 1, coalesce=True),
             # What bounds PublishBatch: the same calls with the store, then the producer, left out.
@@ -811,13 +843,16 @@ def pair_round(
 ) -> float:
     """One raw-then-sidecar pair each for consume (topics[0], counts[0] records) and for
     PublishBatch of 500 (topics[1], counts[1]); appends (sidecar, raw) rates to ``pairs`` and
-    returns the raw producer's rate."""
+    returns the raw producer's rate. The CPU µs per record of each side go to ``consume_cpu`` and
+    ``publish_cpu`` as (sidecar, raw)."""
     raw = raw_consume(kafka, topics[0], counts[0])
     sc = sidecar_consume(kafka, topics[0], counts[0], store, work, "pair")
     pairs["consume"].append((sc.rate, raw.rate))
+    pairs.setdefault("consume_cpu", []).append((sc.extra["cpu_us"], raw.extra["cpu_us"]))
     raw = raw_publish(kafka, topics[1], counts[1])
     sc = sidecar_publish(kafka, topics[1], counts[1], store, work, 500)
     pairs["publish"].append((sc.rate, raw.rate))
+    pairs.setdefault("publish_cpu", []).append((sc.extra["cpu_us"], raw.extra["cpu_us"]))
     return raw.rate
 
 
@@ -826,7 +861,8 @@ def summarize_pairs(pairs: dict[str, list[tuple[float, float]]]) -> dict[str, An
     return {
         k: {
             "ratios": [round(sc / raw, 3) for sc, raw in v],
-            "rates": [[round(sc), round(raw)] for sc, raw in v],
+            "rates": [[round(sc), round(raw)] for sc, raw in v] if not k.endswith("_cpu") else [],
+            "values": [[sc, raw] for sc, raw in v] if k.endswith("_cpu") else [],
             "median": round(sorted(sc / raw for sc, raw in v)[len(v) // 2], 3),
         }
         for k, v in pairs.items()
@@ -878,8 +914,54 @@ def pair_cells(pairs: dict[str, Any]) -> str:
 
 
 def rate_table(rows: list[dict[str, Any]]) -> list[str]:
-    out = ["| path | records | seconds | msg/s | ratio |", "| --- | ---: | ---: | ---: | ---: |"]
-    out += [f"| {x['name']} | {x['records']} | {x['seconds']} | {x['rate']} | {x['ratio']} |" for x in rows]
+    out = [
+        "| path | records | seconds | msg/s | ratio | CPU µs per record |",
+        "| --- | ---: | ---: | ---: | ---: | ---: |",
+    ]
+    for x in rows:
+        cpu = x.get("cpu_us", "")
+        out.append(f"| {x['name']} | {x['records']} | {x['seconds']} | {x['rate']} | {x['ratio']} | {cpu} |")
+    return out
+
+
+def cpu_section(r: dict[str, Any]) -> list[str]:
+    """The headline: CPU per record of the sidecar process next to the raw client's, from the
+    repeated pairs (medians), and from the single runs of the SQLite rows."""
+    pairs = r.get("pairs", {})
+    if "consume_cpu" not in pairs:
+        return []
+
+    def each(v: dict[str, Any]) -> str:
+        return ", ".join(f"{sc:.1f} / {raw:.1f}" for sc, raw in v["values"])
+
+    def median(v: dict[str, Any], side: int) -> float:
+        xs = sorted(x[side] for x in v["values"])
+        return float(xs[len(xs) // 2])
+
+    rows = [
+        ("consume, Redis store, batched acks / raw consumer", pairs["consume_cpu"]),
+        ("PublishBatch of 500, Redis store / raw idempotent producer", pairs["publish_cpu"]),
+    ]
+    out = [
+        "",
+        "## CPU per record (headline)",
+        "",
+        "User + system CPU of the sidecar process per record (from /proc/PID/stat, every thread), next "
+        "to the raw client process's for the same records; the rate depends on what else the two cores "
+        "are doing, this much less. From the repeated pairs below: the medians, and each pair as "
+        "sidecar / raw µs.",
+        "",
+        "| comparison | sidecar µs | raw µs | multiple (median) | each pair |",
+        "| --- | ---: | ---: | ---: | --- |",
+        *(
+            f"| {name} | {median(v, 0):.1f} | {median(v, 1):.1f} | {v['median']:.1f}x | {each(v)} |"
+            for name, v in rows
+        ),
+    ]
+    singles = [x for x in r["consume"] + r["publish"] if "SQLite" in x["name"] and "cpu_us" in x]
+    if singles:
+        out += ["", "Single runs with the SQLite store (the raw clients' are in the tables below):", ""]
+        out += [f"- {x['name']}: {x['cpu_us']} µs per record" for x in singles]
     return out
 
 
@@ -907,6 +989,7 @@ def write_markdown(r: dict[str, Any], path: Path, png: str | None) -> None:
         "The Redis store's other shapes (a three-master Redis Cluster, WAIT for a replica, a "
         "Sentinel primary) are measured next to one node, as ratios to the raw client in the same run, "
         "by `scripts/capacity.sh` (bench/capacity.py): see [CAPACITY.md](CAPACITY.md).",
+        *cpu_section(r),
         "",
         "## Consume: end to end, 1 KB records",
         "",

@@ -1,0 +1,172 @@
+"""Profile the sidecar's consume and publish paths with py-spy, on a real broker and Redis.
+
+Usage::
+
+    python bench/profile.py [--records 300000] [--path consume|publish|both] [--out DIR]
+
+It starts the same services as bench/run.py, runs one sidecar process under ``py-spy record``
+(sampling without pausing it) while the batched Python client consumes ``--records`` preloaded
+1 KB records (or PublishBatch sends half as many), and writes, per path:
+
+* ``DIR/<path>.collapsed``: the whole profile as collapsed stacks (flamegraph.pl, speedscope);
+* ``DIR/<path>.txt``: the functions with the most samples of their own (self time) and with the
+  most samples under them (total time), and the CPU µs per record of the sidecar process.
+
+It prints the text summary too. py-spy is a dev dependency.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import collections
+import json
+import os
+import shutil
+import signal
+import sys
+import tempfile
+import time
+from collections.abc import Callable, Coroutine
+from pathlib import Path
+from typing import Any
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import run as bench
+import services
+from dedup_client import DedupClient
+from dedup_client.client import publish_request
+
+
+def _function(frame: str) -> str:
+    """'name (file.py:123)' -> 'name (file.py)': one row per function, not per line."""
+    head, sep, where = frame.rpartition(" (")
+    return f"{head} ({where[:-1].rsplit(':', 1)[0]})" if sep and where.endswith(")") else frame
+
+
+def summarize(raw: Path, records: int, cpu_s: float, top: int = 30) -> str:
+    """Self and total samples per function from py-spy's collapsed stacks ("a;b;c count")."""
+    own: collections.Counter[str] = collections.Counter()
+    total: collections.Counter[str] = collections.Counter()
+    samples = 0
+    for line in raw.read_text().splitlines():
+        stack, _, count = line.rpartition(" ")
+        if not stack:
+            continue
+        n = int(count)
+        samples += n
+        frames = [_function(f) for f in stack.split(";")]
+        own[frames[-1]] += n
+        for f in set(frames):
+            total[f] += n
+    lines = [f"{records} records, sidecar CPU {cpu_s:.2f} s = {cpu_s / records * 1e6:.1f} µs per record"]
+    lines.append(f"{samples} samples (all threads)\n\nself:")
+    lines += [f"{n / samples:6.1%}  {f}" for f, n in own.most_common(top)]
+    lines.append("\ntotal:")
+    lines += [f"{n / samples:6.1%}  {f}" for f, n in total.most_common(top)]
+    return "\n".join(lines)
+
+
+def profiled(
+    kafka: services.KafkaShape,
+    topic: str,
+    store: dict[str, str],
+    work_dir: Path,
+    out: Path,
+    name: str,
+    work: Callable[[str], Coroutine[Any, Any, float]],
+) -> tuple[float, float]:
+    """Start a sidecar under ``py-spy record`` and run ``work`` (given its target) against it.
+
+    py-spy starts the sidecar itself: attaching to a running process needs rights over other
+    processes' memory that a container often lacks. Returns (seconds, sidecar CPU seconds)."""
+    spy = shutil.which("py-spy") or str(Path(sys.executable).parent / "py-spy")
+    wrap = [
+        spy,
+        "record",
+        "--nonblocking",
+        "--rate",
+        "100",
+        "--format",
+        "raw",
+        "--output",
+        str(out / f"{name}.collapsed"),
+    ]
+    proc = bench.SidecarProc(kafka, topic, f"prof-{time.time_ns()}", store, work_dir, wrap=[*wrap, "--"])
+    try:
+        asyncio.run(bench.wait_serving(proc.target))
+        sidecar = int(Path(f"/proc/{proc.proc.pid}/task/{proc.proc.pid}/children").read_text().split()[0])
+        time.sleep(1.0)
+        cpu0 = bench.process_cpu_seconds(sidecar)
+        dt = asyncio.run(work(proc.target))
+        cpu = bench.process_cpu_seconds(sidecar) - cpu0
+        os.kill(sidecar, signal.SIGTERM)  # py-spy writes its output when its child exits
+        proc.proc.wait(60)
+    finally:
+        proc.stop()
+    return dt, cpu
+
+
+def report(out: Path, name: str, n: int, dt: float, cpu: float) -> None:
+    text = f"{name}: {n / dt:.0f} records/s\n" + summarize(out / f"{name}.collapsed", n, cpu)
+    (out / f"{name}.txt").write_text(text + "\n")
+    print(text)
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--records", type=int, default=300_000)
+    ap.add_argument("--path", choices=["consume", "publish", "both"], default="both")
+    ap.add_argument("--out", default="profile-out")
+    args = ap.parse_args()
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    n = args.records
+    with (
+        tempfile.TemporaryDirectory(prefix="dedup-profile-") as tmp,
+        services.running(Path(tmp), quick_start=False) as (kafka, redis),
+    ):
+        work = Path(tmp)
+        store = {"DEDUP_STORE__BACKEND": "redis", "DEDUP_STORE__REDIS_URL": redis.url}
+        if args.path in ("consume", "both"):
+            bench.log(f"preloading {n} records")
+            bench.preload(kafka, "prof6", 6, n, "pr")
+
+            async def consume(target: str) -> float:
+                return await bench.consume_via([target], n, batched=True)
+
+            bench.log("consume, profiled")
+            dt, cpu = profiled(kafka, "prof6", store, work, out, "consume", consume)
+            report(out, "consume", n, dt, cpu)
+        if args.path in ("publish", "both"):
+            m = n // 2
+            kafka.create_topic("profpub", 6)
+            idle = f"profidle-{time.time_ns()}"
+            kafka.create_topic(idle, 1)
+
+            async def publish(target: str) -> float:
+                async with DedupClient(target) as c:
+                    await c.publish_batch([publish_request("profpub", bench.VALUE, idempotency_key="warm")])
+                    sem = asyncio.Semaphore(4)
+                    t0 = time.perf_counter()
+
+                    async def send(start: int) -> None:
+                        async with sem:
+                            batch = [
+                                publish_request("profpub", bench.VALUE, idempotency_key=f"pp-{i}")
+                                for i in range(start, min(m, start + 500))
+                            ]
+                            await c.publish_batch(batch)
+
+                    await asyncio.gather(*(send(s) for s in range(0, m, 500)))
+                    return time.perf_counter() - t0
+
+            bench.log("PublishBatch, profiled")
+            dt, cpu = profiled(kafka, idle, store, work, out, "publish", publish)
+            report(out, "publish", m, dt, cpu)
+    print(json.dumps({"out": str(out)}))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
