@@ -1,0 +1,98 @@
+"""Compare two builds of the sidecar on CPU per consumed and per published record.
+
+Usage::
+
+    python bench/ab.py BEFORE AFTER [--rounds 6] [--records 200000]
+
+BEFORE and AFTER are git revisions (a worktree of each is made under a temporary directory) or
+paths to source trees. One broker and one Redis serve every run; the topic is preloaded once.
+Each round runs BEFORE then AFTER (the order alternates every round, so neither always runs on
+a warmer broker): the batched client consumes ``--records`` records, then ``PublishBatch`` sends
+half as many. The sidecar process's CPU (user + system from /proc) per record is the figure: far
+steadier than a rate on a shared machine. Prints each run and the medians, and what AFTER saves.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import run as bench
+import services
+
+
+def source_tree(rev: str, tmp: Path) -> Path:
+    """A path to the sources of ``rev``: the path itself, or a fresh worktree of the revision."""
+    if Path(rev).is_dir():
+        return Path(rev).resolve()
+    tree = tmp / f"tree-{len(list(tmp.glob('tree-*')))}"
+    subprocess.run(["git", "worktree", "add", "--detach", str(tree), rev], cwd=bench.ROOT, check=True)
+    return tree
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("before")
+    ap.add_argument("after")
+    ap.add_argument("--rounds", type=int, default=6)
+    ap.add_argument("--records", type=int, default=200_000)
+    args = ap.parse_args()
+    n, n_pub = args.records, args.records // 2
+    cpu: dict[str, dict[str, list[float]]] = {
+        "before": {"consume": [], "publish": []},
+        "after": {"consume": [], "publish": []},
+    }
+    with tempfile.TemporaryDirectory(prefix="dedup-ab-") as tmp_name:
+        tmp = Path(tmp_name)
+        trees = {"before": source_tree(args.before, tmp), "after": source_tree(args.after, tmp)}
+        try:
+            with services.running(tmp / "services", quick_start=False) as (kafka, redis):
+                bench.log(f"preloading {n} records")
+                bench.preload(kafka, "ab6", 6, n, "ab")
+                kafka.create_topic("abpub", 6)
+                for i in range(args.rounds):
+                    order = ["before", "after"] if i % 2 == 0 else ["after", "before"]
+                    for which in order:
+                        # PYTHONPATH comes before the editable install's finder: this tree's sidecar runs.
+                        store = {
+                            "DEDUP_STORE__BACKEND": "redis",
+                            "DEDUP_STORE__REDIS_URL": redis.url,
+                            "PYTHONPATH": str(trees[which]),
+                        }
+                        c = bench.sidecar_consume(kafka, "ab6", n, store, tmp, which)
+                        p = bench.sidecar_publish(kafka, "abpub", n_pub, store, tmp, 500)
+                        cpu[which]["consume"].append(c.extra["cpu_us"])
+                        cpu[which]["publish"].append(p.extra["cpu_us"])
+                        bench.log(
+                            f"round {i + 1} {which}: consume {c.extra['cpu_us']} µs ({c.rate:.0f}/s), "
+                            f"PublishBatch {p.extra['cpu_us']} µs ({p.rate:.0f}/s)"
+                        )
+        finally:
+            for tree in trees.values():
+                if tree.is_relative_to(tmp):
+                    subprocess.run(["git", "worktree", "remove", "--force", str(tree)], cwd=bench.ROOT)
+    summary = {
+        path: {
+            "before_median_us": statistics.median(cpu["before"][path]),
+            "after_median_us": statistics.median(cpu["after"][path]),
+            "saved": round(
+                1 - statistics.median(cpu["after"][path]) / statistics.median(cpu["before"][path]), 3
+            ),
+            "before": cpu["before"][path],
+            "after": cpu["after"][path],
+        }
+        for path in ("consume", "publish")
+    }
+    print(json.dumps({"before": args.before, "after": args.after, "at": time.ctime(), **summary}, indent=2))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
