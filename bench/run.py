@@ -325,6 +325,8 @@ def sidecar_consume(
 
         async def run() -> float:
             await asyncio.gather(*(wait_serving(p.target) for p in procs))
+            # From here: a sidecar fetches and claims ahead of its first stream.
+            cpu0 = sum(p.cpu_seconds() for p in procs)
             await asyncio.sleep(1.0)
             extra["rss_start_mb"] = procs[0].rss_mb()
             marks: dict[str, float] = {}
@@ -333,7 +335,6 @@ def sidecar_consume(
                 if memory and count >= n // 10 and "rss_10pct_mb" not in marks:
                     marks["rss_10pct_mb"] = procs[0].rss_mb()
 
-            cpu0 = sum(p.cpu_seconds() for p in procs)
             if go is not None:
                 dt = await consume_via_go(go, procs[0].target, n)
             else:
