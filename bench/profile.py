@@ -10,7 +10,8 @@ It starts the same services as bench/run.py, runs one sidecar process under ``py
 
 * ``DIR/<path>.collapsed``: the whole profile as collapsed stacks (flamegraph.pl, speedscope);
 * ``DIR/<path>.txt``: the functions with the most samples of their own (self time) and with the
-  most samples under them (total time), and the CPU µs per record of the sidecar process.
+  most samples under them (total time), and the CPU µs per record of the sidecar process, in
+  all and per thread (the event loop, the other Python threads, librdkafka's, gRPC's).
 
 It prints the text summary too. py-spy is a dev dependency.
 """
@@ -75,11 +76,12 @@ def profiled(
     out: Path,
     name: str,
     work: Callable[[str], Coroutine[Any, Any, float]],
-) -> tuple[float, float]:
+) -> tuple[float, dict[str, float]]:
     """Start a sidecar under ``py-spy record`` and run ``work`` (given its target) against it.
 
     py-spy starts the sidecar itself: attaching to a running process needs rights over other
-    processes' memory that a container often lacks. Returns (seconds, sidecar CPU seconds)."""
+    processes' memory that a container often lacks. Returns the seconds ``work`` took and the sidecar's CPU
+    seconds in that time per thread group (see ``thread_cpu``)."""
     spy = shutil.which("py-spy") or str(Path(sys.executable).parent / "py-spy")
     wrap = [
         spy,
@@ -96,10 +98,10 @@ def profiled(
     try:
         asyncio.run(bench.wait_serving(proc.target))
         sidecar = int(Path(f"/proc/{proc.proc.pid}/task/{proc.proc.pid}/children").read_text().split()[0])
+        cpu0 = thread_cpu(sidecar)
         time.sleep(1.0)
-        cpu0 = bench.process_cpu_seconds(sidecar)
         dt = asyncio.run(work(proc.target))
-        cpu = bench.process_cpu_seconds(sidecar) - cpu0
+        cpu = {k: v - cpu0.get(k, 0.0) for k, v in thread_cpu(sidecar).items()}
         os.kill(sidecar, signal.SIGTERM)  # py-spy writes its output when its child exits
         proc.proc.wait(60)
     finally:
@@ -107,8 +109,32 @@ def profiled(
     return dt, cpu
 
 
-def report(out: Path, name: str, n: int, dt: float, cpu: float) -> None:
+def thread_cpu(pid: int) -> dict[str, float]:
+    """CPU seconds so far per group of threads: the event loop (the main thread), the other
+    Python threads (the consumer's and the producer's poll threads, to_thread workers), and
+    librdkafka's and gRPC's own threads by their names (rdk:broker1 -> rdk:broker)."""
+    out: collections.defaultdict[str, float] = collections.defaultdict(float)
+    for task in Path(f"/proc/{pid}/task").iterdir():
+        try:
+            name = (task / "comm").read_text().strip()
+            fields = (task / "stat").read_text().rpartition(")")[2].split()
+        except FileNotFoundError:
+            continue  # the thread ended
+        if task.name == str(pid):
+            name = "event loop (main thread)"
+        elif name == "python":
+            name = "other Python threads"
+        out[name.rstrip("-0123456789")] += (int(fields[11]) + int(fields[12])) / bench.CLOCK_TICKS
+    return dict(out)
+
+
+def report(out: Path, name: str, n: int, dt: float, threads: dict[str, float]) -> None:
+    cpu = sum(threads.values())
     text = f"{name}: {n / dt:.0f} records/s\n" + summarize(out / f"{name}.collapsed", n, cpu)
+    per_thread = sorted(threads.items(), key=lambda kv: -kv[1])
+    text += "\n\nCPU per record by thread:\n" + "\n".join(
+        f"{v / n * 1e6:7.2f} µs  {k}" for k, v in per_thread if v > 0
+    )
     (out / f"{name}.txt").write_text(text + "\n")
     print(text)
 
