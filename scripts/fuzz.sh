@@ -44,7 +44,8 @@ judged by the sidecar's own send time (each delivery's deadline_ms less the ack 
 same machine's clock), so a frame sent before the Ack and read late by a slow client does not count.
 
 Malformed HTTP/2 (no preface, truncated and oversized frames, bad HPACK, random bytes) is sent to
-the port, and ten streams that never read are held open while data flows past them.
+the port, and ten streams that never read are held open, and three that read one record every
+quarter second, while data flows past them.
 
 ## Last run
 
