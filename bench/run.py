@@ -315,11 +315,13 @@ def sidecar_consume(
     replicas: int = 1,
     memory: bool = False,
     go: Path | None = None,
+    wrap: Sequence[str] = (),
 ) -> Result:
-    """``go``: read with that build of the Go client's consume example instead of the Python client."""
+    """``go``: read with that build of the Go client's consume example instead of the Python client.
+    ``wrap``: a command each sidecar runs under (``taskset -c 0``)."""
     quiesce()
     group = f"sc-{time.time_ns()}"
-    procs = [SidecarProc(kafka, topic, group, store, workdir) for _ in range(replicas)]
+    procs = [SidecarProc(kafka, topic, group, store, workdir, wrap=wrap) for _ in range(replicas)]
     extra: dict[str, Any] = {}
     try:
 
