@@ -542,16 +542,30 @@ async def test_a_copy_whose_ack_failed_does_not_hold_credit_past_its_deadline(
     assert (again.idem_key, again.attempt) == ("down", 2)
 
 
+def fake_clocks(eng: Engine) -> tuple[list[float], list[int]]:
+    """The engine's clock (s) and a fresh memory store's clock (ms), moved by hand; ack deadline
+    5 s, lease 6 s."""
+    now, store_now = [1000.0], [1_000_000]
+    eng.core.clock = lambda: now[0]
+    eng.core.store = MemoryStore(clock=lambda: store_now[0])
+    eng.core.deadline_s, eng.core.lease_ms = 5, 6000
+    return now, store_now
+
+
+async def taken_over_and_acked(eng: Engine, claim: Any, key: str) -> None:
+    """Another sidecar claims ``key`` (this one's lease having run out) and its app acks it."""
+    [other] = await claim([key], "other-sidecar", 6000)
+    assert other.status.name == "NEW"
+    await eng.store.complete([key], "other-sidecar", 60_000)
+
+
 async def test_a_lease_runs_from_when_the_store_was_asked(engine: tuple[Engine, FakeConsumer]) -> None:
     # Suspected cause of an F4 failure in CI (zombie sidecar, SIGSTOP past its session and
     # leases): the sidecar stopped between the store granting a claim and reading that answer.
     # It dated the lease from the read, 10 s late, trusted a lease the store had already let
     # another sidecar take over, and delivered a key after that sidecar's Ack had returned OK.
     eng, _ = engine
-    now, store_now = [1000.0], [1_000_000]
-    eng.core.clock = lambda: now[0]
-    eng.core.store = MemoryStore(clock=lambda: store_now[0])
-    eng.core.deadline_s, eng.core.lease_ms = 5, 6000
+    now, store_now = fake_clocks(eng)
     real_claim = eng.store.claim
     gate = asyncio.Event()
 
@@ -568,10 +582,7 @@ async def test_a_lease_runs_from_when_the_store_was_asked(engine: tuple[Engine, 
     await asyncio.sleep(0.05)
     now[0] += 10
     store_now[0] += 10_000  # the lease ran out; another sidecar claims, delivers and acks
-    key = store_key(eng.settings.kafka.group_id, T, "z")
-    [other] = await real_claim([key], "other-sidecar", 6000)
-    assert other.status.name == "NEW"
-    await eng.store.complete([key], "other-sidecar", 60_000)
+    await taken_over_and_acked(eng, real_claim, store_key(eng.settings.kafka.group_id, T, "z"))
     gate.set()  # SIGCONT
     await asyncio.sleep(0.05)
     s = eng.attach([T], 10, 0, 10)
@@ -588,10 +599,7 @@ async def test_a_renewal_read_after_a_pause_is_renewed_again_before_sending(
     # handed out. By SIGCONT the lease had run out and another sidecar had delivered the key and
     # had its Ack answered OK; the resumed sidecar sent the key anyway, on the stale renewal.
     eng, _ = engine
-    now, store_now = [1000.0], [1_000_000]
-    eng.core.clock = lambda: now[0]
-    eng.core.store = MemoryStore(clock=lambda: store_now[0])
-    eng.core.deadline_s, eng.core.lease_ms = 5, 6000
+    now, store_now = fake_clocks(eng)
     real_claim = eng.store.claim
     key = store_key(eng.settings.kafka.group_id, T, "z")
     renewals: list[int] = []
@@ -605,9 +613,7 @@ async def test_a_renewal_read_after_a_pause_is_renewed_again_before_sending(
             if len(renewals) == 1:  # SIGSTOP once the store has renewed; the lease runs out
                 now[0] += 10
                 store_now[0] += 10_000
-                [other] = await real_claim([key], "other-sidecar", 6000)
-                assert other.status.name == "NEW"
-                await eng.store.complete([key], "other-sidecar", 60_000)  # its app acked: OK
+                await taken_over_and_acked(eng, real_claim, key)
         return answer
 
     eng.core.store.claim = paused_after_the_renewal  # type: ignore[method-assign]
