@@ -197,6 +197,68 @@ def java_binary() -> str:
 # processes
 
 
+#: Run by the watchdog process: read "PID STARTTIME" lines until end of file (the process that
+#: started the services is gone, however it ended), then SIGKILL the process group of every
+#: service that still runs as the same process (same start time: not a reused pid).
+_WATCHDOG = """
+import os, signal, sys
+def started(pid):
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rpartition(")")[2].split()[19]
+    except OSError:
+        return None
+for line in sys.stdin.read().split("\\n"):
+    if line.strip():
+        pid, start = line.split()
+        if started(pid) == start:
+            try:
+                os.killpg(int(pid), signal.SIGKILL)
+            except OSError:
+                pass
+"""
+
+
+class _Watchdog:
+    """Ends the services this process started when it dies without stopping them.
+
+    A test process that aborts (SIGABRT, SIGKILL, an interpreter crash) runs no ``finally`` and
+    no fixture teardown, and its brokers and redis-servers, each in a session of its own, kept
+    running beside the next runs. One watchdog process per starter holds the read end of a pipe;
+    the end of file it sees when the starter is gone, for whatever reason, is its signal.
+    """
+
+    proc: subprocess.Popen[bytes] | None = None
+    owner = 0  # the pid that started it: a forked child must not write into its parent's pipe
+
+    @classmethod
+    def watch(cls, pid: int) -> None:
+        try:
+            with open(f"/proc/{pid}/stat") as f:
+                start = f.read().rpartition(")")[2].split()[19]
+        except OSError:
+            return  # already gone
+        if cls.proc is None or cls.proc.poll() is not None or cls.owner != os.getpid():
+            cls.proc = subprocess.Popen(
+                [sys.executable, "-c", _WATCHDOG],
+                stdin=subprocess.PIPE,
+                stdout=subprocess.DEVNULL,
+                stderr=subprocess.DEVNULL,
+                start_new_session=True,  # a Ctrl-C of the starter's group must not end it first
+            )
+            cls.owner = os.getpid()
+        assert cls.proc.stdin is not None
+        cls.proc.stdin.write(f"{pid} {start}\n".encode())
+        cls.proc.stdin.flush()
+
+
+def spawn(args: list[str], **kwargs: Any) -> subprocess.Popen[bytes]:
+    """Start a service in a session (and process group) of its own, watched by ``_Watchdog``."""
+    proc: subprocess.Popen[bytes] = subprocess.Popen(args, start_new_session=True, **kwargs)
+    _Watchdog.watch(proc.pid)
+    return proc
+
+
 @dataclass
 class _Service:
     proc: subprocess.Popen[bytes]
@@ -293,9 +355,7 @@ def _format_node(jvm: list[str], workdir: Path, props: dict[str, str], cluster_i
 
 def _spawn_node(jvm: list[str], workdir: Path, config: Path) -> subprocess.Popen[bytes]:
     with open(workdir / "stdout.log", "ab") as out:
-        return subprocess.Popen(
-            [*jvm, "kafka.Kafka", str(config)], stdout=out, stderr=subprocess.STDOUT, start_new_session=True
-        )
+        return spawn([*jvm, "kafka.Kafka", str(config)], stdout=out, stderr=subprocess.STDOUT)
 
 
 def _wait_brokers(bootstrap: str, brokers: int, deadline: float, node: _Service | None = None) -> None:
@@ -416,9 +476,7 @@ class KafkaBroker(_Service):
         jvm_cmd = [str(a) for a in self.proc.args]  # type: ignore[union-attr]
         jvm_cmd[-1] = str(config)
         with open(self.workdir / "stdout.log", "ab") as out:
-            self.proc = subprocess.Popen(
-                jvm_cmd, stdout=out, stderr=subprocess.STDOUT, start_new_session=True
-            )
+            self.proc = spawn(jvm_cmd, stdout=out, stderr=subprocess.STDOUT)
         deadline = time.monotonic() + timeout
         _wait_port(self.port, deadline, self.proc, "Kafka broker")
         self.wait_ready(deadline, self.cluster_size)
@@ -839,9 +897,7 @@ class RedisServer(_Service):
         else:
             args += ["--appendonly", "no"]
         args += extra_args or []
-        proc = subprocess.Popen(
-            args, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True
-        )
+        proc = spawn(args, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         server = cls(proc=proc, workdir=workdir, log_path=log_path, port=port, tls=tls)
         try:
             _wait_port(port, time.monotonic() + timeout, proc, "redis-server")
@@ -854,9 +910,7 @@ class RedisServer(_Service):
     def restart(self) -> None:
         self.stop()
         args = [str(a) for a in self.proc.args]  # type: ignore[union-attr]
-        self.proc = subprocess.Popen(
-            args, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True
-        )
+        self.proc = spawn(args, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         _wait_port(self.port, time.monotonic() + 30, self.proc, "redis-server")
 
     def cli(self, *command: str, timeout: float = 10) -> str:
@@ -1072,11 +1126,10 @@ class RedisSentinelSet:
                     f"sentinel failover-timeout {s.master_name} 10000\n"
                     f"sentinel parallel-syncs {s.master_name} 1\n"
                 )
-                proc = subprocess.Popen(
+                proc = spawn(
                     [redis_server_binary(), str(conf), "--sentinel"],
                     stdout=subprocess.DEVNULL,
                     stderr=subprocess.DEVNULL,
-                    start_new_session=True,
                 )
                 sentinel = RedisServer(proc=proc, workdir=d, log_path=d / "redis.log", port=port)
                 s.sentinels.append(sentinel)

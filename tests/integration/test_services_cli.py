@@ -53,3 +53,23 @@ def test_up_stops_its_broker_and_redis_on_a_signal(signum: int) -> None:
             proc.wait(10)
         if proc.stdout is not None:
             proc.stdout.close()
+
+
+@pytest.mark.timeout(120)
+def test_services_end_when_their_starter_dies_without_stopping_them(tmp_path: os.PathLike[str]) -> None:
+    # SIGKILL (or an abort) runs no `finally` and no fixture teardown: the watchdog ends them.
+    script = (
+        "import os, signal, sys\n"
+        f"sys.path.insert(0, {str(ROOT / 'deploy' / 'local')!r})\n"
+        "import services\n"
+        f"r = services.RedisServer.start(services.Path({str(tmp_path)!r}) / 'redis')\n"
+        "print(r.proc.pid, r.port, flush=True)\n"
+        "os.kill(os.getpid(), signal.SIGKILL)\n"
+    )
+    proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=60)
+    assert proc.returncode == -signal.SIGKILL, proc.stderr
+    pid, port = (int(x) for x in proc.stdout.split())
+    deadline = time.monotonic() + 20
+    while time.monotonic() < deadline and (os.path.exists(f"/proc/{pid}") or port_open(port)):
+        time.sleep(0.1)
+    assert not port_open(port), "redis-server outlived the process that started it"
