@@ -117,14 +117,14 @@ def thread_cpu(pid: int) -> dict[str, float]:
     for task in Path(f"/proc/{pid}/task").iterdir():
         try:
             name = (task / "comm").read_text().strip()
-            fields = (task / "stat").read_text().rpartition(")")[2].split()
+            cpu = bench.stat_cpu_seconds(task / "stat")
         except FileNotFoundError:
             continue  # the thread ended
         if task.name == str(pid):
             name = "event loop (main thread)"
         elif name == "python":
             name = "other Python threads"
-        out[name.rstrip("-0123456789")] += (int(fields[11]) + int(fields[12])) / bench.CLOCK_TICKS
+        out[name.rstrip("-0123456789")] += cpu
     return dict(out)
 
 

@@ -161,11 +161,15 @@ def raw_consume(kafka: services.KafkaShape, topic: str, n: int) -> Result:
 CLOCK_TICKS = os.sysconf("SC_CLK_TCK")
 
 
-def process_cpu_seconds(pid: int) -> float:
-    """User + system CPU of a process so far, every thread included (/proc/PID/stat)."""
-    with open(f"/proc/{pid}/stat") as f:
-        fields = f.read().rpartition(")")[2].split()
+def stat_cpu_seconds(stat: Path) -> float:
+    """User + system CPU so far from a /proc stat file: a process's (every thread included) or,
+    under /proc/PID/task/TID, one thread's. Raises FileNotFoundError once it has ended."""
+    fields = stat.read_text().rpartition(")")[2].split()
     return (int(fields[11]) + int(fields[12])) / CLOCK_TICKS  # utime, stime
+
+
+def process_cpu_seconds(pid: int) -> float:
+    return stat_cpu_seconds(Path(f"/proc/{pid}/stat"))
 
 
 class SidecarProc:

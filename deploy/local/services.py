@@ -197,26 +197,26 @@ def java_binary() -> str:
 # processes
 
 
-#: Run by the watchdog process: read "PID STARTTIME" lines until end of file (the process that
-#: started the services is gone, however it ended), then SIGKILL the process group of every
-#: service that still runs as the same process (same start time: not a reused pid).
-_WATCHDOG = """
-import os, signal, sys
-def started(pid):
+def _start_time(pid: int) -> str | None:
+    """When a process started (/proc/PID/stat), or None when it has ended: a pid with another
+    start time is another process that reuses the number."""
     try:
         with open(f"/proc/{pid}/stat") as f:
             return f.read().rpartition(")")[2].split()[19]
     except OSError:
         return None
-for line in sys.stdin.read().split("\\n"):
-    if line.strip():
+
+
+def _watchdog() -> int:
+    """The watchdog process (``services.py _watchdog``): read "PID STARTTIME" lines until end of
+    file (the process that started the services is gone, however it ended), then SIGKILL the
+    process group of every service that still runs as the same process."""
+    for line in sys.stdin.read().splitlines():
         pid, start = line.split()
-        if started(pid) == start:
-            try:
+        if _start_time(int(pid)) == start:
+            with contextlib.suppress(OSError):
                 os.killpg(int(pid), signal.SIGKILL)
-            except OSError:
-                pass
-"""
+    return 0
 
 
 class _Watchdog:
@@ -233,14 +233,12 @@ class _Watchdog:
 
     @classmethod
     def watch(cls, pid: int) -> None:
-        try:
-            with open(f"/proc/{pid}/stat") as f:
-                start = f.read().rpartition(")")[2].split()[19]
-        except OSError:
+        start = _start_time(pid)
+        if start is None:
             return  # already gone
         if cls.proc is None or cls.proc.poll() is not None or cls.owner != os.getpid():
             cls.proc = subprocess.Popen(
-                [sys.executable, "-c", _WATCHDOG],
+                [sys.executable, os.path.abspath(__file__), "_watchdog"],
                 stdin=subprocess.PIPE,
                 stdout=subprocess.DEVNULL,
                 stderr=subprocess.DEVNULL,
@@ -1263,6 +1261,9 @@ def running_shapes(
 
 
 def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if argv == ["_watchdog"]:  # started by _Watchdog, not by a person: not in the help
+        return _watchdog()
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     sub = parser.add_subparsers(dest="cmd", required=True)
     sub.add_parser("install", help="fetch the broker jars and redis-server (cached)")

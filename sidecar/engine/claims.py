@@ -229,9 +229,11 @@ class Claims:
         core = self.core
         lease_s = core.lease_ms / 1000
         floor = min(core.deadline_s, lease_s) / 2  # cover a fresh lease still has at hand-out
-        keep = {id(p) for p in batch}
         now = core.clock()
         stale = [p for p in batch if p.lease_until < now + core.deadline_s]
+        if not stale:
+            return batch
+        # A record that is not to be sent leaves READY below: dropped, settled as done, or BUSY.
         while stale:
             asked = core.clock()
             # Renewals: none of these was delivered since our last claim of it.
@@ -241,24 +243,19 @@ class Claims:
             orphans: list[str] = []
             for p, c in zip(stale, claims, strict=True):
                 if p.state is State.DROPPED:
-                    keep.discard(id(p))
                     if c.status is ClaimStatus.NEW:
                         orphans.append(p.store_key)
                 elif c.status is ClaimStatus.NEW:
                     p.lease_until = asked + lease_s
                     p.attempt = max(p.attempt, c.attempt)
                 elif c.status is ClaimStatus.DONE:
-                    keep.discard(id(p))
                     core.metrics.skipped.labels("duplicate", p.topic).inc()
                     core.settle(p)
                 else:
-                    keep.discard(id(p))
                     core.wait(p, State.BUSY, asked + core.settings.delivery.busy_retry_seconds)
             await self.release_orphans(orphans)
             now = core.clock()
-            stale = [
-                p for p in stale if id(p) in keep and p.state is State.READY and p.lease_until < now + floor
-            ]
+            stale = [p for p in stale if p.state is State.READY and p.lease_until < now + floor]
             if stale:
                 log.warning(
                     "a lease renewal was answered %.1fs after it was asked; renewing %d leases again "
@@ -266,4 +263,4 @@ class Claims:
                     now - asked,
                     len(stale),
                 )
-        return [p for p in batch if id(p) in keep and p.state is State.READY]
+        return [p for p in batch if p.state is State.READY]
