@@ -20,12 +20,13 @@ from typing import Any
 from grpc_health.v1 import health, health_pb2
 
 from sidecar import logs, tracing
+from sidecar._proto import dedup_pb2 as pb
 from sidecar.api import listeners
 from sidecar.api.admin import AdminServicer
 from sidecar.api.security import Certificates, Guard
 from sidecar.api.server import SERVICE_NAME, build_health_server, build_server
 from sidecar.api.servicer import DedupServicer
-from sidecar.config import Settings, is_loopback_listen
+from sidecar.config import Settings, is_loopback_listen, is_unix_listen, split_listen, unix_socket_path
 from sidecar.engine.engine import Engine
 from sidecar.errors import ConfigError, KafkaUnavailable
 from sidecar.kafka import connect
@@ -37,6 +38,7 @@ from sidecar.publish.publisher import Publisher
 from sidecar.store.base import DedupStore
 from sidecar.store.timed import TimedStore
 from sidecar.stores import open_store
+from sidecar.workers import WorkerAddresses
 
 log = logging.getLogger(__name__)
 _SERVING = health_pb2.HealthCheckResponse.SERVING
@@ -79,8 +81,10 @@ def _warn_exposure(s: Settings, certs: Certificates | None) -> None:
 class Sidecar:
     """One sidecar process. ``await start()``, then ``await stop()``; or ``await run()``."""
 
-    def __init__(self, settings: Settings) -> None:
+    def __init__(self, settings: Settings, worker: tuple[int, list[WorkerAddresses]] | None = None) -> None:
         self.settings = settings
+        #: (this worker's index, every worker's addresses) under a server.workers supervisor.
+        self.worker = worker
         self.metrics = Metrics()
         self.owner = settings.owner_id or f"{socket.gethostname()}-{os.getpid()}-{os.urandom(3).hex()}"
         logs.set_owner(self.owner)
@@ -160,6 +164,7 @@ class Sidecar:
             self.health_port = listeners.bind(self._health_server, srv.health_listen, "server.health_listen")
         if s.server.metrics_listen:
             self._metrics_server, self.metrics_port = listeners.metrics(s.server, self.metrics.registry)
+        servicer.workers = self._workers_answer()
         await self._server.start()
         if self._health_server is not None:
             await self._health_server.start()
@@ -167,7 +172,7 @@ class Sidecar:
         self.engine.start(self._consumer)
         if self._consumer is not None:
             self._consumer.start()
-            if not self.store.shared:
+            if not self.store.shared and self.worker is None:
                 self._watch = asyncio.create_task(self._watch_group())
         ready = self.ready = not self.engine.missing_topics
         await self._health.set(SERVICE_NAME, _SERVING if ready else _NOT_SERVING)
@@ -175,14 +180,30 @@ class Sidecar:
         self._readiness = asyncio.create_task(self._watch_readiness(ready))
         where = srv.listen if not self.port else f"{srv.listen.rpartition(':')[0]}:{self.port}"
         log.info(
-            "sidecar %s serving on %s%s (store=%s, group=%s, topics=%s)",
+            "sidecar %s%s serving on %s%s (store=%s, group=%s, topics=%s)",
             self.owner,
+            f" (worker {self.worker[0]} of {len(self.worker[1])})" if self.worker else "",
             where,
             " with TLS" if certs is not None else "",
             self.store.name,
             s.kafka.group_id if s.kafka.topics else "none",
             ",".join(s.kafka.topics) or "none: publish-only",
         )
+
+    def _workers_answer(self) -> pb.ListWorkersResponse:
+        """ListWorkers: every worker's port or socket (just this process without workers)."""
+        if self.worker is None:
+            index, listens = 0, [self.settings.server.listen]
+        else:
+            index, listens = self.worker[0], [a.listen for a in self.worker[1]]
+        out = pb.ListWorkersResponse(this_worker=index)
+        for i, listen in enumerate(listens):
+            if is_unix_listen(listen):
+                out.workers.add(index=i, unix_socket=unix_socket_path(listen))
+            else:
+                port = self.port if i == index else split_listen(listen, "server.listen")[1]
+                out.workers.add(index=i, port=port)
+        return out
 
     async def _check_topics(self) -> None:
         """Say at start-up which of kafka.topics the cluster does not have: Subscribe answers

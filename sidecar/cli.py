@@ -13,7 +13,7 @@ from typing import Any
 
 from pydantic import ValidationError
 
-from sidecar import __version__, admin_cli, config, logs
+from sidecar import __version__, admin_cli, config, logs, workers
 from sidecar.errors import SidecarError
 
 
@@ -41,6 +41,9 @@ def _parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
     p.add_argument("--testonly-fault-hooks", action="store_true", help=argparse.SUPPRESS)
+    # Set by the supervisor of server.workers on the processes it starts (sidecar/workers.py).
+    p.add_argument("--worker", type=int, help=argparse.SUPPRESS)
+    p.add_argument("--worker-plan", help=argparse.SUPPRESS)
     return p
 
 
@@ -112,6 +115,17 @@ def main(argv: list[str] | None = None) -> int:
         print(json.dumps(config.redacted(settings), indent=2))
         return 0
     logs.configure(settings.log_level, settings.log_format)
+    worker: tuple[int, list[workers.WorkerAddresses]] | None = None
+    try:
+        if args.worker is not None and args.worker_plan:
+            addresses = workers.decode_plan(args.worker_plan)
+            settings = workers.worker_settings(settings, args.worker, addresses)
+            worker = (args.worker, addresses)
+        elif (n := workers.resolve(settings.server.workers)) > 1:
+            return workers.Supervisor(argv, workers.plan(settings, n)).run()
+    except SidecarError as exc:
+        print(f"dedup-sidecar: {exc}", file=sys.stderr)
+        return 2
     if args.testonly_fault_hooks:
         from sidecar import testing_hooks
 
@@ -120,7 +134,7 @@ def main(argv: list[str] | None = None) -> int:
 
     tune_interpreter()
     try:
-        run_loop(Sidecar(settings).run())
+        run_loop(Sidecar(settings, worker).run())
     except SidecarError as exc:
         logging.getLogger("sidecar").error("%s", exc)
         return 2

@@ -296,6 +296,9 @@ def is_loopback_listen(listen: str) -> bool:
         return False  # a name: it may resolve to anything
 
 
+MAX_WORKERS = 64
+
+
 class ServerSettings(_Section):
     #: ``HOST:PORT``, or ``unix:///run/dedup/sidecar.sock`` (a Unix domain socket).
     listen: str = "127.0.0.1:50051"
@@ -326,9 +329,21 @@ class ServerSettings(_Section):
     reload_interval_seconds: float = Field(2.0, gt=0, le=3600)
     #: Start even when server.listen is reachable from other hosts with neither TLS nor a token.
     allow_insecure_remote: bool = False
+    #: Worker processes: each is a member of the consumer group with its own consumer, producer and
+    #: event loop, and serves on its own address (the port after server.listen's, or the socket
+    #: ``NAME-i.sock``); clients list them with ListWorkers and connect to all. ``auto``: the CPUs
+    #: this process may use (its affinity and its cgroup's CPU quota).
+    workers: int | Literal["auto"] = 1
     max_streams: int = Field(16, ge=1)
     max_ids_per_call: int = Field(10_000, ge=1)
     shutdown_grace_seconds: float = Field(10, ge=0)
+
+    @field_validator("workers")
+    @classmethod
+    def _workers(cls, v: int | str) -> int | str:
+        if v != "auto" and not 1 <= int(v) <= MAX_WORKERS:
+            raise ValueError(f"server.workers must be 1..{MAX_WORKERS} or 'auto', got {v!r}")
+        return v
 
     @field_validator("socket_mode")
     @classmethod
@@ -438,6 +453,13 @@ class Settings(BaseSettings):
                 "record moved to a retry topic would let later records of its key pass it; set "
                 "delivery.retry_tiers_seconds = [] (Nack delays then stay in memory) or "
                 "ordering = 'unordered'"
+            )
+        if self.server.workers != 1 and self.store.backend == "memory":
+            raise ValueError(
+                f"server.workers = {self.server.workers!r} needs a store the workers share: the memory "
+                "store is private to one process, so a record a worker processed would look new to the "
+                "worker that takes its partition over. Set store.backend = 'sqlite' or 'redis', or "
+                "server.workers = 1"
             )
         if d.retry_tiers_seconds:
             for t in self.kafka.topics:

@@ -66,6 +66,11 @@ class DedupServiceStub:
                 request_serializer=dedup_dot_v1_dot_dedup__pb2.PublishBatchRequest.SerializeToString,
                 response_deserializer=dedup_dot_v1_dot_dedup__pb2.PublishBatchResponse.FromString,
                 _registered_method=True)
+        self.ListWorkers = channel.unary_unary(
+                '/dedup.v1.DedupService/ListWorkers',
+                request_serializer=dedup_dot_v1_dot_dedup__pb2.ListWorkersRequest.SerializeToString,
+                response_deserializer=dedup_dot_v1_dot_dedup__pb2.ListWorkersResponse.FromString,
+                _registered_method=True)
 
 
 class DedupServiceServicer:
@@ -166,6 +171,18 @@ class DedupServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def ListWorkers(self, request, context):
+        """ListWorkers lists the sidecar's worker processes (`server.workers`). Each worker is a member
+        of the consumer group with its own partitions and serves on its own address; they share the
+        dedup store. A client that is to see every partition subscribes on every worker, sends Ack,
+        Nack and ExtendDeadline for a delivery to the worker that delivered it (another worker
+        answers UNKNOWN), and may publish through any worker. With one worker the list has one entry,
+        the address the client dialled. Every worker answers with the same list.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_DedupServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -198,6 +215,11 @@ def add_DedupServiceServicer_to_server(servicer, server):
                     servicer.PublishBatch,
                     request_deserializer=dedup_dot_v1_dot_dedup__pb2.PublishBatchRequest.FromString,
                     response_serializer=dedup_dot_v1_dot_dedup__pb2.PublishBatchResponse.SerializeToString,
+            ),
+            'ListWorkers': grpc.unary_unary_rpc_method_handler(
+                    servicer.ListWorkers,
+                    request_deserializer=dedup_dot_v1_dot_dedup__pb2.ListWorkersRequest.FromString,
+                    response_serializer=dedup_dot_v1_dot_dedup__pb2.ListWorkersResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -363,6 +385,33 @@ class DedupService:
             '/dedup.v1.DedupService/PublishBatch',
             dedup_dot_v1_dot_dedup__pb2.PublishBatchRequest.SerializeToString,
             dedup_dot_v1_dot_dedup__pb2.PublishBatchResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ListWorkers(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/dedup.v1.DedupService/ListWorkers',
+            dedup_dot_v1_dot_dedup__pb2.ListWorkersRequest.SerializeToString,
+            dedup_dot_v1_dot_dedup__pb2.ListWorkersResponse.FromString,
             options,
             channel_credentials,
             insecure,

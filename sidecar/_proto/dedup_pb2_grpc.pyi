@@ -116,6 +116,14 @@ class DedupServiceStub:
       INVALID_ARGUMENT   no entries, or more than `publish.max_batch_entries`.
       (per entry)        the codes of Publish.
     """
+    ListWorkers: _grpc.UnaryUnaryMultiCallable[_dedup_pb2.ListWorkersRequest, _dedup_pb2.ListWorkersResponse]
+    """ListWorkers lists the sidecar's worker processes (`server.workers`). Each worker is a member
+    of the consumer group with its own partitions and serves on its own address; they share the
+    dedup store. A client that is to see every partition subscribes on every worker, sends Ack,
+    Nack and ExtendDeadline for a delivery to the worker that delivered it (another worker
+    answers UNKNOWN), and may publish through any worker. With one worker the list has one entry,
+    the address the client dialled. Every worker answers with the same list.
+    """
 
 @_typing.type_check_only
 class DedupServiceAsyncStub(DedupServiceStub):
@@ -191,6 +199,14 @@ class DedupServiceAsyncStub(DedupServiceStub):
     Status codes:
       INVALID_ARGUMENT   no entries, or more than `publish.max_batch_entries`.
       (per entry)        the codes of Publish.
+    """
+    ListWorkers: _aio.UnaryUnaryMultiCallable[_dedup_pb2.ListWorkersRequest, _dedup_pb2.ListWorkersResponse]  # type: ignore[assignment]
+    """ListWorkers lists the sidecar's worker processes (`server.workers`). Each worker is a member
+    of the consumer group with its own partitions and serves on its own address; they share the
+    dedup store. A client that is to see every partition subscribes on every worker, sends Ack,
+    Nack and ExtendDeadline for a delivery to the worker that delivered it (another worker
+    answers UNKNOWN), and may publish through any worker. With one worker the list has one entry,
+    the address the client dialled. Every worker answers with the same list.
     """
 
 class DedupServiceServicer(metaclass=_abc_1.ABCMeta):
@@ -300,6 +316,20 @@ class DedupServiceServicer(metaclass=_abc_1.ABCMeta):
         Status codes:
           INVALID_ARGUMENT   no entries, or more than `publish.max_batch_entries`.
           (per entry)        the codes of Publish.
+        """
+
+    @_abc_1.abstractmethod
+    def ListWorkers(
+        self,
+        request: _dedup_pb2.ListWorkersRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_dedup_pb2.ListWorkersResponse, _abc.Awaitable[_dedup_pb2.ListWorkersResponse]]:
+        """ListWorkers lists the sidecar's worker processes (`server.workers`). Each worker is a member
+        of the consumer group with its own partitions and serves on its own address; they share the
+        dedup store. A client that is to see every partition subscribes on every worker, sends Ack,
+        Nack and ExtendDeadline for a delivery to the worker that delivered it (another worker
+        answers UNKNOWN), and may publish through any worker. With one worker the list has one entry,
+        the address the client dialled. Every worker answers with the same list.
         """
 
 def add_DedupServiceServicer_to_server(servicer: DedupServiceServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...

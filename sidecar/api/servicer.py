@@ -95,6 +95,8 @@ class DedupServicer:
         self._publisher = publisher
         self._max_batch_entries = max_batch_entries
         self._topics = list(topics)
+        #: ListWorkers' answer; the Sidecar sets it once its ports are bound.
+        self.workers = pb.ListWorkersResponse()
 
     def authorize(self, method: str, caller: Principal, request: Any) -> None:
         """Raise PermissionDenied if ``caller`` may not make this call (sidecar.api.server calls it
@@ -168,6 +170,11 @@ class DedupServicer:
     ) -> pb.ExtendDeadlineResponse:
         results = await self._engine.extend(list(request.delivery_ids), request.seconds)
         return pb.ExtendDeadlineResponse(results=results)  # type: ignore[arg-type]
+
+    async def ListWorkers(
+        self, request: pb.ListWorkersRequest, context: grpc.aio.ServicerContext[Any, Any]
+    ) -> pb.ListWorkersResponse:
+        return self.workers
 
     @_mapped
     async def Publish(

@@ -213,6 +213,158 @@ func (KeyState) EnumDescriptor() ([]byte, []int) {
 	return file_dedup_v1_dedup_proto_rawDescGZIP(), []int{2}
 }
 
+type ListWorkersRequest struct {
+	state         protoimpl.MessageState `protogen:"open.v1"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *ListWorkersRequest) Reset() {
+	*x = ListWorkersRequest{}
+	mi := &file_dedup_v1_dedup_proto_msgTypes[0]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *ListWorkersRequest) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*ListWorkersRequest) ProtoMessage() {}
+
+func (x *ListWorkersRequest) ProtoReflect() protoreflect.Message {
+	mi := &file_dedup_v1_dedup_proto_msgTypes[0]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use ListWorkersRequest.ProtoReflect.Descriptor instead.
+func (*ListWorkersRequest) Descriptor() ([]byte, []int) {
+	return file_dedup_v1_dedup_proto_rawDescGZIP(), []int{0}
+}
+
+type Worker struct {
+	state protoimpl.MessageState `protogen:"open.v1"`
+	Index int32                  `protobuf:"varint,1,opt,name=index,proto3" json:"index,omitempty"`
+	// The worker's TCP port, on the host the client dialled; 0 when it listens on a Unix socket.
+	Port int32 `protobuf:"varint,2,opt,name=port,proto3" json:"port,omitempty"`
+	// The worker's Unix socket path, when the sidecar listens on Unix sockets.
+	UnixSocket    string `protobuf:"bytes,3,opt,name=unix_socket,json=unixSocket,proto3" json:"unix_socket,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *Worker) Reset() {
+	*x = Worker{}
+	mi := &file_dedup_v1_dedup_proto_msgTypes[1]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *Worker) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*Worker) ProtoMessage() {}
+
+func (x *Worker) ProtoReflect() protoreflect.Message {
+	mi := &file_dedup_v1_dedup_proto_msgTypes[1]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use Worker.ProtoReflect.Descriptor instead.
+func (*Worker) Descriptor() ([]byte, []int) {
+	return file_dedup_v1_dedup_proto_rawDescGZIP(), []int{1}
+}
+
+func (x *Worker) GetIndex() int32 {
+	if x != nil {
+		return x.Index
+	}
+	return 0
+}
+
+func (x *Worker) GetPort() int32 {
+	if x != nil {
+		return x.Port
+	}
+	return 0
+}
+
+func (x *Worker) GetUnixSocket() string {
+	if x != nil {
+		return x.UnixSocket
+	}
+	return ""
+}
+
+type ListWorkersResponse struct {
+	state protoimpl.MessageState `protogen:"open.v1"`
+	// In index order; worker 0 listens on `server.listen`.
+	Workers []*Worker `protobuf:"bytes,1,rep,name=workers,proto3" json:"workers,omitempty"`
+	// The index of the worker that answered.
+	ThisWorker    int32 `protobuf:"varint,2,opt,name=this_worker,json=thisWorker,proto3" json:"this_worker,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *ListWorkersResponse) Reset() {
+	*x = ListWorkersResponse{}
+	mi := &file_dedup_v1_dedup_proto_msgTypes[2]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *ListWorkersResponse) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*ListWorkersResponse) ProtoMessage() {}
+
+func (x *ListWorkersResponse) ProtoReflect() protoreflect.Message {
+	mi := &file_dedup_v1_dedup_proto_msgTypes[2]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use ListWorkersResponse.ProtoReflect.Descriptor instead.
+func (*ListWorkersResponse) Descriptor() ([]byte, []int) {
+	return file_dedup_v1_dedup_proto_rawDescGZIP(), []int{2}
+}
+
+func (x *ListWorkersResponse) GetWorkers() []*Worker {
+	if x != nil {
+		return x.Workers
+	}
+	return nil
+}
+
+func (x *ListWorkersResponse) GetThisWorker() int32 {
+	if x != nil {
+		return x.ThisWorker
+	}
+	return 0
+}
+
 type SubscribeRequest struct {
 	state protoimpl.MessageState `protogen:"open.v1"`
 	// Topics to receive, a subset of the sidecar's `kafka.topics`. Empty means all of them.
@@ -234,7 +386,7 @@ type SubscribeRequest struct {
 
 func (x *SubscribeRequest) Reset() {
 	*x = SubscribeRequest{}
-	mi := &file_dedup_v1_dedup_proto_msgTypes[0]
+	mi := &file_dedup_v1_dedup_proto_msgTypes[3]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -246,7 +398,7 @@ func (x *SubscribeRequest) String() string {
 func (*SubscribeRequest) ProtoMessage() {}
 
 func (x *SubscribeRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_dedup_v1_dedup_proto_msgTypes[0]
+	mi := &file_dedup_v1_dedup_proto_msgTypes[3]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -259,7 +411,7 @@ func (x *SubscribeRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use SubscribeRequest.ProtoReflect.Descriptor instead.
 func (*SubscribeRequest) Descriptor() ([]byte, []int) {
-	return file_dedup_v1_dedup_proto_rawDescGZIP(), []int{0}
+	return file_dedup_v1_dedup_proto_rawDescGZIP(), []int{3}
 }
 
 func (x *SubscribeRequest) GetTopics() []string {
@@ -306,7 +458,7 @@ type SubscribeResponse struct {
 
 func (x *SubscribeResponse) Reset() {
 	*x = SubscribeResponse{}
-	mi := &file_dedup_v1_dedup_proto_msgTypes[1]
+	mi := &file_dedup_v1_dedup_proto_msgTypes[4]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -318,7 +470,7 @@ func (x *SubscribeResponse) String() string {
 func (*SubscribeResponse) ProtoMessage() {}
 
 func (x *SubscribeResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_dedup_v1_dedup_proto_msgTypes[1]
+	mi := &file_dedup_v1_dedup_proto_msgTypes[4]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -331,7 +483,7 @@ func (x *SubscribeResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use SubscribeResponse.ProtoReflect.Descriptor instead.
 func (*SubscribeResponse) Descriptor() ([]byte, []int) {
-	return file_dedup_v1_dedup_proto_rawDescGZIP(), []int{1}
+	return file_dedup_v1_dedup_proto_rawDescGZIP(), []int{4}
 }
 
 func (x *SubscribeResponse) GetDeliveries() []*Delivery {
@@ -351,7 +503,7 @@ type Header struct {
 
 func (x *Header) Reset() {
 	*x = Header{}
-	mi := &file_dedup_v1_dedup_proto_msgTypes[2]
+	mi := &file_dedup_v1_dedup_proto_msgTypes[5]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -363,7 +515,7 @@ func (x *Header) String() string {
 func (*Header) ProtoMessage() {}
 
 func (x *Header) ProtoReflect() protoreflect.Message {
-	mi := &file_dedup_v1_dedup_proto_msgTypes[2]
+	mi := &file_dedup_v1_dedup_proto_msgTypes[5]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -376,7 +528,7 @@ func (x *Header) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use Header.ProtoReflect.Descriptor instead.
 func (*Header) Descriptor() ([]byte, []int) {
-	return file_dedup_v1_dedup_proto_rawDescGZIP(), []int{2}
+	return file_dedup_v1_dedup_proto_rawDescGZIP(), []int{5}
 }
 
 func (x *Header) GetKey() string {
@@ -421,7 +573,7 @@ type Delivery struct {
 
 func (x *Delivery) Reset() {
 	*x = Delivery{}
-	mi := &file_dedup_v1_dedup_proto_msgTypes[3]
+	mi := &file_dedup_v1_dedup_proto_msgTypes[6]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -433,7 +585,7 @@ func (x *Delivery) String() string {
 func (*Delivery) ProtoMessage() {}
 
 func (x *Delivery) ProtoReflect() protoreflect.Message {
-	mi := &file_dedup_v1_dedup_proto_msgTypes[3]
+	mi := &file_dedup_v1_dedup_proto_msgTypes[6]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -446,7 +598,7 @@ func (x *Delivery) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use Delivery.ProtoReflect.Descriptor instead.
 func (*Delivery) Descriptor() ([]byte, []int) {
-	return file_dedup_v1_dedup_proto_rawDescGZIP(), []int{3}
+	return file_dedup_v1_dedup_proto_rawDescGZIP(), []int{6}
 }
 
 func (x *Delivery) GetDeliveryId() string {
@@ -535,7 +687,7 @@ type AckRequest struct {
 
 func (x *AckRequest) Reset() {
 	*x = AckRequest{}
-	mi := &file_dedup_v1_dedup_proto_msgTypes[4]
+	mi := &file_dedup_v1_dedup_proto_msgTypes[7]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -547,7 +699,7 @@ func (x *AckRequest) String() string {
 func (*AckRequest) ProtoMessage() {}
 
 func (x *AckRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_dedup_v1_dedup_proto_msgTypes[4]
+	mi := &file_dedup_v1_dedup_proto_msgTypes[7]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -560,7 +712,7 @@ func (x *AckRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use AckRequest.ProtoReflect.Descriptor instead.
 func (*AckRequest) Descriptor() ([]byte, []int) {
-	return file_dedup_v1_dedup_proto_rawDescGZIP(), []int{4}
+	return file_dedup_v1_dedup_proto_rawDescGZIP(), []int{7}
 }
 
 func (x *AckRequest) GetDeliveryIds() []string {
@@ -580,7 +732,7 @@ type AckResponse struct {
 
 func (x *AckResponse) Reset() {
 	*x = AckResponse{}
-	mi := &file_dedup_v1_dedup_proto_msgTypes[5]
+	mi := &file_dedup_v1_dedup_proto_msgTypes[8]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -592,7 +744,7 @@ func (x *AckResponse) String() string {
 func (*AckResponse) ProtoMessage() {}
 
 func (x *AckResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_dedup_v1_dedup_proto_msgTypes[5]
+	mi := &file_dedup_v1_dedup_proto_msgTypes[8]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -605,7 +757,7 @@ func (x *AckResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use AckResponse.ProtoReflect.Descriptor instead.
 func (*AckResponse) Descriptor() ([]byte, []int) {
-	return file_dedup_v1_dedup_proto_rawDescGZIP(), []int{5}
+	return file_dedup_v1_dedup_proto_rawDescGZIP(), []int{8}
 }
 
 func (x *AckResponse) GetResults() []AckResult {
@@ -630,7 +782,7 @@ type NackRequest struct {
 
 func (x *NackRequest) Reset() {
 	*x = NackRequest{}
-	mi := &file_dedup_v1_dedup_proto_msgTypes[6]
+	mi := &file_dedup_v1_dedup_proto_msgTypes[9]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -642,7 +794,7 @@ func (x *NackRequest) String() string {
 func (*NackRequest) ProtoMessage() {}
 
 func (x *NackRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_dedup_v1_dedup_proto_msgTypes[6]
+	mi := &file_dedup_v1_dedup_proto_msgTypes[9]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -655,7 +807,7 @@ func (x *NackRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use NackRequest.ProtoReflect.Descriptor instead.
 func (*NackRequest) Descriptor() ([]byte, []int) {
-	return file_dedup_v1_dedup_proto_rawDescGZIP(), []int{6}
+	return file_dedup_v1_dedup_proto_rawDescGZIP(), []int{9}
 }
 
 func (x *NackRequest) GetDeliveryIds() []string {
@@ -696,7 +848,7 @@ type NackResponse struct {
 
 func (x *NackResponse) Reset() {
 	*x = NackResponse{}
-	mi := &file_dedup_v1_dedup_proto_msgTypes[7]
+	mi := &file_dedup_v1_dedup_proto_msgTypes[10]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -708,7 +860,7 @@ func (x *NackResponse) String() string {
 func (*NackResponse) ProtoMessage() {}
 
 func (x *NackResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_dedup_v1_dedup_proto_msgTypes[7]
+	mi := &file_dedup_v1_dedup_proto_msgTypes[10]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -721,7 +873,7 @@ func (x *NackResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use NackResponse.ProtoReflect.Descriptor instead.
 func (*NackResponse) Descriptor() ([]byte, []int) {
-	return file_dedup_v1_dedup_proto_rawDescGZIP(), []int{7}
+	return file_dedup_v1_dedup_proto_rawDescGZIP(), []int{10}
 }
 
 func (x *NackResponse) GetResults() []AckResult {
@@ -742,7 +894,7 @@ type ExtendDeadlineRequest struct {
 
 func (x *ExtendDeadlineRequest) Reset() {
 	*x = ExtendDeadlineRequest{}
-	mi := &file_dedup_v1_dedup_proto_msgTypes[8]
+	mi := &file_dedup_v1_dedup_proto_msgTypes[11]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -754,7 +906,7 @@ func (x *ExtendDeadlineRequest) String() string {
 func (*ExtendDeadlineRequest) ProtoMessage() {}
 
 func (x *ExtendDeadlineRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_dedup_v1_dedup_proto_msgTypes[8]
+	mi := &file_dedup_v1_dedup_proto_msgTypes[11]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -767,7 +919,7 @@ func (x *ExtendDeadlineRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use ExtendDeadlineRequest.ProtoReflect.Descriptor instead.
 func (*ExtendDeadlineRequest) Descriptor() ([]byte, []int) {
-	return file_dedup_v1_dedup_proto_rawDescGZIP(), []int{8}
+	return file_dedup_v1_dedup_proto_rawDescGZIP(), []int{11}
 }
 
 func (x *ExtendDeadlineRequest) GetDeliveryIds() []string {
@@ -794,7 +946,7 @@ type ExtendDeadlineResponse struct {
 
 func (x *ExtendDeadlineResponse) Reset() {
 	*x = ExtendDeadlineResponse{}
-	mi := &file_dedup_v1_dedup_proto_msgTypes[9]
+	mi := &file_dedup_v1_dedup_proto_msgTypes[12]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -806,7 +958,7 @@ func (x *ExtendDeadlineResponse) String() string {
 func (*ExtendDeadlineResponse) ProtoMessage() {}
 
 func (x *ExtendDeadlineResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_dedup_v1_dedup_proto_msgTypes[9]
+	mi := &file_dedup_v1_dedup_proto_msgTypes[12]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -819,7 +971,7 @@ func (x *ExtendDeadlineResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use ExtendDeadlineResponse.ProtoReflect.Descriptor instead.
 func (*ExtendDeadlineResponse) Descriptor() ([]byte, []int) {
-	return file_dedup_v1_dedup_proto_rawDescGZIP(), []int{9}
+	return file_dedup_v1_dedup_proto_rawDescGZIP(), []int{12}
 }
 
 func (x *ExtendDeadlineResponse) GetResults() []AckResult {
@@ -847,7 +999,7 @@ type PublishRequest struct {
 
 func (x *PublishRequest) Reset() {
 	*x = PublishRequest{}
-	mi := &file_dedup_v1_dedup_proto_msgTypes[10]
+	mi := &file_dedup_v1_dedup_proto_msgTypes[13]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -859,7 +1011,7 @@ func (x *PublishRequest) String() string {
 func (*PublishRequest) ProtoMessage() {}
 
 func (x *PublishRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_dedup_v1_dedup_proto_msgTypes[10]
+	mi := &file_dedup_v1_dedup_proto_msgTypes[13]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -872,7 +1024,7 @@ func (x *PublishRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use PublishRequest.ProtoReflect.Descriptor instead.
 func (*PublishRequest) Descriptor() ([]byte, []int) {
-	return file_dedup_v1_dedup_proto_rawDescGZIP(), []int{10}
+	return file_dedup_v1_dedup_proto_rawDescGZIP(), []int{13}
 }
 
 func (x *PublishRequest) GetTopic() string {
@@ -932,7 +1084,7 @@ type PublishResponse struct {
 
 func (x *PublishResponse) Reset() {
 	*x = PublishResponse{}
-	mi := &file_dedup_v1_dedup_proto_msgTypes[11]
+	mi := &file_dedup_v1_dedup_proto_msgTypes[14]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -944,7 +1096,7 @@ func (x *PublishResponse) String() string {
 func (*PublishResponse) ProtoMessage() {}
 
 func (x *PublishResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_dedup_v1_dedup_proto_msgTypes[11]
+	mi := &file_dedup_v1_dedup_proto_msgTypes[14]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -957,7 +1109,7 @@ func (x *PublishResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use PublishResponse.ProtoReflect.Descriptor instead.
 func (*PublishResponse) Descriptor() ([]byte, []int) {
-	return file_dedup_v1_dedup_proto_rawDescGZIP(), []int{11}
+	return file_dedup_v1_dedup_proto_rawDescGZIP(), []int{14}
 }
 
 func (x *PublishResponse) GetIdempotencyKey() string {
@@ -1004,7 +1156,7 @@ type PublishBatchRequest struct {
 
 func (x *PublishBatchRequest) Reset() {
 	*x = PublishBatchRequest{}
-	mi := &file_dedup_v1_dedup_proto_msgTypes[12]
+	mi := &file_dedup_v1_dedup_proto_msgTypes[15]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1016,7 +1168,7 @@ func (x *PublishBatchRequest) String() string {
 func (*PublishBatchRequest) ProtoMessage() {}
 
 func (x *PublishBatchRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_dedup_v1_dedup_proto_msgTypes[12]
+	mi := &file_dedup_v1_dedup_proto_msgTypes[15]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1029,7 +1181,7 @@ func (x *PublishBatchRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use PublishBatchRequest.ProtoReflect.Descriptor instead.
 func (*PublishBatchRequest) Descriptor() ([]byte, []int) {
-	return file_dedup_v1_dedup_proto_rawDescGZIP(), []int{12}
+	return file_dedup_v1_dedup_proto_rawDescGZIP(), []int{15}
 }
 
 func (x *PublishBatchRequest) GetEntries() []*PublishRequest {
@@ -1052,7 +1204,7 @@ type PublishBatchResult struct {
 
 func (x *PublishBatchResult) Reset() {
 	*x = PublishBatchResult{}
-	mi := &file_dedup_v1_dedup_proto_msgTypes[13]
+	mi := &file_dedup_v1_dedup_proto_msgTypes[16]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1064,7 +1216,7 @@ func (x *PublishBatchResult) String() string {
 func (*PublishBatchResult) ProtoMessage() {}
 
 func (x *PublishBatchResult) ProtoReflect() protoreflect.Message {
-	mi := &file_dedup_v1_dedup_proto_msgTypes[13]
+	mi := &file_dedup_v1_dedup_proto_msgTypes[16]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1077,7 +1229,7 @@ func (x *PublishBatchResult) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use PublishBatchResult.ProtoReflect.Descriptor instead.
 func (*PublishBatchResult) Descriptor() ([]byte, []int) {
-	return file_dedup_v1_dedup_proto_rawDescGZIP(), []int{13}
+	return file_dedup_v1_dedup_proto_rawDescGZIP(), []int{16}
 }
 
 func (x *PublishBatchResult) GetCode() int32 {
@@ -1111,7 +1263,7 @@ type PublishBatchResponse struct {
 
 func (x *PublishBatchResponse) Reset() {
 	*x = PublishBatchResponse{}
-	mi := &file_dedup_v1_dedup_proto_msgTypes[14]
+	mi := &file_dedup_v1_dedup_proto_msgTypes[17]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1123,7 +1275,7 @@ func (x *PublishBatchResponse) String() string {
 func (*PublishBatchResponse) ProtoMessage() {}
 
 func (x *PublishBatchResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_dedup_v1_dedup_proto_msgTypes[14]
+	mi := &file_dedup_v1_dedup_proto_msgTypes[17]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1136,7 +1288,7 @@ func (x *PublishBatchResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use PublishBatchResponse.ProtoReflect.Descriptor instead.
 func (*PublishBatchResponse) Descriptor() ([]byte, []int) {
-	return file_dedup_v1_dedup_proto_rawDescGZIP(), []int{14}
+	return file_dedup_v1_dedup_proto_rawDescGZIP(), []int{17}
 }
 
 func (x *PublishBatchResponse) GetResults() []*PublishBatchResult {
@@ -1154,7 +1306,7 @@ type StatusRequest struct {
 
 func (x *StatusRequest) Reset() {
 	*x = StatusRequest{}
-	mi := &file_dedup_v1_dedup_proto_msgTypes[15]
+	mi := &file_dedup_v1_dedup_proto_msgTypes[18]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1166,7 +1318,7 @@ func (x *StatusRequest) String() string {
 func (*StatusRequest) ProtoMessage() {}
 
 func (x *StatusRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_dedup_v1_dedup_proto_msgTypes[15]
+	mi := &file_dedup_v1_dedup_proto_msgTypes[18]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1179,7 +1331,7 @@ func (x *StatusRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use StatusRequest.ProtoReflect.Descriptor instead.
 func (*StatusRequest) Descriptor() ([]byte, []int) {
-	return file_dedup_v1_dedup_proto_rawDescGZIP(), []int{15}
+	return file_dedup_v1_dedup_proto_rawDescGZIP(), []int{18}
 }
 
 type PartitionStatus struct {
@@ -1202,7 +1354,7 @@ type PartitionStatus struct {
 
 func (x *PartitionStatus) Reset() {
 	*x = PartitionStatus{}
-	mi := &file_dedup_v1_dedup_proto_msgTypes[16]
+	mi := &file_dedup_v1_dedup_proto_msgTypes[19]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1214,7 +1366,7 @@ func (x *PartitionStatus) String() string {
 func (*PartitionStatus) ProtoMessage() {}
 
 func (x *PartitionStatus) ProtoReflect() protoreflect.Message {
-	mi := &file_dedup_v1_dedup_proto_msgTypes[16]
+	mi := &file_dedup_v1_dedup_proto_msgTypes[19]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1227,7 +1379,7 @@ func (x *PartitionStatus) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use PartitionStatus.ProtoReflect.Descriptor instead.
 func (*PartitionStatus) Descriptor() ([]byte, []int) {
-	return file_dedup_v1_dedup_proto_rawDescGZIP(), []int{16}
+	return file_dedup_v1_dedup_proto_rawDescGZIP(), []int{19}
 }
 
 func (x *PartitionStatus) GetTopic() string {
@@ -1305,7 +1457,7 @@ type StreamStatus struct {
 
 func (x *StreamStatus) Reset() {
 	*x = StreamStatus{}
-	mi := &file_dedup_v1_dedup_proto_msgTypes[17]
+	mi := &file_dedup_v1_dedup_proto_msgTypes[20]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1317,7 +1469,7 @@ func (x *StreamStatus) String() string {
 func (*StreamStatus) ProtoMessage() {}
 
 func (x *StreamStatus) ProtoReflect() protoreflect.Message {
-	mi := &file_dedup_v1_dedup_proto_msgTypes[17]
+	mi := &file_dedup_v1_dedup_proto_msgTypes[20]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1330,7 +1482,7 @@ func (x *StreamStatus) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use StreamStatus.ProtoReflect.Descriptor instead.
 func (*StreamStatus) Descriptor() ([]byte, []int) {
-	return file_dedup_v1_dedup_proto_rawDescGZIP(), []int{17}
+	return file_dedup_v1_dedup_proto_rawDescGZIP(), []int{20}
 }
 
 func (x *StreamStatus) GetId() int64 {
@@ -1380,7 +1532,7 @@ type StatusResponse struct {
 
 func (x *StatusResponse) Reset() {
 	*x = StatusResponse{}
-	mi := &file_dedup_v1_dedup_proto_msgTypes[18]
+	mi := &file_dedup_v1_dedup_proto_msgTypes[21]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1392,7 +1544,7 @@ func (x *StatusResponse) String() string {
 func (*StatusResponse) ProtoMessage() {}
 
 func (x *StatusResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_dedup_v1_dedup_proto_msgTypes[18]
+	mi := &file_dedup_v1_dedup_proto_msgTypes[21]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1405,7 +1557,7 @@ func (x *StatusResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use StatusResponse.ProtoReflect.Descriptor instead.
 func (*StatusResponse) Descriptor() ([]byte, []int) {
-	return file_dedup_v1_dedup_proto_rawDescGZIP(), []int{18}
+	return file_dedup_v1_dedup_proto_rawDescGZIP(), []int{21}
 }
 
 func (x *StatusResponse) GetOwner() string {
@@ -1468,7 +1620,7 @@ type GetKeyRequest struct {
 
 func (x *GetKeyRequest) Reset() {
 	*x = GetKeyRequest{}
-	mi := &file_dedup_v1_dedup_proto_msgTypes[19]
+	mi := &file_dedup_v1_dedup_proto_msgTypes[22]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1480,7 +1632,7 @@ func (x *GetKeyRequest) String() string {
 func (*GetKeyRequest) ProtoMessage() {}
 
 func (x *GetKeyRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_dedup_v1_dedup_proto_msgTypes[19]
+	mi := &file_dedup_v1_dedup_proto_msgTypes[22]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1493,7 +1645,7 @@ func (x *GetKeyRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use GetKeyRequest.ProtoReflect.Descriptor instead.
 func (*GetKeyRequest) Descriptor() ([]byte, []int) {
-	return file_dedup_v1_dedup_proto_rawDescGZIP(), []int{19}
+	return file_dedup_v1_dedup_proto_rawDescGZIP(), []int{22}
 }
 
 func (x *GetKeyRequest) GetTopic() string {
@@ -1528,7 +1680,7 @@ type GetKeyResponse struct {
 
 func (x *GetKeyResponse) Reset() {
 	*x = GetKeyResponse{}
-	mi := &file_dedup_v1_dedup_proto_msgTypes[20]
+	mi := &file_dedup_v1_dedup_proto_msgTypes[23]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1540,7 +1692,7 @@ func (x *GetKeyResponse) String() string {
 func (*GetKeyResponse) ProtoMessage() {}
 
 func (x *GetKeyResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_dedup_v1_dedup_proto_msgTypes[20]
+	mi := &file_dedup_v1_dedup_proto_msgTypes[23]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1553,7 +1705,7 @@ func (x *GetKeyResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use GetKeyResponse.ProtoReflect.Descriptor instead.
 func (*GetKeyResponse) Descriptor() ([]byte, []int) {
-	return file_dedup_v1_dedup_proto_rawDescGZIP(), []int{20}
+	return file_dedup_v1_dedup_proto_rawDescGZIP(), []int{23}
 }
 
 func (x *GetKeyResponse) GetState() KeyState {
@@ -1602,7 +1754,17 @@ var File_dedup_v1_dedup_proto protoreflect.FileDescriptor
 
 const file_dedup_v1_dedup_proto_rawDesc = "" +
 	"\n" +
-	"\x14dedup/v1/dedup.proto\x12\bdedup.v1\"\xca\x01\n" +
+	"\x14dedup/v1/dedup.proto\x12\bdedup.v1\"\x14\n" +
+	"\x12ListWorkersRequest\"S\n" +
+	"\x06Worker\x12\x14\n" +
+	"\x05index\x18\x01 \x01(\x05R\x05index\x12\x12\n" +
+	"\x04port\x18\x02 \x01(\x05R\x04port\x12\x1f\n" +
+	"\vunix_socket\x18\x03 \x01(\tR\n" +
+	"unixSocket\"b\n" +
+	"\x13ListWorkersResponse\x12*\n" +
+	"\aworkers\x18\x01 \x03(\v2\x10.dedup.v1.WorkerR\aworkers\x12\x1f\n" +
+	"\vthis_worker\x18\x02 \x01(\x05R\n" +
+	"thisWorker\"\xca\x01\n" +
 	"\x10SubscribeRequest\x12\x16\n" +
 	"\x06topics\x18\x01 \x03(\tR\x06topics\x12\"\n" +
 	"\rmax_in_flight\x18\x02 \x01(\x05R\vmaxInFlight\x12-\n" +
@@ -1730,14 +1892,15 @@ const file_dedup_v1_dedup_proto_rawDesc = "" +
 	"\x10KEY_STATE_ABSENT\x10\x01\x12\x15\n" +
 	"\x11KEY_STATE_CLAIMED\x10\x02\x12\x16\n" +
 	"\x12KEY_STATE_RELEASED\x10\x03\x12\x12\n" +
-	"\x0eKEY_STATE_DONE\x10\x042\xa5\x03\n" +
+	"\x0eKEY_STATE_DONE\x10\x042\xf1\x03\n" +
 	"\fDedupService\x12F\n" +
 	"\tSubscribe\x12\x1a.dedup.v1.SubscribeRequest\x1a\x1b.dedup.v1.SubscribeResponse0\x01\x122\n" +
 	"\x03Ack\x12\x14.dedup.v1.AckRequest\x1a\x15.dedup.v1.AckResponse\x125\n" +
 	"\x04Nack\x12\x15.dedup.v1.NackRequest\x1a\x16.dedup.v1.NackResponse\x12S\n" +
 	"\x0eExtendDeadline\x12\x1f.dedup.v1.ExtendDeadlineRequest\x1a .dedup.v1.ExtendDeadlineResponse\x12>\n" +
 	"\aPublish\x12\x18.dedup.v1.PublishRequest\x1a\x19.dedup.v1.PublishResponse\x12M\n" +
-	"\fPublishBatch\x12\x1d.dedup.v1.PublishBatchRequest\x1a\x1e.dedup.v1.PublishBatchResponse2\x88\x01\n" +
+	"\fPublishBatch\x12\x1d.dedup.v1.PublishBatchRequest\x1a\x1e.dedup.v1.PublishBatchResponse\x12J\n" +
+	"\vListWorkers\x12\x1c.dedup.v1.ListWorkersRequest\x1a\x1d.dedup.v1.ListWorkersResponse2\x88\x01\n" +
 	"\fAdminService\x12;\n" +
 	"\x06Status\x12\x17.dedup.v1.StatusRequest\x1a\x18.dedup.v1.StatusResponse\x12;\n" +
 	"\x06GetKey\x12\x17.dedup.v1.GetKeyRequest\x1a\x18.dedup.v1.GetKeyResponseBX\n" +
@@ -1756,69 +1919,75 @@ func file_dedup_v1_dedup_proto_rawDescGZIP() []byte {
 }
 
 var file_dedup_v1_dedup_proto_enumTypes = make([]protoimpl.EnumInfo, 3)
-var file_dedup_v1_dedup_proto_msgTypes = make([]protoimpl.MessageInfo, 21)
+var file_dedup_v1_dedup_proto_msgTypes = make([]protoimpl.MessageInfo, 24)
 var file_dedup_v1_dedup_proto_goTypes = []any{
 	(Ordering)(0),                  // 0: dedup.v1.Ordering
 	(AckResult)(0),                 // 1: dedup.v1.AckResult
 	(KeyState)(0),                  // 2: dedup.v1.KeyState
-	(*SubscribeRequest)(nil),       // 3: dedup.v1.SubscribeRequest
-	(*SubscribeResponse)(nil),      // 4: dedup.v1.SubscribeResponse
-	(*Header)(nil),                 // 5: dedup.v1.Header
-	(*Delivery)(nil),               // 6: dedup.v1.Delivery
-	(*AckRequest)(nil),             // 7: dedup.v1.AckRequest
-	(*AckResponse)(nil),            // 8: dedup.v1.AckResponse
-	(*NackRequest)(nil),            // 9: dedup.v1.NackRequest
-	(*NackResponse)(nil),           // 10: dedup.v1.NackResponse
-	(*ExtendDeadlineRequest)(nil),  // 11: dedup.v1.ExtendDeadlineRequest
-	(*ExtendDeadlineResponse)(nil), // 12: dedup.v1.ExtendDeadlineResponse
-	(*PublishRequest)(nil),         // 13: dedup.v1.PublishRequest
-	(*PublishResponse)(nil),        // 14: dedup.v1.PublishResponse
-	(*PublishBatchRequest)(nil),    // 15: dedup.v1.PublishBatchRequest
-	(*PublishBatchResult)(nil),     // 16: dedup.v1.PublishBatchResult
-	(*PublishBatchResponse)(nil),   // 17: dedup.v1.PublishBatchResponse
-	(*StatusRequest)(nil),          // 18: dedup.v1.StatusRequest
-	(*PartitionStatus)(nil),        // 19: dedup.v1.PartitionStatus
-	(*StreamStatus)(nil),           // 20: dedup.v1.StreamStatus
-	(*StatusResponse)(nil),         // 21: dedup.v1.StatusResponse
-	(*GetKeyRequest)(nil),          // 22: dedup.v1.GetKeyRequest
-	(*GetKeyResponse)(nil),         // 23: dedup.v1.GetKeyResponse
+	(*ListWorkersRequest)(nil),     // 3: dedup.v1.ListWorkersRequest
+	(*Worker)(nil),                 // 4: dedup.v1.Worker
+	(*ListWorkersResponse)(nil),    // 5: dedup.v1.ListWorkersResponse
+	(*SubscribeRequest)(nil),       // 6: dedup.v1.SubscribeRequest
+	(*SubscribeResponse)(nil),      // 7: dedup.v1.SubscribeResponse
+	(*Header)(nil),                 // 8: dedup.v1.Header
+	(*Delivery)(nil),               // 9: dedup.v1.Delivery
+	(*AckRequest)(nil),             // 10: dedup.v1.AckRequest
+	(*AckResponse)(nil),            // 11: dedup.v1.AckResponse
+	(*NackRequest)(nil),            // 12: dedup.v1.NackRequest
+	(*NackResponse)(nil),           // 13: dedup.v1.NackResponse
+	(*ExtendDeadlineRequest)(nil),  // 14: dedup.v1.ExtendDeadlineRequest
+	(*ExtendDeadlineResponse)(nil), // 15: dedup.v1.ExtendDeadlineResponse
+	(*PublishRequest)(nil),         // 16: dedup.v1.PublishRequest
+	(*PublishResponse)(nil),        // 17: dedup.v1.PublishResponse
+	(*PublishBatchRequest)(nil),    // 18: dedup.v1.PublishBatchRequest
+	(*PublishBatchResult)(nil),     // 19: dedup.v1.PublishBatchResult
+	(*PublishBatchResponse)(nil),   // 20: dedup.v1.PublishBatchResponse
+	(*StatusRequest)(nil),          // 21: dedup.v1.StatusRequest
+	(*PartitionStatus)(nil),        // 22: dedup.v1.PartitionStatus
+	(*StreamStatus)(nil),           // 23: dedup.v1.StreamStatus
+	(*StatusResponse)(nil),         // 24: dedup.v1.StatusResponse
+	(*GetKeyRequest)(nil),          // 25: dedup.v1.GetKeyRequest
+	(*GetKeyResponse)(nil),         // 26: dedup.v1.GetKeyResponse
 }
 var file_dedup_v1_dedup_proto_depIdxs = []int32{
-	0,  // 0: dedup.v1.SubscribeRequest.ordering:type_name -> dedup.v1.Ordering
-	6,  // 1: dedup.v1.SubscribeResponse.deliveries:type_name -> dedup.v1.Delivery
-	5,  // 2: dedup.v1.Delivery.headers:type_name -> dedup.v1.Header
-	1,  // 3: dedup.v1.AckResponse.results:type_name -> dedup.v1.AckResult
-	1,  // 4: dedup.v1.NackResponse.results:type_name -> dedup.v1.AckResult
-	1,  // 5: dedup.v1.ExtendDeadlineResponse.results:type_name -> dedup.v1.AckResult
-	5,  // 6: dedup.v1.PublishRequest.headers:type_name -> dedup.v1.Header
-	13, // 7: dedup.v1.PublishBatchRequest.entries:type_name -> dedup.v1.PublishRequest
-	14, // 8: dedup.v1.PublishBatchResult.response:type_name -> dedup.v1.PublishResponse
-	16, // 9: dedup.v1.PublishBatchResponse.results:type_name -> dedup.v1.PublishBatchResult
-	19, // 10: dedup.v1.StatusResponse.partitions:type_name -> dedup.v1.PartitionStatus
-	20, // 11: dedup.v1.StatusResponse.streams:type_name -> dedup.v1.StreamStatus
-	2,  // 12: dedup.v1.GetKeyResponse.state:type_name -> dedup.v1.KeyState
-	14, // 13: dedup.v1.GetKeyResponse.published:type_name -> dedup.v1.PublishResponse
-	3,  // 14: dedup.v1.DedupService.Subscribe:input_type -> dedup.v1.SubscribeRequest
-	7,  // 15: dedup.v1.DedupService.Ack:input_type -> dedup.v1.AckRequest
-	9,  // 16: dedup.v1.DedupService.Nack:input_type -> dedup.v1.NackRequest
-	11, // 17: dedup.v1.DedupService.ExtendDeadline:input_type -> dedup.v1.ExtendDeadlineRequest
-	13, // 18: dedup.v1.DedupService.Publish:input_type -> dedup.v1.PublishRequest
-	15, // 19: dedup.v1.DedupService.PublishBatch:input_type -> dedup.v1.PublishBatchRequest
-	18, // 20: dedup.v1.AdminService.Status:input_type -> dedup.v1.StatusRequest
-	22, // 21: dedup.v1.AdminService.GetKey:input_type -> dedup.v1.GetKeyRequest
-	4,  // 22: dedup.v1.DedupService.Subscribe:output_type -> dedup.v1.SubscribeResponse
-	8,  // 23: dedup.v1.DedupService.Ack:output_type -> dedup.v1.AckResponse
-	10, // 24: dedup.v1.DedupService.Nack:output_type -> dedup.v1.NackResponse
-	12, // 25: dedup.v1.DedupService.ExtendDeadline:output_type -> dedup.v1.ExtendDeadlineResponse
-	14, // 26: dedup.v1.DedupService.Publish:output_type -> dedup.v1.PublishResponse
-	17, // 27: dedup.v1.DedupService.PublishBatch:output_type -> dedup.v1.PublishBatchResponse
-	21, // 28: dedup.v1.AdminService.Status:output_type -> dedup.v1.StatusResponse
-	23, // 29: dedup.v1.AdminService.GetKey:output_type -> dedup.v1.GetKeyResponse
-	22, // [22:30] is the sub-list for method output_type
-	14, // [14:22] is the sub-list for method input_type
-	14, // [14:14] is the sub-list for extension type_name
-	14, // [14:14] is the sub-list for extension extendee
-	0,  // [0:14] is the sub-list for field type_name
+	4,  // 0: dedup.v1.ListWorkersResponse.workers:type_name -> dedup.v1.Worker
+	0,  // 1: dedup.v1.SubscribeRequest.ordering:type_name -> dedup.v1.Ordering
+	9,  // 2: dedup.v1.SubscribeResponse.deliveries:type_name -> dedup.v1.Delivery
+	8,  // 3: dedup.v1.Delivery.headers:type_name -> dedup.v1.Header
+	1,  // 4: dedup.v1.AckResponse.results:type_name -> dedup.v1.AckResult
+	1,  // 5: dedup.v1.NackResponse.results:type_name -> dedup.v1.AckResult
+	1,  // 6: dedup.v1.ExtendDeadlineResponse.results:type_name -> dedup.v1.AckResult
+	8,  // 7: dedup.v1.PublishRequest.headers:type_name -> dedup.v1.Header
+	16, // 8: dedup.v1.PublishBatchRequest.entries:type_name -> dedup.v1.PublishRequest
+	17, // 9: dedup.v1.PublishBatchResult.response:type_name -> dedup.v1.PublishResponse
+	19, // 10: dedup.v1.PublishBatchResponse.results:type_name -> dedup.v1.PublishBatchResult
+	22, // 11: dedup.v1.StatusResponse.partitions:type_name -> dedup.v1.PartitionStatus
+	23, // 12: dedup.v1.StatusResponse.streams:type_name -> dedup.v1.StreamStatus
+	2,  // 13: dedup.v1.GetKeyResponse.state:type_name -> dedup.v1.KeyState
+	17, // 14: dedup.v1.GetKeyResponse.published:type_name -> dedup.v1.PublishResponse
+	6,  // 15: dedup.v1.DedupService.Subscribe:input_type -> dedup.v1.SubscribeRequest
+	10, // 16: dedup.v1.DedupService.Ack:input_type -> dedup.v1.AckRequest
+	12, // 17: dedup.v1.DedupService.Nack:input_type -> dedup.v1.NackRequest
+	14, // 18: dedup.v1.DedupService.ExtendDeadline:input_type -> dedup.v1.ExtendDeadlineRequest
+	16, // 19: dedup.v1.DedupService.Publish:input_type -> dedup.v1.PublishRequest
+	18, // 20: dedup.v1.DedupService.PublishBatch:input_type -> dedup.v1.PublishBatchRequest
+	3,  // 21: dedup.v1.DedupService.ListWorkers:input_type -> dedup.v1.ListWorkersRequest
+	21, // 22: dedup.v1.AdminService.Status:input_type -> dedup.v1.StatusRequest
+	25, // 23: dedup.v1.AdminService.GetKey:input_type -> dedup.v1.GetKeyRequest
+	7,  // 24: dedup.v1.DedupService.Subscribe:output_type -> dedup.v1.SubscribeResponse
+	11, // 25: dedup.v1.DedupService.Ack:output_type -> dedup.v1.AckResponse
+	13, // 26: dedup.v1.DedupService.Nack:output_type -> dedup.v1.NackResponse
+	15, // 27: dedup.v1.DedupService.ExtendDeadline:output_type -> dedup.v1.ExtendDeadlineResponse
+	17, // 28: dedup.v1.DedupService.Publish:output_type -> dedup.v1.PublishResponse
+	20, // 29: dedup.v1.DedupService.PublishBatch:output_type -> dedup.v1.PublishBatchResponse
+	5,  // 30: dedup.v1.DedupService.ListWorkers:output_type -> dedup.v1.ListWorkersResponse
+	24, // 31: dedup.v1.AdminService.Status:output_type -> dedup.v1.StatusResponse
+	26, // 32: dedup.v1.AdminService.GetKey:output_type -> dedup.v1.GetKeyResponse
+	24, // [24:33] is the sub-list for method output_type
+	15, // [15:24] is the sub-list for method input_type
+	15, // [15:15] is the sub-list for extension type_name
+	15, // [15:15] is the sub-list for extension extendee
+	0,  // [0:15] is the sub-list for field type_name
 }
 
 func init() { file_dedup_v1_dedup_proto_init() }
@@ -1826,17 +1995,17 @@ func file_dedup_v1_dedup_proto_init() {
 	if File_dedup_v1_dedup_proto != nil {
 		return
 	}
-	file_dedup_v1_dedup_proto_msgTypes[3].OneofWrappers = []any{}
 	file_dedup_v1_dedup_proto_msgTypes[6].OneofWrappers = []any{}
-	file_dedup_v1_dedup_proto_msgTypes[10].OneofWrappers = []any{}
-	file_dedup_v1_dedup_proto_msgTypes[20].OneofWrappers = []any{}
+	file_dedup_v1_dedup_proto_msgTypes[9].OneofWrappers = []any{}
+	file_dedup_v1_dedup_proto_msgTypes[13].OneofWrappers = []any{}
+	file_dedup_v1_dedup_proto_msgTypes[23].OneofWrappers = []any{}
 	type x struct{}
 	out := protoimpl.TypeBuilder{
 		File: protoimpl.DescBuilder{
 			GoPackagePath: reflect.TypeOf(x{}).PkgPath(),
 			RawDescriptor: unsafe.Slice(unsafe.StringData(file_dedup_v1_dedup_proto_rawDesc), len(file_dedup_v1_dedup_proto_rawDesc)),
 			NumEnums:      3,
-			NumMessages:   21,
+			NumMessages:   24,
 			NumExtensions: 0,
 			NumServices:   2,
 		},

@@ -38,6 +38,7 @@ const (
 	DedupService_ExtendDeadline_FullMethodName = "/dedup.v1.DedupService/ExtendDeadline"
 	DedupService_Publish_FullMethodName        = "/dedup.v1.DedupService/Publish"
 	DedupService_PublishBatch_FullMethodName   = "/dedup.v1.DedupService/PublishBatch"
+	DedupService_ListWorkers_FullMethodName    = "/dedup.v1.DedupService/ListWorkers"
 )
 
 // DedupServiceClient is the client API for DedupService service.
@@ -115,6 +116,13 @@ type DedupServiceClient interface {
 	//	INVALID_ARGUMENT   no entries, or more than `publish.max_batch_entries`.
 	//	(per entry)        the codes of Publish.
 	PublishBatch(ctx context.Context, in *PublishBatchRequest, opts ...grpc.CallOption) (*PublishBatchResponse, error)
+	// ListWorkers lists the sidecar's worker processes (`server.workers`). Each worker is a member
+	// of the consumer group with its own partitions and serves on its own address; they share the
+	// dedup store. A client that is to see every partition subscribes on every worker, sends Ack,
+	// Nack and ExtendDeadline for a delivery to the worker that delivered it (another worker
+	// answers UNKNOWN), and may publish through any worker. With one worker the list has one entry,
+	// the address the client dialled. Every worker answers with the same list.
+	ListWorkers(ctx context.Context, in *ListWorkersRequest, opts ...grpc.CallOption) (*ListWorkersResponse, error)
 }
 
 type dedupServiceClient struct {
@@ -188,6 +196,16 @@ func (c *dedupServiceClient) PublishBatch(ctx context.Context, in *PublishBatchR
 	cOpts := append([]grpc.CallOption{grpc.StaticMethod()}, opts...)
 	out := new(PublishBatchResponse)
 	err := c.cc.Invoke(ctx, DedupService_PublishBatch_FullMethodName, in, out, cOpts...)
+	if err != nil {
+		return nil, err
+	}
+	return out, nil
+}
+
+func (c *dedupServiceClient) ListWorkers(ctx context.Context, in *ListWorkersRequest, opts ...grpc.CallOption) (*ListWorkersResponse, error) {
+	cOpts := append([]grpc.CallOption{grpc.StaticMethod()}, opts...)
+	out := new(ListWorkersResponse)
+	err := c.cc.Invoke(ctx, DedupService_ListWorkers_FullMethodName, in, out, cOpts...)
 	if err != nil {
 		return nil, err
 	}
@@ -269,6 +287,13 @@ type DedupServiceServer interface {
 	//	INVALID_ARGUMENT   no entries, or more than `publish.max_batch_entries`.
 	//	(per entry)        the codes of Publish.
 	PublishBatch(context.Context, *PublishBatchRequest) (*PublishBatchResponse, error)
+	// ListWorkers lists the sidecar's worker processes (`server.workers`). Each worker is a member
+	// of the consumer group with its own partitions and serves on its own address; they share the
+	// dedup store. A client that is to see every partition subscribes on every worker, sends Ack,
+	// Nack and ExtendDeadline for a delivery to the worker that delivered it (another worker
+	// answers UNKNOWN), and may publish through any worker. With one worker the list has one entry,
+	// the address the client dialled. Every worker answers with the same list.
+	ListWorkers(context.Context, *ListWorkersRequest) (*ListWorkersResponse, error)
 	mustEmbedUnimplementedDedupServiceServer()
 }
 
@@ -296,6 +321,9 @@ func (UnimplementedDedupServiceServer) Publish(context.Context, *PublishRequest)
 }
 func (UnimplementedDedupServiceServer) PublishBatch(context.Context, *PublishBatchRequest) (*PublishBatchResponse, error) {
 	return nil, status.Error(codes.Unimplemented, "method PublishBatch not implemented")
+}
+func (UnimplementedDedupServiceServer) ListWorkers(context.Context, *ListWorkersRequest) (*ListWorkersResponse, error) {
+	return nil, status.Error(codes.Unimplemented, "method ListWorkers not implemented")
 }
 func (UnimplementedDedupServiceServer) mustEmbedUnimplementedDedupServiceServer() {}
 func (UnimplementedDedupServiceServer) testEmbeddedByValue()                      {}
@@ -419,6 +447,24 @@ func _DedupService_PublishBatch_Handler(srv interface{}, ctx context.Context, de
 	return interceptor(ctx, in, info, handler)
 }
 
+func _DedupService_ListWorkers_Handler(srv interface{}, ctx context.Context, dec func(interface{}) error, interceptor grpc.UnaryServerInterceptor) (interface{}, error) {
+	in := new(ListWorkersRequest)
+	if err := dec(in); err != nil {
+		return nil, err
+	}
+	if interceptor == nil {
+		return srv.(DedupServiceServer).ListWorkers(ctx, in)
+	}
+	info := &grpc.UnaryServerInfo{
+		Server:     srv,
+		FullMethod: DedupService_ListWorkers_FullMethodName,
+	}
+	handler := func(ctx context.Context, req interface{}) (interface{}, error) {
+		return srv.(DedupServiceServer).ListWorkers(ctx, req.(*ListWorkersRequest))
+	}
+	return interceptor(ctx, in, info, handler)
+}
+
 // DedupService_ServiceDesc is the grpc.ServiceDesc for DedupService service.
 // It's only intended for direct use with grpc.RegisterService,
 // and not to be introspected or modified (even as a copy)
@@ -445,6 +491,10 @@ var DedupService_ServiceDesc = grpc.ServiceDesc{
 		{
 			MethodName: "PublishBatch",
 			Handler:    _DedupService_PublishBatch_Handler,
+		},
+		{
+			MethodName: "ListWorkers",
+			Handler:    _DedupService_ListWorkers_Handler,
 		},
 	},
 	Streams: []grpc.StreamDesc{

@@ -3,7 +3,10 @@
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncGenerator, Sequence
+import functools
+import itertools
+import math
+from collections.abc import AsyncGenerator, Callable, Sequence
 from dataclasses import dataclass
 from enum import IntEnum
 from typing import Any, Generic, TypeVar
@@ -59,8 +62,10 @@ class _Gatherer(Generic[T, R]):
     """Gathers items for ``linger`` seconds or ``max_items`` items, then sends them in one call
     (``_send``, by the subclass); each item's future gets its own result."""
 
-    def __init__(self, stub: pb_grpc.DedupServiceStub, linger: float, max_items: int, metadata: Any) -> None:
-        self._stub = stub
+    def __init__(
+        self, stub: Callable[[], pb_grpc.DedupServiceAsyncStub], linger: float, max_items: int, metadata: Any
+    ) -> None:
+        self._stub = stub  # the stub of each call's worker
         self._linger = linger
         self._max_items = max_items
         self._metadata = metadata
@@ -105,7 +110,7 @@ class _AckBatcher(_Gatherer[str, AckResult]):
 
     async def _send(self, ids: list[str], futs: list[asyncio.Future[AckResult]]) -> None:
         try:
-            resp: pb.AckResponse = await self._stub.Ack(  # type: ignore[misc]
+            resp: pb.AckResponse = await self._stub().Ack(
                 pb.AckRequest(delivery_ids=ids), metadata=self._metadata
             )
         except grpc.aio.AioRpcError as exc:
@@ -125,7 +130,7 @@ class _PublishBatcher(_Gatherer[pb.PublishRequest, PublishResult]):
         self, entries: list[pb.PublishRequest], futs: list[asyncio.Future[PublishResult]]
     ) -> None:
         try:
-            resp: pb.PublishBatchResponse = await self._stub.PublishBatch(  # type: ignore[misc]
+            resp: pb.PublishBatchResponse = await self._stub().PublishBatch(
                 pb.PublishBatchRequest(entries=entries), metadata=self._metadata, timeout=_BATCH_TIMEOUT
             )
         except grpc.aio.AioRpcError as exc:
@@ -216,6 +221,10 @@ class DedupClient:
         seconds or ``publish_max_entries`` entries into one PublishBatch call. A failed entry
         then raises PublishError (its status code and the sidecar's message) instead of
         grpc.aio.AioRpcError; a call that fails as a whole still raises AioRpcError.
+    all_workers: with a sidecar of several worker processes (``server.workers``), subscribe on
+        every worker (listed by ListWorkers when the first stream opens), send each ack to the
+        worker that delivered it, and spread publishes over the workers. False uses the target
+        alone, which then sees only its worker's partitions.
     """
 
     def __init__(
@@ -233,30 +242,113 @@ class DedupClient:
         coalesce_publishes: bool = False,
         publish_linger: float = 0.002,
         publish_max_entries: int = 500,
+        all_workers: bool = True,
     ) -> None:
-        options: list[tuple[str, Any]] = [("grpc.max_receive_message_length", 64 * 1024 * 1024)]
-        if tls_ca_file is None and tls_cert_file is None:
-            self._channel = grpc.aio.insecure_channel(target, options=options)
-        else:
+        self._target = target
+        self._options: list[tuple[str, Any]] = [("grpc.max_receive_message_length", 64 * 1024 * 1024)]
+        self._creds: grpc.ChannelCredentials | None = None
+        if tls_ca_file is not None or tls_cert_file is not None:
             if (tls_cert_file is None) != (tls_key_file is None):
                 raise ValueError("tls_cert_file and tls_key_file go together (mTLS)")
             if tls_server_name:
-                options.append(("grpc.ssl_target_name_override", tls_server_name))
-            creds = grpc.ssl_channel_credentials(
+                self._options.append(("grpc.ssl_target_name_override", tls_server_name))
+            self._creds = grpc.ssl_channel_credentials(
                 _read(tls_ca_file) if isinstance(tls_ca_file, str) else None,
                 _read(tls_key_file),
                 _read(tls_cert_file),
             )
-            self._channel = grpc.aio.secure_channel(target, creds, options=options)
+        self._channel = self._dial(target)
         self.stub = pb_grpc.DedupServiceStub(self._channel)
         self._metadata = (("authorization", f"Bearer {token}"),) if token else None
         self._coalesce = coalesce_acks
-        self._acks = _AckBatcher(self.stub, ack_linger, ack_max_ids, self._metadata)
+        self._ack_linger, self._ack_max_ids = ack_linger, ack_max_ids
+        # One entry per worker once ListWorkers answered; the target's alone until then.
+        self._all_workers = all_workers
+        self._discovered = False
+        self._discovery = asyncio.Lock()
+        self._channels: list[grpc.aio.Channel] = [self._channel]
+        self._stubs = [self.stub]
+        self._acks = [_AckBatcher(lambda: self.stub, ack_linger, ack_max_ids, self._metadata)]
+        self._routes: dict[str, int] = {}  # delivery id prefix (a worker process) -> worker's entry
+        self._turn = itertools.count()
         self._publishes = (
-            _PublishBatcher(self.stub, publish_linger, publish_max_entries, self._metadata)
+            _PublishBatcher(self._next_stub, publish_linger, publish_max_entries, self._metadata)
             if coalesce_publishes
             else None
         )
+
+    def _dial(self, target: str) -> grpc.aio.Channel:
+        if self._creds is None:
+            return grpc.aio.insecure_channel(target, options=self._options)
+        return grpc.aio.secure_channel(target, self._creds, options=self._options)
+
+    def _next_stub(self) -> pb_grpc.DedupServiceAsyncStub:
+        """The stub of the next worker in turn, for publishes."""
+        stubs = self._stubs
+        return stubs[next(self._turn) % len(stubs)] if len(stubs) > 1 else stubs[0]
+
+    async def workers(self) -> int:
+        """List the sidecar's workers (ListWorkers) and connect to each one, once; returns how
+        many there are. A sidecar without ListWorkers counts as one worker."""
+        async with self._discovery:
+            if self._discovered or not self._all_workers:
+                return len(self._stubs)
+            try:
+                resp: pb.ListWorkersResponse = await self.stub.ListWorkers(
+                    pb.ListWorkersRequest(), metadata=self._metadata
+                )
+            except grpc.aio.AioRpcError as exc:
+                if exc.code() != grpc.StatusCode.UNIMPLEMENTED:
+                    raise
+                resp = pb.ListWorkersResponse()
+            self._discovered = True
+            if len(resp.workers) <= 1:
+                return 1
+            channels: list[grpc.aio.Channel] = []
+            for w in resp.workers:
+                if w.index == resp.this_worker:
+                    channels.append(self._channel)
+                elif w.unix_socket:
+                    channels.append(self._dial(f"unix://{w.unix_socket}"))
+                else:
+                    channels.append(self._dial(_with_port(self._target, w.port)))
+            self._channels = channels
+            self._stubs = [pb_grpc.DedupServiceStub(c) for c in channels]
+            self._acks = [
+                _AckBatcher(
+                    functools.partial(_same, stub), self._ack_linger, self._ack_max_ids, self._metadata
+                )
+                for stub in self._stubs
+            ]
+            return len(channels)
+
+    def _worker_of(self, delivery_id: str) -> int:
+        return self._routes.get(delivery_id.partition(".")[0], 0) if len(self._stubs) > 1 else 0
+
+    def _by_worker(self, delivery_ids: Sequence[str]) -> dict[int, list[int]]:
+        """Positions of ``delivery_ids`` grouped by the worker that delivered each."""
+        groups: dict[int, list[int]] = {}
+        for i, did in enumerate(delivery_ids):
+            groups.setdefault(self._worker_of(did), []).append(i)
+        return groups
+
+    async def _per_worker(
+        self, delivery_ids: Sequence[str], call: Callable[[pb_grpc.DedupServiceAsyncStub, list[str]], Any]
+    ) -> list[AckResult]:
+        """Call ``call`` once per worker with its ids; the results in the order of the ids."""
+        groups = self._by_worker(delivery_ids)
+        if len(groups) == 1:
+            ((w, _),) = groups.items()
+            resp = await call(self._stubs[w], list(delivery_ids))
+            return [AckResult(r) for r in resp.results]
+        out: list[AckResult] = [AckResult.UNKNOWN] * len(delivery_ids)
+        answers = await asyncio.gather(
+            *(call(self._stubs[w], [delivery_ids[i] for i in pos]) for w, pos in groups.items())
+        )
+        for pos, resp in zip(groups.values(), answers, strict=True):
+            for i, r in zip(pos, resp.results, strict=True):
+                out[i] = AckResult(r)
+        return out
 
     async def __aenter__(self) -> DedupClient:
         return self
@@ -265,10 +357,11 @@ class DedupClient:
         await self.close()
 
     async def close(self) -> None:
-        await self._acks.drain()
+        await self.flush_acks()
         if self._publishes is not None:
             await self._publishes.drain()
-        await self._channel.close()
+        for channel in self._channels:
+            await channel.close()
 
     async def subscribe(
         self,
@@ -298,26 +391,71 @@ class DedupClient:
         max_batch: int = 0,
         ordering: str = "",
     ) -> AsyncGenerator[list[Message], None]:
-        """Like :meth:`subscribe`, a whole frame at a time (for batch processing)."""
+        """Like :meth:`subscribe`, a whole frame at a time (for batch processing).
+
+        With several workers there is one stream per worker, merged; ``max_in_flight`` and
+        ``max_in_flight_bytes`` are shared out among them (each gets its share, rounded up).
+        A stream that fails ends them all with its error."""
         if ordering and ordering not in _ORDERINGS:
             raise ValueError(f"ordering must be one of {sorted(_ORDERINGS)}, not {ordering!r}")
+        n = await self.workers()
         request = pb.SubscribeRequest(
             topics=list(topics),
-            max_in_flight=max_in_flight,
-            max_in_flight_bytes=max_in_flight_bytes,
+            max_in_flight=math.ceil(max_in_flight / n),
+            max_in_flight_bytes=math.ceil(max_in_flight_bytes / n),
             max_batch=max_batch,
             ordering=_ORDERINGS.get(ordering, pb.ORDERING_UNSPECIFIED),
         )
-        call = self.stub.Subscribe(request, metadata=self._metadata)
+        if n == 1:
+            call = self.stub.Subscribe(request, metadata=self._metadata)
+            try:
+                async for frame in call:
+                    yield [Message(self, d) for d in frame.deliveries]
+            finally:
+                call.cancel()
+            return
+        async for batch in self._merged(request):
+            yield batch
+
+    async def _merged(self, request: pb.SubscribeRequest) -> AsyncGenerator[list[Message], None]:
+        """One Subscribe per worker, their frames in arrival order; each frame's delivery id
+        prefix is routed to its worker, so acks go back to the worker that delivered."""
+        frames: asyncio.Queue[list[Message] | BaseException | None] = asyncio.Queue()
+        calls = [stub.Subscribe(request, metadata=self._metadata) for stub in self._stubs]
+
+        async def pump(w: int, call: Any) -> None:
+            try:
+                async for frame in call:
+                    if frame.deliveries:
+                        self._routes[frame.deliveries[0].delivery_id.partition(".")[0]] = w
+                    frames.put_nowait([Message(self, d) for d in frame.deliveries])
+                frames.put_nowait(None)
+            except asyncio.CancelledError:
+                raise
+            except BaseException as exc:  # noqa: BLE001 - handed to the reader, which raises it
+                frames.put_nowait(exc)
+
+        pumps = [asyncio.create_task(pump(w, call)) for w, call in enumerate(calls)]
+        open_streams = len(pumps)
         try:
-            async for frame in call:
-                yield [Message(self, d) for d in frame.deliveries]
+            while open_streams:
+                item = await frames.get()
+                if item is None:
+                    open_streams -= 1
+                elif isinstance(item, BaseException):
+                    raise item
+                else:
+                    yield item
         finally:
-            call.cancel()
+            for call in calls:
+                call.cancel()
+            for task in pumps:
+                task.cancel()
+            await asyncio.gather(*pumps, return_exceptions=True)
 
     def ack(self, delivery_id: str) -> asyncio.Future[AckResult]:
         if self._coalesce:
-            return self._acks.add(delivery_id)
+            return self._acks[self._worker_of(delivery_id)].add(delivery_id)
         return asyncio.ensure_future(self._ack_one(delivery_id))
 
     async def _ack_one(self, delivery_id: str) -> AckResult:
@@ -325,17 +463,19 @@ class DedupClient:
         return resp[0]
 
     async def ack_many(self, delivery_ids: Sequence[str]) -> list[AckResult]:
-        """One Ack call for many ids; raises AckError when the call fails as a whole."""
+        """One Ack call for many ids (one per worker that delivered them); raises AckError when
+        a call fails as a whole."""
         try:
-            resp = await self.stub.Ack(
-                pb.AckRequest(delivery_ids=list(delivery_ids)), metadata=self._metadata
+            return await self._per_worker(
+                delivery_ids,
+                lambda stub, ids: stub.Ack(pb.AckRequest(delivery_ids=ids), metadata=self._metadata),
             )
         except grpc.aio.AioRpcError as exc:
             raise AckError(f"{exc.code().name}: {exc.details()}") from exc
-        return [AckResult(r) for r in resp.results]
 
     async def flush_acks(self) -> None:
-        await self._acks.drain()
+        for acks in self._acks:
+            await acks.drain()
 
     async def nack(
         self,
@@ -344,18 +484,21 @@ class DedupClient:
         dead_letter: bool = False,
         reason: str = "",
     ) -> list[AckResult]:
-        req = pb.NackRequest(delivery_ids=list(delivery_ids), dead_letter=dead_letter, reason=reason)
-        if delay_seconds is not None:
-            req.delay_seconds = delay_seconds
-        resp = await self.stub.Nack(req, metadata=self._metadata)
-        return [AckResult(r) for r in resp.results]
+        def call(stub: pb_grpc.DedupServiceAsyncStub, ids: list[str]) -> Any:
+            req = pb.NackRequest(delivery_ids=ids, dead_letter=dead_letter, reason=reason)
+            if delay_seconds is not None:
+                req.delay_seconds = delay_seconds
+            return stub.Nack(req, metadata=self._metadata)
+
+        return await self._per_worker(delivery_ids, call)
 
     async def extend_deadline(self, delivery_ids: Sequence[str], seconds: int) -> list[AckResult]:
-        resp = await self.stub.ExtendDeadline(
-            pb.ExtendDeadlineRequest(delivery_ids=list(delivery_ids), seconds=seconds),
-            metadata=self._metadata,
+        return await self._per_worker(
+            delivery_ids,
+            lambda stub, ids: stub.ExtendDeadline(
+                pb.ExtendDeadlineRequest(delivery_ids=ids, seconds=seconds), metadata=self._metadata
+            ),
         )
-        return [AckResult(r) for r in resp.results]
 
     async def publish(
         self,
@@ -381,7 +524,7 @@ class DedupClient:
                     f"no answer within {timeout}s; the record may or may not be published: retry with "
                     "the same idempotency key",
                 ) from None
-        resp = await self.stub.Publish(request, metadata=self._metadata, timeout=timeout)
+        resp = await self._next_stub().Publish(request, metadata=self._metadata, timeout=timeout)
         return _result(resp)
 
     async def flush_publishes(self) -> None:
@@ -394,7 +537,7 @@ class DedupClient:
     ) -> list[PublishResult | PublishError]:
         """Publish many records; each entry gets a PublishResult or a PublishError (its status
         code and message). Raises grpc.aio.AioRpcError when the call fails as a whole."""
-        resp = await self.stub.PublishBatch(
+        resp = await self._next_stub().PublishBatch(
             pb.PublishBatchRequest(entries=list(entries)), metadata=self._metadata, timeout=timeout
         )
         out: list[PublishResult | PublishError] = []
@@ -431,6 +574,16 @@ publish_request = _publish_request
 
 _STATUS_BY_VALUE = {c.value[0]: c for c in grpc.StatusCode}
 _BATCH_TIMEOUT = 60.0  # seconds for a coalesced PublishBatch call; each caller waits its own timeout
+
+
+def _same(stub: pb_grpc.DedupServiceAsyncStub) -> pb_grpc.DedupServiceAsyncStub:
+    return stub
+
+
+def _with_port(target: str, port: int) -> str:
+    """``target`` with its port replaced: another worker on the host the client dialled."""
+    host, sep, _ = target.rpartition(":")
+    return f"{host}:{port}" if sep and not host.endswith(":") else f"{target}:{port}"
 
 
 def _result(resp: pb.PublishResponse) -> PublishResult:

@@ -1,0 +1,226 @@
+"""server.workers: one sidecar as several worker processes, against a real broker and Redis.
+
+The sidecar runs as its own OS process (the supervisor), as users start it; the Python client
+finds the workers with ListWorkers and connects to each one."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from collections import Counter
+from pathlib import Path
+
+import services
+from dedup_client import AckResult, DedupClient
+from dedup_client._proto import dedup_pb2 as pb
+
+from tests.integration.helpers import (
+    ROOT,
+    SidecarProcess,
+    committed_offsets,
+    process_env,
+    raw_produce,
+    unique,
+    wait_group_balanced,
+)
+
+PARTITIONS = 6
+
+
+def _port_pair() -> int:
+    """A port P with P + 1 free too, for worker 0 and worker 1."""
+    for _ in range(50):
+        port = services.free_port()
+        with socket.socket() as s:
+            try:
+                s.bind(("127.0.0.1", port + 1))
+            except OSError:
+                continue
+        return port
+    raise RuntimeError("no two consecutive free ports")
+
+
+def _children(pid: int) -> list[int]:
+    out = subprocess.run(["pgrep", "-P", str(pid)], capture_output=True, text=True, check=False)
+    return [int(p) for p in out.stdout.split()]
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    return True
+
+
+async def _wait_offsets(kafka: services.KafkaBroker, group: str, topic: str, ends: dict[int, int]) -> None:
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline:
+        got = await asyncio.to_thread(committed_offsets, kafka, group, topic, PARTITIONS)
+        if got == ends:
+            return
+        await asyncio.sleep(0.3)
+    raise AssertionError(f"committed {got}, expected {ends}")
+
+
+async def test_two_workers_deliver_every_partition_once_and_commit_on_ack(
+    kafka: services.KafkaBroker, redis_server: services.RedisServer, tmp_path: Path
+) -> None:
+    topic, group = unique("workers"), unique("g-workers")
+    kafka.create_topic(topic, partitions=PARTITIONS)
+    sc = SidecarProcess(
+        process_env(kafka, topic, group, redis_server.url, DEDUP_SERVER__WORKERS="2"), tmp_path / "log"
+    )
+    sc.port = _port_pair()
+    sc.start()
+    try:
+        await sc.wait_serving()
+        await wait_group_balanced(kafka, group, 2)
+        # 300 keys, 60 of them written twice (a producer retry): 300 deliveries expected.
+        records: list[tuple[str | None, bytes, int | None]] = [
+            (f"k{i}", f"v{i}".encode(), i % PARTITIONS) for i in range(300)
+        ]
+        records += [(f"k{i}", f"v{i}".encode(), (i + 1) % PARTITIONS) for i in range(0, 300, 5)]
+        await asyncio.to_thread(raw_produce, kafka, topic, records)
+        async with DedupClient(sc.target) as client:
+            assert await client.workers() == 2
+            got: list[object] = []
+            gen = client.subscribe(max_in_flight=400)  # 200 a worker
+            async with asyncio.timeout(60):
+                async for m in gen:
+                    got.append(m)
+                    if len(got) == 300:
+                        break
+            await gen.aclose()
+            keys = Counter(m.idempotency_key for m in got)  # type: ignore[attr-defined]
+            assert len(keys) == 300
+            assert max(keys.values()) == 1, keys.most_common(3)
+            assert {m.partition for m in got} == set(range(PARTITIONS))  # type: ignore[attr-defined]
+            prefixes = {m.delivery_id.partition(".")[0] for m in got}  # type: ignore[attr-defined]
+            assert len(prefixes) == 2, "both workers delivered"
+            results = await asyncio.gather(*(m.ack() for m in got))  # type: ignore[attr-defined]
+            assert Counter(results) == {AckResult.OK: 300}
+            ends = Counter(p or 0 for _, _, p in records)
+            await _wait_offsets(kafka, group, topic, dict(ends))
+            # Publishes go round the workers; a repeated key is a duplicate whichever worker sees it.
+            first = [await client.publish(topic, b"x", idempotency_key=f"pub-{i}") for i in range(4)]
+            again = [await client.publish(topic, b"x", idempotency_key=f"pub-{i}") for i in range(4)]
+            assert not any(r.duplicate for r in first)
+            assert all(r.duplicate for r in again)
+            assert [(r.partition, r.offset) for r in again] == [(r.partition, r.offset) for r in first]
+        # SIGTERM to the supervisor stops both workers gracefully.
+        assert sc.proc is not None
+        workers = _children(sc.proc.pid)
+        assert len(workers) == 2
+        assert sc.terminate() == 0
+        assert not any(_alive(pid) for pid in workers)
+        log = sc.log_path.read_text()
+        assert "second signal" not in log
+        assert log.count("sidecar stopped") == 2
+    finally:
+        sc.terminate()
+
+
+async def test_a_worker_killed_is_restarted_and_its_records_are_delivered(
+    kafka: services.KafkaBroker, redis_server: services.RedisServer, tmp_path: Path
+) -> None:
+    topic, group = unique("workers-kill"), unique("g-workers-kill")
+    kafka.create_topic(topic, partitions=PARTITIONS)
+    env = process_env(kafka, topic, group, redis_server.url, DEDUP_SERVER__WORKERS="2")
+    sc = SidecarProcess(env, tmp_path / "log")
+    sc.port = _port_pair()
+    sc.start()
+    try:
+        await sc.wait_serving()
+        await wait_group_balanced(kafka, group, 2)
+        assert sc.proc is not None
+        victim = max(_children(sc.proc.pid))
+        os.kill(victim, signal.SIGKILL)
+        deadline = time.monotonic() + 30
+        while len([p for p in _children(sc.proc.pid) if p != victim]) < 2:
+            assert time.monotonic() < deadline, sc.log_path.read_text()[-2000:]
+            await asyncio.sleep(0.2)
+        assert "restarting it" in sc.log_path.read_text()
+        restarted = SidecarProcess({}, tmp_path / "unused")
+        restarted.port, restarted.proc = sc.port + 1, sc.proc
+        await restarted.wait_serving()
+        await wait_group_balanced(kafka, group, 2)
+        records: list[tuple[str | None, bytes, int | None]] = [
+            (f"k{i}", f"v{i}".encode(), i % PARTITIONS) for i in range(120)
+        ]
+        await asyncio.to_thread(raw_produce, kafka, topic, records)
+        async with DedupClient(sc.target) as client:
+            got = set()
+            gen = client.subscribe()
+            async with asyncio.timeout(60):
+                async for m in gen:
+                    got.add(m.idempotency_key)
+                    assert await m.ack() == AckResult.OK
+                    if len(got) == 120:
+                        break
+            await gen.aclose()
+        await _wait_offsets(kafka, group, topic, {p: 20 for p in range(PARTITIONS)})
+    finally:
+        assert sc.terminate() == 0
+
+
+def test_workers_refuse_the_memory_store_and_name_the_settings(tmp_path: Path) -> None:
+    env = {**os.environ, "DEDUP_SERVER__WORKERS": "2", "DEDUP_STORE__BACKEND": "memory"}
+    out = subprocess.run(
+        [sys.executable, "-m", "sidecar", "--topic", "t"], env=env, cwd=ROOT, capture_output=True, text=True
+    )
+    assert out.returncode == 2
+    assert "server.workers" in out.stderr
+    assert "store.backend" in out.stderr
+
+
+async def test_workers_share_a_sqlite_store_on_unix_sockets(
+    kafka: services.KafkaBroker, tmp_path: Path
+) -> None:
+    """Two workers on Unix sockets, one SQLite file: each answers ListWorkers with both sockets,
+    a key published through one is a duplicate through the other, and no worker takes its
+    sibling for another replica (the local-store warning)."""
+    topic, group = unique("workers-sqlite"), unique("g-workers-sqlite")
+    kafka.create_topic(topic, partitions=PARTITIONS)
+    sock = tmp_path / "sidecar.sock"
+    env = process_env(
+        kafka,
+        topic,
+        group,
+        None,
+        DEDUP_SERVER__WORKERS="2",
+        DEDUP_STORE__BACKEND="sqlite",
+        DEDUP_STORE__SQLITE_PATH=str(tmp_path / "dedup.sqlite3"),
+        DEDUP_SERVER__LISTEN=f"unix://{sock}",
+        DEDUP_SERVER__HEALTH_LISTEN=f"127.0.0.1:{_port_pair()}",
+    )
+    sc = SidecarProcess(env, tmp_path / "log")
+    sc.start()
+    try:
+        await sc.wait_serving()
+        await wait_group_balanced(kafka, group, 2)
+        assert (tmp_path / "sidecar-1.sock").exists()
+        async with (
+            DedupClient(f"unix://{sock}", all_workers=False) as w0,
+            DedupClient(f"unix://{tmp_path / 'sidecar-1.sock'}", all_workers=False) as w1,
+        ):
+            listed = await w1.stub.ListWorkers(pb.ListWorkersRequest())
+            assert listed.this_worker == 1
+            assert [w.unix_socket for w in listed.workers] == [str(sock), str(tmp_path / "sidecar-1.sock")]
+            first = await w0.publish(topic, b"x", idempotency_key="shared")
+            again = await w1.publish(topic, b"x", idempotency_key="shared")
+            assert again.duplicate
+            assert (again.partition, again.offset) == (first.partition, first.offset)
+        async with DedupClient(f"unix://{sock}") as client:
+            assert await client.workers() == 2
+        await asyncio.sleep(10)  # the local-store check looks three times, 3 s apart
+        assert "CORRECTNESS HOLE" not in sc.log_path.read_text()
+    finally:
+        assert sc.terminate() == 0
+    assert not sock.exists()
+    assert not (tmp_path / "sidecar-1.sock").exists()
