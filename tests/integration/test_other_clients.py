@@ -17,11 +17,15 @@ import services
 
 from tests.integration.helpers import (
     ROOT,
+    SidecarProcess,
     committed_offsets,
+    port_pair,
+    process_env,
     read_topic,
     running_sidecar,
     settings_dict,
     unique,
+    wait_group_balanced,
 )
 
 CLIENTS = ROOT / "clients"
@@ -134,3 +138,49 @@ async def test_client_over_mtls_and_a_unix_socket(
         if shape == "mtls":  # without the client certificate the handshake fails
             code, _, err = await run([*command, *args[:12]], 60)
             assert code == 1, err
+
+
+async def test_client_subscribes_on_every_worker(
+    kafka: services.KafkaBroker,
+    redis_server: services.RedisServer,
+    roundtrip: tuple[str, list[str]],
+    tmp_path: Path,
+) -> None:
+    """Against a sidecar of two worker processes (server.workers), each holding half of the
+    partitions: the client lists the workers, receives every record from both, and its acks
+    reach the worker that delivered each one, so every partition's offset commits."""
+    prefix, command = roundtrip
+    topic, group = unique(f"{prefix}-workers"), unique("g")
+    partitions, n, again = 6, 120, 10
+    kafka.create_topic(topic, partitions)
+    sc = SidecarProcess(
+        process_env(
+            kafka,
+            topic,
+            group,
+            redis_server.url,
+            DEDUP_SERVER__WORKERS="2",
+            # Keyless records to a random partition each, so both workers' partitions get some.
+            DEDUP_KAFKA__PRODUCER='{"sticky.partitioning.linger.ms": 0}',
+        ),
+        tmp_path / "log",
+    )
+    sc.port = port_pair()
+    sc.start()
+    try:
+        await sc.wait_serving()
+        await wait_group_balanced(kafka, group, 2)
+        args = ["--target", sc.target, "--topic", topic, "--n", str(n), "--again", str(again)]
+        code, out, err = await run([*command, *args], 120)
+        assert code == 0, err.decode()
+        assert json.loads(out) == {"published": n, "duplicates": again, "received": n, "acked": n}
+        ends: dict[int, int] = {}
+        for m in read_topic(kafka, topic, expect=n):
+            ends[m.partition()] = max(ends.get(m.partition(), 0), m.offset() + 1)
+        assert len(ends) == partitions
+        deadline = time.monotonic() + 15
+        while (committed := committed_offsets(kafka, group, topic, partitions)) != ends:
+            assert time.monotonic() < deadline, (committed, ends)
+            await asyncio.sleep(0.2)
+    finally:
+        assert sc.terminate() == 0

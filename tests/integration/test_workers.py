@@ -8,7 +8,6 @@ from __future__ import annotations
 import asyncio
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -23,6 +22,7 @@ from tests.integration.helpers import (
     ROOT,
     SidecarProcess,
     committed_offsets,
+    port_pair,
     process_env,
     raw_produce,
     unique,
@@ -30,19 +30,6 @@ from tests.integration.helpers import (
 )
 
 PARTITIONS = 6
-
-
-def _port_pair() -> int:
-    """A port P with P + 1 free too, for worker 0 and worker 1."""
-    for _ in range(50):
-        port = services.free_port()
-        with socket.socket() as s:
-            try:
-                s.bind(("127.0.0.1", port + 1))
-            except OSError:
-                continue
-        return port
-    raise RuntimeError("no two consecutive free ports")
 
 
 def _children(pid: int) -> list[int]:
@@ -76,7 +63,7 @@ async def test_two_workers_deliver_every_partition_once_and_commit_on_ack(
     sc = SidecarProcess(
         process_env(kafka, topic, group, redis_server.url, DEDUP_SERVER__WORKERS="2"), tmp_path / "log"
     )
-    sc.port = _port_pair()
+    sc.port = port_pair()
     sc.start()
     try:
         await sc.wait_serving()
@@ -133,7 +120,7 @@ async def test_a_worker_killed_is_restarted_and_its_records_are_delivered(
     kafka.create_topic(topic, partitions=PARTITIONS)
     env = process_env(kafka, topic, group, redis_server.url, DEDUP_SERVER__WORKERS="2")
     sc = SidecarProcess(env, tmp_path / "log")
-    sc.port = _port_pair()
+    sc.port = port_pair()
     sc.start()
     try:
         await sc.wait_serving()
@@ -197,7 +184,7 @@ async def test_workers_share_a_sqlite_store_on_unix_sockets(
         DEDUP_STORE__BACKEND="sqlite",
         DEDUP_STORE__SQLITE_PATH=str(tmp_path / "dedup.sqlite3"),
         DEDUP_SERVER__LISTEN=f"unix://{sock}",
-        DEDUP_SERVER__HEALTH_LISTEN=f"127.0.0.1:{_port_pair()}",
+        DEDUP_SERVER__HEALTH_LISTEN=f"127.0.0.1:{port_pair()}",
     )
     sc = SidecarProcess(env, tmp_path / "log")
     sc.start()

@@ -22,8 +22,12 @@ import (
 	"crypto/x509"
 	"errors"
 	"fmt"
+	"io"
 	"os"
 	"strconv"
+	"strings"
+	"sync"
+	"sync/atomic"
 	"time"
 
 	"google.golang.org/grpc"
@@ -72,6 +76,11 @@ type Options struct {
 	// DialOptions are added after the defaults (plaintext or TLS, and a 64 MiB receive limit
 	// for large frames).
 	DialOptions []grpc.DialOption
+	// TargetOnly uses the target alone with a sidecar of several worker processes
+	// (server.workers), which then delivers only that worker's partitions. By default the
+	// client lists the workers (ListWorkers) when the first stream opens, subscribes on every
+	// one, sends each ack to the worker that delivered it, and spreads publishes over them.
+	TargetOnly bool
 }
 
 // TLSOptions are the files of a TLS or mTLS connection to the sidecar, all PEM.
@@ -112,11 +121,25 @@ func (t *TLSOptions) Config() (*tls.Config, error) {
 	return cfg, nil
 }
 
-// Client talks to one sidecar.
+// Client talks to one sidecar: to each of its worker processes once it listed them.
 type Client struct {
+	target string
+	dial   []grpc.DialOption
+	conn   *grpc.ClientConn
+	stub   dedupv1.DedupServiceClient
+	opts   Options
+
+	mu         sync.Mutex // guards the worker slices while ListWorkers fills them in
+	discovered bool
+	workers    []*worker
+	routes     sync.Map // delivery id prefix (one worker process) -> *worker
+	turn       atomic.Uint64
+}
+
+// worker is one worker process of the sidecar: its connection and its gathered acks.
+type worker struct {
 	conn *grpc.ClientConn
 	stub dedupv1.DedupServiceClient
-	opts Options
 	acks *ackBatcher
 }
 
@@ -147,27 +170,108 @@ func New(target string, opts Options) (*Client, error) {
 	if opts.Token != "" {
 		dial = append(dial, grpc.WithPerRPCCredentials(bearer("Bearer "+opts.Token)))
 	}
-	conn, err := grpc.NewClient(target, append(dial, opts.DialOptions...)...)
+	dial = append(dial, opts.DialOptions...)
+	conn, err := grpc.NewClient(target, dial...)
 	if err != nil {
 		return nil, fmt.Errorf("dedup: connecting to %q: %w", target, err)
 	}
-	c := &Client{conn: conn, stub: dedupv1.NewDedupServiceClient(conn), opts: opts}
-	c.acks = newAckBatcher(opts.AckLinger, opts.AckMaxIDs, func(ids []string) ([]AckResult, error) {
-		ctx, cancel := context.WithTimeout(context.Background(), opts.AckTimeout)
-		defer cancel()
-		return c.AckMany(ctx, ids)
-	})
+	c := &Client{target: target, dial: dial, conn: conn, stub: dedupv1.NewDedupServiceClient(conn), opts: opts}
+	c.workers = []*worker{c.newWorker(conn)}
 	return c, nil
+}
+
+func (c *Client) newWorker(conn *grpc.ClientConn) *worker {
+	w := &worker{conn: conn, stub: dedupv1.NewDedupServiceClient(conn)}
+	w.acks = newAckBatcher(c.opts.AckLinger, c.opts.AckMaxIDs, func(ids []string) ([]AckResult, error) {
+		ctx, cancel := context.WithTimeout(context.Background(), c.opts.AckTimeout)
+		defer cancel()
+		return c.ackOn(ctx, w, ids)
+	})
+	return w
 }
 
 // Stub is the generated client, for calls this package does not wrap.
 func (c *Client) Stub() dedupv1.DedupServiceClient { return c.stub }
 
+// Workers lists the sidecar's worker processes (ListWorkers) and connects to each one, once,
+// and returns how many there are. A sidecar without ListWorkers counts as one worker.
+func (c *Client) Workers(ctx context.Context) (int, error) {
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	if c.discovered || c.opts.TargetOnly {
+		return len(c.workers), nil
+	}
+	resp, err := c.stub.ListWorkers(ctx, &dedupv1.ListWorkersRequest{})
+	if status.Code(err) == codes.Unimplemented {
+		resp, err = &dedupv1.ListWorkersResponse{}, nil
+	}
+	if err != nil {
+		return 0, err
+	}
+	c.discovered = true
+	if len(resp.Workers) <= 1 {
+		return 1, nil
+	}
+	workers := make([]*worker, len(resp.Workers))
+	for i, w := range resp.Workers {
+		if w.Index == resp.ThisWorker {
+			workers[i] = c.workers[0]
+			continue
+		}
+		target := withPort(c.target, w.Port)
+		if w.UnixSocket != "" {
+			target = "unix://" + w.UnixSocket
+		}
+		conn, err := grpc.NewClient(target, c.dial...)
+		if err != nil {
+			return 0, fmt.Errorf("dedup: connecting to worker %d at %q: %w", w.Index, target, err)
+		}
+		workers[i] = c.newWorker(conn)
+	}
+	c.workers = workers
+	return len(workers), nil
+}
+
+// withPort is target with its port replaced: another worker on the host the client dialled.
+func withPort(target string, port int32) string {
+	if i := strings.LastIndexByte(target, ':'); i >= 0 && !strings.HasSuffix(target[:i], ":") {
+		return target[:i+1] + strconv.Itoa(int(port))
+	}
+	return target + ":" + strconv.Itoa(int(port))
+}
+
+func (c *Client) all() []*worker {
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	return c.workers
+}
+
+// workerOf is the worker that delivered id (the first one when it is not known).
+func (c *Client) workerOf(id string) *worker {
+	prefix, _, _ := strings.Cut(id, ".")
+	if w, ok := c.routes.Load(prefix); ok {
+		return w.(*worker)
+	}
+	return c.all()[0]
+}
+
+// next is the worker whose turn it is to publish.
+func (c *Client) next() *worker {
+	workers := c.all()
+	if len(workers) == 1 {
+		return workers[0]
+	}
+	return workers[c.turn.Add(1)%uint64(len(workers))]
+}
+
 // Close sends the acks gathered so far, waits for their answers until ctx is done, and closes
-// the connection.
+// the connections.
 func (c *Client) Close(ctx context.Context) error {
-	flushErr := c.FlushAcks(ctx)
-	return errors.Join(flushErr, c.conn.Close())
+	errs := []error{c.FlushAcks(ctx)}
+	for _, w := range c.all() {
+		errs = append(errs, w.conn.Close())
+	}
+	return errors.Join(errs...)
 }
 
 // SubscribeOptions are the flow-control bounds of one stream; zero means the sidecar's default.
@@ -185,44 +289,111 @@ type SubscribeOptions struct {
 	Ordering dedupv1.Ordering
 }
 
-// Stream is an open Subscribe call.
+// Stream is an open Subscribe call: one per worker of the sidecar, merged.
 type Stream struct {
 	client *Client
-	call   grpc.ServerStreamingClient[dedupv1.SubscribeResponse]
+	calls  []grpc.ServerStreamingClient[dedupv1.SubscribeResponse]
 	cancel context.CancelFunc
+	frames chan received // with several workers: every worker's frames, then its end
+	open   int           // workers whose stream has not ended
+}
+
+type received struct {
+	worker *worker
+	frame  *dedupv1.SubscribeResponse
+	err    error
 }
 
 // Subscribe opens a stream of deliveries. Un-acked deliveries are redelivered (to this or
-// another stream) after their deadline or when the stream closes.
+// another stream) after their deadline or when the stream closes. With several workers it
+// subscribes on each one; MaxInFlight and MaxInFlightBytes are shared out among them (each
+// gets its share, rounded up).
 func (c *Client) Subscribe(ctx context.Context, o SubscribeOptions) (*Stream, error) {
+	n, err := c.Workers(ctx)
+	if err != nil {
+		return nil, err
+	}
 	ctx, cancel := context.WithCancel(ctx)
-	call, err := c.stub.Subscribe(ctx, &dedupv1.SubscribeRequest{
+	req := &dedupv1.SubscribeRequest{
 		Topics:           o.Topics,
-		MaxInFlight:      o.MaxInFlight,
-		MaxInFlightBytes: o.MaxInFlightBytes,
+		MaxInFlight:      int32((int64(o.MaxInFlight) + int64(n) - 1) / int64(n)),
+		MaxInFlightBytes: (o.MaxInFlightBytes + int64(n) - 1) / int64(n),
 		MaxBatch:         o.MaxBatch,
 		Ordering:         o.Ordering,
-	})
-	if err != nil {
-		cancel()
-		return nil, err
 	}
-	return &Stream{client: c, call: call, cancel: cancel}, nil
+	workers := c.all()
+	s := &Stream{client: c, cancel: cancel}
+	for _, w := range workers {
+		call, err := w.stub.Subscribe(ctx, req)
+		if err != nil {
+			cancel()
+			return nil, err
+		}
+		s.calls = append(s.calls, call)
+	}
+	if len(workers) > 1 {
+		s.frames, s.open = make(chan received, len(workers)), len(workers)
+		for i, w := range workers {
+			go s.pump(ctx, w, s.calls[i])
+		}
+	}
+	return s, nil
 }
 
-// Recv waits for the next frame. It returns io.EOF when the sidecar ends the stream, and the
-// call's gRPC status error otherwise (for example INVALID_ARGUMENT for a topic the sidecar
-// does not consume).
-func (s *Stream) Recv() ([]*Message, error) {
-	frame, err := s.call.Recv()
-	if err != nil {
-		return nil, err
+// pump passes one worker's frames on to Recv, then the error that ended its stream.
+func (s *Stream) pump(ctx context.Context, w *worker, call grpc.ServerStreamingClient[dedupv1.SubscribeResponse]) {
+	for {
+		frame, err := call.Recv()
+		select {
+		case s.frames <- received{worker: w, frame: frame, err: err}:
+		case <-ctx.Done():
+			return
+		}
+		if err != nil {
+			return
+		}
 	}
+}
+
+// Recv waits for the next frame. It returns io.EOF when the sidecar ends the stream (every
+// worker's), and the call's gRPC status error otherwise (for example INVALID_ARGUMENT for a
+// topic the sidecar does not consume); a failed worker stream ends the whole Stream.
+func (s *Stream) Recv() ([]*Message, error) {
+	if s.frames == nil {
+		frame, err := s.calls[0].Recv()
+		if err != nil {
+			return nil, err
+		}
+		return s.messages(s.client.all()[0], frame), nil
+	}
+	for {
+		if s.open == 0 {
+			return nil, io.EOF
+		}
+		r := <-s.frames
+		if r.err == io.EOF {
+			s.open--
+			continue
+		}
+		if r.err != nil {
+			s.cancel()
+			s.open = 0
+			return nil, r.err
+		}
+		if len(r.frame.Deliveries) > 0 {
+			prefix, _, _ := strings.Cut(r.frame.Deliveries[0].DeliveryId, ".")
+			s.client.routes.Store(prefix, r.worker)
+		}
+		return s.messages(r.worker, r.frame), nil
+	}
+}
+
+func (s *Stream) messages(w *worker, frame *dedupv1.SubscribeResponse) []*Message {
 	out := make([]*Message, len(frame.Deliveries))
 	for i, d := range frame.Deliveries {
-		out[i] = &Message{Delivery: d, client: s.client}
+		out[i] = &Message{Delivery: d, client: s.client, worker: w}
 	}
-	return out, nil
+	return out
 }
 
 // Close ends the stream. Its un-acked deliveries go back to the sidecar for redelivery.
@@ -232,23 +403,27 @@ func (s *Stream) Close() { s.cancel() }
 type Message struct {
 	*dedupv1.Delivery
 	client *Client
+	worker *worker // the worker that delivered it, which its Ack goes to
 }
 
 // Ack settles the message once its side effects are done. It does not block: the ack joins
 // the next gathered Ack call (or, with Options.PlainAcks, makes its own), and the returned
 // PendingAck tells the result.
 func (m *Message) Ack() *PendingAck {
+	if m.worker == nil {
+		m.worker = m.client.workerOf(m.DeliveryId)
+	}
 	if m.client.opts.PlainAcks {
 		a := newPendingAck()
 		go func() {
 			ctx, cancel := context.WithTimeout(context.Background(), m.client.opts.AckTimeout)
 			defer cancel()
-			results, err := m.client.AckMany(ctx, []string{m.DeliveryId})
+			results, err := m.client.ackOn(ctx, m.worker, []string{m.DeliveryId})
 			a.settle(results, 0, err)
 		}()
 		return a
 	}
-	return m.client.acks.add(m.DeliveryId)
+	return m.worker.acks.add(m.DeliveryId)
 }
 
 // Nack gives the message back for redelivery (after opts.Delay, or the sidecar's backoff),
@@ -265,16 +440,70 @@ func (m *Message) Nack(ctx context.Context, opts NackOptions) (AckResult, error)
 // the call's gRPC status error (UNAVAILABLE when the sidecar's store is down: nothing was
 // acked, retry).
 func (c *Client) AckMany(ctx context.Context, ids []string) ([]AckResult, error) {
-	resp, err := c.stub.Ack(ctx, &dedupv1.AckRequest{DeliveryIds: ids})
+	return c.perWorker(ctx, ids, c.ackOn)
+}
+
+func (c *Client) ackOn(ctx context.Context, w *worker, ids []string) ([]AckResult, error) {
+	resp, err := w.stub.Ack(ctx, &dedupv1.AckRequest{DeliveryIds: ids})
 	if err != nil {
 		return nil, err
 	}
 	return checkResults(resp.Results, len(ids))
 }
 
+// perWorker makes one call per worker that delivered some of ids; the results are in the
+// order of ids. Any call's error is the error.
+func (c *Client) perWorker(
+	ctx context.Context, ids []string, call func(context.Context, *worker, []string) ([]AckResult, error),
+) ([]AckResult, error) {
+	if len(c.all()) == 1 {
+		return call(ctx, c.all()[0], ids)
+	}
+	groups := map[*worker][]int{}
+	for i, id := range ids {
+		w := c.workerOf(id)
+		groups[w] = append(groups[w], i)
+	}
+	out := make([]AckResult, len(ids))
+	var wg sync.WaitGroup
+	var mu sync.Mutex
+	var errs []error
+	for w, positions := range groups {
+		wg.Add(1)
+		go func() {
+			defer wg.Done()
+			mine := make([]string, len(positions))
+			for j, i := range positions {
+				mine[j] = ids[i]
+			}
+			results, err := call(ctx, w, mine)
+			mu.Lock()
+			defer mu.Unlock()
+			if err != nil {
+				errs = append(errs, err)
+				return
+			}
+			for j, i := range positions {
+				out[i] = results[j]
+			}
+		}()
+	}
+	wg.Wait()
+	if len(errs) > 0 {
+		return nil, errs[0]
+	}
+	return out, nil
+}
+
 // FlushAcks sends the acks gathered so far and waits for the answers to every Ack call sent,
 // or until ctx is done.
-func (c *Client) FlushAcks(ctx context.Context) error { return c.acks.drain(ctx) }
+func (c *Client) FlushAcks(ctx context.Context) error {
+	var errs []error
+	for _, w := range c.all() {
+		errs = append(errs, w.acks.drain(ctx))
+	}
+	return errors.Join(errs...)
+}
 
 // NackOptions say what happens to nacked deliveries.
 type NackOptions struct {
@@ -288,25 +517,29 @@ type NackOptions struct {
 
 // Nack gives deliveries back; see Message.Nack.
 func (c *Client) Nack(ctx context.Context, ids []string, opts NackOptions) ([]AckResult, error) {
-	req := &dedupv1.NackRequest{DeliveryIds: ids, DeadLetter: opts.DeadLetter, Reason: opts.Reason}
-	if opts.Delay != nil {
-		seconds := opts.Delay.Seconds()
-		req.DelaySeconds = &seconds
-	}
-	resp, err := c.stub.Nack(ctx, req)
-	if err != nil {
-		return nil, err
-	}
-	return checkResults(resp.Results, len(ids))
+	return c.perWorker(ctx, ids, func(ctx context.Context, w *worker, ids []string) ([]AckResult, error) {
+		req := &dedupv1.NackRequest{DeliveryIds: ids, DeadLetter: opts.DeadLetter, Reason: opts.Reason}
+		if opts.Delay != nil {
+			seconds := opts.Delay.Seconds()
+			req.DelaySeconds = &seconds
+		}
+		resp, err := w.stub.Nack(ctx, req)
+		if err != nil {
+			return nil, err
+		}
+		return checkResults(resp.Results, len(ids))
+	})
 }
 
 // ExtendDeadline gives deliveries more time before they are redelivered.
 func (c *Client) ExtendDeadline(ctx context.Context, ids []string, seconds int32) ([]AckResult, error) {
-	resp, err := c.stub.ExtendDeadline(ctx, &dedupv1.ExtendDeadlineRequest{DeliveryIds: ids, Seconds: seconds})
-	if err != nil {
-		return nil, err
-	}
-	return checkResults(resp.Results, len(ids))
+	return c.perWorker(ctx, ids, func(ctx context.Context, w *worker, ids []string) ([]AckResult, error) {
+		resp, err := w.stub.ExtendDeadline(ctx, &dedupv1.ExtendDeadlineRequest{DeliveryIds: ids, Seconds: seconds})
+		if err != nil {
+			return nil, err
+		}
+		return checkResults(resp.Results, len(ids))
+	})
 }
 
 func checkResults(results []AckResult, want int) ([]AckResult, error) {

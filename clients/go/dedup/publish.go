@@ -60,7 +60,7 @@ type PublishOutcome struct {
 // record, ALREADY_EXISTS for a key published before with another payload, DEADLINE_EXCEEDED
 // or UNAVAILABLE when the outcome is unknown (retry with the same idempotency key).
 func (c *Client) Publish(ctx context.Context, r Record) (PublishResult, error) {
-	resp, err := c.stub.Publish(ctx, r.request())
+	resp, err := c.next().stub.Publish(ctx, r.request())
 	if err != nil {
 		return PublishResult{}, err
 	}
@@ -75,7 +75,7 @@ func (c *Client) PublishBatch(ctx context.Context, records []Record) ([]PublishO
 	for i := range records {
 		req.Entries[i] = records[i].request()
 	}
-	resp, err := c.stub.PublishBatch(ctx, req)
+	resp, err := c.next().stub.PublishBatch(ctx, req)
 	if err != nil {
 		return nil, err
 	}

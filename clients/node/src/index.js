@@ -169,6 +169,10 @@ export class Message {
  * @property {grpc.ChannelCredentials} [credentials] overrides tls; default: plaintext, for a sidecar
  *   on loopback or a Unix socket
  * @property {grpc.ChannelOptions} [channelOptions]
+ * @property {boolean} [targetOnly] use the target alone with a sidecar of several worker processes
+ *   (server.workers), which then delivers only that worker's partitions. By default the client
+ *   lists the workers (ListWorkers) when the first stream opens, subscribes on every one, sends
+ *   each ack to the worker that delivered it, and spreads publishes over them.
  *
  * @typedef {object} TlsOptions
  * @property {string} [caFile] the CA that signed the sidecar's certificate (PEM); unset: the system's
@@ -262,55 +266,152 @@ export class DedupClient {
   constructor(target, options = {}) {
     this.options = { ackLingerMs: 5, ackMaxIds: 1000, plainAcks: false, timeoutMs: 60_000, ...options };
     const secured = this.options.tls ? tlsCredentials(this.options.tls) : null;
-    const credentials = this.options.credentials ?? secured?.credentials ?? grpc.credentials.createInsecure();
-    this.stub = new DedupService(target, credentials, {
+    this.target = target;
+    this.credentials = this.options.credentials ?? secured?.credentials ?? grpc.credentials.createInsecure();
+    this.channelOptions = {
       "grpc.max_receive_message_length": 64 * 1024 * 1024,
       ...secured?.channelOptions,
       ...this.options.channelOptions,
-    });
+    };
+    this.stub = new DedupService(target, this.credentials, this.channelOptions);
     this.metadata = new grpc.Metadata();
     if (this.options.token) this.metadata.set("authorization", `Bearer ${this.options.token}`);
-    this.acks = new AckBatcher((ids) => this.ackMany(ids), this.options.ackLingerMs, this.options.ackMaxIds);
+    /** One per worker process once ListWorkers answered; the target's alone until then. */
+    this.workers = [this.worker(this.stub)];
+    /** @type {Map<string, Worker>} delivery id prefix (one worker process) -> its worker */
+    this.routes = new Map();
+    this.turn = 0;
+    /** @type {Promise<number> | null} */
+    this.discovery = null;
+  }
+
+  /**
+   * @typedef {{stub: any, acks: AckBatcher}} Worker
+   * @param {any} stub
+   * @returns {Worker}
+   */
+  worker(stub) {
+    /** @type {Worker} */
+    const w = { stub, acks: /** @type {any} */ (null) };
+    w.acks = new AckBatcher((ids) => this.ackOn(w, ids), this.options.ackLingerMs, this.options.ackMaxIds);
+    return w;
+  }
+
+  /**
+   * List the sidecar's workers (ListWorkers) and connect to each one, once; resolves to how many
+   * there are. A sidecar without ListWorkers counts as one worker.
+   * @returns {Promise<number>}
+   */
+  listWorkers() {
+    if (this.options.targetOnly) return Promise.resolve(1);
+    this.discovery ??= this.call("ListWorkers", {}).then(
+      (resp) => {
+        if (resp.workers.length <= 1) return 1;
+        this.workers = resp.workers.map((/** @type {any} */ w) => {
+          if (w.index === resp.thisWorker) return this.workers[0];
+          const target = w.unixSocket ? `unix://${w.unixSocket}` : withPort(this.target, w.port);
+          return this.worker(new DedupService(target, this.credentials, this.channelOptions));
+        });
+        return this.workers.length;
+      },
+      (err) => {
+        if (err.code === grpc.status.UNIMPLEMENTED) return 1;
+        this.discovery = null;
+        throw err;
+      },
+    );
+    return this.discovery;
   }
 
   /**
    * One unary call; rejects with the grpc.ServiceError (code, details) when it fails.
    * @param {string} method
    * @param {object} request
+   * @param {any} [stub] the worker's; default: the target's
    * @returns {Promise<any>}
    */
-  call(method, request) {
+  call(method, request, stub = this.stub) {
     const deadline = Date.now() + this.options.timeoutMs;
     return new Promise((resolve, reject) => {
-      this.stub[method](request, this.metadata, { deadline }, (/** @type {any} */ err, /** @type {any} */ resp) =>
+      stub[method](request, this.metadata, { deadline }, (/** @type {any} */ err, /** @type {any} */ resp) =>
         err ? reject(err) : resolve(resp),
       );
     });
   }
 
   /**
+   * @param {string} deliveryId
+   * @returns {Worker} the worker that delivered it (the target's when not known)
+   */
+  workerOf(deliveryId) {
+    if (this.workers.length === 1) return this.workers[0];
+    return this.routes.get(deliveryId.split(".", 1)[0]) ?? this.workers[0];
+  }
+
+  /** The worker whose turn it is to publish. */
+  nextStub() {
+    if (this.workers.length === 1) return this.stub;
+    this.turn = (this.turn + 1) % this.workers.length;
+    return this.workers[this.turn].stub;
+  }
+
+  /**
    * Frames of messages until the stream ends; leaving the loop closes the stream, and its
-   * un-acked messages are redelivered.
+   * un-acked messages are redelivered. With several workers there is one stream per worker,
+   * merged; maxInFlight and maxInFlightBytes are shared out among them (each gets its share,
+   * rounded up), and a stream that fails ends them all with its error.
    * @param {SubscribeOptions} [options]
    * @returns {AsyncGenerator<Message[]>}
    */
   async *frames(options = {}) {
-    const call = this.stub.Subscribe(
-      {
-        topics: options.topics ?? [],
-        maxInFlight: options.maxInFlight ?? 0,
-        maxInFlightBytes: options.maxInFlightBytes ?? 0,
-        maxBatch: options.maxBatch ?? 0,
-        ordering: options.ordering ? `ORDERING_${options.ordering.toUpperCase()}` : "ORDERING_UNSPECIFIED",
-      },
-      this.metadata,
-    );
+    const n = await this.listWorkers();
+    const request = {
+      topics: options.topics ?? [],
+      maxInFlight: Math.ceil((options.maxInFlight ?? 0) / n),
+      maxInFlightBytes: Math.ceil((options.maxInFlightBytes ?? 0) / n),
+      maxBatch: options.maxBatch ?? 0,
+      ordering: options.ordering ? `ORDERING_${options.ordering.toUpperCase()}` : "ORDERING_UNSPECIFIED",
+    };
+    const workers = this.workers;
+    const calls = workers.map((w) => w.stub.Subscribe(request, this.metadata));
+    if (calls.length === 1) {
+      try {
+        for await (const frame of calls[0]) {
+          yield frame.deliveries.map((/** @type {any} */ d) => new Message(this, d));
+        }
+      } finally {
+        calls[0].cancel();
+      }
+      return;
+    }
+    /** @type {({frame: any} | {error: Error} | {end: true})[]} */
+    const queue = [];
+    /** @type {(() => void) | null} */
+    let wake = null;
+    const push = (/** @type {any} */ item) => {
+      queue.push(item);
+      if (wake) wake();
+    };
+    calls.forEach((call, i) => {
+      call.on("data", (/** @type {any} */ frame) => {
+        if (frame.deliveries.length > 0) this.routes.set(frame.deliveries[0].deliveryId.split(".", 1)[0], workers[i]);
+        push({ frame });
+      });
+      call.on("error", (/** @type {Error} */ error) => push({ error }));
+      call.on("end", () => push({ end: true }));
+    });
+    let open = calls.length;
     try {
-      for await (const frame of call) {
-        yield frame.deliveries.map((/** @type {any} */ d) => new Message(this, d));
+      while (open > 0) {
+        if (queue.length === 0) await new Promise((resolve) => (wake = () => resolve(undefined)));
+        wake = null;
+        const item = /** @type {any} */ (queue.shift());
+        if (item.error) throw item.error;
+        if (item.end) open -= 1;
+        else yield item.frame.deliveries.map((/** @type {any} */ d) => new Message(this, d));
       }
     } finally {
-      call.cancel();
+      for (const call of calls) call.cancel();
     }
   }
 
@@ -329,7 +430,7 @@ export class DedupClient {
    * @returns {Promise<string>}
    */
   ack(deliveryId) {
-    if (!this.options.plainAcks) return this.acks.add(deliveryId);
+    if (!this.options.plainAcks) return this.workerOf(deliveryId).acks.add(deliveryId);
     return unhandledIsFine(
       this.ackMany([deliveryId]).then(
         ([r]) => r,
@@ -345,12 +446,49 @@ export class DedupClient {
    * @returns {Promise<string[]>}
    */
   async ackMany(ids) {
-    return results(await this.call("Ack", { deliveryIds: ids }), ids.length);
+    return this.perWorker(ids, (w, mine) => this.ackOn(w, mine));
+  }
+
+  /**
+   * @param {Worker} w
+   * @param {string[]} ids
+   * @returns {Promise<string[]>}
+   */
+  async ackOn(w, ids) {
+    return results(await this.call("Ack", { deliveryIds: ids }, w.stub), ids.length);
+  }
+
+  /**
+   * One call per worker that delivered some of ids; the results in the order of ids.
+   * @param {string[]} ids
+   * @param {(w: Worker, ids: string[]) => Promise<string[]>} call
+   * @returns {Promise<string[]>}
+   */
+  async perWorker(ids, call) {
+    if (this.workers.length === 1) return call(this.workers[0], ids);
+    /** @type {Map<Worker, number[]>} */
+    const groups = new Map();
+    ids.forEach((id, i) => {
+      const w = this.workerOf(id);
+      groups.set(w, [...(groups.get(w) ?? []), i]);
+    });
+    /** @type {string[]} */
+    const out = new Array(ids.length);
+    await Promise.all(
+      [...groups].map(async ([w, positions]) => {
+        const answers = await call(
+          w,
+          positions.map((i) => ids[i]),
+        );
+        positions.forEach((i, j) => (out[i] = answers[j]));
+      }),
+    );
+    return out;
   }
 
   /** Send the acks gathered so far and wait for the answers to every Ack call sent. */
   async flushAcks() {
-    await this.acks.drain();
+    await Promise.all(this.workers.map((w) => w.acks.drain()));
   }
 
   /**
@@ -359,10 +497,12 @@ export class DedupClient {
    * @returns {Promise<string[]>}
    */
   async nack(ids, options = {}) {
-    /** @type {Record<string, unknown>} */
-    const request = { deliveryIds: ids, deadLetter: options.deadLetter ?? false, reason: options.reason ?? "" };
-    if (options.delaySeconds !== undefined) request.delaySeconds = options.delaySeconds;
-    return results(await this.call("Nack", request), ids.length);
+    return this.perWorker(ids, async (w, mine) => {
+      /** @type {Record<string, unknown>} */
+      const request = { deliveryIds: mine, deadLetter: options.deadLetter ?? false, reason: options.reason ?? "" };
+      if (options.delaySeconds !== undefined) request.delaySeconds = options.delaySeconds;
+      return results(await this.call("Nack", request, w.stub), mine.length);
+    });
   }
 
   /**
@@ -371,7 +511,9 @@ export class DedupClient {
    * @returns {Promise<string[]>}
    */
   async extendDeadline(ids, seconds) {
-    return results(await this.call("ExtendDeadline", { deliveryIds: ids, seconds }), ids.length);
+    return this.perWorker(ids, async (w, mine) =>
+      results(await this.call("ExtendDeadline", { deliveryIds: mine, seconds }, w.stub), mine.length),
+    );
   }
 
   /**
@@ -383,7 +525,7 @@ export class DedupClient {
    * @returns {Promise<PublishResult>}
    */
   async publish(record) {
-    return publishResult(await this.call("Publish", publishRequest(record)));
+    return publishResult(await this.call("Publish", publishRequest(record), this.nextStub()));
   }
 
   /**
@@ -394,7 +536,7 @@ export class DedupClient {
    * @returns {Promise<(PublishResult | PublishError)[]>}
    */
   async publishBatch(records) {
-    const resp = await this.call("PublishBatch", { entries: records.map(publishRequest) });
+    const resp = await this.call("PublishBatch", { entries: records.map(publishRequest) }, this.nextStub());
     if (resp.results.length !== records.length) {
       throw new Error(`the sidecar answered ${resp.results.length} results for ${records.length} records`);
     }
@@ -403,11 +545,21 @@ export class DedupClient {
     );
   }
 
-  /** Send the gathered acks, wait for their answers, and close the channel. */
+  /** Send the gathered acks, wait for their answers, and close the channels. */
   async close() {
     await this.flushAcks();
-    this.stub.close();
+    for (const w of this.workers) w.stub.close();
   }
+}
+
+/**
+ * The target with its port replaced: another worker on the host the client dialled.
+ * @param {string} target
+ * @param {number} port
+ */
+function withPort(target, port) {
+  const i = target.lastIndexOf(":");
+  return i >= 0 && !target.slice(0, i).endsWith(":") ? `${target.slice(0, i)}:${port}` : `${target}:${port}`;
 }
 
 /**
