@@ -1,4 +1,4 @@
-"""The faults F2 to F10, each injected on this machine by the harness itself."""
+"""The faults, each injected on this machine by the harness itself."""
 
 from __future__ import annotations
 
@@ -43,12 +43,12 @@ async def f3_kill_app(s: Scenario) -> str:
 
 async def f4_zombie_sidecar(s: Scenario) -> str:
     await settle_in(s)
-    pids = [s.member(v, 0).sidecar.proc.pid for v in VARIANTS]  # type: ignore[union-attr]
-    for pid in pids:
-        os.kill(pid, signal.SIGSTOP)
+    zombies = [s.member(v, 0).sidecar for v in VARIANTS]
+    for sidecar in zombies:
+        sidecar.pause()
     await asyncio.sleep(10)  # past session.timeout.ms (6 s) and the lease (5 s + 1 s)
-    for pid in pids:
-        os.kill(pid, signal.SIGCONT)
+    for sidecar in zombies:
+        sidecar.resume()
     return "sidecar 0 of each group SIGSTOPped 10 s (past session timeout and lease), then SIGCONT"
 
 
@@ -67,6 +67,18 @@ async def f6_churn(s: Scenario) -> str:
         await asyncio.sleep(0.5)
         await asyncio.gather(*(s.restart_sidecar(s.member(v, i % 3)) for v in VARIANTS))
     return "three replicas per group; one kill -9'd and restarted every ~3 s, 5 times"
+
+
+async def f17_kill_worker(s: Scenario) -> str:
+    """With server.workers > 1: one worker process of sidecar 0 of each group is SIGKILLed; its
+    supervisor starts it again, and the group rebalances around it."""
+    for _ in range(3):
+        await asyncio.sleep(s.rng.uniform(1.0, 3.0))
+        for v in VARIANTS:
+            workers = sorted(s.member(v, 0).sidecar.worker_pids())
+            assert len(workers) > 1, "F17 needs server.workers > 1"
+            os.kill(s.rng.choice(workers), signal.SIGKILL)
+    return "one worker process of sidecar 0 of each group kill -9'd 3 times; its supervisor restarted it"
 
 
 def one_redis(s: Scenario) -> services.RedisServer:

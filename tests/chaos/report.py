@@ -22,7 +22,7 @@ from faultproxy import FaultProxy  # noqa: E402
 
 from tests.chaos import faults  # noqa: E402
 from tests.chaos.harness import Fault, Figures, run_scenario  # noqa: E402
-from tests.chaos.test_faults import FAILOVERS, ORDERED, failover_env, failover_fault  # noqa: E402
+from tests.chaos.test_faults import FAILOVERS, ORDERED, WORKERS, failover_env, failover_fault  # noqa: E402
 
 #: The F11-F14 rows run on services.KafkaCluster (a single Redis node, appendfsync everysec).
 KAFKA_CLUSTER = "kafka-cluster"
@@ -104,6 +104,36 @@ FAULTS: list[tuple[str, str, Fault, dict[str, Any], str]] = [
         'rebalance churn, delivery.ordering = "key", 100 Kafka keys',
         faults.f6_churn,
         {"env": ORDERED, "entities": 100, "app_args": ["--concurrent"]},
+        "everysec",
+    ),
+    # server.workers = 2: every sidecar is a supervisor and two worker processes; the apps'
+    # client subscribes on both workers.
+    (
+        "F17",
+        "kill -9 of one worker process, server.workers = 2",
+        faults.f17_kill_worker,
+        {"env": WORKERS},
+        "everysec",
+    ),
+    (
+        "F2-workers",
+        "kill -9 of a whole sidecar (supervisor and both workers), server.workers = 2",
+        faults.f2_kill_sidecar,
+        {"env": WORKERS},
+        "everysec",
+    ),
+    (
+        "F4-workers",
+        "zombie sidecar of two workers: SIGSTOP past session timeout and lease, then SIGCONT",
+        faults.f4_zombie_sidecar,
+        {"env": WORKERS},
+        "everysec",
+    ),
+    (
+        "F6-workers",
+        "rebalance churn over three replicas of two workers each",
+        faults.f6_churn,
+        {"env": WORKERS},
         "everysec",
     ),
     ("F7-always", "Redis kill -9, appendfsync always", faults.f7_kill_redis, {}, "always"),

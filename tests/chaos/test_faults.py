@@ -19,6 +19,7 @@ from tests.chaos.harness import Fault, Figures, run_scenario
 
 MESSAGES = 1500
 ORDERED = {"DEDUP_DELIVERY__ORDERING": "key"}
+WORKERS = {"DEDUP_SERVER__WORKERS": "2"}
 
 SCENARIOS: list[tuple[str, Fault, dict[str, Any]]] = [
     ("F2", faults.f2_kill_sidecar, {}),
@@ -44,6 +45,10 @@ SCENARIOS: list[tuple[str, Fault, dict[str, Any]]] = [
     # apps that work on every delivery at once (unordered, they apply a key's records out of order).
     ("F2-key", faults.f2_kill_sidecar, {"env": ORDERED, "entities": 100, "app_args": ["--concurrent"]}),
     ("F6-key", faults.f6_churn, {"env": ORDERED, "entities": 100, "app_args": ["--concurrent"]}),
+    # server.workers = 2: each sidecar is a supervisor and two worker processes, and the apps'
+    # client subscribes on both. A worker killed alone; the whole sidecar killed; a zombie.
+    ("F17", faults.f17_kill_worker, {"env": WORKERS}),
+    ("F2-workers", faults.f2_kill_sidecar, {"env": WORKERS}),
     ("F8", faults.f8_pause_redis, {}),
     ("F9", faults.f9_kill_broker, {}),
     ("F10", faults.f10_pause_broker, {}),

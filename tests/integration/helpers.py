@@ -170,7 +170,8 @@ class SidecarProcess:
 
     def __init__(self, env: dict[str, str], log_path: Path) -> None:
         self.env = env
-        self.port = services.free_port()
+        self.workers = int(env.get("DEDUP_SERVER__WORKERS", "1"))
+        self.port = services.free_port() if self.workers == 1 else port_block(self.workers)
         self.log_path = log_path
         self.proc: subprocess.Popen[bytes] | None = None
 
@@ -223,10 +224,35 @@ class SidecarProcess:
         if self.proc is not None and self.proc.poll() is None:
             self.proc.send_signal(signal.SIGUSR1)
 
+    def worker_pids(self) -> list[int]:
+        """The worker processes under a server.workers supervisor (none without workers)."""
+        if self.proc is None or self.proc.poll() is not None or self.workers == 1:
+            return []
+        out = subprocess.run(["pgrep", "-P", str(self.proc.pid)], capture_output=True, text=True, check=False)
+        return [int(p) for p in out.stdout.split()]
+
     def kill9(self) -> None:
+        """SIGKILL the sidecar: with workers, every worker and the supervisor alike (a killed
+        supervisor alone would let its workers stop gracefully)."""
         if self.proc is not None and self.proc.poll() is None:
+            for pid in self.worker_pids():
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(pid, signal.SIGKILL)
             self.proc.send_signal(signal.SIGKILL)
             self.proc.wait(10)
+
+    def pause(self) -> None:
+        """SIGSTOP the sidecar (the supervisor first, so it does not see its workers stop)."""
+        assert self.proc is not None
+        self.proc.send_signal(signal.SIGSTOP)
+        for pid in self.worker_pids():
+            os.kill(pid, signal.SIGSTOP)
+
+    def resume(self) -> None:
+        assert self.proc is not None
+        for pid in self.worker_pids():
+            os.kill(pid, signal.SIGCONT)
+        self.proc.send_signal(signal.SIGCONT)
 
     def terminate(self, timeout: float = 30) -> int:
         if self.proc is None:
@@ -241,17 +267,24 @@ class SidecarProcess:
         return self.proc.returncode
 
 
-def port_pair() -> int:
-    """A free port P with P + 1 free too: where a sidecar of two workers (server.workers) listens."""
+def port_block(n: int) -> int:
+    """A free port P with P + 1 .. P + n - 1 free too: where a sidecar of n workers
+    (server.workers) listens."""
     for _ in range(50):
         port = services.free_port()
-        with socket.socket() as s:
+        with contextlib.ExitStack() as held:
             try:
-                s.bind(("127.0.0.1", port + 1))
+                for i in range(1, n):
+                    s = held.enter_context(socket.socket())
+                    s.bind(("127.0.0.1", port + i))
             except OSError:
                 continue
         return port
-    raise RuntimeError("no two consecutive free ports")
+    raise RuntimeError(f"no {n} consecutive free ports")
+
+
+def port_pair() -> int:
+    return port_block(2)
 
 
 def process_env(
