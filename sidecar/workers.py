@@ -43,6 +43,8 @@ EXIT_START_FAILED = 2
 RESTART_DELAY_S = 1.0
 MAX_RESTARTS, RESTART_WINDOW_S = 5, 60.0
 _PR_SET_PDEATHSIG = 1
+#: The cgroup v2 CPU limit of this container ("QUOTA PERIOD", or "max PERIOD" for none).
+CPU_MAX = Path("/sys/fs/cgroup/cpu.max")
 
 
 @dataclass(frozen=True, slots=True)
@@ -61,7 +63,7 @@ def cpu_count() -> int:
     except AttributeError:  # not Linux
         cpus = os.cpu_count() or 1
     with contextlib.suppress(OSError, ValueError):
-        quota, period = Path("/sys/fs/cgroup/cpu.max").read_text().split()[:2]
+        quota, period = CPU_MAX.read_text().split()[:2]
         if quota != "max":
             cpus = min(cpus, max(1, math.ceil(int(quota) / int(period))))
     return max(1, cpus)

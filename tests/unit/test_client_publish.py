@@ -42,7 +42,7 @@ class FakeStub:
 async def coalescing(stub: FakeStub, **kw: Any) -> DedupClient:
     client = DedupClient("127.0.0.1:1", coalesce_publishes=True, **kw)
     assert client._publishes is not None
-    client._publishes._stub = stub  # type: ignore[assignment]
+    client._publishes._stub = lambda: stub  # type: ignore[assignment,return-value]
     return client
 
 
