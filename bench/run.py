@@ -184,16 +184,20 @@ class SidecarProc:
         workdir: Path,
         ceiling: str | None = None,
         wrap: Sequence[str] = (),
+        workers: int = 1,
     ):
-        """``wrap``: a command to run the sidecar under (a profiler), given its argv after it."""
-        self.port, self.metrics_port = services.free_port(), services.free_port()
+        """``wrap``: a command to run the sidecar under (a profiler), given its argv after it.
+        ``workers``: server.workers; the CPU and RSS figures are then the supervisor's and its
+        workers' together."""
+        self.port = services.free_port() if workers == 1 else services.port_block(workers)
         env = {
             **os.environ,
             "DEDUP_KAFKA__BOOTSTRAP_SERVERS": kafka.bootstrap_servers,
             "DEDUP_KAFKA__TOPICS": json.dumps([topic]),
             "DEDUP_KAFKA__GROUP_ID": group,
             "DEDUP_SERVER__LISTEN": f"127.0.0.1:{self.port}",
-            "DEDUP_SERVER__METRICS_LISTEN": f"127.0.0.1:{self.metrics_port}",
+            "DEDUP_SERVER__METRICS_LISTEN": "127.0.0.1:0",
+            "DEDUP_SERVER__WORKERS": str(workers),
             "DEDUP_LOG_LEVEL": "WARNING",
             **store,
         }
@@ -208,15 +212,25 @@ class SidecarProc:
     def target(self) -> str:
         return f"127.0.0.1:{self.port}"
 
+    def pids(self) -> list[int]:
+        """The sidecar's processes: itself, and its workers under a server.workers supervisor."""
+        children = Path(f"/proc/{self.proc.pid}/task/{self.proc.pid}/children")
+        try:
+            return [self.proc.pid, *(int(p) for p in children.read_text().split())]
+        except FileNotFoundError:
+            return [self.proc.pid]
+
     def rss_mb(self) -> float:
-        with open(f"/proc/{self.proc.pid}/status") as f:
-            for line in f:
-                if line.startswith("VmRSS:"):
-                    return int(line.split()[1]) / 1024
-        return 0.0
+        total = 0.0
+        for pid in self.pids():
+            with open(f"/proc/{pid}/status") as f:
+                for line in f:
+                    if line.startswith("VmRSS:"):
+                        total += int(line.split()[1]) / 1024
+        return total
 
     def cpu_seconds(self) -> float:
-        return process_cpu_seconds(self.proc.pid)
+        return sum(process_cpu_seconds(pid) for pid in self.pids())
 
     def stop(self) -> None:
         self.proc.terminate()
@@ -320,17 +334,23 @@ def sidecar_consume(
     memory: bool = False,
     go: Path | None = None,
     wrap: Sequence[str] = (),
+    workers: int = 1,
 ) -> Result:
     """``go``: read with that build of the Go client's consume example instead of the Python client.
-    ``wrap``: a command each sidecar runs under (``taskset -c 0``)."""
+    ``wrap``: a command each sidecar runs under (``taskset -c 0``). ``workers``: server.workers
+    of each sidecar (the client subscribes on every worker)."""
     quiesce()
     group = f"sc-{time.time_ns()}"
-    procs = [SidecarProc(kafka, topic, group, store, workdir, wrap=wrap) for _ in range(replicas)]
+    procs = [
+        SidecarProc(kafka, topic, group, store, workdir, wrap=wrap, workers=workers) for _ in range(replicas)
+    ]
     extra: dict[str, Any] = {}
     try:
 
         async def run() -> float:
             await asyncio.gather(*(wait_serving(p.target) for p in procs))
+            if workers > 1:  # every worker a member with its partitions, before the clock starts
+                await asyncio.sleep(8.0)
             # From here: a sidecar fetches and claims ahead of its first stream.
             cpu0 = sum(p.cpu_seconds() for p in procs)
             await asyncio.sleep(1.0)
@@ -407,6 +427,8 @@ def sidecar_publish(
     coalesce: bool = False,
     ceiling: str | None = None,
     store_name: str = "",
+    workers: int = 1,
+    wrap: Sequence[str] = (),
 ) -> Result:
     """``batch`` > 1: PublishBatch calls of that many, 4 in flight. Otherwise one ``publish()`` per
     record: 64 unary calls in flight, or with ``coalesce`` 2,000 calls gathered by the client.
@@ -416,13 +438,14 @@ def sidecar_publish(
     quiesce()
     idle = f"benchidle-{time.time_ns()}"
     kafka.create_topic(idle, 1)
-    proc = SidecarProc(kafka, idle, f"pub-{time.time_ns()}", store, workdir, ceiling)
+    proc = SidecarProc(kafka, idle, f"pub-{time.time_ns()}", store, workdir, ceiling, wrap, workers)
     cpu: list[float] = []
     try:
 
         async def run() -> float:
             await wait_serving(proc.target)
             async with DedupClient(proc.target, coalesce_publishes=coalesce) as c:
+                await c.workers()  # publishes then go round the workers
                 prefix = f"p{batch}-{time.time_ns()}"
                 # Warms the producer up, as the raw one is; a batch, which every mode serves.
                 await c.publish_batch([publish_request(topic, VALUE, idempotency_key=f"{prefix}-warm-up")])
@@ -464,6 +487,8 @@ def sidecar_publish(
         name = "Publish (64 calls in flight)"
     if store_name:
         name += f", {store_name} store"
+    if workers > 1:
+        name += f", {workers} workers"
     return Result(name, n, dt, cpu_per_record(cpu[1] - cpu[0], n))
 
 
@@ -786,6 +811,9 @@ def main() -> int:
             bound = sidecar_publish(kafka, "benchpub", n_pub, {}, work, 500, ceiling="produce")
             pairs["publish_bound"].append((bound.rate, raw_rate))
 
+        log("workers and cores")
+        results["workers"] = workers_rows(kafka, ("bench6", "benchpub"), (n, n_pub), redis_store, work)
+
     def row(r: Result, baseline: float) -> dict[str, Any]:
         return {
             "name": r.name,
@@ -861,6 +889,62 @@ def pair_round(
     pairs["publish"].append((sc.rate, raw.rate))
     pairs.setdefault("publish_cpu", []).append((sc.extra["cpu_us"], raw.extra["cpu_us"]))
     return raw.rate
+
+
+#: (workers, taskset cores; "" = any): each worker shape pinned to one core, then free on all.
+WORKER_SHAPES = [(1, "0"), (2, "0"), (1, ""), (2, "")]
+
+
+def workers_rows(
+    kafka: services.KafkaShape,
+    topics: tuple[str, str],
+    counts: tuple[int, int],
+    store: dict[str, str],
+    work: Path,
+) -> dict[str, Any]:
+    """server.workers against the cores the sidecar may use: consume with each shape of
+    WORKER_SHAPES after a raw consumer run of its own, then PublishBatch with 1 and 2 workers
+    after a raw producer run. The broker, Redis and the client are never pinned."""
+    consume, publish = [], []
+    for workers, cores in WORKER_SHAPES:
+        raw = raw_consume(kafka, topics[0], counts[0])
+        wrap = ["taskset", "-c", cores] if cores else []
+        where = f"core {cores}" if cores else f"all {os.cpu_count()} cores"
+        name = f"{workers} worker(s), {where}"
+        sc = sidecar_consume(kafka, topics[0], counts[0], store, work, name, wrap=wrap, workers=workers)
+        consume.append(
+            {"name": name, "rate": round(sc.rate), "ratio": round(sc.rate / raw.rate, 3), **sc.extra}
+        )
+        log(json.dumps(consume[-1]))
+    for workers in (1, 2):
+        raw = raw_publish(kafka, topics[1], counts[1])
+        sc = sidecar_publish(kafka, topics[1], counts[1], store, work, 500, workers=workers)
+        publish.append(
+            {"name": sc.name, "rate": round(sc.rate), "ratio": round(sc.rate / raw.rate, 3), **sc.extra}
+        )
+        log(json.dumps(publish[-1]))
+    return {"consume": consume, "publish": publish, "cpus": os.cpu_count()}
+
+
+def workers_section(w: dict[str, Any]) -> list[str]:
+    out = [
+        "",
+        "## Workers and cores (`server.workers`)",
+        "",
+        "The sidecar as 1 or 2 worker processes, under `taskset` on one core or free on all; the "
+        "broker, Redis and the benchmark's client share the machine and are never pinned. Each row "
+        "is compared with a raw run of its own just before it. CPU is the supervisor's and the "
+        "workers' together, per record.",
+        "",
+        "| consume (Redis store, batched acks) | msg/s | ratio to raw | CPU µs per record |",
+        "| --- | ---: | ---: | ---: |",
+        *(f"| {x['name']} | {x['rate']} | {x['ratio']} | {x.get('cpu_us', '')} |" for x in w["consume"]),
+        "",
+        "| PublishBatch of 500, Redis store | msg/s | ratio to raw | CPU µs per record |",
+        "| --- | ---: | ---: | ---: |",
+        *(f"| {x['name']} | {x['rate']} | {x['ratio']} | {x.get('cpu_us', '')} |" for x in w["publish"]),
+    ]
+    return out
 
 
 def summarize_pairs(pairs: dict[str, list[tuple[float, float]]]) -> dict[str, Any]:
@@ -1056,6 +1140,8 @@ def write_markdown(r: dict[str, Any], path: Path, png: str | None) -> None:
         f"Sidecar RSS: {mem.get('rss_start_mb', 0):.0f} MB at start, {mem.get('rss_10pct_mb', 0):.0f} MB "
         f"after {mem['records'] // 10} records, {mem.get('rss_end_mb', 0):.0f} MB after {mem['records']}.",
     ]
+    if "workers" in r:
+        lines += workers_section(r["workers"])
     if "cluster" in r:
         lines += cluster_section(r["cluster"])
     if png:

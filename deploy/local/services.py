@@ -72,6 +72,25 @@ def free_port() -> int:
             return port
 
 
+def port_block(n: int) -> int:
+    """A free port P with P + 1 .. P + n - 1 free too (none of them handed out before): where a
+    sidecar of n workers (server.workers) listens."""
+    for _ in range(100):
+        port = free_port()
+        with contextlib.ExitStack() as held:
+            try:
+                for i in range(1, n):
+                    if port + i in _handed_out:
+                        raise OSError(f"port {port + i} was handed out")
+                    s = held.enter_context(socket.socket(socket.AF_INET, socket.SOCK_STREAM))
+                    s.bind(("127.0.0.1", port + i))
+            except OSError:
+                continue
+        _handed_out.update(range(port, port + n))
+        return port
+    raise RuntimeError(f"no {n} consecutive free ports on 127.0.0.1")
+
+
 def _wait_port(port: int, deadline: float, proc: subprocess.Popen[bytes], what: str) -> None:
     while time.monotonic() < deadline:
         if proc.poll() is not None:

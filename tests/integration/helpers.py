@@ -6,7 +6,6 @@ import asyncio
 import contextlib
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -171,7 +170,7 @@ class SidecarProcess:
     def __init__(self, env: dict[str, str], log_path: Path) -> None:
         self.env = env
         self.workers = int(env.get("DEDUP_SERVER__WORKERS", "1"))
-        self.port = services.free_port() if self.workers == 1 else port_block(self.workers)
+        self.port = services.free_port() if self.workers == 1 else services.port_block(self.workers)
         self.log_path = log_path
         self.proc: subprocess.Popen[bytes] | None = None
 
@@ -267,24 +266,9 @@ class SidecarProcess:
         return self.proc.returncode
 
 
-def port_block(n: int) -> int:
-    """A free port P with P + 1 .. P + n - 1 free too: where a sidecar of n workers
-    (server.workers) listens."""
-    for _ in range(50):
-        port = services.free_port()
-        with contextlib.ExitStack() as held:
-            try:
-                for i in range(1, n):
-                    s = held.enter_context(socket.socket())
-                    s.bind(("127.0.0.1", port + i))
-            except OSError:
-                continue
-        return port
-    raise RuntimeError(f"no {n} consecutive free ports")
-
-
 def port_pair() -> int:
-    return port_block(2)
+    """A free port P with P + 1 free too: where a sidecar of two workers listens."""
+    return services.port_block(2)
 
 
 def process_env(
