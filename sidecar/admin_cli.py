@@ -8,6 +8,7 @@ print a human-readable answer, or JSON with ``--json``.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import datetime
 import json
 import sys
@@ -127,22 +128,57 @@ def admin_main(argv: list[str]) -> int:
         print(f"dedup-sidecar: cannot read {exc.filename}: {exc.strerror}", file=sys.stderr)
         return 2
     metadata = (("authorization", f"Bearer {token}"),) if token else ()
+    asked = target
     try:
         with channel:
             stub = pb_grpc.AdminServiceStub(channel)
             if a.command == "status":
-                answer: Any = stub.Status(pb.StatusRequest(), metadata=metadata, timeout=a.timeout)
+                answers: list[Any] = []
+                for asked in _worker_targets(channel, target, metadata, a.timeout):
+                    with _channel(a, asked) if asked != target else contextlib.nullcontext(channel) as ch:
+                        worker = pb_grpc.AdminServiceStub(ch)
+                        answers.append(
+                            worker.Status(pb.StatusRequest(), metadata=metadata, timeout=a.timeout)
+                        )
             else:
                 req = pb.GetKeyRequest(topic=a.topic, idempotency_key=a.idempotency_key)
-                answer = stub.GetKey(req, metadata=metadata, timeout=a.timeout)
+                answers = [stub.GetKey(req, metadata=metadata, timeout=a.timeout)]
     except grpc.RpcError as exc:
         code, details = exc.code(), exc.details()
-        print(f"dedup-sidecar: {target} answered {code.name}: {details}", file=sys.stderr)
+        print(f"dedup-sidecar: {asked} answered {code.name}: {details}", file=sys.stderr)
         return 1
     if a.json:
-        print(json.dumps(MessageToDict(answer, preserving_proto_field_name=True), indent=2, sort_keys=True))
+        dicts = [MessageToDict(x, preserving_proto_field_name=True) for x in answers]
+        print(json.dumps(dicts[0] if len(dicts) == 1 else {"workers": dicts}, indent=2, sort_keys=True))
     elif a.command == "status":
-        _print_status(answer)
+        for i, answer in enumerate(answers):
+            if len(answers) > 1:
+                print(f"{'' if i == 0 else chr(10)}worker {i} of {len(answers)}:")
+            _print_status(answer)
     else:
-        _print_key(a, answer)
+        _print_key(a, answers[0])
     return 0
+
+
+def _worker_targets(channel: grpc.Channel, target: str, metadata: Any, timeout: float) -> list[str]:
+    """Where each worker of the sidecar at ``target`` listens (server.workers); just ``target``
+    for a sidecar of one worker, or one without ListWorkers."""
+    try:
+        listed = pb_grpc.DedupServiceStub(channel).ListWorkers(
+            pb.ListWorkersRequest(), metadata=metadata, timeout=timeout
+        )
+    except grpc.RpcError as exc:
+        if exc.code() == grpc.StatusCode.UNIMPLEMENTED:
+            return [target]
+        raise
+    if len(listed.workers) <= 1:
+        return [target]
+    host = target.rpartition(":")[0]
+    return [
+        target
+        if w.index == listed.this_worker
+        else f"unix:{w.unix_socket}"
+        if w.unix_socket
+        else f"{host}:{w.port}"
+        for w in listed.workers
+    ]

@@ -296,6 +296,10 @@ type Stream struct {
 	cancel context.CancelFunc
 	frames chan received // with several workers: every worker's frames, then its end
 	open   int           // workers whose stream has not ended
+	// Per worker, while its stream is open: when it opened (Unix ns; 0 when closed), and
+	// whether a frame came on it. See pump.
+	opened []atomic.Int64
+	fed    []atomic.Bool
 }
 
 type received struct {
@@ -303,6 +307,10 @@ type received struct {
 	frame  *dedupv1.SubscribeResponse
 	err    error
 }
+
+// WorkerRetry is how long a worker may stay unreachable while another worker's stream is open:
+// its stream is opened again meanwhile, and the others keep delivering (see Stream.Recv).
+const WorkerRetry = 60 * time.Second
 
 // Subscribe opens a stream of deliveries. Un-acked deliveries are redelivered (to this or
 // another stream) after their deadline or when the stream closes. With several workers it
@@ -333,31 +341,86 @@ func (c *Client) Subscribe(ctx context.Context, o SubscribeOptions) (*Stream, er
 	}
 	if len(workers) > 1 {
 		s.frames, s.open = make(chan received, len(workers)), len(workers)
+		s.opened, s.fed = make([]atomic.Int64, len(workers)), make([]atomic.Bool, len(workers))
 		for i, w := range workers {
-			go s.pump(ctx, w, s.calls[i])
+			go s.pump(ctx, i, w, s.calls[i], req)
 		}
 	}
 	return s, nil
 }
 
-// pump passes one worker's frames on to Recv, then the error that ended its stream.
-func (s *Stream) pump(ctx context.Context, w *worker, call grpc.ServerStreamingClient[dedupv1.SubscribeResponse]) {
+// pump passes one worker's frames on to Recv, then the error that ended its stream. A worker
+// that becomes unreachable (UNAVAILABLE: it died and its supervisor is starting it again) is
+// subscribed to again, with a growing pause, while another worker's stream is alive, for up to
+// WorkerRetry: ending every stream instead would hand the other workers' in-flight records back
+// and count an attempt on each, once per reconnect. A stream is alive once a frame came on it
+// or it has been open a second: a retry of a worker that is going away proves nothing.
+func (s *Stream) pump(
+	ctx context.Context, i int, w *worker, call grpc.ServerStreamingClient[dedupv1.SubscribeResponse],
+	req *dedupv1.SubscribeRequest,
+) {
+	pause, downSince := 100*time.Millisecond, time.Time{}
 	for {
-		frame, err := call.Recv()
-		select {
-		case s.frames <- received{worker: w, frame: frame, err: err}:
-		case <-ctx.Done():
-			return
+		s.opened[i].Store(time.Now().UnixNano())
+		s.fed[i].Store(false)
+		var err error
+		for {
+			var frame *dedupv1.SubscribeResponse
+			if frame, err = call.Recv(); err != nil {
+				break
+			}
+			pause, downSince = 100*time.Millisecond, time.Time{}
+			s.fed[i].Store(true)
+			if !s.pass(ctx, received{worker: w, frame: frame}) {
+				return
+			}
 		}
-		if err != nil {
-			return
+		s.opened[i].Store(0)
+		if err != io.EOF {
+			if downSince.IsZero() {
+				downSince = time.Now()
+			}
+			if status.Code(err) == codes.Unavailable && s.othersAlive(i) && time.Since(downSince) <= WorkerRetry {
+				select {
+				case <-time.After(pause):
+				case <-ctx.Done():
+					return
+				}
+				pause = min(2*pause, 2*time.Second)
+				if call, err = w.stub.Subscribe(ctx, req); err == nil {
+					continue
+				}
+			}
+		}
+		s.pass(ctx, received{worker: w, err: err})
+		return
+	}
+}
+
+func (s *Stream) pass(ctx context.Context, r received) bool {
+	select {
+	case s.frames <- r:
+		return true
+	case <-ctx.Done():
+		return false
+	}
+}
+
+func (s *Stream) othersAlive(i int) bool {
+	for j := range s.opened {
+		since := s.opened[j].Load()
+		if j != i && since != 0 && (s.fed[j].Load() || time.Since(time.Unix(0, since)) >= time.Second) {
+			return true
 		}
 	}
+	return false
 }
 
 // Recv waits for the next frame. It returns io.EOF when the sidecar ends the stream (every
 // worker's), and the call's gRPC status error otherwise (for example INVALID_ARGUMENT for a
-// topic the sidecar does not consume); a failed worker stream ends the whole Stream.
+// topic the sidecar does not consume). With several workers, a worker that is restarting is
+// waited for while the others deliver (see WorkerRetry); any other failure of a worker's
+// stream ends the whole Stream.
 func (s *Stream) Recv() ([]*Message, error) {
 	if s.frames == nil {
 		frame, err := s.calls[0].Recv()

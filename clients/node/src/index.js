@@ -42,6 +42,9 @@ export const AckResult = Object.freeze({
 
 const ACK_RESULT_PREFIX = "ACK_RESULT_";
 
+/** How long a worker may stay unreachable while another worker's stream is open (see frames()). */
+export const WORKER_RETRY_MS = 60_000;
+
 /**
  * An ack's promise, guarded so that a caller who does not wait for it cannot crash the process
  * with an unhandled rejection (whoever awaits it still sees the rejection).
@@ -359,7 +362,8 @@ export class DedupClient {
    * Frames of messages until the stream ends; leaving the loop closes the stream, and its
    * un-acked messages are redelivered. With several workers there is one stream per worker,
    * merged; maxInFlight and maxInFlightBytes are shared out among them (each gets its share,
-   * rounded up), and a stream that fails ends them all with its error.
+   * rounded up). A worker that is restarting is waited for while the others deliver (see
+   * WORKER_RETRY_MS); any other failure of a worker's stream ends the iteration with its error.
    * @param {SubscribeOptions} [options]
    * @returns {AsyncGenerator<Message[]>}
    */
@@ -392,14 +396,49 @@ export class DedupClient {
       queue.push(item);
       if (wake) wake();
     };
-    calls.forEach((call, i) => {
+    // Per worker, while its stream is open: when it opened (0: closed), and whether a frame came
+    // on it. A stream is alive once a frame came or it has been open a second; a retry of a
+    // worker that is going away opens for a moment only, and proves nothing.
+    const opened = workers.map(() => 0);
+    const fed = workers.map(() => false);
+    const alive = (/** @type {number} */ j) => opened[j] !== 0 && (fed[j] || Date.now() - opened[j] >= 1000);
+    let closed = false;
+    // A worker that becomes unreachable (UNAVAILABLE: it died and its supervisor is starting it
+    // again) is subscribed to again, with a growing pause, while another worker's stream is
+    // alive, for up to WORKER_RETRY_MS: ending every stream instead would hand the other
+    // workers' in-flight records back and count an attempt on each, once per reconnect.
+    const watch = (/** @type {any} */ call, /** @type {number} */ i, /** @type {any} */ retry) => {
+      opened[i] = Date.now();
+      fed[i] = false;
       call.on("data", (/** @type {any} */ frame) => {
+        fed[i] = true;
+        retry.pause = 100;
+        retry.downSince = 0;
         if (frame.deliveries.length > 0) this.routes.set(frame.deliveries[0].deliveryId.split(".", 1)[0], workers[i]);
         push({ frame });
       });
-      call.on("error", (/** @type {Error} */ error) => push({ error }));
-      call.on("end", () => push({ end: true }));
-    });
+      call.on("error", (/** @type {any} */ error) => {
+        opened[i] = 0;
+        if (closed) return;
+        retry.downSince ||= Date.now();
+        const others = workers.some((_, j) => j !== i && alive(j));
+        if (error.code === grpc.status.UNAVAILABLE && others && Date.now() - retry.downSince <= WORKER_RETRY_MS) {
+          setTimeout(() => {
+            if (closed) return;
+            calls[i] = workers[i].stub.Subscribe(request, this.metadata);
+            watch(calls[i], i, retry);
+          }, retry.pause);
+          retry.pause = Math.min(2 * retry.pause, 2000);
+          return;
+        }
+        push({ error });
+      });
+      call.on("end", () => {
+        opened[i] = 0;
+        push({ end: true });
+      });
+    };
+    calls.forEach((call, i) => watch(call, i, { pause: 100, downSince: 0 }));
     let open = calls.length;
     try {
       while (open > 0) {
@@ -411,6 +450,7 @@ export class DedupClient {
         else yield item.frame.deliveries.map((/** @type {any} */ d) => new Message(this, d));
       }
     } finally {
+      closed = true;
       for (const call of calls) call.cancel();
     }
   }

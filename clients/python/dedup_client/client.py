@@ -314,11 +314,14 @@ class DedupClient:
                     channels.append(self._dial(_with_port(self._target, w.port)))
             self._channels = channels
             self._stubs = [pb_grpc.DedupServiceStub(c) for c in channels]
+            # The target's batcher stays: acks gathered before the list came are not dropped.
             self._acks = [
-                _AckBatcher(
+                self._acks[0]
+                if w.index == resp.this_worker
+                else _AckBatcher(
                     functools.partial(_same, stub), self._ack_linger, self._ack_max_ids, self._metadata
                 )
-                for stub in self._stubs
+                for w, stub in zip(resp.workers, self._stubs, strict=True)
             ]
             return len(channels)
 
@@ -419,23 +422,54 @@ class DedupClient:
 
     async def _merged(self, request: pb.SubscribeRequest) -> AsyncGenerator[list[Message], None]:
         """One Subscribe per worker, their frames in arrival order; each frame's delivery id
-        prefix is routed to its worker, so acks go back to the worker that delivered."""
+        prefix is routed to its worker, so acks go back to the worker that delivered.
+
+        A worker that becomes unreachable (UNAVAILABLE: it died and its supervisor is starting
+        it again) is subscribed to again, with a growing pause, while another worker's stream is
+        open, for up to WORKER_RETRY_SECONDS: the other workers' deliveries keep flowing. Ending
+        every stream instead would hand their in-flight records back and count an attempt on
+        each, once per reconnect. When no worker's stream is open (the sidecar stopped), or on
+        any other error, the merged stream ends with that error."""
         frames: asyncio.Queue[list[Message] | BaseException | None] = asyncio.Queue()
-        calls = [stub.Subscribe(request, metadata=self._metadata) for stub in self._stubs]
+        loop = asyncio.get_running_loop()
+        # Per worker, while its stream is open: when it opened, and whether a frame came on it.
+        # An open stream proves its worker alive once a frame came or a second passed; a retry
+        # of a worker that is going away opens for a moment only, and proves nothing.
+        opened: list[float | None] = [None] * len(self._stubs)
+        fed = [False] * len(self._stubs)
 
-        async def pump(w: int, call: Any) -> None:
-            try:
-                async for frame in call:
-                    if frame.deliveries:
-                        self._routes[frame.deliveries[0].delivery_id.partition(".")[0]] = w
-                    frames.put_nowait([Message(self, d) for d in frame.deliveries])
-                frames.put_nowait(None)
-            except asyncio.CancelledError:
-                raise
-            except BaseException as exc:  # noqa: BLE001 - handed to the reader, which raises it
-                frames.put_nowait(exc)
+        def alive(w: int) -> bool:
+            since = opened[w]
+            return since is not None and (fed[w] or loop.time() - since >= 1.0)
 
-        pumps = [asyncio.create_task(pump(w, call)) for w, call in enumerate(calls)]
+        async def pump(w: int, stub: pb_grpc.DedupServiceAsyncStub) -> None:
+            pause, down_since = 0.1, 0.0
+            while True:
+                call = stub.Subscribe(request, metadata=self._metadata)
+                opened[w], fed[w] = loop.time(), False
+                try:
+                    async for frame in call:
+                        pause, down_since, fed[w] = 0.1, 0.0, True
+                        if frame.deliveries:
+                            self._routes[frame.deliveries[0].delivery_id.partition(".")[0]] = w
+                        frames.put_nowait([Message(self, d) for d in frame.deliveries])
+                    frames.put_nowait(None)
+                    return
+                except grpc.aio.AioRpcError as exc:
+                    opened[w] = None
+                    down_since = down_since or loop.time()
+                    others = any(alive(o) for o in range(len(opened)) if o != w)
+                    retry = exc.code() == grpc.StatusCode.UNAVAILABLE and others
+                    if not retry or loop.time() - down_since > WORKER_RETRY_SECONDS:
+                        frames.put_nowait(exc)
+                        return
+                finally:
+                    opened[w] = None
+                    call.cancel()
+                await asyncio.sleep(pause)
+                pause = min(2 * pause, 2.0)
+
+        pumps = [asyncio.create_task(pump(w, stub)) for w, stub in enumerate(self._stubs)]
         open_streams = len(pumps)
         try:
             while open_streams:
@@ -447,8 +481,6 @@ class DedupClient:
                 else:
                     yield item
         finally:
-            for call in calls:
-                call.cancel()
             for task in pumps:
                 task.cancel()
             await asyncio.gather(*pumps, return_exceptions=True)
@@ -573,6 +605,8 @@ def _publish_request(
 publish_request = _publish_request
 
 _STATUS_BY_VALUE = {c.value[0]: c for c in grpc.StatusCode}
+#: How long a worker may stay unreachable while another worker's stream is open (see _merged).
+WORKER_RETRY_SECONDS = 60.0
 _BATCH_TIMEOUT = 60.0  # seconds for a coalesced PublishBatch call; each caller waits its own timeout
 
 
