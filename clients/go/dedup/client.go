@@ -350,7 +350,8 @@ func (c *Client) Subscribe(ctx context.Context, o SubscribeOptions) (*Stream, er
 }
 
 // pump passes one worker's frames on to Recv, then the error that ended its stream. A worker
-// that becomes unreachable (UNAVAILABLE: it died and its supervisor is starting it again) is
+// that becomes unreachable (UNAVAILABLE: it died and its supervisor is starting it again, or it
+// is not up yet after a restart of the sidecar) is
 // subscribed to again, with a growing pause, while another worker's stream is alive, for up to
 // WorkerRetry: ending every stream instead would hand the other workers' in-flight records back
 // and count an attempt on each, once per reconnect. A stream is alive once a frame came on it
@@ -380,7 +381,7 @@ func (s *Stream) pump(
 			if downSince.IsZero() {
 				downSince = time.Now()
 			}
-			if status.Code(err) == codes.Unavailable && s.othersAlive(i) && time.Since(downSince) <= WorkerRetry {
+			if status.Code(err) == codes.Unavailable && s.otherAlive(ctx, i, downSince) {
 				select {
 				case <-time.After(pause):
 				case <-ctx.Done():
@@ -406,11 +407,29 @@ func (s *Stream) pass(ctx context.Context, r received) bool {
 	}
 }
 
-func (s *Stream) othersAlive(i int) bool {
-	for j := range s.opened {
-		since := s.opened[j].Load()
-		if j != i && since != 0 && (s.fed[j].Load() || time.Since(time.Unix(0, since)) >= time.Second) {
-			return true
+// otherAlive tells whether to open worker i's stream again: once another worker's stream proves
+// alive. False when no other stream is open (the sidecar is stopping, or gone), or after
+// WorkerRetry. A stream still unproven (just opened, as at a sidecar's start) is waited for.
+func (s *Stream) otherAlive(ctx context.Context, i int, downSince time.Time) bool {
+	for time.Since(downSince) <= WorkerRetry {
+		open := false
+		for j := range s.opened {
+			since := s.opened[j].Load()
+			if j == i || since == 0 {
+				continue
+			}
+			if s.fed[j].Load() || time.Since(time.Unix(0, since)) >= time.Second {
+				return true
+			}
+			open = true
+		}
+		if !open {
+			return false
+		}
+		select {
+		case <-time.After(50 * time.Millisecond):
+		case <-ctx.Done():
+			return false
 		}
 	}
 	return false

@@ -421,17 +421,30 @@ export class DedupClient {
         opened[i] = 0;
         if (closed) return;
         retry.downSince ||= Date.now();
-        const others = workers.some((_, j) => j !== i && alive(j));
-        if (error.code === grpc.status.UNAVAILABLE && others && Date.now() - retry.downSince <= WORKER_RETRY_MS) {
-          setTimeout(() => {
-            if (closed) return;
-            calls[i] = workers[i].stub.Subscribe(request, this.metadata);
-            watch(calls[i], i, retry);
-          }, retry.pause);
-          retry.pause = Math.min(2 * retry.pause, 2000);
+        if (error.code !== grpc.status.UNAVAILABLE) {
+          push({ error });
           return;
         }
-        push({ error });
+        // Open it again once another stream proves alive; give up when none is open (the
+        // sidecar is stopping, or gone) or after WORKER_RETRY_MS. A stream still unproven
+        // (just opened, as at a sidecar's start) is waited for.
+        const decide = () => {
+          if (closed) return;
+          const others = workers.map((_, j) => j).filter((j) => j !== i && opened[j] !== 0);
+          if (others.length === 0 || Date.now() - retry.downSince > WORKER_RETRY_MS) {
+            push({ error });
+          } else if (others.some(alive)) {
+            setTimeout(() => {
+              if (closed) return;
+              calls[i] = workers[i].stub.Subscribe(request, this.metadata);
+              watch(calls[i], i, retry);
+            }, retry.pause);
+            retry.pause = Math.min(2 * retry.pause, 2000);
+          } else {
+            setTimeout(decide, 50);
+          }
+        };
+        decide();
       });
       call.on("end", () => {
         opened[i] = 0;

@@ -425,11 +425,12 @@ class DedupClient:
         prefix is routed to its worker, so acks go back to the worker that delivered.
 
         A worker that becomes unreachable (UNAVAILABLE: it died and its supervisor is starting
-        it again) is subscribed to again, with a growing pause, while another worker's stream is
-        open, for up to WORKER_RETRY_SECONDS: the other workers' deliveries keep flowing. Ending
-        every stream instead would hand their in-flight records back and count an attempt on
-        each, once per reconnect. When no worker's stream is open (the sidecar stopped), or on
-        any other error, the merged stream ends with that error."""
+        it again, or it is not up yet after a restart of the sidecar) is subscribed to again,
+        with a growing pause, while another worker's stream is alive, for up to
+        WORKER_RETRY_SECONDS: the other workers' deliveries keep flowing. Ending every stream
+        instead would hand their in-flight records back and count an attempt on each, once per
+        reconnect. When no worker's stream is open (the sidecar stopped), or on any other
+        error, the merged stream ends with that error."""
         frames: asyncio.Queue[list[Message] | BaseException | None] = asyncio.Queue()
         loop = asyncio.get_running_loop()
         # Per worker, while its stream is open: when it opened, and whether a frame came on it.
@@ -441,6 +442,19 @@ class DedupClient:
         def alive(w: int) -> bool:
             since = opened[w]
             return since is not None and (fed[w] or loop.time() - since >= 1.0)
+
+        async def other_alive(w: int, down_since: float) -> bool:
+            """Whether to open worker w's stream again: once another stream proves alive. False
+            when none is open (the sidecar is stopping, or gone), or after WORKER_RETRY_SECONDS.
+            A stream still unproven (just opened, as at a sidecar's start) is waited for."""
+            while loop.time() - down_since <= WORKER_RETRY_SECONDS:
+                others = [o for o in range(len(opened)) if o != w and opened[o] is not None]
+                if any(alive(o) for o in others):
+                    return True
+                if not others:
+                    return False
+                await asyncio.sleep(0.05)
+            return False
 
         async def pump(w: int, stub: pb_grpc.DedupServiceAsyncStub) -> None:
             pause, down_since = 0.1, 0.0
@@ -458,9 +472,7 @@ class DedupClient:
                 except grpc.aio.AioRpcError as exc:
                     opened[w] = None
                     down_since = down_since or loop.time()
-                    others = any(alive(o) for o in range(len(opened)) if o != w)
-                    retry = exc.code() == grpc.StatusCode.UNAVAILABLE and others
-                    if not retry or loop.time() - down_since > WORKER_RETRY_SECONDS:
+                    if exc.code() != grpc.StatusCode.UNAVAILABLE or not await other_alive(w, down_since):
                         frames.put_nowait(exc)
                         return
                 finally:
