@@ -117,6 +117,22 @@ func start(t *testing.T, fake *fakeSidecar, opts Options) *Client {
 	return c
 }
 
+// readAll reads a stream to its end.
+func readAll(t *testing.T, s *Stream) []*Message {
+	t.Helper()
+	var got []*Message
+	for {
+		frame, err := s.Recv()
+		if errors.Is(err, io.EOF) {
+			return got
+		}
+		if err != nil {
+			t.Fatal(err)
+		}
+		got = append(got, frame...)
+	}
+}
+
 func ctx(t *testing.T) context.Context {
 	c, cancel := context.WithTimeout(context.Background(), 10*time.Second)
 	t.Cleanup(cancel)
@@ -211,17 +227,8 @@ func TestStreamYieldsFramesThenEOF(t *testing.T) {
 	}
 	defer s.Close()
 	var ids []string
-	for {
-		frame, err := s.Recv()
-		if errors.Is(err, io.EOF) {
-			break
-		}
-		if err != nil {
-			t.Fatal(err)
-		}
-		for _, m := range frame {
-			ids = append(ids, m.DeliveryId)
-		}
+	for _, m := range readAll(t, s) {
+		ids = append(ids, m.DeliveryId)
 	}
 	if len(ids) != 3 || ids[0] != "a" || ids[2] != "c" {
 		t.Fatalf("got %v", ids)

@@ -3,7 +3,6 @@ package dedup
 import (
 	"context"
 	"errors"
-	"io"
 	"net"
 	"sort"
 	"strings"
@@ -62,19 +61,8 @@ func TestAClientOfTwoWorkersMergesTheirStreamsAndAcksEachOnItsWorker(t *testing.
 		t.Fatal(err)
 	}
 	defer s.Close()
-	var got []*Message
-	for {
-		frame, err := s.Recv()
-		if errors.Is(err, io.EOF) {
-			break
-		}
-		if err != nil {
-			t.Fatal(err)
-		}
-		got = append(got, frame...)
-	}
 	var ids []string
-	for _, m := range got {
+	for _, m := range readAll(t, s) {
 		ids = append(ids, m.DeliveryId)
 		m.Ack()
 	}
