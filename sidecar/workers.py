@@ -35,8 +35,9 @@ from sidecar.errors import ConfigError
 
 log = logging.getLogger(__name__)
 
-#: The exit code of a sidecar refused by its settings or unable to start (sidecar.cli): every
-#: worker would fail alike, so the supervisor stops them all.
+#: The exit code of a sidecar refused by its settings or unable to start (sidecar.cli): at the
+#: first start every worker would fail alike, so the supervisor stops them all. A restarted
+#: worker that cannot start (its port still held, say) is restarted like any other death.
 EXIT_START_FAILED = 2
 #: A worker that died otherwise is restarted after this wait, unless it died this often within
 #: the window: then it crash-loops, and the supervisor stops them all.
@@ -158,6 +159,7 @@ class Supervisor:
         self._plan = encode_plan(addresses)
         self._procs: list[subprocess.Popen[bytes] | None] = [None] * len(addresses)
         self._deaths: list[list[float]] = [[] for _ in addresses]
+        self._spawned = [0] * len(addresses)  # how often each worker was started
         self._signals: list[int] = []
 
     def _spawn(self, i: int) -> None:
@@ -175,6 +177,7 @@ class Supervisor:
         # once (twice would be the "second signal" that skips the graceful stop).
         proc = subprocess.Popen(command, preexec_fn=_die_with_parent, process_group=0)
         self._procs[i] = proc
+        self._spawned[i] += 1
         log.info("worker %d started (pid %d) on %s", i, proc.pid, self._addresses[i].listen)
 
     def _forward(self, signum: int) -> None:
@@ -218,10 +221,11 @@ class Supervisor:
                     continue
                 now = time.monotonic()
                 deaths = self._deaths[i] = [t for t in self._deaths[i] if now - t < RESTART_WINDOW_S] + [now]
-                if rc == EXIT_START_FAILED or len(deaths) > MAX_RESTARTS:
+                first_start = self._spawned[i] == 1
+                if (rc == EXIT_START_FAILED and first_start) or len(deaths) > MAX_RESTARTS:
                     why = (
                         "could not start"
-                        if rc == EXIT_START_FAILED
+                        if rc == EXIT_START_FAILED and first_start
                         else f"died {len(deaths)} times in a minute"
                     )
                     log.error("worker %d %s (exit %d): stopping the other workers", i, why, rc)

@@ -26,6 +26,7 @@ import argparse
 import base64
 import contextlib
 import os
+import random
 import shutil
 import signal
 import socket
@@ -61,15 +62,33 @@ def kafka_version() -> str:
 _handed_out: set[int] = set()
 
 
+def _ephemeral_range() -> tuple[int, int]:
+    try:
+        low, high = Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()
+        return int(low), int(high)
+    except (OSError, ValueError):
+        return 32768, 60999
+
+
 def free_port() -> int:
-    """A port free on 127.0.0.1 now, never the same one twice in this process."""
-    while True:
+    """A port free on 127.0.0.1 now, never the same one twice in this process, and below the
+    kernel's ephemeral range when that has room: a client that keeps reconnecting to a port of
+    that range while nothing listens (a sidecar worker restarting) may be given the same port as
+    its own source port, connect to itself, and so hold the port the restarted server needs."""
+    low, _ = _ephemeral_range()
+    rng = random.Random()
+    for _ in range(200):
+        port = rng.randrange(10_000, low) if low > 12_000 else 0
         with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-            s.bind(("127.0.0.1", 0))
+            try:
+                s.bind(("127.0.0.1", port))
+            except OSError:
+                continue
             port = int(s.getsockname()[1])
         if port not in _handed_out:
             _handed_out.add(port)
             return port
+    raise RuntimeError("no free port on 127.0.0.1")
 
 
 def port_block(n: int) -> int:
