@@ -320,8 +320,8 @@ def write(
         "record handed back more than `delivery.max_attempts` (5) times is dead-lettered; the harness "
         "creates no dead-letter topic, so such a record stays unsettled to the end of the run. A "
         "sidecar logs such a record as rerouting, with its attempt, to the missing `.dlq` topic. "
-        "Counting only deadline expiries and Nacks toward `max_attempts`, not rebalance hand-backs, would close it; it "
-        "needs a second counter in every store and is not built yet.",
+        "Counting only deadline expiries and Nacks toward `max_attempts`, not rebalance hand-backs, "
+        "would close it; it needs a second counter in every store and is not built yet.",
         "",
         "The F2-<point> rows kill the sidecar at exact points through test-only hooks "
         "(sidecar/testing_hooks.py), armed only by a hidden flag plus an environment variable.",
