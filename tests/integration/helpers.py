@@ -266,11 +266,6 @@ class SidecarProcess:
         return self.proc.returncode
 
 
-def port_pair() -> int:
-    """A free port P with P + 1 free too: where a sidecar of two workers listens."""
-    return services.port_block(2)
-
-
 def process_env(
     kafka: services.KafkaShape, topic: str, group: str, redis_url: str | None, **extra: str
 ) -> dict[str, str]:

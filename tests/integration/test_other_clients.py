@@ -19,7 +19,6 @@ from tests.integration.helpers import (
     ROOT,
     SidecarProcess,
     committed_offsets,
-    port_pair,
     process_env,
     read_topic,
     running_sidecar,
@@ -165,7 +164,6 @@ async def test_client_subscribes_on_every_worker(
         ),
         tmp_path / "log",
     )
-    sc.port = port_pair()
     sc.start()
     try:
         await sc.wait_serving()

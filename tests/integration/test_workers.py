@@ -23,7 +23,6 @@ from tests.integration.helpers import (
     ROOT,
     SidecarProcess,
     committed_offsets,
-    port_pair,
     process_env,
     raw_produce,
     unique,
@@ -64,7 +63,6 @@ async def test_two_workers_deliver_every_partition_once_and_commit_on_ack(
     sc = SidecarProcess(
         process_env(kafka, topic, group, redis_server.url, DEDUP_SERVER__WORKERS="2"), tmp_path / "log"
     )
-    sc.port = port_pair()
     sc.start()
     try:
         await sc.wait_serving()
@@ -209,7 +207,7 @@ async def test_workers_share_a_sqlite_store_on_unix_sockets(
         DEDUP_STORE__BACKEND="sqlite",
         DEDUP_STORE__SQLITE_PATH=str(tmp_path / "dedup.sqlite3"),
         DEDUP_SERVER__LISTEN=f"unix://{sock}",
-        DEDUP_SERVER__HEALTH_LISTEN=f"127.0.0.1:{port_pair()}",
+        DEDUP_SERVER__HEALTH_LISTEN=f"127.0.0.1:{services.port_block(2)}",
     )
     sc = SidecarProcess(env, tmp_path / "log")
     sc.start()

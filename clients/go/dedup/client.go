@@ -538,8 +538,8 @@ func (c *Client) ackOn(ctx context.Context, w *worker, ids []string) ([]AckResul
 func (c *Client) perWorker(
 	ctx context.Context, ids []string, call func(context.Context, *worker, []string) ([]AckResult, error),
 ) ([]AckResult, error) {
-	if len(c.all()) == 1 {
-		return call(ctx, c.all()[0], ids)
+	if workers := c.all(); len(workers) == 1 {
+		return call(ctx, workers[0], ids)
 	}
 	groups := map[*worker][]int{}
 	for i, id := range ids {
