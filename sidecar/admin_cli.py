@@ -106,10 +106,11 @@ def _print_status(r: pb.StatusResponse) -> None:
 def _print_key(a: argparse.Namespace, r: pb.GetKeyResponse) -> None:
     state = pb.KeyState.Name(r.state).removeprefix("KEY_STATE_").lower()
     line = f"{a.topic} / {a.idempotency_key}: {state}"
+    failed = f" ({r.failures} failed)" if r.failures else ""
     if r.state == pb.KEY_STATE_CLAIMED:
-        line += f" by {r.owner} until {_when(r.lease_until_ms)}, attempt {r.attempt}"
+        line += f" by {r.owner} until {_when(r.lease_until_ms)}, attempt {r.attempt}{failed}"
     elif r.state in (pb.KEY_STATE_DONE, pb.KEY_STATE_RELEASED):
-        line += f" (by {r.owner}, attempt {r.attempt}, kept until {_when(r.expires_ms)})"
+        line += f" (by {r.owner}, attempt {r.attempt}{failed}, kept until {_when(r.expires_ms)})"
     print(line)
     if r.HasField("published"):
         p = r.published

@@ -102,6 +102,7 @@ class AdminServicer(pb_grpc.AdminServiceServicer):
             lease_until_ms=info.lease_until_ms,
             expires_ms=info.expires_ms,
             attempt=info.attempt,
+            failures=info.failures,
         )
         if info.published is not None:
             r = info.published

@@ -1,8 +1,10 @@
 """Claims: records taken in are claimed in the dedup store in batches, and routed by the answer.
 
 NEW records go to ``Core.ready`` (past their ordering chain), DONE ones settle as duplicates,
-BUSY ones wait for another sidecar's lease. A record claimed past ``delivery.max_attempts``
-(the app crashed or timed out on it every time, with no Nack) goes to the dead-letter topic.
+BUSY ones wait for another sidecar's lease. A record whose deliveries failed
+``delivery.max_attempts`` times (the app's stream closed or its ack deadline passed, with no Nack
+the last time) goes to the dead-letter topic. Claims handed back because a partition moved or a
+sidecar died count as attempts, not as failures.
 """
 
 from __future__ import annotations
@@ -154,9 +156,10 @@ class Claims:
                 continue
             if c.status is ClaimStatus.NEW:
                 p.attempt = max(p.attempt + 1, c.attempt)
+                p.failures = max(p.failures + (mode is ClaimMode.REDELIVER), c.failures)
                 p.lease_until = asked + core.lease_ms / 1000
                 p.unsent = True
-                if p.attempt > d.max_attempts:
+                if p.failures >= d.max_attempts:
                     poison.append(p)
                 else:
                     won.append(p)
@@ -172,8 +175,9 @@ class Claims:
                 p.attempt -= 1  # the deliveries it had; this claim delivers nothing
                 p.reason_code = "deadline"
                 p.reason = (
-                    f"deadline: delivered {p.attempt} times with no Ack or Nack before the ack "
-                    f"deadline or the app's stream closed (delivery.max_attempts={d.max_attempts})"
+                    f"deadline: delivered {p.attempt} times, {p.failures} of them failed, the last "
+                    "with no Ack or Nack before the ack deadline or the app's stream closed "
+                    f"(delivery.max_attempts={d.max_attempts})"
                 )
             self.reroute.dead_letter(poison)
         await self.release_orphans(orphans)

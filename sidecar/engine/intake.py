@@ -175,6 +175,7 @@ class Intake:
             source,
             origin=r.origin,
             attempt=r.attempts,
+            failures=r.failures,
         )
         wait_s = (r.due_ms - time.time() * 1000) / 1000
         if ik is not None and wait_s > 0:

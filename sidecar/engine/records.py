@@ -55,6 +55,7 @@ class Pending:
     topic: str  # the topic apps subscribe to: tp[0], or the source topic of a retry record
     origin: Origin | None = None  # set for a record read from a retry topic
     attempt: int = 0
+    failures: int = 0  # deliveries that failed (Nack, ack deadline, stream closed): Claim.failures
     state: State = State.CLAIMING
     stream: Holder | None = None
     deadline: float = 0.0  # monotonic ack deadline while in flight

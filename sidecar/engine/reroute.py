@@ -33,13 +33,14 @@ H_TOPIC = "dedup-original-topic"
 H_PARTITION = "dedup-original-partition"
 H_OFFSET = "dedup-original-offset"
 H_ATTEMPTS = "dedup-attempts"
+H_FAILURES = "dedup-failures"
 H_REASON = "dedup-reason"
 H_REASON_CODE = "dedup-reason-code"
 H_DUE = "dedup-retry-due-ms"
 H_KEY = "dedup-retry-idempotency-key"
 H_TIER = "dedup-retry-tier"
 #: Headers the sidecar adds to a retry record, taken off again before the app sees it.
-RETRY_HEADERS = frozenset({H_TOPIC, H_PARTITION, H_OFFSET, H_ATTEMPTS, H_DUE, H_KEY, H_TIER})
+RETRY_HEADERS = frozenset({H_TOPIC, H_PARTITION, H_OFFSET, H_ATTEMPTS, H_FAILURES, H_DUE, H_KEY, H_TIER})
 
 
 def retry_topic(template: str, topic: str, tier: int) -> str:
@@ -49,7 +50,7 @@ def retry_topic(template: str, topic: str, tier: int) -> str:
 class RetryRecord:
     """What the headers of a record read from a retry topic say (see ``Reroute.to_retry``)."""
 
-    __slots__ = ("attempts", "due_ms", "headers", "idem_key", "origin")
+    __slots__ = ("attempts", "due_ms", "failures", "headers", "idem_key", "origin")
 
     def __init__(self, source_topic: str, headers: list[tuple[str, bytes | None]]) -> None:
         found: dict[str, str] = {}
@@ -62,6 +63,7 @@ class RetryRecord:
         self.headers = kept
         self.idem_key: str | None = found.get(H_KEY) or None
         self.attempts = _int(found.get(H_ATTEMPTS), 0)
+        self.failures = _int(found.get(H_FAILURES), 0)
         self.due_ms = _int(found.get(H_DUE), 0)
         partition, offset = _int(found.get(H_PARTITION), -1), _int(found.get(H_OFFSET), -1)
         topic = found.get(H_TOPIC, source_topic)
@@ -71,7 +73,8 @@ class RetryRecord:
 
 
 def _provenance(p: Pending) -> list[tuple[str, bytes]]:
-    """The record's own headers, then where it was first consumed and its attempts so far."""
+    """The record's own headers, then where it was first consumed, its attempts so far and how
+    many of them failed."""
     topic, partition, offset = p.coordinates()
     return [
         *((k, v or b"") for k, v in p.headers),
@@ -79,6 +82,7 @@ def _provenance(p: Pending) -> list[tuple[str, bytes]]:
         (H_PARTITION, str(partition).encode()),
         (H_OFFSET, str(offset).encode()),
         (H_ATTEMPTS, str(p.attempt).encode()),
+        (H_FAILURES, str(p.failures).encode()),
     ]
 
 

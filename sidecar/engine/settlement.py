@@ -194,7 +194,7 @@ class Settlement:
             results.append(outcome)
             if p is None or p.state is not State.IN_FLIGHT or p.delivery_ids[-1] != did:
                 continue  # an expired copy: its record is already on its way again
-            if dead_letter or p.attempt >= d.max_attempts:
+            if dead_letter or p.failures + 1 >= d.max_attempts:
                 dlq[id(p)] = p
             else:
                 redeliver[id(p)] = p
@@ -212,8 +212,10 @@ class Settlement:
         in_memory = [p for i, p in redeliver.items() if tiers[i] is None]
         if in_memory:
             await self._answer_failed_on_error(
-                ids, core.store.release([p.store_key for p in in_memory], core.owner)
+                ids, core.store.release([p.store_key for p in in_memory], core.owner, failed=True)
             )
+            for p in in_memory:
+                p.failures += 1  # the retry-topic ones count theirs when claimed again (REDELIVER)
         now = core.clock()
         retry: list[tuple[Pending, int, float]] = []
         for i, p in redeliver.items():
@@ -233,8 +235,12 @@ class Settlement:
         for p in todo:
             if p.stream is not None:
                 p.stream.remove(p)
+            p.failures += 1
             p.reason_code = "nack" if dead_letter else "max-attempts"
-            p.reason = reason or (f"nacked {p.attempt} times (delivery.max_attempts={d.max_attempts})")
+            p.reason = reason or (
+                f"nacked; {p.failures} of its {p.attempt} deliveries failed "
+                f"(delivery.max_attempts={d.max_attempts})"
+            )
         if todo:
             self.reroute.dead_letter(todo)
         return results

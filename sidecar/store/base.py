@@ -37,7 +37,8 @@ class ClaimMode(IntEnum):
     RENEW = 1
     #: The caller delivers the record again under its own live claim (ack deadline passed, or the
     #: app's stream closed): the next attempt, counted in the store, so a sidecar that takes the
-    #: key over later counts on from there instead of repeating a number the app has seen.
+    #: key over later counts on from there instead of repeating a number the app has seen. It is
+    #: also a failed delivery (see Claim.failures), unless another owner took the key meanwhile.
     REDELIVER = 2
 
 
@@ -48,6 +49,11 @@ class Claim:
     # a key is claimed again after a lease expired or was released, so a redelivery across sidecar
     # restarts still shows attempt > 1.
     attempt: int
+    # Deliveries of the key that failed: the app nacked it, its ack deadline passed, or its
+    # stream closed (REDELIVER, or a release with ``failed``). ``delivery.max_attempts`` bounds
+    # this count, not ``attempt``: a claim handed back because a partition moved or a sidecar
+    # died is a delivery attempt the app may have seen, but not a failure of the record.
+    failures: int = 0
 
 
 @dataclass(frozen=True, slots=True)
@@ -84,6 +90,7 @@ class KeyInfo:
     expires_ms: int = 0  # epoch ms when the entry is forgotten
     attempt: int = 0
     published: PublishRecord | None = None  # its Publish result, if it was published
+    failures: int = 0
 
 
 @runtime_checkable
@@ -116,13 +123,16 @@ class DedupStore(Protocol):
         """
         ...
 
-    async def release(self, keys: Sequence[str], owner: str, delivered: bool = True) -> list[bool]:
+    async def release(
+        self, keys: Sequence[str], owner: str, delivered: bool = True, failed: bool = False
+    ) -> list[bool]:
         """Drop the claim of each key only if ``owner`` still holds it. Returns per key whether it did.
 
         ``delivered=False``: no app was sent the record under this claim (it was claimed ahead and
         then its partition moved, or the sidecar stopped). The attempt the claim started is given
         back, so the next owner's delivery carries the same attempt number instead of one more;
         this applies even if the lease ran out meanwhile, as long as nobody else claimed the key.
+        ``failed=True``: the delivery failed (the app nacked it): the key's failures grow by one.
         """
         ...
 

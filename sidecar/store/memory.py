@@ -53,11 +53,13 @@ class MemoryStore:
             out.append(late)
         return out
 
-    async def release(self, keys: Sequence[str], owner: str, delivered: bool = True) -> list[bool]:
+    async def release(
+        self, keys: Sequence[str], owner: str, delivered: bool = True, failed: bool = False
+    ) -> list[bool]:
         now = self._clock()
         out = []
         for key in keys:
-            released, _ = rules.release(self._keys.get(key), owner, now, delivered)
+            released, _ = rules.release(self._keys.get(key), owner, now, delivered, failed)
             out.append(released)
         return out
 

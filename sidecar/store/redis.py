@@ -55,64 +55,76 @@ local out = {}
 # owns (redis_shapes.Script.packed), or one key when slots move; a batch is a pipeline per master.
 #
 # A key's state is one string, "<done>|<owner>|<lease deadline ms>|<attempt>", with the key's
-# TTL as its expiry. A string costs Redis about a third less CPU per claim and complete than the
-# hash this store used before (one GET and one SET ... PX instead of HMGET, HSET and PEXPIRE),
-# and Redis is a large share of the CPU of a busy sidecar host. The owner may contain "|"; the
-# pattern takes the last two fields as the numbers.
+# TTL as its expiry; a key with failed deliveries (Claim.failures) ends in "<attempt>:<failures>".
+# A string costs Redis about a third less CPU per claim and complete than the hash this store
+# used before (one GET and one SET ... PX instead of HMGET, HSET and PEXPIRE), and Redis is a
+# large share of the CPU of a busy sidecar host. The owner may contain "|"; the pattern takes the
+# last two fields as the numbers. A key with no failures reads as it did before failures were
+# counted, so only keys with failures need every sidecar sharing the Redis on this version.
 _PARSE = """
 local function parse(v)
-  local d, o, l, a = string.match(v, '^(%d)|(.*)|(%d+)|(%d+)$')
-  return d, o, tonumber(l), tonumber(a)
+  local d, o, l, a, f = string.match(v, '^(%d)|(.*)|(%d+)|(%d+):?(%d*)$')
+  return d, o, tonumber(l), tonumber(a), tonumber(f) or 0
+end
+local function counts(a, f)
+  if f > 0 then return a .. ':' .. f end
+  return a
 end
 """
 
-# claim_one(key, owner, lease_ms, retention_ms, mode) -> status, attempt. mode is ClaimMode:
-# '0' claim, '1' renew (keep the attempt of our own expired claim), '2' redeliver (our own live
-# claim starts the next attempt).
+# claim_one(key, owner, lease_ms, retention_ms, mode) -> status, attempt, failures. mode is
+# ClaimMode: '0' claim, '1' renew (keep the attempt of our own expired claim), '2' redeliver (our
+# own claim starts the next attempt, and counts a failure).
 _CLAIM_ONE = """
 local function claim_one(k, owner, lease, retention, mode)
   local held = '0|' .. owner .. '|' .. string.format('%d', now + lease) .. '|'
   local v = redis.call('GET', k)
   if not v then
     redis.call('SET', k, held .. '1', 'PX', retention)
-    return 0, 1
+    return 0, 1, 0
   end
-  local done, o, until_ms, attempt = parse(v)
-  if done == '1' then return 1, attempt end
+  local done, o, until_ms, attempt, failures = parse(v)
+  if done == '1' then return 1, attempt, failures end
   if until_ms > now then
-    if o ~= owner then return 2, attempt end
-    if mode == '2' then attempt = attempt + 1 end
-    redis.call('SET', k, held .. attempt, 'KEEPTTL')
-    return 0, attempt
+    if o ~= owner then return 2, attempt, failures end
+    if mode == '2' then attempt = attempt + 1; failures = failures + 1 end
+    redis.call('SET', k, held .. counts(attempt, failures), 'KEEPTTL')
+    return 0, attempt, failures
   end
   if mode == '1' and o == owner then
     if attempt < 1 then attempt = 1 end
   else
     attempt = attempt + 1
+    if mode == '2' and o == owner then failures = failures + 1 end
   end
-  redis.call('SET', k, held .. attempt, 'KEEPTTL')
+  redis.call('SET', k, held .. counts(attempt, failures), 'KEEPTTL')
   if redis.call('PTTL', k) < lease then redis.call('PEXPIRE', k, lease) end
-  return 0, attempt
+  return 0, attempt, failures
 end
 """
 
-# release_one(key, owner, delivered) -> 1 when released. delivered '0' gives the claim's attempt
-# back. A released claim (lease deadline 0) is not released again: its attempt was given back once.
+# release_one(key, owner, delivered, failed) -> 1 when released. delivered '0' gives the claim's
+# attempt back; failed '1' counts a failure. A released claim (lease deadline 0) is not released
+# again: its attempt was given back once.
 _RELEASE_ONE = """
-local function release_one(k, owner, delivered)
+local function release_one(k, owner, delivered, failed)
   local v = redis.call('GET', k)
   if not v then return 0 end
-  local done, o, until_ms, attempt = parse(v)
+  local done, o, until_ms, attempt, failures = parse(v)
   if done == '0' and o == owner and until_ms > 0 and (until_ms > now or delivered == '0') then
-    if delivered == '0' and attempt > 0 then attempt = attempt - 1 end
-    redis.call('SET', k, '0|' .. o .. '|0|' .. attempt, 'KEEPTTL')
+    if delivered == '0' then
+      if attempt > 0 then attempt = attempt - 1 end
+    elseif failed == '1' then
+      failures = failures + 1
+    end
+    redis.call('SET', k, '0|' .. o .. '|0|' .. counts(attempt, failures), 'KEEPTTL')
     return 1
   end
   return 0
 end
 """
 
-# ARGV owner, lease_ms, retention_ms, mode. Returns status, attempt per key (flat).
+# ARGV owner, lease_ms, retention_ms, mode. Returns status, attempt, failures per key (flat).
 CLAIM = (
     _NOW
     + _PARSE
@@ -120,8 +132,8 @@ CLAIM = (
     + """
 local lease = tonumber(ARGV[2])
 for _, k in ipairs(KEYS) do
-  local status, attempt = claim_one(k, ARGV[1], lease, ARGV[3], ARGV[4])
-  out[#out + 1] = status; out[#out + 1] = attempt
+  local status, attempt, failures = claim_one(k, ARGV[1], lease, ARGV[3], ARGV[4])
+  out[#out + 1] = status; out[#out + 1] = attempt; out[#out + 1] = failures
 end
 return out
 """
@@ -135,12 +147,12 @@ COMPLETE = (
     + """
 for _, k in ipairs(KEYS) do
   local v = redis.call('GET', k)
-  local done, o, until_ms, attempt = '0', '', 0, 1
-  if v then done, o, until_ms, attempt = parse(v) end
+  local done, o, until_ms, attempt, failures = '0', '', 0, 1, 0
+  if v then done, o, until_ms, attempt, failures = parse(v) end
   if done == '1' then
     out[#out + 1] = 0
   else
-    redis.call('SET', k, '1|' .. ARGV[1] .. '|0|' .. attempt, 'PX', ARGV[2])
+    redis.call('SET', k, '1|' .. ARGV[1] .. '|0|' .. counts(attempt, failures), 'PX', ARGV[2])
     if not v or until_ms <= now then out[#out + 1] = -1
     elseif o ~= ARGV[1] then out[#out + 1] = until_ms - now
     else out[#out + 1] = 0 end
@@ -150,14 +162,15 @@ return out
 """
 )
 
-# ARGV owner, delivered (1, or 0 to give the claim's attempt back). Returns 1 per key when released.
+# ARGV owner, delivered (1, or 0 to give the claim's attempt back), failed (1 counts a failure).
+# Returns 1 per key when released.
 RELEASE = (
     _NOW
     + _PARSE
     + _RELEASE_ONE
     + """
 for _, k in ipairs(KEYS) do
-  out[#out + 1] = release_one(k, ARGV[1], ARGV[2])
+  out[#out + 1] = release_one(k, ARGV[1], ARGV[2], ARGV[3])
 end
 return out
 """
@@ -270,12 +283,15 @@ class _Coalescer:
             i += len(items)
 
 
-_CLAIMS: dict[tuple[Any, ...], Claim] = {}  # (status, attempt) as replied -> Claim; Claims are immutable
+# (status, attempt[, failures]) as replied -> Claim; Claims are immutable
+_CLAIMS: dict[tuple[Any, ...], Claim] = {}
 
 
 def _claim_of(reply: tuple[Any, ...]) -> Claim:
-    """The Claim for a (status, attempt) reply, cached: nearly every reply is (NEW, 1)."""
-    claim = Claim(ClaimStatus(int(reply[0])), int(reply[1]))
+    """The Claim for a (status, attempt[, failures]) reply, cached: nearly every reply is
+    (NEW, 1, 0). A publish claim's reply has no failures."""
+    failures = int(reply[2]) if len(reply) > 2 else 0
+    claim = Claim(ClaimStatus(int(reply[0])), int(reply[1]), failures)
     if len(_CLAIMS) < 10_000:
         _CLAIMS[reply] = claim
     return claim
@@ -424,16 +440,18 @@ class RedisStore:
         self, keys: Sequence[str], owner: str, lease_ms: int, mode: ClaimMode = ClaimMode.CLAIM
     ) -> list[Claim]:
         args = [owner, lease_ms, self._retention_ms, int(mode)]
-        raw = await self._per_key(self._claim, keys, args, 2)
+        raw = await self._per_key(self._claim, keys, args, 3)
         known = _CLAIMS
         return [known.get(r) or _claim_of(r) for r in raw]
 
     async def complete(self, keys: Sequence[str], owner: str, retention_ms: int) -> list[int]:
         return [int(x) for x in await self._per_key(self._complete, keys, [owner, retention_ms], 1)]
 
-    async def release(self, keys: Sequence[str], owner: str, delivered: bool = True) -> list[bool]:
-        flag = 1 if delivered else 0
-        return [bool(int(x)) for x in await self._per_key(self._release, keys, [owner, flag], 1)]
+    async def release(
+        self, keys: Sequence[str], owner: str, delivered: bool = True, failed: bool = False
+    ) -> list[bool]:
+        args = [owner, int(delivered), int(failed)]
+        return [bool(int(x)) for x in await self._per_key(self._release, keys, args, 1)]
 
     async def publish_begin(
         self, keys: Sequence[str], owner: str, lease_ms: int
@@ -475,7 +493,7 @@ class RedisStore:
         try:
             await self._client.ping()
             await self._cluster_router()
-            await self._per_key(self._release, ["~ping"], ["~ping", 1], 1)  # writes nothing
+            await self._per_key(self._release, ["~ping"], ["~ping", 1, 0], 1)  # writes nothing
         except ReplicaShortfall as exc:  # reachable and allowed: replicas lag, which may pass
             log.warning("at start-up: %s", exc)
         except StoreUnavailable as exc:
@@ -503,9 +521,12 @@ class RedisStore:
         if state is None:
             return rules.describe(None, now, published)
         done, rest = state.split("|", 1)
-        owner, lease, attempt = rest.rsplit("|", 2)
+        owner, lease, counted = rest.rsplit("|", 2)
+        attempt, _, failures = counted.partition(":")
         expires = now + ttl if ttl > 0 else 0
-        entry = rules.Entry(done == "1", owner, int(lease), int(attempt), expires or now + 1)
+        entry = rules.Entry(
+            done == "1", owner, int(lease), int(attempt), expires or now + 1, int(failures or 0)
+        )
         return rules.describe(entry, now, published)
 
     async def _on_each_primary(self, *command: str) -> list[Any]:

@@ -37,7 +37,8 @@ CREATE TABLE IF NOT EXISTS dedup_keys (
     owner TEXT NOT NULL,
     deadline INTEGER NOT NULL,
     attempt INTEGER NOT NULL,
-    expires INTEGER NOT NULL
+    expires INTEGER NOT NULL,
+    failures INTEGER NOT NULL DEFAULT 0
 ) WITHOUT ROWID;
 CREATE INDEX IF NOT EXISTS dedup_keys_expires ON dedup_keys(expires);
 CREATE TABLE IF NOT EXISTS publish_results (
@@ -51,6 +52,18 @@ CREATE TABLE IF NOT EXISTS publish_results (
 def _chunks(keys: Sequence[str]) -> Iterator[Sequence[str]]:
     for i in range(0, len(keys), _CHUNK):
         yield keys[i : i + _CHUNK]
+
+
+def _add_failures_column(db: sqlite3.Connection) -> None:
+    """Bring a database from before ``failures`` existed up to date (its keys start at 0). Two
+    workers opening it at once may both try: the loser finds the column there."""
+    columns = {row[1] for row in db.execute("PRAGMA table_info(dedup_keys)")}
+    if "failures" not in columns:
+        try:
+            db.execute("ALTER TABLE dedup_keys ADD COLUMN failures INTEGER NOT NULL DEFAULT 0")
+        except sqlite3.OperationalError as exc:
+            if "duplicate column" not in str(exc):
+                raise
 
 
 class SQLiteStore:
@@ -89,6 +102,7 @@ class SQLiteStore:
             db.execute(f"PRAGMA synchronous={self._synchronous}")
             db.execute("PRAGMA busy_timeout=5000")
             db.executescript(_SCHEMA)
+            _add_failures_column(db)
         except sqlite3.Error as exc:
             raise StoreUnavailable(
                 f"cannot open the SQLite dedup store at {self._path}: {exc} (setting: store.sqlite_path)"
@@ -111,11 +125,12 @@ class SQLiteStore:
         found: dict[str, rules.Entry] = {}
         for chunk in _chunks(keys):
             marks = ",".join("?" * len(chunk))
-            for key, done, owner, deadline, attempt, expires in db.execute(
-                f"SELECT key, done, owner, deadline, attempt, expires FROM dedup_keys WHERE key IN ({marks})",
+            for key, done, owner, deadline, attempt, expires, failures in db.execute(
+                "SELECT key, done, owner, deadline, attempt, expires, failures FROM dedup_keys"
+                f" WHERE key IN ({marks})",
                 tuple(chunk),
             ):
-                found[key] = rules.Entry(bool(done), owner, deadline, attempt, expires)
+                found[key] = rules.Entry(bool(done), owner, deadline, attempt, expires, failures)
         return found
 
     def _transaction(self, work: Callable[[sqlite3.Connection, int], T]) -> T:
@@ -146,8 +161,13 @@ class SQLiteStore:
             out.append(result)
             if entry is not None:
                 entries[key] = entry
-                rows.append((key, int(entry.done), entry.owner, entry.deadline, entry.attempt, entry.expires))
-        db.executemany("INSERT OR REPLACE INTO dedup_keys VALUES (?, ?, ?, ?, ?, ?)", rows)
+                e = entry
+                rows.append((key, int(e.done), e.owner, e.deadline, e.attempt, e.expires, e.failures))
+        db.executemany(
+            "INSERT OR REPLACE INTO dedup_keys (key, done, owner, deadline, attempt, expires, failures)"
+            " VALUES (?, ?, ?, ?, ?, ?, ?)",
+            rows,
+        )
         return out
 
     def _apply(self, keys: Sequence[str], step: Step[T]) -> list[T]:
@@ -174,9 +194,9 @@ class SQLiteStore:
         return step
 
     @staticmethod
-    def _release_step(owner: str, delivered: bool = True) -> Step[bool]:
+    def _release_step(owner: str, delivered: bool = True, failed: bool = False) -> Step[bool]:
         def step(entry: rules.Entry | None, now: int) -> tuple[bool, rules.Entry | None]:
-            return rules.release(entry, owner, now, delivered)
+            return rules.release(entry, owner, now, delivered, failed)
 
         return step
 
@@ -192,8 +212,10 @@ class SQLiteStore:
 
         return await self._run(lambda: self._apply(keys, step))
 
-    async def release(self, keys: Sequence[str], owner: str, delivered: bool = True) -> list[bool]:
-        step = self._release_step(owner, delivered)
+    async def release(
+        self, keys: Sequence[str], owner: str, delivered: bool = True, failed: bool = False
+    ) -> list[bool]:
+        step = self._release_step(owner, delivered, failed)
         return await self._run(lambda: self._apply(keys, step))
 
     async def publish_begin(

@@ -37,8 +37,10 @@ class TimedStore:
     async def complete(self, keys: Sequence[str], owner: str, retention_ms: int) -> list[int]:
         return await self._timed("complete", self.inner.complete(keys, owner, retention_ms))
 
-    async def release(self, keys: Sequence[str], owner: str, delivered: bool = True) -> list[bool]:
-        return await self._timed("release", self.inner.release(keys, owner, delivered))
+    async def release(
+        self, keys: Sequence[str], owner: str, delivered: bool = True, failed: bool = False
+    ) -> list[bool]:
+        return await self._timed("release", self.inner.release(keys, owner, delivered, failed))
 
     async def publish_begin(
         self, keys: Sequence[str], owner: str, lease_ms: int

@@ -8,6 +8,7 @@ primary, and a TLS-only node reached as a least-privilege ACL user.
 from __future__ import annotations
 
 import asyncio
+import sqlite3
 import uuid
 from collections.abc import AsyncIterator
 from pathlib import Path
@@ -206,10 +207,34 @@ async def test_redelivering_under_a_live_claim_counts_the_next_attempt(store: De
     await store.complete([done], "a", DAY)
     claims = await store.claim([mine, theirs, done], "a", 100, mode=ClaimMode.REDELIVER)
     assert [(c.status, c.attempt) for c in claims] == [(NEW, 2), (BUSY, 1), (DONE, 1)]
-    assert (await store.claim([mine], "a", 100, mode=ClaimMode.REDELIVER))[0] == Claim(NEW, 3)
-    assert (await store.claim([mine], "a", 100))[0] == Claim(NEW, 3)  # a plain re-claim extends
+    assert (await store.claim([mine], "a", 100, mode=ClaimMode.REDELIVER))[0] == Claim(NEW, 3, 2)
+    assert (await store.claim([mine], "a", 100))[0] == Claim(NEW, 3, 2)  # a plain re-claim extends
     await asyncio.sleep(0.25)
-    assert (await store.claim([mine], "c", LEASE))[0] == Claim(NEW, 4)  # the takeover counts on
+    assert (await store.claim([mine], "c", LEASE))[0] == Claim(NEW, 4, 2)  # the takeover counts on
+
+
+async def test_failures_count_failed_deliveries_and_not_hand_backs(store: DedupStore) -> None:
+    # delivery.max_attempts bounds failures: a redelivery by the owner (ack deadline, stream
+    # closed) and a release after a Nack count one; a takeover after a lease ran out (a sidecar
+    # died) or a release when a partition moved counts an attempt but no failure.
+    [k] = keys(1)
+    assert (await store.claim([k], "a", LEASE))[0] == Claim(NEW, 1, 0)
+    assert (await store.claim([k], "a", LEASE, mode=ClaimMode.REDELIVER))[0] == Claim(NEW, 2, 1)
+    assert await store.release([k], "a", failed=True) == [True]  # nacked
+    assert (await store.claim([k], "a", 100))[0] == Claim(NEW, 3, 2)
+    assert await store.release([k], "a") == [True]  # its partition moved
+    assert (await store.claim([k], "b", 100))[0] == Claim(NEW, 4, 2)
+    await asyncio.sleep(0.25)  # b died: its lease ran out
+    assert (await store.claim([k], "c", 100, mode=ClaimMode.REDELIVER))[0] == Claim(NEW, 5, 2)
+    await asyncio.sleep(0.25)  # c's ack deadline and its lease passed: its own redelivery fails one
+    assert (await store.claim([k], "c", LEASE, mode=ClaimMode.REDELIVER))[0] == Claim(NEW, 6, 3)
+    assert await store.release([k], "c", delivered=False, failed=True) == [True]  # never sent: no failure
+    assert (await store.claim([k], "d", LEASE))[0] == Claim(NEW, 6, 3)
+    assert (await store.claim([k], "e", LEASE))[0] == Claim(BUSY, 6, 3)
+    info = await store.inspect(k, "nothing")
+    assert (info.attempt, info.failures) == (6, 3)
+    assert await store.complete([k], "d", DAY) == [IN_TIME]
+    assert (await store.claim([k], "e", LEASE))[0] == Claim(DONE, 6, 3)
 
 
 async def test_a_second_release_gives_nothing_back(store: DedupStore) -> None:
@@ -217,11 +242,11 @@ async def test_a_second_release_gives_nothing_back(store: DedupStore) -> None:
     # claim gives back is given back once, or the next owner would repeat an attempt number.
     [k] = keys(1)
     await store.claim([k], "a", LEASE)
-    assert (await store.claim([k], "a", LEASE, mode=ClaimMode.REDELIVER))[0] == Claim(NEW, 2)
+    assert (await store.claim([k], "a", LEASE, mode=ClaimMode.REDELIVER))[0] == Claim(NEW, 2, 1)
     assert await store.release([k], "a", delivered=False) == [True]
     assert await store.release([k], "a", delivered=False) == [False]
-    assert await store.release([k], "a") == [False]
-    assert (await store.claim([k], "b", LEASE))[0] == Claim(NEW, 2)
+    assert await store.release([k], "a", failed=True) == [False]
+    assert (await store.claim([k], "b", LEASE))[0] == Claim(NEW, 2, 1)
 
 
 async def test_release_does_not_undo_done(store: DedupStore) -> None:
@@ -351,6 +376,25 @@ async def test_sqlite_survives_reopen(tmp_path: Path) -> None:
     assert (await s2.claim(["k"], "b", LEASE))[0].status is DONE
     assert await s2.publish_begin(["p"], "b", LEASE) == [PublishRecord("d", "t", 0, 7)]
     await s2.close()
+
+
+async def test_sqlite_adds_the_failures_column_to_an_older_database(tmp_path: Path) -> None:
+    path = tmp_path / "old.sqlite3"
+    db = sqlite3.connect(path)
+    db.executescript(
+        "CREATE TABLE dedup_keys (key TEXT PRIMARY KEY, done INTEGER NOT NULL, owner TEXT NOT NULL,"
+        " deadline INTEGER NOT NULL, attempt INTEGER NOT NULL, expires INTEGER NOT NULL) WITHOUT ROWID;"
+    )
+    db.execute("INSERT INTO dedup_keys VALUES ('k', 0, 'a', 0, 2, ?)", (2**62,))
+    db.commit()
+    db.close()
+    s = await SQLiteStore(path).open()
+    assert (await s.claim(["k"], "b", LEASE))[0] == Claim(NEW, 3, 0)
+    assert (await s.claim(["k"], "b", LEASE, mode=ClaimMode.REDELIVER))[0] == Claim(NEW, 4, 1)
+    await s.close()
+    again = await SQLiteStore(path).open()  # the column is there now: opening again adds nothing
+    assert (await again.inspect("k", "p")).failures == 1
+    await again.close()
 
 
 @pytest.mark.integration

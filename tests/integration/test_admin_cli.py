@@ -72,6 +72,11 @@ async def test_status_and_key_describe_a_running_sidecar(
             held = await asyncio.to_thread(cli, "key", topic, "held-1", *auth)
             assert "claimed by" in held.stdout
             assert "attempt 1" in held.stdout
+            assert "failed" not in held.stdout
+            await c.nack([got["held-1"].delivery_id], delay_seconds=60)  # one failed delivery
+            nacked = await asyncio.to_thread(cli, "key", topic, "held-1", *auth)
+            assert f"{topic} / held-1: released" in nacked.stdout, nacked.stdout
+            assert "attempt 1 (1 failed)" in nacked.stdout, nacked.stdout
             published = json.loads(
                 (await asyncio.to_thread(cli, "key", topic, "pub-1", "--json", *auth)).stdout
             )

@@ -187,6 +187,35 @@ async def test_a_record_that_times_out_every_time_goes_to_the_dead_letter_topic(
     assert eng.committable() == {(T, 0): 1}
 
 
+async def test_takeovers_count_attempts_and_only_failures_count_toward_max_attempts(engines: Any) -> None:
+    # Three sidecars claimed the key before and died (their leases ran out): a rebalance churn's
+    # hand-backs. That is three attempts the app may have seen, and no failure: the record is
+    # delivered (attempt 4), not dead-lettered. Its two ack deadlines then are failures.
+    eng, _, producer = await engines(max_attempts=2, ack_deadline_seconds=0.1, lease_margin_seconds=0)
+    key = store_key(eng.settings.kafka.group_id, T, "i0")
+    for owner in ("dead-1", "dead-2", "dead-3"):
+        await eng.store.claim([key], owner, 1)
+        await asyncio.sleep(0.005)
+    s = eng.attach([], 100, 0, 100)
+    eng.on_records([rec(0, "a")])
+    seen = []
+    for _ in range(2):
+        [p] = await frame(eng, s)
+        seen.append((p.attempt, p.failures))
+        eng.dispatch.expired.clear()  # the app lost these copies: no credit held for them
+        s.expired.clear()
+        s.in_flight_bytes = 0
+    assert seen == [(4, 0), (5, 1)]
+    for _ in range(100):
+        if producer.records:
+            break
+        await asyncio.sleep(0.02)
+    [(topic, _, headers)] = producer.records
+    h = dict(headers)
+    assert topic == f"{T}.dlq"
+    assert (h["dedup-reason-code"], h["dedup-attempts"], h["dedup-failures"]) == (b"deadline", b"5", b"2")
+
+
 async def test_a_long_nack_moves_to_a_retry_topic_and_comes_back_when_due(engines: Any) -> None:
     eng, consumer, producer = await engines(retry_tiers_seconds=[0.2, 60])
     retry_topic = f"{T}.retry.0"

@@ -1673,7 +1673,11 @@ type GetKeyResponse struct {
 	// Deliveries started so far.
 	Attempt int32 `protobuf:"varint,5,opt,name=attempt,proto3" json:"attempt,omitempty"`
 	// Set when the key was published through Publish: where the record was written.
-	Published     *PublishResponse `protobuf:"bytes,6,opt,name=published,proto3,oneof" json:"published,omitempty"`
+	Published *PublishResponse `protobuf:"bytes,6,opt,name=published,proto3,oneof" json:"published,omitempty"`
+	// Deliveries that failed (nacked, ack deadline passed, or the app's stream closed): what
+	// delivery.max_attempts bounds. A delivery handed back because its partition moved or its
+	// sidecar died is an attempt, not a failure.
+	Failures      int32 `protobuf:"varint,7,opt,name=failures,proto3" json:"failures,omitempty"`
 	unknownFields protoimpl.UnknownFields
 	sizeCache     protoimpl.SizeCache
 }
@@ -1748,6 +1752,13 @@ func (x *GetKeyResponse) GetPublished() *PublishResponse {
 		return x.Published
 	}
 	return nil
+}
+
+func (x *GetKeyResponse) GetFailures() int32 {
+	if x != nil {
+		return x.Failures
+	}
+	return 0
 }
 
 var File_dedup_v1_dedup_proto protoreflect.FileDescriptor
@@ -1865,7 +1876,7 @@ const file_dedup_v1_dedup_proto_rawDesc = "" +
 	"\astreams\x18\a \x03(\v2\x16.dedup.v1.StreamStatusR\astreams\"N\n" +
 	"\rGetKeyRequest\x12\x14\n" +
 	"\x05topic\x18\x01 \x01(\tR\x05topic\x12'\n" +
-	"\x0fidempotency_key\x18\x02 \x01(\tR\x0eidempotencyKey\"\xfb\x01\n" +
+	"\x0fidempotency_key\x18\x02 \x01(\tR\x0eidempotencyKey\"\x97\x02\n" +
 	"\x0eGetKeyResponse\x12(\n" +
 	"\x05state\x18\x01 \x01(\x0e2\x12.dedup.v1.KeyStateR\x05state\x12\x14\n" +
 	"\x05owner\x18\x02 \x01(\tR\x05owner\x12$\n" +
@@ -1873,7 +1884,8 @@ const file_dedup_v1_dedup_proto_rawDesc = "" +
 	"\n" +
 	"expires_ms\x18\x04 \x01(\x03R\texpiresMs\x12\x18\n" +
 	"\aattempt\x18\x05 \x01(\x05R\aattempt\x12<\n" +
-	"\tpublished\x18\x06 \x01(\v2\x19.dedup.v1.PublishResponseH\x00R\tpublished\x88\x01\x01B\f\n" +
+	"\tpublished\x18\x06 \x01(\v2\x19.dedup.v1.PublishResponseH\x00R\tpublished\x88\x01\x01\x12\x1a\n" +
+	"\bfailures\x18\a \x01(\x05R\bfailuresB\f\n" +
 	"\n" +
 	"_published*f\n" +
 	"\bOrdering\x12\x18\n" +

@@ -813,6 +813,7 @@ class GetKeyResponse(_message.Message):
     EXPIRES_MS_FIELD_NUMBER: _builtins.int
     ATTEMPT_FIELD_NUMBER: _builtins.int
     PUBLISHED_FIELD_NUMBER: _builtins.int
+    FAILURES_FIELD_NUMBER: _builtins.int
     state: Global___KeyState.ValueType
     owner: _builtins.str
     """The claim's or done mark's owner (a sidecar's owner id)."""
@@ -821,6 +822,11 @@ class GetKeyResponse(_message.Message):
     expires_ms: _builtins.int
     attempt: _builtins.int
     """Deliveries started so far."""
+    failures: _builtins.int
+    """Deliveries that failed (nacked, ack deadline passed, or the app's stream closed): what
+    delivery.max_attempts bounds. A delivery handed back because its partition moved or its
+    sidecar died is an attempt, not a failure.
+    """
     @_builtins.property
     def published(self) -> Global___PublishResponse:
         """Set when the key was published through Publish: where the record was written."""
@@ -834,10 +840,11 @@ class GetKeyResponse(_message.Message):
         expires_ms: _builtins.int = ...,
         attempt: _builtins.int = ...,
         published: Global___PublishResponse | None = ...,
+        failures: _builtins.int = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["_published", b"_published", "published", b"published"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["_published", b"_published", "attempt", b"attempt", "expires_ms", b"expires_ms", "lease_until_ms", b"lease_until_ms", "owner", b"owner", "published", b"published", "state", b"state"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["_published", b"_published", "attempt", b"attempt", "expires_ms", b"expires_ms", "failures", b"failures", "lease_until_ms", b"lease_until_ms", "owner", b"owner", "published", b"published", "state", b"state"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     _WhichOneofReturnType__published: _TypeAlias = _typing.Literal["published"]  # noqa: Y015
     _WhichOneofArgType__published: _TypeAlias = _typing.Literal["_published", b"_published"]  # noqa: Y015
