@@ -313,15 +313,14 @@ def write(
         "deliberate copies carry a header and are not counted).",
         "",
         "The F17 and F*-workers rows run every sidecar as a supervisor and two worker processes "
-        "(`server.workers = 2`), and the apps' client subscribes on both workers. In those rows *lost* "
-        "can count records that went to dead-lettering rather than to the app: every hand-back (a killed "
-        "member, a partition moved by a rebalance) counts a delivery attempt, F6-workers has six members "
-        "over six partitions with one replica of two workers killed and restarted every ~3 s, and a "
-        "record handed back more than `delivery.max_attempts` (5) times is dead-lettered; the harness "
-        "creates no dead-letter topic, so such a record stays unsettled to the end of the run. A "
-        "sidecar logs such a record as rerouting, with its attempt, to the missing `.dlq` topic. "
-        "Counting only deadline expiries and Nacks toward `max_attempts`, not rebalance hand-backs, "
-        "would close it; it needs a second counter in every store and is not built yet.",
+        "(`server.workers = 2`), and the apps' client subscribes on both workers. F6-workers has six "
+        "members over six partitions, with one replica of two workers killed and restarted every ~3 s. "
+        "Every hand-back there (a killed member, a partition moved by a rebalance) is a delivery "
+        "attempt, and some records are handed back more than `delivery.max_attempts` (5) times. Only "
+        "failed deliveries (Nacks, ack deadlines, closed streams) count toward `max_attempts`, so "
+        "churn alone dead-letters nothing; before failures were counted apart from attempts, such "
+        "records went to dead-lettering and showed here as *lost* (27 inbox keys in the first run; "
+        "the harness creates no dead-letter topic, so they stayed unsettled).",
         "",
         "The F2-<point> rows kill the sidecar at exact points through test-only hooks "
         "(sidecar/testing_hooks.py), armed only by a hidden flag plus an environment variable.",
