@@ -112,8 +112,10 @@ class DedupServiceServicer:
 
     def Nack(self, request, context):
         """Nack gives deliveries back. Each is redelivered after `delay` (or the sidecar's exponential
-        backoff when `delay` is unset). Past `delivery.max_attempts`, or with `dead_letter` set, the
-        record is written to the dead-letter topic and settled once Kafka acknowledged that write.
+        backoff when `delay` is unset). At its `delivery.max_attempts`-th failed delivery (Nacks,
+        passed ack deadlines and closed streams count; a rebalance's hand-back does not), or with
+        `dead_letter` set, the record is written to the dead-letter topic and settled once Kafka
+        acknowledged that write.
         With `delivery.retry_tiers_seconds` set, a delay of at least the first tier moves the record
         to a retry topic (its source offset then commits) and it is delivered again from there, with
         its source topic, partition, offset and idempotency key, once the delay is over.
