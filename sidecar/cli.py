@@ -122,7 +122,7 @@ def main(argv: list[str] | None = None) -> int:
             settings = workers.worker_settings(settings, args.worker, addresses)
             worker = (args.worker, addresses)
         elif (n := workers.resolve(settings.server.workers)) > 1:
-            return workers.Supervisor(argv, workers.plan(settings, n)).run()
+            return workers.Supervisor(argv, workers.plan(settings, n), settings.server).run()
     except SidecarError as exc:
         print(f"dedup-sidecar: {exc}", file=sys.stderr)
         return 2

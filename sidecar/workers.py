@@ -30,7 +30,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
-from sidecar.config import Settings, is_unix_listen, split_listen, unix_socket_path
+from sidecar.config import ServerSettings, Settings, is_unix_listen, split_listen, unix_socket_path
 from sidecar.errors import ConfigError
 
 log = logging.getLogger(__name__)
@@ -100,13 +100,17 @@ def _nth(listen: str, i: int, setting: str) -> str:
 
 
 def plan(settings: Settings, n: int) -> list[WorkerAddresses]:
-    """The addresses of ``n`` workers, from ``[server]``'s listen settings."""
+    """The addresses of ``n`` workers, from ``[server]``'s listen settings. With more than one
+    worker, ``server.metrics_listen`` is the supervisor's (sidecar.worker_metrics) and each
+    worker's metrics go on a free loopback port, read only by the supervisor."""
     srv = settings.server
     return [
         WorkerAddresses(
             _nth(srv.listen, i, "server.listen"),
             _nth(srv.health_listen, i, "server.health_listen"),
-            _nth(srv.metrics_listen, i, "server.metrics_listen"),
+            (f"127.0.0.1:{_free_port('127.0.0.1')}" if n > 1 else srv.metrics_listen)
+            if srv.metrics_listen
+            else "",
         )
         for i in range(n)
     ]
@@ -132,6 +136,9 @@ def worker_settings(settings: Settings, index: int, addresses: list[WorkerAddres
             "listen": mine.listen,
             "health_listen": mine.health_listen,
             "metrics_listen": mine.metrics_listen,
+            # On loopback, read by the supervisor, which serves HTTPS when it is configured.
+            "metrics_tls_cert_file": None,
+            "metrics_tls_key_file": None,
         }
     )
     consumer = dict(settings.kafka.consumer)
@@ -153,9 +160,12 @@ def _die_with_parent() -> None:
 class Supervisor:
     """Runs the workers until a signal or a failed start. :meth:`run` returns the exit code."""
 
-    def __init__(self, argv: list[str], addresses: list[WorkerAddresses]) -> None:
+    def __init__(
+        self, argv: list[str], addresses: list[WorkerAddresses], server: ServerSettings | None = None
+    ) -> None:
         self._argv = argv
         self._addresses = addresses
+        self._server = server  # serves server.metrics_listen for all the workers, when set
         self._plan = encode_plan(addresses)
         self._procs: list[subprocess.Popen[bytes] | None] = [None] * len(addresses)
         self._deaths: list[list[float]] = [[] for _ in addresses]
@@ -186,12 +196,37 @@ class Supervisor:
                 with contextlib.suppress(ProcessLookupError):
                     p.send_signal(signum)
 
-    def run(self) -> int:
-        def on_signal(signum: int, _frame: object) -> None:
-            self._signals.append(signum)
+    def _serve_metrics(self) -> Any:
+        """Serve ``server.metrics_listen`` with every worker's metrics (sidecar.worker_metrics);
+        None when metrics are off. A ConfigError when the address or the TLS files are unusable,
+        before any worker starts."""
+        if self._server is None or not self._server.metrics_listen:
+            return None
+        from sidecar import worker_metrics
+        from sidecar.api import listeners
 
+        reg = worker_metrics.registry(
+            [a.metrics_listen for a in self._addresses], lambda: [max(n - 1, 0) for n in self._spawned]
+        )
+        server, port = listeners.metrics(self._server, reg)
+        log.info("metrics of all %d workers on port %d (server.metrics_listen)", len(self._addresses), port)
+        return server
+
+    def _on_signal(self, signum: int, _frame: object) -> None:
+        self._signals.append(signum)
+
+    def run(self) -> int:
+        metrics = self._serve_metrics()
+        try:
+            return self._supervise()
+        finally:
+            if metrics is not None:
+                metrics.shutdown()
+                metrics.server_close()
+
+    def _supervise(self) -> int:
         for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGUSR1):
-            signal.signal(sig, on_signal)
+            signal.signal(sig, self._on_signal)
         log.info(
             "supervising %d workers (server.workers): %s",
             len(self._addresses),

@@ -12,12 +12,14 @@ import signal
 import subprocess
 import sys
 import time
+import urllib.request
 from collections import Counter
 from pathlib import Path
 
 import services
 from dedup_client import AckResult, DedupClient
 from dedup_client._proto import dedup_pb2 as pb
+from prometheus_client.parser import text_string_to_metric_families
 
 from tests.integration.helpers import (
     ROOT,
@@ -45,6 +47,21 @@ def _alive(pid: int) -> bool:
     return True
 
 
+def _scrape(address: str) -> str:
+    with urllib.request.urlopen(f"http://{address}/metrics", timeout=10) as reply:
+        return str(reply.read().decode())
+
+
+def _samples(text: str, name: str) -> dict[str, float]:
+    """Worker label -> the sum of ``name``'s samples of that worker."""
+    out: dict[str, float] = {}
+    for family in text_string_to_metric_families(text):
+        for s in family.samples:
+            if s.name == name:
+                out[s.labels["worker"]] = out.get(s.labels["worker"], 0.0) + s.value
+    return out
+
+
 async def _wait_offsets(kafka: services.KafkaBroker, group: str, topic: str, ends: dict[int, int]) -> None:
     deadline = time.monotonic() + 30
     while time.monotonic() < deadline:
@@ -60,9 +77,11 @@ async def test_two_workers_deliver_every_partition_once_and_commit_on_ack(
 ) -> None:
     topic, group = unique("workers"), unique("g-workers")
     kafka.create_topic(topic, partitions=PARTITIONS)
-    sc = SidecarProcess(
-        process_env(kafka, topic, group, redis_server.url, DEDUP_SERVER__WORKERS="2"), tmp_path / "log"
+    metrics = f"127.0.0.1:{services.free_port()}"
+    env = process_env(
+        kafka, topic, group, redis_server.url, DEDUP_SERVER__WORKERS="2", DEDUP_SERVER__METRICS_LISTEN=metrics
     )
+    sc = SidecarProcess(env, tmp_path / "log")
     sc.start()
     try:
         await sc.wait_serving()
@@ -93,6 +112,13 @@ async def test_two_workers_deliver_every_partition_once_and_commit_on_ack(
             assert Counter(results) == {AckResult.OK: 300}
             ends = Counter(p or 0 for _, _, p in records)
             await _wait_offsets(kafka, group, topic, dict(ends))
+            # One /metrics for the sidecar: every worker's samples, labelled by worker.
+            text = await asyncio.to_thread(_scrape, metrics)
+            acked = _samples(text, "dedup_acked_total")
+            assert set(acked) == {"0", "1"}, text[:2000]
+            assert sum(acked.values()) == 300
+            assert sum(_samples(text, "dedup_assigned_partitions").values()) == PARTITIONS
+            assert _samples(text, "dedup_worker_up") == {"0": 1.0, "1": 1.0}
             # Publishes go round the workers; a repeated key is a duplicate whichever worker sees it.
             first = [await client.publish(topic, b"x", idempotency_key=f"pub-{i}") for i in range(4)]
             again = [await client.publish(topic, b"x", idempotency_key=f"pub-{i}") for i in range(4)]
@@ -135,7 +161,10 @@ async def test_a_worker_killed_under_a_stream_is_restarted_and_the_stream_goes_o
     committed."""
     topic, group = unique("workers-kill"), unique("g-workers-kill")
     kafka.create_topic(topic, partitions=PARTITIONS)
-    env = process_env(kafka, topic, group, redis_server.url, DEDUP_SERVER__WORKERS="2")
+    metrics = f"127.0.0.1:{services.free_port()}"
+    env = process_env(
+        kafka, topic, group, redis_server.url, DEDUP_SERVER__WORKERS="2", DEDUP_SERVER__METRICS_LISTEN=metrics
+    )
     sc = SidecarProcess(env, tmp_path / "log")
     sc.start()
     attempts: dict[str, int] = {}
@@ -172,6 +201,8 @@ async def test_a_worker_killed_under_a_stream_is_restarted_and_the_stream_goes_o
             await asyncio.gather(reader, return_exceptions=True)
         assert "restarting it" in sc.log_path.read_text()
         assert len([p for p in _children(sc.proc.pid) if p != victim]) == 2
+        text = await asyncio.to_thread(_scrape, metrics)
+        assert sorted(_samples(text, "dedup_worker_restarts_total").values()) == [0.0, 1.0]
         # Only records the killed worker had in flight may come twice.
         assert max(attempts.values()) <= 2
         await _wait_offsets(kafka, group, topic, {p: 40 for p in range(PARTITIONS)})

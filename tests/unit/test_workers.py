@@ -9,9 +9,10 @@ import sys
 from pathlib import Path
 
 import pytest
+from prometheus_client import CollectorRegistry, Counter, Gauge, generate_latest, start_http_server
 from pydantic import ValidationError
 
-from sidecar import config, workers
+from sidecar import config, worker_metrics, workers
 from sidecar.errors import ConfigError
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -67,6 +68,56 @@ def test_each_worker_listens_on_the_next_port_or_socket() -> None:
     assert len(set(ports)) == 2
     # The decoded plan is the plan.
     assert workers.decode_plan(workers.encode_plan(plan)) == plan
+
+
+def test_workers_metrics_go_on_loopback_ports_the_supervisor_reads() -> None:
+    s = config.load(
+        store={"backend": "redis"},
+        server={
+            "metrics_listen": "0.0.0.0:9464",
+            "metrics_tls_cert_file": "/etc/tls/tls.crt",
+            "metrics_tls_key_file": "/etc/tls/tls.key",
+        },
+    )
+    plan = workers.plan(s, 2)
+    hosts = {a.metrics_listen.rpartition(":")[0] for a in plan}
+    ports = {a.metrics_listen.rpartition(":")[2] for a in plan}
+    assert hosts == {"127.0.0.1"}
+    assert len(ports) == 2
+    assert "9464" not in ports  # the supervisor's
+    w1 = workers.worker_settings(s, 1, plan).server
+    assert (w1.metrics_listen, w1.metrics_tls_cert_file, w1.metrics_tls_key_file) == (
+        plan[1].metrics_listen,
+        None,
+        None,
+    )
+    assert [a.metrics_listen for a in workers.plan(s, 1)] == ["0.0.0.0:9464"]  # one worker: as set
+
+
+def test_the_supervisors_metrics_are_every_workers_labelled_by_worker() -> None:
+    regs = [CollectorRegistry(), CollectorRegistry()]
+    for i, reg in enumerate(regs):
+        Counter("dedup_acks", "acks", ["topic"], registry=reg).labels("orders").inc(10 + i)
+        Gauge("dedup_streams", "streams", registry=reg).set(i + 1)
+    servers = [start_http_server(0, "127.0.0.1", registry=reg)[0] for reg in regs]
+    dead = f"127.0.0.1:{workers._free_port('127.0.0.1')}"  # a worker that is not up
+    try:
+        addresses = [f"127.0.0.1:{srv.server_port}" for srv in servers] + [dead]
+        text = generate_latest(worker_metrics.registry(addresses, lambda: [0, 2, 1])).decode()
+    finally:
+        for srv in servers:
+            srv.shutdown()
+            srv.server_close()
+    assert 'dedup_acks_total{topic="orders",worker="0"} 10.0' in text
+    assert 'dedup_acks_total{topic="orders",worker="1"} 11.0' in text
+    assert 'dedup_streams{worker="1"} 2.0' in text
+    assert text.count("# TYPE dedup_acks_total counter") == 1
+    assert 'dedup_worker_up{worker="0"} 1.0' in text
+    assert 'dedup_worker_up{worker="2"} 0.0' in text
+    assert 'dedup_worker_restarts_total{worker="1"} 2.0' in text
+    assert 'worker="2"' not in text.replace('dedup_worker_up{worker="2"}', "").replace(
+        'dedup_worker_restarts_total{worker="2"}', ""
+    )
 
 
 def test_a_port_beyond_the_range_names_the_setting() -> None:
