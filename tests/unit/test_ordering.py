@@ -161,25 +161,36 @@ async def test_a_subscribe_may_narrow_the_ordering_but_not_widen_it(engines: Any
         strict.attach([T], 100, 0, 100, "unordered")
 
 
-async def test_a_record_that_times_out_every_time_goes_to_the_dead_letter_topic(engines: Any) -> None:
-    eng, _, producer = await engines(max_attempts=2, ack_deadline_seconds=0.1, lease_margin_seconds=0)
-    s = eng.attach([], 100, 0, 100)
-    eng.on_records([rec(0, "a")])
-    attempts = []
-    for _ in range(2):
+async def time_out(eng: Engine, s: Any, n: int) -> list[tuple[int, int]]:
+    """Take ``n`` deliveries of one record on ``s``, each left to pass its ack deadline as by an
+    app that lost it; returns each delivery's (attempt, failures)."""
+    seen = []
+    for _ in range(n):
         [p] = await frame(eng, s)
-        attempts.append(p.attempt)
+        seen.append((p.attempt, p.failures))
         eng.dispatch.expired.clear()  # the app lost these copies: no credit held for them
         s.expired.clear()
         s.in_flight_bytes = 0
-    assert attempts == [1, 2]
+    return seen
+
+
+async def dead_letter_headers(producer: FakeProducer) -> dict[str, bytes]:
+    """The headers of the one record written, which must be a dead letter."""
     for _ in range(100):
         if producer.records:
             break
         await asyncio.sleep(0.02)
     [(topic, _, headers)] = producer.records
-    h = dict(headers)
     assert topic == f"{T}.dlq"
+    return dict(headers)
+
+
+async def test_a_record_that_times_out_every_time_goes_to_the_dead_letter_topic(engines: Any) -> None:
+    eng, _, producer = await engines(max_attempts=2, ack_deadline_seconds=0.1, lease_margin_seconds=0)
+    s = eng.attach([], 100, 0, 100)
+    eng.on_records([rec(0, "a")])
+    assert [attempt for attempt, _ in await time_out(eng, s, 2)] == [1, 2]
+    h = await dead_letter_headers(producer)
     assert h["dedup-reason-code"] == b"deadline"
     assert h["dedup-reason"].startswith(b"deadline")
     assert h["dedup-attempts"] == b"2"
@@ -198,21 +209,8 @@ async def test_takeovers_count_attempts_and_only_failures_count_toward_max_attem
         await asyncio.sleep(0.005)
     s = eng.attach([], 100, 0, 100)
     eng.on_records([rec(0, "a")])
-    seen = []
-    for _ in range(2):
-        [p] = await frame(eng, s)
-        seen.append((p.attempt, p.failures))
-        eng.dispatch.expired.clear()  # the app lost these copies: no credit held for them
-        s.expired.clear()
-        s.in_flight_bytes = 0
-    assert seen == [(4, 0), (5, 1)]
-    for _ in range(100):
-        if producer.records:
-            break
-        await asyncio.sleep(0.02)
-    [(topic, _, headers)] = producer.records
-    h = dict(headers)
-    assert topic == f"{T}.dlq"
+    assert await time_out(eng, s, 2) == [(4, 0), (5, 1)]
+    h = await dead_letter_headers(producer)
     assert (h["dedup-reason-code"], h["dedup-attempts"], h["dedup-failures"]) == (b"deadline", b"5", b"2")
 
 
