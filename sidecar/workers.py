@@ -104,13 +104,12 @@ def plan(settings: Settings, n: int) -> list[WorkerAddresses]:
     worker, ``server.metrics_listen`` is the supervisor's (sidecar.worker_metrics) and each
     worker's metrics go on a free loopback port, read only by the supervisor."""
     srv = settings.server
+    own_metrics = n > 1 and bool(srv.metrics_listen)
     return [
         WorkerAddresses(
             _nth(srv.listen, i, "server.listen"),
             _nth(srv.health_listen, i, "server.health_listen"),
-            (f"127.0.0.1:{_free_port('127.0.0.1')}" if n > 1 else srv.metrics_listen)
-            if srv.metrics_listen
-            else "",
+            f"127.0.0.1:{_free_port('127.0.0.1')}" if own_metrics else srv.metrics_listen,
         )
         for i in range(n)
     ]

@@ -146,6 +146,7 @@ class Claims:
         orphans: list[str] = []
         won: list[Pending] = []
         poison: list[Pending] = []
+        failed = int(mode is ClaimMode.REDELIVER)  # this delivery's predecessor failed
         for p, c in zip(live, claims, strict=True):
             if p.state is not State.CLAIMING:
                 # Dropped while the store answered: hand a won claim back. Settled meanwhile (the
@@ -156,7 +157,7 @@ class Claims:
                 continue
             if c.status is ClaimStatus.NEW:
                 p.attempt = max(p.attempt + 1, c.attempt)
-                p.failures = max(p.failures + (mode is ClaimMode.REDELIVER), c.failures)
+                p.failures = max(p.failures + failed, c.failures)
                 p.lease_until = asked + core.lease_ms / 1000
                 p.unsent = True
                 if p.failures >= d.max_attempts:

@@ -161,8 +161,17 @@ class SQLiteStore:
             out.append(result)
             if entry is not None:
                 entries[key] = entry
-                e = entry
-                rows.append((key, int(e.done), e.owner, e.deadline, e.attempt, e.expires, e.failures))
+                rows.append(
+                    (
+                        key,
+                        int(entry.done),
+                        entry.owner,
+                        entry.deadline,
+                        entry.attempt,
+                        entry.expires,
+                        entry.failures,
+                    )
+                )
         db.executemany(
             "INSERT OR REPLACE INTO dedup_keys (key, done, owner, deadline, attempt, expires, failures)"
             " VALUES (?, ?, ?, ?, ?, ?, ?)",

@@ -13,6 +13,7 @@ only, and it is what breaks the producer's sequence."""
 from __future__ import annotations
 
 import asyncio
+import itertools
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -66,7 +67,7 @@ def shrunk_to_leader(cluster: services.KafkaCluster, topic: str, leader: int) ->
     with acks=1: the leader's log moves on and the lag rule applies within replica.lag.time.max.ms.
     Those records are lost in the unclean election, and are not counted."""
     nudger = Producer({"bootstrap.servers": address(cluster, leader), "acks": "1"})
-    sent = iter(range(1_000_000))
+    sent = itertools.count()
 
     def check() -> bool:
         nudger.produce(topic, b"", key=f"nudge-{next(sent)}".encode(), partition=0)
