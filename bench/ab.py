@@ -29,11 +29,23 @@ import services
 
 
 def source_tree(rev: str, tmp: Path) -> Path:
-    """A path to the sources of ``rev``: the path itself, or a fresh worktree of the revision."""
+    """A path to the sources of ``rev``: the path itself, or a fresh worktree of the revision
+    with its C extensions (the frame encoder, where the revision has it) built in place."""
     if Path(rev).is_dir():
         return Path(rev).resolve()
     tree = tmp / f"tree-{len(list(tmp.glob('tree-*')))}"
     subprocess.run(["git", "worktree", "add", "--detach", str(tree), rev], cwd=bench.ROOT, check=True)
+    if list(tree.glob("sidecar/**/*.c")):
+        # setup() with no arguments reads the ext-modules of the tree's pyproject.toml.
+        build = [
+            sys.executable,
+            "-c",
+            "from setuptools import setup; setup()",
+            "-q",
+            "build_ext",
+            "--inplace",
+        ]
+        subprocess.run(build, cwd=tree, check=True, capture_output=True)
     return tree
 
 

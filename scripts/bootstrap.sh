@@ -16,11 +16,12 @@ if [ ! -x .venv/bin/python ]; then
 fi
 stamp=.venv/.installed
 if [ ! -f "$stamp" ] || [ pyproject.toml -nt "$stamp" ] || [ clients/python/pyproject.toml -nt "$stamp" ] \
-  || [ deploy/requirements.lock -nt "$stamp" ]; then
+  || [ deploy/requirements.lock -nt "$stamp" ] || [ sidecar/api/_cframes.c -nt "$stamp" ]; then
   echo "bootstrap: installing Python packages" >&2
   .venv/bin/python -m pip install -q --upgrade pip
   # The runtime dependencies exactly as locked, each file checked against its hash; then the
-  # sidecar itself, the client and the dev tools (which leave the locked packages as they are).
+  # sidecar itself (compiling its C frame encoder in place), the client and the dev tools (which
+  # leave the locked packages as they are).
   .venv/bin/python -m pip install -q --require-hashes -r deploy/requirements.lock
   .venv/bin/python -m pip install -q -e ".[dev,uvloop]" -e clients/python
   touch "$stamp"

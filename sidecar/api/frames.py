@@ -7,6 +7,12 @@ hottest object the sidecar makes. The encoding is plain protobuf: the bytes pars
 ``dedup.v1.SubscribeResponse`` in any language, and tests/unit/test_frames.py checks them
 against the generated classes field by field.
 
+The frame encoder has two builds of one encoding: ``sidecar/api/_cframes.c``, compiled at install
+when a C compiler is there (it cut the sidecar's CPU per consumed record by the share this
+function had; docs/ARCHITECTURE.md, "Frames"), and ``encode_frame_py`` below, which every
+install has. ``SIDECAR_NO_EXTENSIONS=1`` makes the sidecar use the Python one, and
+``ENCODER`` says which one it uses. The two write the same bytes (tests/unit/test_frames.py).
+
 Field numbers come from protos/dedup/v1/dedup.proto (``SubscribeResponse.deliveries = 1``;
 ``Delivery``: delivery_id 1, idempotency_key 2, topic 3, partition 4, offset 5, key 6, value 7,
 headers 8, timestamp_ms 9, attempt 10, deadline_ms 11; ``Header``: key 1, value 2).
@@ -14,6 +20,7 @@ headers 8, timestamp_ms 9, attempt 10, deadline_ms 11; ``Header``: key 1, value 
 
 from __future__ import annotations
 
+import os
 from collections.abc import Callable, Sequence
 
 from sidecar.engine.records import Pending
@@ -84,7 +91,7 @@ _header_key = _string_fields(b"\x0a")
 _publish_topic = _string_fields(b"\x12")
 
 
-def encode_frame(batch: Sequence[Pending], deadline_ms: int) -> bytes:
+def encode_frame_py(batch: Sequence[Pending], deadline_ms: int) -> bytes:
     """A serialized ``SubscribeResponse`` with one Delivery per record, all with one deadline.
 
     proto3 leaves zero and empty scalars out, as the generated code does; ``key`` is optional,
@@ -131,6 +138,36 @@ def encode_frame(batch: Sequence[Pending], deadline_ms: int) -> bytes:
         out += (b"\x0a", varint(size))
         out += parts
     return b"".join(out)
+
+
+def _c_encoder() -> Callable[[Sequence[Pending], int], bytes] | None:
+    if os.environ.get("SIDECAR_NO_EXTENSIONS", "") not in ("", "0"):
+        return None
+    try:
+        from sidecar.api import _cframes
+    except ImportError:  # not built: no C compiler at install
+        return None
+    return _cframes.encode_frame
+
+
+_encode_frame_c = _c_encoder()
+#: Which frame encoder this process uses: "c" or "python" (logged at start).
+ENCODER = "c" if _encode_frame_c is not None else "python"
+
+
+def encode_frame(batch: Sequence[Pending], deadline_ms: int) -> bytes:
+    """A serialized ``SubscribeResponse`` (see ``encode_frame_py``), in C when it is built.
+
+    A record the C encoder does not expect (a field of another type than the engine makes, an
+    integer past 64 bits) raises TypeError or OverflowError there: that frame is encoded in
+    Python instead, which writes what the runtime would.
+    """
+    if _encode_frame_c is not None:
+        try:
+            return _encode_frame_c(batch, deadline_ms)
+        except (TypeError, OverflowError):
+            pass
+    return encode_frame_py(batch, deadline_ms)
 
 
 def encode_publish_results(results: Sequence[tuple[str, str, int, int, bool] | tuple[int, str]]) -> bytes:

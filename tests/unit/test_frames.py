@@ -3,12 +3,24 @@ classes build them."""
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
+from collections.abc import Callable, Sequence
+
+import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from sidecar._proto import dedup_pb2 as pb
+from sidecar.api import frames
 from sidecar.api.frames import encode_frame, encode_publish_results
 from sidecar.engine.records import Origin, Pending
+
+Encoder = Callable[[Sequence[Pending], int], bytes]
+# Every frame test runs on both builds of the encoder: the C one (sidecar/api/_cframes.c) and the
+# Python one; the C one is what encode_frame uses when it is built.
+ENCODERS = [pytest.param(frames.encode_frame_py, id="python"), pytest.param(encode_frame, id=frames.ENCODER)]
 
 text = st.text(max_size=40)
 int64 = st.integers(min_value=0, max_value=2**63 - 1)
@@ -59,23 +71,58 @@ def expected(p: Pending, deadline_ms: int) -> pb.Delivery:
     return d
 
 
+@pytest.mark.parametrize("encode", ENCODERS)
 @settings(max_examples=400)
-@given(st.lists(pendings(), min_size=1, max_size=5), int64)
-def test_frames_parse_as_the_generated_messages(batch: list[Pending], deadline_ms: int) -> None:
-    frame = pb.SubscribeResponse.FromString(encode_frame(batch, deadline_ms))
+@given(batch=st.lists(pendings(), min_size=1, max_size=5), deadline_ms=int64)
+def test_frames_parse_as_the_generated_messages(
+    encode: Encoder, batch: list[Pending], deadline_ms: int
+) -> None:
+    frame = pb.SubscribeResponse.FromString(encode(batch, deadline_ms))
     assert list(frame.deliveries) == [expected(p, deadline_ms) for p in batch]
     # Presence of the optional key survives too (an empty key is not a missing key).
     assert [d.HasField("key") for d in frame.deliveries] == [p.key is not None for p in batch]
 
 
-def test_frames_are_byte_for_byte_what_the_runtime_writes_for_a_typical_record() -> None:
+@pytest.mark.parametrize("encode", ENCODERS)
+def test_frames_are_byte_for_byte_what_the_runtime_writes_for_a_typical_record(encode: Encoder) -> None:
     p = Pending(
         ("orders", 3), 12345, 1, "k-1", "", b"key", b"x" * 1024, [("idempotency-key", b"k-1")], 17, "orders"
     )
     p.attempt = 2
     p.delivery_ids.append("0a1b2c3d.99")
     want = pb.SubscribeResponse(deliveries=[expected(p, 1_795_741_851_013)]).SerializeToString()
-    assert encode_frame([p], 1_795_741_851_013) == want
+    assert encode([p], 1_795_741_851_013) == want
+
+
+@settings(max_examples=300)
+@given(st.lists(pendings(), max_size=8), st.integers(min_value=-(2**63), max_value=2**63 - 1))
+def test_both_encoders_write_the_same_bytes(batch: list[Pending], deadline_ms: int) -> None:
+    assert encode_frame(batch, deadline_ms) == frames.encode_frame_py(batch, deadline_ms)
+
+
+def test_the_c_encoder_is_built_where_a_compiler_was() -> None:
+    """The install builds it whenever a C compiler is there (it is optional so an install
+    without one still works): this machine has one, so a silent fall back to Python fails here."""
+    if os.environ.get("SIDECAR_NO_EXTENSIONS", "") not in ("", "0"):
+        pytest.skip("SIDECAR_NO_EXTENSIONS is set")
+    assert frames.ENCODER == "c"
+
+
+def test_sidecar_no_extensions_selects_the_python_encoder() -> None:
+    code = "from sidecar.api import frames; print(frames.ENCODER)"
+    env = {**os.environ, "SIDECAR_NO_EXTENSIONS": "1"}
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "python"
+
+
+def test_a_record_the_c_encoder_does_not_expect_is_encoded_in_python() -> None:
+    """Headers as lists rather than tuples, and an offset past int64, are not what the engine makes;
+    the frame still comes out as the runtime would write it."""
+    p = Pending(("t", 0), 2**64 - 1, 1, "k", "", None, b"v", [["h", b"x"]], 0, "t")  # type: ignore[list-item]
+    p.delivery_ids.append("0a1b2c3d.1")
+    d = pb.SubscribeResponse.FromString(encode_frame([p], 0)).deliveries[0]
+    assert (d.offset, d.headers[0].key, d.headers[0].value) == (-1, "h", b"x")
+    assert encode_frame([p], 0) == frames.encode_frame_py([p], 0)
 
 
 publish_results = st.lists(
