@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import statistics
 import subprocess
 import sys
@@ -49,6 +50,18 @@ def source_tree(rev: str, tmp: Path) -> Path:
     return tree
 
 
+def check_imports_from(tree: Path, cwd: Path) -> None:
+    """A sidecar started the way bench/run.py starts one, with PYTHONPATH at ``tree``, imports
+    that tree's package (an earlier version of the harness ran the repository's own for both)."""
+    code = "import sidecar; print(sidecar.__file__)"
+    env = {**os.environ, "PYTHONPATH": str(tree)}
+    out = subprocess.run([sys.executable, "-c", code], cwd=cwd, env=env, capture_output=True, text=True)
+    where = Path(out.stdout.strip()).resolve()
+    if not where.is_relative_to(tree.resolve()):
+        raise SystemExit(f"ab: a sidecar for {tree} would import {where or out.stderr}")
+    bench.log(f"{tree}: imports {where}")
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("before")
@@ -64,6 +77,8 @@ def main() -> int:
     with tempfile.TemporaryDirectory(prefix="dedup-ab-") as tmp_name:
         tmp = Path(tmp_name)
         trees = {"before": source_tree(args.before, tmp), "after": source_tree(args.after, tmp)}
+        for tree in trees.values():
+            check_imports_from(tree, tmp)
         try:
             with services.running(tmp / "services", quick_start=False) as (kafka, redis):
                 bench.log(f"preloading {n} records")

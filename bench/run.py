@@ -206,7 +206,12 @@ class SidecarProc:
         if ceiling:
             script = str(ROOT / "bench" / "ceiling.py")
             argv = [sys.executable, script, ceiling, self.target, kafka.bootstrap_servers]
-        self.proc = subprocess.Popen([*wrap, *argv], env=env, stdout=self.log, stderr=subprocess.STDOUT)
+        # Run in ``workdir``: ``python -m`` puts its working directory first on sys.path, ahead of
+        # PYTHONPATH, so from the repository's root it would run the repository's sidecar even when
+        # bench/ab.py points PYTHONPATH at another build.
+        self.proc = subprocess.Popen(
+            [*wrap, *argv], env=env, stdout=self.log, stderr=subprocess.STDOUT, cwd=workdir
+        )
 
     @property
     def target(self) -> str:
