@@ -9,12 +9,12 @@
 #     /run/dedup              the Unix socket (server.listen = "unix:///run/dedup/sidecar.sock")
 #   With store.backend = "redis" and a TCP listener it writes nothing at all.
 FROM python:3.11-slim-bookworm AS build
-# A C compiler for the sidecar's one extension, the Subscribe frame encoder (sidecar/api/_cframes.c).
-# It stays in this stage: the runtime image gets the built wheel only.
+# A C compiler for the sidecar's compiled modules (setup.py): the Subscribe frame encoder and the
+# record path compiled with mypyc. It stays in this stage: the runtime image gets the wheel only.
 RUN apt-get update && apt-get install -y --no-install-recommends gcc libc6-dev \
     && rm -rf /var/lib/apt/lists/*
 WORKDIR /src
-COPY pyproject.toml README.md ./
+COPY pyproject.toml setup.py README.md ./
 COPY sidecar ./sidecar
 RUN pip wheel --no-cache-dir --no-deps --wheel-dir /wheels .
 
@@ -24,7 +24,7 @@ RUN pip install --no-cache-dir --require-hashes -r /tmp/requirements.lock && rm 
 COPY --from=build /wheels /wheels
 RUN pip install --no-cache-dir --no-deps /wheels/*.whl && rm -rf /wheels \
     && python -m compileall -q "$(python -c 'import sidecar, os; print(os.path.dirname(sidecar.__file__))')" \
-    && python -c 'from sidecar.api import frames; assert frames.ENCODER == "c", "the C frame encoder was not built"' \
+    && python -c 'from sidecar import build; assert build.describe() == "frame encoder c, engine compiled", build.describe()' \
     && useradd --system --uid 10001 --no-create-home --shell /usr/sbin/nologin dedup \
     && install -d -o 10001 -g 10001 -m 0750 /var/lib/dedup-sidecar /run/dedup
 USER 10001:10001

@@ -31,13 +31,15 @@ import services
 
 def source_tree(rev: str, tmp: Path) -> Path:
     """A path to the sources of ``rev``: the path itself, or a fresh worktree of the revision
-    with its C extensions (the frame encoder, where the revision has it) built in place."""
+    with its compiled modules (where the revision has them) built in place."""
     if Path(rev).is_dir():
         return Path(rev).resolve()
     tree = tmp / f"tree-{len(list(tmp.glob('tree-*')))}"
     subprocess.run(["git", "worktree", "add", "--detach", str(tree), rev], cwd=bench.ROOT, check=True)
-    if list(tree.glob("sidecar/**/*.c")):
-        # setup() with no arguments reads the ext-modules of the tree's pyproject.toml.
+    if (tree / "setup.py").exists():  # the compiled modules: the frame encoder and the engine
+        build = [sys.executable, "setup.py", "-q", "build_ext", "--inplace"]
+        subprocess.run(build, cwd=tree, check=True, capture_output=True)
+    elif list(tree.glob("sidecar/**/*.c")):  # a build with the frame encoder declared in pyproject.toml
         build = [
             sys.executable,
             "-c",

@@ -16,14 +16,22 @@ if [ ! -x .venv/bin/python ]; then
 fi
 stamp=.venv/.installed
 if [ ! -f "$stamp" ] || [ pyproject.toml -nt "$stamp" ] || [ clients/python/pyproject.toml -nt "$stamp" ] \
-  || [ deploy/requirements.lock -nt "$stamp" ] || [ sidecar/api/_cframes.c -nt "$stamp" ]; then
+  || [ deploy/requirements.lock -nt "$stamp" ]; then
   echo "bootstrap: installing Python packages" >&2
   .venv/bin/python -m pip install -q --upgrade pip
   # The runtime dependencies exactly as locked, each file checked against its hash; then the
-  # sidecar itself (compiling its C frame encoder in place), the client and the dev tools (which
-  # leave the locked packages as they are).
+  # sidecar itself (compiling its modules in place: setup.py), the client and the dev tools
+  # (which leave the locked packages as they are).
   .venv/bin/python -m pip install -q --require-hashes -r deploy/requirements.lock
   .venv/bin/python -m pip install -q -e ".[dev,uvloop]" -e clients/python
+  touch "$stamp"
+elif [ -n "$(find setup.py sidecar -newer "$stamp" \( -name '*.py' -o -name '*.c' \) -print -quit)" ]; then
+  # Compiled modules are imported ahead of their sources: rebuild them after a change.
+  echo "bootstrap: sources changed: rebuilding the compiled modules (setup.py)" >&2
+  .venv/bin/python setup.py -q build_ext --inplace
+  # mypyc leaves a module's file alone when its code did not change: mark every one as built
+  # from the sources as they are now (tests/conftest.py compares the times).
+  find sidecar -name '*.so' -exec touch {} +
   touch "$stamp"
 fi
 echo "bootstrap: fetching the Kafka broker and redis-server (cached after the first run)" >&2

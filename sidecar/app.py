@@ -19,9 +19,9 @@ from typing import Any
 
 from grpc_health.v1 import health, health_pb2
 
-from sidecar import logs, tracing
+from sidecar import build, logs, tracing
 from sidecar._proto import dedup_pb2 as pb
-from sidecar.api import frames, listeners
+from sidecar.api import listeners
 from sidecar.api.admin import AdminServicer
 from sidecar.api.security import Certificates, Guard
 from sidecar.api.server import SERVICE_NAME, build_health_server, build_server
@@ -180,7 +180,7 @@ class Sidecar:
         self._readiness = asyncio.create_task(self._watch_readiness(ready))
         where = srv.listen if not self.port else f"{srv.listen.rpartition(':')[0]}:{self.port}"
         log.info(
-            "sidecar %s%s serving on %s%s (store=%s, group=%s, topics=%s, frame encoder=%s)",
+            "sidecar %s%s serving on %s%s (store=%s, group=%s, topics=%s; %s)",
             self.owner,
             f" (worker {self.worker[0]} of {len(self.worker[1])})" if self.worker else "",
             where,
@@ -188,7 +188,7 @@ class Sidecar:
             self.store.name,
             s.kafka.group_id if s.kafka.topics else "none",
             ",".join(s.kafka.topics) or "none: publish-only",
-            frames.ENCODER,
+            build.describe(),
         )
 
     def _workers_answer(self) -> pb.ListWorkersResponse:

@@ -13,7 +13,7 @@ from typing import Any
 
 from pydantic import ValidationError
 
-from sidecar import __version__, admin_cli, config, logs, workers
+from sidecar import __version__, admin_cli, build, config, logs, workers
 from sidecar.errors import SidecarError
 
 
@@ -39,7 +39,7 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--print-config", action="store_true", help="print the effective settings as JSON and exit"
     )
-    p.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
+    p.add_argument("--version", action="version", version=f"%(prog)s {__version__} ({build.describe()})")
     p.add_argument("--testonly-fault-hooks", action="store_true", help=argparse.SUPPRESS)
     # Set by the supervisor of server.workers on the processes it starts (sidecar/workers.py).
     p.add_argument("--worker", type=int, help=argparse.SUPPRESS)

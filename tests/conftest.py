@@ -19,6 +19,27 @@ import certs  # noqa: E402
 import services  # noqa: E402
 
 
+def stale_compiled_modules() -> list[str]:
+    """Compiled modules (setup.py) older than their source. Python imports a compiled module
+    ahead of its source, so after an edit the tests would run the code as it was."""
+    stale = []
+    for so in (ROOT / "sidecar").rglob("*.so"):
+        stem = so.name.split(".")[0]
+        for source in (so.with_name(stem + ".py"), so.with_name(stem + ".c")):
+            if source.exists() and source.stat().st_mtime > so.stat().st_mtime:
+                stale.append(str(source.relative_to(ROOT)))
+    return stale
+
+
+def pytest_sessionstart(session: pytest.Session) -> None:
+    stale = stale_compiled_modules()
+    if stale:
+        pytest.exit(
+            f"changed since they were compiled: {', '.join(stale)}. Rebuild with scripts/bootstrap.sh",
+            returncode=4,
+        )
+
+
 def pytest_configure(config: pytest.Config) -> None:
     """SIGTERM (a CI runner stopping the job) ends the run as Ctrl+C does, so the session's
     fixtures stop the brokers and redis-servers they started instead of leaving them behind."""

@@ -13,7 +13,7 @@ import logging
 import re
 import time
 from collections.abc import Awaitable, Sequence
-from typing import TypeVar
+from typing import Final, TypeVar
 
 from opentelemetry import trace
 
@@ -32,10 +32,10 @@ _ID_RE = re.compile(r"^([0-9a-f]{8})\.([0-9]+)$")
 
 
 class AckOutcome:
-    OK = 1
-    STALE = 2
-    UNKNOWN = 3
-    ALREADY_ACKED = 4
+    OK: Final = 1
+    STALE: Final = 2
+    UNKNOWN: Final = 3
+    ALREADY_ACKED: Final = 4
 
 
 class Settlement:

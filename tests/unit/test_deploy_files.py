@@ -156,11 +156,12 @@ def test_the_image_installs_the_locked_dependencies_by_hash_and_runs_as_non_root
     assert "--require-hashes -r /tmp/requirements.lock" in text
     assert "COPY deploy/requirements.lock" in text
     assert "--no-deps /wheels/" in text  # the sidecar's wheel resolves nothing
-    # The build stage can compile the frame encoder, and the image fails to build without it
-    # (the extension is optional for installs without a compiler, not for the image).
+    # The build stage can compile the sidecar's modules (setup.py), and the image fails to build
+    # without them (they are optional for installs without a compiler, not for the image).
     build_stage = text.split("\nFROM ")[1]
     assert "gcc" in build_stage
-    assert 'frames.ENCODER == "c"' in text
+    assert "COPY pyproject.toml setup.py " in build_stage
+    assert '== "frame encoder c, engine compiled"' in text
     [user] = re.findall(r"^USER (\S+)$", text, re.MULTILINE)
     assert user.split(":")[0] == "10001"
 
