@@ -60,6 +60,14 @@ static inline void put_len_field(Buf *b, uint8_t tag, const char *p, Py_ssize_t 
     put_raw(b, p, n);
 }
 
+/* A varint field, left out when zero (proto3). */
+static inline void put_varint_field(Buf *b, uint8_t tag, uint64_t n) {
+    if (n) {
+        put_byte(b, tag);
+        put_varint(b, n);
+    }
+}
+
 static inline Py_ssize_t varint_size(uint64_t n) {
     Py_ssize_t size = 1;
     while (n > 0x7F) {
@@ -107,6 +115,21 @@ typedef struct {
     const char *p;
     Py_ssize_t n;
 } Span;
+
+/* A header's key and value (an empty span for None), and the size of its Header message body.
+   Returns -1 with an exception set when it is not a (str, bytes | None) tuple. */
+static Py_ssize_t header_spans(PyObject *h, Span *k, Span *v) {
+    if (!PyTuple_Check(h) || PyTuple_GET_SIZE(h) != 2) {
+        PyErr_SetString(PyExc_TypeError, "a header is not a (key, value) tuple");
+        return -1;
+    }
+    v->p = NULL;
+    v->n = 0;
+    if (as_utf8(PyTuple_GET_ITEM(h, 0), &k->p, &k->n) < 0) return -1;
+    PyObject *value = PyTuple_GET_ITEM(h, 1);
+    if (value != Py_None && as_bytes(value, &v->p, &v->n) < 0) return -1;
+    return (k->n ? len_field_size(k->n) : 0) + (v->n ? len_field_size(v->n) : 0);
+}
 
 /* Write one Delivery (its length prefix first) for record `rec`. */
 static int encode_one(Buf *b, PyObject *rec, const uint8_t *deadline, Py_ssize_t deadline_len) {
@@ -173,7 +196,8 @@ static int encode_one(Buf *b, PyObject *rec, const uint8_t *deadline, Py_ssize_t
     PyObject **hitems = PySequence_Fast_ITEMS(hseq);
 
     /* The Delivery's size, headers included: every header is read twice (size, then write),
-       both times from the same objects, which this function holds references to. */
+       both times from the same objects, which this function holds references to, and no Python
+       code runs in between. */
     Py_ssize_t size = len_field_size(did.n);
     if (ik.n) size += len_field_size(ik.n);
     if (top.n) size += len_field_size(top.n);
@@ -182,17 +206,9 @@ static int encode_one(Buf *b, PyObject *rec, const uint8_t *deadline, Py_ssize_t
     if (has_key) size += len_field_size(k.n);
     if (v.n) size += len_field_size(v.n);
     for (Py_ssize_t i = 0; i < nh; i++) {
-        PyObject *h = hitems[i];
-        if (!PyTuple_Check(h) || PyTuple_GET_SIZE(h) != 2) {
-            PyErr_SetString(PyExc_TypeError, "a header is not a (key, value) tuple");
-            goto done;
-        }
-        const char *hk = NULL, *hv = NULL;
-        Py_ssize_t hkn = 0, hvn = 0;
-        if (as_utf8(PyTuple_GET_ITEM(h, 0), &hk, &hkn) < 0) goto done;
-        PyObject *hvo = PyTuple_GET_ITEM(h, 1);
-        if (hvo != Py_None && as_bytes(hvo, &hv, &hvn) < 0) goto done;
-        Py_ssize_t body = (hkn ? len_field_size(hkn) : 0) + (hvn ? len_field_size(hvn) : 0);
+        Span hk, hv;
+        Py_ssize_t body = header_spans(hitems[i], &hk, &hv);
+        if (body < 0) goto done;
         size += len_field_size(body);
     }
     if (tsv) size += 1 + varint_size(tsv);
@@ -205,37 +221,20 @@ static int encode_one(Buf *b, PyObject *rec, const uint8_t *deadline, Py_ssize_t
     put_len_field(b, 0x0a, did.p, did.n);
     if (ik.n) put_len_field(b, 0x12, ik.p, ik.n);
     if (top.n) put_len_field(b, 0x1a, top.p, top.n);
-    if (part) {
-        put_byte(b, 0x20);
-        put_varint(b, part);
-    }
-    if (off) {
-        put_byte(b, 0x28);
-        put_varint(b, off);
-    }
+    put_varint_field(b, 0x20, part);
+    put_varint_field(b, 0x28, off);
     if (has_key) put_len_field(b, 0x32, k.p, k.n);
     if (v.n) put_len_field(b, 0x3a, v.p, v.n);
     for (Py_ssize_t i = 0; i < nh; i++) {
-        PyObject *h = hitems[i];
-        const char *hk = NULL, *hv = NULL;
-        Py_ssize_t hkn = 0, hvn = 0;
-        (void)as_utf8(PyTuple_GET_ITEM(h, 0), &hk, &hkn); /* checked above */
-        PyObject *hvo = PyTuple_GET_ITEM(h, 1);
-        if (hvo != Py_None) (void)as_bytes(hvo, &hv, &hvn);
-        Py_ssize_t body = (hkn ? len_field_size(hkn) : 0) + (hvn ? len_field_size(hvn) : 0);
+        Span hk, hv;
+        Py_ssize_t body = header_spans(hitems[i], &hk, &hv); /* succeeded in the size pass */
         put_byte(b, 0x42);
         put_varint(b, (uint64_t)body);
-        if (hkn) put_len_field(b, 0x0a, hk, hkn);
-        if (hvn) put_len_field(b, 0x12, hv, hvn);
+        if (hk.n) put_len_field(b, 0x0a, hk.p, hk.n);
+        if (hv.n) put_len_field(b, 0x12, hv.p, hv.n);
     }
-    if (tsv) {
-        put_byte(b, 0x48);
-        put_varint(b, tsv);
-    }
-    if (att) {
-        put_byte(b, 0x50);
-        put_varint(b, att);
-    }
+    put_varint_field(b, 0x48, tsv);
+    put_varint_field(b, 0x50, att);
     put_raw(b, (const char *)deadline, deadline_len);
     rc = 0;
 
@@ -298,8 +297,11 @@ static PyMethodDef methods[] = {
 };
 
 static struct PyModuleDef module_def = {
-    PyModuleDef_HEAD_INIT, "_cframes", "The C Subscribe frame encoder (see sidecar/api/frames.py).", -1,
-    methods,
+    .m_base = PyModuleDef_HEAD_INIT,
+    .m_name = "_cframes",
+    .m_doc = "The C Subscribe frame encoder (see sidecar/api/frames.py).",
+    .m_size = -1,
+    .m_methods = methods,
 };
 
 PyMODINIT_FUNC PyInit__cframes(void) {
