@@ -16,6 +16,9 @@ has what each one saves.
 from __future__ import annotations
 
 import os
+import shutil
+import sys
+import sysconfig
 from pathlib import Path
 from typing import Any
 
@@ -27,9 +30,23 @@ ENGINE = sorted(str(p.relative_to(ROOT)) for p in (ROOT / "sidecar" / "engine").
 COMPILED = [*ENGINE, "sidecar/offsets/tracker.py"]
 
 
+def can_compile() -> bool:
+    """A C compiler and Python's headers are there (a Debian Python without python3-dev, or a
+    slim image without gcc, has not both)."""
+    cc = os.environ.get("CC") or (sysconfig.get_config_var("CC") or "cc").split()[0]
+    headers = Path(sysconfig.get_paths()["include"], "Python.h")
+    return shutil.which(cc.split()[0]) is not None and headers.exists()
+
+
 def extensions() -> list[Any]:  # setuptools' and mypyc's (distutils') Extension types
     if os.environ.get("SIDECAR_NO_EXTENSIONS", "") not in ("", "0"):
         return []
+    if not can_compile():
+        print(
+            "setup.py: no C compiler or no Python headers: installing the sidecar uncompiled", file=sys.stderr
+        )
+        return []
+    # Optional: frames.py falls back to its Python encoder if this one fails to build.
     frames = Extension(
         "sidecar.api._cframes", ["sidecar/api/_cframes.c"], optional=True, extra_compile_args=["-O2"]
     )
@@ -39,10 +56,10 @@ def extensions() -> list[Any]:  # setuptools' and mypyc's (distutils') Extension
     # environment has none of the runtime packages (they type as Any here, which mypyc compiles
     # as generic calls) and not the pydantic plugin the project's check loads.
     flags = ["--config-file=", "--ignore-missing-imports", "--follow-imports=silent", "--python-version=3.11"]
-    compiled = mypycify([*flags, *COMPILED], opt_level="3", group_name="sidecar_engine")
-    for ext in compiled:
-        ext.optional = True
-    return [frames, *compiled]
+    # Not optional: each compiled module is a stub that loads the one shared library, so if that
+    # failed to build while the stubs did, every import of the engine would fail. A compiler
+    # that is there and fails stops the install instead.
+    return [frames, *mypycify([*flags, *COMPILED], opt_level="3", group_name="sidecar_engine")]
 
 
 setup(ext_modules=extensions())
