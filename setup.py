@@ -33,7 +33,7 @@ COMPILED = [*ENGINE, "sidecar/offsets/tracker.py"]
 def can_compile() -> bool:
     """A C compiler and Python's headers are there (a Debian Python without python3-dev, or a
     slim image without gcc, has not both)."""
-    cc = os.environ.get("CC") or (sysconfig.get_config_var("CC") or "cc").split()[0]
+    cc = os.environ.get("CC") or sysconfig.get_config_var("CC") or "cc"  # may carry flags: "gcc -pthread"
     headers = Path(sysconfig.get_paths()["include"], "Python.h")
     return shutil.which(cc.split()[0]) is not None and headers.exists()
 

@@ -36,19 +36,16 @@ def source_tree(rev: str, tmp: Path) -> Path:
         return Path(rev).resolve()
     tree = tmp / f"tree-{len(list(tmp.glob('tree-*')))}"
     subprocess.run(["git", "worktree", "add", "--detach", str(tree), rev], cwd=bench.ROOT, check=True)
-    if (tree / "setup.py").exists():  # the compiled modules: the frame encoder and the engine
-        build = [sys.executable, "setup.py", "-q", "build_ext", "--inplace"]
-        subprocess.run(build, cwd=tree, check=True, capture_output=True)
-    elif list(tree.glob("sidecar/**/*.c")):  # a build with the frame encoder declared in pyproject.toml
-        build = [
-            sys.executable,
-            "-c",
-            "from setuptools import setup; setup()",
-            "-q",
-            "build_ext",
-            "--inplace",
-        ]
-        subprocess.run(build, cwd=tree, check=True, capture_output=True)
+    # The compiled modules: setup.py's, or the frame encoder alone, declared in pyproject.toml
+    # (read by setup() with no arguments), in the one revision that had it that way.
+    if (tree / "setup.py").exists():
+        script = ["setup.py"]
+    elif list(tree.glob("sidecar/**/*.c")):
+        script = ["-c", "from setuptools import setup; setup()"]
+    else:
+        return tree
+    build = [sys.executable, *script, "-q", "build_ext", "--inplace"]
+    subprocess.run(build, cwd=tree, check=True, capture_output=True)
     return tree
 
 
