@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import subprocess
 import sys
 import tempfile
 import time
@@ -226,6 +227,23 @@ async def run_f1(
             await proxy.stop()
 
 
+def code_line() -> str:
+    """Which code the run measured: the commit (marked if the tree had changes) and the build."""
+    from sidecar import build
+
+    try:
+        rev = subprocess.run(
+            ["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True, check=True
+        ).stdout.strip()
+        dirty = subprocess.run(
+            ["git", "status", "--porcelain", "--", "sidecar"], cwd=ROOT, capture_output=True, text=True
+        ).stdout
+    except (OSError, subprocess.CalledProcessError):
+        rev, dirty = "unknown (not a git checkout)", ""
+    changed = ", with uncommitted changes under sidecar/" if dirty.strip() else ""
+    return f"Code: `{rev}`{changed}; {build.describe()}."
+
+
 def existing_rows(path: Path) -> list[str]:
     """The fault rows of a report already written (``| F<n>...: title | ...``)."""
     if not path.exists():
@@ -250,6 +268,8 @@ def write(
         f"harness (tests/chaos/). {messages} uniquely keyed messages per fault and seed ({seeds} seed(s)), "
         "published through PublishBatch, 5% re-published through Publish and 5% duplicated by a plain "
         "producer.",
+        "",
+        code_line(),
         "",
         "Two consumer groups consume each topic side by side: the **naive** app applies its effect and then "
         "acks; the **inbox** app records the key in the same SQLite transaction as its effect. The naive "
