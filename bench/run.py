@@ -123,6 +123,7 @@ def quiesce() -> None:
 
 def raw_consume(kafka: services.KafkaShape, topic: str, n: int) -> Result:
     quiesce()
+    budget = CpuBudget()
     cpu0 = time.process_time()  # this process is the raw client: every librdkafka thread counts
     c = Consumer(
         {
@@ -155,7 +156,8 @@ def raw_consume(kafka: services.KafkaShape, topic: str, n: int) -> Result:
         c.commit(asynchronous=False)
     dt = time.perf_counter() - (t0 or time.perf_counter())
     c.close()
-    return Result("raw consumer (commit every 1,000)", n, dt, cpu_per_record(time.process_time() - cpu0, n))
+    extra = {**cpu_per_record(time.process_time() - cpu0, n), "cpu_by_process": budget.per_record(n)}
+    return Result("raw consumer (commit every 1,000)", n, dt, extra)
 
 
 CLOCK_TICKS = os.sysconf("SC_CLK_TCK")
@@ -170,6 +172,48 @@ def stat_cpu_seconds(stat: Path) -> float:
 
 def process_cpu_seconds(pid: int) -> float:
     return stat_cpu_seconds(Path(f"/proc/{pid}/stat"))
+
+
+#: The services whose CPU a measurement accounts for beside the client's and the sidecar's, by
+#: name ("broker", "redis"): set by main() once they run. Empty: only the machine's total.
+SERVICE_PIDS: dict[str, int] = {}
+
+
+def machine_busy_seconds() -> tuple[float, float]:
+    """(busy, stolen) CPU seconds of the whole machine so far, every core, from /proc/stat's
+    first line: busy is user + nice + system + irq + softirq; stolen is the hypervisor's."""
+    fields = [int(x) for x in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:9]]
+    user, nice, system, _idle, _iowait, irq, softirq, steal = fields
+    return (user + nice + system + irq + softirq) / CLOCK_TICKS, steal / CLOCK_TICKS
+
+
+class CpuBudget:
+    """Where the machine's CPU went between construction and ``per_record``: the client (this
+    process), each service of SERVICE_PIDS, the sidecar (given by the caller), and the whole
+    machine; in µs per record. "other" is the machine's busy time nobody here is named for (the
+    kernel's loopback work outside these processes, the benchmark's own bookkeeping, the rest of
+    the VM)."""
+
+    def __init__(self) -> None:
+        self._client = time.process_time()
+        self._services = {name: process_cpu_seconds(pid) for name, pid in SERVICE_PIDS.items()}
+        self._busy, self._steal = machine_busy_seconds()
+
+    def per_record(self, n: int, sidecar_s: float | None = None) -> dict[str, float]:
+        busy, steal = machine_busy_seconds()
+        spent = {"client": time.process_time() - self._client}
+        for name, pid in SERVICE_PIDS.items():
+            try:
+                spent[name] = process_cpu_seconds(pid) - self._services[name]
+            except (FileNotFoundError, KeyError):
+                continue  # restarted meanwhile: not counted
+        if sidecar_s is not None:
+            spent["sidecar"] = sidecar_s
+        machine = busy - self._busy
+        spent["other"] = max(0.0, machine - sum(spent.values()))
+        spent["machine"] = machine
+        spent["stolen"] = steal - self._steal
+        return {k: round(v / n * 1e6, 2) for k, v in spent.items()} if n else {}
 
 
 class SidecarProc:
@@ -358,6 +402,7 @@ def sidecar_consume(
                 await asyncio.sleep(8.0)
             # From here: a sidecar fetches and claims ahead of its first stream.
             cpu0 = sum(p.cpu_seconds() for p in procs)
+            budget = CpuBudget()
             await asyncio.sleep(1.0)
             extra["rss_start_mb"] = procs[0].rss_mb()
             marks: dict[str, float] = {}
@@ -370,7 +415,10 @@ def sidecar_consume(
                 dt = await consume_via_go(go, procs[0].target, n)
             else:
                 dt = await consume_via([p.target for p in procs], n, batched, sample)
-            extra.update(cpu_per_record(sum(p.cpu_seconds() for p in procs) - cpu0, n))
+            cpu_s = sum(p.cpu_seconds() for p in procs) - cpu0
+            extra.update(cpu_per_record(cpu_s, n))
+            if go is None:  # the Go client is a process of its own, not counted as the client
+                extra["cpu_by_process"] = budget.per_record(n, cpu_s)
             extra.update(marks)
             extra["rss_end_mb"] = procs[0].rss_mb()
             return dt
@@ -403,6 +451,7 @@ def raw_publish(kafka: services.KafkaShape, topic: str, n: int) -> Result:
     p.produce(topic, VALUE, headers=[("idempotency-key", b"raw-warm-up")])
     p.flush(30)
     quiesce()
+    budget = CpuBudget()
     t0, cpu0 = time.perf_counter(), time.process_time()
     for i in range(n):
         while True:
@@ -413,7 +462,9 @@ def raw_publish(kafka: services.KafkaShape, topic: str, n: int) -> Result:
                 p.poll(0.01)
     p.flush(120)
     dt, cpu = time.perf_counter() - t0, time.process_time() - cpu0
-    return Result("raw idempotent producer", n, dt, cpu_per_record(cpu, n))
+    return Result(
+        "raw idempotent producer", n, dt, {**cpu_per_record(cpu, n), "cpu_by_process": budget.per_record(n)}
+    )
 
 
 CEILINGS = {
@@ -445,6 +496,8 @@ def sidecar_publish(
     kafka.create_topic(idle, 1)
     proc = SidecarProc(kafka, idle, f"pub-{time.time_ns()}", store, workdir, ceiling, wrap, workers)
     cpu: list[float] = []
+    budgets: list[CpuBudget] = []
+    by_process: dict[str, float] = {}
     try:
 
         async def run() -> float:
@@ -456,6 +509,7 @@ def sidecar_publish(
                 await c.publish_batch([publish_request(topic, VALUE, idempotency_key=f"{prefix}-warm-up")])
                 t0 = time.perf_counter()
                 cpu.append(proc.cpu_seconds())
+                budgets.append(CpuBudget())
                 if batch > 1:
                     sem = asyncio.Semaphore(4)
 
@@ -477,6 +531,7 @@ def sidecar_publish(
 
                     await asyncio.gather(*(one(i) for i in range(n)))
                 cpu.append(proc.cpu_seconds())
+                by_process.update(budgets[0].per_record(n, cpu[1] - cpu[0]))
                 return time.perf_counter() - t0
 
         dt = asyncio.run(run())
@@ -494,7 +549,7 @@ def sidecar_publish(
         name += f", {store_name} store"
     if workers > 1:
         name += f", {workers} workers"
-    return Result(name, n, dt, cpu_per_record(cpu[1] - cpu[0], n))
+    return Result(name, n, dt, {**cpu_per_record(cpu[1] - cpu[0], n), "cpu_by_process": by_process})
 
 
 def latency(
@@ -690,6 +745,9 @@ def main() -> int:
         services.running(Path(tmp), quick_start=False) as (kafka, redis),
     ):
         work = Path(tmp)
+        SERVICE_PIDS["broker"] = kafka.proc.pid
+        if isinstance(redis, services.RedisServer):
+            SERVICE_PIDS["redis"] = redis.proc.pid
         redis_store = {"DEDUP_STORE__BACKEND": "redis", "DEDUP_STORE__REDIS_URL": redis.url}
         sqlite_store = {
             "DEDUP_STORE__BACKEND": "sqlite",
@@ -810,9 +868,12 @@ def main() -> int:
             "publish": [],
             "publish_bound": [],
         }
+        budgets: dict[str, list[dict[str, Any]]] = {"consume": [], "publish": []}
         for i in range(1 if args.quick else 3):
             log(f"repeated pairs, round {i + 1}")
-            raw_rate = pair_round(kafka, ("bench6", "benchpub"), (n, n_pub), redis_store, work, pairs)
+            raw_rate = pair_round(
+                kafka, ("bench6", "benchpub"), (n, n_pub), redis_store, work, pairs, budgets
+            )
             bound = sidecar_publish(kafka, "benchpub", n_pub, {}, work, 500, ceiling="produce")
             pairs["publish_bound"].append((bound.rate, raw_rate))
 
@@ -835,6 +896,7 @@ def main() -> int:
     results["latency_linger0"] = lat0
     results["memory"] = {"records": n_mem, **mem.extra}
     results["pairs"] = summarize_pairs(pairs)
+    results["budget"] = {**budgets, "cpus": os.cpu_count()}
     saved_path = ROOT / "bench" / "results.json"
     if saved_path.exists() and "cluster" in (saved := json.loads(saved_path.read_text())):
         results["cluster"] = saved["cluster"]  # from its own run (--cluster)
@@ -880,20 +942,33 @@ def pair_round(
     store: dict[str, str],
     work: Path,
     pairs: dict[str, list[tuple[float, float]]],
+    budgets: dict[str, list[dict[str, Any]]] | None = None,
 ) -> float:
     """One raw-then-sidecar pair each for consume (topics[0], counts[0] records) and for
     PublishBatch of 500 (topics[1], counts[1]); appends (sidecar, raw) rates to ``pairs`` and
     returns the raw producer's rate. The CPU µs per record of each side go to ``consume_cpu`` and
-    ``publish_cpu`` as (sidecar, raw)."""
+    ``publish_cpu`` as (sidecar, raw); with ``budgets``, each side's CPU by process too."""
     raw = raw_consume(kafka, topics[0], counts[0])
     sc = sidecar_consume(kafka, topics[0], counts[0], store, work, "pair")
     pairs["consume"].append((sc.rate, raw.rate))
     pairs.setdefault("consume_cpu", []).append((sc.extra["cpu_us"], raw.extra["cpu_us"]))
+    if budgets is not None:
+        budgets["consume"].append(budget_pair(sc, raw))
     raw = raw_publish(kafka, topics[1], counts[1])
     sc = sidecar_publish(kafka, topics[1], counts[1], store, work, 500)
     pairs["publish"].append((sc.rate, raw.rate))
     pairs.setdefault("publish_cpu", []).append((sc.extra["cpu_us"], raw.extra["cpu_us"]))
+    if budgets is not None:
+        budgets["publish"].append(budget_pair(sc, raw))
     return raw.rate
+
+
+def budget_pair(sc: Result, raw: Result) -> dict[str, Any]:
+    return {
+        "sidecar": sc.extra["cpu_by_process"],
+        "raw": raw.extra["cpu_by_process"],
+        "rates": [round(sc.rate), round(raw.rate)],
+    }
 
 
 #: (workers, taskset cores; "" = any): each worker shape pinned to one core, then free on all.
@@ -1061,6 +1136,70 @@ def cpu_section(r: dict[str, Any]) -> list[str]:
     return out
 
 
+#: The processes of a budget table, in its order, with what each is on either path.
+BUDGET_ROWS = [
+    ("sidecar", "the sidecar process (every thread)"),
+    ("client", "the client: the raw client, or the app's side (the Python client reading and acking)"),
+    ("broker", "the Kafka broker's JVM"),
+    ("redis", "redis-server"),
+    ("other", "the rest of the machine's busy time (the kernel's loopback work outside these, the VM)"),
+]
+
+
+def budget_section(r: dict[str, Any]) -> list[str]:
+    """Where the machine's cores went per record on each side of the repeated pairs (medians),
+    and the rate the machine could give the sidecar path if every core did nothing else."""
+    b = r.get("budget")
+    if not b or not b.get("consume"):
+        return []
+    cpus = b["cpus"]
+
+    def med(runs: list[dict[str, Any]], side: str, key: str) -> float | None:
+        xs = sorted(x[side][key] for x in runs if key in x[side])
+        return xs[len(xs) // 2] if xs else None
+
+    def cell(v: float | None) -> str:
+        return "" if v is None else f"{v:.1f}"
+
+    out = [
+        "",
+        "## Where the cores go, per record",
+        "",
+        "CPU µs per record of every process on the machine during each side of the repeated pairs "
+        "(medians of the pairs), from /proc: the raw client's path against the sidecar's, consume "
+        "and PublishBatch. Everything shares the machine's "
+        f"{cpus} cores, so a path cannot go faster than {cpus} million µs/s divided by its machine "
+        "total, whatever each process does alone; *machine ceiling* is that rate as a ratio to the "
+        "raw client's measured rate.",
+        "",
+    ]
+    for path, runs, raw_name in (
+        ("consume", b["consume"], "raw consumer"),
+        ("PublishBatch of 500", b["publish"], "raw idempotent producer"),
+    ):
+        out += [f"| {path}: process | {raw_name} µs | sidecar path µs |", "| --- | ---: | ---: |"]
+        for key, label in BUDGET_ROWS:
+            raw_v, sc_v = med(runs, "raw", key), med(runs, "sidecar", key)
+            if raw_v is None and sc_v is None:
+                continue
+            out.append(f"| {label} | {cell(raw_v)} | {cell(sc_v)} |")
+        raw_m, sc_m = med(runs, "raw", "machine"), med(runs, "sidecar", "machine")
+        out.append(f"| **the machine, every core** | **{cell(raw_m)}** | **{cell(sc_m)}** |")
+        raw_rate = sorted(x["rates"][1] for x in runs)[len(runs) // 2]
+        if sc_m:
+            ceiling = cpus * 1e6 / sc_m
+            measured = ", ".join(f"{x['rates'][0] / 1000:.1f}k" for x in runs)
+            out += [
+                "",
+                f"Machine ceiling of the sidecar path: {ceiling / 1000:.1f}k records/s, "
+                f"{ceiling / raw_rate:.2f}x the raw client's median {raw_rate / 1000:.1f}k; measured "
+                f"{measured}. Stolen by the hypervisor "
+                f"meanwhile: {cell(med(runs, 'sidecar', 'stolen'))} µs per record.",
+                "",
+            ]
+    return out
+
+
 def latency_table(lat: dict[str, Any]) -> list[str]:
     out = ["| path | p50 ms | p99 ms | samples | runs (p50/p99 ms) |", "| --- | ---: | ---: | ---: | --- |"]
     for name, v in lat.items():
@@ -1121,6 +1260,7 @@ def write_markdown(r: dict[str, Any], path: Path, png: str | None) -> None:
                 f"| bound: gRPC and the sidecar's producer, no store / the same raw producer | {b['median']} "
                 f"| {pair_cells(b)} |"
             )
+    lines += budget_section(r)
     lines += [
         "",
         "## Produce-to-app latency at 2,000 msg/s",

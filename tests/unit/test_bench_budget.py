@@ -1,0 +1,60 @@
+"""The benchmark's CPU budget: what it reads from /proc, and the table it renders."""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+import sys
+import time
+from pathlib import Path
+from types import ModuleType
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def _bench() -> ModuleType:
+    spec = importlib.util.spec_from_file_location("bench_run", ROOT / "bench" / "run.py")
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    sys.modules["bench_run"] = module
+    spec.loader.exec_module(module)
+    return module
+
+
+bench = _bench()
+
+
+def test_budget_counts_this_process_and_a_named_service() -> None:
+    bench.SERVICE_PIDS.clear()
+    bench.SERVICE_PIDS["self"] = os.getpid()  # a "service" that is this very process
+    try:
+        budget = bench.CpuBudget()
+        deadline = time.process_time() + 0.2
+        while time.process_time() < deadline:  # 0.2 s of CPU, on this thread
+            pass
+        got = budget.per_record(1000, sidecar_s=0.0)
+    finally:
+        bench.SERVICE_PIDS.clear()
+    # 0.2 s over 1,000 records is 200 µs each, seen as the client's and as the "service"'s.
+    assert 180 <= got["client"] <= 400, got
+    assert 180 <= got["self"] <= 400, got
+    # The machine was busy at least while this process was, give or take a clock tick.
+    assert got["machine"] >= got["client"] - 20, got
+    assert got["other"] >= 0 and got["sidecar"] == 0
+
+
+def test_budget_section_gives_the_machine_ceiling() -> None:
+    def side(machine: float) -> dict[str, float]:
+        return {"client": 5.0, "broker": 3.0, "machine": machine, "stolen": 0.0, "other": 1.0}
+
+    run = {
+        "sidecar": {**side(50.0), "sidecar": 26.0, "redis": 15.0},
+        "raw": side(10.0),
+        "rates": [30_000, 70_000],
+    }
+    text = "\n".join(bench.budget_section({"budget": {"consume": [run], "publish": [run], "cpus": 2}}))
+    # 2 cores / 50 µs per record = 40k records/s, 0.57x of the raw client's 70k.
+    assert "Machine ceiling of the sidecar path: 40.0k records/s, 0.57x the raw client's median 70.0k" in text
+    assert "| redis-server |  | 15.0 |" in text
+    assert "| **the machine, every core** | **10.0** | **50.0** |" in text
+    assert bench.budget_section({}) == []
