@@ -2,7 +2,7 @@
 
 Usage::
 
-    python bench/profile.py [--records 300000] [--path consume|publish|both] [--out DIR]
+    python bench/profile.py [--records 300000] [--path consume|publish|both] [--native] [--out DIR]
 
 It starts the same services as bench/run.py, runs one sidecar process under ``py-spy record``
 (sampling without pausing it) while the batched Python client consumes ``--records`` preloaded
@@ -13,7 +13,9 @@ It starts the same services as bench/run.py, runs one sidecar process under ``py
   most samples under them (total time), and the CPU µs per record of the sidecar process, in
   all and per thread (the event loop, the other Python threads, librdkafka's, gRPC's).
 
-It prints the text summary too. py-spy is a dev dependency.
+It prints the text summary too. py-spy is a dev dependency. ``--native`` makes py-spy unwind C
+frames as well: the compiled record path (mypyc's modules, the C frame encoder) then shows by
+function (``CPyDef_...``) instead of as time spent in whichever Python frame called it.
 """
 
 from __future__ import annotations
@@ -76,6 +78,7 @@ def profiled(
     out: Path,
     name: str,
     work: Callable[[str], Coroutine[Any, Any, float]],
+    native: bool = False,
 ) -> tuple[float, dict[str, float]]:
     """Start a sidecar under ``py-spy record`` and run ``work`` (given its target) against it.
 
@@ -93,6 +96,7 @@ def profiled(
         "raw",
         "--output",
         str(out / f"{name}.collapsed"),
+        *(["--native"] if native else []),
     ]
     proc = bench.SidecarProc(kafka, topic, f"prof-{time.time_ns()}", store, work_dir, wrap=[*wrap, "--"])
     try:
@@ -143,6 +147,7 @@ def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--records", type=int, default=300_000)
     ap.add_argument("--path", choices=["consume", "publish", "both"], default="both")
+    ap.add_argument("--native", action="store_true", help="unwind C frames too (the compiled modules)")
     ap.add_argument("--out", default="profile-out")
     args = ap.parse_args()
     out = Path(args.out)
@@ -162,7 +167,7 @@ def main() -> int:
                 return await bench.consume_via([target], n, batched=True)
 
             bench.log("consume, profiled")
-            dt, cpu = profiled(kafka, "prof6", store, work, out, "consume", consume)
+            dt, cpu = profiled(kafka, "prof6", store, work, out, "consume", consume, args.native)
             report(out, "consume", n, dt, cpu)
         if args.path in ("publish", "both"):
             m = n // 2
@@ -188,7 +193,7 @@ def main() -> int:
                     return time.perf_counter() - t0
 
             bench.log("PublishBatch, profiled")
-            dt, cpu = profiled(kafka, idle, store, work, out, "publish", publish)
+            dt, cpu = profiled(kafka, idle, store, work, out, "publish", publish, args.native)
             report(out, "publish", m, dt, cpu)
     print(json.dumps({"out": str(out)}))
     return 0
