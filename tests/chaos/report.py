@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import subprocess
 import sys
 import tempfile
@@ -162,9 +163,16 @@ FAULTS: list[tuple[str, str, Fault, dict[str, Any], str]] = [
 ]
 
 
-async def run_all(messages: int, seeds: int, only: set[str]) -> list[tuple[str, list[Figures]]]:
+async def run_all(
+    messages: int, seeds: int, only: set[str], keep: Path | None = None
+) -> list[tuple[str, list[Figures]]]:
+    """``keep``: run in that directory and leave it (every process's log) behind."""
     out = []
-    with tempfile.TemporaryDirectory(prefix="dedup-chaos-") as tmp:
+    with (
+        contextlib.nullcontext(str(keep))
+        if keep
+        else tempfile.TemporaryDirectory(prefix="dedup-chaos-") as tmp
+    ):
         base = Path(tmp)
         kafka = services.KafkaBroker.start(base / "kafka")
         cluster: services.KafkaCluster | None = None
@@ -258,6 +266,7 @@ def write(
     command: str,
     path: Path,
     keep: list[str] | None = None,
+    code: str = "",
 ) -> None:
     lines = [
         "# Reliability under faults",
@@ -269,7 +278,7 @@ def write(
         "published through PublishBatch, 5% re-published through Publish and 5% duplicated by a plain "
         "producer.",
         "",
-        code_line(),
+        code or code_line(),
         "",
         "Two consumer groups consume each topic side by side: the **naive** app applies its effect and then "
         "acks; the **inbox** app records the key in the same SQLite transaction as its effect. The naive "
@@ -359,11 +368,15 @@ def main() -> int:
     ap.add_argument("--seeds", type=int, default=1)
     ap.add_argument("--only", action="append", default=[], help="fault name(s) to run, e.g. F2")
     ap.add_argument("--out", default=str(ROOT / "docs" / "RELIABILITY.md"))
+    ap.add_argument("--keep", type=Path, help="run in this (new) directory and keep every process's log")
     a = ap.parse_args()
-    results = asyncio.run(run_all(a.messages, a.seeds, set(a.only)))
+    if a.keep:
+        a.keep.mkdir(parents=True)
+    code = code_line()  # before the run: the commit it ran, whatever is committed meanwhile
+    results = asyncio.run(run_all(a.messages, a.seeds, set(a.only), a.keep))
     command = " ".join(["scripts/reliability.sh", *sys.argv[1:]])
     out = Path(a.out)
-    write(results, a.messages, a.seeds, command, out, existing_rows(out) if a.only else None)
+    write(results, a.messages, a.seeds, command, out, existing_rows(out) if a.only else None, code)
     bad = [
         f
         for _, figs in results
