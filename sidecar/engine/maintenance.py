@@ -166,6 +166,8 @@ class Maintenance:
                 if p is not None
                 else f"offset {at} is not pending here"
             )
+            if p is not None and p.state is State.READY:
+                what += "; " + self._why_not_sent(p)
             log.warning(
                 "%s[%d] has not moved past offset %d for %.0fs: %s; %d streams attached, "
                 "%d records unsettled",
@@ -178,6 +180,23 @@ class Maintenance:
                 extra=p.log_fields() if p is not None else {"topic": tp[0], "partition": tp[1], "offset": at},
             )
         core.metrics.stalled_partitions.set(stalled)
+
+    def _why_not_sent(self, p: Pending) -> str:
+        """For a stall warning about a READY record: where it is in the ready queue and what
+        each stream could take, so a record that no stream takes can be told from one that
+        waits its turn."""
+        core = self.core
+        at = core.ready_queue.position(p)
+        parts = [f"{'not in' if at is None else f'#{at} of {len(core.ready_queue)} in'} the ready queue"]
+        last = p.delivery_ids[-1] if p.delivery_ids else None
+        for s in core.streams.values():
+            parts.append(
+                f"stream {s.id}: {s.outstanding}/{s.max_in_flight} outstanding ({len(s.expired)} expired), "
+                f"{'wants it' if s.wants(p) else 'not its topic'}"
+                f"{', holds its expired copy' if last is not None and last in s.expired else ''}"
+                f"{', closed' if s.closed else ''}"
+            )
+        return "; ".join(parts)
 
     async def purge_loop(self) -> None:
         core = self.core

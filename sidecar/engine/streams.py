@@ -109,6 +109,13 @@ class ReadyQueue:
         else:
             self._q.append(p)
 
+    def position(self, p: Pending) -> int | None:
+        """Where ``p`` is in the queue (0: next), or None; a scan, for diagnostics only."""
+        for i, q in enumerate(self._q):
+            if q is p:
+                return i
+        return None
+
     def drop_held(self) -> None:
         """Forget records that are no longer READY (an ordering change held them back), so that
         pushing one again later cannot queue it twice."""

@@ -14,7 +14,8 @@ ROOT = Path(__file__).resolve().parents[2]
 
 def _bench() -> ModuleType:
     spec = importlib.util.spec_from_file_location("bench_run", ROOT / "bench" / "run.py")
-    assert spec is not None and spec.loader is not None
+    assert spec is not None
+    assert spec.loader is not None
     module = importlib.util.module_from_spec(spec)
     sys.modules["bench_run"] = module
     spec.loader.exec_module(module)
@@ -40,7 +41,8 @@ def test_budget_counts_this_process_and_a_named_service() -> None:
     assert 180 <= got["self"] <= 400, got
     # The machine was busy at least while this process was, give or take a clock tick.
     assert got["machine"] >= got["client"] - 20, got
-    assert got["other"] >= 0 and got["sidecar"] == 0
+    assert got["other"] >= 0
+    assert got["sidecar"] == 0
 
 
 def test_budget_section_gives_the_machine_ceiling() -> None:

@@ -431,6 +431,28 @@ async def test_a_partition_that_stops_committing_is_reported_once(
     assert eng.metrics.stalled_partitions._value.get() == 0
 
 
+async def test_a_stall_on_a_ready_record_says_what_each_stream_could_take(
+    engine: tuple[Engine, FakeConsumer], caplog: pytest.LogCaptureFixture
+) -> None:
+    # A READY record that holds its partition back: the warning says where it is in the ready
+    # queue and each stream's credit, so "no stream takes it" reads apart from "it waits".
+    eng, _ = engine
+    now = [1000.0]
+    eng.core.clock = lambda: now[0]
+    s = eng.attach([T], 1, 0, 1)  # room for one record
+    await intake(eng, msg(0, 0, "first"), msg(0, 1, "second"))
+    [first] = await take(eng, s, 1)
+    await eng.ack([first.delivery_ids[-1]])  # "second" now holds the commit, READY, not yet taken
+    eng.check_stalls()  # starts watching
+    now[0] += 90
+    with caplog.at_level("WARNING"):
+        eng.check_stalls()
+    [warning] = [r.getMessage() for r in caplog.records if "has not moved" in r.getMessage()]
+    assert "record @1 is ready (attempt 1, key 'second')" in warning, warning
+    assert "#0 of 1 in the ready queue" in warning, warning
+    assert f"stream {s.id}: 0/1 outstanding (0 expired), wants it;" in warning, warning
+
+
 async def expired_at(eng: Engine, s: Any, *keys: str) -> list[Any]:
     """Deliver records with ``keys`` (partition 0) on ``s`` and let their ack deadlines pass, so
     ``s`` holds their expired copies (for up to one more deadline, set long here). Returns the
