@@ -15,7 +15,9 @@ It starts the same services as bench/run.py, runs one sidecar process under ``py
 
 It prints the text summary too. py-spy is a dev dependency. ``--native`` makes py-spy unwind C
 frames as well: the compiled record path (mypyc's modules, the C frame encoder) then shows by
-function (``CPyDef_...``) instead of as time spent in whichever Python frame called it.
+function (``CPyDef_...``) instead of as time spent in whichever Python frame called it. py-spy
+can unwind C frames only by pausing the process for each sample, so the rates and CPU figures
+of a ``--native`` run are lower than a plain run's; read its shares, not its rates.
 """
 
 from __future__ import annotations
@@ -89,7 +91,8 @@ def profiled(
     wrap = [
         spy,
         "record",
-        "--nonblocking",
+        # py-spy unwinds native stacks only from a paused process: --native samples block.
+        *([] if native else ["--nonblocking"]),
         "--rate",
         "100",
         "--format",
@@ -100,7 +103,11 @@ def profiled(
     ]
     proc = bench.SidecarProc(kafka, topic, f"prof-{time.time_ns()}", store, work_dir, wrap=[*wrap, "--"])
     try:
-        asyncio.run(bench.wait_serving(proc.target))
+        try:
+            asyncio.run(bench.wait_serving(proc.target))
+        except TimeoutError:
+            tail = (work_dir / f"sidecar-{proc.port}.log").read_text(errors="replace")[-2000:]
+            raise SystemExit(f"the sidecar under py-spy never served; its log ends:\n{tail}") from None
         sidecar = int(Path(f"/proc/{proc.proc.pid}/task/{proc.proc.pid}/children").read_text().split()[0])
         cpu0 = thread_cpu(sidecar)
         time.sleep(1.0)
