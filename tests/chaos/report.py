@@ -164,13 +164,13 @@ FAULTS: list[tuple[str, str, Fault, dict[str, Any], str]] = [
 
 
 async def run_all(
-    messages: int, seeds: int, only: set[str], keep: Path | None = None
+    messages: int, seeds: int, only: set[str], logs_dir: Path | None = None
 ) -> list[tuple[str, list[Figures]]]:
-    """``keep``: run in that directory and leave it (every process's log) behind."""
+    """``logs_dir``: run in that directory and leave it (every process's log) behind."""
     out = []
     with (
-        contextlib.nullcontext(str(keep))
-        if keep
+        contextlib.nullcontext(str(logs_dir))
+        if logs_dir
         else tempfile.TemporaryDirectory(prefix="dedup-chaos-") as tmp
     ):
         base = Path(tmp)
@@ -265,8 +265,8 @@ def write(
     seeds: int,
     command: str,
     path: Path,
-    keep: list[str] | None = None,
-    code: str = "",
+    keep: list[str] | None,
+    code: str,
 ) -> None:
     lines = [
         "# Reliability under faults",
@@ -278,7 +278,7 @@ def write(
         "published through PublishBatch, 5% re-published through Publish and 5% duplicated by a plain "
         "producer.",
         "",
-        code or code_line(),
+        code,
         "",
         "Two consumer groups consume each topic side by side: the **naive** app applies its effect and then "
         "acks; the **inbox** app records the key in the same SQLite transaction as its effect. The naive "
