@@ -353,13 +353,29 @@ class Scenario:
                 db.close()
         return out
 
-    async def drain(self, timeout: float = 120) -> None:
-        """Wait until both variants have an effect for every sent key (or time out)."""
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            if all(self.sent <= set(self.effects(v)[0]) for v in VARIANTS):
+    async def drain(self, stall: float = 90, timeout: float = 600) -> str:
+        """Wait until both variants have an effect for every sent key.
+
+        The rows measure loss, not the apps' speed, so the wait goes on while effects keep
+        arriving: it gives up after ``stall`` seconds with no new effect in either ledger (longer
+        than an ack deadline, a lease and a rebalance together), or after ``timeout`` in all.
+        Returns why it gave up ("" when every key arrived), for the row's notes."""
+        start = time.monotonic()
+        last_progress = start
+        seen = -1
+        while True:
+            have = [set(self.effects(v)[0]) for v in VARIANTS]
+            if all(self.sent <= h for h in have):
                 await asyncio.sleep(1.0)  # let late duplicates, if any, show up
-                return
+                return ""
+            now = time.monotonic()
+            count = sum(len(h) for h in have)
+            if count > seen:
+                seen, last_progress = count, now
+            if now - last_progress > stall:
+                return f"drain gave up: no new effect for {stall:g} s"
+            if now - start > timeout:
+                return f"drain gave up after {timeout:g} s, effects still arriving"
             await asyncio.sleep(0.5)
 
     def read_topic(self) -> tuple[int, int]:
@@ -421,10 +437,10 @@ async def run_scenario(
         notes = await fault(s)
         await pub
         s.heal_at = time.time()
-        await s.drain()
+        gave_up = await s.drain()
         figures = s.check()
         for f in figures:
-            f.notes = notes
+            f.notes = f"{notes}; {gave_up}" if gave_up else notes
         return figures
     finally:
         s.stop()

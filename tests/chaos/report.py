@@ -331,7 +331,10 @@ def write(
         "*delivered after OK ack* — deliveries a sidecar sent after an Ack for that key had returned OK "
         "(contract point 2; expected only when Redis loses its data); *redelivered keys* — "
         "keys delivered more than once (attempt > 1); *recovery* — seconds from the end of the fault until "
-        "every key had its effect.",
+        "every key had its effect. Recovery includes the apps' own pace: each app handles one delivery at "
+        "a time, with 3 ms of work and its SQLite commits. After a fault the harness waits as long as "
+        "effects keep arriving; it gives up after 90 s without a new one (10 minutes at most), and a row "
+        "that gave up says so.",
         "",
         "The F11-F14 rows run on a replicated cluster of three KRaft nodes (each a broker and a "
         "controller; replication factor 3, `min.insync.replicas` 2, the internal topics replicated too), "
