@@ -351,6 +351,7 @@ class RedisStore:
         self._standalone = Standalone(self._client, timeout_s, self._wait, sentinels)
         self._router: ClusterRouter | None = None
         self._shape: str | None = "sentinel" if sentinel else None  # learnt on first use
+        self._shape_lock = asyncio.Lock()
         self._joiners: dict[tuple[Any, ...], _Coalescer] = {}
         self._closed = False
 
@@ -420,8 +421,11 @@ class RedisStore:
         return [tuple(flat[i : i + width]) for i in range(0, len(flat), width)]
 
     async def _cluster_router(self) -> ClusterRouter | None:
-        """The Cluster router when the server is a Redis Cluster (asked once, with INFO)."""
-        if self._shape is None:
+        """The Cluster router when the server is a Redis Cluster (asked once, with INFO; callers
+        that come while it is being asked wait for that answer)."""
+        async with self._shape_lock:
+            if self._shape is not None:
+                return self._router
             info = await self._client.info("cluster")
             if info.get("cluster_enabled"):
                 client = RedisCluster.from_url(self._url, **self._kwargs)

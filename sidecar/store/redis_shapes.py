@@ -233,6 +233,13 @@ class Standalone:
         self.round_trips = 0  # pipelines sent, for capacity figures
         self._timeout_s = timeout_s
         self._wait = wait
+        # redis-py's pool fails a caller at once (MaxConnectionsError, "Too many connections")
+        # when all its connections are in use (100 unless the URL sets max_connections). A burst
+        # of round trips (Acks and claims that come back together after a broker outage) must
+        # wait its turn instead: a failed Ack is a redelivery. A few connections stay free for
+        # the commands that do not come through here (PING, INFO).
+        size = int(getattr(client.connection_pool, "max_connections", 100))
+        self._slots = asyncio.Semaphore(max(1, size - min(4, size // 4)))
 
     async def run(self, script: Script, commands: list[bytes]) -> list[Any]:
         """Send ``commands`` (packed EVALSHA calls of ``script``) and return their replies."""
@@ -258,29 +265,30 @@ class Standalone:
         self.round_trips += 1
         waiting = wait and bool(self._wait.replicas)
         limit = self._timeout_s * 2 + (self._wait.seconds if waiting else 0)
-        conn = None
         try:
-            # A hard bound on the whole exchange, connecting included: a store that hangs (a
-            # Redis restarting under us) must fail the call, so the caller retries, never wait.
-            async with asyncio.timeout(limit):
+            # A hard bound on the whole exchange, the wait for a slot and connecting included: a
+            # store that hangs (a Redis restarting under us) must fail the call, so the caller
+            # retries, never wait.
+            async with asyncio.timeout(limit), self._slots:
+                # The connection goes back to the pool before the slot is given up, so the next
+                # caller in line always finds one.
                 conn = await pool.get_connection()  # type: ignore[no-untyped-call]
-                await conn.send_packed_command(
-                    packed + self._wait.command if waiting else packed, check_health=False
-                )
-                out = [await conn.read_response() for _ in range(replies)]
-                if waiting:
-                    self._wait.check(await conn.read_response(), conn.host)
-                return out
-        except BaseException as exc:
-            # Replies may be left unread (an error reply raises at once): never reuse it.
-            if conn is not None:
-                await conn.disconnect()
-            if isinstance(exc, TimeoutError):
-                raise RedisTimeoutError(f"no answer from Redis within {limit:.0f}s") from exc
-            raise
-        finally:
-            if conn is not None:
-                await pool.release(conn)
+                try:
+                    await conn.send_packed_command(
+                        packed + self._wait.command if waiting else packed, check_health=False
+                    )
+                    out = [await conn.read_response() for _ in range(replies)]
+                    if waiting:
+                        self._wait.check(await conn.read_response(), conn.host)
+                    return out
+                except BaseException:
+                    # Replies may be left unread (an error reply raises at once): never reuse it.
+                    await conn.disconnect()
+                    raise
+                finally:
+                    await pool.release(conn)
+        except TimeoutError as exc:
+            raise RedisTimeoutError(f"no answer from Redis within {limit:.0f}s") from exc
 
     async def close(self) -> None:
         await self.client.aclose()

@@ -95,3 +95,17 @@ async def test_no_app_stream_leaves_the_group(kafka: services.KafkaBroker) -> No
 def test_no_topics_is_a_publish_only_sidecar_not_an_error() -> None:
     # It used to refuse to start; tests/integration/test_operations.py runs one.
     assert Sidecar(config.load()).settings.kafka.topics == []
+
+
+async def test_a_burst_beyond_the_connection_pool_waits_instead_of_failing(
+    redis_server: services.RedisServer,
+) -> None:
+    """More concurrent round trips than the pool has connections (a burst of Acks after a
+    broker outage) must queue for a connection, not fail: a failed Ack is redelivered."""
+    store = RedisStore(f"{redis_server.url}?max_connections=4", prefix=unique("burst"))
+    try:
+        # Distinct owners: calls with different arguments are not joined into one round trip.
+        results = await asyncio.gather(*(store.claim([f"k{i}"], f"owner-{i}", 5000) for i in range(40)))
+        assert all(r[0].status is ClaimStatus.NEW for r in results)
+    finally:
+        await store.close()
