@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import functools
 import logging
+import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from typing import Any, TypeVar
 
@@ -15,12 +16,35 @@ from sidecar.api.errors import status_for
 from sidecar.api.frames import encode_frame, encode_publish_results
 from sidecar.api.security import Principal
 from sidecar.engine.engine import Engine
-from sidecar.errors import InvalidArgument, ShuttingDown, SidecarError
+from sidecar.errors import InvalidArgument, ShuttingDown, SidecarError, Unavailable
 from sidecar.publish.publisher import Publisher, PublishInput, PublishOutput
 
 log = logging.getLogger(__name__)
 Req = TypeVar("Req")
 Resp = TypeVar("Resp")
+
+
+class _Throttled:
+    """Warn about failed calls at most once per ``every`` seconds per method, with a count of
+    those not logged since. An Ack that fails (the store unreachable) means redeliveries: the
+    operator should see it in the log, not only in dedup_store_errors_total."""
+
+    def __init__(self, every: float = 10.0) -> None:
+        self._every = every
+        self._last: dict[str, float] = {}
+        self._quiet: dict[str, int] = {}
+
+    def warn(self, method: str, exc: BaseException) -> None:
+        now = time.monotonic()
+        if now - self._last.get(method, -self._every) < self._every:
+            self._quiet[method] = self._quiet.get(method, 0) + 1
+            return
+        self._last[method] = now
+        more = self._quiet.pop(method, 0)
+        log.warning("%s failed: %s%s", method, exc, f" ({more} more since the last warning)" if more else "")
+
+
+_unavailable = _Throttled()
 
 
 def _mapped(
@@ -33,6 +57,8 @@ def _mapped(
         try:
             return await fn(self, request, context)
         except SidecarError as exc:
+            if isinstance(exc, Unavailable) and not isinstance(exc, ShuttingDown):
+                _unavailable.warn(fn.__name__, exc)
             code, msg = status_for(exc)
         except Exception as exc:
             log.exception("%s failed", fn.__name__)
