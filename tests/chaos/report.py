@@ -378,7 +378,9 @@ def main() -> int:
         a.keep.mkdir(parents=True)
     code = code_line()  # before the run: the commit it ran, whatever is committed meanwhile
     results = asyncio.run(run_all(a.messages, a.seeds, set(a.only), a.keep))
-    command = " ".join(["scripts/reliability.sh", *sys.argv[1:]])
+    # The report names how to regenerate it; where this run kept its logs is not part of that.
+    shown = [x for i, x in enumerate(sys.argv[1:]) if not x.startswith("--keep") and sys.argv[i] != "--keep"]
+    command = " ".join(["scripts/reliability.sh", *shown])
     out = Path(a.out)
     write(results, a.messages, a.seeds, command, out, existing_rows(out) if a.only else None, code)
     bad = [
