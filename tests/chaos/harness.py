@@ -38,6 +38,9 @@ from faultproxy import FaultProxy
 from tests.integration.helpers import ROOT, SidecarProcess, process_env, records_per_key
 
 VARIANTS = ("naive", "inbox")
+#: The drain after a fault gives up after this long with no new effect, or this long in all.
+DRAIN_STALL_S = 90
+DRAIN_CAP_S = 600
 #: Marks the copies a plain producer writes on purpose (a retry's duplicate), so reading the topic
 #: back can tell them from a record Publish wrote twice.
 COPY_HEADER = "chaos-copy"
@@ -353,7 +356,7 @@ class Scenario:
                 db.close()
         return out
 
-    async def drain(self, stall: float = 90, timeout: float = 600) -> str:
+    async def drain(self, stall: float = DRAIN_STALL_S, timeout: float = DRAIN_CAP_S) -> str:
         """Wait until both variants have an effect for every sent key.
 
         The rows measure loss, not the apps' speed, so the wait goes on while effects keep

@@ -23,7 +23,7 @@ import services  # noqa: E402
 from faultproxy import FaultProxy  # noqa: E402
 
 from tests.chaos import faults  # noqa: E402
-from tests.chaos.harness import Fault, Figures, run_scenario  # noqa: E402
+from tests.chaos.harness import DRAIN_CAP_S, DRAIN_STALL_S, Fault, Figures, run_scenario  # noqa: E402
 from tests.chaos.test_faults import FAILOVERS, ORDERED, WORKERS, failover_env, failover_fault  # noqa: E402
 
 #: The F11-F14 rows run on services.KafkaCluster (a single Redis node, appendfsync everysec).
@@ -334,8 +334,8 @@ def write(
         "keys delivered more than once (attempt > 1); *recovery* — seconds from the end of the fault until "
         "every key had its effect. Recovery includes the apps' own pace: each app handles one delivery at "
         "a time, with 3 ms of work and its SQLite commits. After a fault the harness waits as long as "
-        "effects keep arriving; it gives up after 90 s without a new one (10 minutes at most), and a row "
-        "that gave up says so.",
+        f"effects keep arriving; it gives up after {DRAIN_STALL_S} s without a new one ({DRAIN_CAP_S // 60} "
+        "minutes at most), and a row that gave up says so.",
         "",
         "The F11-F14 rows run on a replicated cluster of three KRaft nodes (each a broker and a "
         "controller; replication factor 3, `min.insync.replicas` 2, the internal topics replicated too), "
