@@ -12,7 +12,12 @@ it does:
 * ``produce``: the transport and the sidecar's own producer (``sidecar.kafka.producer``), with
   the idempotency-key header set as the sidecar sets it; no store, no digest, no claims.
 
-Neither is a product: both give up the idempotency the sidecar exists for. The benchmark runs
+* ``echo``: a bare gRPC echo on the same runtime: ``DedupService/Publish`` answers each
+  request with its own bytes, and ``DedupService/StreamingPublish`` writes back each message
+  it reads. These are the floors of a Python gRPC call and of a stream message that
+  bench/percall.py measures beside the sidecar's per-call paths (BOOTSTRAP is ignored).
+
+None is a product: each gives up the idempotency the sidecar exists for. The benchmark runs
 them with the same client and the same records as the real PublishBatch row, so the three rates
 show how much of the gap to the raw producer each layer takes.
 """
@@ -22,6 +27,7 @@ from __future__ import annotations
 import asyncio
 import signal
 import sys
+from collections.abc import AsyncIterator
 from typing import Any
 
 import grpc
@@ -43,6 +49,15 @@ def _outgoing(e: pb.PublishRequest) -> Outgoing:
     return Outgoing(e.topic, e.value, key, [(HEADER, e.idempotency_key)])
 
 
+async def echo(request: bytes, context: Any) -> bytes:
+    return request
+
+
+async def echo_stream(requests: AsyncIterator[bytes], context: Any) -> AsyncIterator[bytes]:
+    async for message in requests:
+        yield message
+
+
 async def serve(mode: str, listen: str, bootstrap: str) -> None:
     loop = asyncio.get_running_loop()
     producer = AsyncProducer({"bootstrap.servers": bootstrap}, loop) if mode == "produce" else None
@@ -62,14 +77,21 @@ async def serve(mode: str, listen: str, bootstrap: str) -> None:
         return encode_publish_results(out)
 
     server = grpc.aio.server(options=[("grpc.so_reuseport", 0)])
-    handler = grpc.unary_unary_rpc_method_handler(
-        publish_batch,
-        request_deserializer=pb.PublishBatchRequest.FromString,
-        response_serializer=passthrough,
-    )
-    server.add_generic_rpc_handlers(
-        (grpc.method_handlers_generic_handler(SERVICE_NAME, {"PublishBatch": handler}),)
-    )
+    handlers: dict[str, grpc.RpcMethodHandler[Any, Any]]
+    if mode == "echo":
+        handlers = {
+            "Publish": grpc.unary_unary_rpc_method_handler(echo),
+            "StreamingPublish": grpc.stream_stream_rpc_method_handler(echo_stream),
+        }
+    else:
+        handlers = {
+            "PublishBatch": grpc.unary_unary_rpc_method_handler(
+                publish_batch,
+                request_deserializer=pb.PublishBatchRequest.FromString,
+                response_serializer=passthrough,
+            )
+        }
+    server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(SERVICE_NAME, handlers),))
     checker = health.aio.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(checker, server)
     await checker.set("", health_pb2.HealthCheckResponse.SERVING)
@@ -85,8 +107,8 @@ async def serve(mode: str, listen: str, bootstrap: str) -> None:
 
 def main() -> int:
     mode, listen, bootstrap = sys.argv[1:4]
-    if mode not in ("grpc", "produce"):
-        print(f"ceiling.py: MODE must be grpc or produce, not {mode!r}", file=sys.stderr)
+    if mode not in ("grpc", "produce", "echo"):
+        print(f"ceiling.py: MODE must be grpc, produce or echo, not {mode!r}", file=sys.stderr)
         return 2
     tune_interpreter()
     run_loop(serve(mode, listen, bootstrap))

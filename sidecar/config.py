@@ -229,6 +229,9 @@ class CommitSettings(_Section):
 class PublishSettings(_Section):
     max_message_bytes: int = Field(1_000_000, ge=1)
     max_batch_entries: int = Field(1000, ge=1)
+    #: Records of one StreamingPublish stream being published at once; past it the sidecar stops
+    #: reading that stream until some are answered (the app's writes then wait: flow control).
+    max_stream_in_flight: int = Field(1000, ge=1)
     #: Topics Publish may write to. Empty allows any.
     allowed_topics: list[str] = Field(default_factory=list)
     timeout_seconds: float = Field(30, gt=0)
@@ -336,6 +339,9 @@ class ServerSettings(_Section):
     workers: int | Literal["auto"] = 1
     max_streams: int = Field(16, ge=1)
     max_ids_per_call: int = Field(10_000, ge=1)
+    #: Settle requests (acks, nacks, extensions) of one StreamingSubscribe stream worked on or
+    #: waiting to be written at once; past it the sidecar stops reading that stream.
+    max_stream_settles_in_flight: int = Field(1000, ge=1)
     shutdown_grace_seconds: float = Field(10, ge=0)
 
     @field_validator("workers")

@@ -21,6 +21,7 @@ a trace context cost one header scan at hand-out.
 from __future__ import annotations
 
 import logging
+import time
 from collections.abc import Iterable, Sequence
 from typing import Any
 
@@ -51,9 +52,34 @@ class _HeaderGetter(Getter[Sequence[tuple[str, Any]]]):
 _GETTER = _HeaderGetter()
 
 
+_active = False
+_checked_at = -1e9
+
+
 def active() -> bool:
-    """True when spans are recorded (an SDK tracer provider is installed)."""
-    return not isinstance(trace.get_tracer_provider(), trace.ProxyTracerProvider | trace.NoOpTracerProvider)
+    """True when spans are recorded (an SDK tracer provider is installed).
+
+    Asked several times per call on the per-call paths, and OpenTelemetry's answer reads the
+    environment each time while no provider is installed: so "no" is remembered for a second
+    (``refresh`` forgets it; ``setup`` calls it), and "yes" for good, since a provider is
+    installed once per process.
+    """
+    global _active, _checked_at
+    if _active:
+        return True
+    now = time.monotonic()
+    if now - _checked_at < 1.0:
+        return False
+    _checked_at = now
+    provider = trace.get_tracer_provider()
+    _active = not isinstance(provider, trace.ProxyTracerProvider | trace.NoOpTracerProvider)
+    return _active
+
+
+def refresh() -> None:
+    """Ask OpenTelemetry again at the next ``active()`` (a provider may have been installed)."""
+    global _checked_at
+    _checked_at = -1e9
 
 
 def context_of(headers: Sequence[tuple[str, Any]]) -> otel_context.Context | None:
@@ -94,6 +120,7 @@ def commit_span(links: Sequence[SpanContext], offsets: int) -> None:
 
 def setup(exporter: str, endpoint: str, sample_ratio: float) -> None:
     """Install a tracer provider that exports spans (``tracing.exporter``)."""
+    refresh()  # one installed by the embedding process counts from now, whatever happens here
     if exporter == "none":
         return
     from opentelemetry.sdk.resources import Resource
@@ -122,4 +149,5 @@ def setup(exporter: str, endpoint: str, sample_ratio: float) -> None:
     )
     provider.add_span_processor(BatchSpanProcessor(chosen))
     trace.set_tracer_provider(provider)
+    refresh()
     log.info("tracing: %s exporter, sample ratio %s", exporter, sample_ratio)

@@ -646,6 +646,280 @@ class PublishBatchResponse(_message.Message):
 Global___PublishBatchResponse: _TypeAlias = PublishBatchResponse  # noqa: Y015
 
 @_typing.final
+class StreamingSubscribeRequest(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    SUBSCRIBE_FIELD_NUMBER: _builtins.int
+    ACK_FIELD_NUMBER: _builtins.int
+    NACK_FIELD_NUMBER: _builtins.int
+    EXTEND_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def subscribe(self) -> Global___SubscribeRequest:
+        """The first request, and only the first: the stream's topics and limits."""
+
+    @_builtins.property
+    def ack(self) -> Global___StreamAck:
+        """Settle requests, answered in StreamingSubscribeResponse.results."""
+
+    @_builtins.property
+    def nack(self) -> Global___StreamNack: ...
+    @_builtins.property
+    def extend(self) -> Global___StreamExtendDeadline: ...
+    def __init__(
+        self,
+        *,
+        subscribe: Global___SubscribeRequest | None = ...,
+        ack: Global___StreamAck | None = ...,
+        nack: Global___StreamNack | None = ...,
+        extend: Global___StreamExtendDeadline | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["ack", b"ack", "extend", b"extend", "nack", b"nack", "request", b"request", "subscribe", b"subscribe"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["ack", b"ack", "extend", b"extend", "nack", b"nack", "request", b"request", "subscribe", b"subscribe"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    _WhichOneofReturnType_request: _TypeAlias = _typing.Literal["subscribe", "ack", "nack", "extend"]  # noqa: Y015
+    _WhichOneofArgType_request: _TypeAlias = _typing.Literal["request", b"request"]  # noqa: Y015
+    def WhichOneof(self, oneof_group: _WhichOneofArgType_request) -> _WhichOneofReturnType_request | None: ...
+
+Global___StreamingSubscribeRequest: _TypeAlias = StreamingSubscribeRequest  # noqa: Y015
+
+@_typing.final
+class StreamAck(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    REQUEST_ID_FIELD_NUMBER: _builtins.int
+    DELIVERY_IDS_FIELD_NUMBER: _builtins.int
+    request_id: _builtins.int
+    """Chosen by the app; repeated in the answer."""
+    @_builtins.property
+    def delivery_ids(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
+        """As AckRequest.delivery_ids."""
+
+    def __init__(
+        self,
+        *,
+        request_id: _builtins.int = ...,
+        delivery_ids: _abc.Iterable[_builtins.str] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["delivery_ids", b"delivery_ids", "request_id", b"request_id"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___StreamAck: _TypeAlias = StreamAck  # noqa: Y015
+
+@_typing.final
+class StreamNack(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    REQUEST_ID_FIELD_NUMBER: _builtins.int
+    DELIVERY_IDS_FIELD_NUMBER: _builtins.int
+    DELAY_SECONDS_FIELD_NUMBER: _builtins.int
+    DEAD_LETTER_FIELD_NUMBER: _builtins.int
+    REASON_FIELD_NUMBER: _builtins.int
+    request_id: _builtins.int
+    delay_seconds: _builtins.float
+    dead_letter: _builtins.bool
+    reason: _builtins.str
+    @_builtins.property
+    def delivery_ids(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
+        """As in NackRequest."""
+
+    def __init__(
+        self,
+        *,
+        request_id: _builtins.int = ...,
+        delivery_ids: _abc.Iterable[_builtins.str] | None = ...,
+        delay_seconds: _builtins.float | None = ...,
+        dead_letter: _builtins.bool = ...,
+        reason: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["_delay_seconds", b"_delay_seconds", "delay_seconds", b"delay_seconds"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["_delay_seconds", b"_delay_seconds", "dead_letter", b"dead_letter", "delay_seconds", b"delay_seconds", "delivery_ids", b"delivery_ids", "reason", b"reason", "request_id", b"request_id"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    _WhichOneofReturnType__delay_seconds: _TypeAlias = _typing.Literal["delay_seconds"]  # noqa: Y015
+    _WhichOneofArgType__delay_seconds: _TypeAlias = _typing.Literal["_delay_seconds", b"_delay_seconds"]  # noqa: Y015
+    def WhichOneof(self, oneof_group: _WhichOneofArgType__delay_seconds) -> _WhichOneofReturnType__delay_seconds | None: ...
+
+Global___StreamNack: _TypeAlias = StreamNack  # noqa: Y015
+
+@_typing.final
+class StreamExtendDeadline(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    REQUEST_ID_FIELD_NUMBER: _builtins.int
+    DELIVERY_IDS_FIELD_NUMBER: _builtins.int
+    SECONDS_FIELD_NUMBER: _builtins.int
+    request_id: _builtins.int
+    seconds: _builtins.int
+    @_builtins.property
+    def delivery_ids(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
+        """As in ExtendDeadlineRequest."""
+
+    def __init__(
+        self,
+        *,
+        request_id: _builtins.int = ...,
+        delivery_ids: _abc.Iterable[_builtins.str] | None = ...,
+        seconds: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["delivery_ids", b"delivery_ids", "request_id", b"request_id", "seconds", b"seconds"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___StreamExtendDeadline: _TypeAlias = StreamExtendDeadline  # noqa: Y015
+
+@_typing.final
+class StreamingSubscribeResponse(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    DELIVERIES_FIELD_NUMBER: _builtins.int
+    RESULTS_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def deliveries(self) -> _containers.RepeatedCompositeFieldContainer[Global___Delivery]:
+        """As SubscribeResponse.deliveries (the same field number: a Subscribe frame is a valid
+        StreamingSubscribeResponse).
+        """
+
+    @_builtins.property
+    def results(self) -> _containers.RepeatedCompositeFieldContainer[Global___SettleResult]:
+        """Answers to settle requests, in the order they were settled."""
+
+    def __init__(
+        self,
+        *,
+        deliveries: _abc.Iterable[Global___Delivery] | None = ...,
+        results: _abc.Iterable[Global___SettleResult] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["deliveries", b"deliveries", "results", b"results"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___StreamingSubscribeResponse: _TypeAlias = StreamingSubscribeResponse  # noqa: Y015
+
+@_typing.final
+class SettleResult(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    REQUEST_ID_FIELD_NUMBER: _builtins.int
+    CODE_FIELD_NUMBER: _builtins.int
+    MESSAGE_FIELD_NUMBER: _builtins.int
+    RESULTS_FIELD_NUMBER: _builtins.int
+    request_id: _builtins.int
+    """The request's request_id."""
+    code: _builtins.int
+    """A gRPC status code (google.rpc.Code numbering): 0 when the request was carried out; else
+    the code its unary call would have failed with, and nothing was applied.
+    """
+    message: _builtins.str
+    @_builtins.property
+    def results(self) -> _containers.RepeatedScalarFieldContainer[Global___AckResult.ValueType]:
+        """When code is 0: one per requested id, in request order, as the unary call answers."""
+
+    def __init__(
+        self,
+        *,
+        request_id: _builtins.int = ...,
+        code: _builtins.int = ...,
+        message: _builtins.str = ...,
+        results: _abc.Iterable[Global___AckResult.ValueType] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["code", b"code", "message", b"message", "request_id", b"request_id", "results", b"results"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___SettleResult: _TypeAlias = SettleResult  # noqa: Y015
+
+@_typing.final
+class StreamingPublishRequest(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    REQUEST_ID_FIELD_NUMBER: _builtins.int
+    PUBLISH_FIELD_NUMBER: _builtins.int
+    request_id: _builtins.int
+    """Chosen by the app; repeated in the answer."""
+    @_builtins.property
+    def publish(self) -> Global___PublishRequest:
+        """The record, as Publish takes it."""
+
+    def __init__(
+        self,
+        *,
+        request_id: _builtins.int = ...,
+        publish: Global___PublishRequest | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["publish", b"publish"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["publish", b"publish", "request_id", b"request_id"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___StreamingPublishRequest: _TypeAlias = StreamingPublishRequest  # noqa: Y015
+
+@_typing.final
+class StreamingPublishResponse(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    RESULTS_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def results(self) -> _containers.RepeatedCompositeFieldContainer[Global___StreamingPublishResult]:
+        """Answers to records, as they are known (one response may carry several)."""
+
+    def __init__(
+        self,
+        *,
+        results: _abc.Iterable[Global___StreamingPublishResult] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["results", b"results"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___StreamingPublishResponse: _TypeAlias = StreamingPublishResponse  # noqa: Y015
+
+@_typing.final
+class StreamingPublishResult(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    REQUEST_ID_FIELD_NUMBER: _builtins.int
+    CODE_FIELD_NUMBER: _builtins.int
+    MESSAGE_FIELD_NUMBER: _builtins.int
+    RESPONSE_FIELD_NUMBER: _builtins.int
+    request_id: _builtins.int
+    """The request's request_id."""
+    code: _builtins.int
+    """A gRPC status code (google.rpc.Code numbering): 0 for OK, else what Publish would return."""
+    message: _builtins.str
+    @_builtins.property
+    def response(self) -> Global___PublishResponse:
+        """Set when code is 0."""
+
+    def __init__(
+        self,
+        *,
+        request_id: _builtins.int = ...,
+        code: _builtins.int = ...,
+        message: _builtins.str = ...,
+        response: Global___PublishResponse | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["response", b"response"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["code", b"code", "message", b"message", "request_id", b"request_id", "response", b"response"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___StreamingPublishResult: _TypeAlias = StreamingPublishResult  # noqa: Y015
+
+@_typing.final
 class StatusRequest(_message.Message):
     DESCRIPTOR: _descriptor.Descriptor
 

@@ -66,6 +66,16 @@ class DedupServiceStub:
                 request_serializer=dedup_dot_v1_dot_dedup__pb2.PublishBatchRequest.SerializeToString,
                 response_deserializer=dedup_dot_v1_dot_dedup__pb2.PublishBatchResponse.FromString,
                 _registered_method=True)
+        self.StreamingSubscribe = channel.stream_stream(
+                '/dedup.v1.DedupService/StreamingSubscribe',
+                request_serializer=dedup_dot_v1_dot_dedup__pb2.StreamingSubscribeRequest.SerializeToString,
+                response_deserializer=dedup_dot_v1_dot_dedup__pb2.StreamingSubscribeResponse.FromString,
+                _registered_method=True)
+        self.StreamingPublish = channel.stream_stream(
+                '/dedup.v1.DedupService/StreamingPublish',
+                request_serializer=dedup_dot_v1_dot_dedup__pb2.StreamingPublishRequest.SerializeToString,
+                response_deserializer=dedup_dot_v1_dot_dedup__pb2.StreamingPublishResponse.FromString,
+                _registered_method=True)
         self.ListWorkers = channel.unary_unary(
                 '/dedup.v1.DedupService/ListWorkers',
                 request_serializer=dedup_dot_v1_dot_dedup__pb2.ListWorkersRequest.SerializeToString,
@@ -173,6 +183,54 @@ class DedupServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def StreamingSubscribe(self, request_iterator, context):
+        """StreamingSubscribe is Subscribe with the settlement calls on the same stream, as Pub/Sub's
+        StreamingPull: an app that handles one message at a time writes an ack (or a nack, or a
+        deadline extension) as one stream message instead of a call. The first request must carry
+        `subscribe` (what Subscribe's request says); every later one carries `ack`, `nack` or
+        `extend`, each with a `request_id` the app chooses. Deliveries come down in `deliveries`, as
+        on Subscribe, with the same credit; each settle request is answered once, in `results`, with
+        its `request_id` and either one result per id (as Ack, Nack and ExtendDeadline answer) or the
+        status code that call would have failed with. Answers may come in any order and share a
+        response with deliveries or with other answers. Ids delivered on any stream of this sidecar
+        may be settled here. When the app half-closes, the sidecar answers what it read, ends the
+        stream, and redelivers the stream's unsettled deliveries (as when a Subscribe stream closes).
+        At most `server.max_stream_settles_in_flight` settle requests of one stream are being worked
+        on at once; past that the sidecar stops reading the stream until some are answered.
+
+        Status codes (of the stream):
+        INVALID_ARGUMENT   the first request carries no `subscribe`, a later one carries it again
+        or carries nothing, or the codes of Subscribe.
+        RESOURCE_EXHAUSTED as for Subscribe.
+        UNAVAILABLE        the sidecar is shutting down; the stream ends with this status.
+        Status codes (per settle request, in SettleResult.code): those of Ack, Nack and
+        ExtendDeadline.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def StreamingPublish(self, request_iterator, context):
+        """StreamingPublish is Publish on a stream: each request carries one record and a `request_id`
+        the app chooses; each is answered once with that id, the code Publish would have returned
+        and, on success, Publish's response. Answers come as they are known, not in request order:
+        records of one stream are produced in request order only when each waits for the answer
+        of the one before. Concurrent records (of any streams and unary calls) share the sidecar's
+        store round trips and producer passes. At most `publish.max_stream_in_flight` records of one
+        stream are unanswered at once; past that the sidecar stops reading the stream until some are
+        answered. When the app half-closes, every record read is answered before the stream ends.
+
+        Status codes (of the stream):
+        INVALID_ARGUMENT   a request that is not a StreamingPublishRequest (records read before it
+        are still published; retry them with their idempotency keys).
+        UNAVAILABLE        the sidecar is shutting down.
+        Status codes (per record, in StreamingPublishResult.code): those of Publish, and
+        INVALID_ARGUMENT   a request without `publish`.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
     def ListWorkers(self, request, context):
         """ListWorkers lists the sidecar's worker processes (`server.workers`). Each worker is a member
         of the consumer group with its own partitions and serves on its own address; they share the
@@ -217,6 +275,16 @@ def add_DedupServiceServicer_to_server(servicer, server):
                     servicer.PublishBatch,
                     request_deserializer=dedup_dot_v1_dot_dedup__pb2.PublishBatchRequest.FromString,
                     response_serializer=dedup_dot_v1_dot_dedup__pb2.PublishBatchResponse.SerializeToString,
+            ),
+            'StreamingSubscribe': grpc.stream_stream_rpc_method_handler(
+                    servicer.StreamingSubscribe,
+                    request_deserializer=dedup_dot_v1_dot_dedup__pb2.StreamingSubscribeRequest.FromString,
+                    response_serializer=dedup_dot_v1_dot_dedup__pb2.StreamingSubscribeResponse.SerializeToString,
+            ),
+            'StreamingPublish': grpc.stream_stream_rpc_method_handler(
+                    servicer.StreamingPublish,
+                    request_deserializer=dedup_dot_v1_dot_dedup__pb2.StreamingPublishRequest.FromString,
+                    response_serializer=dedup_dot_v1_dot_dedup__pb2.StreamingPublishResponse.SerializeToString,
             ),
             'ListWorkers': grpc.unary_unary_rpc_method_handler(
                     servicer.ListWorkers,
@@ -387,6 +455,60 @@ class DedupService:
             '/dedup.v1.DedupService/PublishBatch',
             dedup_dot_v1_dot_dedup__pb2.PublishBatchRequest.SerializeToString,
             dedup_dot_v1_dot_dedup__pb2.PublishBatchResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def StreamingSubscribe(request_iterator,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.stream_stream(
+            request_iterator,
+            target,
+            '/dedup.v1.DedupService/StreamingSubscribe',
+            dedup_dot_v1_dot_dedup__pb2.StreamingSubscribeRequest.SerializeToString,
+            dedup_dot_v1_dot_dedup__pb2.StreamingSubscribeResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def StreamingPublish(request_iterator,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.stream_stream(
+            request_iterator,
+            target,
+            '/dedup.v1.DedupService/StreamingPublish',
+            dedup_dot_v1_dot_dedup__pb2.StreamingPublishRequest.SerializeToString,
+            dedup_dot_v1_dot_dedup__pb2.StreamingPublishResponse.FromString,
             options,
             channel_credentials,
             insecure,

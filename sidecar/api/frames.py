@@ -170,16 +170,33 @@ def encode_frame(batch: Sequence[Pending], deadline_ms: int) -> bytes:
     return encode_frame_py(batch, deadline_ms)
 
 
-def encode_publish_results(results: Sequence[tuple[str, str, int, int, bool] | tuple[int, str]]) -> bytes:
+PublishResult = tuple[str, str, int, int, bool] | tuple[int, str]
+
+
+def _publish_response(key: str, topic: str, partition: int, offset: int, duplicate: bool) -> bytes:
+    """A ``PublishResponse``'s fields: idempotency_key 1, topic 2, partition 3, offset 4,
+    duplicate 5."""
+    varint = _varint
+    parts = [_len_field(b"\x0a", key.encode()) if key else b"", _publish_topic(topic)]
+    if partition:
+        parts += (b"\x18", varint(partition))
+    if offset:
+        parts += (b"\x20", varint(offset))
+    if duplicate:
+        parts.append(b"\x28\x01")
+    return b"".join(parts)
+
+
+def encode_publish_results(results: Sequence[PublishResult]) -> bytes:
     """A serialized ``PublishBatchResponse``: per entry, either a PublishOutput-shaped tuple
     (idempotency_key, topic, partition, offset, duplicate) or a failure (status code, message).
 
     Field numbers: ``PublishBatchResponse.results = 1``; ``PublishBatchResult``: code 1,
-    message 2, response 3; ``PublishResponse``: idempotency_key 1, topic 2, partition 3,
-    offset 4, duplicate 5. Written by hand for the reason frames are (see the module docstring):
-    building two messages per entry cost about as much as the rest of the response path.
+    message 2, response 3; ``PublishResponse``: see ``_publish_response``. Written by hand for
+    the reason frames are (see the module docstring): building two messages per entry cost about
+    as much as the rest of the response path.
     """
-    varint, len_field, topic_field = _varint, _len_field, _publish_topic
+    varint, len_field = _varint, _len_field
     out: list[bytes] = []
     for r in results:
         if len(r) == 2:
@@ -188,14 +205,36 @@ def encode_publish_results(results: Sequence[tuple[str, str, int, int, bool] | t
             if message:
                 body += len_field(b"\x12", message.encode())
         else:
-            key, topic, partition, offset, duplicate = r
-            parts = [len_field(b"\x0a", key.encode()) if key else b"", topic_field(topic)]
-            if partition:
-                parts += (b"\x18", varint(partition))
-            if offset:
-                parts += (b"\x20", varint(offset))
-            if duplicate:
-                parts.append(b"\x28\x01")
-            body = len_field(b"\x1a", b"".join(parts))
+            body = len_field(b"\x1a", _publish_response(*r))
         out.append(len_field(b"\x0a", body))
     return b"".join(out)
+
+
+def encode_stream_publish_result(request_id: int, result: PublishResult) -> bytes:
+    """A serialized ``StreamingPublishResponse`` with one result: ``results = 1``;
+    ``StreamingPublishResult``: request_id 1, code 2, message 3, response 4. Responses
+    concatenated are one response with all their results (protobuf merges repeated fields)."""
+    body = b"\x08" + _varint(request_id) if request_id else b""
+    if len(result) == 2:
+        code, message = result
+        if code:
+            body += b"\x10" + _varint(code)
+        if message:
+            body += _len_field(b"\x1a", message.encode())
+    else:
+        body += _len_field(b"\x22", _publish_response(*result))
+    return _len_field(b"\x0a", body)
+
+
+def encode_settle_result(request_id: int, code: int, message: str, results: Sequence[int]) -> bytes:
+    """A serialized ``StreamingSubscribeResponse`` with one ``SettleResult`` (``results = 2``;
+    request_id 1, code 2, message 3, results 4, packed). It may be appended to a frame (field 1)
+    or to other results: the concatenation parses as one response carrying all of them."""
+    body = b"\x08" + _varint(request_id) if request_id else b""
+    if code:
+        body += b"\x10" + _varint(code)
+    if message:
+        body += _len_field(b"\x1a", message.encode())
+    if results:
+        body += _len_field(b"\x22", b"".join(_SMALL[r] if 0 <= r < 0x80 else _varint(r) for r in results))
+    return _len_field(b"\x12", body)

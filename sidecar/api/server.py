@@ -63,6 +63,19 @@ def _guarded(
     from us rather than the transport's INTERNAL, and checks the caller before the servicer runs."""
     parse = getattr(dedup_pb2, method.input_type.name).FromString
     name = method.name
+    if method.client_streaming:
+        # The servicer parses and authorizes each request of the stream itself, with the
+        # caller known here once, when the stream opens.
+        async def bidi(requests: AsyncIterator[bytes], context: Any) -> AsyncIterator[Any]:
+            try:
+                principal = guard.principal(context) if guard.required else ANYONE
+            except SidecarError as exc:
+                log.debug("%s refused: %s", name, exc)
+                await context.abort(*status_for(exc))
+            async for item in behaviour(requests, context, principal):
+                yield item
+
+        return grpc.stream_stream_rpc_method_handler(bidi, response_serializer=serializer)
     if method.server_streaming:
 
         async def stream(raw: bytes, context: Any) -> AsyncIterator[Any]:

@@ -15,9 +15,11 @@ from sidecar._proto import dedup_pb2 as pb
 from sidecar.api.errors import status_for
 from sidecar.api.frames import encode_frame, encode_publish_results
 from sidecar.api.security import Principal
+from sidecar.api.streaming import StreamingServicer, publish_input
 from sidecar.engine.engine import Engine
+from sidecar.engine.streams import Stream
 from sidecar.errors import InvalidArgument, ShuttingDown, SidecarError, Unavailable
-from sidecar.publish.publisher import Publisher, PublishInput, PublishOutput
+from sidecar.publish.publisher import Publisher, PublishOutput
 
 log = logging.getLogger(__name__)
 Req = TypeVar("Req")
@@ -69,18 +71,6 @@ def _mapped(
     return wrapper
 
 
-def _input(req: pb.PublishRequest, trace: Sequence[tuple[str, bytes]] = ()) -> PublishInput:
-    return PublishInput(
-        req.topic,
-        req.value,
-        req.key if req.HasField("key") else None,
-        [(h.key, h.value) for h in req.headers] if req.headers else (),
-        req.idempotency_key,
-        req.partition if req.HasField("partition") else None,
-        trace,
-    )
-
-
 def _publish_trace(
     context: grpc.aio.ServicerContext[Any, Any], name: str, **attributes: Any
 ) -> tuple[Sequence[tuple[str, bytes]], Any]:
@@ -123,6 +113,9 @@ class DedupServicer:
         self._topics = list(topics)
         #: ListWorkers' answer; the Sidecar sets it once its ports are bound.
         self.workers = pb.ListWorkersResponse()
+        self._streaming = StreamingServicer(
+            engine, publisher, self.authorize, _unavailable.warn, self._attach
+        )
 
     def authorize(self, method: str, caller: Principal, request: Any) -> None:
         """Raise PermissionDenied if ``caller`` may not make this call (sidecar.api.server calls it
@@ -151,13 +144,7 @@ class DedupServicer:
         """Yields serialized SubscribeResponse frames (see sidecar.api.frames and server.py)."""
         engine = self._engine
         try:
-            stream = engine.attach(
-                list(request.topics),
-                request.max_in_flight,
-                request.max_in_flight_bytes,
-                request.max_batch,
-                _ORDERINGS.get(request.ordering, ""),
-            )
+            stream = self._attach(request)
         except SidecarError as exc:
             await context.abort(*status_for(exc))
             return
@@ -172,6 +159,27 @@ class DedupServicer:
             engine.detach(stream)
         if engine.stopping:
             await context.abort(*status_for(ShuttingDown("the sidecar is shutting down; reconnect")))
+
+    def _attach(self, request: pb.SubscribeRequest) -> Stream:
+        return self._engine.attach(
+            list(request.topics),
+            request.max_in_flight,
+            request.max_in_flight_bytes,
+            request.max_batch,
+            _ORDERINGS.get(request.ordering, ""),
+        )
+
+    def StreamingSubscribe(
+        self, requests: AsyncIterator[bytes], context: grpc.aio.ServicerContext[Any, Any], caller: Principal
+    ) -> AsyncIterator[bytes]:
+        """Yields serialized StreamingSubscribeResponse messages (sidecar.api.streaming)."""
+        return self._streaming.subscribe(requests, context, caller)
+
+    def StreamingPublish(
+        self, requests: AsyncIterator[bytes], context: grpc.aio.ServicerContext[Any, Any], caller: Principal
+    ) -> AsyncIterator[bytes]:
+        """Yields serialized StreamingPublishResponse messages (sidecar.api.streaming)."""
+        return self._streaming.publish(requests, context, caller)
 
     @_mapped
     async def Ack(
@@ -208,7 +216,7 @@ class DedupServicer:
     ) -> pb.PublishResponse:
         trace, span = _publish_trace(context, "dedup.publish", topic=request.topic)
         try:
-            return _response(await self._publisher.publish(_input(request, trace)))
+            return _response(await self._publisher.publish(publish_input(request, trace)))
         finally:
             if span is not None:
                 span.end()
@@ -227,7 +235,7 @@ class DedupServicer:
             )
         trace, span = _publish_trace(context, "dedup.publish", entries=n)
         try:
-            outcomes = await self._publisher.publish_batch([_input(e, trace) for e in request.entries])
+            outcomes = await self._publisher.publish_batch([publish_input(e, trace) for e in request.entries])
         finally:
             if span is not None:
                 span.end()

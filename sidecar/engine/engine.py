@@ -83,6 +83,7 @@ class Engine:
         self.next_frame = self.dispatch.next_frame
         self.deadline_epoch_ms = self.dispatch.deadline_epoch_ms
         self.ack = self.settlement.ack
+        self.ack_nowait = self.settlement.ack_nowait
         self.nack = self.settlement.nack
         self.extend = self.settlement.extend
         self.commit_now = core.commit_now

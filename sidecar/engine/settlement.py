@@ -23,6 +23,7 @@ from sidecar.engine.dispatch import Dispatch
 from sidecar.engine.records import TP, Pending, Recent, State
 from sidecar.engine.reroute import Reroute
 from sidecar.errors import InvalidArgument, StoreUnavailable
+from sidecar.groupcommit import Done, GroupCommit
 from sidecar.metrics import count_by_topic
 from sidecar.store.base import ClaimMode, ClaimStatus
 
@@ -46,6 +47,11 @@ class Settlement:
         # Ids whose Ack or Nack failed (store unreachable): the app answered those copies once
         # and may not again, so past their deadline they do not hold credit (see Stream.expired).
         self.answered_failed = Recent(10_000)
+        # Concurrent Ack calls (an app acking one message per call from many handlers) settle
+        # together: one store round trip and one pass over the books for all of them.
+        self._acks: GroupCommit[str, int] = GroupCommit(
+            self._ack_checked, max_in_flight=2, max_items=core.settings.server.max_ids_per_call
+        )
 
     async def _answer_failed_on_error(self, ids: Sequence[str], call: Awaitable[T]) -> T:
         """``Core.counted`` for an Ack or Nack: when it fails, remember its ids as answered once."""
@@ -92,10 +98,34 @@ class Settlement:
                 if s is not None:
                     s.answered(did)
 
+    def _check_well_formed(self, ids: Sequence[str]) -> None:
+        """Raise InvalidArgument for a malformed id, as _lookup would, before a call joins others."""
+        by_id = self.core.by_id
+        for did in ids:
+            if did not in by_id and not _ID_RE.match(did):
+                self._lookup(did)  # raises, with the message
+
     async def ack(self, ids: Sequence[str]) -> list[int]:
-        """Settle deliveries. Raises StoreUnavailable (nothing applied) when the store is down."""
-        core = self.core
+        """Settle deliveries; one result per id. Raises InvalidArgument (nothing applied) for a
+        bad call, StoreUnavailable (nothing applied) when the store is down.
+
+        Concurrent calls are settled together (group commit); a call's bad id fails that call
+        alone, before it joins the others. An id acked twice among them is OK for both.
+        """
         self._check_ids(ids)
+        self._check_well_formed(ids)
+        return await self._acks(list(ids))
+
+    def ack_nowait(self, ids: Sequence[str], done: Done[int]) -> None:
+        """``ack`` for a caller that must not wait (a stream reader): raises InvalidArgument at
+        once; ``done`` gets the results, or the exception that failed the settlement."""
+        self._check_ids(ids)
+        self._check_well_formed(ids)
+        self._acks.submit(list(ids), done)
+
+    async def _ack_checked(self, ids: Sequence[str]) -> list[int]:
+        """Settle well-formed ids of one call or of several joined ones."""
+        core = self.core
         results: list[int] = []
         records: dict[int, Pending] = {}
         stale_keys: dict[str, None] = {}

@@ -89,7 +89,10 @@ class AsyncProducer:
             "logger": logging.getLogger("librdkafka"),
         }
         self._config.setdefault("delivery.timeout.ms", int(timeout_s * 1000))
-        self._config.setdefault("linger.ms", 2)
+        # No linger: the sidecar gathers concurrent publishes into one producer pass itself (group
+        # commit), so lingering would only delay a call that is alone. A burst still forms larger
+        # batches while a request is in flight (docs/ARCHITECTURE.md, "Per-call paths").
+        self._config.setdefault("linger.ms", 0)
         self._loop = loop
         self._timeout_s = timeout_s
         self._producer = Producer(self._config)

@@ -18,7 +18,7 @@ import contextlib
 import hashlib
 import time
 import uuid
-from collections.abc import Coroutine, Sequence
+from collections.abc import Callable, Coroutine, Sequence
 from dataclasses import dataclass, replace
 from typing import Any, NamedTuple
 
@@ -35,6 +35,7 @@ from sidecar.errors import (
     SidecarError,
     Unavailable,
 )
+from sidecar.groupcommit import GroupCommit
 from sidecar.kafka.producer import AsyncProducer, Outgoing, Produced, Sent, indeterminate
 from sidecar.kafka.topics import TopicCatalog
 from sidecar.metrics import Metrics
@@ -160,6 +161,11 @@ class Publisher:
         # How long past librdkafka's delivery timeout to wait for its report before answering
         # "indeterminate" (the report still comes, and is recorded then).
         self._report_grace_s = 5.0
+        # Concurrent Publish calls go through the store and the producer together, as the
+        # entries of one PublishBatch do (group commit; a lone call does not wait).
+        self._singles: GroupCommit[PublishInput, Outcome] = GroupCommit(
+            self.publish_batch, max_in_flight=2, max_items=settings.max_batch_entries
+        )
 
     def validate(self, req: PublishInput) -> None:
         s = self._settings
@@ -197,10 +203,18 @@ class Publisher:
         return None
 
     async def publish(self, req: PublishInput) -> PublishOutput:
-        [out] = await self.publish_batch([req])
+        """Publish one record; concurrent calls share store round trips and a producer pass."""
+        [out] = await self._singles([req])
         if isinstance(out, Exception):
             raise out
         return out
+
+    def publish_nowait(
+        self, req: PublishInput, done: Callable[[list[Outcome] | BaseException], None]
+    ) -> None:
+        """``publish`` for a caller that must not wait (a stream reader): ``done`` gets a list
+        with the one outcome, or the exception that failed the whole group."""
+        self._singles.submit([req], done)
 
     async def publish_batch(self, reqs: Sequence[PublishInput]) -> list[Outcome]:
         """Publish each request at most once per idempotency key; one outcome per request, in order.

@@ -20,6 +20,7 @@ from redis.asyncio.cluster import RedisCluster
 from redis.exceptions import RedisError, ResponseError
 
 from sidecar.errors import ConfigError, StoreUnavailable
+from sidecar.groupcommit import GroupCommit
 from sidecar.store import rules
 from sidecar.store.base import Claim, ClaimMode, ClaimStatus, KeyInfo, PublishRecord
 from sidecar.store.redis_shapes import (
@@ -240,49 +241,6 @@ return out
 )
 
 
-class _Coalescer:
-    """Joins the calls made while the event loop runs one batch of work into one round trip.
-
-    Concurrent unary calls (Publish, Ack) each make their own store calls. Issued one by one
-    they cost a round trip (and a pooled connection) each; joined, the calls made in one loop
-    iteration share one. A call waits for nothing but the current loop iteration, so a lone call
-    is not delayed.
-    """
-
-    def __init__(self, run: Callable[[list[Any]], Awaitable[list[Any]]]) -> None:
-        self._run = run
-        self._pending: list[tuple[list[Any], asyncio.Future[list[Any]]]] = []
-        self._tasks: set[asyncio.Task[None]] = set()
-
-    async def __call__(self, items: list[Any]) -> list[Any]:
-        loop = asyncio.get_running_loop()
-        fut: asyncio.Future[list[Any]] = loop.create_future()
-        self._pending.append((items, fut))
-        if len(self._pending) == 1:
-            loop.call_soon(self._flush)
-        return await fut
-
-    def _flush(self) -> None:
-        pending, self._pending = self._pending, []
-        task = asyncio.create_task(self._run_joined(pending))
-        self._tasks.add(task)
-        task.add_done_callback(self._tasks.discard)
-
-    async def _run_joined(self, pending: list[tuple[list[Any], asyncio.Future[list[Any]]]]) -> None:
-        try:
-            results = await self._run([x for items, _ in pending for x in items])
-        except BaseException as exc:  # noqa: BLE001 - every caller gets the failure
-            for _, fut in pending:
-                if not fut.done():
-                    fut.set_exception(exc)
-            return
-        i = 0
-        for items, fut in pending:
-            if not fut.done():
-                fut.set_result(results[i : i + len(items)])
-            i += len(items)
-
-
 # (status, attempt[, failures]) as replied -> Claim; Claims are immutable
 _CLAIMS: dict[tuple[Any, ...], Claim] = {}
 
@@ -352,7 +310,10 @@ class RedisStore:
         self._router: ClusterRouter | None = None
         self._shape: str | None = "sentinel" if sentinel else None  # learnt on first use
         self._shape_lock = asyncio.Lock()
-        self._joiners: dict[tuple[Any, ...], _Coalescer] = {}
+        # Group commit per operation and arguments: concurrent calls (unary Acks, Publishes,
+        # intake batches) share a round trip; at most two round trips of one kind are in flight,
+        # and what arrives meanwhile goes together in the next.
+        self._joiners: dict[tuple[Any, ...], GroupCommit[Any, Any]] = {}
         self._closed = False
 
     @property
@@ -373,10 +334,15 @@ class RedisStore:
     def _p(self, key: str) -> bytes:
         return f"{self._prefix}:p:{key}".encode()
 
-    def _joined(self, what: tuple[Any, ...], run: Callable[[list[Any]], Awaitable[list[Any]]]) -> _Coalescer:
+    def _joined(
+        self, what: tuple[Any, ...], run: Callable[[list[Any]], Awaitable[list[Any]]]
+    ) -> GroupCommit[Any, Any]:
         joiner = self._joiners.get(what)
         if joiner is None:
-            joiner = self._joiners[what] = _Coalescer(run)
+            if len(self._joiners) > 1024:  # arguments that vary (lease lengths): forget idle ones
+                for k in [k for k, j in self._joiners.items() if j.idle]:
+                    del self._joiners[k]
+            joiner = self._joiners[what] = GroupCommit(run, max_in_flight=2)
         return joiner
 
     async def _per_key(self, script: Script, keys: Sequence[str], args: list[Any], width: int) -> list[Any]:

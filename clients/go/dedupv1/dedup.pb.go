@@ -1298,6 +1298,611 @@ func (x *PublishBatchResponse) GetResults() []*PublishBatchResult {
 	return nil
 }
 
+type StreamingSubscribeRequest struct {
+	state protoimpl.MessageState `protogen:"open.v1"`
+	// Types that are valid to be assigned to Request:
+	//
+	//	*StreamingSubscribeRequest_Subscribe
+	//	*StreamingSubscribeRequest_Ack
+	//	*StreamingSubscribeRequest_Nack
+	//	*StreamingSubscribeRequest_Extend
+	Request       isStreamingSubscribeRequest_Request `protobuf_oneof:"request"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *StreamingSubscribeRequest) Reset() {
+	*x = StreamingSubscribeRequest{}
+	mi := &file_dedup_v1_dedup_proto_msgTypes[18]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *StreamingSubscribeRequest) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*StreamingSubscribeRequest) ProtoMessage() {}
+
+func (x *StreamingSubscribeRequest) ProtoReflect() protoreflect.Message {
+	mi := &file_dedup_v1_dedup_proto_msgTypes[18]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use StreamingSubscribeRequest.ProtoReflect.Descriptor instead.
+func (*StreamingSubscribeRequest) Descriptor() ([]byte, []int) {
+	return file_dedup_v1_dedup_proto_rawDescGZIP(), []int{18}
+}
+
+func (x *StreamingSubscribeRequest) GetRequest() isStreamingSubscribeRequest_Request {
+	if x != nil {
+		return x.Request
+	}
+	return nil
+}
+
+func (x *StreamingSubscribeRequest) GetSubscribe() *SubscribeRequest {
+	if x != nil {
+		if x, ok := x.Request.(*StreamingSubscribeRequest_Subscribe); ok {
+			return x.Subscribe
+		}
+	}
+	return nil
+}
+
+func (x *StreamingSubscribeRequest) GetAck() *StreamAck {
+	if x != nil {
+		if x, ok := x.Request.(*StreamingSubscribeRequest_Ack); ok {
+			return x.Ack
+		}
+	}
+	return nil
+}
+
+func (x *StreamingSubscribeRequest) GetNack() *StreamNack {
+	if x != nil {
+		if x, ok := x.Request.(*StreamingSubscribeRequest_Nack); ok {
+			return x.Nack
+		}
+	}
+	return nil
+}
+
+func (x *StreamingSubscribeRequest) GetExtend() *StreamExtendDeadline {
+	if x != nil {
+		if x, ok := x.Request.(*StreamingSubscribeRequest_Extend); ok {
+			return x.Extend
+		}
+	}
+	return nil
+}
+
+type isStreamingSubscribeRequest_Request interface {
+	isStreamingSubscribeRequest_Request()
+}
+
+type StreamingSubscribeRequest_Subscribe struct {
+	// The first request, and only the first: the stream's topics and limits.
+	Subscribe *SubscribeRequest `protobuf:"bytes,1,opt,name=subscribe,proto3,oneof"`
+}
+
+type StreamingSubscribeRequest_Ack struct {
+	// Settle requests, answered in StreamingSubscribeResponse.results.
+	Ack *StreamAck `protobuf:"bytes,2,opt,name=ack,proto3,oneof"`
+}
+
+type StreamingSubscribeRequest_Nack struct {
+	Nack *StreamNack `protobuf:"bytes,3,opt,name=nack,proto3,oneof"`
+}
+
+type StreamingSubscribeRequest_Extend struct {
+	Extend *StreamExtendDeadline `protobuf:"bytes,4,opt,name=extend,proto3,oneof"`
+}
+
+func (*StreamingSubscribeRequest_Subscribe) isStreamingSubscribeRequest_Request() {}
+
+func (*StreamingSubscribeRequest_Ack) isStreamingSubscribeRequest_Request() {}
+
+func (*StreamingSubscribeRequest_Nack) isStreamingSubscribeRequest_Request() {}
+
+func (*StreamingSubscribeRequest_Extend) isStreamingSubscribeRequest_Request() {}
+
+type StreamAck struct {
+	state protoimpl.MessageState `protogen:"open.v1"`
+	// Chosen by the app; repeated in the answer.
+	RequestId uint64 `protobuf:"varint,1,opt,name=request_id,json=requestId,proto3" json:"request_id,omitempty"`
+	// As AckRequest.delivery_ids.
+	DeliveryIds   []string `protobuf:"bytes,2,rep,name=delivery_ids,json=deliveryIds,proto3" json:"delivery_ids,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *StreamAck) Reset() {
+	*x = StreamAck{}
+	mi := &file_dedup_v1_dedup_proto_msgTypes[19]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *StreamAck) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*StreamAck) ProtoMessage() {}
+
+func (x *StreamAck) ProtoReflect() protoreflect.Message {
+	mi := &file_dedup_v1_dedup_proto_msgTypes[19]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use StreamAck.ProtoReflect.Descriptor instead.
+func (*StreamAck) Descriptor() ([]byte, []int) {
+	return file_dedup_v1_dedup_proto_rawDescGZIP(), []int{19}
+}
+
+func (x *StreamAck) GetRequestId() uint64 {
+	if x != nil {
+		return x.RequestId
+	}
+	return 0
+}
+
+func (x *StreamAck) GetDeliveryIds() []string {
+	if x != nil {
+		return x.DeliveryIds
+	}
+	return nil
+}
+
+type StreamNack struct {
+	state     protoimpl.MessageState `protogen:"open.v1"`
+	RequestId uint64                 `protobuf:"varint,1,opt,name=request_id,json=requestId,proto3" json:"request_id,omitempty"`
+	// As in NackRequest.
+	DeliveryIds   []string `protobuf:"bytes,2,rep,name=delivery_ids,json=deliveryIds,proto3" json:"delivery_ids,omitempty"`
+	DelaySeconds  *float64 `protobuf:"fixed64,3,opt,name=delay_seconds,json=delaySeconds,proto3,oneof" json:"delay_seconds,omitempty"`
+	DeadLetter    bool     `protobuf:"varint,4,opt,name=dead_letter,json=deadLetter,proto3" json:"dead_letter,omitempty"`
+	Reason        string   `protobuf:"bytes,5,opt,name=reason,proto3" json:"reason,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *StreamNack) Reset() {
+	*x = StreamNack{}
+	mi := &file_dedup_v1_dedup_proto_msgTypes[20]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *StreamNack) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*StreamNack) ProtoMessage() {}
+
+func (x *StreamNack) ProtoReflect() protoreflect.Message {
+	mi := &file_dedup_v1_dedup_proto_msgTypes[20]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use StreamNack.ProtoReflect.Descriptor instead.
+func (*StreamNack) Descriptor() ([]byte, []int) {
+	return file_dedup_v1_dedup_proto_rawDescGZIP(), []int{20}
+}
+
+func (x *StreamNack) GetRequestId() uint64 {
+	if x != nil {
+		return x.RequestId
+	}
+	return 0
+}
+
+func (x *StreamNack) GetDeliveryIds() []string {
+	if x != nil {
+		return x.DeliveryIds
+	}
+	return nil
+}
+
+func (x *StreamNack) GetDelaySeconds() float64 {
+	if x != nil && x.DelaySeconds != nil {
+		return *x.DelaySeconds
+	}
+	return 0
+}
+
+func (x *StreamNack) GetDeadLetter() bool {
+	if x != nil {
+		return x.DeadLetter
+	}
+	return false
+}
+
+func (x *StreamNack) GetReason() string {
+	if x != nil {
+		return x.Reason
+	}
+	return ""
+}
+
+type StreamExtendDeadline struct {
+	state     protoimpl.MessageState `protogen:"open.v1"`
+	RequestId uint64                 `protobuf:"varint,1,opt,name=request_id,json=requestId,proto3" json:"request_id,omitempty"`
+	// As in ExtendDeadlineRequest.
+	DeliveryIds   []string `protobuf:"bytes,2,rep,name=delivery_ids,json=deliveryIds,proto3" json:"delivery_ids,omitempty"`
+	Seconds       int32    `protobuf:"varint,3,opt,name=seconds,proto3" json:"seconds,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *StreamExtendDeadline) Reset() {
+	*x = StreamExtendDeadline{}
+	mi := &file_dedup_v1_dedup_proto_msgTypes[21]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *StreamExtendDeadline) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*StreamExtendDeadline) ProtoMessage() {}
+
+func (x *StreamExtendDeadline) ProtoReflect() protoreflect.Message {
+	mi := &file_dedup_v1_dedup_proto_msgTypes[21]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use StreamExtendDeadline.ProtoReflect.Descriptor instead.
+func (*StreamExtendDeadline) Descriptor() ([]byte, []int) {
+	return file_dedup_v1_dedup_proto_rawDescGZIP(), []int{21}
+}
+
+func (x *StreamExtendDeadline) GetRequestId() uint64 {
+	if x != nil {
+		return x.RequestId
+	}
+	return 0
+}
+
+func (x *StreamExtendDeadline) GetDeliveryIds() []string {
+	if x != nil {
+		return x.DeliveryIds
+	}
+	return nil
+}
+
+func (x *StreamExtendDeadline) GetSeconds() int32 {
+	if x != nil {
+		return x.Seconds
+	}
+	return 0
+}
+
+type StreamingSubscribeResponse struct {
+	state protoimpl.MessageState `protogen:"open.v1"`
+	// As SubscribeResponse.deliveries (the same field number: a Subscribe frame is a valid
+	// StreamingSubscribeResponse).
+	Deliveries []*Delivery `protobuf:"bytes,1,rep,name=deliveries,proto3" json:"deliveries,omitempty"`
+	// Answers to settle requests, in the order they were settled.
+	Results       []*SettleResult `protobuf:"bytes,2,rep,name=results,proto3" json:"results,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *StreamingSubscribeResponse) Reset() {
+	*x = StreamingSubscribeResponse{}
+	mi := &file_dedup_v1_dedup_proto_msgTypes[22]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *StreamingSubscribeResponse) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*StreamingSubscribeResponse) ProtoMessage() {}
+
+func (x *StreamingSubscribeResponse) ProtoReflect() protoreflect.Message {
+	mi := &file_dedup_v1_dedup_proto_msgTypes[22]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use StreamingSubscribeResponse.ProtoReflect.Descriptor instead.
+func (*StreamingSubscribeResponse) Descriptor() ([]byte, []int) {
+	return file_dedup_v1_dedup_proto_rawDescGZIP(), []int{22}
+}
+
+func (x *StreamingSubscribeResponse) GetDeliveries() []*Delivery {
+	if x != nil {
+		return x.Deliveries
+	}
+	return nil
+}
+
+func (x *StreamingSubscribeResponse) GetResults() []*SettleResult {
+	if x != nil {
+		return x.Results
+	}
+	return nil
+}
+
+type SettleResult struct {
+	state protoimpl.MessageState `protogen:"open.v1"`
+	// The request's request_id.
+	RequestId uint64 `protobuf:"varint,1,opt,name=request_id,json=requestId,proto3" json:"request_id,omitempty"`
+	// A gRPC status code (google.rpc.Code numbering): 0 when the request was carried out; else
+	// the code its unary call would have failed with, and nothing was applied.
+	Code    int32  `protobuf:"varint,2,opt,name=code,proto3" json:"code,omitempty"`
+	Message string `protobuf:"bytes,3,opt,name=message,proto3" json:"message,omitempty"`
+	// When code is 0: one per requested id, in request order, as the unary call answers.
+	Results       []AckResult `protobuf:"varint,4,rep,packed,name=results,proto3,enum=dedup.v1.AckResult" json:"results,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *SettleResult) Reset() {
+	*x = SettleResult{}
+	mi := &file_dedup_v1_dedup_proto_msgTypes[23]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *SettleResult) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*SettleResult) ProtoMessage() {}
+
+func (x *SettleResult) ProtoReflect() protoreflect.Message {
+	mi := &file_dedup_v1_dedup_proto_msgTypes[23]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use SettleResult.ProtoReflect.Descriptor instead.
+func (*SettleResult) Descriptor() ([]byte, []int) {
+	return file_dedup_v1_dedup_proto_rawDescGZIP(), []int{23}
+}
+
+func (x *SettleResult) GetRequestId() uint64 {
+	if x != nil {
+		return x.RequestId
+	}
+	return 0
+}
+
+func (x *SettleResult) GetCode() int32 {
+	if x != nil {
+		return x.Code
+	}
+	return 0
+}
+
+func (x *SettleResult) GetMessage() string {
+	if x != nil {
+		return x.Message
+	}
+	return ""
+}
+
+func (x *SettleResult) GetResults() []AckResult {
+	if x != nil {
+		return x.Results
+	}
+	return nil
+}
+
+type StreamingPublishRequest struct {
+	state protoimpl.MessageState `protogen:"open.v1"`
+	// Chosen by the app; repeated in the answer.
+	RequestId uint64 `protobuf:"varint,1,opt,name=request_id,json=requestId,proto3" json:"request_id,omitempty"`
+	// The record, as Publish takes it.
+	Publish       *PublishRequest `protobuf:"bytes,2,opt,name=publish,proto3" json:"publish,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *StreamingPublishRequest) Reset() {
+	*x = StreamingPublishRequest{}
+	mi := &file_dedup_v1_dedup_proto_msgTypes[24]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *StreamingPublishRequest) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*StreamingPublishRequest) ProtoMessage() {}
+
+func (x *StreamingPublishRequest) ProtoReflect() protoreflect.Message {
+	mi := &file_dedup_v1_dedup_proto_msgTypes[24]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use StreamingPublishRequest.ProtoReflect.Descriptor instead.
+func (*StreamingPublishRequest) Descriptor() ([]byte, []int) {
+	return file_dedup_v1_dedup_proto_rawDescGZIP(), []int{24}
+}
+
+func (x *StreamingPublishRequest) GetRequestId() uint64 {
+	if x != nil {
+		return x.RequestId
+	}
+	return 0
+}
+
+func (x *StreamingPublishRequest) GetPublish() *PublishRequest {
+	if x != nil {
+		return x.Publish
+	}
+	return nil
+}
+
+type StreamingPublishResponse struct {
+	state protoimpl.MessageState `protogen:"open.v1"`
+	// Answers to records, as they are known (one response may carry several).
+	Results       []*StreamingPublishResult `protobuf:"bytes,1,rep,name=results,proto3" json:"results,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *StreamingPublishResponse) Reset() {
+	*x = StreamingPublishResponse{}
+	mi := &file_dedup_v1_dedup_proto_msgTypes[25]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *StreamingPublishResponse) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*StreamingPublishResponse) ProtoMessage() {}
+
+func (x *StreamingPublishResponse) ProtoReflect() protoreflect.Message {
+	mi := &file_dedup_v1_dedup_proto_msgTypes[25]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use StreamingPublishResponse.ProtoReflect.Descriptor instead.
+func (*StreamingPublishResponse) Descriptor() ([]byte, []int) {
+	return file_dedup_v1_dedup_proto_rawDescGZIP(), []int{25}
+}
+
+func (x *StreamingPublishResponse) GetResults() []*StreamingPublishResult {
+	if x != nil {
+		return x.Results
+	}
+	return nil
+}
+
+type StreamingPublishResult struct {
+	state protoimpl.MessageState `protogen:"open.v1"`
+	// The request's request_id.
+	RequestId uint64 `protobuf:"varint,1,opt,name=request_id,json=requestId,proto3" json:"request_id,omitempty"`
+	// A gRPC status code (google.rpc.Code numbering): 0 for OK, else what Publish would return.
+	Code    int32  `protobuf:"varint,2,opt,name=code,proto3" json:"code,omitempty"`
+	Message string `protobuf:"bytes,3,opt,name=message,proto3" json:"message,omitempty"`
+	// Set when code is 0.
+	Response      *PublishResponse `protobuf:"bytes,4,opt,name=response,proto3" json:"response,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *StreamingPublishResult) Reset() {
+	*x = StreamingPublishResult{}
+	mi := &file_dedup_v1_dedup_proto_msgTypes[26]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *StreamingPublishResult) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*StreamingPublishResult) ProtoMessage() {}
+
+func (x *StreamingPublishResult) ProtoReflect() protoreflect.Message {
+	mi := &file_dedup_v1_dedup_proto_msgTypes[26]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use StreamingPublishResult.ProtoReflect.Descriptor instead.
+func (*StreamingPublishResult) Descriptor() ([]byte, []int) {
+	return file_dedup_v1_dedup_proto_rawDescGZIP(), []int{26}
+}
+
+func (x *StreamingPublishResult) GetRequestId() uint64 {
+	if x != nil {
+		return x.RequestId
+	}
+	return 0
+}
+
+func (x *StreamingPublishResult) GetCode() int32 {
+	if x != nil {
+		return x.Code
+	}
+	return 0
+}
+
+func (x *StreamingPublishResult) GetMessage() string {
+	if x != nil {
+		return x.Message
+	}
+	return ""
+}
+
+func (x *StreamingPublishResult) GetResponse() *PublishResponse {
+	if x != nil {
+		return x.Response
+	}
+	return nil
+}
+
 type StatusRequest struct {
 	state         protoimpl.MessageState `protogen:"open.v1"`
 	unknownFields protoimpl.UnknownFields
@@ -1306,7 +1911,7 @@ type StatusRequest struct {
 
 func (x *StatusRequest) Reset() {
 	*x = StatusRequest{}
-	mi := &file_dedup_v1_dedup_proto_msgTypes[18]
+	mi := &file_dedup_v1_dedup_proto_msgTypes[27]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1318,7 +1923,7 @@ func (x *StatusRequest) String() string {
 func (*StatusRequest) ProtoMessage() {}
 
 func (x *StatusRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_dedup_v1_dedup_proto_msgTypes[18]
+	mi := &file_dedup_v1_dedup_proto_msgTypes[27]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1331,7 +1936,7 @@ func (x *StatusRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use StatusRequest.ProtoReflect.Descriptor instead.
 func (*StatusRequest) Descriptor() ([]byte, []int) {
-	return file_dedup_v1_dedup_proto_rawDescGZIP(), []int{18}
+	return file_dedup_v1_dedup_proto_rawDescGZIP(), []int{27}
 }
 
 type PartitionStatus struct {
@@ -1354,7 +1959,7 @@ type PartitionStatus struct {
 
 func (x *PartitionStatus) Reset() {
 	*x = PartitionStatus{}
-	mi := &file_dedup_v1_dedup_proto_msgTypes[19]
+	mi := &file_dedup_v1_dedup_proto_msgTypes[28]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1366,7 +1971,7 @@ func (x *PartitionStatus) String() string {
 func (*PartitionStatus) ProtoMessage() {}
 
 func (x *PartitionStatus) ProtoReflect() protoreflect.Message {
-	mi := &file_dedup_v1_dedup_proto_msgTypes[19]
+	mi := &file_dedup_v1_dedup_proto_msgTypes[28]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1379,7 +1984,7 @@ func (x *PartitionStatus) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use PartitionStatus.ProtoReflect.Descriptor instead.
 func (*PartitionStatus) Descriptor() ([]byte, []int) {
-	return file_dedup_v1_dedup_proto_rawDescGZIP(), []int{19}
+	return file_dedup_v1_dedup_proto_rawDescGZIP(), []int{28}
 }
 
 func (x *PartitionStatus) GetTopic() string {
@@ -1457,7 +2062,7 @@ type StreamStatus struct {
 
 func (x *StreamStatus) Reset() {
 	*x = StreamStatus{}
-	mi := &file_dedup_v1_dedup_proto_msgTypes[20]
+	mi := &file_dedup_v1_dedup_proto_msgTypes[29]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1469,7 +2074,7 @@ func (x *StreamStatus) String() string {
 func (*StreamStatus) ProtoMessage() {}
 
 func (x *StreamStatus) ProtoReflect() protoreflect.Message {
-	mi := &file_dedup_v1_dedup_proto_msgTypes[20]
+	mi := &file_dedup_v1_dedup_proto_msgTypes[29]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1482,7 +2087,7 @@ func (x *StreamStatus) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use StreamStatus.ProtoReflect.Descriptor instead.
 func (*StreamStatus) Descriptor() ([]byte, []int) {
-	return file_dedup_v1_dedup_proto_rawDescGZIP(), []int{20}
+	return file_dedup_v1_dedup_proto_rawDescGZIP(), []int{29}
 }
 
 func (x *StreamStatus) GetId() int64 {
@@ -1532,7 +2137,7 @@ type StatusResponse struct {
 
 func (x *StatusResponse) Reset() {
 	*x = StatusResponse{}
-	mi := &file_dedup_v1_dedup_proto_msgTypes[21]
+	mi := &file_dedup_v1_dedup_proto_msgTypes[30]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1544,7 +2149,7 @@ func (x *StatusResponse) String() string {
 func (*StatusResponse) ProtoMessage() {}
 
 func (x *StatusResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_dedup_v1_dedup_proto_msgTypes[21]
+	mi := &file_dedup_v1_dedup_proto_msgTypes[30]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1557,7 +2162,7 @@ func (x *StatusResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use StatusResponse.ProtoReflect.Descriptor instead.
 func (*StatusResponse) Descriptor() ([]byte, []int) {
-	return file_dedup_v1_dedup_proto_rawDescGZIP(), []int{21}
+	return file_dedup_v1_dedup_proto_rawDescGZIP(), []int{30}
 }
 
 func (x *StatusResponse) GetOwner() string {
@@ -1620,7 +2225,7 @@ type GetKeyRequest struct {
 
 func (x *GetKeyRequest) Reset() {
 	*x = GetKeyRequest{}
-	mi := &file_dedup_v1_dedup_proto_msgTypes[22]
+	mi := &file_dedup_v1_dedup_proto_msgTypes[31]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1632,7 +2237,7 @@ func (x *GetKeyRequest) String() string {
 func (*GetKeyRequest) ProtoMessage() {}
 
 func (x *GetKeyRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_dedup_v1_dedup_proto_msgTypes[22]
+	mi := &file_dedup_v1_dedup_proto_msgTypes[31]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1645,7 +2250,7 @@ func (x *GetKeyRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use GetKeyRequest.ProtoReflect.Descriptor instead.
 func (*GetKeyRequest) Descriptor() ([]byte, []int) {
-	return file_dedup_v1_dedup_proto_rawDescGZIP(), []int{22}
+	return file_dedup_v1_dedup_proto_rawDescGZIP(), []int{31}
 }
 
 func (x *GetKeyRequest) GetTopic() string {
@@ -1684,7 +2289,7 @@ type GetKeyResponse struct {
 
 func (x *GetKeyResponse) Reset() {
 	*x = GetKeyResponse{}
-	mi := &file_dedup_v1_dedup_proto_msgTypes[23]
+	mi := &file_dedup_v1_dedup_proto_msgTypes[32]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1696,7 +2301,7 @@ func (x *GetKeyResponse) String() string {
 func (*GetKeyResponse) ProtoMessage() {}
 
 func (x *GetKeyResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_dedup_v1_dedup_proto_msgTypes[23]
+	mi := &file_dedup_v1_dedup_proto_msgTypes[32]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1709,7 +2314,7 @@ func (x *GetKeyResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use GetKeyResponse.ProtoReflect.Descriptor instead.
 func (*GetKeyResponse) Descriptor() ([]byte, []int) {
-	return file_dedup_v1_dedup_proto_rawDescGZIP(), []int{23}
+	return file_dedup_v1_dedup_proto_rawDescGZIP(), []int{32}
 }
 
 func (x *GetKeyResponse) GetState() KeyState {
@@ -1847,7 +2452,55 @@ const file_dedup_v1_dedup_proto_rawDesc = "" +
 	"\amessage\x18\x02 \x01(\tR\amessage\x125\n" +
 	"\bresponse\x18\x03 \x01(\v2\x19.dedup.v1.PublishResponseR\bresponse\"N\n" +
 	"\x14PublishBatchResponse\x126\n" +
-	"\aresults\x18\x01 \x03(\v2\x1c.dedup.v1.PublishBatchResultR\aresults\"\x0f\n" +
+	"\aresults\x18\x01 \x03(\v2\x1c.dedup.v1.PublishBatchResultR\aresults\"\xf1\x01\n" +
+	"\x19StreamingSubscribeRequest\x12:\n" +
+	"\tsubscribe\x18\x01 \x01(\v2\x1a.dedup.v1.SubscribeRequestH\x00R\tsubscribe\x12'\n" +
+	"\x03ack\x18\x02 \x01(\v2\x13.dedup.v1.StreamAckH\x00R\x03ack\x12*\n" +
+	"\x04nack\x18\x03 \x01(\v2\x14.dedup.v1.StreamNackH\x00R\x04nack\x128\n" +
+	"\x06extend\x18\x04 \x01(\v2\x1e.dedup.v1.StreamExtendDeadlineH\x00R\x06extendB\t\n" +
+	"\arequest\"M\n" +
+	"\tStreamAck\x12\x1d\n" +
+	"\n" +
+	"request_id\x18\x01 \x01(\x04R\trequestId\x12!\n" +
+	"\fdelivery_ids\x18\x02 \x03(\tR\vdeliveryIds\"\xc3\x01\n" +
+	"\n" +
+	"StreamNack\x12\x1d\n" +
+	"\n" +
+	"request_id\x18\x01 \x01(\x04R\trequestId\x12!\n" +
+	"\fdelivery_ids\x18\x02 \x03(\tR\vdeliveryIds\x12(\n" +
+	"\rdelay_seconds\x18\x03 \x01(\x01H\x00R\fdelaySeconds\x88\x01\x01\x12\x1f\n" +
+	"\vdead_letter\x18\x04 \x01(\bR\n" +
+	"deadLetter\x12\x16\n" +
+	"\x06reason\x18\x05 \x01(\tR\x06reasonB\x10\n" +
+	"\x0e_delay_seconds\"r\n" +
+	"\x14StreamExtendDeadline\x12\x1d\n" +
+	"\n" +
+	"request_id\x18\x01 \x01(\x04R\trequestId\x12!\n" +
+	"\fdelivery_ids\x18\x02 \x03(\tR\vdeliveryIds\x12\x18\n" +
+	"\aseconds\x18\x03 \x01(\x05R\aseconds\"\x82\x01\n" +
+	"\x1aStreamingSubscribeResponse\x122\n" +
+	"\n" +
+	"deliveries\x18\x01 \x03(\v2\x12.dedup.v1.DeliveryR\n" +
+	"deliveries\x120\n" +
+	"\aresults\x18\x02 \x03(\v2\x16.dedup.v1.SettleResultR\aresults\"\x8a\x01\n" +
+	"\fSettleResult\x12\x1d\n" +
+	"\n" +
+	"request_id\x18\x01 \x01(\x04R\trequestId\x12\x12\n" +
+	"\x04code\x18\x02 \x01(\x05R\x04code\x12\x18\n" +
+	"\amessage\x18\x03 \x01(\tR\amessage\x12-\n" +
+	"\aresults\x18\x04 \x03(\x0e2\x13.dedup.v1.AckResultR\aresults\"l\n" +
+	"\x17StreamingPublishRequest\x12\x1d\n" +
+	"\n" +
+	"request_id\x18\x01 \x01(\x04R\trequestId\x122\n" +
+	"\apublish\x18\x02 \x01(\v2\x18.dedup.v1.PublishRequestR\apublish\"V\n" +
+	"\x18StreamingPublishResponse\x12:\n" +
+	"\aresults\x18\x01 \x03(\v2 .dedup.v1.StreamingPublishResultR\aresults\"\x9c\x01\n" +
+	"\x16StreamingPublishResult\x12\x1d\n" +
+	"\n" +
+	"request_id\x18\x01 \x01(\x04R\trequestId\x12\x12\n" +
+	"\x04code\x18\x02 \x01(\x05R\x04code\x12\x18\n" +
+	"\amessage\x18\x03 \x01(\tR\amessage\x125\n" +
+	"\bresponse\x18\x04 \x01(\v2\x19.dedup.v1.PublishResponseR\bresponse\"\x0f\n" +
 	"\rStatusRequest\"\x86\x02\n" +
 	"\x0fPartitionStatus\x12\x14\n" +
 	"\x05topic\x18\x01 \x01(\tR\x05topic\x12\x1c\n" +
@@ -1904,14 +2557,16 @@ const file_dedup_v1_dedup_proto_rawDesc = "" +
 	"\x10KEY_STATE_ABSENT\x10\x01\x12\x15\n" +
 	"\x11KEY_STATE_CLAIMED\x10\x02\x12\x16\n" +
 	"\x12KEY_STATE_RELEASED\x10\x03\x12\x12\n" +
-	"\x0eKEY_STATE_DONE\x10\x042\xf1\x03\n" +
+	"\x0eKEY_STATE_DONE\x10\x042\xb5\x05\n" +
 	"\fDedupService\x12F\n" +
 	"\tSubscribe\x12\x1a.dedup.v1.SubscribeRequest\x1a\x1b.dedup.v1.SubscribeResponse0\x01\x122\n" +
 	"\x03Ack\x12\x14.dedup.v1.AckRequest\x1a\x15.dedup.v1.AckResponse\x125\n" +
 	"\x04Nack\x12\x15.dedup.v1.NackRequest\x1a\x16.dedup.v1.NackResponse\x12S\n" +
 	"\x0eExtendDeadline\x12\x1f.dedup.v1.ExtendDeadlineRequest\x1a .dedup.v1.ExtendDeadlineResponse\x12>\n" +
 	"\aPublish\x12\x18.dedup.v1.PublishRequest\x1a\x19.dedup.v1.PublishResponse\x12M\n" +
-	"\fPublishBatch\x12\x1d.dedup.v1.PublishBatchRequest\x1a\x1e.dedup.v1.PublishBatchResponse\x12J\n" +
+	"\fPublishBatch\x12\x1d.dedup.v1.PublishBatchRequest\x1a\x1e.dedup.v1.PublishBatchResponse\x12c\n" +
+	"\x12StreamingSubscribe\x12#.dedup.v1.StreamingSubscribeRequest\x1a$.dedup.v1.StreamingSubscribeResponse(\x010\x01\x12]\n" +
+	"\x10StreamingPublish\x12!.dedup.v1.StreamingPublishRequest\x1a\".dedup.v1.StreamingPublishResponse(\x010\x01\x12J\n" +
 	"\vListWorkers\x12\x1c.dedup.v1.ListWorkersRequest\x1a\x1d.dedup.v1.ListWorkersResponse2\x88\x01\n" +
 	"\fAdminService\x12;\n" +
 	"\x06Status\x12\x17.dedup.v1.StatusRequest\x1a\x18.dedup.v1.StatusResponse\x12;\n" +
@@ -1931,35 +2586,44 @@ func file_dedup_v1_dedup_proto_rawDescGZIP() []byte {
 }
 
 var file_dedup_v1_dedup_proto_enumTypes = make([]protoimpl.EnumInfo, 3)
-var file_dedup_v1_dedup_proto_msgTypes = make([]protoimpl.MessageInfo, 24)
+var file_dedup_v1_dedup_proto_msgTypes = make([]protoimpl.MessageInfo, 33)
 var file_dedup_v1_dedup_proto_goTypes = []any{
-	(Ordering)(0),                  // 0: dedup.v1.Ordering
-	(AckResult)(0),                 // 1: dedup.v1.AckResult
-	(KeyState)(0),                  // 2: dedup.v1.KeyState
-	(*ListWorkersRequest)(nil),     // 3: dedup.v1.ListWorkersRequest
-	(*Worker)(nil),                 // 4: dedup.v1.Worker
-	(*ListWorkersResponse)(nil),    // 5: dedup.v1.ListWorkersResponse
-	(*SubscribeRequest)(nil),       // 6: dedup.v1.SubscribeRequest
-	(*SubscribeResponse)(nil),      // 7: dedup.v1.SubscribeResponse
-	(*Header)(nil),                 // 8: dedup.v1.Header
-	(*Delivery)(nil),               // 9: dedup.v1.Delivery
-	(*AckRequest)(nil),             // 10: dedup.v1.AckRequest
-	(*AckResponse)(nil),            // 11: dedup.v1.AckResponse
-	(*NackRequest)(nil),            // 12: dedup.v1.NackRequest
-	(*NackResponse)(nil),           // 13: dedup.v1.NackResponse
-	(*ExtendDeadlineRequest)(nil),  // 14: dedup.v1.ExtendDeadlineRequest
-	(*ExtendDeadlineResponse)(nil), // 15: dedup.v1.ExtendDeadlineResponse
-	(*PublishRequest)(nil),         // 16: dedup.v1.PublishRequest
-	(*PublishResponse)(nil),        // 17: dedup.v1.PublishResponse
-	(*PublishBatchRequest)(nil),    // 18: dedup.v1.PublishBatchRequest
-	(*PublishBatchResult)(nil),     // 19: dedup.v1.PublishBatchResult
-	(*PublishBatchResponse)(nil),   // 20: dedup.v1.PublishBatchResponse
-	(*StatusRequest)(nil),          // 21: dedup.v1.StatusRequest
-	(*PartitionStatus)(nil),        // 22: dedup.v1.PartitionStatus
-	(*StreamStatus)(nil),           // 23: dedup.v1.StreamStatus
-	(*StatusResponse)(nil),         // 24: dedup.v1.StatusResponse
-	(*GetKeyRequest)(nil),          // 25: dedup.v1.GetKeyRequest
-	(*GetKeyResponse)(nil),         // 26: dedup.v1.GetKeyResponse
+	(Ordering)(0),                      // 0: dedup.v1.Ordering
+	(AckResult)(0),                     // 1: dedup.v1.AckResult
+	(KeyState)(0),                      // 2: dedup.v1.KeyState
+	(*ListWorkersRequest)(nil),         // 3: dedup.v1.ListWorkersRequest
+	(*Worker)(nil),                     // 4: dedup.v1.Worker
+	(*ListWorkersResponse)(nil),        // 5: dedup.v1.ListWorkersResponse
+	(*SubscribeRequest)(nil),           // 6: dedup.v1.SubscribeRequest
+	(*SubscribeResponse)(nil),          // 7: dedup.v1.SubscribeResponse
+	(*Header)(nil),                     // 8: dedup.v1.Header
+	(*Delivery)(nil),                   // 9: dedup.v1.Delivery
+	(*AckRequest)(nil),                 // 10: dedup.v1.AckRequest
+	(*AckResponse)(nil),                // 11: dedup.v1.AckResponse
+	(*NackRequest)(nil),                // 12: dedup.v1.NackRequest
+	(*NackResponse)(nil),               // 13: dedup.v1.NackResponse
+	(*ExtendDeadlineRequest)(nil),      // 14: dedup.v1.ExtendDeadlineRequest
+	(*ExtendDeadlineResponse)(nil),     // 15: dedup.v1.ExtendDeadlineResponse
+	(*PublishRequest)(nil),             // 16: dedup.v1.PublishRequest
+	(*PublishResponse)(nil),            // 17: dedup.v1.PublishResponse
+	(*PublishBatchRequest)(nil),        // 18: dedup.v1.PublishBatchRequest
+	(*PublishBatchResult)(nil),         // 19: dedup.v1.PublishBatchResult
+	(*PublishBatchResponse)(nil),       // 20: dedup.v1.PublishBatchResponse
+	(*StreamingSubscribeRequest)(nil),  // 21: dedup.v1.StreamingSubscribeRequest
+	(*StreamAck)(nil),                  // 22: dedup.v1.StreamAck
+	(*StreamNack)(nil),                 // 23: dedup.v1.StreamNack
+	(*StreamExtendDeadline)(nil),       // 24: dedup.v1.StreamExtendDeadline
+	(*StreamingSubscribeResponse)(nil), // 25: dedup.v1.StreamingSubscribeResponse
+	(*SettleResult)(nil),               // 26: dedup.v1.SettleResult
+	(*StreamingPublishRequest)(nil),    // 27: dedup.v1.StreamingPublishRequest
+	(*StreamingPublishResponse)(nil),   // 28: dedup.v1.StreamingPublishResponse
+	(*StreamingPublishResult)(nil),     // 29: dedup.v1.StreamingPublishResult
+	(*StatusRequest)(nil),              // 30: dedup.v1.StatusRequest
+	(*PartitionStatus)(nil),            // 31: dedup.v1.PartitionStatus
+	(*StreamStatus)(nil),               // 32: dedup.v1.StreamStatus
+	(*StatusResponse)(nil),             // 33: dedup.v1.StatusResponse
+	(*GetKeyRequest)(nil),              // 34: dedup.v1.GetKeyRequest
+	(*GetKeyResponse)(nil),             // 35: dedup.v1.GetKeyResponse
 }
 var file_dedup_v1_dedup_proto_depIdxs = []int32{
 	4,  // 0: dedup.v1.ListWorkersResponse.workers:type_name -> dedup.v1.Worker
@@ -1973,33 +2637,47 @@ var file_dedup_v1_dedup_proto_depIdxs = []int32{
 	16, // 8: dedup.v1.PublishBatchRequest.entries:type_name -> dedup.v1.PublishRequest
 	17, // 9: dedup.v1.PublishBatchResult.response:type_name -> dedup.v1.PublishResponse
 	19, // 10: dedup.v1.PublishBatchResponse.results:type_name -> dedup.v1.PublishBatchResult
-	22, // 11: dedup.v1.StatusResponse.partitions:type_name -> dedup.v1.PartitionStatus
-	23, // 12: dedup.v1.StatusResponse.streams:type_name -> dedup.v1.StreamStatus
-	2,  // 13: dedup.v1.GetKeyResponse.state:type_name -> dedup.v1.KeyState
-	17, // 14: dedup.v1.GetKeyResponse.published:type_name -> dedup.v1.PublishResponse
-	6,  // 15: dedup.v1.DedupService.Subscribe:input_type -> dedup.v1.SubscribeRequest
-	10, // 16: dedup.v1.DedupService.Ack:input_type -> dedup.v1.AckRequest
-	12, // 17: dedup.v1.DedupService.Nack:input_type -> dedup.v1.NackRequest
-	14, // 18: dedup.v1.DedupService.ExtendDeadline:input_type -> dedup.v1.ExtendDeadlineRequest
-	16, // 19: dedup.v1.DedupService.Publish:input_type -> dedup.v1.PublishRequest
-	18, // 20: dedup.v1.DedupService.PublishBatch:input_type -> dedup.v1.PublishBatchRequest
-	3,  // 21: dedup.v1.DedupService.ListWorkers:input_type -> dedup.v1.ListWorkersRequest
-	21, // 22: dedup.v1.AdminService.Status:input_type -> dedup.v1.StatusRequest
-	25, // 23: dedup.v1.AdminService.GetKey:input_type -> dedup.v1.GetKeyRequest
-	7,  // 24: dedup.v1.DedupService.Subscribe:output_type -> dedup.v1.SubscribeResponse
-	11, // 25: dedup.v1.DedupService.Ack:output_type -> dedup.v1.AckResponse
-	13, // 26: dedup.v1.DedupService.Nack:output_type -> dedup.v1.NackResponse
-	15, // 27: dedup.v1.DedupService.ExtendDeadline:output_type -> dedup.v1.ExtendDeadlineResponse
-	17, // 28: dedup.v1.DedupService.Publish:output_type -> dedup.v1.PublishResponse
-	20, // 29: dedup.v1.DedupService.PublishBatch:output_type -> dedup.v1.PublishBatchResponse
-	5,  // 30: dedup.v1.DedupService.ListWorkers:output_type -> dedup.v1.ListWorkersResponse
-	24, // 31: dedup.v1.AdminService.Status:output_type -> dedup.v1.StatusResponse
-	26, // 32: dedup.v1.AdminService.GetKey:output_type -> dedup.v1.GetKeyResponse
-	24, // [24:33] is the sub-list for method output_type
-	15, // [15:24] is the sub-list for method input_type
-	15, // [15:15] is the sub-list for extension type_name
-	15, // [15:15] is the sub-list for extension extendee
-	0,  // [0:15] is the sub-list for field type_name
+	6,  // 11: dedup.v1.StreamingSubscribeRequest.subscribe:type_name -> dedup.v1.SubscribeRequest
+	22, // 12: dedup.v1.StreamingSubscribeRequest.ack:type_name -> dedup.v1.StreamAck
+	23, // 13: dedup.v1.StreamingSubscribeRequest.nack:type_name -> dedup.v1.StreamNack
+	24, // 14: dedup.v1.StreamingSubscribeRequest.extend:type_name -> dedup.v1.StreamExtendDeadline
+	9,  // 15: dedup.v1.StreamingSubscribeResponse.deliveries:type_name -> dedup.v1.Delivery
+	26, // 16: dedup.v1.StreamingSubscribeResponse.results:type_name -> dedup.v1.SettleResult
+	1,  // 17: dedup.v1.SettleResult.results:type_name -> dedup.v1.AckResult
+	16, // 18: dedup.v1.StreamingPublishRequest.publish:type_name -> dedup.v1.PublishRequest
+	29, // 19: dedup.v1.StreamingPublishResponse.results:type_name -> dedup.v1.StreamingPublishResult
+	17, // 20: dedup.v1.StreamingPublishResult.response:type_name -> dedup.v1.PublishResponse
+	31, // 21: dedup.v1.StatusResponse.partitions:type_name -> dedup.v1.PartitionStatus
+	32, // 22: dedup.v1.StatusResponse.streams:type_name -> dedup.v1.StreamStatus
+	2,  // 23: dedup.v1.GetKeyResponse.state:type_name -> dedup.v1.KeyState
+	17, // 24: dedup.v1.GetKeyResponse.published:type_name -> dedup.v1.PublishResponse
+	6,  // 25: dedup.v1.DedupService.Subscribe:input_type -> dedup.v1.SubscribeRequest
+	10, // 26: dedup.v1.DedupService.Ack:input_type -> dedup.v1.AckRequest
+	12, // 27: dedup.v1.DedupService.Nack:input_type -> dedup.v1.NackRequest
+	14, // 28: dedup.v1.DedupService.ExtendDeadline:input_type -> dedup.v1.ExtendDeadlineRequest
+	16, // 29: dedup.v1.DedupService.Publish:input_type -> dedup.v1.PublishRequest
+	18, // 30: dedup.v1.DedupService.PublishBatch:input_type -> dedup.v1.PublishBatchRequest
+	21, // 31: dedup.v1.DedupService.StreamingSubscribe:input_type -> dedup.v1.StreamingSubscribeRequest
+	27, // 32: dedup.v1.DedupService.StreamingPublish:input_type -> dedup.v1.StreamingPublishRequest
+	3,  // 33: dedup.v1.DedupService.ListWorkers:input_type -> dedup.v1.ListWorkersRequest
+	30, // 34: dedup.v1.AdminService.Status:input_type -> dedup.v1.StatusRequest
+	34, // 35: dedup.v1.AdminService.GetKey:input_type -> dedup.v1.GetKeyRequest
+	7,  // 36: dedup.v1.DedupService.Subscribe:output_type -> dedup.v1.SubscribeResponse
+	11, // 37: dedup.v1.DedupService.Ack:output_type -> dedup.v1.AckResponse
+	13, // 38: dedup.v1.DedupService.Nack:output_type -> dedup.v1.NackResponse
+	15, // 39: dedup.v1.DedupService.ExtendDeadline:output_type -> dedup.v1.ExtendDeadlineResponse
+	17, // 40: dedup.v1.DedupService.Publish:output_type -> dedup.v1.PublishResponse
+	20, // 41: dedup.v1.DedupService.PublishBatch:output_type -> dedup.v1.PublishBatchResponse
+	25, // 42: dedup.v1.DedupService.StreamingSubscribe:output_type -> dedup.v1.StreamingSubscribeResponse
+	28, // 43: dedup.v1.DedupService.StreamingPublish:output_type -> dedup.v1.StreamingPublishResponse
+	5,  // 44: dedup.v1.DedupService.ListWorkers:output_type -> dedup.v1.ListWorkersResponse
+	33, // 45: dedup.v1.AdminService.Status:output_type -> dedup.v1.StatusResponse
+	35, // 46: dedup.v1.AdminService.GetKey:output_type -> dedup.v1.GetKeyResponse
+	36, // [36:47] is the sub-list for method output_type
+	25, // [25:36] is the sub-list for method input_type
+	25, // [25:25] is the sub-list for extension type_name
+	25, // [25:25] is the sub-list for extension extendee
+	0,  // [0:25] is the sub-list for field type_name
 }
 
 func init() { file_dedup_v1_dedup_proto_init() }
@@ -2010,14 +2688,21 @@ func file_dedup_v1_dedup_proto_init() {
 	file_dedup_v1_dedup_proto_msgTypes[6].OneofWrappers = []any{}
 	file_dedup_v1_dedup_proto_msgTypes[9].OneofWrappers = []any{}
 	file_dedup_v1_dedup_proto_msgTypes[13].OneofWrappers = []any{}
-	file_dedup_v1_dedup_proto_msgTypes[23].OneofWrappers = []any{}
+	file_dedup_v1_dedup_proto_msgTypes[18].OneofWrappers = []any{
+		(*StreamingSubscribeRequest_Subscribe)(nil),
+		(*StreamingSubscribeRequest_Ack)(nil),
+		(*StreamingSubscribeRequest_Nack)(nil),
+		(*StreamingSubscribeRequest_Extend)(nil),
+	}
+	file_dedup_v1_dedup_proto_msgTypes[20].OneofWrappers = []any{}
+	file_dedup_v1_dedup_proto_msgTypes[32].OneofWrappers = []any{}
 	type x struct{}
 	out := protoimpl.TypeBuilder{
 		File: protoimpl.DescBuilder{
 			GoPackagePath: reflect.TypeOf(x{}).PkgPath(),
 			RawDescriptor: unsafe.Slice(unsafe.StringData(file_dedup_v1_dedup_proto_rawDesc), len(file_dedup_v1_dedup_proto_rawDesc)),
 			NumEnums:      3,
-			NumMessages:   24,
+			NumMessages:   33,
 			NumExtensions: 0,
 			NumServices:   2,
 		},

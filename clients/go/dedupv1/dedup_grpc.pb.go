@@ -32,13 +32,15 @@ import (
 const _ = grpc.SupportPackageIsVersion9
 
 const (
-	DedupService_Subscribe_FullMethodName      = "/dedup.v1.DedupService/Subscribe"
-	DedupService_Ack_FullMethodName            = "/dedup.v1.DedupService/Ack"
-	DedupService_Nack_FullMethodName           = "/dedup.v1.DedupService/Nack"
-	DedupService_ExtendDeadline_FullMethodName = "/dedup.v1.DedupService/ExtendDeadline"
-	DedupService_Publish_FullMethodName        = "/dedup.v1.DedupService/Publish"
-	DedupService_PublishBatch_FullMethodName   = "/dedup.v1.DedupService/PublishBatch"
-	DedupService_ListWorkers_FullMethodName    = "/dedup.v1.DedupService/ListWorkers"
+	DedupService_Subscribe_FullMethodName          = "/dedup.v1.DedupService/Subscribe"
+	DedupService_Ack_FullMethodName                = "/dedup.v1.DedupService/Ack"
+	DedupService_Nack_FullMethodName               = "/dedup.v1.DedupService/Nack"
+	DedupService_ExtendDeadline_FullMethodName     = "/dedup.v1.DedupService/ExtendDeadline"
+	DedupService_Publish_FullMethodName            = "/dedup.v1.DedupService/Publish"
+	DedupService_PublishBatch_FullMethodName       = "/dedup.v1.DedupService/PublishBatch"
+	DedupService_StreamingSubscribe_FullMethodName = "/dedup.v1.DedupService/StreamingSubscribe"
+	DedupService_StreamingPublish_FullMethodName   = "/dedup.v1.DedupService/StreamingPublish"
+	DedupService_ListWorkers_FullMethodName        = "/dedup.v1.DedupService/ListWorkers"
 )
 
 // DedupServiceClient is the client API for DedupService service.
@@ -118,6 +120,49 @@ type DedupServiceClient interface {
 	//	INVALID_ARGUMENT   no entries, or more than `publish.max_batch_entries`.
 	//	(per entry)        the codes of Publish.
 	PublishBatch(ctx context.Context, in *PublishBatchRequest, opts ...grpc.CallOption) (*PublishBatchResponse, error)
+	// StreamingSubscribe is Subscribe with the settlement calls on the same stream, as Pub/Sub's
+	// StreamingPull: an app that handles one message at a time writes an ack (or a nack, or a
+	// deadline extension) as one stream message instead of a call. The first request must carry
+	// `subscribe` (what Subscribe's request says); every later one carries `ack`, `nack` or
+	// `extend`, each with a `request_id` the app chooses. Deliveries come down in `deliveries`, as
+	// on Subscribe, with the same credit; each settle request is answered once, in `results`, with
+	// its `request_id` and either one result per id (as Ack, Nack and ExtendDeadline answer) or the
+	// status code that call would have failed with. Answers may come in any order and share a
+	// response with deliveries or with other answers. Ids delivered on any stream of this sidecar
+	// may be settled here. When the app half-closes, the sidecar answers what it read, ends the
+	// stream, and redelivers the stream's unsettled deliveries (as when a Subscribe stream closes).
+	// At most `server.max_stream_settles_in_flight` settle requests of one stream are being worked
+	// on at once; past that the sidecar stops reading the stream until some are answered.
+	//
+	// Status codes (of the stream):
+	//
+	//	INVALID_ARGUMENT   the first request carries no `subscribe`, a later one carries it again
+	//	                   or carries nothing, or the codes of Subscribe.
+	//	RESOURCE_EXHAUSTED as for Subscribe.
+	//	UNAVAILABLE        the sidecar is shutting down; the stream ends with this status.
+	//
+	// Status codes (per settle request, in SettleResult.code): those of Ack, Nack and
+	// ExtendDeadline.
+	StreamingSubscribe(ctx context.Context, opts ...grpc.CallOption) (grpc.BidiStreamingClient[StreamingSubscribeRequest, StreamingSubscribeResponse], error)
+	// StreamingPublish is Publish on a stream: each request carries one record and a `request_id`
+	// the app chooses; each is answered once with that id, the code Publish would have returned
+	// and, on success, Publish's response. Answers come as they are known, not in request order:
+	// records of one stream are produced in request order only when each waits for the answer
+	// of the one before. Concurrent records (of any streams and unary calls) share the sidecar's
+	// store round trips and producer passes. At most `publish.max_stream_in_flight` records of one
+	// stream are unanswered at once; past that the sidecar stops reading the stream until some are
+	// answered. When the app half-closes, every record read is answered before the stream ends.
+	//
+	// Status codes (of the stream):
+	//
+	//	INVALID_ARGUMENT   a request that is not a StreamingPublishRequest (records read before it
+	//	                   are still published; retry them with their idempotency keys).
+	//	UNAVAILABLE        the sidecar is shutting down.
+	//
+	// Status codes (per record, in StreamingPublishResult.code): those of Publish, and
+	//
+	//	INVALID_ARGUMENT   a request without `publish`.
+	StreamingPublish(ctx context.Context, opts ...grpc.CallOption) (grpc.BidiStreamingClient[StreamingPublishRequest, StreamingPublishResponse], error)
 	// ListWorkers lists the sidecar's worker processes (`server.workers`). Each worker is a member
 	// of the consumer group with its own partitions and serves on its own address; they share the
 	// dedup store. A client that is to see every partition subscribes on every worker, sends Ack,
@@ -203,6 +248,32 @@ func (c *dedupServiceClient) PublishBatch(ctx context.Context, in *PublishBatchR
 	}
 	return out, nil
 }
+
+func (c *dedupServiceClient) StreamingSubscribe(ctx context.Context, opts ...grpc.CallOption) (grpc.BidiStreamingClient[StreamingSubscribeRequest, StreamingSubscribeResponse], error) {
+	cOpts := append([]grpc.CallOption{grpc.StaticMethod()}, opts...)
+	stream, err := c.cc.NewStream(ctx, &DedupService_ServiceDesc.Streams[1], DedupService_StreamingSubscribe_FullMethodName, cOpts...)
+	if err != nil {
+		return nil, err
+	}
+	x := &grpc.GenericClientStream[StreamingSubscribeRequest, StreamingSubscribeResponse]{ClientStream: stream}
+	return x, nil
+}
+
+// This type alias is provided for backwards compatibility with existing code that references the prior non-generic stream type by name.
+type DedupService_StreamingSubscribeClient = grpc.BidiStreamingClient[StreamingSubscribeRequest, StreamingSubscribeResponse]
+
+func (c *dedupServiceClient) StreamingPublish(ctx context.Context, opts ...grpc.CallOption) (grpc.BidiStreamingClient[StreamingPublishRequest, StreamingPublishResponse], error) {
+	cOpts := append([]grpc.CallOption{grpc.StaticMethod()}, opts...)
+	stream, err := c.cc.NewStream(ctx, &DedupService_ServiceDesc.Streams[2], DedupService_StreamingPublish_FullMethodName, cOpts...)
+	if err != nil {
+		return nil, err
+	}
+	x := &grpc.GenericClientStream[StreamingPublishRequest, StreamingPublishResponse]{ClientStream: stream}
+	return x, nil
+}
+
+// This type alias is provided for backwards compatibility with existing code that references the prior non-generic stream type by name.
+type DedupService_StreamingPublishClient = grpc.BidiStreamingClient[StreamingPublishRequest, StreamingPublishResponse]
 
 func (c *dedupServiceClient) ListWorkers(ctx context.Context, in *ListWorkersRequest, opts ...grpc.CallOption) (*ListWorkersResponse, error) {
 	cOpts := append([]grpc.CallOption{grpc.StaticMethod()}, opts...)
@@ -291,6 +362,49 @@ type DedupServiceServer interface {
 	//	INVALID_ARGUMENT   no entries, or more than `publish.max_batch_entries`.
 	//	(per entry)        the codes of Publish.
 	PublishBatch(context.Context, *PublishBatchRequest) (*PublishBatchResponse, error)
+	// StreamingSubscribe is Subscribe with the settlement calls on the same stream, as Pub/Sub's
+	// StreamingPull: an app that handles one message at a time writes an ack (or a nack, or a
+	// deadline extension) as one stream message instead of a call. The first request must carry
+	// `subscribe` (what Subscribe's request says); every later one carries `ack`, `nack` or
+	// `extend`, each with a `request_id` the app chooses. Deliveries come down in `deliveries`, as
+	// on Subscribe, with the same credit; each settle request is answered once, in `results`, with
+	// its `request_id` and either one result per id (as Ack, Nack and ExtendDeadline answer) or the
+	// status code that call would have failed with. Answers may come in any order and share a
+	// response with deliveries or with other answers. Ids delivered on any stream of this sidecar
+	// may be settled here. When the app half-closes, the sidecar answers what it read, ends the
+	// stream, and redelivers the stream's unsettled deliveries (as when a Subscribe stream closes).
+	// At most `server.max_stream_settles_in_flight` settle requests of one stream are being worked
+	// on at once; past that the sidecar stops reading the stream until some are answered.
+	//
+	// Status codes (of the stream):
+	//
+	//	INVALID_ARGUMENT   the first request carries no `subscribe`, a later one carries it again
+	//	                   or carries nothing, or the codes of Subscribe.
+	//	RESOURCE_EXHAUSTED as for Subscribe.
+	//	UNAVAILABLE        the sidecar is shutting down; the stream ends with this status.
+	//
+	// Status codes (per settle request, in SettleResult.code): those of Ack, Nack and
+	// ExtendDeadline.
+	StreamingSubscribe(grpc.BidiStreamingServer[StreamingSubscribeRequest, StreamingSubscribeResponse]) error
+	// StreamingPublish is Publish on a stream: each request carries one record and a `request_id`
+	// the app chooses; each is answered once with that id, the code Publish would have returned
+	// and, on success, Publish's response. Answers come as they are known, not in request order:
+	// records of one stream are produced in request order only when each waits for the answer
+	// of the one before. Concurrent records (of any streams and unary calls) share the sidecar's
+	// store round trips and producer passes. At most `publish.max_stream_in_flight` records of one
+	// stream are unanswered at once; past that the sidecar stops reading the stream until some are
+	// answered. When the app half-closes, every record read is answered before the stream ends.
+	//
+	// Status codes (of the stream):
+	//
+	//	INVALID_ARGUMENT   a request that is not a StreamingPublishRequest (records read before it
+	//	                   are still published; retry them with their idempotency keys).
+	//	UNAVAILABLE        the sidecar is shutting down.
+	//
+	// Status codes (per record, in StreamingPublishResult.code): those of Publish, and
+	//
+	//	INVALID_ARGUMENT   a request without `publish`.
+	StreamingPublish(grpc.BidiStreamingServer[StreamingPublishRequest, StreamingPublishResponse]) error
 	// ListWorkers lists the sidecar's worker processes (`server.workers`). Each worker is a member
 	// of the consumer group with its own partitions and serves on its own address; they share the
 	// dedup store. A client that is to see every partition subscribes on every worker, sends Ack,
@@ -325,6 +439,12 @@ func (UnimplementedDedupServiceServer) Publish(context.Context, *PublishRequest)
 }
 func (UnimplementedDedupServiceServer) PublishBatch(context.Context, *PublishBatchRequest) (*PublishBatchResponse, error) {
 	return nil, status.Error(codes.Unimplemented, "method PublishBatch not implemented")
+}
+func (UnimplementedDedupServiceServer) StreamingSubscribe(grpc.BidiStreamingServer[StreamingSubscribeRequest, StreamingSubscribeResponse]) error {
+	return status.Error(codes.Unimplemented, "method StreamingSubscribe not implemented")
+}
+func (UnimplementedDedupServiceServer) StreamingPublish(grpc.BidiStreamingServer[StreamingPublishRequest, StreamingPublishResponse]) error {
+	return status.Error(codes.Unimplemented, "method StreamingPublish not implemented")
 }
 func (UnimplementedDedupServiceServer) ListWorkers(context.Context, *ListWorkersRequest) (*ListWorkersResponse, error) {
 	return nil, status.Error(codes.Unimplemented, "method ListWorkers not implemented")
@@ -451,6 +571,20 @@ func _DedupService_PublishBatch_Handler(srv interface{}, ctx context.Context, de
 	return interceptor(ctx, in, info, handler)
 }
 
+func _DedupService_StreamingSubscribe_Handler(srv interface{}, stream grpc.ServerStream) error {
+	return srv.(DedupServiceServer).StreamingSubscribe(&grpc.GenericServerStream[StreamingSubscribeRequest, StreamingSubscribeResponse]{ServerStream: stream})
+}
+
+// This type alias is provided for backwards compatibility with existing code that references the prior non-generic stream type by name.
+type DedupService_StreamingSubscribeServer = grpc.BidiStreamingServer[StreamingSubscribeRequest, StreamingSubscribeResponse]
+
+func _DedupService_StreamingPublish_Handler(srv interface{}, stream grpc.ServerStream) error {
+	return srv.(DedupServiceServer).StreamingPublish(&grpc.GenericServerStream[StreamingPublishRequest, StreamingPublishResponse]{ServerStream: stream})
+}
+
+// This type alias is provided for backwards compatibility with existing code that references the prior non-generic stream type by name.
+type DedupService_StreamingPublishServer = grpc.BidiStreamingServer[StreamingPublishRequest, StreamingPublishResponse]
+
 func _DedupService_ListWorkers_Handler(srv interface{}, ctx context.Context, dec func(interface{}) error, interceptor grpc.UnaryServerInterceptor) (interface{}, error) {
 	in := new(ListWorkersRequest)
 	if err := dec(in); err != nil {
@@ -506,6 +640,18 @@ var DedupService_ServiceDesc = grpc.ServiceDesc{
 			StreamName:    "Subscribe",
 			Handler:       _DedupService_Subscribe_Handler,
 			ServerStreams: true,
+		},
+		{
+			StreamName:    "StreamingSubscribe",
+			Handler:       _DedupService_StreamingSubscribe_Handler,
+			ServerStreams: true,
+			ClientStreams: true,
+		},
+		{
+			StreamName:    "StreamingPublish",
+			Handler:       _DedupService_StreamingPublish_Handler,
+			ServerStreams: true,
+			ClientStreams: true,
 		},
 	},
 	Metadata: "dedup/v1/dedup.proto",

@@ -118,6 +118,46 @@ class DedupServiceStub:
       INVALID_ARGUMENT   no entries, or more than `publish.max_batch_entries`.
       (per entry)        the codes of Publish.
     """
+    StreamingSubscribe: _grpc.StreamStreamMultiCallable[_dedup_pb2.StreamingSubscribeRequest, _dedup_pb2.StreamingSubscribeResponse]
+    """StreamingSubscribe is Subscribe with the settlement calls on the same stream, as Pub/Sub's
+    StreamingPull: an app that handles one message at a time writes an ack (or a nack, or a
+    deadline extension) as one stream message instead of a call. The first request must carry
+    `subscribe` (what Subscribe's request says); every later one carries `ack`, `nack` or
+    `extend`, each with a `request_id` the app chooses. Deliveries come down in `deliveries`, as
+    on Subscribe, with the same credit; each settle request is answered once, in `results`, with
+    its `request_id` and either one result per id (as Ack, Nack and ExtendDeadline answer) or the
+    status code that call would have failed with. Answers may come in any order and share a
+    response with deliveries or with other answers. Ids delivered on any stream of this sidecar
+    may be settled here. When the app half-closes, the sidecar answers what it read, ends the
+    stream, and redelivers the stream's unsettled deliveries (as when a Subscribe stream closes).
+    At most `server.max_stream_settles_in_flight` settle requests of one stream are being worked
+    on at once; past that the sidecar stops reading the stream until some are answered.
+
+    Status codes (of the stream):
+      INVALID_ARGUMENT   the first request carries no `subscribe`, a later one carries it again
+                         or carries nothing, or the codes of Subscribe.
+      RESOURCE_EXHAUSTED as for Subscribe.
+      UNAVAILABLE        the sidecar is shutting down; the stream ends with this status.
+    Status codes (per settle request, in SettleResult.code): those of Ack, Nack and
+    ExtendDeadline.
+    """
+    StreamingPublish: _grpc.StreamStreamMultiCallable[_dedup_pb2.StreamingPublishRequest, _dedup_pb2.StreamingPublishResponse]
+    """StreamingPublish is Publish on a stream: each request carries one record and a `request_id`
+    the app chooses; each is answered once with that id, the code Publish would have returned
+    and, on success, Publish's response. Answers come as they are known, not in request order:
+    records of one stream are produced in request order only when each waits for the answer
+    of the one before. Concurrent records (of any streams and unary calls) share the sidecar's
+    store round trips and producer passes. At most `publish.max_stream_in_flight` records of one
+    stream are unanswered at once; past that the sidecar stops reading the stream until some are
+    answered. When the app half-closes, every record read is answered before the stream ends.
+
+    Status codes (of the stream):
+      INVALID_ARGUMENT   a request that is not a StreamingPublishRequest (records read before it
+                         are still published; retry them with their idempotency keys).
+      UNAVAILABLE        the sidecar is shutting down.
+    Status codes (per record, in StreamingPublishResult.code): those of Publish, and
+      INVALID_ARGUMENT   a request without `publish`.
+    """
     ListWorkers: _grpc.UnaryUnaryMultiCallable[_dedup_pb2.ListWorkersRequest, _dedup_pb2.ListWorkersResponse]
     """ListWorkers lists the sidecar's worker processes (`server.workers`). Each worker is a member
     of the consumer group with its own partitions and serves on its own address; they share the
@@ -203,6 +243,46 @@ class DedupServiceAsyncStub(DedupServiceStub):
     Status codes:
       INVALID_ARGUMENT   no entries, or more than `publish.max_batch_entries`.
       (per entry)        the codes of Publish.
+    """
+    StreamingSubscribe: _aio.StreamStreamMultiCallable[_dedup_pb2.StreamingSubscribeRequest, _dedup_pb2.StreamingSubscribeResponse]  # type: ignore[assignment]
+    """StreamingSubscribe is Subscribe with the settlement calls on the same stream, as Pub/Sub's
+    StreamingPull: an app that handles one message at a time writes an ack (or a nack, or a
+    deadline extension) as one stream message instead of a call. The first request must carry
+    `subscribe` (what Subscribe's request says); every later one carries `ack`, `nack` or
+    `extend`, each with a `request_id` the app chooses. Deliveries come down in `deliveries`, as
+    on Subscribe, with the same credit; each settle request is answered once, in `results`, with
+    its `request_id` and either one result per id (as Ack, Nack and ExtendDeadline answer) or the
+    status code that call would have failed with. Answers may come in any order and share a
+    response with deliveries or with other answers. Ids delivered on any stream of this sidecar
+    may be settled here. When the app half-closes, the sidecar answers what it read, ends the
+    stream, and redelivers the stream's unsettled deliveries (as when a Subscribe stream closes).
+    At most `server.max_stream_settles_in_flight` settle requests of one stream are being worked
+    on at once; past that the sidecar stops reading the stream until some are answered.
+
+    Status codes (of the stream):
+      INVALID_ARGUMENT   the first request carries no `subscribe`, a later one carries it again
+                         or carries nothing, or the codes of Subscribe.
+      RESOURCE_EXHAUSTED as for Subscribe.
+      UNAVAILABLE        the sidecar is shutting down; the stream ends with this status.
+    Status codes (per settle request, in SettleResult.code): those of Ack, Nack and
+    ExtendDeadline.
+    """
+    StreamingPublish: _aio.StreamStreamMultiCallable[_dedup_pb2.StreamingPublishRequest, _dedup_pb2.StreamingPublishResponse]  # type: ignore[assignment]
+    """StreamingPublish is Publish on a stream: each request carries one record and a `request_id`
+    the app chooses; each is answered once with that id, the code Publish would have returned
+    and, on success, Publish's response. Answers come as they are known, not in request order:
+    records of one stream are produced in request order only when each waits for the answer
+    of the one before. Concurrent records (of any streams and unary calls) share the sidecar's
+    store round trips and producer passes. At most `publish.max_stream_in_flight` records of one
+    stream are unanswered at once; past that the sidecar stops reading the stream until some are
+    answered. When the app half-closes, every record read is answered before the stream ends.
+
+    Status codes (of the stream):
+      INVALID_ARGUMENT   a request that is not a StreamingPublishRequest (records read before it
+                         are still published; retry them with their idempotency keys).
+      UNAVAILABLE        the sidecar is shutting down.
+    Status codes (per record, in StreamingPublishResult.code): those of Publish, and
+      INVALID_ARGUMENT   a request without `publish`.
     """
     ListWorkers: _aio.UnaryUnaryMultiCallable[_dedup_pb2.ListWorkersRequest, _dedup_pb2.ListWorkersResponse]  # type: ignore[assignment]
     """ListWorkers lists the sidecar's worker processes (`server.workers`). Each worker is a member
@@ -322,6 +402,58 @@ class DedupServiceServicer(metaclass=_abc_1.ABCMeta):
         Status codes:
           INVALID_ARGUMENT   no entries, or more than `publish.max_batch_entries`.
           (per entry)        the codes of Publish.
+        """
+
+    @_abc_1.abstractmethod
+    def StreamingSubscribe(
+        self,
+        request_iterator: _MaybeAsyncIterator[_dedup_pb2.StreamingSubscribeRequest],
+        context: _ServicerContext,
+    ) -> _typing.Union[_abc.Iterator[_dedup_pb2.StreamingSubscribeResponse], _abc.AsyncIterator[_dedup_pb2.StreamingSubscribeResponse]]:
+        """StreamingSubscribe is Subscribe with the settlement calls on the same stream, as Pub/Sub's
+        StreamingPull: an app that handles one message at a time writes an ack (or a nack, or a
+        deadline extension) as one stream message instead of a call. The first request must carry
+        `subscribe` (what Subscribe's request says); every later one carries `ack`, `nack` or
+        `extend`, each with a `request_id` the app chooses. Deliveries come down in `deliveries`, as
+        on Subscribe, with the same credit; each settle request is answered once, in `results`, with
+        its `request_id` and either one result per id (as Ack, Nack and ExtendDeadline answer) or the
+        status code that call would have failed with. Answers may come in any order and share a
+        response with deliveries or with other answers. Ids delivered on any stream of this sidecar
+        may be settled here. When the app half-closes, the sidecar answers what it read, ends the
+        stream, and redelivers the stream's unsettled deliveries (as when a Subscribe stream closes).
+        At most `server.max_stream_settles_in_flight` settle requests of one stream are being worked
+        on at once; past that the sidecar stops reading the stream until some are answered.
+
+        Status codes (of the stream):
+          INVALID_ARGUMENT   the first request carries no `subscribe`, a later one carries it again
+                             or carries nothing, or the codes of Subscribe.
+          RESOURCE_EXHAUSTED as for Subscribe.
+          UNAVAILABLE        the sidecar is shutting down; the stream ends with this status.
+        Status codes (per settle request, in SettleResult.code): those of Ack, Nack and
+        ExtendDeadline.
+        """
+
+    @_abc_1.abstractmethod
+    def StreamingPublish(
+        self,
+        request_iterator: _MaybeAsyncIterator[_dedup_pb2.StreamingPublishRequest],
+        context: _ServicerContext,
+    ) -> _typing.Union[_abc.Iterator[_dedup_pb2.StreamingPublishResponse], _abc.AsyncIterator[_dedup_pb2.StreamingPublishResponse]]:
+        """StreamingPublish is Publish on a stream: each request carries one record and a `request_id`
+        the app chooses; each is answered once with that id, the code Publish would have returned
+        and, on success, Publish's response. Answers come as they are known, not in request order:
+        records of one stream are produced in request order only when each waits for the answer
+        of the one before. Concurrent records (of any streams and unary calls) share the sidecar's
+        store round trips and producer passes. At most `publish.max_stream_in_flight` records of one
+        stream are unanswered at once; past that the sidecar stops reading the stream until some are
+        answered. When the app half-closes, every record read is answered before the stream ends.
+
+        Status codes (of the stream):
+          INVALID_ARGUMENT   a request that is not a StreamingPublishRequest (records read before it
+                             are still published; retry them with their idempotency keys).
+          UNAVAILABLE        the sidecar is shutting down.
+        Status codes (per record, in StreamingPublishResult.code): those of Publish, and
+          INVALID_ARGUMENT   a request without `publish`.
         """
 
     @_abc_1.abstractmethod
