@@ -48,9 +48,11 @@ class Settlement:
         # and may not again, so past their deadline they do not hold credit (see Stream.expired).
         self.answered_failed = Recent(10_000)
         # Concurrent Ack calls (an app acking one message per call from many handlers) settle
-        # together: one store round trip and one pass over the books for all of them.
+        # together: one store round trip and one pass over the books for all of them. One run
+        # at a time: calls that arrive while it waits for the store go together in the next
+        # (the store keeps a second round trip of its own in flight for other callers).
         self._acks: GroupCommit[str, int] = GroupCommit(
-            self._ack_checked, max_in_flight=2, max_items=core.settings.server.max_ids_per_call
+            self._ack_checked, max_in_flight=1, max_items=core.settings.server.max_ids_per_call
         )
 
     async def _answer_failed_on_error(self, ids: Sequence[str], call: Awaitable[T]) -> T:

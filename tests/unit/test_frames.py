@@ -146,3 +146,53 @@ def test_publish_results_parse_like_the_generated_response(
     raw = encode_publish_results(results)
     assert pb.PublishBatchResponse.FromString(raw) == expected
     assert raw == expected.SerializeToString(deterministic=True)
+
+
+one_result = st.one_of(
+    st.tuples(text, text, st.integers(min_value=-(2**31), max_value=2**31 - 1), int64, st.booleans()),
+    st.tuples(st.integers(min_value=0, max_value=16), text),
+)
+
+
+@given(st.lists(st.tuples(st.integers(0, 2**64 - 1), one_result), max_size=10))
+@settings(max_examples=300, deadline=None)
+def test_stream_publish_results_concatenate_into_one_response(
+    answers: list[tuple[int, tuple[str, str, int, int, bool] | tuple[int, str]]],
+) -> None:
+    want = pb.StreamingPublishResponse()
+    for rid, r in answers:
+        if len(r) == 2:
+            want.results.add(request_id=rid, code=r[0], message=r[1])
+        else:
+            key, topic, partition, offset, duplicate = r
+            want.results.add(
+                request_id=rid,
+                response=pb.PublishResponse(
+                    idempotency_key=key, topic=topic, partition=partition, offset=offset, duplicate=duplicate
+                ),
+            )
+    raw = b"".join(frames.encode_stream_publish_result(rid, r) for rid, r in answers)
+    assert pb.StreamingPublishResponse.FromString(raw) == want
+    assert raw == want.SerializeToString(deterministic=True)
+
+
+settle_results = st.tuples(
+    st.integers(0, 2**64 - 1),
+    st.integers(0, 16),
+    st.text(max_size=40),
+    st.lists(st.integers(0, 4), max_size=20),
+)
+
+
+@given(st.lists(settle_results, max_size=10), st.lists(pendings(), max_size=3), st.integers(0, 2**40))
+@settings(max_examples=200, deadline=None)
+def test_settle_results_appended_to_a_frame_parse_as_one_streaming_response(
+    answers: list[tuple[int, int, str, list[int]]], batch: list[Pending], deadline_ms: int
+) -> None:
+    frame = encode_frame(batch, deadline_ms)
+    raw = frame + b"".join(frames.encode_settle_result(*a) for a in answers)
+    parsed = pb.StreamingSubscribeResponse.FromString(raw)
+    assert list(parsed.deliveries) == list(pb.SubscribeResponse.FromString(frame).deliveries)
+    assert [(r.request_id, r.code, r.message, list(r.results)) for r in parsed.results] == [
+        (rid, code, message, results) for rid, code, message, results in answers
+    ]
