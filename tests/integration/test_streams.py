@@ -13,6 +13,7 @@ from typing import Any
 import grpc
 import pytest
 import services
+from dedup_client import AckResult, DedupClient, PublishError
 
 from sidecar._proto import dedup_pb2 as pb
 from sidecar._proto import dedup_pb2_grpc as pb_grpc
@@ -45,7 +46,7 @@ async def sidecar(
 
 
 @contextlib.asynccontextmanager
-async def stub_of(sc: Sidecar) -> AsyncIterator[pb_grpc.DedupServiceStub]:
+async def stub_of(sc: Sidecar) -> AsyncIterator[pb_grpc.DedupServiceAsyncStub]:
     async with grpc.aio.insecure_channel(f"127.0.0.1:{sc.port}") as ch:
         yield pb_grpc.DedupServiceStub(ch)
 
@@ -212,11 +213,11 @@ async def test_a_stream_that_breaks_the_protocol_gets_invalid_argument(
         assert await call.code() == grpc.StatusCode.INVALID_ARGUMENT
         assert "kafka.topics" in (await call.details() or "")
     async with grpc.aio.insecure_channel(f"127.0.0.1:{sc.port}") as ch:
-        raw = ch.stream_stream("/dedup.v1.DedupService/StreamingSubscribe")
+        raw: Any = ch.stream_stream("/dedup.v1.DedupService/StreamingSubscribe")
         call = raw()
         await call.write(b"\xff\xff\xff")  # not a message
         assert await call.code() == grpc.StatusCode.INVALID_ARGUMENT
-        publish = ch.stream_stream("/dedup.v1.DedupService/StreamingPublish")()
+        publish: Any = ch.stream_stream("/dedup.v1.DedupService/StreamingPublish")()
         await publish.write(b"\x0a\xff")
         assert await publish.code() == grpc.StatusCode.INVALID_ARGUMENT
 
@@ -342,3 +343,71 @@ async def test_concurrent_unary_calls_are_grouped_and_a_bad_one_fails_alone(
     while sum(committed_offsets(kafka, group, topic, 2).values()) != n:
         assert asyncio.get_running_loop().time() < deadline
         await asyncio.sleep(0.2)
+
+
+@pytest.mark.parametrize("streaming", [False, True], ids=["unary", "streaming"])
+async def test_the_python_client_retries_an_ack_the_store_could_not_take(
+    streaming: bool, kafka: services.KafkaBroker, tmp_path: Any
+) -> None:
+    """Redis goes away between a delivery and its ack: the ack fails with UNAVAILABLE, the
+    client sends it again until Redis is back, and the record is not delivered again."""
+    topic, group = unique("retry"), unique("g")
+    kafka.create_topic(topic, 1)
+    raw_produce(kafka, topic, [(f"r{i}", b"v", 0) for i in range(5)])
+    with services.RedisServer.start(tmp_path / "redis", appendonly="everysec") as redis:
+        store = {"backend": "redis", "redis_url": redis.url, "key_prefix": unique("p")}
+        cfg = settings_dict(kafka, [topic], group, store, delivery={"ack_deadline_seconds": 60})
+        async with (
+            running_sidecar(**cfg) as sc,
+            DedupClient(f"127.0.0.1:{sc.port}", streaming=streaming, ack_retry_seconds=30) as client,
+        ):
+            got: list[Any] = []
+            async with contextlib.aclosing(client.subscribe([topic], max_in_flight=5)) as messages:
+                async for m in messages:
+                    got.append(m)
+                    if len(got) == 5:
+                        break
+                await asyncio.sleep(1.2)  # the claims reach the append-only file
+                redis.kill()
+                acks = [m.ack() for m in got]
+                await asyncio.sleep(2)
+                assert not any(a.done() for a in acks)  # failing, and being retried
+                redis.restart()
+                results = await asyncio.wait_for(asyncio.gather(*acks), 30)
+                assert set(results) == {AckResult.OK}
+                assert sc.engine is not None
+                await asyncio.sleep(1)
+                assert sc.engine.in_flight == 0
+
+
+async def test_the_python_client_on_the_stream_paths(
+    sidecar: tuple[Sidecar, str, str], kafka: services.KafkaBroker
+) -> None:
+    sc, topic, _ = sidecar
+    out = f"{topic}-out"
+    raw_produce(kafka, topic, [(f"c{i}", b"v", i % 2) for i in range(20)])
+    async with DedupClient(f"127.0.0.1:{sc.port}", streaming=True) as client:
+        first = await client.publish(out, b"x", idempotency_key="s1")
+        again = await client.publish(out, b"x", idempotency_key="s1")
+        assert not first.duplicate
+        assert again.duplicate
+        assert (again.partition, again.offset) == (first.partition, first.offset)
+        with pytest.raises(PublishError) as refused:
+            await client.publish(out, b"other", idempotency_key="s1")
+        assert refused.value.code == grpc.StatusCode.ALREADY_EXISTS
+        many = await asyncio.gather(*(client.publish(out, b"m", idempotency_key=f"m{i}") for i in range(50)))
+        assert len({(r.partition, r.offset) for r in many}) == 50
+        seen: Counter[str] = Counter()
+        nacked = False
+        async with contextlib.aclosing(client.subscribe([topic], max_in_flight=8)) as messages:
+            async for m in messages:
+                seen[m.idempotency_key] += 1
+                if m.idempotency_key == "c3" and not nacked:
+                    nacked = True
+                    await m.nack(delay_seconds=0)
+                    continue
+                assert await m.ack() == AckResult.OK
+                if sum(seen.values()) == 21:
+                    break
+        assert seen["c3"] == 2
+        assert len(seen) == 20

@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import functools
 import itertools
 import math
+import time
 from collections.abc import AsyncGenerator, Callable, Sequence
 from dataclasses import dataclass
 from enum import IntEnum
@@ -15,6 +17,7 @@ import grpc
 
 from dedup_client._proto import dedup_pb2 as pb
 from dedup_client._proto import dedup_pb2_grpc as pb_grpc
+from dedup_client.streams import PublishStream, SettleError, StreamClosed, SubscribeStream
 
 T = TypeVar("T")
 R = TypeVar("R")
@@ -105,13 +108,44 @@ class _Gatherer(Generic[T, R]):
             await asyncio.gather(*self._tasks, return_exceptions=True)
 
 
-class _AckBatcher(_Gatherer[str, AckResult]):
-    """Acks: one Ack call per gathering."""
+async def retry_unavailable(call: Callable[[], Any], until: float) -> Any:
+    """``await call()``, again after a growing pause while it fails with UNAVAILABLE (the store
+    or Kafka unreachable, the sidecar restarting), until the wall clock reaches ``until``.
 
-    async def _send(self, ids: list[str], futs: list[asyncio.Future[AckResult]]) -> None:
+    For Ack: an ack is idempotent (a repeat answers ALREADY_ACKED), and one that lands before
+    the delivery's deadline spares the app a redelivery."""
+    pause = 0.05
+    while True:
         try:
-            resp: pb.AckResponse = await self._stub().Ack(
-                pb.AckRequest(delivery_ids=ids), metadata=self._metadata
+            return await call()
+        except grpc.aio.AioRpcError as exc:
+            if exc.code() != grpc.StatusCode.UNAVAILABLE or time.time() + pause >= until:
+                raise
+        await asyncio.sleep(pause)
+        pause = min(2 * pause, 1.0)
+
+
+def _retry_until(deadlines_ms: Sequence[int], retry_seconds: float) -> float:
+    """Until when an ack of deliveries with these deadlines is retried: the earliest deadline
+    (past it the record is redelivered anyway), at most ``retry_seconds`` from now."""
+    cap = time.time() + retry_seconds
+    known = [d / 1000 for d in deadlines_ms if d]
+    return min(cap, min(known)) if known else cap
+
+
+class _AckBatcher(_Gatherer[tuple[str, int], AckResult]):
+    """Acks: one Ack call per gathering; items are (delivery id, its deadline in ms or 0).
+    A call that fails with UNAVAILABLE is made again until the earliest deadline, at most
+    ``retry_seconds``."""
+
+    retry_seconds = 10.0
+
+    async def _send(self, items: list[tuple[str, int]], futs: list[asyncio.Future[AckResult]]) -> None:
+        ids = [did for did, _ in items]
+        until = _retry_until([d for _, d in items], self.retry_seconds)
+        try:
+            resp: pb.AckResponse = await retry_unavailable(
+                lambda: self._stub().Ack(pb.AckRequest(delivery_ids=ids), metadata=self._metadata), until
             )
         except grpc.aio.AioRpcError as exc:
             for f in futs:
@@ -154,11 +188,12 @@ class _PublishBatcher(_Gatherer[pb.PublishRequest, PublishResult]):
 class Message:
     """One delivery. Call :meth:`ack` once its side effects are done, or :meth:`nack`."""
 
-    __slots__ = ("_client", "_d")
+    __slots__ = ("_client", "_d", "_stream")
 
-    def __init__(self, client: DedupClient, d: pb.Delivery) -> None:
+    def __init__(self, client: DedupClient, d: pb.Delivery, stream: SubscribeStream | None = None) -> None:
         self._client = client
         self._d = d
+        self._stream = stream  # the StreamingSubscribe call it came on, which takes its acks
 
     delivery_id = property(lambda self: self._d.delivery_id)
     idempotency_key = property(lambda self: self._d.idempotency_key)
@@ -179,12 +214,24 @@ class Message:
         return [(h.key, h.value) for h in self._d.headers]
 
     def ack(self) -> asyncio.Future[AckResult]:
-        """Queue an ack (coalesced); await the returned future to learn its result."""
-        return self._client.ack(self.delivery_id)
+        """Queue an ack (coalesced, or written on the message's stream); await the returned
+        future to learn its result. It raises AckError when the ack could not be carried out."""
+        if self._stream is not None:
+            return self._client._stream_ack(self._stream, self._d.delivery_id)
+        return self._client.ack(self._d.delivery_id, self._d.deadline_ms)
 
     async def nack(
         self, delay_seconds: float | None = None, dead_letter: bool = False, reason: str = ""
     ) -> None:
+        if self._stream is not None:
+            fields: dict[str, Any] = {"dead_letter": dead_letter, "reason": reason}
+            if delay_seconds is not None:
+                fields["delay_seconds"] = delay_seconds
+            try:
+                await self._stream.settle("nack", [self._d.delivery_id], **fields)
+            except (SettleError, StreamClosed) as exc:
+                raise AckError(str(exc)) from exc
+            return
         await self._client.nack([self.delivery_id], delay_seconds, dead_letter, reason)
 
 
@@ -221,6 +268,13 @@ class DedupClient:
         seconds or ``publish_max_entries`` entries into one PublishBatch call. A failed entry
         then raises PublishError (its status code and the sidecar's message) instead of
         grpc.aio.AioRpcError; a call that fails as a whole still raises AioRpcError.
+    streaming: use the sidecar's stream paths. :meth:`subscribe` and :meth:`frames` open a
+        StreamingSubscribe call and each message's ack and nack travel on it (acks of one
+        event-loop turn in one request, no linger), and :meth:`publish` (without
+        ``coalesce_publishes``) writes on one shared StreamingPublish call. Each costs the
+        sidecar a stream message rather than a call. A failed publish then raises PublishError.
+    ack_retry_seconds: an Ack that fails with UNAVAILABLE is sent again, with a growing pause,
+        until the delivery's ack deadline, at most this long (a repeat answers ALREADY_ACKED).
     all_workers: with a sidecar of several worker processes (``server.workers``), subscribe on
         every worker (listed by ListWorkers when the first stream opens), send each ack to the
         worker that delivered it, and spread publishes over the workers. False uses the target
@@ -242,6 +296,8 @@ class DedupClient:
         coalesce_publishes: bool = False,
         publish_linger: float = 0.002,
         publish_max_entries: int = 500,
+        streaming: bool = False,
+        ack_retry_seconds: float = 10.0,
         all_workers: bool = True,
     ) -> None:
         self._target = target
@@ -261,6 +317,8 @@ class DedupClient:
         self.stub = pb_grpc.DedupServiceStub(self._channel)
         self._metadata = (("authorization", f"Bearer {token}"),) if token else None
         self._coalesce = coalesce_acks
+        self._streaming = streaming
+        self._ack_retry_seconds = ack_retry_seconds
         self._ack_linger, self._ack_max_ids = ack_linger, ack_max_ids
         # One entry per worker once ListWorkers answered; the target's alone until then.
         self._all_workers = all_workers
@@ -268,7 +326,9 @@ class DedupClient:
         self._discovery = asyncio.Lock()
         self._channels: list[grpc.aio.Channel] = [self._channel]
         self._stubs = [self.stub]
-        self._acks = [_AckBatcher(lambda: self.stub, ack_linger, ack_max_ids, self._metadata)]
+        self._acks = [self._ack_batcher(lambda: self.stub)]
+        self._publish_streams: dict[int, PublishStream] = {}  # by the stub's worker index
+        self._stream_retries: dict[int, tuple[float, float]] = {}  # a retried stream ack: first try, pause
         self._routes: dict[str, int] = {}  # delivery id prefix (a worker process) -> worker's entry
         self._turn = itertools.count()
         self._publishes = (
@@ -276,6 +336,11 @@ class DedupClient:
             if coalesce_publishes
             else None
         )
+
+    def _ack_batcher(self, stub: Callable[[], pb_grpc.DedupServiceAsyncStub]) -> _AckBatcher:
+        batcher = _AckBatcher(stub, self._ack_linger, self._ack_max_ids, self._metadata)
+        batcher.retry_seconds = self._ack_retry_seconds
+        return batcher
 
     def _dial(self, target: str) -> grpc.aio.Channel:
         if self._creds is None:
@@ -318,9 +383,7 @@ class DedupClient:
             self._acks = [
                 self._acks[0]
                 if w.index == resp.this_worker
-                else _AckBatcher(
-                    functools.partial(_same, stub), self._ack_linger, self._ack_max_ids, self._metadata
-                )
+                else self._ack_batcher(functools.partial(_same, stub))
                 for w, stub in zip(resp.workers, self._stubs, strict=True)
             ]
             return len(channels)
@@ -363,6 +426,8 @@ class DedupClient:
         await self.flush_acks()
         if self._publishes is not None:
             await self._publishes.drain()
+        for stream in self._publish_streams.values():
+            await stream.close()
         for channel in self._channels:
             await channel.close()
 
@@ -410,15 +475,74 @@ class DedupClient:
             ordering=_ORDERINGS.get(ordering, pb.ORDERING_UNSPECIFIED),
         )
         if n == 1:
-            call = self.stub.Subscribe(request, metadata=self._metadata)
+            async with contextlib.aclosing(self._frames_of(self.stub, request)) as one:
+                async for batch in one:
+                    yield batch
+            return
+        async for batch in self._merged(request):
+            yield batch
+
+    async def _frames_of(
+        self, stub: pb_grpc.DedupServiceAsyncStub, request: pb.SubscribeRequest
+    ) -> AsyncGenerator[list[Message], None]:
+        """One worker's frames: a Subscribe call, or with ``streaming`` a StreamingSubscribe
+        call whose messages take their acks and nacks. Raises grpc.aio.AioRpcError as the call
+        ends with an error."""
+        if not self._streaming:
+            call = stub.Subscribe(request, metadata=self._metadata)
             try:
                 async for frame in call:
                     yield [Message(self, d) for d in frame.deliveries]
             finally:
                 call.cancel()
             return
-        async for batch in self._merged(request):
-            yield batch
+        stream = SubscribeStream(stub, request, self._metadata, self._retry_stream_ack, AckResult)
+        async with contextlib.aclosing(stream.frames()) as deliveries:
+            async for batch in deliveries:
+                yield [Message(self, d, stream) for d in batch]
+
+    def _stream_ack(self, stream: SubscribeStream, delivery_id: str) -> asyncio.Future[AckResult]:
+        """An ack on ``stream``; its future raises AckError when the ack was not carried out."""
+        inner = stream.ack(delivery_id)
+        outer: asyncio.Future[AckResult] = asyncio.get_running_loop().create_future()
+
+        def done(f: asyncio.Future[Any]) -> None:
+            if outer.done():
+                return
+            if f.cancelled():
+                outer.cancel()
+            elif (exc := f.exception()) is not None:
+                outer.set_exception(AckError(str(exc)))
+                outer.exception()  # the app may not await it
+            else:
+                outer.set_result(f.result())
+
+        inner.add_done_callback(done)
+        return outer
+
+    def _retry_stream_ack(
+        self,
+        stream: SubscribeStream,
+        ids: list[str],
+        futs: list[asyncio.Future[Any]],
+        code: grpc.StatusCode,
+        message: str,
+    ) -> bool:
+        """An ack written on a stream failed as a whole: write it again after a growing pause
+        while the failure is UNAVAILABLE, for up to ``ack_retry_seconds``."""
+        if code != grpc.StatusCode.UNAVAILABLE or stream.closed:
+            return False
+        key = id(futs[0]) if futs else 0
+        loop = asyncio.get_running_loop()
+        first, pause = self._stream_retries.get(key, (loop.time(), 0.025))
+        pause = min(2 * pause, 1.0)
+        if loop.time() + pause - first > self._ack_retry_seconds:
+            self._stream_retries.pop(key, None)
+            return False
+        self._stream_retries[key] = (first, pause)
+        futs[0].add_done_callback(lambda _: self._stream_retries.pop(key, None))
+        loop.call_later(pause, stream.resend, ids, futs)
+        return True
 
     async def _merged(self, request: pb.SubscribeRequest) -> AsyncGenerator[list[Message], None]:
         """One Subscribe per worker, their frames in arrival order; each frame's delivery id
@@ -459,14 +583,14 @@ class DedupClient:
         async def pump(w: int, stub: pb_grpc.DedupServiceAsyncStub) -> None:
             pause, down_since = 0.1, 0.0
             while True:
-                call = stub.Subscribe(request, metadata=self._metadata)
+                call = self._frames_of(stub, request)
                 opened[w], fed[w] = loop.time(), False
                 try:
-                    async for frame in call:
+                    async for batch in call:
                         pause, down_since, fed[w] = 0.1, 0.0, True
-                        if frame.deliveries:
-                            self._routes[frame.deliveries[0].delivery_id.partition(".")[0]] = w
-                        frames.put_nowait([Message(self, d) for d in frame.deliveries])
+                        if batch:
+                            self._routes[batch[0].delivery_id.partition(".")[0]] = w
+                        frames.put_nowait(batch)
                     frames.put_nowait(None)
                     return
                 except grpc.aio.AioRpcError as exc:
@@ -477,7 +601,7 @@ class DedupClient:
                         return
                 finally:
                     opened[w] = None
-                    call.cancel()
+                    await call.aclose()
                 await asyncio.sleep(pause)
                 pause = min(2 * pause, 2.0)
 
@@ -497,23 +621,29 @@ class DedupClient:
                 task.cancel()
             await asyncio.gather(*pumps, return_exceptions=True)
 
-    def ack(self, delivery_id: str) -> asyncio.Future[AckResult]:
+    def ack(self, delivery_id: str, deadline_ms: int = 0) -> asyncio.Future[AckResult]:
+        """Queue an ack of ``delivery_id`` (a Delivery's ``deadline_ms`` bounds its retries)."""
         if self._coalesce:
-            return self._acks[self._worker_of(delivery_id)].add(delivery_id)
-        return asyncio.ensure_future(self._ack_one(delivery_id))
+            return self._acks[self._worker_of(delivery_id)].add((delivery_id, deadline_ms))
+        return asyncio.ensure_future(self._ack_one(delivery_id, deadline_ms))
 
-    async def _ack_one(self, delivery_id: str) -> AckResult:
-        resp = await self.ack_many([delivery_id])
+    async def _ack_one(self, delivery_id: str, deadline_ms: int) -> AckResult:
+        resp = await self.ack_many([delivery_id], deadline_ms)
         return resp[0]
 
-    async def ack_many(self, delivery_ids: Sequence[str]) -> list[AckResult]:
-        """One Ack call for many ids (one per worker that delivered them); raises AckError when
-        a call fails as a whole."""
-        try:
-            return await self._per_worker(
-                delivery_ids,
-                lambda stub, ids: stub.Ack(pb.AckRequest(delivery_ids=ids), metadata=self._metadata),
+    async def ack_many(self, delivery_ids: Sequence[str], deadline_ms: int = 0) -> list[AckResult]:
+        """One Ack call for many ids (one per worker that delivered them), made again while it
+        fails with UNAVAILABLE until ``deadline_ms`` (the earliest ack deadline among them; 0:
+        unknown), at most ``ack_retry_seconds``. Raises AckError when a call fails."""
+        until = _retry_until([deadline_ms], self._ack_retry_seconds)
+
+        def call(stub: pb_grpc.DedupServiceAsyncStub, ids: list[str]) -> Any:
+            return retry_unavailable(
+                lambda: stub.Ack(pb.AckRequest(delivery_ids=ids), metadata=self._metadata), until
             )
+
+        try:
+            return await self._per_worker(delivery_ids, call)
         except grpc.aio.AioRpcError as exc:
             raise AckError(f"{exc.code().name}: {exc.details()}") from exc
 
@@ -555,7 +685,7 @@ class DedupClient:
         timeout: float | None = 60.0,
     ) -> PublishResult:
         """Publish one record; raises grpc.aio.AioRpcError with the sidecar's status on failure
-        (PublishError when publishes are coalesced, see the class docstring)."""
+        (PublishError when publishes are coalesced or streamed, see the class docstring)."""
         request = _publish_request(topic, value, key, headers, idempotency_key, partition)
         if self._publishes is not None:
             fut = self._publishes.add(request)  # this caller's alone: cancelling it drops its answer
@@ -568,8 +698,34 @@ class DedupClient:
                     f"no answer within {timeout}s; the record may or may not be published: retry with "
                     "the same idempotency key",
                 ) from None
+        if self._streaming:
+            return await self._publish_on_stream(request, timeout)
         resp = await self._next_stub().Publish(request, metadata=self._metadata, timeout=timeout)
         return _result(resp)
+
+    async def _publish_on_stream(self, request: pb.PublishRequest, timeout: float | None) -> PublishResult:
+        stubs = self._stubs
+        w = next(self._turn) % len(stubs) if len(stubs) > 1 else 0
+        stream = self._publish_streams.get(w)
+        if stream is None:
+            stream = self._publish_streams[w] = PublishStream(stubs[w], self._metadata)
+        try:
+            async with asyncio.timeout(timeout):
+                r = await stream.publish(request)
+        except TimeoutError:
+            raise PublishError(
+                grpc.StatusCode.DEADLINE_EXCEEDED,
+                f"no answer within {timeout}s; the record may or may not be published: retry with "
+                "the same idempotency key",
+            ) from None
+        except (grpc.aio.AioRpcError, StreamClosed) as exc:
+            code = exc.code() if isinstance(exc, grpc.aio.AioRpcError) else grpc.StatusCode.UNAVAILABLE
+            raise PublishError(
+                code, f"the publish stream ended ({exc}); retry with the same idempotency key"
+            ) from exc
+        if r.code:
+            raise PublishError(_STATUS_BY_VALUE.get(r.code, grpc.StatusCode.UNKNOWN), r.message)
+        return _result(r.response)
 
     async def flush_publishes(self) -> None:
         """Send the publishes gathered so far and wait for their answers (when coalescing)."""
