@@ -55,9 +55,15 @@ async def run(command: list[str], timeout: float) -> tuple[int, bytes, bytes]:
     return proc.returncode, out, err
 
 
+@pytest.mark.parametrize("streaming", [False, True], ids=["unary", "streaming"])
 async def test_client_publishes_once_and_acks_everything_it_receives(
-    kafka: services.KafkaBroker, redis_server: services.RedisServer, roundtrip: tuple[str, list[str]]
+    kafka: services.KafkaBroker,
+    redis_server: services.RedisServer,
+    roundtrip: tuple[str, list[str]],
+    streaming: bool,
 ) -> None:
+    """Publish (in one PublishBatch, or one record per publish on the client's StreamingPublish
+    call), again for some keys, then consume and ack everything."""
     prefix, command = roundtrip
     topic, group = unique(prefix), unique("g")
     kafka.create_topic(topic, 3)
@@ -71,6 +77,8 @@ async def test_client_publishes_once_and_acks_everything_it_receives(
     )
     async with running_sidecar(**cfg) as sc:
         args = ["--target", f"127.0.0.1:{sc.port}", "--topic", topic, "--n", str(n), "--again", str(again)]
+        if streaming:
+            args.append("--streaming")
         code, out, err = await run([*command, *args, "--token", "client-token"], 120)
         assert code == 0, err.decode()
         summary = json.loads(out)

@@ -70,6 +70,15 @@ type Options struct {
 	// PlainAcks makes Message.Ack send one Ack call per message: the simplest protocol use,
 	// and the slowest.
 	PlainAcks bool
+	// AckRetry is how long an Ack call that fails with UNAVAILABLE (the sidecar's store or
+	// Kafka unreachable, the sidecar restarting) is made again, with a growing pause, and never
+	// past the message's ack deadline: an ack is idempotent (a repeat answers ALREADY_ACKED),
+	// and one that lands in time spares the app a redelivery. Default 10s; negative: no retry.
+	AckRetry time.Duration
+	// Streaming makes Publish write on one StreamingPublish call per worker, shared by
+	// concurrent calls, instead of making a Publish call each: the sidecar then pays a stream
+	// message per record rather than a call.
+	Streaming bool
 	// TLS dials the sidecar with TLS (server.tls_cert_file), and with a client certificate for
 	// mTLS (server.tls_client_ca_file). Nil: plaintext, which suits loopback and Unix sockets.
 	TLS *TLSOptions
@@ -136,11 +145,13 @@ type Client struct {
 	turn       atomic.Uint64
 }
 
-// worker is one worker process of the sidecar: its connection and its gathered acks.
+// worker is one worker process of the sidecar: its connection, its gathered acks, and its
+// publish stream (Options.Streaming).
 type worker struct {
 	conn *grpc.ClientConn
 	stub dedupv1.DedupServiceClient
 	acks *ackBatcher
+	pub  *publishStream
 }
 
 // New connects to the sidecar at target: "host:port", "unix:///run/dedup/sidecar.sock" for a
@@ -154,6 +165,9 @@ func New(target string, opts Options) (*Client, error) {
 	}
 	if opts.AckTimeout <= 0 {
 		opts.AckTimeout = 30 * time.Second
+	}
+	if opts.AckRetry == 0 {
+		opts.AckRetry = 10 * time.Second
 	}
 	transport := insecure.NewCredentials()
 	if opts.TLS != nil {
@@ -187,6 +201,7 @@ func (c *Client) newWorker(conn *grpc.ClientConn) *worker {
 		defer cancel()
 		return c.ackOn(ctx, w, ids)
 	})
+	w.pub = newPublishStream(w.stub)
 	return w
 }
 
@@ -269,6 +284,7 @@ func (c *Client) next() *worker {
 func (c *Client) Close(ctx context.Context) error {
 	errs := []error{c.FlushAcks(ctx)}
 	for _, w := range c.all() {
+		w.pub.close()
 		errs = append(errs, w.conn.Close())
 	}
 	return errors.Join(errs...)
@@ -500,6 +516,11 @@ func (m *Message) Ack() *PendingAck {
 		go func() {
 			ctx, cancel := context.WithTimeout(context.Background(), m.client.opts.AckTimeout)
 			defer cancel()
+			if m.DeadlineMs > 0 {
+				var stop context.CancelFunc
+				ctx, stop = context.WithDeadline(ctx, time.UnixMilli(m.DeadlineMs))
+				defer stop()
+			}
 			results, err := m.client.ackOn(ctx, m.worker, []string{m.DeliveryId})
 			a.settle(results, 0, err)
 		}()
@@ -526,11 +547,38 @@ func (c *Client) AckMany(ctx context.Context, ids []string) ([]AckResult, error)
 }
 
 func (c *Client) ackOn(ctx context.Context, w *worker, ids []string) ([]AckResult, error) {
-	resp, err := w.stub.Ack(ctx, &dedupv1.AckRequest{DeliveryIds: ids})
+	req := &dedupv1.AckRequest{DeliveryIds: ids}
+	var resp *dedupv1.AckResponse
+	err := retryUnavailable(ctx, c.opts.AckRetry, func(ctx context.Context) (err error) {
+		resp, err = w.stub.Ack(ctx, req)
+		return err
+	})
 	if err != nil {
 		return nil, err
 	}
 	return checkResults(resp.Results, len(ids))
+}
+
+// retryUnavailable makes call again, after a growing pause, while it fails with UNAVAILABLE,
+// for up to budget (not at all when budget is negative) and never past ctx's deadline.
+func retryUnavailable(ctx context.Context, budget time.Duration, call func(context.Context) error) error {
+	until := time.Now().Add(budget)
+	if d, ok := ctx.Deadline(); ok && d.Before(until) {
+		until = d
+	}
+	pause := 50 * time.Millisecond
+	for {
+		err := call(ctx)
+		if status.Code(err) != codes.Unavailable || budget < 0 || time.Now().Add(pause).After(until) {
+			return err
+		}
+		select {
+		case <-ctx.Done():
+			return err
+		case <-time.After(pause):
+		}
+		pause = min(2*pause, time.Second)
+	}
 }
 
 // perWorker makes one call per worker that delivered some of ids; the results are in the

@@ -25,6 +25,7 @@ type fakeSidecar struct {
 	mu        sync.Mutex
 	ackCalls  [][]string
 	ackErr    error
+	ackFails  int // calls that fail with UNAVAILABLE before the rest answer
 	auth      []string
 	published []*dedupv1.PublishRequest
 	frames    []*dedupv1.SubscribeResponse
@@ -38,6 +39,10 @@ func (f *fakeSidecar) Ack(ctx context.Context, req *dedupv1.AckRequest) (*dedupv
 	f.ackCalls = append(f.ackCalls, req.DeliveryIds)
 	if f.ackErr != nil {
 		return nil, f.ackErr
+	}
+	if f.ackFails > 0 {
+		f.ackFails--
+		return nil, status.Error(codes.Unavailable, "the dedup store is unreachable")
 	}
 	out := &dedupv1.AckResponse{}
 	for _, id := range req.DeliveryIds {
@@ -79,6 +84,31 @@ func (f *fakeSidecar) PublishBatch(_ context.Context, req *dedupv1.PublishBatchR
 		}})
 	}
 	return out, nil
+}
+
+func (f *fakeSidecar) StreamingPublish(stream grpc.BidiStreamingServer[dedupv1.StreamingPublishRequest, dedupv1.StreamingPublishResponse]) error {
+	for {
+		req, err := stream.Recv()
+		if err == io.EOF {
+			return nil
+		}
+		if err != nil {
+			return err
+		}
+		f.mu.Lock()
+		f.published = append(f.published, req.Publish)
+		n := len(f.published)
+		f.mu.Unlock()
+		r := &dedupv1.StreamingPublishResult{RequestId: req.RequestId}
+		if req.Publish.Topic == "missing" {
+			r.Code, r.Message = int32(codes.NotFound), "topic 'missing' does not exist"
+		} else {
+			r.Response = &dedupv1.PublishResponse{IdempotencyKey: req.Publish.IdempotencyKey, Topic: req.Publish.Topic, Offset: int64(n)}
+		}
+		if err := stream.Send(&dedupv1.StreamingPublishResponse{Results: []*dedupv1.StreamingPublishResult{r}}); err != nil {
+			return err
+		}
+	}
 }
 
 func (f *fakeSidecar) calls() [][]string {
@@ -193,11 +223,79 @@ func TestAcksWithinTheLingerShareOneCall(t *testing.T) {
 
 func TestAFailedAckCallFailsEachOfItsAcksWithTheStatus(t *testing.T) {
 	fake := &fakeSidecar{ackErr: status.Error(codes.Unavailable, "store unavailable")}
-	c := start(t, fake, Options{})
+	c := start(t, fake, Options{AckRetry: 300 * time.Millisecond})
 	a := (&Message{Delivery: &dedupv1.Delivery{DeliveryId: "x"}, client: c}).Ack()
 	_, err := a.Wait(ctx(t))
 	if status.Code(err) != codes.Unavailable {
 		t.Fatalf("want UNAVAILABLE through the wrapped error, got %v", err)
+	}
+	if n := len(fake.calls()); n < 2 {
+		t.Fatalf("the UNAVAILABLE ack was not retried within AckRetry: %d calls", n)
+	}
+}
+
+func TestAnAckThatFailsWithUnavailableIsRetriedUntilItLands(t *testing.T) {
+	for _, plain := range []bool{false, true} {
+		fake := &fakeSidecar{ackFails: 3}
+		c := start(t, fake, Options{PlainAcks: plain})
+		deadline := time.Now().Add(time.Minute).UnixMilli()
+		a := (&Message{Delivery: &dedupv1.Delivery{DeliveryId: "x", DeadlineMs: deadline}, client: c}).Ack()
+		r, err := a.Wait(ctx(t))
+		if err != nil || r != AckOK {
+			t.Fatalf("plain=%v: want OK after the retries, got %v, %v", plain, r, err)
+		}
+		if n := len(fake.calls()); n != 4 {
+			t.Fatalf("plain=%v: want 3 failed calls and 1 that landed, got %d", plain, n)
+		}
+	}
+}
+
+func TestAnAckIsNotRetriedPastTheMessagesDeadline(t *testing.T) {
+	fake := &fakeSidecar{ackErr: status.Error(codes.Unavailable, "store unavailable")}
+	c := start(t, fake, Options{PlainAcks: true})
+	deadline := time.Now().Add(300 * time.Millisecond)
+	a := (&Message{Delivery: &dedupv1.Delivery{DeliveryId: "x", DeadlineMs: deadline.UnixMilli()}, client: c}).Ack()
+	_, err := a.Wait(ctx(t))
+	if status.Code(err) != codes.Unavailable && status.Code(err) != codes.DeadlineExceeded {
+		t.Fatalf("want the failure, got %v", err)
+	}
+	if late := time.Since(deadline); late > 500*time.Millisecond {
+		t.Fatalf("retried %v past the message's deadline", late)
+	}
+}
+
+func TestStreamingPublishesShareOneStreamAndEachGetsItsAnswer(t *testing.T) {
+	fake := &fakeSidecar{}
+	c := start(t, fake, Options{Streaming: true})
+	var wg sync.WaitGroup
+	results := make([]PublishResult, 50)
+	errs := make([]error, 50)
+	for i := range 50 {
+		wg.Add(1)
+		go func() {
+			defer wg.Done()
+			topic := "t"
+			if i == 7 {
+				topic = "missing"
+			}
+			results[i], errs[i] = c.Publish(ctx(t), Record{Topic: topic, Value: []byte("v"), IdempotencyKey: DeriveKey("k", i)})
+		}()
+	}
+	wg.Wait()
+	for i := range 50 {
+		if i == 7 {
+			var perr *PublishError
+			if !errors.As(errs[i], &perr) || status.Code(errs[i]) != codes.NotFound {
+				t.Fatalf("record 7: want NOT_FOUND as a *PublishError, got %v", errs[i])
+			}
+			continue
+		}
+		if errs[i] != nil || results[i].IdempotencyKey != DeriveKey("k", i) {
+			t.Fatalf("record %d: %+v, %v", i, results[i], errs[i])
+		}
+	}
+	if n := len(fake.requests()); n != 50 {
+		t.Fatalf("want 50 records on the stream, got %d", n)
 	}
 }
 

@@ -59,8 +59,23 @@ type PublishOutcome struct {
 // acknowledgement. The error is the call's gRPC status error: INVALID_ARGUMENT for a bad
 // record, ALREADY_EXISTS for a key published before with another payload, DEADLINE_EXCEEDED
 // or UNAVAILABLE when the outcome is unknown (retry with the same idempotency key).
+//
+// With Options.Streaming the record goes on the worker's shared StreamingPublish call; a
+// failure of the record is then a *PublishError (status.Code reads it as well), and a stream
+// that ends before the answer gives UNAVAILABLE (retry with the same idempotency key).
 func (c *Client) Publish(ctx context.Context, r Record) (PublishResult, error) {
-	resp, err := c.next().stub.Publish(ctx, r.request())
+	w := c.next()
+	if c.opts.Streaming {
+		answer, err := w.pub.publish(ctx, r.request())
+		if err != nil {
+			return PublishResult{}, err
+		}
+		if code := codes.Code(answer.Code); code != codes.OK {
+			return PublishResult{}, &PublishError{Code: code, Message: answer.Message}
+		}
+		return result(answer.Response), nil
+	}
+	resp, err := w.stub.Publish(ctx, r.request())
 	if err != nil {
 		return PublishResult{}, err
 	}

@@ -14,6 +14,8 @@ const { values: args } = parseArgs({
     n: { type: "string", default: "100" },
     again: { type: "string", default: "10" },
     token: { type: "string", default: "" },
+    // one publish() per record, on a StreamingPublish call (the client's streaming option)
+    streaming: { type: "boolean", default: false },
     "tls-ca": { type: "string" },
     "tls-cert": { type: "string" },
     "tls-key": { type: "string" },
@@ -38,7 +40,7 @@ async function run() {
           serverName: args["tls-server-name"],
         }
       : undefined;
-  const client = new DedupClient(args.target, { token: args.token || undefined, tls });
+  const client = new DedupClient(args.target, { token: args.token || undefined, tls, streaming: args.streaming });
   try {
     const records = Array.from({ length: n }, (_, i) => ({
       topic: args.topic,
@@ -46,7 +48,9 @@ async function run() {
       idempotencyKey: `node-${i}`,
     }));
     for (const batch of [records, records.slice(0, again)]) {
-      const outcomes = await client.publishBatch(batch);
+      const outcomes = args.streaming
+        ? await Promise.all(batch.map((r) => client.publish(r).catch((e) => e)))
+        : await client.publishBatch(batch);
       outcomes.forEach((o, i) => {
         if (o instanceof PublishError) throw new Error(`record ${i}: ${o.message}`);
         if (o.duplicate) summary.duplicates++;

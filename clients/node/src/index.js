@@ -120,7 +120,7 @@ export class Message {
    * @returns {Promise<string>} one of AckResult
    */
   ack() {
-    return this.client.ack(this.deliveryId);
+    return this.client.ack(this.deliveryId, this.deadlineMs);
   }
 
   /**
@@ -167,6 +167,12 @@ export class Message {
  * @property {number} [ackLingerMs] how long acks are gathered before one Ack call (5)
  * @property {number} [ackMaxIds] most ids per gathered Ack call (1000; at most server.max_ids_per_call)
  * @property {boolean} [plainAcks] one Ack call per ack(): the simplest protocol use, and the slowest
+ * @property {number} [ackRetryMs] an Ack call that fails with UNAVAILABLE (the store or Kafka
+ *   unreachable, the sidecar restarting) is made again, with a growing pause, for up to this long,
+ *   never past the message's ack deadline; a repeat answers ALREADY_ACKED (10000; 0: no retry)
+ * @property {boolean} [streaming] publish() writes on one StreamingPublish call per worker,
+ *   shared by concurrent calls, instead of a Publish call each (the sidecar pays a stream message,
+ *   not a call); a failed record then rejects with a PublishError
  * @property {number} [timeoutMs] deadline of each unary call (60000)
  * @property {TlsOptions} [tls] dial with TLS (server.tls_cert_file), and mTLS with certFile/keyFile
  * @property {grpc.ChannelCredentials} [credentials] overrides tls; default: plaintext, for a sidecar
@@ -261,13 +267,117 @@ class AckBatcher {
   }
 }
 
+/**
+ * The StreamingPublish call that concurrent publish() calls of one worker share (the streaming
+ * option): each record carries a request id, and each answer settles its caller's promise. The
+ * call is opened on first use, and again after it ended.
+ */
+class PublishStream {
+  /**
+   * @param {any} stub
+   * @param {grpc.Metadata} metadata
+   */
+  constructor(stub, metadata) {
+    this.stub = stub;
+    this.metadata = metadata;
+    /** @type {any} */ this.call = null;
+    /** @type {Map<number, {resolve: (r: any) => void, reject: (e: Error) => void}>} */ this.waiting = new Map();
+    this.next = 0;
+  }
+
+  open() {
+    if (this.call !== null) return this.call;
+    const call = this.stub.StreamingPublish(this.metadata);
+    const waiting = new Map();
+    this.waiting = waiting;
+    call.on("data", (/** @type {any} */ resp) => {
+      for (const r of resp.results) {
+        const w = waiting.get(Number(r.requestId));
+        if (w !== undefined) {
+          waiting.delete(Number(r.requestId));
+          w.resolve(r);
+        }
+      }
+    });
+    const end = (/** @type {any} */ err) => {
+      if (this.call === call) this.call = null;
+      const why = err ? `${grpc.status[err.code] ?? err.code}: ${err.details ?? err.message}` : "it ended";
+      // The call's own status (UNAUTHENTICATED, say), else UNAVAILABLE: the outcome is unknown.
+      const code = err && err.code !== grpc.status.OK && err.code !== undefined ? err.code : grpc.status.UNAVAILABLE;
+      const error = new PublishError(
+        code,
+        `the publish stream closed before the answer (${why}); retry with the same idempotency key`,
+      );
+      for (const w of waiting.values()) w.reject(error);
+      waiting.clear();
+    };
+    call.on("error", end);
+    call.on("end", () => end(null));
+    this.call = call;
+    return call;
+  }
+
+  /**
+   * The sidecar's answer for one record (a StreamingPublishResult).
+   * @param {object} request a PublishRequest
+   * @param {number} timeoutMs
+   */
+  publish(request, timeoutMs) {
+    return new Promise((resolve, reject) => {
+      const call = this.open();
+      const id = ++this.next;
+      const waiting = this.waiting;
+      const timer = setTimeout(() => {
+        waiting.delete(id);
+        reject(
+          new PublishError(
+            grpc.status.DEADLINE_EXCEEDED,
+            `no answer within ${timeoutMs} ms; the record may or may not be published: retry with the same idempotency key`,
+          ),
+        );
+      }, timeoutMs);
+      waiting.set(id, {
+        resolve: (r) => {
+          clearTimeout(timer);
+          resolve(r);
+        },
+        reject: (e) => {
+          clearTimeout(timer);
+          reject(e);
+        },
+      });
+      call.write({ requestId: id, publish: request });
+    });
+  }
+
+  /** Half-close: the sidecar answers what it read, then ends the call. */
+  async close() {
+    const call = this.call;
+    if (call === null) return;
+    const ended = new Promise((resolve) => {
+      call.on("end", resolve);
+      call.on("error", resolve);
+    });
+    call.end();
+    await Promise.race([ended, new Promise((resolve) => setTimeout(resolve, 10_000))]);
+  }
+}
+
 export class DedupClient {
   /**
    * @param {string} target the sidecar's server.listen: "host:port", or "unix:///run/dedup/sidecar.sock"
    * @param {ClientOptions} [options]
    */
   constructor(target, options = {}) {
-    this.options = { ackLingerMs: 5, ackMaxIds: 1000, plainAcks: false, timeoutMs: 60_000, ...options };
+    this.options = {
+      ackLingerMs: 5,
+      ackMaxIds: 1000,
+      plainAcks: false,
+      ackRetryMs: 10_000,
+      streaming: false,
+      timeoutMs: 60_000,
+      ...options,
+    };
     const secured = this.options.tls ? tlsCredentials(this.options.tls) : null;
     this.target = target;
     this.credentials = this.options.credentials ?? secured?.credentials ?? grpc.credentials.createInsecure();
@@ -289,13 +399,13 @@ export class DedupClient {
   }
 
   /**
-   * @typedef {{stub: any, acks: AckBatcher}} Worker
+   * @typedef {{stub: any, acks: AckBatcher, publishes: PublishStream}} Worker
    * @param {any} stub
    * @returns {Worker}
    */
   worker(stub) {
     /** @type {Worker} */
-    const w = { stub, acks: /** @type {any} */ (null) };
+    const w = { stub, acks: /** @type {any} */ (null), publishes: new PublishStream(stub, this.metadata) };
     w.acks = new AckBatcher((ids) => this.ackOn(w, ids), this.options.ackLingerMs, this.options.ackMaxIds);
     return w;
   }
@@ -480,12 +590,13 @@ export class DedupClient {
   /**
    * Queue an ack for one delivery id (gathered unless plainAcks); see Message.ack().
    * @param {string} deliveryId
+   * @param {number} [deadlineMs] the delivery's ack deadline: retries stop there
    * @returns {Promise<string>}
    */
-  ack(deliveryId) {
+  ack(deliveryId, deadlineMs = 0) {
     if (!this.options.plainAcks) return this.workerOf(deliveryId).acks.add(deliveryId);
     return unhandledIsFine(
-      this.ackMany([deliveryId]).then(
+      this.perWorker([deliveryId], (w, mine) => this.ackOn(w, mine, deadlineMs)).then(
         ([r]) => r,
         (err) => Promise.reject(new AckError(err)),
       ),
@@ -503,12 +614,29 @@ export class DedupClient {
   }
 
   /**
+   * One Ack call, made again while it fails with UNAVAILABLE for up to ackRetryMs, never past
+   * deadlineMs (the earliest ack deadline of the ids; 0: unknown).
    * @param {Worker} w
    * @param {string[]} ids
+   * @param {number} [deadlineMs]
    * @returns {Promise<string[]>}
    */
-  async ackOn(w, ids) {
-    return results(await this.call("Ack", { deliveryIds: ids }, w.stub), ids.length);
+  async ackOn(w, ids, deadlineMs = 0) {
+    let until = Date.now() + this.options.ackRetryMs;
+    if (deadlineMs > 0) until = Math.min(until, deadlineMs);
+    let pause = 50;
+    for (;;) {
+      try {
+        return results(await this.call("Ack", { deliveryIds: ids }, w.stub), ids.length);
+      } catch (err) {
+        const e = /** @type {grpc.ServiceError} */ (err);
+        if (e.code !== grpc.status.UNAVAILABLE || this.options.ackRetryMs <= 0 || Date.now() + pause >= until) {
+          throw err;
+        }
+      }
+      await new Promise((resolve) => setTimeout(resolve, pause));
+      pause = Math.min(2 * pause, 1000);
+    }
   }
 
   /**
@@ -578,6 +706,12 @@ export class DedupClient {
    * @returns {Promise<PublishResult>}
    */
   async publish(record) {
+    if (this.options.streaming) {
+      const w = this.workers.length === 1 ? this.workers[0] : this.workers[(this.turn = (this.turn + 1) % this.workers.length)];
+      const r = await w.publishes.publish(publishRequest(record), this.options.timeoutMs);
+      if (r.code !== 0) throw new PublishError(r.code, r.message);
+      return publishResult(r.response);
+    }
     return publishResult(await this.call("Publish", publishRequest(record), this.nextStub()));
   }
 
@@ -601,7 +735,10 @@ export class DedupClient {
   /** Send the gathered acks, wait for their answers, and close the channels. */
   async close() {
     await this.flushAcks();
-    for (const w of this.workers) w.stub.close();
+    for (const w of this.workers) {
+      await w.publishes.close();
+      w.stub.close();
+    }
   }
 }
 

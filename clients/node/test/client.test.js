@@ -14,6 +14,7 @@ const fake = {
   ackCalls: [],
   auth: [],
   ackStatus: null,
+  ackFails: 0,
   published: [],
   frames: [],
 };
@@ -27,6 +28,11 @@ server.addService(DedupService.service, {
       callback({ code: fake.ackStatus, details: "store unavailable" });
       return;
     }
+    if (fake.ackFails > 0) {
+      fake.ackFails--;
+      callback({ code: grpc.status.UNAVAILABLE, details: "the dedup store is unreachable" });
+      return;
+    }
     callback(null, {
       results: call.request.deliveryIds.map((id) => (id === "unknown" ? "ACK_RESULT_UNKNOWN" : "ACK_RESULT_OK")),
     });
@@ -38,6 +44,19 @@ server.addService(DedupService.service, {
     }
     for (const frame of fake.frames) call.write(frame);
     call.end();
+  },
+  StreamingPublish(call) {
+    call.on("data", (req) => {
+      fake.published.push(req.publish);
+      const r = { requestId: req.requestId };
+      if (req.publish.topic === "missing") {
+        Object.assign(r, { code: grpc.status.NOT_FOUND, message: "topic 'missing' does not exist" });
+      } else {
+        r.response = { idempotencyKey: req.publish.idempotencyKey, topic: req.publish.topic, offset: fake.published.length };
+      }
+      call.write({ results: [r] });
+    });
+    call.on("end", () => call.end());
   },
   PublishBatch(call, callback) {
     const results = call.request.entries.map((e, i) => {
@@ -64,6 +83,7 @@ function reset() {
   fake.ackCalls = [];
   fake.auth = [];
   fake.ackStatus = null;
+  fake.ackFails = 0;
   fake.published = [];
 }
 
@@ -97,9 +117,49 @@ test("acks within the linger share one call, and carry the token", async () => {
 test("a failed Ack call rejects each of its acks with the status, and an ignored ack does not crash", async () => {
   reset();
   fake.ackStatus = grpc.status.UNAVAILABLE;
-  const client = new DedupClient(target);
+  const client = new DedupClient(target, { ackRetryMs: 300 });
   client.ack("ignored"); // nobody waits for this one: must not become an unhandled rejection
   await assert.rejects(client.ack("x"), (err) => err instanceof AckError && err.code === grpc.status.UNAVAILABLE);
+  assert.ok(fake.ackCalls.length >= 2, `the UNAVAILABLE ack was not retried: ${fake.ackCalls.length} calls`);
+  await client.close();
+});
+
+test("an ack that fails with UNAVAILABLE is retried until it lands, not past its deadline", async () => {
+  for (const plainAcks of [false, true]) {
+    reset();
+    fake.ackFails = 3;
+    const client = new DedupClient(target, { plainAcks });
+    assert.equal(await client.ack("x", Date.now() + 60_000), AckResult.OK);
+    assert.equal(fake.ackCalls.length, 4);
+    await client.close();
+  }
+  reset();
+  fake.ackStatus = grpc.status.UNAVAILABLE;
+  const client = new DedupClient(target, { plainAcks: true });
+  const deadline = Date.now() + 300;
+  await assert.rejects(client.ack("x", deadline), (err) => err instanceof AckError);
+  assert.ok(Date.now() - deadline < 500, "retried past the delivery's deadline");
+  await client.close();
+});
+
+test("streaming publishes share one StreamingPublish call and each gets its answer", async () => {
+  reset();
+  const client = new DedupClient(target, { streaming: true });
+  const outcomes = await Promise.allSettled(
+    Array.from({ length: 40 }, (_, i) =>
+      client.publish({ topic: i === 7 ? "missing" : "t", value: "v", idempotencyKey: deriveKey("k", i) }),
+    ),
+  );
+  outcomes.forEach((o, i) => {
+    if (i === 7) {
+      assert.equal(o.status, "rejected");
+      assert.ok(o.reason instanceof PublishError && o.reason.code === grpc.status.NOT_FOUND);
+    } else {
+      assert.equal(o.status, "fulfilled");
+      assert.equal(o.value.idempotencyKey, deriveKey("k", i));
+    }
+  });
+  assert.equal(fake.published.length, 40);
   await client.close();
 });
 

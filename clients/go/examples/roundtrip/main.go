@@ -12,6 +12,7 @@ import (
 	"fmt"
 	"os"
 	"strconv"
+	"sync"
 	"time"
 
 	"github.com/kafka-dedup-sidecar/clients/go/dedup"
@@ -30,6 +31,7 @@ func main() {
 	n := flag.Int("n", 100, "records to publish")
 	again := flag.Int("again", 10, "records to publish a second time (duplicates)")
 	token := flag.String("token", "", "the sidecar's server.auth_token, if set")
+	streaming := flag.Bool("streaming", false, "publish one record per Publish, on a StreamingPublish call (Options.Streaming)")
 	timeout := flag.Duration("timeout", 60*time.Second, "give up after this long")
 	var tlsOpts dedup.TLSOptions
 	flag.StringVar(&tlsOpts.CAFile, "tls-ca", "", "dial with TLS, trusting this CA (PEM)")
@@ -43,7 +45,7 @@ func main() {
 	}
 	ctx, cancel := context.WithTimeout(context.Background(), *timeout)
 	defer cancel()
-	opts := dedup.Options{Token: *token}
+	opts := dedup.Options{Token: *token, Streaming: *streaming}
 	if tlsOpts.CAFile != "" || tlsOpts.CertFile != "" {
 		opts.TLS = &tlsOpts
 	}
@@ -71,7 +73,7 @@ func run(ctx context.Context, target, topic string, n, again int, opts dedup.Opt
 		}
 	}
 	for _, batch := range [][]dedup.Record{records, records[:again]} {
-		outcomes, err := c.PublishBatch(ctx, batch)
+		outcomes, err := publish(ctx, c, batch, opts.Streaming)
 		if err != nil {
 			return out, fmt.Errorf("PublishBatch: %w", err)
 		}
@@ -117,5 +119,24 @@ func run(ctx context.Context, target, topic string, n, again int, opts dedup.Opt
 			out.Acked++
 		}
 	}
+	return out, nil
+}
+
+// publish writes the records in one PublishBatch call or, streaming, with one Publish each from
+// concurrent goroutines (sharing the client's StreamingPublish call).
+func publish(ctx context.Context, c *dedup.Client, records []dedup.Record, streaming bool) ([]dedup.PublishOutcome, error) {
+	if !streaming {
+		return c.PublishBatch(ctx, records)
+	}
+	out := make([]dedup.PublishOutcome, len(records))
+	var wg sync.WaitGroup
+	for i := range records {
+		wg.Add(1)
+		go func() {
+			defer wg.Done()
+			out[i].Result, out[i].Err = c.Publish(ctx, records[i])
+		}()
+	}
+	wg.Wait()
 	return out, nil
 }
