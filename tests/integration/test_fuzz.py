@@ -3,7 +3,10 @@
 Hypothesis drives random, interleaved sequences of every RPC with random and malformed fields:
 unknown, duplicate, stale and forged delivery ids, acks of another stream's deliveries, huge and
 empty fields, unknown enum values, invalid UTF-8 in string fields (sent as raw bytes, the only way
-the wire carries it), and arbitrary bytes as any method's request. Invariants:
+the wire carries it), and arbitrary bytes as any method's request. The stream RPCs take the same
+settle requests as stream messages (StreamingSubscribe), interleaved with the unary calls, plus
+protocol breaks (a second subscribe, an empty request), streams that never read, and half-closes;
+StreamingPublish takes the same records as Publish. Invariants:
 
 - every call is answered with a precise status: never UNKNOWN, INTERNAL or UNAVAILABLE, and the
   process never exits;
@@ -21,6 +24,7 @@ reliability script runs a long one and reports the counts it prints).
 from __future__ import annotations
 
 import os
+import queue
 import random
 import socket
 import threading
@@ -198,9 +202,83 @@ ID = st.one_of(
     st.just(""),
     st.just("z" * 3000),
 )
-OPS = st.sampled_from(
-    ["publish", "batch", "subscribe", "ack", "ack", "ack", "nack", "extend", "raw", "utf8", "admin"]
-)
+UNARY_OPS = ["publish", "batch", "subscribe", "ack", "ack", "ack", "nack", "extend", "raw", "utf8", "admin"]
+STREAM_OPS = ["stream", "stream_settle", "stream_settle", "stream_settle", "stream_publish", "deaf"]
+OPS = st.sampled_from([*UNARY_OPS, *STREAM_OPS])
+#: Stream methods: raw bytes to them open a stream, which is then half-closed.
+STREAMING = ("/StreamingSubscribe", "/StreamingPublish")
+
+
+class BidiStream:
+    """A StreamingSubscribe call of the fuzzer: requests go in through a queue (None half-closes),
+    and a thread reads the deliveries and the answers."""
+
+    def __init__(self, driver: Driver, first: pb.StreamingSubscribeRequest, read: bool = True) -> None:
+        self.driver = driver
+        self.requests: queue.Queue[pb.StreamingSubscribeRequest | None] = queue.Queue()
+        self.requests.put(first)
+        self.asked: dict[int, tuple[str, list[str]]] = {}
+        self.ids = iter(range(1, 10**9))
+        self.call = driver.stub.StreamingSubscribe(self._feed(), timeout=120)
+        self.thread = threading.Thread(target=self._read, daemon=True)
+        if read:
+            self.thread.start()
+
+    def _feed(self) -> Iterator[pb.StreamingSubscribeRequest]:
+        while (item := self.requests.get()) is not None:
+            yield item
+
+    def settle(self, kind: str, ids: list[str], **fields: Any) -> None:
+        rid = next(self.ids)
+        self.asked[rid] = (kind, ids)
+        self.driver.seen.calls[f"stream {kind}"] = self.driver.seen.calls.get(f"stream {kind}", 0) + 1
+        if kind == "ack":
+            self.requests.put(
+                pb.StreamingSubscribeRequest(ack=pb.StreamAck(request_id=rid, delivery_ids=ids))
+            )
+        elif kind in ("nack", "dead-letter"):
+            nack = pb.StreamNack(
+                request_id=rid, delivery_ids=ids, dead_letter=kind == "dead-letter", **fields
+            )
+            self.requests.put(pb.StreamingSubscribeRequest(nack=nack))
+        else:
+            extend = pb.StreamExtendDeadline(request_id=rid, delivery_ids=ids, **fields)
+            self.requests.put(pb.StreamingSubscribeRequest(extend=extend))
+
+    def _read(self) -> None:
+        seen = self.driver.seen
+        try:
+            for resp in self.call:
+                self.driver.record(resp.deliveries)
+                for r in resp.results:
+                    kind, ids = self.asked.pop(r.request_id, ("?", []))
+                    if kind == "?":
+                        seen.imprecise.append(
+                            f"StreamingSubscribe: an answer to unknown request {r.request_id}"
+                        )
+                    elif r.code == 0:
+                        if len(r.results) != len(ids):
+                            seen.imprecise.append(
+                                f"stream {kind}: {len(r.results)} results for {len(ids)} ids"
+                            )
+                        elif kind == "extend":
+                            seen.journal.append(("stream extend", ids, list(r.results), time.monotonic()))
+                        else:
+                            self.driver.settle(kind, ids, r.results)
+                    elif grpc.StatusCode(_STATUS[r.code]) not in PRECISE:
+                        seen.imprecise.append(f"stream {kind}: {_STATUS[r.code].name}: {r.message}")
+        except grpc.RpcError as exc:
+            if exc.code() not in PRECISE | {grpc.StatusCode.CANCELLED}:
+                seen.imprecise.append(f"StreamingSubscribe: {exc.code().name}: {exc.details()}")
+
+    def close(self) -> None:
+        self.requests.put(None)
+        self.call.cancel()
+        if self.thread.is_alive():
+            self.thread.join(10)
+
+
+_STATUS = {c.value[0]: c for c in grpc.StatusCode}
 
 
 # -- the driver --------------------------------------------------------------------------------
@@ -213,6 +291,7 @@ class Driver:
         self.stub = pb_grpc.DedupServiceStub(fz.channel)
         self.admin = pb_grpc.AdminServiceStub(fz.channel)
         self.streams: list[tuple[Any, threading.Thread]] = []
+        self.bidi: list[BidiStream] = []
         self.rng = random.Random(len(fz.seen.journal))
 
     def call(self, name: str, fn: Callable[[], Any]) -> Any:
@@ -283,22 +362,26 @@ class Driver:
             f"(attempt {d.attempt}), sent {late:.3f}s after an OK ack; received {got}; calls {calls}"
         )
 
+    def record(self, deliveries: Any) -> None:
+        """Deliveries that reached a stream (Subscribe or StreamingSubscribe)."""
+        now = time.monotonic()
+        with self.seen.lock:
+            for d in deliveries:
+                self.seen.deliveries += 1
+                acked = self.seen.acked_at.get(d.idempotency_key)
+                # When the sidecar sent it: its deadline less the ack deadline (the
+                # sidecar's clock is this machine's). A frame sent before the Ack took
+                # effect may reach this thread late; one sent after it is a redelivery.
+                sent = d.deadline_ms / 1000 - ACK_DEADLINE_S
+                if acked is not None and sent > acked[0] + CLOCK_SLACK_S:
+                    self.seen.redelivered_after_ack.append(self.story(d, sent - acked[0]))
+                self.seen.delivered[d.delivery_id] = d
+                self.seen.received[d.delivery_id] = now
+
     def read(self, call: Any) -> None:
         try:
             for frame in call:
-                now = time.monotonic()
-                with self.seen.lock:
-                    for d in frame.deliveries:
-                        self.seen.deliveries += 1
-                        acked = self.seen.acked_at.get(d.idempotency_key)
-                        # When the sidecar sent it: its deadline less the ack deadline (the
-                        # sidecar's clock is this machine's). A frame sent before the Ack took
-                        # effect may reach this thread late; one sent after it is a redelivery.
-                        sent = d.deadline_ms / 1000 - ACK_DEADLINE_S
-                        if acked is not None and sent > acked[0] + CLOCK_SLACK_S:
-                            self.seen.redelivered_after_ack.append(self.story(d, sent - acked[0]))
-                        self.seen.delivered[d.delivery_id] = d
-                        self.seen.received[d.delivery_id] = now
+                self.record(frame.deliveries)
         except grpc.RpcError as exc:
             if exc.code() not in PRECISE | {grpc.StatusCode.CANCELLED}:
                 self.seen.imprecise.append(f"Subscribe: {exc.code().name}: {exc.details()}")
@@ -350,6 +433,77 @@ class Driver:
                 r = self.call("ExtendDeadline", lambda: self.stub.ExtendDeadline(extend))
                 answer = list(r.results) if r else None
                 self.seen.journal.append((f"extend {seconds}", ids, answer, time.monotonic()))
+        elif op in ("stream", "deaf"):
+            first = pb.StreamingSubscribeRequest(
+                subscribe=pb.SubscribeRequest(
+                    topics=data.draw(st.lists(st.sampled_from(topics), max_size=2)),
+                    max_in_flight=data.draw(st.integers(-2, 300)),
+                    max_batch=data.draw(st.integers(0, 50)),
+                )
+            )
+            self.seen.calls[f"StreamingSubscribe ({op})"] = (
+                self.seen.calls.get(f"StreamingSubscribe ({op})", 0) + 1
+            )
+            self.bidi.append(BidiStream(self, first, read=op == "stream"))
+            time.sleep(0.2)
+        elif op == "stream_settle":
+            live = [b for b in self.bidi if b.thread.is_alive()]
+            if not live:  # settle requests need a stream that reads: open one
+                first = pb.StreamingSubscribeRequest(subscribe=pb.SubscribeRequest(max_in_flight=100))
+                live = [BidiStream(self, first)]
+                self.bidi += live
+                time.sleep(0.2)
+            stream = live[self.rng.randrange(len(live))]
+            what = data.draw(
+                st.sampled_from(["ack", "ack", "ack", "nack", "dead-letter", "extend", "break", "close"])
+            )
+            mode = data.draw(st.sampled_from(["known", "known", "mixed"]))
+            count = data.draw(st.integers(0, 30))
+            ids = self.pick_ids(
+                ["known"] * count if mode == "known" else data.draw(st.lists(ID, max_size=60))
+            )
+            if what == "ack":
+                stream.settle("ack", ids)
+            elif what in ("nack", "dead-letter"):
+                delay = data.draw(st.one_of(st.none(), st.floats(-10, 5)))
+                stream.settle(what, ids, **({} if delay is None else {"delay_seconds": delay}))
+            elif what == "extend":
+                stream.settle("extend", ids, seconds=data.draw(st.integers(-5, 100)))
+            elif what == "break":  # a second subscribe, or an empty request: INVALID_ARGUMENT
+                stream.requests.put(
+                    data.draw(
+                        st.sampled_from(
+                            [
+                                pb.StreamingSubscribeRequest(),
+                                pb.StreamingSubscribeRequest(subscribe=pb.SubscribeRequest()),
+                            ]
+                        )
+                    )
+                )
+            else:  # half-close: answered, then ended
+                stream.requests.put(None)
+            time.sleep(0.05)
+        elif op == "stream_publish":
+            records = data.draw(st.lists(publish_request(topics), max_size=12))
+            requests = [
+                pb.StreamingPublishRequest(request_id=i + 1, publish=r) for i, r in enumerate(records)
+            ]
+            if data.draw(st.booleans()):
+                requests.append(pb.StreamingPublishRequest(request_id=999))  # no record
+            self.seen.calls["StreamingPublish"] = self.seen.calls.get("StreamingPublish", 0) + 1
+            answered = 0
+            try:
+                for resp in self.stub.StreamingPublish(iter(requests), timeout=60):
+                    for r in resp.results:
+                        answered += 1
+                        if r.code and _STATUS[r.code] not in PRECISE:
+                            self.seen.imprecise.append(
+                                f"StreamingPublish: {_STATUS[r.code].name}: {r.message}"
+                            )
+            except grpc.RpcError as exc:
+                self.seen.imprecise.append(f"StreamingPublish: {exc.code().name}: {exc.details()}")
+            if answered != len(requests):
+                self.seen.imprecise.append(f"StreamingPublish: {answered} answers to {len(requests)} records")
         elif op == "raw":
             method = data.draw(st.sampled_from(METHODS))
             body = data.draw(st.binary(max_size=300))
@@ -383,6 +537,18 @@ class Driver:
     def raw(self, method: str, body: bytes) -> grpc.StatusCode:
         """Arbitrary bytes as the request of ``method``: the answer's code."""
         self.seen.calls["raw"] = self.seen.calls.get("raw", 0) + 1
+        if method.endswith(STREAMING):
+            bidi: Any = self.fz.channel.stream_stream(method)(iter([body]), timeout=2)  # type: ignore[arg-type]
+            try:
+                for _ in bidi:
+                    pass
+            except grpc.RpcError as exc:
+                if exc.code() is grpc.StatusCode.DEADLINE_EXCEEDED:
+                    return grpc.StatusCode.OK  # a valid first request: the stream was open
+                if exc.code() not in PRECISE:
+                    self.seen.imprecise.append(f"raw {method}: {exc.code().name}: {exc.details()}")
+                return exc.code()
+            return grpc.StatusCode.OK
         if method.endswith("/Subscribe"):
             call: Any = self.fz.channel.unary_stream(method)(body, timeout=2)  # type: ignore[arg-type]
             try:
@@ -408,6 +574,8 @@ class Driver:
         for call, t in self.streams:
             call.cancel()
             t.join(10)
+        for b in self.bidi:
+            b.close()
 
 
 def assert_serving(fz: Fuzzed) -> None:
