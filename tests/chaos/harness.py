@@ -31,7 +31,7 @@ from typing import Any
 import grpc
 import services
 from confluent_kafka import Producer
-from dedup_client import DedupClient, PublishResult
+from dedup_client import DedupClient, PublishError, PublishResult
 from dedup_client.client import publish_request
 from faultproxy import FaultProxy
 
@@ -133,6 +133,9 @@ class Scenario:
     members: sidecar+app pairs per variant.
     env: extra DEDUP_* settings for every sidecar.
     entities: when set, every record gets one of this many Kafka keys (for the ordering check).
+    publish_path: how the scenario publishes: ``batched`` (PublishBatch calls), ``unary`` (one
+        Publish call per record, 64 at once: the sidecar groups them) or ``stream`` (one record
+        per message on the client's StreamingPublish call, 64 at once).
     """
 
     def __init__(
@@ -149,8 +152,10 @@ class Scenario:
         publisher_env: dict[str, str] | None = None,
         entities: int = 0,
         readback: bool = False,
+        publish_path: str = "batched",
     ) -> None:
         self.name = name
+        self.publish_path = publish_path
         self.readback = readback
         self.entities = entities
         self.kafka = kafka
@@ -239,14 +244,17 @@ class Scenario:
             target = self.alive_sidecar(turn)
             turn += 1
             try:
-                async with DedupClient(target.target) as c:
+                async with DedupClient(target.target, streaming=self.publish_path == "stream") as c:
                     while pending:
                         chunk = pending[:200]
-                        entries = [
-                            publish_request(self.topic, k.encode(), self.kafka_key(k), idempotency_key=k)
-                            for k in chunk
-                        ]
-                        out = await c.publish_batch(entries, timeout=30)
+                        if self.publish_path == "batched":
+                            entries = [
+                                publish_request(self.topic, k.encode(), self.kafka_key(k), idempotency_key=k)
+                                for k in chunk
+                            ]
+                            out: list[Any] = await c.publish_batch(entries, timeout=30)
+                        else:
+                            out = await self._publish_each(c, chunk)
                         done = {r.idempotency_key for r in out if isinstance(r, PublishResult)}
                         self.sent.update(done)
                         pending = [k for k in chunk if k not in done] + pending[200:]
@@ -257,16 +265,28 @@ class Scenario:
         for k in self.rng.sample(keys, max(1, count // 20)):  # an app retrying Publish after a timeout
             for attempt in range(20):
                 try:
-                    async with DedupClient(self.alive_sidecar(attempt).target) as c:
+                    streaming = self.publish_path == "stream"
+                    async with DedupClient(self.alive_sidecar(attempt).target, streaming=streaming) as c:
                         r = await c.publish(
                             self.topic, k.encode(), self.kafka_key(k), idempotency_key=k, timeout=10
                         )
                         self.sent.add(r.idempotency_key)
                     break
-                except grpc.aio.AioRpcError:
+                except (grpc.aio.AioRpcError, PublishError):
                     await asyncio.sleep(0.3)
         dups = self.rng.sample(sorted(self.sent), max(1, count // 20))
         await asyncio.to_thread(self._write_duplicates, dups)
+
+    async def _publish_each(self, c: DedupClient, keys: list[str]) -> list[Any]:
+        """One publish() per key, 64 in flight; each key's result or its error."""
+        room = asyncio.Semaphore(64)
+
+        async def one(k: str) -> Any:
+            async with room:
+                value, kkey = k.encode(), self.kafka_key(k)
+                return await c.publish(self.topic, value, kkey, idempotency_key=k, timeout=30)
+
+        return await asyncio.gather(*(one(k) for k in keys), return_exceptions=True)
 
     def _write_duplicates(self, keys: list[str]) -> None:
         """A producer whose retry wrote the record twice: the copy is in Kafka, same key."""

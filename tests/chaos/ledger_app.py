@@ -9,7 +9,12 @@ and then acks. Two variants:
   (dedup_client.SQLiteInbox). Duplicated effects must be zero.
 
 Usage: python -m tests.chaos.ledger_app SIDECAR LEDGER.db naive|inbox [--stall-every N --stall S]
-       [--work-ms MS] [--concurrent]
+       [--work-ms MS] [--concurrent] [--ack-path batched|unary|stream]
+
+``--ack-path``: how acks travel. ``batched`` (the client's default) gathers them into Ack calls;
+``unary`` makes one Ack call per message, as an app without a client library does (the sidecar
+groups concurrent calls); ``stream`` writes them on the StreamingSubscribe call that brought the
+messages.
 """
 
 from __future__ import annotations
@@ -53,8 +58,22 @@ def record_ack(db: sqlite3.Connection, key: str, fut: asyncio.Future[Any]) -> No
     db.commit()
 
 
+ACK_PATHS = {
+    "batched": {},
+    "unary": {"coalesce_acks": False},
+    "stream": {"streaming": True},
+}
+
+
 async def run(
-    target: str, path: str, variant: str, stall_every: int, stall_s: float, work_s: float, concurrent: bool
+    target: str,
+    path: str,
+    variant: str,
+    stall_every: int,
+    stall_s: float,
+    work_s: float,
+    concurrent: bool,
+    ack_path: str = "batched",
 ) -> None:
     """``concurrent``: work on every delivery at once, each after a random wait of up to twice
     ``work_s`` (the ordering rows: only the sidecar's ordering keeps a key's effects in order)."""
@@ -89,7 +108,7 @@ async def run(
     while True:
         tasks: set[asyncio.Task[None]] = set()
         try:
-            async with DedupClient(target, ack_linger=0.002) as client:
+            async with DedupClient(target, ack_linger=0.002, **ACK_PATHS[ack_path]) as client:
                 async for msg in client.subscribe(max_in_flight=200):
                     seen += 1
                     if concurrent:
@@ -112,8 +131,11 @@ def main() -> None:
     ap.add_argument("--stall", type=float, default=0.0)
     ap.add_argument("--work-ms", type=float, default=3.0, help="time each effect takes")
     ap.add_argument("--concurrent", action="store_true", help="work on all deliveries at once")
+    ap.add_argument("--ack-path", choices=sorted(ACK_PATHS), default="batched")
     a = ap.parse_args()
-    asyncio.run(run(a.target, a.ledger, a.variant, a.stall_every, a.stall, a.work_ms / 1000, a.concurrent))
+    asyncio.run(
+        run(a.target, a.ledger, a.variant, a.stall_every, a.stall, a.work_ms / 1000, a.concurrent, a.ack_path)
+    )
 
 
 if __name__ == "__main__":

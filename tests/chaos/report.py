@@ -24,7 +24,15 @@ from faultproxy import FaultProxy  # noqa: E402
 
 from tests.chaos import faults  # noqa: E402
 from tests.chaos.harness import DRAIN_CAP_S, DRAIN_STALL_S, Fault, Figures, run_scenario  # noqa: E402
-from tests.chaos.test_faults import FAILOVERS, ORDERED, WORKERS, failover_env, failover_fault  # noqa: E402
+from tests.chaos.test_faults import (  # noqa: E402
+    FAILOVERS,
+    ORDERED,
+    STREAM,
+    UNARY,
+    WORKERS,
+    failover_env,
+    failover_fault,
+)
 
 #: The F11-F14 rows run on services.KafkaCluster (a single Redis node, appendfsync everysec).
 KAFKA_CLUSTER = "kafka-cluster"
@@ -95,6 +103,34 @@ FAULTS: list[tuple[str, str, Fault, dict[str, Any], str]] = [
     ),
     ("F6", "rebalance churn over three replicas", faults.f6_churn, {}, "everysec"),
     (
+        "F2-stream",
+        "kill -9 of a sidecar; acks on StreamingSubscribe, publishes on StreamingPublish",
+        faults.f2_kill_sidecar,
+        STREAM,
+        "everysec",
+    ),
+    (
+        "F2-ack-before-mark-stream",
+        "sidecar killed after a stream ack, before the store is marked",
+        faults.kill_point("ack_before_mark", 10),
+        STREAM,
+        "everysec",
+    ),
+    (
+        "F3-stream",
+        "kill -9 of the app while processing; acks on StreamingSubscribe",
+        faults.f3_kill_app,
+        STREAM,
+        "everysec",
+    ),
+    (
+        "F2-unary",
+        "kill -9 of a sidecar; one unary Ack per message, one unary Publish per record",
+        faults.f2_kill_sidecar,
+        UNARY,
+        "everysec",
+    ),
+    (
         "F2-key",
         'kill -9 of a sidecar, delivery.ordering = "key", 100 Kafka keys',
         faults.f2_kill_sidecar,
@@ -142,6 +178,13 @@ FAULTS: list[tuple[str, str, Fault, dict[str, Any], str]] = [
     ("F7-everysec", "Redis kill -9, appendfsync everysec", faults.f7_kill_redis, {}, "everysec"),
     ("F7-none", "Redis kill -9, no persistence", faults.f7_kill_redis, {}, "no"),
     ("F8", "Redis paused (SIGSTOP 4 s)", faults.f8_pause_redis, {}, "everysec"),
+    (
+        "F8-stream",
+        "Redis paused (SIGSTOP 4 s); acks on StreamingSubscribe, publishes on StreamingPublish",
+        faults.f8_pause_redis,
+        STREAM,
+        "everysec",
+    ),
     ("F9", "broker kill -9 and restart", faults.f9_kill_broker, {}, "everysec"),
     ("F10", "broker paused (SIGSTOP 5 s)", faults.f10_pause_broker, {}, "everysec"),
     *(

@@ -20,6 +20,11 @@ from tests.chaos.harness import Fault, Figures, run_scenario
 MESSAGES = 1500
 ORDERED = {"DEDUP_DELIVERY__ORDERING": "key"}
 WORKERS = {"DEDUP_SERVER__WORKERS": "2"}
+#: The per-call paths: the apps ack on their StreamingSubscribe call and the scenario publishes one
+#: record per message on a StreamingPublish call; or one unary Ack per message and one unary
+#: Publish per record, 64 at once (the sidecar groups concurrent calls).
+STREAM = {"app_args": ["--ack-path", "stream"], "publish_path": "stream"}
+UNARY = {"app_args": ["--ack-path", "unary"], "publish_path": "unary"}
 
 SCENARIOS: list[tuple[str, Fault, dict[str, Any]]] = [
     ("F2", faults.f2_kill_sidecar, {}),
@@ -50,6 +55,10 @@ SCENARIOS: list[tuple[str, Fault, dict[str, Any]]] = [
     ("F17", faults.f17_kill_worker, {"env": WORKERS}),
     ("F2-workers", faults.f2_kill_sidecar, {"env": WORKERS}),
     ("F8", faults.f8_pause_redis, {}),
+    ("F2-stream", faults.f2_kill_sidecar, STREAM),
+    ("F2-ack-before-mark-stream", faults.kill_point("ack_before_mark", 10), STREAM),
+    ("F8-stream", faults.f8_pause_redis, STREAM),
+    ("F2-unary", faults.f2_kill_sidecar, UNARY),
     ("F9", faults.f9_kill_broker, {}),
     ("F10", faults.f10_pause_broker, {}),
 ]
