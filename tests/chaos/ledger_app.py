@@ -58,7 +58,7 @@ def record_ack(db: sqlite3.Connection, key: str, fut: asyncio.Future[Any]) -> No
     db.commit()
 
 
-ACK_PATHS = {
+ACK_PATHS: dict[str, dict[str, Any]] = {
     "batched": {},
     "unary": {"coalesce_acks": False},
     "stream": {"streaming": True},

@@ -56,8 +56,8 @@ class _Writer:
                     await self._call.done_writing()
                     return
                 await self._call.write(request)
-        except (grpc.aio.AioRpcError, asyncio.InvalidStateError) as exc:
-            self.failed = exc  # the call ended: its reader reports why
+        except Exception as exc:  # noqa: BLE001 - the call ended (or was never usable): its reader reports why
+            self.failed = exc
 
     def close(self) -> None:
         self._task.cancel()
@@ -236,10 +236,12 @@ class PublishStream:
         if self._writer is None or self._reader is None or self._reader.done():
             self._call = self._stub.StreamingPublish(metadata=self._metadata)
             self._writer = _Writer(self._call)
-            self._reader = asyncio.create_task(self._read(self._call, self._waiting))
+            self._reader = asyncio.create_task(self._read(self._call, self._writer, self._waiting))
         return self._writer
 
-    async def _read(self, call: Any, waiting: dict[int, asyncio.Future[pb.StreamingPublishResult]]) -> None:
+    async def _read(
+        self, call: Any, writer: _Writer, waiting: dict[int, asyncio.Future[pb.StreamingPublishResult]]
+    ) -> None:
         failure: Exception = StreamClosed("the publish stream ended")
         try:
             async for resp in call:
@@ -250,6 +252,7 @@ class PublishStream:
         except grpc.aio.AioRpcError as exc:
             failure = exc
         finally:
+            writer.close()  # nothing more can be written on an ended call
             if self._call is call:
                 self._writer = None
             _fail_all(dict(waiting), failure)
