@@ -2,7 +2,8 @@
 
 Usage::
 
-    python bench/profile.py [--records 300000] [--path consume|publish|both] [--native] [--out DIR]
+    python bench/profile.py [--records 300000] [--path consume|publish|both|unary-publish|unary-ack]
+                            [--native] [--out DIR]
 
 It starts the same services as bench/run.py, runs one sidecar process under ``py-spy record``
 (sampling without pausing it) while the batched Python client consumes ``--records`` preloaded
@@ -12,6 +13,13 @@ It starts the same services as bench/run.py, runs one sidecar process under ``py
 * ``DIR/<path>.txt``: the functions with the most samples of their own (self time) and with the
   most samples under them (total time), and the CPU µs per record of the sidecar process, in
   all and per thread (the event loop, the other Python threads, librdkafka's, gRPC's).
+
+The ``unary-publish`` and ``unary-ack`` paths profile the per-call paths instead: one unary
+``Publish`` per record, 64 in flight, and one unary ``Ack`` per delivery, 64 in flight, through the
+generated stubs (bench/percall.py's load). Their summary adds the event loop's samples by stage of
+a call (``STAGES``): what the gRPC runtime spends around the handler, the sidecar's own wrappers
+(credential, decoding, validation), tracing, the group commit, the publisher or the settlement,
+the store, the producer hand-off, metrics and the response.
 
 It prints the text summary too. py-spy is a dev dependency. ``--native`` makes py-spy unwind C
 frames as well: the compiled record path (mypyc's modules, the C frame encoder) then shows by
@@ -37,6 +45,7 @@ from pathlib import Path
 from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+import percall
 import run as bench
 import services
 from dedup_client import DedupClient
@@ -70,6 +79,45 @@ def summarize(raw: Path, records: int, cpu_s: float, top: int = 30) -> str:
     lines.append("\ntotal:")
     lines += [f"{n / samples:6.1%}  {f}" for f, n in total.most_common(top)]
     return "\n".join(lines)
+
+
+#: Stages of a unary call on the event loop, by the first frame (from the innermost) that names
+#: one: (stage, substrings of a py-spy frame). Samples with none of them are the gRPC runtime
+#: and the loop itself ("grpc.aio and the loop").
+STAGES: list[tuple[str, tuple[str, ...]]] = [
+    ("metrics", ("prometheus_client", "_observe", "count_by_topic", "observe_many")),
+    ("tracing", ("tracing.py", "opentelemetry")),
+    ("store (Redis client and scripts)", ("redis", "timed.py", "RedisStore", "Standalone")),
+    ("producer hand-off", ("producer.py",)),
+    ("publisher (validate, digest, claims)", ("publisher.py",)),
+    ("settlement (ids, books, commit wake-up)", ("settlement.py", "core.py", "tracker")),
+    ("group commit", ("groupcommit.py",)),
+    ("response", ("_response", "SerializeToString")),
+    ("servicer wrappers (credential, decoding)", ("server.py", "servicer.py", "security.py")),
+]
+
+
+def stages(raw: Path) -> str:
+    """The event loop's samples by stage of a call (STAGES)."""
+    counts: collections.Counter[str] = collections.Counter()
+    loop = 0
+    for line in raw.read_text().splitlines():
+        stack, _, count = line.rpartition(" ")
+        frames = stack.split(";")
+        if not stack or not frames[0].startswith("_run_module_as_main"):
+            continue  # not the main thread
+        n = int(count)
+        loop += n
+        stage = "grpc.aio and the loop"
+        for frame in reversed(frames):
+            hit = next((name for name, keys in STAGES if any(k in frame for k in keys)), None)
+            if hit is not None:
+                stage = hit
+                break
+        counts[stage] += n
+    if not loop:
+        return "no event-loop samples"
+    return "event loop by stage:\n" + "\n".join(f"{n / loop:6.1%}  {k}" for k, n in counts.most_common())
 
 
 def profiled(
@@ -142,6 +190,8 @@ def thread_cpu(pid: int) -> dict[str, float]:
 def report(out: Path, name: str, n: int, dt: float, threads: dict[str, float]) -> None:
     cpu = sum(threads.values())
     text = f"{name}: {n / dt:.0f} records/s\n" + summarize(out / f"{name}.collapsed", n, cpu)
+    if name.startswith("unary"):
+        text += "\n\n" + stages(out / f"{name}.collapsed")
     per_thread = sorted(threads.items(), key=lambda kv: -kv[1])
     text += "\n\nCPU per record by thread:\n" + "\n".join(
         f"{v / n * 1e6:7.2f} µs  {k}" for k, v in per_thread if v > 0
@@ -153,7 +203,9 @@ def report(out: Path, name: str, n: int, dt: float, threads: dict[str, float]) -
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--records", type=int, default=300_000)
-    ap.add_argument("--path", choices=["consume", "publish", "both"], default="both")
+    ap.add_argument(
+        "--path", choices=["consume", "publish", "both", "unary-publish", "unary-ack"], default="both"
+    )
     ap.add_argument("--native", action="store_true", help="unwind C frames too (the compiled modules)")
     ap.add_argument("--out", default="profile-out")
     args = ap.parse_args()
@@ -202,6 +254,31 @@ def main() -> int:
             bench.log("PublishBatch, profiled")
             dt, cpu = profiled(kafka, idle, store, work, out, "publish", publish, args.native)
             report(out, "publish", m, dt, cpu)
+        if args.path == "unary-publish":
+            m = n // 10
+            kafka.create_topic("profunary", 6)
+            idle = f"profidle-{time.time_ns()}"
+            kafka.create_topic(idle, 1)
+
+            async def unary_publish(target: str) -> float:
+                row = await percall.unary_publish(target, os.getpid(), "profunary", m, "pu", "unary Publish")
+                return float(m / row["rate"])
+
+            bench.log("unary Publish, 64 in flight, profiled")
+            dt, cpu = profiled(kafka, idle, store, work, out, "unary-publish", unary_publish, args.native)
+            report(out, "unary-publish", m, dt, cpu)
+        if args.path == "unary-ack":
+            m = n // 10
+            bench.log(f"preloading {m} records")
+            bench.preload(kafka, "profack", 6, m, "pa")
+
+            async def unary_ack(target: str) -> float:
+                row = await percall.unary_acks(target, os.getpid(), "profack", m)
+                return float(m / row["rate"])
+
+            bench.log("unary Ack per delivery, 64 in flight, profiled")
+            dt, cpu = profiled(kafka, "profack", store, work, out, "unary-ack", unary_ack, args.native)
+            report(out, "unary-ack", m, dt, cpu)
     print(json.dumps({"out": str(out)}))
     return 0
 
