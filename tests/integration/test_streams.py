@@ -411,3 +411,50 @@ async def test_the_python_client_on_the_stream_paths(
                     break
         assert seen["c3"] == 2
         assert len(seen) == 20
+
+
+async def test_a_credential_s_rights_hold_on_the_streams(kafka: services.KafkaBroker) -> None:
+    """A caller that may subscribe to and publish to one topic only: the streams check the
+    subscription when they open and each settle request and record as it comes."""
+    mine, other = unique("mine"), unique("other")
+    kafka.create_topic(mine, 1)
+    kafka.create_topic(other, 1)
+    raw_produce(kafka, other, [("o1", b"v", 0)])
+    credentials = [
+        {"name": "narrow", "token": "narrow-token", "subscribe": [mine], "publish": [mine]},
+        {"name": "wide", "token": "wide-token", "subscribe": ["*"], "publish": ["*"]},
+    ]
+    cfg = settings_dict(kafka, [mine, other], unique("g"), server={"credentials": credentials})
+    narrow = (("authorization", "Bearer narrow-token"),)
+    wide = (("authorization", "Bearer wide-token"),)
+    async with running_sidecar(**cfg) as sc, stub_of(sc) as stub:
+        refused = stub.StreamingSubscribe(metadata=narrow)
+        await refused.write(opening(other))
+        assert await refused.code() == grpc.StatusCode.PERMISSION_DENIED
+        assert "server.credentials[0].subscribe" in (await refused.details() or "")
+        nobody = stub.StreamingSubscribe()
+        await nobody.write(opening(mine))
+        assert await nobody.code() == grpc.StatusCode.UNAUTHENTICATED
+        # The wide credential receives the other topic's record; the narrow one may not ack it.
+        app = StreamApp(stub.StreamingSubscribe(metadata=wide))
+        await app.call.write(opening(other))
+        await app.until(lambda: len(app.deliveries) == 1)
+        narrow_app = StreamApp(stub.StreamingSubscribe(metadata=narrow))
+        await narrow_app.call.write(opening(mine))
+        await narrow_app.call.write(ack(1, app.deliveries[0].delivery_id))
+        await narrow_app.until(lambda: 1 in narrow_app.answers)
+        assert narrow_app.answers[1].code == grpc.StatusCode.PERMISSION_DENIED.value[0]
+        await app.call.write(ack(1, app.deliveries[0].delivery_id))
+        await app.until(lambda: 1 in app.answers)
+        assert list(app.answers[1].results) == [OK]
+        publishing = stub.StreamingPublish(metadata=narrow)
+        for rid, topic in ((1, mine), (2, other)):
+            rec = pb.PublishRequest(topic=topic, value=b"v", idempotency_key=f"cred-{rid}")
+            await publishing.write(pb.StreamingPublishRequest(request_id=rid, publish=rec))
+        await publishing.done_writing()
+        answers = {r.request_id: r for resp in [m async for m in publishing] for r in resp.results}
+        assert answers[1].code == 0
+        assert answers[2].code == grpc.StatusCode.PERMISSION_DENIED.value[0]
+        assert "server.credentials[0].publish" in answers[2].message
+        app.call.cancel()
+        narrow_app.call.cancel()
