@@ -401,6 +401,12 @@ def write(
         "The F2-<point> rows kill the sidecar at exact points through test-only hooks "
         "(sidecar/testing_hooks.py), armed only by a hidden flag plus an environment variable.",
         "",
+        "The *-stream rows run the per-call paths on streams: the apps write one ack per message on "
+        "the StreamingSubscribe call that brought it (the Python client's `streaming=True`), and the "
+        "scenario publishes one record per message on a StreamingPublish call, 64 at once. F2-unary "
+        "makes one unary Ack call per message and one unary Publish call per record instead, 64 at "
+        "once, which the sidecar groups (group commit). The checks are the same as every row's.",
+        "",
         'The F2-key and F6-key rows run with `delivery.ordering = "key"` and give every record one of 100 '
         "Kafka keys. *Order violations* counts effects applied after an effect of a higher offset with the "
         "same Kafka key (the first effect of each idempotency key; a naive app's repeat after a kill is the "
