@@ -125,35 +125,51 @@ async def echo_unary(target: str, pid: int, topic: str, n: int) -> dict[str, Any
         return meter.row("floor: bare unary echo", n, seconds)
 
 
+async def through_stream(
+    call: Any, n: int, request: Callable[[int], Any], answers: Callable[[Any], int]
+) -> float:
+    """Write ``n`` requests on a bidirectional ``call`` with at most WINDOW unanswered, reading
+    the answers as they come (``answers`` counts those in a response); the wall time taken."""
+    room = asyncio.Semaphore(WINDOW)
+
+    async def reader() -> None:
+        answered = 0
+        async for resp in call:
+            got = answers(resp)
+            for _ in range(got):
+                room.release()
+            answered += got
+            if answered >= n:
+                return
+
+    t0 = time.perf_counter()
+    task = asyncio.create_task(reader())
+    for i in range(n):
+        await room.acquire()
+        await call.write(request(i))
+    await task
+    seconds = time.perf_counter() - t0
+    await call.done_writing()
+    return seconds
+
+
 async def stream_publish(target: str, pid: int, topic: str, n: int, tag: str) -> dict[str, Any]:
     """One StreamingPublish stream with WINDOW records unanswered at most."""
     async with grpc.aio.insecure_channel(target) as ch:
         stub = rpc.DedupServiceStub(ch)
         await stub.Publish(_publish(topic, -1, tag))
         meter = Meter(pid)
-        call: Any = stub.StreamingPublish()
-        room = asyncio.Semaphore(WINDOW)
         failed = 0
 
-        async def reader() -> None:
+        def answers(resp: pb.StreamingPublishResponse) -> int:
             nonlocal failed
-            answered = 0
-            async for resp in call:
-                for r in resp.results:
-                    failed += r.code != 0
-                    room.release()
-                answered += len(resp.results)
-                if answered >= n:
-                    return
+            failed += sum(r.code != 0 for r in resp.results)
+            return len(resp.results)
 
-        t0 = time.perf_counter()
-        task = asyncio.create_task(reader())
-        for i in range(n):
-            await room.acquire()
-            await call.write(pb.StreamingPublishRequest(request_id=i + 1, publish=_publish(topic, i, tag)))
-        await task
-        seconds = time.perf_counter() - t0
-        await call.done_writing()
+        def request(i: int) -> pb.StreamingPublishRequest:
+            return pb.StreamingPublishRequest(request_id=i + 1, publish=_publish(topic, i, tag))
+
+        seconds = await through_stream(stub.StreamingPublish(), n, request, answers)
         return meter.row("StreamingPublish, one record per message", n, seconds, failed=failed)
 
 
@@ -162,24 +178,7 @@ async def echo_stream(target: str, pid: int, topic: str, n: int) -> dict[str, An
         call: Any = ch.stream_stream("/dedup.v1.DedupService/StreamingPublish")()
         raw = pb.StreamingPublishRequest(request_id=1, publish=_publish(topic, 0, "echo")).SerializeToString()
         meter = Meter(pid)
-        room = asyncio.Semaphore(WINDOW)
-
-        async def reader() -> None:
-            got = 0
-            async for _ in call:
-                room.release()
-                got += 1
-                if got >= n:
-                    return
-
-        t0 = time.perf_counter()
-        task = asyncio.create_task(reader())
-        for _ in range(n):
-            await room.acquire()
-            await call.write(raw)
-        await task
-        seconds = time.perf_counter() - t0
-        await call.done_writing()
+        seconds = await through_stream(call, n, lambda i: raw, lambda resp: 1)
         return meter.row("floor: bare stream echo, a message each way", n, seconds)
 
 

@@ -34,6 +34,7 @@ class GroupCommit(Generic[I, R]):
         behind itself).
     max_items: most items per run; a caller's items are never split, so a run exceeds it only
         when one caller alone brings more.
+    on_run: called with the item count as each run starts (metrics).
     """
 
     def __init__(
@@ -41,12 +42,14 @@ class GroupCommit(Generic[I, R]):
         run: Callable[[list[I]], Awaitable[Sequence[R]]],
         max_in_flight: int = 2,
         max_items: int = 1 << 30,
+        on_run: Callable[[int], None] | None = None,
     ) -> None:
         if max_in_flight < 1:
             raise ValueError("max_in_flight must be at least 1")
         self._run = run
         self._max_in_flight = max_in_flight
         self._max_items = max_items
+        self._on_run = on_run
         self._waiting: list[tuple[list[I], Done[R]]] = []
         self._running = 0
         self._scheduled = False
@@ -118,6 +121,8 @@ class GroupCommit(Generic[I, R]):
         try:
             items = group[0][0] if len(group) == 1 else [x for items, _ in group for x in items]
             self.items += len(items)
+            if self._on_run is not None:
+                self._on_run(len(items))
             try:
                 results = await self._run(items)
             except BaseException as exc:

@@ -125,7 +125,19 @@ class Metrics:
             "dedup_rebalances_total", "Partitions assigned, revoked or lost", ["event"], registry=r
         )
         self.published = Counter("dedup_published_total", "Publish results", ["outcome"], registry=r)
-        self.streams = Gauge("dedup_streams", "Open Subscribe streams", registry=r)
+        self.group_runs = Counter(
+            "dedup_group_commit_runs_total",
+            "Group commits run for concurrent unary and stream calls (ack: settlements; publish: batches)",
+            ["path"],
+            registry=r,
+        )
+        self.group_items = Counter(
+            "dedup_group_commit_items_total",
+            "Ids (ack) or records (publish) carried by group commits; over runs: the mean group size",
+            ["path"],
+            registry=r,
+        )
+        self.streams = Gauge("dedup_streams", "Open Subscribe and StreamingSubscribe streams", registry=r)
         self.assigned_partitions = Gauge("dedup_assigned_partitions", "Partitions assigned", registry=r)
         self.paused_partitions = Gauge("dedup_paused_partitions", "Partitions paused by bounds", registry=r)
         self.stalled_partitions = Gauge(
@@ -223,3 +235,14 @@ class EngineCollector(Collector):
             "Deliveries sent to apps and not answered",
             value=self._engine.in_flight,
         )
+
+
+def group_counter(metrics: Metrics, path: str) -> Callable[[int], None]:
+    """``GroupCommit``'s ``on_run`` for ``path``: counts the run and the items it carries."""
+    runs, items = metrics.group_runs.labels(path), metrics.group_items.labels(path)
+
+    def on_run(n: int) -> None:
+        runs.inc()
+        items.inc(n)
+
+    return on_run

@@ -24,7 +24,7 @@ from sidecar.engine.records import TP, Pending, Recent, State
 from sidecar.engine.reroute import Reroute
 from sidecar.errors import InvalidArgument, StoreUnavailable
 from sidecar.groupcommit import Done, GroupCommit
-from sidecar.metrics import count_by_topic
+from sidecar.metrics import count_by_topic, group_counter
 from sidecar.store.base import ClaimMode, ClaimStatus
 
 log = logging.getLogger(__name__)
@@ -52,7 +52,10 @@ class Settlement:
         # at a time: calls that arrive while it waits for the store go together in the next
         # (the store keeps a second round trip of its own in flight for other callers).
         self._acks: GroupCommit[str, int] = GroupCommit(
-            self._ack_checked, max_in_flight=1, max_items=core.settings.server.max_ids_per_call
+            self._ack_checked,
+            max_in_flight=1,
+            max_items=core.settings.server.max_ids_per_call,
+            on_run=group_counter(core.metrics, "ack"),
         )
 
     async def _answer_failed_on_error(self, ids: Sequence[str], call: Awaitable[T]) -> T:

@@ -38,7 +38,7 @@ from sidecar.errors import (
 from sidecar.groupcommit import GroupCommit
 from sidecar.kafka.producer import AsyncProducer, Outgoing, Produced, Sent, indeterminate
 from sidecar.kafka.topics import TopicCatalog
-from sidecar.metrics import Metrics
+from sidecar.metrics import Metrics, group_counter
 from sidecar.store.base import Claim, ClaimStatus, DedupStore, PublishRecord
 
 
@@ -164,7 +164,10 @@ class Publisher:
         # Concurrent Publish calls go through the store and the producer together, as the
         # entries of one PublishBatch do (group commit; a lone call does not wait).
         self._singles: GroupCommit[PublishInput, Outcome] = GroupCommit(
-            self.publish_batch, max_in_flight=2, max_items=settings.max_batch_entries
+            self.publish_batch,
+            max_in_flight=2,
+            max_items=settings.max_batch_entries,
+            on_run=group_counter(metrics, "publish"),
         )
 
     def validate(self, req: PublishInput) -> None:

@@ -693,11 +693,7 @@ class DedupClient:
                 async with asyncio.timeout(timeout):
                     return await fut
             except TimeoutError:
-                raise PublishError(
-                    grpc.StatusCode.DEADLINE_EXCEEDED,
-                    f"no answer within {timeout}s; the record may or may not be published: retry with "
-                    "the same idempotency key",
-                ) from None
+                raise _no_answer(timeout) from None
         if self._streaming:
             return await self._publish_on_stream(request, timeout)
         resp = await self._next_stub().Publish(request, metadata=self._metadata, timeout=timeout)
@@ -713,11 +709,7 @@ class DedupClient:
             async with asyncio.timeout(timeout):
                 r = await stream.publish(request)
         except TimeoutError:
-            raise PublishError(
-                grpc.StatusCode.DEADLINE_EXCEEDED,
-                f"no answer within {timeout}s; the record may or may not be published: retry with "
-                "the same idempotency key",
-            ) from None
+            raise _no_answer(timeout) from None
         except (grpc.aio.AioRpcError, StreamClosed) as exc:
             code = exc.code() if isinstance(exc, grpc.aio.AioRpcError) else grpc.StatusCode.UNAVAILABLE
             raise PublishError(
@@ -776,6 +768,14 @@ _STATUS_BY_VALUE = {c.value[0]: c for c in grpc.StatusCode}
 #: How long a worker may stay unreachable while another worker's stream is open (see _merged).
 WORKER_RETRY_SECONDS = 60.0
 _BATCH_TIMEOUT = 60.0  # seconds for a coalesced PublishBatch call; each caller waits its own timeout
+
+
+def _no_answer(timeout: float | None) -> PublishError:
+    return PublishError(
+        grpc.StatusCode.DEADLINE_EXCEEDED,
+        f"no answer within {timeout}s; the record may or may not be published: retry with "
+        "the same idempotency key",
+    )
 
 
 def _same(stub: pb_grpc.DedupServiceAsyncStub) -> pb_grpc.DedupServiceAsyncStub:
