@@ -42,6 +42,8 @@ from confluent_kafka import Consumer, Producer
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "deploy" / "local"))
+sys.path.insert(0, str(ROOT / "bench"))  # percall_report, when this file is loaded by path
+import percall_report  # noqa: E402  (bench/, this file's folder)
 import services  # noqa: E402
 from dedup_client import DedupClient  # noqa: E402
 from dedup_client.client import publish_request  # noqa: E402
@@ -898,8 +900,11 @@ def main() -> int:
     results["pairs"] = summarize_pairs(pairs)
     results["budget"] = {**budgets, "cpus": os.cpu_count()}
     saved_path = ROOT / "bench" / "results.json"
-    if saved_path.exists() and "cluster" in (saved := json.loads(saved_path.read_text())):
-        results["cluster"] = saved["cluster"]  # from its own run (--cluster)
+    if saved_path.exists():
+        saved = json.loads(saved_path.read_text())
+        for own in ("cluster", "per_call"):  # from their own runs (--cluster, bench/percall.py)
+            if own in saved:
+                results[own] = saved[own]
     saved_path.write_text(json.dumps(results, indent=2) + "\n")
     png = Path(args.out).with_suffix(".png")
     have_plot = plot(results, png)
@@ -1285,6 +1290,8 @@ def write_markdown(r: dict[str, Any], path: Path, png: str | None) -> None:
         f"Sidecar RSS: {mem.get('rss_start_mb', 0):.0f} MB at start, {mem.get('rss_10pct_mb', 0):.0f} MB "
         f"after {mem['records'] // 10} records, {mem.get('rss_end_mb', 0):.0f} MB after {mem['records']}.",
     ]
+    if "per_call" in r:
+        lines += percall_report.section(r["per_call"])
     if "workers" in r:
         lines += workers_section(r["workers"])
     if "cluster" in r:

@@ -60,3 +60,31 @@ def test_budget_section_gives_the_machine_ceiling() -> None:
     assert "| redis-server |  | 15.0 |" in text
     assert "| **the machine, every core** | **10.0** | **50.0** |" in text
     assert bench.budget_section({}) == []
+
+
+def test_the_per_call_section_gives_each_path_against_both_floors() -> None:
+    per_call = {
+        "command": "scripts/bench.sh --per-call",
+        "window": 64,
+        "rows": [
+            {"name": "floor: bare unary echo", "rate": 5000.0, "rates": [5000.0], "server_cpu_us": 200.0},
+            {
+                "name": "floor: bare stream echo, a message each way",
+                "rate": 6000.0,
+                "rates": [6000.0],
+                "server_cpu_us": 100.0,
+            },
+            {"name": "raw idempotent producer, 64 records in flight", "rate": 6000.0, "client_cpu_us": 10.0},
+            {
+                "name": "unary Publish, 64 in flight",
+                "rate": 3000.0,
+                "rates": [3000.0],
+                "server_cpu_us": 300.0,
+            },
+        ],
+        "latency": {"publish": {"p50_ms": 1.9, "p99_ms": 4.0}},
+    }
+    text = "\n".join(bench.percall_report.section(per_call))
+    assert "| unary Publish, 64 in flight | 3,000 | 3,000 | 300.0 | 1.50 | 3.00 |" in text
+    assert "0.50x the raw producer's rate" in text
+    assert "| a lone unary `Publish` | 1.9 | 4.0 |" in text
