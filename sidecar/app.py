@@ -94,6 +94,7 @@ class Sidecar:
         self.engine: Engine | None = None
         self._consumer: kconsumer.ConsumerLoop | None = None
         self._producer: kproducer.AsyncProducer | None = None
+        self._fast_producer: kproducer.AsyncProducer | None = None
         self._server: Any = None
         self._metrics_server: Any = None
         self._health_server: Any = None
@@ -144,6 +145,10 @@ class Sidecar:
             )
         else:
             log.info("no kafka.topics: publish-only, no consumer and no group")
+        if float(producer_conf.get("linger.ms", 5)) > 0:
+            # For a publish that is alone: the same settings without linger (see Publisher).
+            fast_conf = {**producer_conf, "linger.ms": 0}
+            self._fast_producer = kproducer.AsyncProducer(fast_conf, loop, s.publish.timeout_seconds)
         publisher = Publisher(
             s.publish,
             s.delivery.idempotency_header,
@@ -153,6 +158,7 @@ class Sidecar:
             s.store.retention_seconds * 1000,
             self.owner,
             self.topics if s.publish.check_topics else None,
+            fast=self._fast_producer,
         )
         servicer = DedupServicer(self.engine, publisher, s.publish.max_batch_entries, s.kafka.topics)
         admin = AdminServicer(self, self.engine, self.store, s.kafka.group_id, self._store_name)
@@ -388,8 +394,9 @@ class Sidecar:
             await self.engine.stop(s.server.shutdown_grace_seconds)
         if self._consumer is not None:
             await self._consumer.stop()
-        if self._producer is not None:
-            await self._producer.close()
+        for producer in (self._producer, self._fast_producer):
+            if producer is not None:
+                await producer.close()
         if self._server is not None:
             await self._server.stop(1.0)
             listeners.remove_socket(s.server.listen)
