@@ -18,7 +18,7 @@ import (
 type publishStream struct {
 	stub dedupv1.DedupServiceClient
 
-	mu     sync.Mutex // guards cur, next and closed, and Send (one writer at a time)
+	mu     sync.Mutex // guards cur, next, closed and each call's waiting (never held across Send)
 	cur    *publishCall
 	next   uint64
 	closed bool
@@ -26,6 +26,10 @@ type publishStream struct {
 
 // publishCall is one StreamingPublish call and the callers waiting for its answers.
 type publishCall struct {
+	// sendMu makes one Send at a time. It is apart from publishStream.mu: a Send that waits on
+	// flow control (the sidecar reads no more until some answers are read) must not keep the
+	// reading goroutine from handing answers out.
+	sendMu  sync.Mutex
 	call    grpc.BidiStreamingClient[dedupv1.StreamingPublishRequest, dedupv1.StreamingPublishResponse]
 	cancel  context.CancelFunc
 	waiting map[uint64]chan *dedupv1.StreamingPublishResult // guarded by publishStream.mu
@@ -69,8 +73,10 @@ func (p *publishStream) publish(ctx context.Context, req *dedupv1.PublishRequest
 	p.next++
 	id := p.next
 	pc.waiting[id] = answer
-	err := pc.call.Send(&dedupv1.StreamingPublishRequest{RequestId: id, Publish: req})
 	p.mu.Unlock()
+	pc.sendMu.Lock()
+	err := pc.call.Send(&dedupv1.StreamingPublishRequest{RequestId: id, Publish: req})
+	pc.sendMu.Unlock()
 	if err != nil {
 		p.forget(pc, id)
 		// The call ended; read sees why and lets it go, and the next publish opens another.
@@ -128,9 +134,12 @@ func (p *publishStream) read(pc *publishCall) {
 // refuses new publishes.
 func (p *publishStream) close() {
 	p.mu.Lock()
-	defer p.mu.Unlock()
 	p.closed = true
-	if p.cur != nil {
-		_ = p.cur.call.CloseSend()
+	pc := p.cur
+	p.mu.Unlock()
+	if pc != nil {
+		pc.sendMu.Lock()
+		_ = pc.call.CloseSend()
+		pc.sendMu.Unlock()
 	}
 }
