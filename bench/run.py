@@ -49,6 +49,7 @@ from dedup_client import DedupClient  # noqa: E402
 from dedup_client.client import publish_request  # noqa: E402
 
 VALUE = b"x" * 1024
+UNARY_WINDOW = 64  # unary Ack calls in flight in the per-message consume row
 # Preloaded records: 1 KB of hex text, 1,024 different ones in turn, so lz4 finds no repeat within
 # its 64 KB window and a batch compresses about 2:1, like typical payloads. (A constant value
 # compressed 200:1; librdkafka's prefetch then decompressed into hundreds of megabytes, and the
@@ -319,6 +320,17 @@ async def consume_via(
 
     async def one(target: str) -> None:
         nonlocal count, t0
+        # Unbatched: one Ack call per record with up to UNARY_WINDOW in flight, as an app with
+        # that many handlers makes them (one at a time hid the concurrency the sidecar groups).
+        window = asyncio.Semaphore(UNARY_WINDOW)
+        calls: set[asyncio.Task[None]] = set()
+
+        async def ack_one(c: DedupClient, did: str) -> None:
+            try:
+                await c.ack_many([did])
+            finally:
+                window.release()
+
         async with DedupClient(target, coalesce_acks=batched, ack_max_ids=2000, ack_linger=0.002) as c:
             gen = c.frames(max_in_flight=5000 if batched else 500)
             try:
@@ -330,11 +342,15 @@ async def consume_via(
                             m.ack()  # coalesced by the client: no round trip on the read path
                     else:
                         for m in frame:
-                            await c.ack_many([m.delivery_id])
+                            await window.acquire()
+                            call = asyncio.create_task(ack_one(c, m.delivery_id))
+                            calls.add(call)
+                            call.add_done_callback(calls.discard)
                     count += len(frame)
                     if sample is not None:
                         sample(count)
                     if count >= n:
+                        await asyncio.gather(*calls)
                         await c.flush_acks()
                         done.set()
                         return
@@ -775,7 +791,7 @@ def main() -> int:
             log("sidecar, redis store, batched acks by the Go client")
             name = "sidecar, Redis store, batched acks, Go client"
             consume.append(sidecar_consume(kafka, "bench6", n, redis_store, work, name, go=go))
-        log("sidecar, redis store, one Ack call per message")
+        log(f"sidecar, redis store, one Ack call per message, {UNARY_WINDOW} in flight")
         consume.append(
             sidecar_consume(
                 kafka,
@@ -783,7 +799,7 @@ def main() -> int:
                 n_unary,
                 redis_store,
                 work,
-                "sidecar, Redis store, one Ack call per message",
+                f"sidecar, Redis store, one Ack call per message, {UNARY_WINDOW} in flight",
                 batched=False,
             )
         )
