@@ -26,10 +26,12 @@ run of tests/integration/test_fuzz.py against a sidecar process and a real Apach
 127.0.0.1, in {elapsed} s. The test command runs the same tests with 12 sequences.
 
 Hypothesis draws random, interleaved sequences of every RPC (Subscribe, Ack, Nack, ExtendDeadline,
-Publish, PublishBatch, AdminService) with random and malformed fields: forged, unknown, stale and
-duplicate delivery ids, acks of another stream's deliveries, huge and empty fields, enum values
-outside the enum, invalid UTF-8 in string fields (as raw protobuf), and arbitrary bytes as the
-request of each method. The checks:
+Publish, PublishBatch, StreamingSubscribe, StreamingPublish, AdminService) with random and malformed
+fields: forged, unknown, stale and duplicate delivery ids, acks of another stream's deliveries, huge
+and empty fields, enum values outside the enum, invalid UTF-8 in string fields (as raw protobuf),
+and arbitrary bytes as the request of each method. StreamingSubscribe streams take the same settle
+requests as stream messages, interleaved with the unary calls, plus protocol breaks (a second
+subscribe, an empty request), half-closes, and streams that never read. The checks:
 
 - every answer is a precise status (never UNKNOWN, INTERNAL or UNAVAILABLE) and the process lives;
 - no record is delivered again after its Ack was answered OK;
