@@ -252,6 +252,8 @@ class StreamingServicer:
         return done
 
     def _failed_settle(self, rid: int, method: str, exc: BaseException) -> bytes:
+        if isinstance(exc, asyncio.CancelledError):  # the sidecar is stopping
+            exc = ShuttingDown("the sidecar is shutting down; nothing was settled, retry")
         if isinstance(exc, Unavailable) and not isinstance(exc, ShuttingDown):
             self._on_unavailable(method, exc)
         elif not isinstance(exc, SidecarError):
@@ -331,7 +333,9 @@ class StreamingServicer:
             if isinstance(result, PublishOutput):
                 outbox.answer(encode_stream_publish_result(rid, tuple(result)))  # type: ignore[arg-type]
                 return
-            if isinstance(result, Unavailable) and not isinstance(result, ShuttingDown):
+            if isinstance(result, asyncio.CancelledError):  # the sidecar is stopping
+                result = ShuttingDown("the sidecar is shutting down; retry with the same idempotency key")
+            elif isinstance(result, Unavailable) and not isinstance(result, ShuttingDown):
                 self._on_unavailable("Publish", result)
             elif not isinstance(result, SidecarError):
                 log.error("Publish on a stream failed", exc_info=result)

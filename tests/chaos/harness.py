@@ -260,6 +260,8 @@ class Scenario:
                         pending = [k for k in chunk if k not in done] + pending[200:]
                         if len(done) < len(chunk):
                             await asyncio.sleep(0.3)
+                        if not done:
+                            break  # no progress on this sidecar: try the next alive one (and the deadline)
             except grpc.aio.AioRpcError:
                 await asyncio.sleep(0.3)
         for k in self.rng.sample(keys, max(1, count // 20)):  # an app retrying Publish after a timeout
