@@ -145,7 +145,7 @@ class Sidecar:
             )
         else:
             log.info("no kafka.topics: publish-only, no consumer and no group")
-        if float(producer_conf.get("linger.ms", 5)) > 0:
+        if float(producer_conf.get("linger.ms", kproducer.DEFAULT_LINGER_MS)) > 0:
             # For a publish that is alone: the same settings without linger (see Publisher).
             fast_conf = {**producer_conf, "linger.ms": 0}
             self._fast_producer = kproducer.AsyncProducer(fast_conf, loop, s.publish.timeout_seconds)

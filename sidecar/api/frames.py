@@ -210,19 +210,24 @@ def encode_publish_results(results: Sequence[PublishResult]) -> bytes:
     return b"".join(out)
 
 
+def _answer(request_id: int, code: int, message: str) -> bytes:
+    """The fields every stream answer opens with: request_id 1, code 2, message 3."""
+    body = b"\x08" + _varint(request_id) if request_id else b""
+    if code:
+        body += b"\x10" + _varint(code)
+    if message:
+        body += _len_field(b"\x1a", message.encode())
+    return body
+
+
 def encode_stream_publish_result(request_id: int, result: PublishResult) -> bytes:
     """A serialized ``StreamingPublishResponse`` with one result: ``results = 1``;
     ``StreamingPublishResult``: request_id 1, code 2, message 3, response 4. Responses
     concatenated are one response with all their results (protobuf merges repeated fields)."""
-    body = b"\x08" + _varint(request_id) if request_id else b""
     if len(result) == 2:
-        code, message = result
-        if code:
-            body += b"\x10" + _varint(code)
-        if message:
-            body += _len_field(b"\x1a", message.encode())
+        body = _answer(request_id, *result)
     else:
-        body += _len_field(b"\x22", _publish_response(*result))
+        body = _answer(request_id, 0, "") + _len_field(b"\x22", _publish_response(*result))
     return _len_field(b"\x0a", body)
 
 
@@ -230,11 +235,7 @@ def encode_settle_result(request_id: int, code: int, message: str, results: Sequ
     """A serialized ``StreamingSubscribeResponse`` with one ``SettleResult`` (``results = 2``;
     request_id 1, code 2, message 3, results 4, packed). It may be appended to a frame (field 1)
     or to other results: the concatenation parses as one response carrying all of them."""
-    body = b"\x08" + _varint(request_id) if request_id else b""
-    if code:
-        body += b"\x10" + _varint(code)
-    if message:
-        body += _len_field(b"\x1a", message.encode())
+    body = _answer(request_id, code, message)
     if results:
         body += _len_field(b"\x22", b"".join(_SMALL[r] if 0 <= r < 0x80 else _varint(r) for r in results))
     return _len_field(b"\x12", body)

@@ -158,7 +158,7 @@ class StreamingServicer:
 
         pump = spawn(self._pump(stream, outbox))
         reader = spawn(self._read_settles(requests, outbox, caller, spawn))
-        failure: SidecarError | None = None
+        failure: BaseException | None = None
         try:
             while True:
                 # After the app half-closed, write answers only: new deliveries could not be
@@ -172,14 +172,14 @@ class StreamingServicer:
                 if reader.done():
                     broke = reader.exception()
                     if broke is not None:
-                        failure = broke if isinstance(broke, SidecarError) else _internal(broke)
+                        failure = _logged(broke)
                         break
                     if outbox.answered_all:
                         break  # half-closed, and every request it sent is answered
                 elif pump.done():
                     broke = pump.exception()
                     if broke is not None:
-                        failure = broke if isinstance(broke, SidecarError) else _internal(broke)
+                        failure = _logged(broke)
                         break
                     if outbox.answered_all:  # the stream was closed: the sidecar is stopping
                         failure = ShuttingDown("the sidecar is shutting down; reconnect")
@@ -252,14 +252,21 @@ class StreamingServicer:
         return done
 
     def _failed_settle(self, rid: int, method: str, exc: BaseException) -> bytes:
-        if isinstance(exc, asyncio.CancelledError):  # the sidecar is stopping
-            exc = ShuttingDown("the sidecar is shutting down; nothing was settled, retry")
-        if isinstance(exc, Unavailable) and not isinstance(exc, ShuttingDown):
+        code, message = self._status_of(method, exc, "nothing was settled, retry")
+        return encode_settle_result(rid, code, message, ())
+
+    def _status_of(self, method: str, exc: BaseException, stopping: str) -> tuple[int, str]:
+        """The code and message a request that failed with ``exc`` is answered with, as its unary
+        call would fail; logged as the servicer logs failed calls. A run cut short by the
+        sidecar's stop (CancelledError) answers UNAVAILABLE with ``stopping``."""
+        if isinstance(exc, asyncio.CancelledError):
+            exc = ShuttingDown(f"the sidecar is shutting down; {stopping}")
+        elif isinstance(exc, Unavailable) and not isinstance(exc, ShuttingDown):
             self._on_unavailable(method, exc)
         elif not isinstance(exc, SidecarError):
             log.error("%s on a stream failed", method, exc_info=exc)
         code, message = status_for(exc)
-        return encode_settle_result(rid, code.value[0], message, ())
+        return code.value[0], message
 
     async def _settle_later(self, kind: str, body: Any, outbox: Outbox) -> None:
         engine = self._engine
@@ -286,7 +293,7 @@ class StreamingServicer:
         trace = tracing.trace_headers(context.invocation_metadata())
         reader = asyncio.create_task(self._read_records(requests, outbox, caller, trace))
         reader.add_done_callback(lambda _: outbox.wake.set())
-        failure: SidecarError | None = None
+        failure: BaseException | None = None
         try:
             while True:
                 message, _ = outbox.take(frames=False)
@@ -296,7 +303,7 @@ class StreamingServicer:
                 if reader.done() and outbox.answered_all:
                     broke = reader.exception()
                     if broke is not None:
-                        failure = broke if isinstance(broke, SidecarError) else _internal(broke)
+                        failure = _logged(broke)
                     break
                 if self._engine.stopping and outbox.answered_all:
                     failure = ShuttingDown("the sidecar is shutting down; reconnect")
@@ -333,14 +340,8 @@ class StreamingServicer:
             if isinstance(result, PublishOutput):
                 outbox.answer(encode_stream_publish_result(rid, tuple(result)))  # type: ignore[arg-type]
                 return
-            if isinstance(result, asyncio.CancelledError):  # the sidecar is stopping
-                result = ShuttingDown("the sidecar is shutting down; retry with the same idempotency key")
-            elif isinstance(result, Unavailable) and not isinstance(result, ShuttingDown):
-                self._on_unavailable("Publish", result)
-            elif not isinstance(result, SidecarError):
-                log.error("Publish on a stream failed", exc_info=result)
-            code, message = status_for(result)
-            outbox.answer(encode_stream_publish_result(rid, (code.value[0], message)))
+            status = self._status_of("Publish", result, "retry with the same idempotency key")
+            outbox.answer(encode_stream_publish_result(rid, status))
 
         return done
 
@@ -358,6 +359,9 @@ def publish_input(req: pb.PublishRequest, trace: Sequence[tuple[str, bytes]] = (
     )
 
 
-def _internal(exc: BaseException) -> SidecarError:
-    log.error("a stream's reader failed", exc_info=exc)
-    return SidecarError(f"internal error: {type(exc).__name__}")
+def _logged(exc: BaseException) -> BaseException:
+    """A failure that ends a stream; one the sidecar did not expect is logged (status_for makes
+    it INTERNAL)."""
+    if not isinstance(exc, SidecarError):
+        log.error("a stream's reader failed", exc_info=exc)
+    return exc

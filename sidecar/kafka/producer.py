@@ -32,6 +32,8 @@ log = logging.getLogger(__name__)
 _ANY_PARTITION = -1  # librdkafka's RD_KAFKA_PARTITION_UA: the partitioner chooses
 
 OWNED_PROPERTIES = frozenset({"enable.idempotence", "acks"})
+#: linger.ms unless kafka.producer sets it (librdkafka's own default, written out).
+DEFAULT_LINGER_MS = 5
 
 
 class Outgoing(NamedTuple):
@@ -89,12 +91,11 @@ class AsyncProducer:
             "logger": logging.getLogger("librdkafka"),
         }
         self._config.setdefault("delivery.timeout.ms", int(timeout_s * 1000))
-        # librdkafka's own default, written out: records produced within 5 ms share a request. A
-        # publish that is alone goes to a second producer without linger instead (app.py,
-        # Publisher), so it does not wait; under load the fuller requests cost librdkafka and the
-        # delivery reports about a fifth as much CPU per record (docs/ARCHITECTURE.md, "Per-call
-        # paths").
-        self._config.setdefault("linger.ms", 5)
+        # Records produced within the linger share a request. A publish that is alone goes to a
+        # second producer without linger instead (app.py, Publisher), so it does not wait; under
+        # load the fuller requests cost librdkafka and the delivery reports far less CPU per
+        # record (docs/ARCHITECTURE.md, "Per-call paths").
+        self._config.setdefault("linger.ms", DEFAULT_LINGER_MS)
         self._loop = loop
         self._timeout_s = timeout_s
         self._producer = Producer(self._config)

@@ -398,7 +398,7 @@ class Publisher:
         # A few records while nothing else is being produced: the producer without linger, so a
         # call that is alone does not wait for company. Otherwise the lingering producer, whose
         # fuller requests cost librdkafka and the delivery reports far less per record.
-        alone = self._fast is not None and self._producing == 0 and len(entries) <= ALONE_MAX
+        alone = self._producing == 0 and len(entries) <= ALONE_MAX
         producer = self._fast if alone and self._fast is not None else self._producer
         self._producing += 1
         try:
