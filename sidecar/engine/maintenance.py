@@ -187,7 +187,8 @@ class Maintenance:
         waits its turn."""
         core = self.core
         at = core.ready_queue.position(p)
-        parts = [f"{'not in' if at is None else f'#{at} of {len(core.ready_queue)} in'} the ready queue"]
+        queued = core.ready_queue.waiting(p.topic)
+        parts = [f"{'not in' if at is None else f'#{at} of {queued} in'} topic {p.topic}'s ready queue"]
         last = p.delivery_ids[-1] if p.delivery_ids else None
         for s in core.streams.values():
             parts.append(

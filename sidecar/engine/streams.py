@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import itertools
+import math
 from collections import deque
 
 from sidecar.engine.ordering import Ordering
@@ -94,57 +95,115 @@ class Stream:
 
 
 class ReadyQueue:
-    """Records waiting for a stream, oldest first."""
+    """Records waiting for a stream: a queue per topic, each oldest first.
+
+    A stream takes from the queues of the topics it wants, in turns that rotate from one take to
+    the next, so what a take costs depends on the stream's own records only: one topic's backlog
+    can neither starve a stream of another topic nor slow its takes down.
+    """
 
     def __init__(self) -> None:
-        self._q: deque[Pending] = deque()
+        self._queues: dict[str, deque[Pending]] = {}
+        self._size = 0
+        self._turn = 0
 
     def __len__(self) -> int:
-        return len(self._q)
+        return self._size
 
     def push(self, p: Pending, front: bool = False) -> None:
         p.state = State.READY
+        q = self._queues.get(p.topic)
+        if q is None:
+            q = self._queues[p.topic] = deque()
         if front:
-            self._q.appendleft(p)
+            q.appendleft(p)
         else:
-            self._q.append(p)
+            q.append(p)
+        self._size += 1
 
     def position(self, p: Pending) -> int | None:
-        """Where ``p`` is in the queue (0: next), or None; a scan, for diagnostics only."""
-        for i, q in enumerate(self._q):
+        """Where ``p`` is in its topic's queue (0: next), or None; a scan, for diagnostics only."""
+        for i, q in enumerate(self._queues.get(p.topic, ())):
             if q is p:
                 return i
         return None
 
+    def waiting(self, topic: str) -> int:
+        """How many entries wait in ``topic``'s queue (including ones settled while queued)."""
+        q = self._queues.get(topic)
+        return len(q) if q is not None else 0
+
     def drop_held(self) -> None:
         """Forget records that are no longer READY (an ordering change held them back), so that
         pushing one again later cannot queue it twice."""
-        self._q = deque(p for p in self._q if p.state is State.READY)
+        for topic, q in self._queues.items():
+            self._queues[topic] = deque(p for p in q if p.state is State.READY)
+        self._size = sum(len(q) for q in self._queues.values())
 
     def take(self, stream: Stream) -> list[Pending]:
-        """Take what ``stream`` may receive now: within its credit, its batch size and its topics."""
+        """Take what ``stream`` may receive now: within its credit, its batch size and its
+        topics; several topics share a frame in turns."""
+        want = min(stream.max_in_flight - stream.outstanding, stream.max_batch)
         out: list[Pending] = []
-        skipped: list[Pending] = []
-        budget = stream.max_in_flight - stream.outstanding
-        room = stream.max_bytes - stream.in_flight_bytes if stream.max_bytes else None
-        scanned = 0
-        held = stream.expired
-        while self._q and len(out) < min(budget, stream.max_batch) and scanned < 10_000:
-            p = self._q.popleft()
-            scanned += 1
-            if p.state is not State.READY:
-                continue  # dropped or settled while queued
-            if not stream.wants(p) or (held and p.delivery_ids and p.delivery_ids[-1] in held):
-                # Not its topic; or the app behind this stream still holds the expired copy of
-                # this record: it will answer that copy (an ack settles the record), so sending
-                # it again there only queues a duplicate behind its backlog.
-                skipped.append(p)
-                continue
-            if room is not None and len(p.value) > room and (out or stream.in_flight):
-                self._q.appendleft(p)
-                break
-            out.append(p)
-            if room is not None:
-                room -= len(p.value)
-        self._q.extendleft(reversed(skipped))
+        if want <= 0:
+            return out
+        if stream.topics:
+            queues = [q for t in stream.topics if (q := self._queues.get(t))]
+        else:
+            queues = [q for q in self._queues.values() if q]
+        if not queues:
+            return out
+        if len(queues) > 1:
+            self._turn += 1
+            k = self._turn % len(queues)
+            queues = queues[k:] + queues[:k]
+        room = float(stream.max_bytes - stream.in_flight_bytes) if stream.max_bytes else math.inf
+        while queues and len(out) < want:
+            # One turn: each queue in order gives its share of what is left to fill. One that
+            # gives less has nothing more the stream may take now and is asked no further.
+            share = max(1, (want - len(out)) // len(queues))
+            for q in list(queues):
+                upto = min(len(out) + share, want)
+                left = self._take_from(q, stream, out, upto, room)
+                if left is None:
+                    return out  # the next record would pass the stream's byte credit
+                room = left
+                if len(out) < upto:
+                    queues.remove(q)
+                elif len(out) >= want:
+                    break
         return out
+
+    def _take_from(
+        self, q: deque[Pending], stream: Stream, out: list[Pending], upto: int, room: float
+    ) -> float | None:
+        """Move records from ``q`` to ``out`` until it holds ``upto``. Returns the stream's byte
+        credit left (inf: no byte limit), or None when the next record does not fit it."""
+        skipped: list[Pending] = []
+        try:
+            while q and len(out) < upto:
+                p = q.popleft()
+                self._size -= 1
+                if p.state is not State.READY:
+                    continue  # dropped or settled while queued
+                if _held(stream, p):
+                    # The app behind this stream still holds the expired copy of this record:
+                    # it will answer that copy (an ack settles the record), so sending it again
+                    # there only queues a duplicate behind its backlog.
+                    skipped.append(p)
+                    continue
+                if len(p.value) > room and (out or stream.in_flight):
+                    q.appendleft(p)
+                    self._size += 1
+                    return None
+                room -= len(p.value)
+                out.append(p)
+        finally:
+            q.extendleft(reversed(skipped))
+            self._size += len(skipped)
+        return room
+
+
+def _held(stream: Stream, p: Pending) -> bool:
+    """Whether the app behind ``stream`` still holds an expired copy of ``p``."""
+    return bool(stream.expired) and bool(p.delivery_ids) and p.delivery_ids[-1] in stream.expired

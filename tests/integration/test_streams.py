@@ -240,11 +240,17 @@ async def test_a_stream_that_never_reads_is_held_back_and_the_sidecar_serves_on(
                 written += 1
 
         task = asyncio.create_task(flood())
-        await asyncio.sleep(3)
-        # The sidecar stopped reading past server.max_stream_settles_in_flight: gRPC's flow
-        # control holds the writer, far short of what it tried to send.
+        # The sidecar stops reading past server.max_stream_settles_in_flight, and its answers
+        # stop once the unread ones fill the caller's receive window (which gRPC's BDP probe
+        # grows to a few MB): then flow control holds the writer, far short of what it tried to
+        # send. Wait until it has stalled for a whole second.
+        seen, deadline = -1, asyncio.get_running_loop().time() + 20
+        while written != seen and asyncio.get_running_loop().time() < deadline:
+            seen = written
+            await asyncio.sleep(1)
         assert not task.done()
-        assert written < 2000
+        assert written == seen, f"the writer was never held back ({written} requests written)"
+        assert written < 10_000
         # Everything else is served meanwhile.
         async with stub_of(sc) as other:
             got = await other.Ack(pb.AckRequest(delivery_ids=["deadbeef.1"]), timeout=5)

@@ -450,7 +450,7 @@ async def test_a_stall_on_a_ready_record_says_what_each_stream_could_take(
         eng.check_stalls()
     [warning] = [r.getMessage() for r in caplog.records if "has not moved" in r.getMessage()]
     assert "record @1 is ready (attempt 1, key 'second')" in warning, warning
-    assert "#0 of 1 in the ready queue" in warning, warning
+    assert "#0 of 1 in topic orders's ready queue" in warning, warning
     assert f"stream {s.id}: 0/1 outstanding (0 expired), wants it;" in warning, warning
 
 
