@@ -44,6 +44,7 @@ log = logging.getLogger(__name__)
 _SERVING = health_pb2.HealthCheckResponse.SERVING
 _NOT_SERVING = health_pb2.HealthCheckResponse.NOT_SERVING
 READINESS_INTERVAL_S = 3.0  # how often readiness checks the store, the brokers and the topics
+NOT_READY_INTERVAL_S = 1.0  # how often while not ready
 
 
 def _kafka_config(
@@ -131,7 +132,7 @@ class Sidecar:
         self.metrics.registry.register(EngineCollector(self.engine, lambda: self._lag))
         self.topics = TopicCatalog(self._producer.topics)
         if s.kafka.topics:
-            await self._check_topics()
+            kafka_answered = await self._check_topics()
             if self.engine.retry_topics:
                 await self._ensure_retry_topics(consumer_conf)
             self._consumer = kconsumer.ConsumerLoop(
@@ -145,6 +146,7 @@ class Sidecar:
             )
         else:
             log.info("no kafka.topics: publish-only, no consumer and no group")
+            kafka_answered = await self._kafka_answers()
         if float(producer_conf.get("linger.ms", kproducer.DEFAULT_LINGER_MS)) > 0:
             # For a publish that is alone: the same settings without linger (see Publisher).
             fast_conf = {**producer_conf, "linger.ms": 0}
@@ -180,9 +182,14 @@ class Sidecar:
             self._consumer.start()
             if not self.store.shared and self.worker is None:
                 self._watch = asyncio.create_task(self._watch_group())
-        ready = self.ready = not self.engine.missing_topics
+        # Ready only once the store and a broker have answered: a sidecar started with neither
+        # reachable must not take traffic in the meantime.
+        problems = await self._readiness_problems(kafka_answered)
+        ready = self.ready = not problems
         await self._health.set(SERVICE_NAME, _SERVING if ready else _NOT_SERVING)
         await self._health.set("", _SERVING)
+        if not ready:
+            log.error("not ready (%s health entry NOT_SERVING): %s", SERVICE_NAME, "; ".join(problems))
         self._readiness = asyncio.create_task(self._watch_readiness(ready))
         where = srv.listen if not self.port else f"{srv.listen.rpartition(':')[0]}:{self.port}"
         log.info(
@@ -212,15 +219,16 @@ class Sidecar:
                 out.workers.add(index=i, port=port)
         return out
 
-    async def _check_topics(self) -> None:
+    async def _check_topics(self) -> bool:
         """Say at start-up which of kafka.topics the cluster does not have: Subscribe answers
-        NOT_FOUND for them and the DedupService health entry is NOT_SERVING until they exist."""
+        NOT_FOUND for them and the DedupService health entry is NOT_SERVING until they exist.
+        Returns whether a broker answered."""
         assert self.engine is not None
         try:
             counts = await self.topics.partitions(self.settings.kafka.topics)
         except KafkaUnavailable as exc:
             log.warning("cannot check that kafka.topics exist: %s", exc)
-            return
+            return False
         missing = {t for t, n in counts.items() if n is None}
         self.engine.missing_topics.update(missing)
         if missing:
@@ -230,6 +238,7 @@ class Sidecar:
                 sorted(missing),
                 SERVICE_NAME,
             )
+        return True
 
     def lag(self) -> dict[tuple[str, int], int]:
         return self._lag
@@ -260,17 +269,50 @@ class Sidecar:
         NOT_SERVING while the store or every broker is unreachable, or a topic of kafka.topics does
         not exist, and SERVING again by itself once they are back. The overall entry (liveness)
         stays SERVING: restarting the sidecar would not bring a broker back."""
+        ever_ready = ready
+        while True:
+            # Not ready yet: look again sooner, so a sidecar that starts before its broker or
+            # store takes traffic soon after they answer.
+            await asyncio.sleep(READINESS_INTERVAL_S if ready else NOT_READY_INTERVAL_S)
+            problems = await self._readiness_problems()
+            if (not problems) != ready:
+                ready = self.ready = not problems
+                await self._health.set(SERVICE_NAME, _SERVING if ready else _NOT_SERVING)
+                if ready:
+                    log.info("ready%s: %s health entry SERVING", " again" if ever_ready else "", SERVICE_NAME)
+                    ever_ready = True
+                else:
+                    log.error(
+                        "not ready (%s health entry NOT_SERVING): %s", SERVICE_NAME, "; ".join(problems)
+                    )
+
+    async def _kafka_answers(self) -> bool:
+        try:
+            await self.topics.refresh()
+        except KafkaUnavailable as exc:
+            log.warning("no broker answers: %s", exc)
+            return False
+        return True
+
+    async def _readiness_problems(self, kafka_answered: bool | None = None) -> list[str]:
+        """What keeps the sidecar from being ready: an unreachable store, no broker answering,
+        or topics of kafka.topics the cluster does not have. ``kafka_answered``: whether a
+        broker answered a moment ago (at start-up), so its metadata need not be read again;
+        None to read it."""
         assert self.store is not None
         assert self.engine is not None
-        store, missing = self.store, self.engine.missing_topics
-        while True:
-            await asyncio.sleep(READINESS_INTERVAL_S)
-            problems: list[str] = []
-            try:
-                async with asyncio.timeout(READINESS_INTERVAL_S):
-                    await store.ping()
-            except Exception as exc:  # noqa: BLE001 - any failure means "not ready"
-                problems.append(f"store unreachable ({exc or type(exc).__name__})")
+        missing = self.engine.missing_topics
+        problems: list[str] = []
+        try:
+            async with asyncio.timeout(READINESS_INTERVAL_S):
+                await self.store.ping()
+        except Exception as exc:  # noqa: BLE001 - any failure means "not ready"
+            problems.append(f"store unreachable ({exc or type(exc).__name__})")
+        if kafka_answered is False:
+            problems.append(
+                f"Kafka unreachable (no broker of {self.settings.kafka.bootstrap_servers} answered)"
+            )
+        elif kafka_answered is None:
             try:
                 await self.topics.refresh()
                 for t in [t for t in missing if self.topics.known(t) is not None]:
@@ -278,17 +320,9 @@ class Sidecar:
                     missing.discard(t)
             except KafkaUnavailable as exc:
                 problems.append(f"Kafka unreachable ({exc})")
-            if missing:
-                problems.append(f"topics {sorted(missing)} in kafka.topics do not exist")
-            if (not problems) != ready:
-                ready = self.ready = not problems
-                await self._health.set(SERVICE_NAME, _SERVING if ready else _NOT_SERVING)
-                if ready:
-                    log.info("ready again: %s health entry SERVING", SERVICE_NAME)
-                else:
-                    log.error(
-                        "not ready (%s health entry NOT_SERVING): %s", SERVICE_NAME, "; ".join(problems)
-                    )
+        if missing:
+            problems.append(f"topics {sorted(missing)} in kafka.topics do not exist")
+        return problems
 
     async def _ensure_retry_topics(self, consumer_conf: dict[str, Any]) -> None:
         """Create the retry topics that are missing (``delivery.retry_create_topics``), each like

@@ -14,6 +14,7 @@ import services
 from confluent_kafka.admin import AdminClient
 from dedup_client import DedupClient, PublishError, PublishResult
 from dedup_client.client import publish_request
+from faultproxy import FaultProxy
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from sidecar.api.server import SERVICE_NAME
@@ -162,9 +163,31 @@ async def test_readiness_follows_the_store_and_comes_back_by_itself(
         await wait_readiness(target, SERVING)
 
 
+async def test_ready_only_once_a_broker_has_answered(kafka: services.KafkaBroker) -> None:
+    """Started while no broker answers (its bootstrap address refuses every connection), the
+    sidecar is NOT_SERVING from the first moment, and SERVING by itself once a broker answers."""
+    topic = unique("late")
+    kafka.create_topic(topic, 1)
+    proxy = FaultProxy(services.free_port(), kafka.port)
+    await proxy.start()
+    proxy.set_mode("reset")
+    cfg = settings_dict(kafka, [topic], unique("g"))
+    cfg["kafka"]["bootstrap_servers"] = f"127.0.0.1:{proxy.listen_port}"
+    try:
+        async with running_sidecar(**cfg) as sc:
+            target = f"127.0.0.1:{sc.port}"
+            assert await readiness(target) == (NOT_SERVING, SERVING)
+            proxy.set_mode("pass")
+            await wait_readiness(target, SERVING)
+    finally:
+        await proxy.stop()
+
+
 async def test_no_reachable_broker_is_not_ready() -> None:
     cfg = settings_dict_for(f"127.0.0.1:{services.free_port()}")
     async with running_sidecar(**cfg) as sc:
         target = f"127.0.0.1:{sc.port}"
-        await wait_readiness(target, NOT_SERVING)
-        assert (await readiness(target))[1] == SERVING
+        # Not ready from the first moment: no broker has answered yet (it used to say SERVING
+        # until its first readiness check, seconds later).
+        assert not sc.ready
+        assert await readiness(target) == (NOT_SERVING, SERVING)
