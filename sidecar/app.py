@@ -28,12 +28,13 @@ from sidecar.api.server import SERVICE_NAME, build_health_server, build_server
 from sidecar.api.servicer import DedupServicer
 from sidecar.config import Settings, is_loopback_listen, is_unix_listen, split_listen, unix_socket_path
 from sidecar.engine.engine import Engine
-from sidecar.errors import ConfigError, KafkaUnavailable
+from sidecar.errors import ConfigError, KafkaUnavailable, StoreUnavailable
 from sidecar.kafka import connect
 from sidecar.kafka import consumer as kconsumer
 from sidecar.kafka import producer as kproducer
 from sidecar.kafka.topics import TopicCatalog
 from sidecar.metrics import EngineCollector, Metrics
+from sidecar.outage import Outage
 from sidecar.publish.publisher import Publisher
 from sidecar.store.base import DedupStore
 from sidecar.store.timed import TimedStore
@@ -109,6 +110,9 @@ class Sidecar:
         self.ready = False  # what the DedupService health entry says
         self.topics: TopicCatalog
         self._stopped = asyncio.Event()
+        # What the log says while Kafka or the store fails: changes of state, not each failure.
+        self.kafka_outage = Outage("Kafka", self.metrics.dependency_failures)
+        self.store_outage = Outage("store", self.metrics.dependency_failures)
 
     async def start(self) -> None:
         s = self.settings
@@ -126,8 +130,10 @@ class Sidecar:
         _warn_exposure(s, certs)
         if connect.secured(producer_conf):
             await asyncio.to_thread(connect.check_credentials, connect.security_only(producer_conf))
-        self.store = TimedStore(await open_store(s), self.metrics.store_seconds)
-        self._producer = kproducer.AsyncProducer(producer_conf, loop, s.publish.timeout_seconds)
+        self.store = TimedStore(await open_store(s), self.metrics.store_seconds, self.store_outage)
+        self._producer = kproducer.AsyncProducer(
+            producer_conf, loop, s.publish.timeout_seconds, self.kafka_outage
+        )
         self.engine = Engine(s, self.store, self._producer, self.metrics, self.owner)
         self.metrics.registry.register(EngineCollector(self.engine, lambda: self._lag))
         self.topics = TopicCatalog(self._producer.topics)
@@ -143,6 +149,7 @@ class Sidecar:
                 s.kafka.fetch_batch,
                 max(5_000, 10 * s.kafka.fetch_batch),
                 handover_interval=s.kafka.handover_interval_ms / 1000,
+                outage=self.kafka_outage,
             )
         else:
             log.info("no kafka.topics: publish-only, no consumer and no group")
@@ -150,7 +157,9 @@ class Sidecar:
         if float(producer_conf.get("linger.ms", kproducer.DEFAULT_LINGER_MS)) > 0:
             # For a publish that is alone: the same settings without linger (see Publisher).
             fast_conf = {**producer_conf, "linger.ms": 0}
-            self._fast_producer = kproducer.AsyncProducer(fast_conf, loop, s.publish.timeout_seconds)
+            self._fast_producer = kproducer.AsyncProducer(
+                fast_conf, loop, s.publish.timeout_seconds, self.kafka_outage
+            )
         publisher = Publisher(
             s.publish,
             s.delivery.idempotency_header,
@@ -307,7 +316,10 @@ class Sidecar:
             async with asyncio.timeout(READINESS_INTERVAL_S):
                 await self.store.ping()
         except Exception as exc:  # noqa: BLE001 - any failure means "not ready"
-            problems.append(f"store unreachable ({exc or type(exc).__name__})")
+            reason = str(exc) or f"no answer in {READINESS_INTERVAL_S:.0f}s"
+            if not isinstance(exc, StoreUnavailable):  # TimedStore told the outage of those
+                self.store_outage.failed(reason)
+            problems.append(f"store unreachable ({reason})")
         if kafka_answered is False:
             problems.append(
                 f"Kafka unreachable (no broker of {self.settings.kafka.bootstrap_servers} answered)"
@@ -315,6 +327,7 @@ class Sidecar:
         elif kafka_answered is None:
             try:
                 await self.topics.refresh()
+                self.kafka_outage.answered()
                 for t in [t for t in missing if self.topics.known(t) is not None]:
                     log.info("topic %s exists now", t)
                     missing.discard(t)

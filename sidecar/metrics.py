@@ -120,6 +120,12 @@ class Metrics:
         self.stale_acks = Counter("dedup_stale_acks_total", "Acks for partitions revoked since", registry=r)
         self.busy = Counter("dedup_busy_claims_total", "Claims held back: another owner's lease", registry=r)
         self.store_errors = Counter("dedup_store_errors_total", "Failed store round trips", registry=r)
+        self.dependency_failures = Counter(
+            "dedup_dependency_failures_total",
+            "Failures reaching a dependency: Kafka (connections, as librdkafka reports them) or the store",
+            ["dependency"],
+            registry=r,
+        )
         self.commits = Counter("dedup_commits_total", "Offset commits", registry=r)
         self.rebalances = Counter(
             "dedup_rebalances_total", "Partitions assigned, revoked or lost", ["event"], registry=r

@@ -137,7 +137,8 @@ class Claims:
                 core.metrics.store_errors.inc()
                 if not retry or core.stopping:
                     raise
-                log.warning("claim failed, retrying in %.1fs: %s", delay, exc)
+                # The store's Outage logs the outage (sidecar/outage.py), not each retry.
+                log.debug("claim failed, retrying in %.1fs: %s", delay, exc)
                 await asyncio.sleep(delay)
                 delay = min(delay * 2, 5.0)
         now = core.clock()

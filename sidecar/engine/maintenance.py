@@ -12,6 +12,7 @@ from sidecar.engine.dispatch import Dispatch
 from sidecar.engine.records import Pending, State
 from sidecar.engine.settlement import Settlement
 from sidecar.errors import StoreUnavailable
+from sidecar.outage import Outage
 from sidecar.store.base import ClaimMode
 
 log = logging.getLogger(__name__)
@@ -26,6 +27,8 @@ class Maintenance:
         self.claims = claims
         self.dispatch = dispatch
         self.settlement = settlement
+        # A commit that fails is retried every commit interval: log the changes of state only.
+        self.commits = Outage("Kafka offset commits", core.metrics.dependency_failures)
 
     async def timer_loop(self) -> None:
         while True:
@@ -130,8 +133,10 @@ class Maintenance:
             try:
                 await core.commit_now()
             except Exception as exc:  # noqa: BLE001 - retried after the interval
-                log.warning("commit failed, retrying: %s", exc)
+                self.commits.failed(f"{exc} (retried every commit.interval_ms)")
                 core.commit_wakeup.set()
+            else:
+                self.commits.answered()
             await asyncio.sleep(interval)
 
     async def stall_loop(self) -> None:

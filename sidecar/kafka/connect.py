@@ -22,6 +22,19 @@ from sidecar.errors import ConfigError
 log = logging.getLogger(__name__)
 
 
+class _NotTwice(logging.Filter):
+    """Drop librdkafka's FAIL lines (a connection failed): the error callback reports the same
+    failure, and the clients count it there (sidecar/outage.py) instead of logging each."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not (isinstance(record.args, tuple) and record.args and record.args[0] == "FAIL")
+
+
+#: The logger librdkafka's own lines go to, for every client of the sidecar.
+LIBRDKAFKA_LOG = logging.getLogger("librdkafka")
+LIBRDKAFKA_LOG.addFilter(_NotTwice())
+
+
 def _readable(path: Path, setting: str) -> Path:
     try:
         with open(path, "rb") as f:

@@ -35,6 +35,9 @@ from typing import Any, Protocol, TypeVar
 
 from confluent_kafka import Consumer, KafkaError, KafkaException, Message, TopicPartition
 
+from sidecar.kafka import connect
+from sidecar.outage import Outage
+
 #: Hand-overs of fewer records than this are paced (see ConsumerLoop._fetch).
 PACE_BELOW = 64
 
@@ -87,6 +90,8 @@ class ConsumerLoop:
         handover_interval: least seconds between two hand-overs of a part-full batch.
         max_handover: records handed to the loop and not yet taken in before fetching stops.
         stall_pause_after: seconds the loop may stay behind before every partition is paused.
+        outage: counts the failures the error callback reports and logs their changes of state
+            (without it, each is logged).
     """
 
     def __init__(
@@ -99,7 +104,9 @@ class ConsumerLoop:
         max_handover: int = 5_000,
         stall_pause_after: float = 2.0,
         handover_interval: float = 0.0,
+        outage: Outage | None = None,
     ) -> None:
+        self._outage = outage
         self._config = {
             **config,
             "enable.auto.commit": False,
@@ -107,7 +114,7 @@ class ConsumerLoop:
             "partition.assignment.strategy": "cooperative-sticky",
             "error_cb": self._on_error,
             "on_commit": self._on_commit,
-            "logger": logging.getLogger("librdkafka"),
+            "logger": connect.LIBRDKAFKA_LOG,
         }
         self._config.setdefault("auto.offset.reset", "earliest")
         # librdkafka prefetches up to 64 MB per partition by default; the tracker bounds what is
@@ -466,6 +473,8 @@ class ConsumerLoop:
         if err.fatal():
             log.error("fatal consumer error: %s", err)
             self.fatal = KafkaException(err)
+        elif self._outage is not None:
+            self._outage.failed(f"consumer: {err.str()}")
         else:
             log.warning("consumer: %s", err)
 

@@ -26,6 +26,8 @@ from sidecar.errors import (
     ResourceExhausted,
     SidecarError,
 )
+from sidecar.kafka import connect
+from sidecar.outage import Outage
 
 log = logging.getLogger(__name__)
 
@@ -78,17 +80,24 @@ class AsyncProducer:
     """Parameters:
     config: librdkafka producer properties; idempotence and acks=all are always forced.
     timeout_s: how long a produce may wait for room in the queue and for its delivery report.
+    outage: counts the failures the error callback reports and logs their changes of state
+        (without it, each is logged).
     """
 
     def __init__(
-        self, config: dict[str, Any], loop: asyncio.AbstractEventLoop, timeout_s: float = 30.0
+        self,
+        config: dict[str, Any],
+        loop: asyncio.AbstractEventLoop,
+        timeout_s: float = 30.0,
+        outage: Outage | None = None,
     ) -> None:
+        self._outage = outage
         self._config = {
             **config,
             "enable.idempotence": True,
             "acks": "all",
             "error_cb": self._on_error,
-            "logger": logging.getLogger("librdkafka"),
+            "logger": connect.LIBRDKAFKA_LOG,
         }
         self._config.setdefault("delivery.timeout.ms", int(timeout_s * 1000))
         # Records produced within the linger share a request. A publish that is alone goes to a
@@ -156,6 +165,8 @@ class AsyncProducer:
         if err.fatal():
             log.error("fatal producer error: %s", err)
             self._needs_reset = True
+        elif self._outage is not None:
+            self._outage.failed(f"producer: {err.str()}")
         else:
             log.warning("producer: %s", err)
 

@@ -1,4 +1,5 @@
-"""A dedup store wrapper that times every round trip into ``dedup_store_request_seconds{op}``.
+"""A dedup store wrapper that times every round trip into ``dedup_store_request_seconds{op}``,
+and tells the store's Outage (sidecar/outage.py) of each failure and answer.
 
 Every store call carries a batch, so one observation per call costs nothing per record."""
 
@@ -10,24 +11,34 @@ from typing import TypeVar
 
 from prometheus_client import Histogram
 
+from sidecar.errors import StoreUnavailable
+from sidecar.outage import Outage
 from sidecar.store.base import Claim, ClaimMode, DedupStore, KeyInfo, PublishRecord
 
 T = TypeVar("T")
 
 
 class TimedStore:
-    def __init__(self, inner: DedupStore, seconds: Histogram) -> None:
+    def __init__(self, inner: DedupStore, seconds: Histogram, outage: Outage | None = None) -> None:
         self.inner = inner
         self.name = inner.name
         self.shared = inner.shared
         self._timers = {op: seconds.labels(op) for op in _OPS}
+        self._outage = outage
 
     async def _timed(self, op: str, call: Awaitable[T]) -> T:
         t0 = time.perf_counter()
         try:
-            return await call
+            result = await call
+        except StoreUnavailable as exc:
+            if self._outage is not None:
+                self._outage.failed(str(exc))
+            raise
         finally:
             self._timers[op].observe(time.perf_counter() - t0)
+        if self._outage is not None:
+            self._outage.answered()
+        return result
 
     async def claim(
         self, keys: Sequence[str], owner: str, lease_ms: int, mode: ClaimMode = ClaimMode.CLAIM

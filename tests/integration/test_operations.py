@@ -145,7 +145,7 @@ async def wait_readiness(target: str, want: int, timeout: float = 20) -> None:
 
 
 async def test_readiness_follows_the_store_and_comes_back_by_itself(
-    kafka: services.KafkaBroker, redis_server: services.RedisServer
+    kafka: services.KafkaBroker, redis_server: services.RedisServer, caplog: pytest.LogCaptureFixture
 ) -> None:
     topic = unique("ready")
     kafka.create_topic(topic, 1)
@@ -154,31 +154,63 @@ async def test_readiness_follows_the_store_and_comes_back_by_itself(
     async with running_sidecar(**cfg) as sc:
         target = f"127.0.0.1:{sc.port}"
         assert await readiness(target) == (SERVING, SERVING)
+        caplog.set_level("INFO")
         redis_server.pause()
         try:
             await wait_readiness(target, NOT_SERVING)
             assert (await readiness(target))[1] == SERVING  # alive: a restart would not help
+            await asyncio.sleep(7)  # readiness pings it every second meanwhile
         finally:
             redis_server.resume()
         await wait_readiness(target, SERVING)
+        # The outage is logged as it began and as it ended, not at each failed round trip.
+        deadline = time.monotonic() + 30
+        while not any("store: answering again after" in r.getMessage() for r in caplog.records):
+            assert time.monotonic() < deadline, "the end of the store's outage was never logged"
+            await asyncio.sleep(0.5)
+        said = [r.getMessage() for r in caplog.records if r.name == "sidecar.outage"]
+        assert len(said) == 2, said
+        assert said[0].startswith("store: failing: ")
+        assert sc.metrics.dependency_failures.labels("store")._value.get() >= 2  # each ping waits 3 s
 
 
-async def test_ready_only_once_a_broker_has_answered(kafka: services.KafkaBroker) -> None:
+async def test_ready_only_once_a_broker_has_answered_and_the_outage_is_logged_not_each_failure(
+    kafka: services.KafkaBroker, caplog: pytest.LogCaptureFixture
+) -> None:
     """Started while no broker answers (its bootstrap address refuses every connection), the
-    sidecar is NOT_SERVING from the first moment, and SERVING by itself once a broker answers."""
+    sidecar is NOT_SERVING from the first moment, and SERVING by itself once a broker answers.
+    Meanwhile the log says that Kafka fails once, not each refused connection (it wrote some 50
+    lines a second, each failure twice), and counts the failures in a metric; and once Kafka is
+    back, it says so and how long it was out."""
     topic = unique("late")
     kafka.create_topic(topic, 1)
+    # Nothing listens at the bootstrap address until the proxy to the broker starts there.
     proxy = FaultProxy(services.free_port(), kafka.port)
-    await proxy.start()
-    proxy.set_mode("reset")
     cfg = settings_dict(kafka, [topic], unique("g"))
     cfg["kafka"]["bootstrap_servers"] = f"127.0.0.1:{proxy.listen_port}"
+    caplog.set_level("INFO")
     try:
         async with running_sidecar(**cfg) as sc:
             target = f"127.0.0.1:{sc.port}"
             assert await readiness(target) == (NOT_SERVING, SERVING)
-            proxy.set_mode("pass")
+            await asyncio.sleep(10)
+            failures = sc.metrics.dependency_failures.labels("Kafka")._value.get()
+            assert failures > 20  # librdkafka kept trying
+            kafka_lines = [
+                r
+                for r in caplog.records
+                if r.name.startswith(("librdkafka", "sidecar.kafka", "sidecar.outage"))
+            ]
+            assert len(kafka_lines) <= 3, [r.getMessage() for r in kafka_lines]
+            [down] = [r.getMessage() for r in kafka_lines if "failing:" in r.getMessage()]
+            assert down.startswith("Kafka: failing: ")
+            assert "Connection refused" in down or "brokers are down" in down, down
+            await proxy.start()
             await wait_readiness(target, SERVING)
+            deadline = time.monotonic() + 30
+            while not any("Kafka: answering again after" in r.getMessage() for r in caplog.records):
+                assert time.monotonic() < deadline, "the end of the outage was never logged"
+                await asyncio.sleep(0.5)
     finally:
         await proxy.stop()
 
