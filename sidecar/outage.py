@@ -69,30 +69,17 @@ class Outage:
             if self.down_since is None:
                 self.down_since = self._last_log = now
                 self._count = self._since_log = 1
-                line, args = (
-                    "%s: failing: %s (logged again at most every %.0fs while it lasts)",
-                    (
-                        self.name,
-                        reason,
-                        self._remind_s,
-                    ),
-                )
+                line = f"{self.name}: failing: {reason} (logged again at most every {self._remind_s:.0f}s while it lasts)"
             elif now - self._last_log >= self._remind_s:
-                line, args = (
-                    "%s: still failing after %.0fs, %d failures in the last %.0fs; the last: %s",
-                    (
-                        self.name,
-                        now - self.down_since,
-                        self._since_log,
-                        now - self._last_log,
-                        reason,
-                    ),
+                line = (
+                    f"{self.name}: still failing after {now - self.down_since:.0f}s, {self._since_log} "
+                    f"failures in the last {now - self._last_log:.0f}s; the last: {reason}"
                 )
                 self._last_log = now
                 self._since_log = 0
             else:
                 return
-        log.warning(line, *args)
+        log.warning("%s", line)
 
     def answered(self) -> None:
         """A request was answered. Once answers came and no failure followed for ``quiet_s``,
