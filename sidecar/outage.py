@@ -69,7 +69,10 @@ class Outage:
             if self.down_since is None:
                 self.down_since = self._last_log = now
                 self._count = self._since_log = 1
-                line = f"{self.name}: failing: {reason} (logged again at most every {self._remind_s:.0f}s while it lasts)"
+                line = (
+                    f"{self.name}: failing: {reason} "
+                    f"(logged again at most every {self._remind_s:.0f}s while it lasts)"
+                )
             elif now - self._last_log >= self._remind_s:
                 line = (
                     f"{self.name}: still failing after {now - self.down_since:.0f}s, {self._since_log} "
