@@ -1,8 +1,8 @@
 """The composition root: builds every part from Settings, starts them, and stops them in order.
 
-Shutdown order (first signal): health NOT_SERVING; stop fetching; drain acks for
-``server.shutdown_grace_seconds``; final commit; leave the group; flush the producer; stop the
-server. A second signal exits at once.
+Shutdown order (first signal): health NOT_SERVING; stop fetching and sending; answer acks until
+the app has answered what it holds, or ``server.shutdown_grace_seconds``; final commit; leave the
+group; flush the producer; stop the server. A second signal exits at once.
 """
 
 from __future__ import annotations
@@ -52,6 +52,11 @@ def _kafka_config(
     settings: Settings, extra: dict[str, Any], owned: frozenset[str], kind: str
 ) -> dict[str, Any]:
     clash = owned & set(extra)
+    if "group.protocol" in clash or "session.timeout.ms" in extra:
+        raise ConfigError(
+            f"kafka.{kind} sets {sorted(clash & {'group.protocol'} or {'session.timeout.ms'})}: use "
+            "kafka.group_protocol and kafka.session_timeout_ms instead"
+        )
     if clash:
         raise ConfigError(
             f"kafka.{kind} sets {sorted(clash)}, which the sidecar owns to keep its guarantees; remove them"
@@ -119,7 +124,11 @@ class Sidecar:
         tracing.setup(s.tracing.exporter, s.tracing.otlp_endpoint, s.tracing.sample_ratio)
         loop = asyncio.get_running_loop()
         consumer_conf = _kafka_config(s, s.kafka.consumer, kconsumer.OWNED_PROPERTIES, "consumer")
-        consumer_conf.update({"group.id": s.kafka.group_id, "session.timeout.ms": s.kafka.session_timeout_ms})
+        consumer_conf["group.id"] = s.kafka.group_id
+        if s.kafka.group_protocol == "consumer":
+            consumer_conf["group.protocol"] = "consumer"  # the session timeout is the broker's
+        else:
+            consumer_conf["session.timeout.ms"] = s.kafka.session_timeout_ms
         if s.kafka.statistics_interval_ms:
             consumer_conf.setdefault("statistics.interval.ms", s.kafka.statistics_interval_ms)
             consumer_conf["stats_cb"] = self._on_statistics

@@ -73,7 +73,16 @@ class KafkaSettings(_Section):
     #: cuts the sidecar's CPU per record. A batch of 64 records or more never waits. 0 hands every
     #: fetch over alone.
     handover_interval_ms: float = Field(2.0, ge=0, le=100)
+    #: How long the group waits for a member that stopped heartbeating (kill -9, a lost host)
+    #: before its partitions go to the others. With group_protocol = "consumer" the broker sets
+    #: it (group.consumer.session.timeout.ms, 45 s by default) and this is not used.
     session_timeout_ms: int = Field(10_000, ge=1000)
+    #: The consumer group protocol. "classic": the cooperative-sticky assignor, incremental
+    #: rebalances, the session timeout above. "consumer": Kafka 4's protocol (KIP-848; brokers
+    #: 4.0 and later), where the broker assigns partitions and each member reconciles on its own,
+    #: with no group-wide barrier; its session timeout is the broker's. docs/ARCHITECTURE.md
+    #: ("Rebalances") gives the measurements behind the default.
+    group_protocol: Literal["classic", "consumer"] = "classic"
     #: How often librdkafka reports statistics, from which dedup_consumer_lag_records is read
     #: (so the lag is at most this old). 0 turns them, and the lag metric, off.
     statistics_interval_ms: int = Field(5000, ge=0)
@@ -167,6 +176,11 @@ class DeliverySettings(_Section):
     max_ack_deadline_seconds: int = Field(600, ge=1)
     #: Extra lease beyond the ack deadline, so a slow ack does not race a takeover.
     lease_margin_seconds: float = Field(5, ge=0)
+    #: When a rebalance takes partitions away, how long the sidecar waits (sending nothing more
+    #: of them) for the app to answer what it holds of them before it lets them go: answered,
+    #: they are committed here and not delivered again by the next owner. The consumer fetches
+    #: nothing meanwhile, and under group_protocol = "classic" the group's rebalance waits too.
+    revoke_grace_seconds: float = Field(5, ge=0, le=30)
     max_attempts: int = Field(5, ge=1)
     backoff_initial_seconds: float = Field(1, ge=0)
     backoff_max_seconds: float = Field(60, ge=0)

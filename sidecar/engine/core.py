@@ -180,10 +180,11 @@ class Core:
             self.consumer.set_paused(tp, want)
             self.metrics.paused_partitions.inc(1 if want else -1)
 
-    async def commit_now(self, only: set[TP] | None = None) -> None:
-        """Commit every partition's settled prefix (with settled-above metadata) that moved."""
+    async def commit_now(self, only: set[TP] | None = None) -> bool:
+        """Commit every partition's settled prefix (with settled-above metadata) that moved.
+        Returns False when Kafka refused some (a rebalance under way): commit again later."""
         if self.consumer is None:
-            return
+            return True
         offsets = []
         for tp, part in self.partitions.items():
             if only is not None and tp not in only:
@@ -192,7 +193,7 @@ class Core:
             if t.committable() >= 0 and t.needs_commit():
                 offsets.append(CommitOffset(tp[0], tp[1], t.committable(), t.commit_metadata()))
         if not offsets:
-            return
+            return True
         t0 = time.perf_counter()
         committed = await self.consumer.commit(offsets)
         self.metrics.commit_seconds.observe(time.perf_counter() - t0)
@@ -206,3 +207,4 @@ class Core:
         if self.traced_settled:
             tracing.commit_span(self.traced_settled, len(committed))
             self.traced_settled = []
+        return len(committed) == len(offsets)

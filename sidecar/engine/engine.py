@@ -133,8 +133,11 @@ class Engine:
         core = self.core
         core.accepting = False
         deadline = core.clock() + grace_s
-        while core.clock() < deadline and any(s.in_flight for s in core.streams.values()):  # noqa: ASYNC110
-            await asyncio.sleep(0.05)
+        # Keep answering acks for what the app holds (in flight here, or delivered from a
+        # partition a rebalance took meanwhile) until each is answered or the grace ends: a
+        # delivery answered here is not delivered again by the next owner.
+        while core.clock() < deadline and self._unanswered():  # noqa: ASYNC110
+            await asyncio.sleep(0.02)
         core.stopping = True
         for s in list(core.streams.values()):
             s.closed = True
@@ -156,6 +159,15 @@ class Engine:
             with contextlib.suppress(asyncio.CancelledError):
                 await t
 
+    def _unanswered(self) -> bool:
+        """Whether the app holds deliveries it has not answered: in flight on a stream, or from a
+        revoked partition whose lease still runs (an ack of those still marks the key done)."""
+        core = self.core
+        if any(s.in_flight for s in core.streams.values()):
+            return True
+        now = core.clock()
+        return any(until > now for until in core.stale_leases.values())
+
     # ---------------------------------------------------------------------------------------------
     # consumer events (ConsumerHandler)
 
@@ -171,6 +183,8 @@ class Engine:
 
     async def on_revoked(self, tps: list[TP], lost: bool) -> list[CommitOffset]:
         core = self.core
+        if not lost and not core.stopping:
+            await self._hand_over(tps)
         commits: list[CommitOffset] = []
         undelivered: list[Pending] = []
         dropped: list[Pending] = []
@@ -199,6 +213,27 @@ class Engine:
         for p in dropped:
             self.claims.release_shadows(p)
         return commits
+
+    async def _hand_over(self, tps: list[TP]) -> None:
+        """Partitions are taken away (a rebalance, not a loss): send nothing more of them, and
+        wait up to ``delivery.revoke_grace_seconds`` for the app to answer what it holds of
+        them. An answered delivery is settled here and covered by the commit on revoke, so the
+        next owner neither waits out its lease nor delivers it again (which a naive app would
+        apply twice)."""
+        core = self.core
+        parts = [part for tp in tps if (part := core.partitions.get(tp)) is not None]
+        if not parts:
+            return
+        queue = core.ready_queue
+        queue.revoking.update(tps)
+        try:
+            deadline = core.clock() + self.settings.delivery.revoke_grace_seconds
+            while core.clock() < deadline and any(  # noqa: ASYNC110
+                p.state is State.IN_FLIGHT for part in parts for p in part.pending.values()
+            ):
+                await asyncio.sleep(0.01)
+        finally:
+            queue.revoking.difference_update(tps)
 
     def _drop(self, p: Pending) -> None:
         """Forget a record of a revoked partition. In-flight ids stay answerable as STALE."""

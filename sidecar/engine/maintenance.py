@@ -131,12 +131,14 @@ class Maintenance:
             await core.commit_wakeup.wait()
             core.commit_wakeup.clear()
             try:
-                await core.commit_now()
+                whole = await core.commit_now()
             except Exception as exc:  # noqa: BLE001 - retried after the interval
                 self.commits.failed(f"{exc} (retried every commit.interval_ms)")
                 core.commit_wakeup.set()
             else:
                 self.commits.answered()
+                if not whole:
+                    core.commit_wakeup.set()  # some were refused (a rebalance): again after the interval
             await asyncio.sleep(interval)
 
     async def stall_loop(self) -> None:

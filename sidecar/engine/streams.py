@@ -106,6 +106,9 @@ class ReadyQueue:
         self._queues: dict[str, deque[Pending]] = {}
         self._size = 0
         self._turn = 0
+        #: Partitions being revoked: their records are no longer handed out (a take drops them
+        #: from the queue; the revoke drops them from the books).
+        self.revoking: set[tuple[str, int]] = set()
 
     def __len__(self) -> int:
         return self._size
@@ -180,12 +183,13 @@ class ReadyQueue:
         """Move records from ``q`` to ``out`` until it holds ``upto``. Returns the stream's byte
         credit left (inf: no byte limit), or None when the next record does not fit it."""
         skipped: list[Pending] = []
+        revoking = self.revoking
         try:
             while q and len(out) < upto:
                 p = q.popleft()
                 self._size -= 1
-                if p.state is not State.READY:
-                    continue  # dropped or settled while queued
+                if p.state is not State.READY or (revoking and p.tp in revoking):
+                    continue  # dropped or settled while queued, or its partition is going
                 if _held(stream, p):
                     # The app behind this stream still holds the expired copy of this record:
                     # it will answer that copy (an ack settles the record), so sending it again

@@ -29,7 +29,7 @@ import queue
 import threading
 import time
 from collections import deque
-from collections.abc import Callable, Coroutine, Sequence
+from collections.abc import Callable, Coroutine, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, Protocol, TypeVar
 
@@ -40,6 +40,8 @@ from sidecar.outage import Outage
 
 #: Hand-overs of fewer records than this are paced (see ConsumerLoop._fetch).
 PACE_BELOW = 64
+#: Tries of a commit on revoke that the group refused because it was rebalancing.
+REVOKE_COMMIT_TRIES = 4
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -47,7 +49,13 @@ TP = tuple[str, int]
 
 # librdkafka properties the sidecar sets itself; user overrides of these would break the guarantee.
 OWNED_PROPERTIES = frozenset(
-    {"enable.auto.commit", "enable.auto.offset.store", "group.id", "partition.assignment.strategy"}
+    {
+        "enable.auto.commit",
+        "enable.auto.offset.store",
+        "group.id",
+        "group.protocol",
+        "partition.assignment.strategy",
+    }
 )
 
 
@@ -111,11 +119,14 @@ class ConsumerLoop:
             **config,
             "enable.auto.commit": False,
             "enable.auto.offset.store": False,
-            "partition.assignment.strategy": "cooperative-sticky",
             "error_cb": self._on_error,
             "on_commit": self._on_commit,
             "logger": connect.LIBRDKAFKA_LOG,
         }
+        if self._config.get("group.protocol") != "consumer":
+            # Incremental rebalances: only the partitions that move are revoked. (Under the
+            # consumer protocol the broker assigns, incrementally too.)
+            self._config["partition.assignment.strategy"] = "cooperative-sticky"
         self._config.setdefault("auto.offset.reset", "earliest")
         # librdkafka prefetches up to 64 MB per partition by default; the tracker bounds what is
         # unsettled, and this bounds what is fetched but not yet taken in.
@@ -244,6 +255,11 @@ class ConsumerLoop:
             failure = tp.error or err
             if failure is None:
                 accepted.append(by_tp[(tp.topic, tp.partition)])
+            elif _rebalancing(failure):
+                # Expected while the group rebalances; the next commit after it covers this one.
+                log.info(
+                    "commit of %s[%d] deferred, the group is rebalancing: %s", tp.topic, tp.partition, failure
+                )
             else:
                 log.warning("commit of %s[%d] failed: %s", tp.topic, tp.partition, failure)
         self._loop.call_soon_threadsafe(_set_result, pending.fut, accepted)
@@ -427,29 +443,45 @@ class ConsumerLoop:
             return
         offsets = self._call(self._handler.on_revoked(tps, lost))
         if offsets and not lost:
-            try:
-                self._commit_now(consumer, offsets)
-            except KafkaException as exc:
-                log.warning("commit on revoke failed (records will be skipped via the store): %s", exc)
+            self._commit_on_revoke(consumer, offsets)
         for tp in tps:
             self._assigned.discard(tp)
             self._want_paused.discard(tp)
             self._paused.discard(tp)
         log.info("%s %s", "lost" if lost else "revoked", _fmt(partitions))
 
-    def _commit_now(self, consumer: Consumer, offsets: Sequence[CommitOffset]) -> list[CommitOffset]:
+    def _commit_on_revoke(self, consumer: Consumer, offsets: Sequence[CommitOffset]) -> None:
+        """Commit what was settled of partitions that go, before they go. A commit refused
+        because the group's generation moved on (another member joined or left meanwhile) is
+        tried again a few times: what it does not cover, the next owner reads again and skips
+        as duplicates through the store, at the cost of a claim round trip per record."""
+        left = list(offsets)
+        failures: Mapping[TP, KafkaError | KafkaException] = {}
+        for attempt in range(REVOKE_COMMIT_TRIES):
+            if attempt:
+                time.sleep(0.1 * attempt)
+            try:
+                failures = self._commit_sync(consumer, left)
+            except KafkaException as exc:
+                failures = {(o.topic, o.partition): exc for o in left}
+            left = [o for o in left if (o.topic, o.partition) in failures]
+            if not left or not all(_rebalancing(f) for f in failures.values()):
+                break
+        for (topic, partition), failure in sorted(failures.items()):
+            log.warning(
+                "commit on revoke of %s[%d] failed (the next owner reads its settled records again and "
+                "skips them through the store): %s",
+                topic,
+                partition,
+                failure,
+            )
+
+    def _commit_sync(self, consumer: Consumer, offsets: Sequence[CommitOffset]) -> dict[TP, KafkaError]:
+        """Commit and wait for the answer; returns the partitions that failed, with the error."""
         if not offsets:
-            return []
-        tps = [_tp(o) for o in offsets]
-        result = consumer.commit(offsets=tps, asynchronous=False)
-        accepted = []
-        by_tp = {(o.topic, o.partition): o for o in offsets}
-        for tp in result or []:
-            if tp.error is None:
-                accepted.append(by_tp[(tp.topic, tp.partition)])
-            else:
-                log.warning("commit of %s[%d] failed: %s", tp.topic, tp.partition, tp.error)
-        return accepted
+            return {}
+        result = consumer.commit(offsets=[_tp(o) for o in offsets], asynchronous=False)
+        return {(tp.topic, tp.partition): tp.error for tp in result or [] if tp.error is not None}
 
     def _sync_pause(self) -> None:
         consumer = self._consumer
@@ -496,6 +528,26 @@ def _set_result(fut: asyncio.Future[T], value: T) -> None:
 def _set_exc(fut: asyncio.Future[Any], exc: BaseException) -> None:
     if not fut.done():
         fut.set_exception(exc)
+
+
+#: Errors of a commit made while the group's generation (or member epoch) moved on.
+_REBALANCE_ERRORS = frozenset(
+    {
+        KafkaError.ILLEGAL_GENERATION,
+        KafkaError.REBALANCE_IN_PROGRESS,
+        KafkaError.UNKNOWN_MEMBER_ID,
+        KafkaError.STALE_MEMBER_EPOCH,
+    }
+)
+
+
+def tp_of(tp: TopicPartition) -> TP:
+    return tp.topic, tp.partition
+
+
+def _rebalancing(failure: KafkaError | KafkaException) -> bool:
+    err = failure.args[0] if isinstance(failure, KafkaException) and failure.args else failure
+    return isinstance(err, KafkaError) and err.code() in _REBALANCE_ERRORS
 
 
 def _fmt(partitions: list[TopicPartition]) -> str:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import signal
 import time
@@ -67,6 +68,47 @@ async def f6_churn(s: Scenario) -> str:
         await asyncio.sleep(0.5)
         await asyncio.gather(*(s.restart_sidecar(s.member(v, i % 3)) for v in VARIANTS))
     return "three replicas per group; one kill -9'd and restarted every ~3 s, 5 times"
+
+
+async def f18_rolling_restart_sidecars(s: Scenario) -> str:
+    """A rolling restart of the sidecars, as a Deployment's rollout does it: three replicas per
+    group, each in turn sent SIGTERM, waited for until it exits, started again on its port, and
+    the next one only once it serves. The apps ack within milliseconds, so a graceful stop that
+    hands nothing over applies no key twice, even in the naive app."""
+    for v in VARIANTS:
+        await s.add_member(v)  # three replicas per group
+    await settle_in(s)
+    took: list[float] = []
+
+    async def roll(m: Member) -> None:
+        t0 = time.monotonic()
+        code = await asyncio.to_thread(m.sidecar.terminate, 60)
+        took.append(time.monotonic() - t0)
+        assert code == 0, f"a sidecar exited with {code} on SIGTERM: {m.sidecar.log_path}"
+        await s.restart_sidecar(m)
+
+    arriving = asyncio.create_task(s.trickle(s.messages))  # records keep arriving
+    began = time.time()
+    try:
+        for i in range(3):
+            await asyncio.gather(*(roll(s.member(v, i)) for v in VARIANTS))
+            await asyncio.sleep(2.0)
+    finally:
+        arriving.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await arriving
+    ended = time.time()
+    failed = sum(
+        "commit on revoke of" in line
+        for v in VARIANTS
+        for m in s.groups[v]
+        for line in m.sidecar.log_path.read_text(errors="replace").splitlines()
+    )
+    return (
+        "three replicas per group, each in turn SIGTERM'd and restarted once the last serves; stops took "
+        f"{min(took):.1f}-{max(took):.1f} s; longest pause in effects during the rollout "
+        f"{max(s.longest_pause(v, began, ended) for v in VARIANTS):.1f} s; {failed} failed commits on revoke"
+    )
 
 
 async def f17_kill_worker(s: Scenario) -> str:

@@ -16,6 +16,7 @@ checks the effect ledgers:
 from __future__ import annotations
 
 import asyncio
+import itertools
 import random
 import sqlite3
 import subprocess
@@ -330,9 +331,44 @@ class Scenario:
             highest[(kkey, part)] = max(top, off)
         return violations
 
+    async def trickle(self, start: int, per_second: int = 500) -> None:
+        """Records keep arriving: keys from ``start`` on, ``per_second`` a second in batches of
+        50 through PublishBatch on whichever sidecar is alive, until cancelled."""
+        n, turn = start, 0
+        while True:
+            keys = [f"{self.prefix}-{i:06d}" for i in range(n, n + 50)]
+            self.attempted.update(keys)
+            entries = [
+                publish_request(self.topic, k.encode(), self.kafka_key(k), idempotency_key=k) for k in keys
+            ]
+            while keys:
+                turn += 1
+                try:
+                    async with DedupClient(self.alive_sidecar(turn).target) as c:
+                        out: list[Any] = await c.publish_batch(entries, timeout=10)
+                    self.sent.update(r.idempotency_key for r in out if isinstance(r, PublishResult))
+                    break
+                except grpc.aio.AioRpcError:
+                    await asyncio.sleep(0.1)
+            n += 50
+            await asyncio.sleep(50 / per_second)
+
     def alive_sidecar(self, turn: int) -> SidecarProcess:
         alive = [m.sidecar for m in self.members if m.sidecar.proc and m.sidecar.proc.poll() is None]
         return alive[turn % len(alive)] if alive else self.members[0].sidecar
+
+    def longest_pause(self, variant: str, since: float, until: float) -> float:
+        """The longest time between two effects of ``variant``'s apps in [since, until]: how
+        long the group as a whole applied nothing (records were arriving all along)."""
+        times: list[float] = []
+        for ledger in {m.ledger for m in self.groups[variant]}:
+            db = sqlite3.connect(ledger, timeout=30)
+            times += [
+                at for (at,) in db.execute("SELECT at FROM effects WHERE at BETWEEN ? AND ?", (since, until))
+            ]
+            db.close()
+        times = sorted([since, *times, until])
+        return max(b - a for a, b in itertools.pairwise(times))
 
     def effects(self, variant: str) -> tuple[Counter[str], dict[str, int], list[float]]:
         counts: Counter[str] = Counter()

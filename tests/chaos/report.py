@@ -103,6 +103,27 @@ FAULTS: list[tuple[str, str, Fault, dict[str, Any], str]] = [
     ),
     ("F6", "rebalance churn over three replicas", faults.f6_churn, {}, "everysec"),
     (
+        "F18",
+        "rolling restart of the sidecars (SIGTERM, restart, next)",
+        faults.f18_rolling_restart_sidecars,
+        {"app_args": ["--work-ms", "2"]},
+        "everysec",
+    ),
+    (
+        "F18-consumer-protocol",
+        'rolling restart of the sidecars, kafka.group_protocol = "consumer" (KIP-848)',
+        faults.f18_rolling_restart_sidecars,
+        {"app_args": ["--work-ms", "2"], "env": {"DEDUP_KAFKA__GROUP_PROTOCOL": "consumer"}},
+        "everysec",
+    ),
+    (
+        "F6-consumer-protocol",
+        'rebalance churn over three replicas, kafka.group_protocol = "consumer" (KIP-848)',
+        faults.f6_churn,
+        {"env": {"DEDUP_KAFKA__GROUP_PROTOCOL": "consumer"}},
+        "everysec",
+    ),
+    (
         "F2-stream",
         "kill -9 of a sidecar; acks on StreamingSubscribe, publishes on StreamingPublish",
         faults.f2_kill_sidecar,

@@ -18,7 +18,15 @@ from faultproxy import FaultProxy
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from sidecar.api.server import SERVICE_NAME
-from tests.integration.helpers import Inbox, read_topic, running_sidecar, settings_dict, unique
+from tests.integration.helpers import (
+    Inbox,
+    committed_offsets,
+    raw_produce,
+    read_topic,
+    running_sidecar,
+    settings_dict,
+    unique,
+)
 
 SERVING = health_pb2.HealthCheckResponse.SERVING
 NOT_SERVING = health_pb2.HealthCheckResponse.NOT_SERVING
@@ -223,3 +231,25 @@ async def test_no_reachable_broker_is_not_ready() -> None:
         # until its first readiness check, seconds later).
         assert not sc.ready
         assert await readiness(target) == (NOT_SERVING, SERVING)
+
+
+async def test_the_consumer_group_protocol_consumes_acks_and_commits(kafka: services.KafkaBroker) -> None:
+    """kafka.group_protocol = "consumer" (KIP-848) on the real broker: the broker assigns every
+    partition, each record is delivered once, and the acked offsets are committed."""
+    topic, group = unique("kip848"), unique("g")
+    kafka.create_topic(topic, 3)
+    raw_produce(kafka, topic, [(f"k{i}", b"v", None) for i in range(300)])
+    cfg = settings_dict(kafka, [topic], group)
+    cfg["kafka"]["group_protocol"] = "consumer"
+    del cfg["kafka"]["session_timeout_ms"]  # the broker's, under this protocol
+    async with running_sidecar(**cfg) as sc, DedupClient(f"127.0.0.1:{sc.port}") as c:
+        keys: list[str] = []
+        async with asyncio.timeout(60):
+            async for m in c.subscribe(max_in_flight=100):
+                keys.append(m.idempotency_key)
+                await m.ack()
+                if len(keys) == 300:
+                    break
+        assert sorted(keys) == sorted(f"k{i}" for i in range(300))
+        await asyncio.sleep(0.5)  # the commit interval
+    assert sum(committed_offsets(kafka, group, topic, 3).values()) == 300

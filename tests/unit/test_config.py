@@ -196,3 +196,30 @@ def test_kafka_client_config_from_the_security_settings(tmp_path: Path) -> None:
     gone = config.load(kafka={"security_protocol": "SSL", "ssl_ca_file": str(tmp_path / "none.pem")})
     with pytest.raises(ConfigError, match=r"kafka\.ssl_ca_file"):
         client_config(gone.kafka)
+
+
+@pytest.mark.parametrize(
+    ("extra", "named"),
+    [
+        ({"group.protocol": "consumer"}, "kafka.group_protocol"),
+        ({"session.timeout.ms": 6000}, "kafka.session_timeout_ms"),
+        ({"enable.auto.commit": True}, "owns to keep its guarantees"),
+    ],
+)
+def test_consumer_properties_the_sidecar_sets_are_refused_naming_the_setting(
+    extra: dict[str, object], named: str
+) -> None:
+    from sidecar.app import _kafka_config
+    from sidecar.errors import ConfigError
+    from sidecar.kafka.consumer import OWNED_PROPERTIES
+
+    settings = config.load(None, kafka={"consumer": extra})
+    with pytest.raises(ConfigError, match=named):
+        _kafka_config(settings, settings.kafka.consumer, OWNED_PROPERTIES, "consumer")
+
+
+def test_the_consumer_protocol_is_a_setting() -> None:
+    assert config.load(None).kafka.group_protocol == "classic"
+    assert config.load(None, kafka={"group_protocol": "consumer"}).kafka.group_protocol == "consumer"
+    with pytest.raises(ValueError, match="group_protocol"):
+        config.load(None, kafka={"group_protocol": "eager"})

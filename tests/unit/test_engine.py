@@ -73,6 +73,7 @@ async def engine() -> AsyncIterator[tuple[Engine, FakeConsumer]]:
             "busy_retry_seconds": 0.05,
             "max_unsettled_per_partition": 4,
             "resume_unsettled": 1,
+            "revoke_grace_seconds": 0.3,
         },
     )
     eng = Engine(settings, MemoryStore(), cast(AsyncProducer, FakeProducer()), Metrics(), owner="me")
@@ -106,6 +107,49 @@ async def test_duplicate_in_another_partition_waits_for_the_first(
     assert eng.describe()["partitions"][f"{T}[1]"]["states"] == {"shadowed": 1}
     assert await eng.ack([first.delivery_ids[-1]]) == [AckOutcome.OK]
     assert eng.committable() == {(T, 0): 1, (T, 1): 1}  # the shadow settled as a duplicate
+
+
+async def test_a_revoke_waits_for_the_apps_answer_and_commits_it(
+    engine: tuple[Engine, FakeConsumer],
+) -> None:
+    """A rebalance takes partition 0 while the app holds a delivery of it and has another
+    record of it ready: the ready one is not sent any more, the held one is answered within the
+    revoke grace, settled OK (not STALE), and covered by the commit on revoke."""
+    eng, consumer = engine
+    s = eng.attach([], 1, 0, 1)  # room for one record: the second waits in the ready queue
+    await intake(eng, msg(0, 0, "a"), msg(0, 1, "b"))
+    [first] = await take(eng, s, 1)
+    revoke = asyncio.create_task(eng.on_revoked([(T, 0)], lost=False))
+    await asyncio.sleep(0.05)
+    assert not revoke.done()  # waiting for the app
+    assert await eng.ack([first.delivery_ids[-1]]) == [AckOutcome.OK]
+    nothing = asyncio.create_task(eng.next_frame(s))
+    commits = [*consumer.commits, *await revoke]  # committed by the loop meanwhile, or on revoke
+    assert [(c.partition, c.offset) for c in commits] == [(0, 1)]  # "a" settled, "b" never sent
+    await asyncio.sleep(0.05)
+    assert not nothing.done()
+    nothing.cancel()
+
+
+async def test_a_graceful_stop_waits_for_the_answer_to_a_delivery_of_a_revoked_partition(
+    engine: tuple[Engine, FakeConsumer],
+) -> None:
+    """The app holds a delivery of a partition that a rebalance took (past the revoke grace);
+    then the sidecar is told to stop. The stop keeps answering acks until that one is answered
+    (it marks the key done for the next owner), instead of stopping at once."""
+    eng, _ = engine
+    s = eng.attach([], 10, 0, 10)
+    await intake(eng, msg(0, 0, "held"))
+    [p] = await take(eng, s, 1)
+    await eng.on_revoked([(T, 0)], lost=False)  # the app did not answer within the grace
+    assert eng.in_flight == 0
+    stop = asyncio.create_task(eng.stop(5))
+    await asyncio.sleep(0.2)
+    assert not stop.done()  # still waiting for the app
+    assert await eng.ack([p.delivery_ids[-1]]) == [AckOutcome.STALE]
+    await asyncio.wait_for(stop, 1)
+    [claim] = await eng.store.claim([p.store_key], "next-owner", 30_000)
+    assert claim.status.name == "DONE"
 
 
 async def test_revoked_in_flight_key_blocks_its_duplicate_until_acked(
