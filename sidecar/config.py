@@ -144,8 +144,16 @@ class StoreSettings(_Section):
     sqlite_path: Path = Path("./dedup-sidecar.sqlite3")
     sqlite_synchronous: Literal["FULL", "NORMAL"] = "FULL"
     #: ``redis://`` or ``rediss://`` (one node, or any node of a Redis Cluster: detected at
-    #: start-up), or ``redis+sentinel://host:port[,host:port...]/<master name>[/<db>]``.
+    #: start-up; ``redis://host:port,host:port,...`` names several Cluster nodes, of which any
+    #: that answers will do), or ``redis+sentinel://host:port[,host:port...]/<master name>[/<db>]``
+    #: (``rediss+sentinel://`` for TLS). Credentials in the URL are the data nodes'.
     redis_url: SecretStr = SecretStr("redis://127.0.0.1:6379/0")
+    #: The Sentinels' own credentials (their ``requirepass``, or an ACL user), if they ask.
+    redis_sentinel_username: str | None = None
+    redis_sentinel_password: SecretStr | None = None
+    #: TLS to the Sentinels; unset: as the URL says for the data nodes (rediss+sentinel://). The
+    #: CA and client certificate are the store.redis_tls_* files.
+    redis_sentinel_tls: bool | None = None
     #: Answer an Ack, record a Publish and take a claim only once this many replicas hold the
     #: write (Redis WAIT): closes the window in which a failover loses the last writes. 0: off.
     redis_min_replicas_acked: int = Field(0, ge=0)

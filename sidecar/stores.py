@@ -8,6 +8,7 @@ from sidecar.config import Settings
 from sidecar.store.base import DedupStore
 from sidecar.store.memory import MemoryStore
 from sidecar.store.redis import RedisStore
+from sidecar.store.redis_shapes import SentinelAuth
 from sidecar.store.sqlite import SQLiteStore
 
 log = logging.getLogger(__name__)
@@ -33,6 +34,11 @@ async def open_store(settings: Settings) -> DedupStore:
         tls_cert_file=s.redis_tls_cert_file,
         tls_key_file=s.redis_tls_key_file,
         cluster_batching=s.redis_cluster_batching,
+        sentinel_auth=SentinelAuth(
+            s.redis_sentinel_username,
+            s.redis_sentinel_password.get_secret_value() if s.redis_sentinel_password else None,
+            s.redis_sentinel_tls,
+        ),
     )
     try:
         await store.ping()

@@ -98,6 +98,21 @@ def redis_sentinel(services_dir: Path) -> Iterator[services.RedisSentinelSet]:
         yield sentinel_set
 
 
+#: The password the secured Sentinels ask for.
+SENTINEL_PASSWORD = "s3ntinel-pass"
+
+
+@pytest.fixture(scope="session")
+def redis_sentinel_secured(services_dir: Path) -> Iterator[services.RedisSentinelSet]:
+    """A primary and a replica, every node and Sentinel speaking TLS only, and Sentinels that ask
+    for a password of their own (SENTINEL_PASSWORD)."""
+    tls = services.TlsFiles.generate(services_dir / "tls-sentinel")
+    with services.RedisSentinelSet.start(
+        services_dir / "redis-sentinel-secured", replicas=1, sentinel_password=SENTINEL_PASSWORD, tls=tls
+    ) as sentinel_set:
+        yield sentinel_set
+
+
 #: The store's ACL user in the tests: the documented command list, keys under the ``acl-`` prefix.
 ACL_USER, ACL_PASSWORD, ACL_PREFIX = "dedup", "s3cret-acl", "acl-"
 

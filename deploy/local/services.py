@@ -891,6 +891,7 @@ def redis_cli_binary() -> str:
 class RedisServer(_Service):
     port: int = 0
     tls: TlsFiles | None = None
+    password: str | None = None  # what redis-cli authenticates with (a Sentinel's requirepass)
 
     @property
     def url(self) -> str:
@@ -954,6 +955,8 @@ class RedisServer(_Service):
         args = [redis_cli_binary(), "-h", "127.0.0.1", "-p", str(self.port)]
         if self.tls is not None:
             args += ["--tls", "--cacert", str(self.tls.ca)]
+        if self.password:
+            args += ["--no-auth-warning", "-a", self.password]
         out = subprocess.run([*args, *command], capture_output=True, text=True, timeout=timeout)
         # redis-cli exits 0 on an error reply too: it prints it (ERR, NOPERM, ...) on stdout.
         first = out.stdout.split(" ", 1)[0]
@@ -1132,22 +1135,37 @@ class RedisSentinelSet:
     @property
     def url(self) -> str:
         hosts = ",".join(s.address for s in self.sentinels)
-        return f"redis+sentinel://{hosts}/{self.master_name}/0"
+        scheme = "rediss+sentinel" if self.servers and self.servers[0].tls else "redis+sentinel"
+        return f"{scheme}://{hosts}/{self.master_name}/0"
 
     @classmethod
     def start(
-        cls, workdir: Path, replicas: int = 2, appendonly: str = "everysec", down_after_ms: int = 1000
+        cls,
+        workdir: Path,
+        replicas: int = 2,
+        appendonly: str = "everysec",
+        down_after_ms: int = 1000,
+        sentinel_password: str | None = None,
+        tls: TlsFiles | None = None,
     ) -> RedisSentinelSet:
+        """``sentinel_password``: the Sentinels ask their clients (and each other) for it.
+        ``tls``: every node and every Sentinel speaks TLS only, replication included."""
         s = cls([], [])
+        # Nodes and Sentinels reach each other over TLS too; they present the server certificate
+        # as a client one, which is not made for that: they do not ask their peers for one.
+        tls_replication = ["--tls-replication", "yes", "--tls-auth-clients", "no"] if tls else []
         try:
-            primary = RedisServer.start(workdir / "primary", appendonly=appendonly)
+            primary = RedisServer.start(
+                workdir / "primary", appendonly=appendonly, tls=tls, extra_args=tls_replication
+            )
             s.servers.append(primary)
             for i in range(replicas):
                 s.servers.append(
                     RedisServer.start(
                         workdir / f"replica{i}",
                         appendonly=appendonly,
-                        extra_args=["--replicaof", "127.0.0.1", str(primary.port)],
+                        extra_args=["--replicaof", "127.0.0.1", str(primary.port), *tls_replication],
+                        tls=tls,
                     )
                 )
             for i in range(3):
@@ -1155,8 +1173,20 @@ class RedisSentinelSet:
                 d.mkdir(parents=True, exist_ok=True)
                 port = free_port()
                 conf = d / "sentinel.conf"  # Sentinel rewrites its own file: one each, writable
+                listen = f"port {port}\n"
+                if tls:
+                    listen = (
+                        f"port 0\ntls-port {port}\ntls-cert-file {tls.server_cert}\n"
+                        f"tls-key-file {tls.server_key}\ntls-ca-cert-file {tls.ca}\n"
+                        "tls-auth-clients no\ntls-replication yes\n"
+                    )
+                auth = (
+                    f"requirepass {sentinel_password}\nsentinel sentinel-pass {sentinel_password}\n"
+                    if sentinel_password
+                    else ""
+                )
                 conf.write_text(
-                    f"port {port}\nbind 127.0.0.1\ndir {d}\nlogfile {d / 'redis.log'}\n"
+                    f"{listen}bind 127.0.0.1\ndir {d}\nlogfile {d / 'redis.log'}\n{auth}"
                     f"sentinel monitor {s.master_name} 127.0.0.1 {primary.port} 2\n"
                     f"sentinel down-after-milliseconds {s.master_name} {down_after_ms}\n"
                     f"sentinel failover-timeout {s.master_name} 10000\n"
@@ -1167,7 +1197,14 @@ class RedisSentinelSet:
                     stdout=subprocess.DEVNULL,
                     stderr=subprocess.DEVNULL,
                 )
-                sentinel = RedisServer(proc=proc, workdir=d, log_path=d / "redis.log", port=port)
+                sentinel = RedisServer(
+                    proc=proc,
+                    workdir=d,
+                    log_path=d / "redis.log",
+                    port=port,
+                    tls=tls,
+                    password=sentinel_password,
+                )
                 s.sentinels.append(sentinel)
                 _wait_port(port, time.monotonic() + 30, proc, "redis-sentinel")
             s.wait_ready()

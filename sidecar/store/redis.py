@@ -24,12 +24,16 @@ from sidecar.groupcommit import GroupCommit
 from sidecar.store import rules
 from sidecar.store.base import Claim, ClaimMode, ClaimStatus, KeyInfo, PublishRecord
 from sidecar.store.redis_shapes import (
+    NO_SENTINEL_AUTH,
     SENTINEL_SCHEMES,
     ClusterRouter,
     ReplicaShortfall,
     ReplicaWait,
     Script,
+    SentinelAuth,
     Standalone,
+    cluster_client,
+    cluster_seeds,
     connection_kwargs,
     resp,
     sentinel_client,
@@ -284,13 +288,25 @@ class RedisStore:
         tls_cert_file: str | None = None,
         tls_key_file: str | None = None,
         cluster_batching: Literal["per-master", "per-key"] = "per-master",
+        sentinel_auth: SentinelAuth = NO_SENTINEL_AUTH,
     ):
         self._kwargs = connection_kwargs(url, timeout_s, tls_ca_file, tls_cert_file, tls_key_file)
         sentinel = urlsplit(url).scheme in SENTINEL_SCHEMES
+        if not sentinel and sentinel_auth != NO_SENTINEL_AUTH:
+            raise ConfigError(
+                "store.redis_sentinel_* settings are set but store.redis_url is not a "
+                "redis+sentinel:// (or rediss+sentinel://) URL"
+            )
         sentinels: list[aioredis.Redis] = []
+        self._seeds = cluster_seeds(url)
         try:
             if sentinel:
-                self._client, sentinels = sentinel_client(url, self._kwargs)
+                self._client, sentinels = sentinel_client(url, self._kwargs, sentinel_auth)
+            elif self._seeds:
+                # Several nodes: a Redis Cluster, started from whichever answers. The plain
+                # client below is one seed's, for the shape's bookkeeping only.
+                host, port = self._seeds[0]
+                self._client = aioredis.Redis(host=host, port=port, **self._kwargs)
             else:
                 self._client = aioredis.Redis.from_url(url, **self._kwargs)
         except ValueError as exc:
@@ -392,9 +408,21 @@ class RedisStore:
         async with self._shape_lock:
             if self._shape is not None:
                 return self._router
-            info = await self._client.info("cluster")
-            if info.get("cluster_enabled"):
+            if self._seeds:
+                client = cluster_client(self._url, self._seeds, self._kwargs)
+                try:
+                    await client.initialize()
+                except Exception as exc:
+                    await client.aclose()
+                    seeds = ", ".join(f"{h}:{p}" for h, p in self._seeds)
+                    raise StoreUnavailable(
+                        f"Redis Cluster: none of the nodes in store.redis_url ({seeds}) answered: {exc}"
+                    ) from exc
+            elif (await self._client.info("cluster")).get("cluster_enabled"):
                 client = RedisCluster.from_url(self._url, **self._kwargs)
+            else:
+                client = None
+            if client is not None:
                 per_master = self._cluster_batching == "per-master"
                 self._router = ClusterRouter(client, self._timeout_s, self._wait, per_master)
                 self._shape = "cluster"
@@ -461,7 +489,8 @@ class RedisStore:
     async def ping(self) -> None:
         """Reach the server, learn its shape, and check that the store's scripts can run there."""
         try:
-            await self._client.ping()
+            if not self._seeds:  # one node, or the seed of a cluster (which must answer)
+                await self._client.ping()
             await self._cluster_router()
             await self._per_key(self._release, ["~ping"], ["~ping", 1, 0], 1)  # writes nothing
         except ReplicaShortfall as exc:  # reachable and allowed: replicas lag, which may pass

@@ -28,8 +28,8 @@ from redis.crc import key_slot
 from sidecar.errors import StoreUnavailable
 from sidecar.store.base import ClaimStatus
 from sidecar.store.redis import RedisStore
-from sidecar.store.redis_shapes import ReplicaShortfall
-from tests.conftest import ACL_PASSWORD, ACL_PREFIX, ACL_USER
+from sidecar.store.redis_shapes import ReplicaShortfall, SentinelAuth
+from tests.conftest import ACL_PASSWORD, ACL_PREFIX, ACL_USER, SENTINEL_PASSWORD
 from tests.integration.helpers import (
     Inbox,
     SidecarProcess,
@@ -347,3 +347,48 @@ async def test_a_slot_moving_under_the_store_keeps_every_answer_right(
         assert [c.status for c in claims] == [ClaimStatus.DONE] * 110
         assert cluster.node_of_slot(slot) is target
         await store.close()
+
+
+async def test_sentinels_with_their_own_password_and_tls(
+    redis_sentinel_secured: services.RedisSentinelSet, make_store: MakeStore
+) -> None:
+    """Sentinels that ask for a password of their own and speak TLS only, like the nodes they
+    watch: the store finds the primary with store.redis_sentinel_password, and without it the
+    error names that setting."""
+    s = redis_sentinel_secured
+    assert s.url.startswith("rediss+sentinel://")
+    ca = str(s.servers[0].tls.ca) if s.servers[0].tls else None
+    store = make_store(
+        s.url, prefix=unique("sent"), tls_ca_file=ca, sentinel_auth=SentinelAuth(password=SENTINEL_PASSWORD)
+    )
+    await store.ping()
+    [claim] = await store.claim(["k"], "me", 10_000)
+    assert claim.status is ClaimStatus.NEW
+    assert store.shape == "sentinel"
+    bare = make_store(s.url, prefix=unique("sent"), tls_ca_file=ca, timeout_s=2)
+    with pytest.raises(StoreUnavailable, match=r"store\.redis_sentinel_password"):
+        await bare.ping()
+    plain = make_store(
+        s.url,
+        prefix=unique("sent"),
+        tls_ca_file=ca,
+        timeout_s=2,
+        sentinel_auth=SentinelAuth(password=SENTINEL_PASSWORD, tls=False),
+    )
+    with pytest.raises(StoreUnavailable, match=r"Sentinel"):
+        await plain.ping()  # the Sentinels speak TLS only
+
+
+async def test_a_cluster_url_with_several_seeds_starts_from_any_that_answers(
+    redis_cluster: services.RedisCluster, make_store: MakeStore
+) -> None:
+    dead = f"127.0.0.1:{services.free_port()}"
+    live = ",".join(n.address for n in redis_cluster.nodes[:2])
+    store = make_store(f"redis://{dead},{live}/0", prefix=unique("seeds"))
+    await store.ping()
+    assert store.shape == "cluster"
+    keys = [f"k{i}" for i in range(50)]
+    assert {c.status for c in await store.claim(keys, "me", 10_000)} == {ClaimStatus.NEW}
+    nobody = make_store(f"redis://{dead},127.0.0.1:{services.free_port()}", timeout_s=1)
+    with pytest.raises(StoreUnavailable, match=r"none of the nodes in store\.redis_url"):
+        await nobody.ping()
