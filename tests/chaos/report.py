@@ -22,7 +22,7 @@ sys.path.insert(0, str(ROOT / "deploy" / "local"))  # deploy/local/services.py, 
 import services  # noqa: E402
 from faultproxy import FaultProxy  # noqa: E402
 
-from tests.chaos import faults  # noqa: E402
+from tests.chaos import faults, soak  # noqa: E402
 from tests.chaos.harness import DRAIN_CAP_S, DRAIN_STALL_S, Fault, Figures, run_scenario  # noqa: E402
 from tests.chaos.test_faults import (  # noqa: E402
     FAILOVERS,
@@ -433,7 +433,10 @@ def write(
         "same Kafka key (the first effect of each idempotency key; a naive app's repeat after a kill is the "
         "dedup window, not an ordering fault).",
     ]
-    path.write_text("\n".join(lines) + "\n")
+    # The soak's section (tests/chaos/soak.py) is written by the soak: keep it.
+    old = path.read_text() if path.exists() else ""
+    kept = old[old.index(soak.MARKER) :] if soak.MARKER in old else ""
+    path.write_text("\n".join(lines) + "\n" + (f"\n{kept}" if kept else ""))
 
 
 def main() -> int:
