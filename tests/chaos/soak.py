@@ -100,20 +100,21 @@ async def kill_app(s: Scenario, turn: int) -> str:
     return f"kill -9 of app {m.variant}-{turn % 2}, restarted"
 
 
+async def _paused(server: services.RedisServer | services.KafkaBroker, seconds: float, what: str) -> str:
+    server.pause()
+    await asyncio.sleep(seconds)
+    server.resume()
+    return f"{what} SIGSTOPped {seconds:g} s"
+
+
 async def pause_redis(s: Scenario, turn: int) -> str:
     assert isinstance(s.redis, services.RedisServer)
-    s.redis.pause()
-    await asyncio.sleep(4)
-    s.redis.resume()
-    return "redis-server SIGSTOPped 4 s"
+    return await _paused(s.redis, 4, "redis-server")
 
 
 async def pause_broker(s: Scenario, turn: int) -> str:
     assert isinstance(s.kafka, services.KafkaBroker)
-    s.kafka.pause()
-    await asyncio.sleep(5)
-    s.kafka.resume()
-    return "Kafka broker SIGSTOPped 5 s"
+    return await _paused(s.kafka, 5, "Kafka broker")
 
 
 FAULTS: list[Fault] = [kill_sidecar, term_sidecar, kill_app, pause_redis, pause_broker]

@@ -17,7 +17,7 @@ def said(caplog: pytest.LogCaptureFixture) -> list[str]:
     return [r.getMessage() for r in caplog.records if r.name == "sidecar.outage"]
 
 
-def test_a_thousand_failures_are_three_lines_and_a_count(caplog: pytest.LogCaptureFixture) -> None:
+def test_a_thousand_failures_are_two_lines_and_a_count(caplog: pytest.LogCaptureFixture) -> None:
     now = [100.0]
     o, failures = outage(now)
     caplog.set_level("INFO")
