@@ -541,10 +541,6 @@ _REBALANCE_ERRORS = frozenset(
 )
 
 
-def tp_of(tp: TopicPartition) -> TP:
-    return tp.topic, tp.partition
-
-
 def _rebalancing(failure: KafkaError | KafkaException) -> bool:
     err = failure.args[0] if isinstance(failure, KafkaException) and failure.args else failure
     return isinstance(err, KafkaError) and err.code() in _REBALANCE_ERRORS
