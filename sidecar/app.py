@@ -48,15 +48,17 @@ READINESS_INTERVAL_S = 3.0  # how often readiness checks the store, the brokers 
 NOT_READY_INTERVAL_S = 1.0  # how often while not ready
 
 
+#: librdkafka properties that have a setting of their own.
+_OWN_SETTINGS = {"group.protocol": "kafka.group_protocol", "session.timeout.ms": "kafka.session_timeout_ms"}
+
+
 def _kafka_config(
     settings: Settings, extra: dict[str, Any], owned: frozenset[str], kind: str
 ) -> dict[str, Any]:
+    for prop, setting in _OWN_SETTINGS.items():
+        if prop in extra:
+            raise ConfigError(f"kafka.{kind} sets {prop}: set {setting} instead")
     clash = owned & set(extra)
-    if "group.protocol" in clash or "session.timeout.ms" in extra:
-        raise ConfigError(
-            f"kafka.{kind} sets {sorted(clash & {'group.protocol'} or {'session.timeout.ms'})}: use "
-            "kafka.group_protocol and kafka.session_timeout_ms instead"
-        )
     if clash:
         raise ConfigError(
             f"kafka.{kind} sets {sorted(clash)}, which the sidecar owns to keep its guarantees; remove them"
