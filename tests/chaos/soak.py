@@ -157,16 +157,17 @@ async def soak(
         sampling = asyncio.create_task(sample_loop(s, result, began, every))
         turn = 0
         try:
-            while (left := duration_s - (time.monotonic() - began)) > 0:
-                await asyncio.sleep(min(interval, left))
-                if time.monotonic() - began >= duration_s - 5:
-                    break  # no fault in the last seconds: the end measures recovery, not a fault
+            # Fault k at k * interval (not after the last one ended: faults take time), none in
+            # the last seconds: the end measures recovery, not a fault.
+            while (at := (turn + 1) * interval) <= duration_s - 5:
+                await asyncio.sleep(max(0.0, began + at - time.monotonic()))
                 fault = FAULTS[turn % len(FAULTS)]
                 what = await fault(s, turn // len(FAULTS))
                 t = time.monotonic() - began
                 result.faults.append((t, what))
                 progress(f"{t / 60:5.1f} min: {what}; {len(s.sent)} records published so far")
                 turn += 1
+            await asyncio.sleep(max(0.0, began + duration_s - time.monotonic()))
         finally:
             for task in (arriving, sampling):
                 task.cancel()
