@@ -284,6 +284,15 @@ def section(result: SoakResult, command: str, code: str) -> str:
     ]
     for name, (r0, r1, f0, f1, t0, t1) in sorted(growth(result).items()):
         lines.append(f"| {name} | {r0:.0f} → {r1:.0f} | {f0} → {f1} | {t0} → {t1} |")
+    longest = _longest_lived(result)
+    if longest:
+        lines += [
+            "",
+            f"The longest-lived process ({longest[0].member}, pid {longest[0].pid}) over the last third "
+            f"of its life: {longest[1].rss_mb:.0f} → {longest[-1].rss_mb:.0f} MB resident, "
+            f"{longest[1].files} → {longest[-1].files} open files, {longest[1].threads} → "
+            f"{longest[-1].threads} threads.",
+        ]
     keys = result.store_keys
     if keys:
         sent = max((f.sent for f in result.figures), default=0)
@@ -297,6 +306,19 @@ def section(result: SoakResult, command: str, code: str) -> str:
     lines += ["", "![Soak: memory per sidecar and store keys over time](soak.svg)", "", "Faults:", ""]
     lines += [f"- {t / 60:.1f} min: {what}" for t, what in result.faults]
     return "\n".join(lines) + "\n"
+
+
+def _longest_lived(result: SoakResult) -> list[Sample]:
+    """The samples of the process sampled longest: its first, the one at two thirds of its life,
+    and its last ([] without one sampled three times)."""
+    by_pid: dict[int, list[Sample]] = {}
+    for x in result.samples:
+        by_pid.setdefault(x.pid, []).append(x)
+    xs = max(by_pid.values(), key=lambda v: v[-1].t - v[0].t, default=[])
+    if len(xs) < 3:
+        return []
+    cut = xs[0].t + (xs[-1].t - xs[0].t) * 2 / 3
+    return [xs[0], next(x for x in xs if x.t >= cut), xs[-1]]
 
 
 def contract_breaches(result: SoakResult) -> list[str]:
