@@ -5,7 +5,7 @@ Usage (scripts/bench.sh --per-call wraps it)::
 
     python bench/percall.py [--calls 20000] [--rounds 3] [--quick]
 
-It starts a real Kafka broker and Redis (deploy/local/services.py) and, in each round, measures
+It starts a real Kafka broker and Redis (deploy/local/services) and, in each round, measures
 with the generated stubs only (``dedup_client._proto``, no client library), 1 KB records and
 ``WINDOW`` calls in flight:
 

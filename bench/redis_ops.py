@@ -4,7 +4,7 @@ Usage::
 
     python bench/redis_ops.py [--keys 100000] [--rounds 3] [--appendonly everysec|no]
 
-Starts a redis-server (deploy/local/services.py) and, in batches of 500 keys, measures the CPU
+Starts a redis-server (deploy/local/services) and, in batches of 500 keys, measures the CPU
 the server spends (``INFO cpu``, user + system) per key for:
 
 * the store's ``claim`` of new keys and ``complete`` of the claimed keys (RedisStore, the

@@ -4,7 +4,7 @@ Usage (scripts/bench.sh wraps it)::
 
     python bench/run.py [--records 200000] [--quick] [--out docs/BENCHMARKS.md]
 
-It starts a real Kafka broker and Redis (deploy/local/services.py), preloads topics with 1 KB
+It starts a real Kafka broker and Redis (deploy/local/services), preloads topics with 1 KB
 records that carry unique idempotency keys, and measures, on the same machine and data:
 
 * consume: a raw consumer committing every 1,000 records (baseline, no dedup) vs the sidecar

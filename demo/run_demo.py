@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import importlib.util
 import os
 import subprocess
 import sys
@@ -29,12 +28,8 @@ from confluent_kafka import Consumer, Producer
 from dedup_client import DedupClient
 
 ROOT = Path(__file__).resolve().parent.parent
-spec = importlib.util.spec_from_file_location("services", ROOT / "deploy" / "local" / "services.py")
-assert spec
-assert spec.loader
-services = importlib.util.module_from_spec(spec)
-sys.modules["services"] = services
-spec.loader.exec_module(services)
+sys.path.insert(0, str(ROOT / "deploy" / "local"))  # the services package, as the tests import it
+import services  # noqa: E402
 
 TOPIC = "demo-orders"
 

@@ -35,7 +35,7 @@ elif [ -n "$(find setup.py sidecar -newer "$stamp" \( -name '*.py' -o -name '*.c
   touch "$stamp"
 fi
 echo "bootstrap: fetching the Kafka broker and redis-server (cached after the first run)" >&2
-.venv/bin/python deploy/local/services.py install
+.venv/bin/python deploy/local/services install
 if command -v go >/dev/null 2>&1; then
   echo "bootstrap: Go client: protoc plugins and modules (cached after the first run)" >&2
   for tool in $(.venv/bin/python -c 'import sys; sys.path.insert(0, "scripts"); import gen_protos; print(*gen_protos.GO_PLUGINS.values())'); do

@@ -548,7 +548,7 @@ def load(config_file: str | Path | None = None, **overrides: Any) -> Settings:
 
 
 #: DEDUP_* variables that are not settings: the file's name, test-only fault hooks, and the
-#: local services' download cache (deploy/local/services.py).
+#: local services' download cache (deploy/local/services).
 _OTHER_VARIABLES = ("DEDUP_CONFIG", "DEDUP_TESTONLY_", "DEDUP_CACHE_DIR")
 
 

@@ -1,4 +1,4 @@
-"""Shared fixtures. Real services are started once per session by deploy/local/services.py."""
+"""Shared fixtures. Real services are started once per session by deploy/local/services."""
 
 from __future__ import annotations
 
@@ -13,7 +13,7 @@ import pytest
 ROOT = Path(__file__).resolve().parent.parent
 
 
-# deploy/local/services.py is a script users run; tests import it as a module.
+# deploy/local/services is a package users run as a command; tests import it.
 sys.path.insert(0, str(ROOT / "deploy" / "local"))
 import certs  # noqa: E402
 import services  # noqa: E402

@@ -8,7 +8,7 @@ Modes, switchable at run time:
 
 Used for F1 (timeouts and resets between the sidecar and the broker; the broker advertises the
 proxy's address, so every connection a client makes goes through it) and for the links of a
-partitionable KafkaCluster (services.py), where a ProxyThread runs them off the caller's loop.
+partitionable KafkaCluster (services/kafka_cluster.py), where a ProxyThread runs them off the caller's loop.
 """
 
 from __future__ import annotations

@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Any
 
 ROOT = Path(__file__).resolve().parents[2]
-sys.path.insert(0, str(ROOT / "deploy" / "local"))  # deploy/local/services.py, as in tests/conftest.py
+sys.path.insert(0, str(ROOT / "deploy" / "local"))  # deploy/local/services, as in tests/conftest.py
 
 import services  # noqa: E402
 from faultproxy import FaultProxy  # noqa: E402
@@ -403,7 +403,7 @@ def write(
         "",
         "The F11-F14 rows run on a replicated cluster of three KRaft nodes (each a broker and a "
         "controller; replication factor 3, `min.insync.replicas` 2, the internal topics replicated too), "
-        "started by deploy/local/services.py (KafkaCluster). Every link between two nodes, in each "
+        "started by deploy/local/services (KafkaCluster). Every link between two nodes, in each "
         "direction, and every node's client port cross a fault proxy, so F13 cuts one node off from the "
         "others and from the sidecars at once. After each run the topic is read back: every key "
         "published through Publish or PublishBatch must have exactly one record (the plain producer's "

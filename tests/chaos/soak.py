@@ -28,7 +28,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[2]
-sys.path.insert(0, str(ROOT / "deploy" / "local"))  # deploy/local/services.py, as in tests/conftest.py
+sys.path.insert(0, str(ROOT / "deploy" / "local"))  # deploy/local/services, as in tests/conftest.py
 
 import services  # noqa: E402
 

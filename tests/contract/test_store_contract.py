@@ -1,7 +1,7 @@
 """One contract, three stores: memory, SQLite and Redis must agree.
 
 Redis runs in every shape the store supports, each a real server started by
-deploy/local/services.py: one node, a Cluster of three masters with replicas, a Sentinel-watched
+deploy/local/services: one node, a Cluster of three masters with replicas, a Sentinel-watched
 primary, and a TLS-only node reached as a least-privilege ACL user.
 """
 

@@ -1,4 +1,4 @@
-"""`python deploy/local/services.py up` stops every service it started when it is told to stop:
+"""`python deploy/local/services up` stops every service it started when it is told to stop:
 by SIGTERM, and by SIGINT even when started in the background (where SIGINT starts out ignored)."""
 
 from __future__ import annotations
@@ -26,7 +26,7 @@ def port_open(port: int) -> bool:
 @pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT], ids=["SIGTERM", "SIGINT-in-background"])
 def test_up_stops_its_broker_and_redis_on_a_signal(signum: int) -> None:
     # `trap "" INT` is what a shell does for a background job: SIGINT starts out ignored.
-    script = f'trap "" INT; exec "{sys.executable}" "{ROOT / "deploy" / "local" / "services.py"}" up'
+    script = f'trap "" INT; exec "{sys.executable}" "{ROOT / "deploy" / "local" / "services"}" up'
     proc = subprocess.Popen(
         ["sh", "-c", script],
         stdout=subprocess.PIPE,
@@ -45,7 +45,7 @@ def test_up_stops_its_broker_and_redis_on_a_signal(signum: int) -> None:
         assert proc.wait(60) == 0
         deadline = time.monotonic() + 10
         while port_open(kafka_port) or port_open(redis_port):
-            assert time.monotonic() < deadline, "services.py exited but left its broker or Redis running"
+            assert time.monotonic() < deadline, "the services exited but left its broker or Redis running"
             time.sleep(0.2)
     finally:
         if proc.poll() is None:
@@ -59,10 +59,10 @@ def test_up_stops_its_broker_and_redis_on_a_signal(signum: int) -> None:
 def test_services_end_when_their_starter_dies_without_stopping_them(tmp_path: os.PathLike[str]) -> None:
     # SIGKILL (or an abort) runs no `finally` and no fixture teardown: the watchdog ends them.
     script = (
-        "import os, signal, sys\n"
+        "import os, pathlib, signal, sys\n"
         f"sys.path.insert(0, {str(ROOT / 'deploy' / 'local')!r})\n"
         "import services\n"
-        f"r = services.RedisServer.start(services.Path({str(tmp_path)!r}) / 'redis')\n"
+        f"r = services.RedisServer.start(pathlib.Path({str(tmp_path)!r}) / 'redis')\n"
         "print(r.proc.pid, r.port, flush=True)\n"
         "os.kill(os.getpid(), signal.SIGKILL)\n"
     )
