@@ -15,7 +15,7 @@ it does:
 * ``echo``: a bare gRPC echo on the same runtime: ``DedupService/Publish`` answers each
   request with its own bytes, and ``DedupService/StreamingPublish`` writes back each message
   it reads. These are the floors of a Python gRPC call and of a stream message that
-  bench/percall.py measures beside the sidecar's per-call paths (BOOTSTRAP is ignored).
+  bench/scenarios/percall.py measures beside the sidecar's per-call paths (BOOTSTRAP is ignored).
 
 None is a product: each gives up the idempotency the sidecar exists for. The benchmark runs
 them with the same client and the same records as the real PublishBatch row, so the three rates

@@ -5,4 +5,4 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 scripts/bootstrap.sh
-exec .venv/bin/python bench/capacity.py "$@"
+exec .venv/bin/python -m bench.scenarios.capacity "$@"

@@ -2,40 +2,28 @@
 
 from __future__ import annotations
 
-import importlib.util
 import os
 import sys
 import time
 from pathlib import Path
-from types import ModuleType
 
-ROOT = Path(__file__).resolve().parents[2]
-
-
-def _bench() -> ModuleType:
-    spec = importlib.util.spec_from_file_location("bench_run", ROOT / "bench" / "run.py")
-    assert spec is not None
-    assert spec.loader is not None
-    module = importlib.util.module_from_spec(spec)
-    sys.modules["bench_run"] = module
-    spec.loader.exec_module(module)
-    return module
-
-
-bench = _bench()
+sys.path.insert(
+    0, str(Path(__file__).resolve().parents[2])
+)  # the bench package, as `python -m bench` sees it
+from bench import common, report
 
 
 def test_budget_counts_this_process_and_a_named_service() -> None:
-    bench.SERVICE_PIDS.clear()
-    bench.SERVICE_PIDS["self"] = os.getpid()  # a "service" that is this very process
+    common.SERVICE_PIDS.clear()
+    common.SERVICE_PIDS["self"] = os.getpid()  # a "service" that is this very process
     try:
-        budget = bench.CpuBudget()
+        budget = common.CpuBudget()
         deadline = time.process_time() + 0.2
         while time.process_time() < deadline:  # 0.2 s of CPU, on this thread
             pass
         got = budget.per_record(1000, sidecar_s=0.0)
     finally:
-        bench.SERVICE_PIDS.clear()
+        common.SERVICE_PIDS.clear()
     # 0.2 s over 1,000 records is 200 µs each, seen as the client's and as the "service"'s.
     assert 180 <= got["client"] <= 400, got
     assert 180 <= got["self"] <= 400, got
@@ -54,12 +42,12 @@ def test_budget_section_gives_the_machine_ceiling() -> None:
         "raw": side(10.0),
         "rates": [30_000, 70_000],
     }
-    text = "\n".join(bench.budget_section({"budget": {"consume": [run], "publish": [run], "cpus": 2}}))
+    text = "\n".join(report.budget_section({"budget": {"consume": [run], "publish": [run], "cpus": 2}}))
     # 2 cores / 50 µs per record = 40k records/s, 0.57x of the raw client's 70k.
     assert "Machine ceiling of the sidecar path: 40.0k records/s, 0.57x the raw client's median 70.0k" in text
     assert "| redis-server |  | 15.0 |" in text
     assert "| **the machine, every core** | **10.0** | **50.0** |" in text
-    assert bench.budget_section({}) == []
+    assert report.budget_section({}) == []
 
 
 def test_the_per_call_section_gives_each_path_against_both_floors() -> None:
@@ -84,7 +72,7 @@ def test_the_per_call_section_gives_each_path_against_both_floors() -> None:
         ],
         "latency": {"publish": {"p50_ms": 1.9, "p99_ms": 4.0}},
     }
-    text = "\n".join(bench.percall_report.section(per_call))
+    text = "\n".join(report.percall_section(per_call))
     assert "| unary Publish, 64 in flight | 3,000 | 3,000 | 300.0 | 1.50 | 3.00 |" in text
     assert "0.50x the raw producer's rate" in text
     assert "| a lone unary `Publish` | 1.9 | 4.0 |" in text

@@ -1,5 +1,5 @@
 // Command consume reads n records from a sidecar and acks each one, as an app that applies
-// nothing would: the Go client's share of the consume path. bench/run.py runs it for its
+// nothing would: the Go client's share of the consume path. bench/scenarios/consume.py runs it for its
 // "Go client" row. It prints one JSON line: the records read and the seconds from the first
 // record until the last ack was answered.
 //

@@ -2,10 +2,10 @@
 
 Usage::
 
-    python bench/profile.py [--records 300000] [--path consume|publish|both|unary-publish|unary-ack]
+    python -m bench.tools.profile [--records 300000] [--path consume|publish|both|unary-publish|unary-ack]
                             [--native] [--out DIR]
 
-It starts the same services as bench/run.py, runs one sidecar process under ``py-spy record``
+It starts the same services as bench/runner.py, runs one sidecar process under ``py-spy record``
 (sampling without pausing it) while the batched Python client consumes ``--records`` preloaded
 1 KB records (or PublishBatch sends half as many), and writes, per path:
 
@@ -16,7 +16,7 @@ It starts the same services as bench/run.py, runs one sidecar process under ``py
 
 The ``unary-publish`` and ``unary-ack`` paths profile the per-call paths instead: one unary
 ``Publish`` per record, 64 in flight, and one unary ``Ack`` per delivery, 64 in flight, through the
-generated stubs (bench/percall.py's load). Their summary adds the event loop's samples by stage of
+generated stubs (bench/scenarios/percall.py's load). Their summary adds the event loop's samples by stage of
 a call (``STAGES``): what the gRPC runtime spends around the handler, the sidecar's own wrappers
 (credential, decoding, validation), tracing, the group commit, the publisher or the settlement,
 the store, the producer hand-off, metrics and the response.
@@ -44,12 +44,12 @@ from collections.abc import Callable, Coroutine
 from pathlib import Path
 from typing import Any
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-import percall
-import run as bench
-import services
 from dedup_client import DedupClient
 from dedup_client.client import publish_request
+
+from bench.common import VALUE, SidecarProc, log, preload, services, stat_cpu_seconds, wait_serving
+from bench.scenarios import percall
+from bench.scenarios.consume import consume_via
 
 
 def _function(frame: str) -> str:
@@ -149,10 +149,10 @@ def profiled(
         str(out / f"{name}.collapsed"),
         *(["--native"] if native else []),
     ]
-    proc = bench.SidecarProc(kafka, topic, f"prof-{time.time_ns()}", store, work_dir, wrap=[*wrap, "--"])
+    proc = SidecarProc(kafka, topic, f"prof-{time.time_ns()}", store, work_dir, wrap=[*wrap, "--"])
     try:
         try:
-            asyncio.run(bench.wait_serving(proc.target))
+            asyncio.run(wait_serving(proc.target))
         except TimeoutError:
             tail = (work_dir / f"sidecar-{proc.port}.log").read_text(errors="replace")[-2000:]
             raise SystemExit(f"the sidecar under py-spy never served; its log ends:\n{tail}") from None
@@ -176,7 +176,7 @@ def thread_cpu(pid: int) -> dict[str, float]:
     for task in Path(f"/proc/{pid}/task").iterdir():
         try:
             name = (task / "comm").read_text().strip()
-            cpu = bench.stat_cpu_seconds(task / "stat")
+            cpu = stat_cpu_seconds(task / "stat")
         except FileNotFoundError:
             continue  # the thread ended
         if task.name == str(pid):
@@ -219,13 +219,13 @@ def main() -> int:
         work = Path(tmp)
         store = {"DEDUP_STORE__BACKEND": "redis", "DEDUP_STORE__REDIS_URL": redis.url}
         if args.path in ("consume", "both"):
-            bench.log(f"preloading {n} records")
-            bench.preload(kafka, "prof6", 6, n, "pr")
+            log(f"preloading {n} records")
+            preload(kafka, "prof6", 6, n, "pr")
 
             async def consume(target: str) -> float:
-                return await bench.consume_via([target], n, batched=True)
+                return await consume_via([target], n, batched=True)
 
-            bench.log("consume, profiled")
+            log("consume, profiled")
             dt, cpu = profiled(kafka, "prof6", store, work, out, "consume", consume, args.native)
             report(out, "consume", n, dt, cpu)
         if args.path in ("publish", "both"):
@@ -236,14 +236,14 @@ def main() -> int:
 
             async def publish(target: str) -> float:
                 async with DedupClient(target) as c:
-                    await c.publish_batch([publish_request("profpub", bench.VALUE, idempotency_key="warm")])
+                    await c.publish_batch([publish_request("profpub", VALUE, idempotency_key="warm")])
                     sem = asyncio.Semaphore(4)
                     t0 = time.perf_counter()
 
                     async def send(start: int) -> None:
                         async with sem:
                             batch = [
-                                publish_request("profpub", bench.VALUE, idempotency_key=f"pp-{i}")
+                                publish_request("profpub", VALUE, idempotency_key=f"pp-{i}")
                                 for i in range(start, min(m, start + 500))
                             ]
                             await c.publish_batch(batch)
@@ -251,7 +251,7 @@ def main() -> int:
                     await asyncio.gather(*(send(s) for s in range(0, m, 500)))
                     return time.perf_counter() - t0
 
-            bench.log("PublishBatch, profiled")
+            log("PublishBatch, profiled")
             dt, cpu = profiled(kafka, idle, store, work, out, "publish", publish, args.native)
             report(out, "publish", m, dt, cpu)
         if args.path == "unary-publish":
@@ -264,19 +264,19 @@ def main() -> int:
                 row = await percall.unary_publish(target, os.getpid(), "profunary", m, "pu", "unary Publish")
                 return float(m / row["rate"])
 
-            bench.log("unary Publish, 64 in flight, profiled")
+            log("unary Publish, 64 in flight, profiled")
             dt, cpu = profiled(kafka, idle, store, work, out, "unary-publish", unary_publish, args.native)
             report(out, "unary-publish", m, dt, cpu)
         if args.path == "unary-ack":
             m = n // 10
-            bench.log(f"preloading {m} records")
-            bench.preload(kafka, "profack", 6, m, "pa")
+            log(f"preloading {m} records")
+            preload(kafka, "profack", 6, m, "pa")
 
             async def unary_ack(target: str) -> float:
                 row = await percall.unary_acks(target, os.getpid(), "profack", m)
                 return float(m / row["rate"])
 
-            bench.log("unary Ack per delivery, 64 in flight, profiled")
+            log("unary Ack per delivery, 64 in flight, profiled")
             dt, cpu = profiled(kafka, "profack", store, work, out, "unary-ack", unary_ack, args.native)
             report(out, "unary-ack", m, dt, cpu)
     print(json.dumps({"out": str(out)}))

@@ -3,7 +3,7 @@ per message, against the floors of a Python gRPC call and the raw client, in one
 
 Usage (scripts/bench.sh --per-call wraps it)::
 
-    python bench/percall.py [--calls 20000] [--rounds 3] [--quick]
+    python -m bench.scenarios.percall [--calls 20000] [--rounds 3] [--quick]
 
 It starts a real Kafka broker and Redis (deploy/local/services) and, in each round, measures
 with the generated stubs only (``dedup_client._proto``, no client library), 1 KB records and
@@ -38,18 +38,26 @@ from typing import Any
 
 import grpc
 from confluent_kafka import Producer
+from dedup_client._proto import dedup_pb2 as pb
+from dedup_client._proto import dedup_pb2_grpc as rpc
 
-BENCH = Path(__file__).resolve().parent
-sys.path.insert(0, str(BENCH))
-import run as harness  # noqa: E402
-import services  # noqa: E402  (deploy/local, put on sys.path by run)
-from dedup_client._proto import dedup_pb2 as pb  # noqa: E402
-from dedup_client._proto import dedup_pb2_grpc as rpc  # noqa: E402
+from bench.common import (
+    ROOT,
+    VALUES,
+    SidecarProc,
+    log,
+    machine,
+    preload,
+    process_cpu_seconds,
+    quiesce,
+    services,
+    wait_serving,
+)
+from bench.report import write_markdown
 
-log = harness.log
-ROOT = harness.ROOT
+log = log
 WINDOW = 64
-VALUE = harness.VALUES[0]
+VALUE = VALUES[0]
 
 
 class Meter:
@@ -57,13 +65,13 @@ class Meter:
 
     def __init__(self, pid: int) -> None:
         self.pid = pid
-        self.server0 = harness.process_cpu_seconds(pid)
+        self.server0 = process_cpu_seconds(pid)
         self.client0 = time.process_time()
         self.t0 = time.perf_counter()
 
     def row(self, name: str, calls: int, seconds: float | None = None, **extra: Any) -> dict[str, Any]:
         wall = seconds if seconds is not None else time.perf_counter() - self.t0
-        server = harness.process_cpu_seconds(self.pid) - self.server0
+        server = process_cpu_seconds(self.pid) - self.server0
         client = time.process_time() - self.client0
         row = {
             "name": name,
@@ -391,7 +399,7 @@ async def lone_acks(target: str, topic: str, n: int) -> dict[str, Any]:
 
 
 def sidecar(kafka: Any, redis_url: str, topic: str, workdir: Path, ceiling: str | None = None) -> Any:
-    proc = harness.SidecarProc(
+    proc = SidecarProc(
         kafka,
         topic,
         f"percall-{topic}",
@@ -399,7 +407,7 @@ def sidecar(kafka: Any, redis_url: str, topic: str, workdir: Path, ceiling: str 
         workdir,
         ceiling=ceiling,
     )
-    asyncio.run(harness.wait_serving(proc.target))
+    asyncio.run(wait_serving(proc.target))
     return proc
 
 
@@ -418,7 +426,7 @@ def one_round(kafka: Any, redis_url: str, n: int, r: int, workdir: Path, lone: i
     kafka.create_topic(idle, 1)
     sc = sidecar(kafka, redis_url, idle, workdir)
     try:
-        harness.quiesce()
+        quiesce()
         rows.append(raw_window(boot, pub, n))
         rows.append(
             asyncio.run(
@@ -432,15 +440,15 @@ def one_round(kafka: Any, redis_url: str, n: int, r: int, workdir: Path, lone: i
         sc.stop()
     for name, fn in (("unary", unary_acks), ("stream", stream_acks), ("frame", frame_acks)):
         topic = f"percall-{name}-{r}"
-        harness.preload(kafka, topic, 6, n, f"{topic}-k")
-        harness.quiesce()
+        preload(kafka, topic, 6, n, f"{topic}-k")
+        quiesce()
         sc = sidecar(kafka, redis_url, topic, workdir)
         try:
             rows.append(asyncio.run(fn(sc.target, sc.proc.pid, topic, n)))
         finally:
             sc.stop()
     topic = f"percall-lone-{r}"
-    harness.preload(kafka, topic, 1, 2 * lone + 10, f"{topic}-k")
+    preload(kafka, topic, 1, 2 * lone + 10, f"{topic}-k")
     sc = sidecar(kafka, redis_url, topic, workdir)
     try:
         latency.update(asyncio.run(lone_acks(sc.target, topic, lone)))
@@ -490,8 +498,8 @@ def main() -> int:
     summary = summarize(results)
     summary["command"] = " ".join(["scripts/bench.sh --per-call", *sys.argv[1:]])
     summary["window"] = WINDOW
-    summary["machine"] = harness.machine()
-    saved_path = BENCH / "results.json"
+    summary["machine"] = machine()
+    saved_path = ROOT / "bench" / "results.json"
     saved = json.loads(saved_path.read_text())
     saved["per_call"] = summary
     if args.quick:
@@ -500,7 +508,7 @@ def main() -> int:
         return 0
     saved_path.write_text(json.dumps(saved, indent=2) + "\n")
     png = Path(args.out).with_suffix(".png")
-    harness.write_markdown(saved, Path(args.out), png.name if png.exists() else None)
+    write_markdown(saved, Path(args.out), png.name if png.exists() else None)
     log(f"wrote {args.out}")
     return 0
 

@@ -2,7 +2,7 @@
 
 Usage::
 
-    python bench/ab.py BEFORE AFTER [--rounds 6] [--records 200000]
+    python -m bench.tools.ab BEFORE AFTER [--rounds 6] [--records 200000]
 
 BEFORE and AFTER are git revisions (a worktree of each is made under a temporary directory) or
 paths to source trees. One broker and one Redis serve every run; the topic is preloaded once.
@@ -24,9 +24,9 @@ import tempfile
 import time
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-import run as bench
-import services
+from bench.common import ROOT, log, preload, services
+from bench.scenarios.consume import sidecar_consume
+from bench.scenarios.publish import sidecar_publish
 
 
 def source_tree(rev: str, tmp: Path) -> Path:
@@ -35,7 +35,7 @@ def source_tree(rev: str, tmp: Path) -> Path:
     if Path(rev).is_dir():
         return Path(rev).resolve()
     tree = tmp / f"tree-{len(list(tmp.glob('tree-*')))}"
-    subprocess.run(["git", "worktree", "add", "--detach", str(tree), rev], cwd=bench.ROOT, check=True)
+    subprocess.run(["git", "worktree", "add", "--detach", str(tree), rev], cwd=ROOT, check=True)
     # The compiled modules: setup.py's, or the frame encoder alone, declared in pyproject.toml
     # (read by setup() with no arguments), in the one revision that had it that way.
     if (tree / "setup.py").exists():
@@ -50,15 +50,16 @@ def source_tree(rev: str, tmp: Path) -> Path:
 
 
 def check_imports_from(tree: Path, cwd: Path) -> None:
-    """A sidecar started the way bench/run.py starts one, with PYTHONPATH at ``tree``, imports
-    that tree's package (an earlier version of the harness ran the repository's own for both)."""
+    """A sidecar started the way the benchmark starts one (bench/common.py SidecarProc), with
+    PYTHONPATH at ``tree``, imports that tree's package (an earlier version of the harness ran
+    the repository's own for both)."""
     code = "import sidecar; print(sidecar.__file__)"
     env = {**os.environ, "PYTHONPATH": str(tree)}
     out = subprocess.run([sys.executable, "-c", code], cwd=cwd, env=env, capture_output=True, text=True)
     where = Path(out.stdout.strip()).resolve()
     if not where.is_relative_to(tree.resolve()):
         raise SystemExit(f"ab: a sidecar for {tree} would import {where or out.stderr}")
-    bench.log(f"{tree}: imports {where}")
+    log(f"{tree}: imports {where}")
 
 
 def main() -> int:
@@ -80,8 +81,8 @@ def main() -> int:
             check_imports_from(tree, tmp)
         try:
             with services.running(tmp / "services", quick_start=False) as (kafka, redis):
-                bench.log(f"preloading {n} records")
-                bench.preload(kafka, "ab6", 6, n, "ab")
+                log(f"preloading {n} records")
+                preload(kafka, "ab6", 6, n, "ab")
                 kafka.create_topic("abpub", 6)
                 for i in range(-1, args.rounds):  # round -1 warms the broker's JIT up: not counted
                     order = ["before", "after"] if i % 2 == 0 else ["after", "before"]
@@ -92,20 +93,20 @@ def main() -> int:
                             "DEDUP_STORE__REDIS_URL": redis.url,
                             "PYTHONPATH": str(trees[which]),
                         }
-                        c = bench.sidecar_consume(kafka, "ab6", n, store, tmp, which)
-                        p = bench.sidecar_publish(kafka, "abpub", n_pub, store, tmp, 500)
+                        c = sidecar_consume(kafka, "ab6", n, store, tmp, which)
+                        p = sidecar_publish(kafka, "abpub", n_pub, store, tmp, 500)
                         if i >= 0:
                             cpu[which]["consume"].append(c.extra["cpu_us"])
                             cpu[which]["publish"].append(p.extra["cpu_us"])
                         label = f"round {i + 1}" if i >= 0 else "warm-up"
-                        bench.log(
+                        log(
                             f"{label} {which}: consume {c.extra['cpu_us']} µs ({c.rate:.0f}/s), "
                             f"PublishBatch {p.extra['cpu_us']} µs ({p.rate:.0f}/s)"
                         )
         finally:
             for tree in trees.values():
                 if tree.is_relative_to(tmp):
-                    subprocess.run(["git", "worktree", "remove", "--force", str(tree)], cwd=bench.ROOT)
+                    subprocess.run(["git", "worktree", "remove", "--force", str(tree)], cwd=ROOT)
     summary = {
         path: {
             "before_median_us": statistics.median(cpu["before"][path]),

@@ -2,7 +2,7 @@
 
 Usage::
 
-    python bench/redis_ops.py [--keys 100000] [--rounds 3] [--appendonly everysec|no]
+    python -m bench.tools.redis_ops [--keys 100000] [--rounds 3] [--appendonly everysec|no]
 
 Starts a redis-server (deploy/local/services) and, in batches of 500 keys, measures the CPU
 the server spends (``INFO cpu``, user + system) per key for:
@@ -30,12 +30,8 @@ from pathlib import Path
 
 import redis.asyncio as aioredis
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
-sys.path.insert(0, str(ROOT / "deploy" / "local"))
-import services  # noqa: E402
-
-from sidecar.store.redis import RedisStore  # noqa: E402
+from bench.common import services
+from sidecar.store.redis import RedisStore
 
 BATCH = 500
 OWNER = "orders-app-7f9c4d8b6-x2k4q-w0"  # the length of a pod-named owner id

@@ -1,7 +1,7 @@
 """Measure what the Redis store costs, to size it: bytes per key, Redis CPU and round trips per
 record, and the consume and publish rates of the Cluster and WAIT paths next to one node.
 
-Usage: python bench/capacity.py [--keys 1000000] [--records 100000] [--quick]
+Usage: python -m bench.scenarios.capacity [--keys 1000000] [--records 100000] [--quick]
 (scripts/capacity.sh wraps it). It starts its own Kafka broker and Redis servers on 127.0.0.1
 and writes bench/capacity.json; docs/CAPACITY.md quotes the figures.
 
@@ -30,14 +30,11 @@ import uuid
 from pathlib import Path
 from typing import Any, Literal
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path[:0] = [str(ROOT / "deploy" / "local"), str(ROOT / "bench")]
-
-import run as bench  # noqa: E402
-import services  # noqa: E402
-
-from sidecar.store.base import PublishRecord  # noqa: E402
-from sidecar.store.redis import RedisStore  # noqa: E402
+from bench.common import ROOT, machine, preload, services
+from bench.scenarios.consume import raw_consume, sidecar_consume
+from bench.scenarios.publish import raw_publish, sidecar_publish
+from sidecar.store.base import PublishRecord
+from sidecar.store.redis import RedisStore
 
 GROUP, TOPIC = "orders-app", "orders"
 BATCH = 500  # records per claim and complete: the consumer's fetch batch
@@ -158,17 +155,17 @@ def rates(
     ``rounds`` times over all shapes in turn, so the machine's drift hits every shape alike.
     Each figure is the median ratio of its rounds."""
     n_pub = max(5_000, n // 2)
-    bench.preload(kafka, "cap6", 6, n, "c6")
+    preload(kafka, "cap6", 6, n, "c6")
     kafka.create_topic("cappub", 6)
     runs: dict[str, dict[str, list[tuple[float, float]]]] = {"consume": {}, "publish": {}}
     for r in range(rounds):
         for name, store in shapes.items():
             log(f"rates, round {r + 1}: {name}")
-            raw = bench.raw_consume(kafka, "cap6", n)
-            sc = bench.sidecar_consume(kafka, "cap6", n, store, work, name)
+            raw = raw_consume(kafka, "cap6", n)
+            sc = sidecar_consume(kafka, "cap6", n, store, work, name)
             runs["consume"].setdefault(name, []).append((sc.rate, raw.rate))
-            raw = bench.raw_publish(kafka, "cappub", n_pub)
-            sp = bench.sidecar_publish(kafka, "cappub", n_pub, store, work, 500)
+            raw = raw_publish(kafka, "cappub", n_pub)
+            sp = sidecar_publish(kafka, "cappub", n_pub, store, work, 500)
             runs["publish"].setdefault(name, []).append((sp.rate, raw.rate))
     out: dict[str, Any] = {}
     for what, per in runs.items():
@@ -199,7 +196,7 @@ def main() -> int:
         return 0
     keys, n = (20_000, 10_000) if a.quick else (a.keys, a.records)
     result: dict[str, Any] = {
-        "machine": bench.machine(),
+        "machine": machine(),
         "command": " ".join(["scripts/capacity.sh", *sys.argv[1:]]),
     }
     with tempfile.TemporaryDirectory(prefix="dedup-capacity-") as tmp:

@@ -2,10 +2,10 @@
 
 Usage::
 
-    python bench/cores.py [--records 200000] [--rounds 2]
+    python -m bench.tools.cores [--records 200000] [--rounds 2]
 
 Each round runs, on one preloaded topic of 6 partitions, the rows of the full benchmark's
-"Workers and cores" section (bench/run.py ``workers_rows``): consume with 1 and 2 workers pinned
+"Workers and cores" section (bench/scenarios/scaling.py ``workers_rows``): consume with 1 and 2 workers pinned
 to one core (``taskset -c 0``) and free on every core, each after a raw consumer run of its own,
 then PublishBatch with 1 and 2 workers after a raw producer run. Prints the rows as JSON. The
 broker, Redis and the client are never pinned: on a 2-core machine they share the cores with
@@ -22,9 +22,8 @@ import tempfile
 import time
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-import run as bench
-import services
+from bench.common import log, preload, services
+from bench.scenarios.scaling import workers_rows
 
 
 def main() -> int:
@@ -43,12 +42,12 @@ def main() -> int:
     ):
         work = Path(tmp)
         store = {"DEDUP_STORE__BACKEND": "redis", "DEDUP_STORE__REDIS_URL": redis.url}
-        bench.log(f"preloading {n} records")
-        bench.preload(kafka, "cores6", 6, n, "c6")
+        log(f"preloading {n} records")
+        preload(kafka, "cores6", 6, n, "c6")
         kafka.create_topic("corespub", 6)
         for i in range(args.rounds):
-            bench.log(f"round {i + 1}")
-            rounds.append(bench.workers_rows(kafka, ("cores6", "corespub"), (n, n_pub), store, work))
+            log(f"round {i + 1}")
+            rounds.append(workers_rows(kafka, ("cores6", "corespub"), (n, n_pub), store, work))
     print(json.dumps({"records": n, "at": time.ctime(), "rounds": rounds}, indent=2))
     return 0
 

@@ -24,13 +24,11 @@ import time
 import urllib.request
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT / "deploy" / "local"))
+from confluent_kafka import Producer
+from dedup_client import DedupClient
+from prometheus_client.parser import text_string_to_metric_families
 
-import services  # noqa: E402
-from confluent_kafka import Producer  # noqa: E402
-from dedup_client import DedupClient  # noqa: E402
-from prometheus_client.parser import text_string_to_metric_families  # noqa: E402
+from bench.common import ROOT, services
 
 TOPIC = "dashboard"
 
