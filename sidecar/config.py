@@ -465,7 +465,8 @@ class Settings(BaseSettings):
     server: ServerSettings = Field(default_factory=ServerSettings)
     tracing: TracingSettings = Field(default_factory=TracingSettings)
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
-    #: ``text``: one readable line per record; ``json``: one JSON object per line (sidecar/logs.py).
+    #: ``text``: one readable line per record; ``json``: one JSON object per line
+    #: (sidecar/observability/logs.py).
     log_format: Literal["text", "json"] = "text"
     #: Identity of this sidecar in store claims. Empty: a fresh random id per process.
     owner_id: str = ""

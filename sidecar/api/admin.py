@@ -25,10 +25,12 @@ _STATES = {
 
 
 class StatusSource(Protocol):
-    """What the admin service reads from the running sidecar (sidecar.app.Sidecar)."""
+    """What the admin service reads from the running sidecar (sidecar.process.app.Sidecar)."""
 
     owner: str
-    ready: bool
+
+    @property
+    def ready(self) -> bool: ...
 
     def lag(self) -> dict[tuple[str, int], int]: ...
 

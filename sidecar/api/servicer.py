@@ -10,7 +10,7 @@ from typing import Any, TypeVar
 
 import grpc
 
-from sidecar import testing_hooks, tracing
+from sidecar import testing_hooks
 from sidecar._proto import dedup_pb2 as pb
 from sidecar.api.errors import status_for
 from sidecar.api.frames import encode_frame, encode_publish_results
@@ -19,6 +19,7 @@ from sidecar.api.streaming import StreamingServicer, publish_input
 from sidecar.engine.engine import Engine
 from sidecar.engine.streams import Stream
 from sidecar.errors import InvalidArgument, ShuttingDown, SidecarError, Unavailable
+from sidecar.observability import tracing
 from sidecar.publish.publisher import Publisher, PublishOutput
 
 log = logging.getLogger(__name__)

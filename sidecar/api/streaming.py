@@ -25,13 +25,14 @@ from typing import Any
 import grpc
 from google.protobuf.message import DecodeError
 
-from sidecar import testing_hooks, tracing
+from sidecar import testing_hooks
 from sidecar._proto import dedup_pb2 as pb
 from sidecar.api.errors import status_for
 from sidecar.api.frames import encode_frame, encode_settle_result, encode_stream_publish_result
 from sidecar.api.security import Principal
 from sidecar.engine.engine import Engine
 from sidecar.errors import InvalidArgument, ShuttingDown, SidecarError, Unavailable
+from sidecar.observability import tracing
 from sidecar.publish.publisher import Outcome, Publisher, PublishInput, PublishOutput
 
 log = logging.getLogger(__name__)

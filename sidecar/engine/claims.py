@@ -15,11 +15,11 @@ import logging
 import time
 from collections import deque
 
-from sidecar import tracing
 from sidecar.engine.core import Core
 from sidecar.engine.records import Pending, State
 from sidecar.engine.reroute import Reroute
 from sidecar.errors import StoreUnavailable
+from sidecar.observability import tracing
 from sidecar.store.base import Claim, ClaimMode, ClaimStatus
 
 log = logging.getLogger(__name__)
@@ -137,7 +137,7 @@ class Claims:
                 core.metrics.store_errors.inc()
                 if not retry or core.stopping:
                     raise
-                # The store's Outage logs the outage (sidecar/outage.py), not each retry.
+                # The store's Outage logs the outage (sidecar/observability/outage.py), not each retry.
                 log.debug("claim failed, retrying in %.1fs: %s", delay, exc)
                 await asyncio.sleep(delay)
                 delay = min(delay * 2, 5.0)

@@ -16,7 +16,6 @@ import time
 from collections.abc import Awaitable, Callable, Coroutine, Iterable
 from typing import Any, TypeVar
 
-from sidecar import tracing
 from sidecar.config import Settings
 from sidecar.engine import ordering
 from sidecar.engine.ordering import Ordering
@@ -25,7 +24,8 @@ from sidecar.engine.streams import ReadyQueue, Stream
 from sidecar.errors import StoreUnavailable
 from sidecar.kafka.consumer import CommitOffset, ConsumerLoop
 from sidecar.kafka.producer import AsyncProducer
-from sidecar.metrics import Metrics
+from sidecar.observability import tracing
+from sidecar.observability.metrics import Metrics
 from sidecar.store.base import DedupStore
 
 log = logging.getLogger(__name__)

@@ -17,7 +17,7 @@ import os
 import time
 from collections.abc import Sequence
 
-from sidecar import testing_hooks, tracing
+from sidecar import testing_hooks
 from sidecar.engine import ordering
 from sidecar.engine.claims import Claims
 from sidecar.engine.core import Core
@@ -32,7 +32,8 @@ from sidecar.errors import (
     ShuttingDown,
     StoreUnavailable,
 )
-from sidecar.metrics import count_by_topic
+from sidecar.observability import tracing
+from sidecar.observability.metrics import count_by_topic
 from sidecar.store.base import ClaimMode
 
 log = logging.getLogger(__name__)

@@ -44,7 +44,7 @@ from sidecar.engine.settlement import AckOutcome, Settlement
 from sidecar.engine.streams import Stream
 from sidecar.kafka.consumer import Assigned, CommitOffset, ConsumerLoop
 from sidecar.kafka.producer import AsyncProducer
-from sidecar.metrics import Metrics
+from sidecar.observability.metrics import Metrics
 from sidecar.offsets import AckTracker
 from sidecar.store.base import DedupStore
 

@@ -12,7 +12,7 @@ from sidecar.engine.dispatch import Dispatch
 from sidecar.engine.records import Pending, State
 from sidecar.engine.settlement import Settlement
 from sidecar.errors import StoreUnavailable
-from sidecar.outage import Outage
+from sidecar.observability.outage import Outage
 from sidecar.store.base import ClaimMode
 
 log = logging.getLogger(__name__)

@@ -70,7 +70,7 @@ class Pending:
     scheduled: bool = False  # read from a retry topic before its due time; not claimed yet
     reason: str = ""
     reason_code: str = ""
-    span: Any = None  # its dedup.deliver span while in flight, when traced (sidecar/tracing.py)
+    span: Any = None  # its dedup.deliver span while in flight, when traced (sidecar/observability/tracing.py)
 
     def log_fields(self) -> dict[str, object]:
         """``extra=`` for a log call about this record (JSON logs carry them as fields)."""

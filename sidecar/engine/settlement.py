@@ -17,14 +17,15 @@ from typing import Final, TypeVar
 
 from opentelemetry import trace
 
-from sidecar import testing_hooks, tracing
+from sidecar import testing_hooks
 from sidecar.engine.core import Core
 from sidecar.engine.dispatch import Dispatch
 from sidecar.engine.records import TP, Pending, Recent, State
 from sidecar.engine.reroute import Reroute
 from sidecar.errors import InvalidArgument, StoreUnavailable
 from sidecar.groupcommit import Done, GroupCommit
-from sidecar.metrics import count_by_topic, group_counter
+from sidecar.observability import tracing
+from sidecar.observability.metrics import count_by_topic, group_counter
 from sidecar.store.base import ClaimMode, ClaimStatus
 
 log = logging.getLogger(__name__)

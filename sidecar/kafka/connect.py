@@ -24,7 +24,7 @@ log = logging.getLogger(__name__)
 
 class _NotTwice(logging.Filter):
     """Drop librdkafka's FAIL lines (a connection failed): the error callback reports the same
-    failure, and the clients count it there (sidecar/outage.py) instead of logging each."""
+    failure, and the clients count it there (sidecar/observability/outage.py) instead of logging each."""
 
     def filter(self, record: logging.LogRecord) -> bool:
         return not (isinstance(record.args, tuple) and record.args and record.args[0] == "FAIL")

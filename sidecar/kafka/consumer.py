@@ -36,7 +36,7 @@ from typing import Any, Protocol, TypeVar
 from confluent_kafka import Consumer, KafkaError, KafkaException, Message, TopicPartition
 
 from sidecar.kafka import connect
-from sidecar.outage import Outage
+from sidecar.observability.outage import Outage
 
 #: Hand-overs of fewer records than this are paced (see ConsumerLoop._fetch).
 PACE_BELOW = 64

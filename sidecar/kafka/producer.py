@@ -27,7 +27,7 @@ from sidecar.errors import (
     SidecarError,
 )
 from sidecar.kafka import connect
-from sidecar.outage import Outage
+from sidecar.observability.outage import Outage
 
 log = logging.getLogger(__name__)
 

@@ -38,7 +38,7 @@ from sidecar.errors import (
 from sidecar.groupcommit import GroupCommit
 from sidecar.kafka.producer import AsyncProducer, Outgoing, Produced, Sent, indeterminate
 from sidecar.kafka.topics import TopicCatalog
-from sidecar.metrics import Metrics, group_counter
+from sidecar.observability.metrics import Metrics, group_counter
 from sidecar.store.base import Claim, ClaimStatus, DedupStore, PublishRecord
 
 
@@ -50,7 +50,7 @@ class PublishInput:
     headers: Sequence[tuple[str, bytes]]
     idempotency_key: str
     partition: int | None
-    #: The caller's W3C trace headers (sidecar/tracing.py): written with the record, not part of
+    #: The caller's W3C trace headers (sidecar/observability/tracing.py): written with the record, not part of
     #: its payload (a retry with a new span id is the same record).
     trace: Sequence[tuple[str, bytes]] = ()
 

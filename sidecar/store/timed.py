@@ -1,5 +1,5 @@
 """A dedup store wrapper that times every round trip into ``dedup_store_request_seconds{op}``,
-and tells the store's Outage (sidecar/outage.py) of each failure and answer.
+and tells the store's Outage (sidecar/observability/outage.py) of each failure and answer.
 
 Every store call carries a batch, so one observation per call costs nothing per record."""
 
@@ -12,7 +12,7 @@ from typing import TypeVar
 from prometheus_client import Histogram
 
 from sidecar.errors import StoreUnavailable
-from sidecar.outage import Outage
+from sidecar.observability.outage import Outage
 from sidecar.store.base import Claim, ClaimMode, DedupStore, KeyInfo, PublishRecord
 
 T = TypeVar("T")

@@ -17,35 +17,34 @@ import socket
 import time
 from typing import Any
 
-from grpc_health.v1 import health, health_pb2
+from grpc_health.v1 import health
 
-from sidecar import build, logs, tracing
 from sidecar._proto import dedup_pb2 as pb
 from sidecar.api import listeners
 from sidecar.api.admin import AdminServicer
 from sidecar.api.security import Certificates, Guard
-from sidecar.api.server import SERVICE_NAME, build_health_server, build_server
+from sidecar.api.server import build_health_server, build_server
 from sidecar.api.servicer import DedupServicer
 from sidecar.config import Settings, is_loopback_listen, is_unix_listen, split_listen, unix_socket_path
 from sidecar.engine.engine import Engine
-from sidecar.errors import ConfigError, KafkaUnavailable, StoreUnavailable
+from sidecar.errors import ConfigError
 from sidecar.kafka import connect
 from sidecar.kafka import consumer as kconsumer
 from sidecar.kafka import producer as kproducer
 from sidecar.kafka.topics import TopicCatalog
-from sidecar.metrics import EngineCollector, Metrics
-from sidecar.outage import Outage
+from sidecar.observability import logs, tracing
+from sidecar.observability.metrics import EngineCollector, Metrics
+from sidecar.observability.outage import Outage
+from sidecar.process import build
+from sidecar.process.kafka_checks import ensure_retry_topics, watch_group
+from sidecar.process.readiness import Readiness
+from sidecar.process.stores import open_store
+from sidecar.process.workers import WorkerAddresses
 from sidecar.publish.publisher import Publisher
 from sidecar.store.base import DedupStore
 from sidecar.store.timed import TimedStore
-from sidecar.stores import open_store
-from sidecar.workers import WorkerAddresses
 
 log = logging.getLogger(__name__)
-_SERVING = health_pb2.HealthCheckResponse.SERVING
-_NOT_SERVING = health_pb2.HealthCheckResponse.NOT_SERVING
-READINESS_INTERVAL_S = 3.0  # how often readiness checks the store, the brokers and the topics
-NOT_READY_INTERVAL_S = 1.0  # how often while not ready
 
 
 #: librdkafka properties that have a setting of their own.
@@ -112,9 +111,8 @@ class Sidecar:
         self._reload: asyncio.Task[None] | None = None
         self._health = health.aio.HealthServicer()
         self._watch: asyncio.Task[None] | None = None
-        self._readiness: asyncio.Task[None] | None = None
+        self.readiness: Readiness | None = None
         self._lag: dict[tuple[str, int], int] = {}  # from librdkafka statistics
-        self.ready = False  # what the DedupService health entry says
         self.topics: TopicCatalog
         self._stopped = asyncio.Event()
         # What the log says while Kafka or the store fails: changes of state, not each failure.
@@ -148,10 +146,19 @@ class Sidecar:
         self.engine = Engine(s, self.store, self._producer, self.metrics, self.owner)
         self.metrics.registry.register(EngineCollector(self.engine, lambda: self._lag))
         self.topics = TopicCatalog(self._producer.topics)
+        self.readiness = readiness = Readiness(
+            s,
+            self._health,
+            self.store,
+            self.topics,
+            self.engine.missing_topics,
+            self.kafka_outage,
+            self.store_outage,
+        )
         if s.kafka.topics:
-            kafka_answered = await self._check_topics()
+            kafka_answered = await readiness.check_topics()
             if self.engine.retry_topics:
-                await self._ensure_retry_topics(consumer_conf)
+                await ensure_retry_topics(s, consumer_conf, self.engine.reroute.retry_sources)
             self._consumer = kconsumer.ConsumerLoop(
                 consumer_conf,
                 [*s.kafka.topics, *self.engine.retry_topics],
@@ -164,7 +171,7 @@ class Sidecar:
             )
         else:
             log.info("no kafka.topics: publish-only, no consumer and no group")
-            kafka_answered = await self._kafka_answers()
+            kafka_answered = await readiness.kafka_answers()
         if float(producer_conf.get("linger.ms", kproducer.DEFAULT_LINGER_MS)) > 0:
             # For a publish that is alone: the same settings without linger (see Publisher).
             fast_conf = {**producer_conf, "linger.ms": 0}
@@ -201,16 +208,20 @@ class Sidecar:
         if self._consumer is not None:
             self._consumer.start()
             if not self.store.shared and self.worker is None:
-                self._watch = asyncio.create_task(self._watch_group())
+                topics = [*s.kafka.topics, *self.engine.retry_topics]
+                self._watch = asyncio.create_task(
+                    watch_group(
+                        s,
+                        self._consumer,
+                        self.store,
+                        self.topics,
+                        topics,
+                        self.metrics.local_store_shared_group,
+                    )
+                )
         # Ready only once the store and a broker have answered: a sidecar started with neither
         # reachable must not take traffic in the meantime.
-        problems = await self._readiness_problems(kafka_answered)
-        ready = self.ready = not problems
-        await self._health.set(SERVICE_NAME, _SERVING if ready else _NOT_SERVING)
-        await self._health.set("", _SERVING)
-        if not ready:
-            log.error("not ready (%s health entry NOT_SERVING): %s", SERVICE_NAME, "; ".join(problems))
-        self._readiness = asyncio.create_task(self._watch_readiness(ready))
+        await readiness.start(kafka_answered)
         where = srv.listen if not self.port else f"{srv.listen.rpartition(':')[0]}:{self.port}"
         log.info(
             "sidecar %s%s serving on %s%s (store=%s, group=%s, topics=%s; %s)",
@@ -239,26 +250,10 @@ class Sidecar:
                 out.workers.add(index=i, port=port)
         return out
 
-    async def _check_topics(self) -> bool:
-        """Say at start-up which of kafka.topics the cluster does not have: Subscribe answers
-        NOT_FOUND for them and the DedupService health entry is NOT_SERVING until they exist.
-        Returns whether a broker answered."""
-        assert self.engine is not None
-        try:
-            counts = await self.topics.partitions(self.settings.kafka.topics)
-        except KafkaUnavailable as exc:
-            log.warning("cannot check that kafka.topics exist: %s", exc)
-            return False
-        missing = {t for t, n in counts.items() if n is None}
-        self.engine.missing_topics.update(missing)
-        if missing:
-            log.error(
-                "topics %s in kafka.topics do not exist on the cluster: create them (Subscribe answers "
-                "NOT_FOUND and the %s health entry is NOT_SERVING until they exist)",
-                sorted(missing),
-                SERVICE_NAME,
-            )
-        return True
+    @property
+    def ready(self) -> bool:
+        """What the DedupService health entry says."""
+        return self.readiness is not None and self.readiness.ready
 
     def lag(self) -> dict[tuple[str, int], int]:
         return self._lag
@@ -284,168 +279,14 @@ class Sidecar:
         except (ValueError, AttributeError, TypeError) as exc:
             log.debug("unreadable librdkafka statistics: %s", exc)
 
-    async def _watch_readiness(self, ready: bool) -> None:
-        """Keep the DedupService health entry (readiness) true to what the sidecar can do: it is
-        NOT_SERVING while the store or every broker is unreachable, or a topic of kafka.topics does
-        not exist, and SERVING again by itself once they are back. The overall entry (liveness)
-        stays SERVING: restarting the sidecar would not bring a broker back."""
-        ever_ready = ready
-        while True:
-            # Not ready yet: look again sooner, so a sidecar that starts before its broker or
-            # store takes traffic soon after they answer.
-            await asyncio.sleep(READINESS_INTERVAL_S if ready else NOT_READY_INTERVAL_S)
-            problems = await self._readiness_problems()
-            if (not problems) != ready:
-                ready = self.ready = not problems
-                await self._health.set(SERVICE_NAME, _SERVING if ready else _NOT_SERVING)
-                if ready:
-                    log.info("ready%s: %s health entry SERVING", " again" if ever_ready else "", SERVICE_NAME)
-                    ever_ready = True
-                else:
-                    log.error(
-                        "not ready (%s health entry NOT_SERVING): %s", SERVICE_NAME, "; ".join(problems)
-                    )
-
-    async def _kafka_answers(self) -> bool:
-        try:
-            await self.topics.refresh()
-        except KafkaUnavailable as exc:
-            log.warning("no broker answers: %s", exc)
-            return False
-        return True
-
-    async def _readiness_problems(self, kafka_answered: bool | None = None) -> list[str]:
-        """What keeps the sidecar from being ready: an unreachable store, no broker answering,
-        or topics of kafka.topics the cluster does not have. ``kafka_answered``: whether a
-        broker answered a moment ago (at start-up), so its metadata need not be read again;
-        None to read it."""
-        assert self.store is not None
-        assert self.engine is not None
-        missing = self.engine.missing_topics
-        problems: list[str] = []
-        try:
-            async with asyncio.timeout(READINESS_INTERVAL_S):
-                await self.store.ping()
-        except Exception as exc:  # noqa: BLE001 - any failure means "not ready"
-            reason = str(exc) or f"no answer in {READINESS_INTERVAL_S:.0f}s"
-            if not isinstance(exc, StoreUnavailable):  # TimedStore told the outage of those
-                self.store_outage.failed(reason)
-            problems.append(f"store unreachable ({reason})")
-        if kafka_answered is False:
-            problems.append(
-                f"Kafka unreachable (no broker of {self.settings.kafka.bootstrap_servers} answered)"
-            )
-        elif kafka_answered is None:
-            try:
-                await self.topics.refresh()
-                self.kafka_outage.answered()
-                for t in [t for t in missing if self.topics.known(t) is not None]:
-                    log.info("topic %s exists now", t)
-                    missing.discard(t)
-            except KafkaUnavailable as exc:
-                problems.append(f"Kafka unreachable ({exc})")
-        if missing:
-            problems.append(f"topics {sorted(missing)} in kafka.topics do not exist")
-        return problems
-
-    async def _ensure_retry_topics(self, consumer_conf: dict[str, Any]) -> None:
-        """Create the retry topics that are missing (``delivery.retry_create_topics``), each like
-        its source topic: the same partition count and replication factor."""
-        from confluent_kafka.admin import AdminClient
-        from confluent_kafka.cimpl import NewTopic
-
-        s = self.settings
-        assert self.engine is not None
-        skip = ("group.id", "session.timeout.ms", "stats_cb", "statistics.interval.ms")
-        conf = {k: v for k, v in consumer_conf.items() if k not in skip}
-        admin = AdminClient(conf)
-        meta = await asyncio.to_thread(admin.list_topics, timeout=15)
-        sources = self.engine.reroute.retry_sources
-        missing = [t for t in sources if t not in meta.topics]
-        if not missing:
-            return
-        if not s.delivery.retry_create_topics:
-            raise ConfigError(
-                f"retry topics {missing} do not exist: create them, or set "
-                "delivery.retry_create_topics = true so the sidecar does"
-            )
-        new = []
-        for name in missing:
-            src = meta.topics.get(sources[name])
-            if src is None or not src.partitions:
-                raise ConfigError(
-                    f"cannot create retry topic {name!r}: its source topic {sources[name]!r} "
-                    "(kafka.topics) does not exist"
-                )
-            rf = len(next(iter(src.partitions.values())).replicas)
-            new.append(NewTopic(name, len(src.partitions), rf))
-        for name, fut in admin.create_topics(new, request_timeout=15).items():
-            try:
-                await asyncio.to_thread(fut.result, 20)
-                log.info("created retry topic %s", name)
-            except Exception as exc:
-                if "TOPIC_ALREADY_EXISTS" in str(exc):
-                    continue
-                raise ConfigError(
-                    f"cannot create retry topic {name!r} ({exc}); create it, or give the sidecar's "
-                    "principal CREATE on it (delivery.retry_create_topics)"
-                ) from exc
-        # Metadata spreads to the brokers asynchronously: subscribe once every partition has a leader.
-        deadline = time.monotonic() + 15
-        while time.monotonic() < deadline:
-            meta = await asyncio.to_thread(admin.list_topics, timeout=5)
-            if all(meta.topics.get(t) is not None and not meta.topics[t].error for t in missing):
-                break
-            await asyncio.sleep(0.1)
-
-    async def _watch_group(self) -> None:
-        """A local store cannot fence other members: detect a shared group and say so loudly.
-
-        The sign is this member's assignment: while it holds fewer partitions of its topics than
-        they have, another member holds the rest. Three looks in a row, 3 s apart, so a
-        rebalance in progress is not taken for one. (This asked DescribeGroups before; librdkafka
-        aborts the whole process when such a request to a dead coordinator times out, its issue
-        4605, and a check that only advises must not be able to do that.)"""
-        assert self.engine is not None
-        assert self._consumer is not None
-        assert self.store is not None
-        consumer, store = self._consumer, self.store
-        topics = [*self.settings.kafka.topics, *self.engine.retry_topics]
-        group = self.settings.kafka.group_id
-        warned = False
-        looks = 0
-        while True:
-            await asyncio.sleep(3.0)
-            try:
-                counts = await self.topics.partitions(topics)
-            except KafkaUnavailable:
-                continue
-            total = sum(n or 0 for n in counts.values())
-            held = consumer.assigned_count
-            looks = looks + 1 if consumer.subscribed and held < total else 0
-            shared = looks >= 3
-            self.metrics.local_store_shared_group.set(1 if shared else 0)
-            if shared and not warned:
-                log.error(
-                    "CORRECTNESS HOLE: another member of group %r holds %d of the %d partitions of %s, but "
-                    "store.backend=%s is local to this process; after a rebalance another member cannot "
-                    "see which keys were processed here. Use store.backend=redis for more than one replica",
-                    group,
-                    total - held,
-                    total,
-                    ", ".join(topics),
-                    store.name,
-                )
-                warned = True
-            elif not shared and looks == 0:
-                warned = False
-
     async def stop(self) -> None:
         s = self.settings
         await self._health.enter_graceful_shutdown()
-        for task in (self._watch, self._readiness, self._reload):
+        for task in (self._watch, self._reload):
             if task is not None:
                 task.cancel()
+        if self.readiness is not None:
+            self.readiness.cancel()
         if self._consumer is not None:
             self._consumer.halted = True
         if self.engine is not None:

@@ -13,8 +13,10 @@ from typing import Any
 
 from pydantic import ValidationError
 
-from sidecar import __version__, admin_cli, build, config, logs, workers
+from sidecar import __version__, config
 from sidecar.errors import SidecarError
+from sidecar.observability import logs
+from sidecar.process import admin_cli, build, workers
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -41,7 +43,7 @@ def _parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--version", action="version", version=f"%(prog)s {__version__} ({build.describe()})")
     p.add_argument("--testonly-fault-hooks", action="store_true", help=argparse.SUPPRESS)
-    # Set by the supervisor of server.workers on the processes it starts (sidecar/workers.py).
+    # Set by the supervisor of server.workers on the processes it starts (sidecar/process/workers.py).
     p.add_argument("--worker", type=int, help=argparse.SUPPRESS)
     p.add_argument("--worker-plan", help=argparse.SUPPRESS)
     return p
@@ -130,7 +132,7 @@ def main(argv: list[str] | None = None) -> int:
         from sidecar import testing_hooks
 
         testing_hooks.arm_from_environment()
-    from sidecar.app import Sidecar
+    from sidecar.process.app import Sidecar
 
     tune_interpreter()
     try:

@@ -35,7 +35,7 @@ from sidecar.errors import ConfigError
 
 log = logging.getLogger(__name__)
 
-#: The exit code of a sidecar refused by its settings or unable to start (sidecar.cli): at the
+#: The exit code of a sidecar refused by its settings or unable to start (sidecar.process.cli): at the
 #: first start every worker would fail alike, so the supervisor stops them all. A restarted
 #: worker that cannot start (its port still held, say) is restarted like any other death.
 EXIT_START_FAILED = 2
@@ -101,7 +101,7 @@ def _nth(listen: str, i: int, setting: str) -> str:
 
 def plan(settings: Settings, n: int) -> list[WorkerAddresses]:
     """The addresses of ``n`` workers, from ``[server]``'s listen settings. With more than one
-    worker, ``server.metrics_listen`` is the supervisor's (sidecar.worker_metrics) and each
+    worker, ``server.metrics_listen`` is the supervisor's (sidecar.observability.worker_metrics) and each
     worker's metrics go on a free loopback port, read only by the supervisor."""
     srv = settings.server
     own_metrics = n > 1 and bool(srv.metrics_listen)
@@ -196,13 +196,13 @@ class Supervisor:
                     p.send_signal(signum)
 
     def _serve_metrics(self) -> Any:
-        """Serve ``server.metrics_listen`` with every worker's metrics (sidecar.worker_metrics);
+        """Serve ``server.metrics_listen`` with every worker's metrics (sidecar.observability.worker_metrics);
         None when metrics are off. A ConfigError when the address or the TLS files are unusable,
         before any worker starts."""
         if self._server is None or not self._server.metrics_listen:
             return None
-        from sidecar import worker_metrics
         from sidecar.api import listeners
+        from sidecar.observability import worker_metrics
 
         reg = worker_metrics.registry(
             [a.metrics_listen for a in self._addresses], lambda: [max(n - 1, 0) for n in self._spawned]
