@@ -24,7 +24,7 @@ RUN pip install --no-cache-dir --require-hashes -r /tmp/requirements.lock && rm 
 COPY --from=build /wheels /wheels
 RUN pip install --no-cache-dir --no-deps /wheels/*.whl && rm -rf /wheels \
     && python -m compileall -q "$(python -c 'import sidecar, os; print(os.path.dirname(sidecar.__file__))')" \
-    && python -c 'from sidecar import build; assert build.describe() == "frame encoder c, engine compiled", build.describe()' \
+    && python -c 'from sidecar.process import build; assert build.describe() == "frame encoder c, engine compiled", build.describe()' \
     && useradd --system --uid 10001 --no-create-home --shell /usr/sbin/nologin dedup \
     && install -d -o 10001 -g 10001 -m 0750 /var/lib/dedup-sidecar /run/dedup
 USER 10001:10001

@@ -3,7 +3,7 @@
     python bench/ceiling.py MODE LISTEN BOOTSTRAP
 
 Serves ``DedupService/PublishBatch`` (and gRPC health, for start-up checks) on LISTEN, on the
-sidecar's own runtime (``sidecar.cli``: grpc.aio on uvloop, the same interpreter tuning), and
+sidecar's own runtime (``sidecar.process.cli``: grpc.aio on uvloop, the same interpreter tuning), and
 answers in the sidecar's wire format (``sidecar.api.frames``). MODE says how much of the work
 it does:
 
@@ -36,10 +36,10 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from sidecar._proto import dedup_pb2 as pb
 from sidecar.api.frames import encode_publish_results
 from sidecar.api.server import SERVICE_NAME, passthrough
-from sidecar.cli import run_loop, tune_interpreter
 from sidecar.config import DeliverySettings
 from sidecar.errors import SidecarError
 from sidecar.kafka.producer import AsyncProducer, Outgoing
+from sidecar.process.cli import run_loop, tune_interpreter
 
 HEADER = DeliverySettings().idempotency_header  # the sidecar's default
 

@@ -6,6 +6,6 @@
 - ``tracing``: OpenTelemetry spans, carried in record headers.
 - ``outage``: a failing dependency logged by its changes of state, and counted.
 
-Every other layer may import these modules; they import nothing of the sidecar but ``config``
-and ``errors``: never the engine, the API, the Kafka or store packages, or the process.
+Every other package may import these modules; they import nothing of the sidecar but
+``errors``: never the engine, the API, the Kafka or store packages, or the process.
 """

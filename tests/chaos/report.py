@@ -301,7 +301,7 @@ async def run_f1(
 
 def code_line() -> str:
     """Which code the run measured: the commit (marked if the tree had changes) and the build."""
-    from sidecar import build
+    from sidecar.process import build
 
     try:
         rev = subprocess.run(

@@ -22,7 +22,7 @@ from confluent_kafka import Consumer, Producer, TopicPartition
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from sidecar import config
-from sidecar.app import Sidecar
+from sidecar.process.app import Sidecar
 
 ROOT = Path(__file__).resolve().parents[2]
 

@@ -13,7 +13,7 @@ from dedup_client import AckResult, DedupClient
 
 from sidecar._proto import dedup_pb2 as pb
 from sidecar._proto import dedup_pb2_grpc as pb_grpc
-from sidecar.app import Sidecar
+from sidecar.process.app import Sidecar
 from tests.integration.helpers import Inbox, running_sidecar, settings_dict, unique
 
 

@@ -12,7 +12,7 @@ import pytest
 import services
 from dedup_client import DedupClient
 
-from sidecar.app import Sidecar
+from sidecar.process.app import Sidecar
 from tests.integration.helpers import raw_produce, running_sidecar, settings_dict, unique
 
 N = 30_000

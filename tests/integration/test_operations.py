@@ -176,7 +176,7 @@ async def test_readiness_follows_the_store_and_comes_back_by_itself(
         while not any("store: answering again after" in r.getMessage() for r in caplog.records):
             assert time.monotonic() < deadline, "the end of the store's outage was never logged"
             await asyncio.sleep(0.5)
-        said = [r.getMessage() for r in caplog.records if r.name == "sidecar.outage"]
+        said = [r.getMessage() for r in caplog.records if r.name == "sidecar.observability.outage"]
         assert len(said) == 2, said
         assert said[0].startswith("store: failing: ")
         assert sc.metrics.dependency_failures.labels("store")._value.get() >= 2  # each ping waits 3 s
@@ -207,7 +207,7 @@ async def test_ready_only_once_a_broker_has_answered_and_the_outage_is_logged_no
             kafka_lines = [
                 r
                 for r in caplog.records
-                if r.name.startswith(("librdkafka", "sidecar.kafka", "sidecar.outage"))
+                if r.name.startswith(("librdkafka", "sidecar.kafka", "sidecar.observability.outage"))
             ]
             assert len(kafka_lines) <= 3, [r.getMessage() for r in kafka_lines]
             [down] = [r.getMessage() for r in kafka_lines if "failing:" in r.getMessage()]

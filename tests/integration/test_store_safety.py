@@ -10,11 +10,11 @@ import pytest
 import services
 
 from sidecar import config
-from sidecar.app import Sidecar
 from sidecar.errors import ConfigError, StoreUnavailable
+from sidecar.process.app import Sidecar
+from sidecar.process.stores import open_store
 from sidecar.store.base import ClaimStatus
 from sidecar.store.redis import RedisStore
-from sidecar.stores import open_store
 from tests.integration.helpers import running_sidecar, settings_dict, unique
 
 

@@ -17,7 +17,7 @@ from dedup_client import AckResult, DedupClient, PublishError
 
 from sidecar._proto import dedup_pb2 as pb
 from sidecar._proto import dedup_pb2_grpc as pb_grpc
-from sidecar.app import Sidecar
+from sidecar.process.app import Sidecar
 from tests.integration.helpers import (
     committed_offsets,
     raw_produce,

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 
-from sidecar import build
+from sidecar.process import build
 from tests.conftest import ROOT
 
 RECORD_PATH_TESTS = ["tests/unit/test_engine.py", "tests/unit/test_ordering.py", "tests/unit/test_tracker.py"]
@@ -34,7 +34,7 @@ def test_the_record_path_tests_pass_on_the_interpreted_source(tmp_path: Path) ->
     shutil.copytree(
         ROOT / "sidecar", tmp_path / "sidecar", ignore=shutil.ignore_patterns("*.so", "__pycache__")
     )
-    code = "from sidecar import build; print(build.describe())"
+    code = "from sidecar.process import build; print(build.describe())"
     out = subprocess.run(
         [sys.executable, "-c", code], cwd=tmp_path, capture_output=True, text=True, check=True
     )

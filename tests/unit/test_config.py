@@ -209,9 +209,9 @@ def test_kafka_client_config_from_the_security_settings(tmp_path: Path) -> None:
 def test_consumer_properties_the_sidecar_sets_are_refused_naming_the_setting(
     extra: dict[str, object], named: str
 ) -> None:
-    from sidecar.app import _kafka_config
     from sidecar.errors import ConfigError
     from sidecar.kafka.consumer import OWNED_PROPERTIES
+    from sidecar.process.app import _kafka_config
 
     settings = config.load(None, kafka={"consumer": extra})
     with pytest.raises(ConfigError, match=named):

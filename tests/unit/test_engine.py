@@ -16,7 +16,7 @@ from sidecar.engine.identity import store_key
 from sidecar.errors import StoreUnavailable
 from sidecar.kafka.consumer import Assigned, CommitOffset, ConsumerLoop
 from sidecar.kafka.producer import AsyncProducer, Produced
-from sidecar.metrics import Metrics
+from sidecar.observability.metrics import Metrics
 from sidecar.store.base import ClaimMode
 from sidecar.store.memory import MemoryStore
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 import logging
 
-from sidecar.logs import JsonFormatter
+from sidecar.observability.logs import JsonFormatter
 
 
 def test_a_json_line_has_the_fields_and_a_traceback() -> None:

@@ -18,7 +18,7 @@ from sidecar.engine.records import Pending
 from sidecar.errors import InvalidArgument
 from sidecar.kafka.consumer import Assigned, ConsumerLoop
 from sidecar.kafka.producer import AsyncProducer
-from sidecar.metrics import Metrics
+from sidecar.observability.metrics import Metrics
 from sidecar.store.memory import MemoryStore
 from tests.unit.test_engine import FakeConsumer, FakeProducer
 

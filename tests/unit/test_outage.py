@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 from prometheus_client import CollectorRegistry, Counter
 
-from sidecar.outage import Outage
+from sidecar.observability.outage import Outage
 
 
 def outage(now: list[float]) -> tuple[Outage, Counter]:
@@ -14,7 +14,7 @@ def outage(now: list[float]) -> tuple[Outage, Counter]:
 
 
 def said(caplog: pytest.LogCaptureFixture) -> list[str]:
-    return [r.getMessage() for r in caplog.records if r.name == "sidecar.outage"]
+    return [r.getMessage() for r in caplog.records if r.name == "sidecar.observability.outage"]
 
 
 def test_a_thousand_failures_are_two_lines_and_a_count(caplog: pytest.LogCaptureFixture) -> None:

@@ -11,7 +11,7 @@ import pytest
 from sidecar.config import PublishSettings
 from sidecar.errors import AlreadyExists, InvalidArgument, NotFound, PublishIndeterminate, StoreUnavailable
 from sidecar.kafka.producer import AsyncProducer, Outgoing, Produced, Sent
-from sidecar.metrics import Metrics
+from sidecar.observability.metrics import Metrics
 from sidecar.publish.publisher import Publisher, PublishInput, PublishOutput
 from sidecar.store.base import Claim, PublishRecord
 from sidecar.store.memory import MemoryStore

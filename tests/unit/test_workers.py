@@ -12,8 +12,10 @@ import pytest
 from prometheus_client import CollectorRegistry, Counter, Gauge, generate_latest, start_http_server
 from pydantic import ValidationError
 
-from sidecar import config, worker_metrics, workers
+from sidecar import config
 from sidecar.errors import ConfigError
+from sidecar.observability import worker_metrics
+from sidecar.process import workers
 
 ROOT = Path(__file__).resolve().parents[2]
 

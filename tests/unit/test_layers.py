@@ -1,0 +1,78 @@
+"""The sidecar's packages import only downward, as each package's docstring says.
+
+Read from the source (every ``import`` and ``from ... import``, at any depth of a module), so a
+function-level import counts as much as one at the top.
+"""
+
+from __future__ import annotations
+
+import ast
+from pathlib import Path
+
+import pytest
+
+SIDECAR = Path(__file__).resolve().parents[2] / "sidecar"
+
+#: package -> the sidecar packages it must not import (see each package's docstring).
+FORBIDDEN = {
+    "offsets": {"observability", "store", "kafka", "engine", "publish", "api", "process", "config"},
+    "observability": {"offsets", "store", "kafka", "engine", "publish", "api", "process"},
+    "store": {"offsets", "kafka", "engine", "publish", "api", "process"},
+    "kafka": {"offsets", "store", "engine", "publish", "api", "process"},
+    "engine": {"publish", "api", "process"},
+    "publish": {"api", "process"},
+    "api": {"process", "kafka"},
+    # The foundations every package may import import no package themselves.
+    "config": {"offsets", "observability", "store", "kafka", "engine", "publish", "api", "process"},
+    "errors": {"offsets", "observability", "store", "kafka", "engine", "publish", "api", "process"},
+    "groupcommit": {"offsets", "observability", "store", "kafka", "engine", "publish", "api", "process"},
+}
+
+
+def imported_packages(path: Path) -> set[str]:
+    """The sidecar packages (or top-level modules) a module imports."""
+    found: set[str] = set()
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
+            parts = node.module.split(".")
+            if parts[0] != "sidecar":
+                continue
+            if len(parts) > 1:
+                found.add(parts[1])
+            else:
+                found.update(alias.name for alias in node.names)
+        elif isinstance(node, ast.Import):
+            for alias in node.names:
+                parts = alias.name.split(".")
+                if parts[0] == "sidecar" and len(parts) > 1:
+                    found.add(parts[1])
+    return found
+
+
+def modules_of(name: str) -> list[Path]:
+    package = SIDECAR / name
+    return sorted(package.rglob("*.py")) if package.is_dir() else [SIDECAR / f"{name}.py"]  # one or more
+
+
+@pytest.mark.parametrize("name", sorted(FORBIDDEN))
+def test_a_package_imports_only_downward(name: str) -> None:
+    modules = modules_of(name)
+    assert all(m.exists() for m in modules), f"sidecar/{name} is gone: update FORBIDDEN"
+    wrong = {
+        f"{m.relative_to(SIDECAR)} imports sidecar.{p}"
+        for m in modules
+        for p in imported_packages(m) & FORBIDDEN[name]
+    }
+    assert not wrong, sorted(wrong)
+
+
+def test_every_package_opens_with_a_docstring() -> None:
+    for init in sorted(SIDECAR.rglob("__init__.py")):
+        doc = ast.get_docstring(ast.parse(init.read_text()))
+        assert doc, f"{init.relative_to(SIDECAR.parent)} has no docstring"
+
+
+def test_the_checker_sees_a_function_level_import(tmp_path: Path) -> None:
+    module = tmp_path / "m.py"
+    module.write_text("def f():\n    from sidecar.process import app\n    import sidecar.api.server\n")
+    assert imported_packages(module) == {"process", "api"}
