@@ -11,7 +11,7 @@ from typing import Any
 
 from confluent_kafka import Producer
 from dedup_client import DedupClient
-from dedup_client.client import publish_request
+from dedup_client.results import publish_request
 
 from bench.common import (
     VALUE,

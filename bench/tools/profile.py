@@ -45,7 +45,7 @@ from pathlib import Path
 from typing import Any
 
 from dedup_client import DedupClient
-from dedup_client.client import publish_request
+from dedup_client.results import publish_request
 
 from bench.common import VALUE, SidecarProc, log, preload, services, stat_cpu_seconds, wait_serving
 from bench.scenarios import percall

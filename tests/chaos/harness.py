@@ -33,7 +33,7 @@ import grpc
 import services
 from confluent_kafka import Producer
 from dedup_client import DedupClient, PublishError, PublishResult
-from dedup_client.client import publish_request
+from dedup_client.results import publish_request
 from faultproxy import FaultProxy
 
 from tests.integration.helpers import ROOT, SidecarProcess, process_env, records_per_key

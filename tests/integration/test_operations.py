@@ -13,7 +13,7 @@ import pytest
 import services
 from confluent_kafka.admin import AdminClient
 from dedup_client import DedupClient, PublishError, PublishResult
-from dedup_client.client import publish_request
+from dedup_client.results import publish_request
 from faultproxy import FaultProxy
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 

@@ -24,7 +24,7 @@ from confluent_kafka import ElectionType, Producer, TopicPartition
 from confluent_kafka.admin import AdminClient
 from confluent_kafka.cimpl import NewTopic
 from dedup_client import DedupClient, PublishResult
-from dedup_client.client import publish_request
+from dedup_client.results import publish_request
 
 from tests.integration.helpers import SidecarProcess, process_env, records_per_key, unique
 

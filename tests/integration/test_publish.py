@@ -123,7 +123,7 @@ async def test_concurrent_publishes_of_one_key_write_once(
 async def test_two_sidecars_publishing_the_same_batches_write_each_key_once(
     kafka: services.KafkaBroker, redis_server: services.RedisServer
 ) -> None:
-    from dedup_client.client import publish_request
+    from dedup_client.results import publish_request
 
     topic = unique("batches")
     keys = [f"k{i}" for i in range(300)]
@@ -147,7 +147,7 @@ async def test_two_sidecars_publishing_the_same_batches_write_each_key_once(
 
 
 async def test_publish_batch_generates_keys_and_dedups_entries(kafka: services.KafkaBroker) -> None:
-    from dedup_client.client import publish_request
+    from dedup_client.results import publish_request
 
     topic = unique("batch")
     kafka.create_topic(topic, 2)

@@ -22,7 +22,7 @@ from typing import Any
 import pytest
 import services
 from dedup_client import DedupClient, PublishResult
-from dedup_client.client import publish_request
+from dedup_client.results import publish_request
 from redis.crc import key_slot
 
 from sidecar.errors import StoreUnavailable

@@ -9,16 +9,9 @@ Example::
             await msg.ack()          # coalesced with other acks into one Ack call
 """
 
-from dedup_client.client import (
-    AckError,
-    AckResult,
-    DedupClient,
-    Message,
-    PublishError,
-    PublishResult,
-    derive_key,
-)
+from dedup_client.client import DedupClient, Message
 from dedup_client.inbox import SQLiteInbox
+from dedup_client.results import AckError, AckResult, PublishError, PublishResult, derive_key
 
 __all__ = [
     "AckError",

@@ -7,182 +7,25 @@ import contextlib
 import functools
 import itertools
 import math
-import time
 from collections.abc import AsyncGenerator, Callable, Sequence
-from dataclasses import dataclass
-from enum import IntEnum
-from typing import Any, Generic, TypeVar
+from typing import Any
 
 import grpc
 
 from dedup_client._proto import dedup_pb2 as pb
 from dedup_client._proto import dedup_pb2_grpc as pb_grpc
+from dedup_client.gather import AckBatcher, PublishBatcher, retry_unavailable, retry_until
+from dedup_client.results import (
+    STATUS_BY_VALUE,
+    AckError,
+    AckResult,
+    PublishError,
+    PublishResult,
+    no_answer,
+    publish_request,
+    publish_result,
+)
 from dedup_client.streams import PublishStream, SettleError, StreamClosed, SubscribeStream
-
-T = TypeVar("T")
-R = TypeVar("R")
-
-
-class AckResult(IntEnum):
-    OK = 1
-    STALE = 2
-    UNKNOWN = 3
-    ALREADY_ACKED = 4
-
-
-class AckError(Exception):
-    """The Ack call failed as a whole (for example the store was unavailable): nothing was acked."""
-
-
-@dataclass(frozen=True, slots=True)
-class PublishResult:
-    idempotency_key: str
-    topic: str
-    partition: int
-    offset: int
-    duplicate: bool
-
-
-class PublishError(Exception):
-    """One entry of a PublishBatch failed: the status code and the sidecar's message for it."""
-
-    def __init__(self, code: grpc.StatusCode, message: str) -> None:
-        super().__init__(f"{code.name}: {message}")
-        self.code = code
-        self.message = message
-
-
-def derive_key(input_key: str, index: int) -> str:
-    """Idempotency key for the ``index``-th output produced while handling input ``input_key``.
-
-    In consume-transform-produce, a redelivered input republishes its outputs with the same keys,
-    and the sidecar's idempotent Publish turns those into duplicates that produce nothing.
-    """
-    return f"{input_key}/{index}"
-
-
-class _Gatherer(Generic[T, R]):
-    """Gathers items for ``linger`` seconds or ``max_items`` items, then sends them in one call
-    (``_send``, by the subclass); each item's future gets its own result."""
-
-    def __init__(
-        self, stub: Callable[[], pb_grpc.DedupServiceAsyncStub], linger: float, max_items: int, metadata: Any
-    ) -> None:
-        self._stub = stub  # the stub of each call's worker
-        self._linger = linger
-        self._max_items = max_items
-        self._metadata = metadata
-        self._items: list[T] = []
-        self._futures: list[asyncio.Future[R]] = []
-        self._timer: asyncio.TimerHandle | None = None
-        self._tasks: set[asyncio.Task[None]] = set()
-
-    def add(self, item: T) -> asyncio.Future[R]:
-        fut: asyncio.Future[R] = asyncio.get_running_loop().create_future()
-        self._items.append(item)
-        self._futures.append(fut)
-        if len(self._items) >= self._max_items:
-            self.flush()
-        elif self._timer is None:
-            self._timer = asyncio.get_running_loop().call_later(self._linger, self.flush)
-        return fut
-
-    def flush(self) -> None:
-        if self._timer is not None:
-            self._timer.cancel()
-            self._timer = None
-        if not self._items:
-            return
-        items, futs = self._items, self._futures
-        self._items, self._futures = [], []
-        task = asyncio.create_task(self._send(items, futs))
-        self._tasks.add(task)
-        task.add_done_callback(self._tasks.discard)
-
-    async def _send(self, items: list[T], futs: list[asyncio.Future[R]]) -> None:
-        raise NotImplementedError
-
-    async def drain(self) -> None:
-        self.flush()
-        if self._tasks:
-            await asyncio.gather(*self._tasks, return_exceptions=True)
-
-
-async def retry_unavailable(call: Callable[[], Any], until: float) -> Any:
-    """``await call()``, again after a growing pause while it fails with UNAVAILABLE (the store
-    or Kafka unreachable, the sidecar restarting), until the wall clock reaches ``until``.
-
-    For Ack: an ack is idempotent (a repeat answers ALREADY_ACKED), and one that lands before
-    the delivery's deadline spares the app a redelivery."""
-    pause = 0.05
-    while True:
-        try:
-            return await call()
-        except grpc.aio.AioRpcError as exc:
-            if exc.code() != grpc.StatusCode.UNAVAILABLE or time.time() + pause >= until:
-                raise
-        await asyncio.sleep(pause)
-        pause = min(2 * pause, 1.0)
-
-
-def _retry_until(deadlines_ms: Sequence[int], retry_seconds: float) -> float:
-    """Until when an ack of deliveries with these deadlines is retried: the earliest deadline
-    (past it the record is redelivered anyway), at most ``retry_seconds`` from now."""
-    cap = time.time() + retry_seconds
-    known = [d / 1000 for d in deadlines_ms if d]
-    return min(cap, min(known)) if known else cap
-
-
-class _AckBatcher(_Gatherer[tuple[str, int], AckResult]):
-    """Acks: one Ack call per gathering; items are (delivery id, its deadline in ms or 0).
-    A call that fails with UNAVAILABLE is made again until the earliest deadline, at most
-    ``retry_seconds``."""
-
-    retry_seconds = 10.0
-
-    async def _send(self, items: list[tuple[str, int]], futs: list[asyncio.Future[AckResult]]) -> None:
-        ids = [did for did, _ in items]
-        until = _retry_until([d for _, d in items], self.retry_seconds)
-        try:
-            resp: pb.AckResponse = await retry_unavailable(
-                lambda: self._stub().Ack(pb.AckRequest(delivery_ids=ids), metadata=self._metadata), until
-            )
-        except grpc.aio.AioRpcError as exc:
-            for f in futs:
-                if not f.done():
-                    f.set_exception(AckError(f"{exc.code().name}: {exc.details()}"))
-            return
-        for f, r in zip(futs, resp.results, strict=True):
-            if not f.done():
-                f.set_result(AckResult(r))
-
-
-class _PublishBatcher(_Gatherer[pb.PublishRequest, PublishResult]):
-    """Publishes: one PublishBatch call per gathering."""
-
-    async def _send(
-        self, entries: list[pb.PublishRequest], futs: list[asyncio.Future[PublishResult]]
-    ) -> None:
-        try:
-            resp: pb.PublishBatchResponse = await self._stub().PublishBatch(
-                pb.PublishBatchRequest(entries=entries), metadata=self._metadata, timeout=_BATCH_TIMEOUT
-            )
-        except grpc.aio.AioRpcError as exc:
-            for f in futs:
-                if not f.done():
-                    f.set_exception(exc)
-                    f.exception()  # its caller may have stopped waiting: no "never retrieved" warning
-            return
-        for f, r in zip(futs, resp.results, strict=True):
-            if f.done():
-                continue
-            if r.code == 0:
-                f.set_result(_result(r.response))
-            else:
-                f.set_exception(
-                    PublishError(_STATUS_BY_VALUE.get(r.code, grpc.StatusCode.UNKNOWN), r.message)
-                )
-                f.exception()
 
 
 class Message:
@@ -332,13 +175,13 @@ class DedupClient:
         self._routes: dict[str, int] = {}  # delivery id prefix (a worker process) -> worker's entry
         self._turn = itertools.count()
         self._publishes = (
-            _PublishBatcher(self._next_stub, publish_linger, publish_max_entries, self._metadata)
+            PublishBatcher(self._next_stub, publish_linger, publish_max_entries, self._metadata)
             if coalesce_publishes
             else None
         )
 
-    def _ack_batcher(self, stub: Callable[[], pb_grpc.DedupServiceAsyncStub]) -> _AckBatcher:
-        batcher = _AckBatcher(stub, self._ack_linger, self._ack_max_ids, self._metadata)
+    def _ack_batcher(self, stub: Callable[[], pb_grpc.DedupServiceAsyncStub]) -> AckBatcher:
+        batcher = AckBatcher(stub, self._ack_linger, self._ack_max_ids, self._metadata)
         batcher.retry_seconds = self._ack_retry_seconds
         return batcher
 
@@ -635,7 +478,7 @@ class DedupClient:
         """One Ack call for many ids (one per worker that delivered them), made again while it
         fails with UNAVAILABLE until ``deadline_ms`` (the earliest ack deadline among them; 0:
         unknown), at most ``ack_retry_seconds``. Raises AckError when a call fails."""
-        until = _retry_until([deadline_ms], self._ack_retry_seconds)
+        until = retry_until([deadline_ms], self._ack_retry_seconds)
 
         def call(stub: pb_grpc.DedupServiceAsyncStub, ids: list[str]) -> Any:
             return retry_unavailable(
@@ -686,18 +529,18 @@ class DedupClient:
     ) -> PublishResult:
         """Publish one record; raises grpc.aio.AioRpcError with the sidecar's status on failure
         (PublishError when publishes are coalesced or streamed, see the class docstring)."""
-        request = _publish_request(topic, value, key, headers, idempotency_key, partition)
+        request = publish_request(topic, value, key, headers, idempotency_key, partition)
         if self._publishes is not None:
             fut = self._publishes.add(request)  # this caller's alone: cancelling it drops its answer
             try:
                 async with asyncio.timeout(timeout):
                     return await fut
             except TimeoutError:
-                raise _no_answer(timeout) from None
+                raise no_answer(timeout) from None
         if self._streaming:
             return await self._publish_on_stream(request, timeout)
         resp = await self._next_stub().Publish(request, metadata=self._metadata, timeout=timeout)
-        return _result(resp)
+        return publish_result(resp)
 
     async def _publish_on_stream(self, request: pb.PublishRequest, timeout: float | None) -> PublishResult:
         stubs = self._stubs
@@ -709,15 +552,15 @@ class DedupClient:
             async with asyncio.timeout(timeout):
                 r = await stream.publish(request)
         except TimeoutError:
-            raise _no_answer(timeout) from None
+            raise no_answer(timeout) from None
         except (grpc.aio.AioRpcError, StreamClosed) as exc:
             code = exc.code() if isinstance(exc, grpc.aio.AioRpcError) else grpc.StatusCode.UNAVAILABLE
             raise PublishError(
                 code, f"the publish stream ended ({exc}); retry with the same idempotency key"
             ) from exc
         if r.code:
-            raise PublishError(_STATUS_BY_VALUE.get(r.code, grpc.StatusCode.UNKNOWN), r.message)
-        return _result(r.response)
+            raise PublishError(STATUS_BY_VALUE.get(r.code, grpc.StatusCode.UNKNOWN), r.message)
+        return publish_result(r.response)
 
     async def flush_publishes(self) -> None:
         """Send the publishes gathered so far and wait for their answers (when coalescing)."""
@@ -735,47 +578,14 @@ class DedupClient:
         out: list[PublishResult | PublishError] = []
         for r in resp.results:
             if r.code == 0:
-                out.append(_result(r.response))
+                out.append(publish_result(r.response))
             else:
-                out.append(PublishError(_STATUS_BY_VALUE.get(r.code, grpc.StatusCode.UNKNOWN), r.message))
+                out.append(PublishError(STATUS_BY_VALUE.get(r.code, grpc.StatusCode.UNKNOWN), r.message))
         return out
 
 
-def _publish_request(
-    topic: str,
-    value: bytes,
-    key: bytes | None = None,
-    headers: Sequence[tuple[str, bytes]] = (),
-    idempotency_key: str = "",
-    partition: int | None = None,
-) -> pb.PublishRequest:
-    req = pb.PublishRequest(
-        topic=topic,
-        value=value,
-        headers=[pb.Header(key=k, value=v) for k, v in headers],
-        idempotency_key=idempotency_key,
-    )
-    if key is not None:
-        req.key = key
-    if partition is not None:
-        req.partition = partition
-    return req
-
-
-publish_request = _publish_request
-
-_STATUS_BY_VALUE = {c.value[0]: c for c in grpc.StatusCode}
 #: How long a worker may stay unreachable while another worker's stream is open (see _merged).
 WORKER_RETRY_SECONDS = 60.0
-_BATCH_TIMEOUT = 60.0  # seconds for a coalesced PublishBatch call; each caller waits its own timeout
-
-
-def _no_answer(timeout: float | None) -> PublishError:
-    return PublishError(
-        grpc.StatusCode.DEADLINE_EXCEEDED,
-        f"no answer within {timeout}s; the record may or may not be published: retry with "
-        "the same idempotency key",
-    )
 
 
 def _same(stub: pb_grpc.DedupServiceAsyncStub) -> pb_grpc.DedupServiceAsyncStub:
@@ -786,7 +596,3 @@ def _with_port(target: str, port: int) -> str:
     """``target`` with its port replaced: another worker on the host the client dialled."""
     host, sep, _ = target.rpartition(":")
     return f"{host}:{port}" if sep and not host.endswith(":") else f"{target}:{port}"
-
-
-def _result(resp: pb.PublishResponse) -> PublishResult:
-    return PublishResult(resp.idempotency_key, resp.topic, resp.partition, resp.offset, resp.duplicate)
