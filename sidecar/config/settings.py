@@ -1,29 +1,19 @@
-"""Typed settings: one object, loaded from defaults < a TOML file < environment < flags.
-
-Environment variables use the ``DEDUP_`` prefix and ``__`` between section and field, e.g.
-``DEDUP_KAFKA__BOOTSTRAP_SERVERS=broker:9092``. The file is named by ``--config`` or
-``DEDUP_CONFIG``; deploy/sidecar.example.toml documents every setting.
-"""
+"""The settings schema: one pydantic model per section, validated as a whole, and ``Settings``,
+whose sources are defaults < a TOML file < environment < flags."""
 
 from __future__ import annotations
 
-import difflib
-import ipaddress
 import itertools
-import os
 import re
-import tomllib
-from collections.abc import Mapping
 from contextvars import ContextVar
 from pathlib import Path
-from typing import Any, Literal
+from typing import Literal
 
 from pydantic import (
     BaseModel,
     ConfigDict,
     Field,
     SecretStr,
-    ValidationError,
     field_validator,
     model_validator,
 )
@@ -34,6 +24,7 @@ from pydantic_settings import (
     TomlConfigSettingsSource,
 )
 
+from sidecar.config.listen import is_loopback_listen, is_unix_listen, split_listen, unix_socket_path
 from sidecar.errors import ConfigError
 
 _TOPIC_RE = re.compile(r"^[A-Za-z0-9._-]{1,249}$")
@@ -43,14 +34,6 @@ class _Section(BaseModel):
     """A settings section: a key it does not define is an error, not a silent no-op."""
 
     model_config = ConfigDict(extra="forbid")
-
-
-def split_listen(listen: str, setting: str) -> tuple[str, int]:
-    """HOST:PORT of a listen setting; an empty host is loopback. ConfigError names the setting."""
-    host, sep, port = listen.rpartition(":")
-    if not sep or not port.isdigit():
-        raise ConfigError(f"{setting}={listen!r} is not HOST:PORT")
-    return host.strip("[]") or "127.0.0.1", int(port)
 
 
 def valid_topic(name: str) -> bool:
@@ -295,32 +278,6 @@ class CredentialSettings(_Section):
         return self
 
 
-_LOOPBACK_HOSTS = ("localhost",)
-
-
-def is_unix_listen(listen: str) -> bool:
-    return listen.startswith("unix:")
-
-
-def unix_socket_path(listen: str) -> str:
-    """The file of a ``unix:///abs/path`` or ``unix:relative/path`` listen setting."""
-    rest = listen[len("unix:") :]
-    return rest[2:] if rest.startswith("//") else rest
-
-
-def is_loopback_listen(listen: str) -> bool:
-    """A listen setting reachable only from this host: a Unix socket, or a loopback address."""
-    if is_unix_listen(listen):
-        return True
-    host, _ = split_listen(listen, "server.listen")
-    if host in _LOOPBACK_HOSTS:
-        return True
-    try:
-        return ipaddress.ip_address(host).is_loopback
-    except ValueError:
-        return False  # a name: it may resolve to anything
-
-
 MAX_WORKERS = 64
 
 
@@ -515,115 +472,10 @@ class Settings(BaseSettings):
     ) -> tuple[PydanticBaseSettingsSource, ...]:
         # Highest first: flags (init kwargs), then the environment, then the TOML file.
         sources: list[PydanticBaseSettingsSource] = [init_settings, env_settings]
-        path = _CONFIG_FILE.get()
+        path = CONFIG_FILE.get()
         if path is not None:
             sources.append(TomlConfigSettingsSource(settings_cls, toml_file=path))
         return tuple(sources)
 
 
-_CONFIG_FILE: ContextVar[Path | None] = ContextVar("dedup_config_file", default=None)
-
-
-def load(config_file: str | Path | None = None, **overrides: Any) -> Settings:
-    """Build settings: defaults < ``config_file`` (or $DEDUP_CONFIG) < environment < ``overrides``.
-
-    ``overrides`` are nested dicts per section, as flags produce them: ``kafka={"topics": [...]}``.
-    """
-    raw = config_file or os.environ.get("DEDUP_CONFIG")
-    path = Path(raw) if raw else None
-    if path is not None and not path.is_file():
-        raise ConfigError(f"config file {path} does not exist (flag --config or DEDUP_CONFIG)")
-    if path is not None:
-        try:
-            data = tomllib.loads(path.read_text())
-        except (tomllib.TOMLDecodeError, UnicodeDecodeError) as exc:
-            raise ConfigError(f"config file {path}: {exc}") from None
-        for dotted, hint in unknown_settings(data):
-            raise ConfigError(f"unknown setting {dotted!r} in {path}{hint}")
-    check_environment(os.environ)
-    token = _CONFIG_FILE.set(path)
-    try:
-        return Settings(**overrides)
-    finally:
-        _CONFIG_FILE.reset(token)
-
-
-#: DEDUP_* variables that are not settings: the file's name, test-only fault hooks, and the
-#: local services' download cache (deploy/local/services).
-_OTHER_VARIABLES = ("DEDUP_CONFIG", "DEDUP_TESTONLY_", "DEDUP_CACHE_DIR")
-
-
-def _fields(model: type[BaseModel]) -> dict[str, type[BaseModel] | None]:
-    """A model's setting names; for a section, its model (its keys are settings too)."""
-    out: dict[str, type[BaseModel] | None] = {}
-    for name, f in model.model_fields.items():
-        kind = f.annotation
-        out[name] = kind if isinstance(kind, type) and issubclass(kind, BaseModel) else None
-    return out
-
-
-def _hint(name: str, choices: list[str], prefix: str = "") -> str:
-    close = difflib.get_close_matches(name, choices, n=1, cutoff=0.6)
-    return (
-        f"; did you mean {prefix + close[0]!r}?" if close else f"; valid here: {', '.join(sorted(choices))}"
-    )
-
-
-def unknown_settings(
-    data: dict[str, Any], model: type[BaseModel] = Settings, where: str = ""
-) -> list[tuple[str, str]]:
-    """Keys of a settings file (as nested dicts) that name no setting: (dotted name, hint)."""
-    found: list[tuple[str, str]] = []
-    fields = _fields(model)
-    for key, value in data.items():
-        dotted = where + key
-        if key not in fields:
-            found.append((dotted, _hint(key, list(fields), where)))
-        elif fields[key] is not None and isinstance(value, dict):
-            found += unknown_settings(value, fields[key] or Settings, dotted + ".")
-    return found
-
-
-#: librdkafka properties whose values are secrets (kafka.consumer / kafka.producer pass-through).
-_SECRET_PROPERTY = re.compile(r"password|secret|key\.pem|oauthbearer\.config|jaas", re.IGNORECASE)
-REDACTED = "**********"
-
-
-def redacted(settings: Settings) -> dict[str, Any]:
-    """The settings as JSON-ready data with every secret masked: SecretStr fields (pydantic masks
-    them) and the secret librdkafka properties of the pass-through sections."""
-    data: dict[str, Any] = settings.model_dump(mode="json")
-    for kind in ("consumer", "producer"):
-        section = data["kafka"][kind]
-        for name in section:
-            if _SECRET_PROPERTY.search(name):
-                section[name] = REDACTED
-    return data
-
-
-def describe_errors(exc: ValidationError) -> str:
-    """A ValidationError as one line per setting, without the values given: a value may be a
-    secret, and the setting's name and the rule are what a person needs."""
-    lines = []
-    for err in exc.errors(include_url=False, include_input=False):
-        where = ".".join(str(part) for part in err["loc"]) or "settings"
-        lines.append(f"  {where}: {err['msg']}")
-    return "\n".join(lines)
-
-
-def check_environment(environ: Mapping[str, str]) -> None:
-    """Refuse a DEDUP_* variable that names no setting, with the closest valid name."""
-    top = _fields(Settings)
-    for var in sorted(environ):
-        if not var.startswith("DEDUP_") or var.startswith(_OTHER_VARIABLES):
-            continue
-        parts = var[len("DEDUP_") :].lower().split("__")
-        section = top.get(parts[0], ...)
-        if section is ... or (section is None and len(parts) > 1):
-            names = [f"DEDUP_{n.upper()}" for n in top]
-            raise ConfigError(f"unknown environment variable {var}{_hint(var, names)}")
-        if section is not None and len(parts) > 1:
-            fields = _fields(section)
-            if parts[1] not in fields:
-                names = [f"DEDUP_{parts[0].upper()}__{n.upper()}" for n in fields]
-                raise ConfigError(f"unknown environment variable {var}{_hint(var, names)}")
+CONFIG_FILE: ContextVar[Path | None] = ContextVar("dedup_config_file", default=None)
