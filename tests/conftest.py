@@ -120,7 +120,7 @@ ACL_USER, ACL_PASSWORD, ACL_PREFIX = "dedup", "s3cret-acl", "acl-"
 @pytest.fixture(scope="session")
 def redis_tls(services_dir: Path) -> Iterator[services.RedisServer]:
     """A Redis that speaks TLS only, with the store's least-privilege ACL user created."""
-    from sidecar.store.redis_shapes import acl_setuser
+    from sidecar.store.redis_connect import acl_setuser
 
     tls = services.TlsFiles.generate(services_dir / "tls")
     with services.RedisServer.start(services_dir / "redis-tls", appendonly="everysec", tls=tls) as server:

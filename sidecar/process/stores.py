@@ -8,7 +8,7 @@ from sidecar.config import Settings
 from sidecar.store.base import DedupStore
 from sidecar.store.memory import MemoryStore
 from sidecar.store.redis import RedisStore
-from sidecar.store.redis_shapes import SentinelAuth
+from sidecar.store.redis_connect import SentinelAuth
 from sidecar.store.sqlite import SQLiteStore
 
 log = logging.getLogger(__name__)

@@ -28,7 +28,8 @@ from redis.crc import key_slot
 from sidecar.errors import StoreUnavailable
 from sidecar.store.base import ClaimStatus
 from sidecar.store.redis import RedisStore
-from sidecar.store.redis_shapes import ReplicaShortfall, SentinelAuth
+from sidecar.store.redis_connect import SentinelAuth
+from sidecar.store.redis_shapes import ReplicaShortfall
 from tests.conftest import ACL_PASSWORD, ACL_PREFIX, ACL_USER, SENTINEL_PASSWORD
 from tests.integration.helpers import (
     Inbox,

@@ -26,6 +26,7 @@ FORBIDDEN = {
     "config": {"offsets", "observability", "store", "kafka", "engine", "publish", "api", "process"},
     "errors": {"offsets", "observability", "store", "kafka", "engine", "publish", "api", "process"},
     "groupcommit": {"offsets", "observability", "store", "kafka", "engine", "publish", "api", "process"},
+    "testing_hooks": {"offsets", "observability", "store", "kafka", "engine", "publish", "api", "process"},
 }
 
 

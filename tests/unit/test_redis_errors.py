@@ -13,7 +13,8 @@ from redis.exceptions import (
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
-from sidecar.store.redis_shapes import ReplicaShortfall, acl_setuser, check_wait, unavailable
+from sidecar.store.redis_connect import acl_setuser, unavailable
+from sidecar.store.redis_shapes import ReplicaShortfall, check_wait
 
 
 @pytest.mark.parametrize(
