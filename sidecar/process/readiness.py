@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+from dataclasses import dataclass, field
 
 from grpc_health.v1 import health, health_pb2
 
@@ -28,6 +29,7 @@ READINESS_INTERVAL_S = 3.0  # how often readiness checks the store, the brokers 
 NOT_READY_INTERVAL_S = 1.0  # how often while not ready
 
 
+@dataclass
 class Readiness:
     """Sets the health entries and keeps the DedupService one current.
 
@@ -35,37 +37,27 @@ class Readiness:
     readiness adds what start-up finds missing and removes a topic once it exists.
     """
 
-    def __init__(
-        self,
-        settings: Settings,
-        health_servicer: health.aio.HealthServicer,
-        store: DedupStore,
-        topics: TopicCatalog,
-        missing_topics: set[str],
-        kafka_outage: Outage,
-        store_outage: Outage,
-    ) -> None:
-        self._settings = settings
-        self._health = health_servicer
-        self._store = store
-        self._topics = topics
-        self._missing = missing_topics
-        self._kafka_outage = kafka_outage
-        self._store_outage = store_outage
-        self.ready = False  # what the DedupService health entry says
-        self._task: asyncio.Task[None] | None = None
+    settings: Settings
+    health_servicer: health.aio.HealthServicer
+    store: DedupStore
+    topics: TopicCatalog
+    missing_topics: set[str]
+    kafka_outage: Outage
+    store_outage: Outage
+    ready: bool = field(default=False, init=False)  # what the DedupService health entry says
+    _task: asyncio.Task[None] | None = field(default=None, init=False)
 
     async def check_topics(self) -> bool:
         """Say at start-up which of kafka.topics the cluster does not have: Subscribe answers
         NOT_FOUND for them and the DedupService health entry is NOT_SERVING until they exist.
         Returns whether a broker answered."""
         try:
-            counts = await self._topics.partitions(self._settings.kafka.topics)
+            counts = await self.topics.partitions(self.settings.kafka.topics)
         except KafkaUnavailable as exc:
             log.warning("cannot check that kafka.topics exist: %s", exc)
             return False
         missing = {t for t, n in counts.items() if n is None}
-        self._missing.update(missing)
+        self.missing_topics.update(missing)
         if missing:
             log.error(
                 "topics %s in kafka.topics do not exist on the cluster: create them (Subscribe answers "
@@ -78,7 +70,7 @@ class Readiness:
     async def kafka_answers(self) -> bool:
         """Whether a broker answers a metadata request now (a publish-only sidecar's start-up)."""
         try:
-            await self._topics.refresh()
+            await self.topics.refresh()
         except KafkaUnavailable as exc:
             log.warning("no broker answers: %s", exc)
             return False
@@ -89,8 +81,8 @@ class Readiness:
         a moment ago, so its metadata need not be read again."""
         problems = await self.problems(kafka_answered)
         ready = self.ready = not problems
-        await self._health.set(SERVICE_NAME, _SERVING if ready else _NOT_SERVING)
-        await self._health.set("", _SERVING)
+        await self.health_servicer.set(SERVICE_NAME, _SERVING if ready else _NOT_SERVING)
+        await self.health_servicer.set("", _SERVING)
         if not ready:
             log.error("not ready (%s health entry NOT_SERVING): %s", SERVICE_NAME, "; ".join(problems))
         self._task = asyncio.create_task(self._watch(ready))
@@ -108,7 +100,7 @@ class Readiness:
             problems = await self.problems()
             if (not problems) != ready:
                 ready = self.ready = not problems
-                await self._health.set(SERVICE_NAME, _SERVING if ready else _NOT_SERVING)
+                await self.health_servicer.set(SERVICE_NAME, _SERVING if ready else _NOT_SERVING)
                 if ready:
                     log.info("ready%s: %s health entry SERVING", " again" if ever_ready else "", SERVICE_NAME)
                     ever_ready = True
@@ -124,25 +116,25 @@ class Readiness:
         problems: list[str] = []
         try:
             async with asyncio.timeout(READINESS_INTERVAL_S):
-                await self._store.ping()
+                await self.store.ping()
         except Exception as exc:  # noqa: BLE001 - any failure means "not ready"
             reason = str(exc) or f"no answer in {READINESS_INTERVAL_S:.0f}s"
             if not isinstance(exc, StoreUnavailable):  # TimedStore told the outage of those
-                self._store_outage.failed(reason)
+                self.store_outage.failed(reason)
             problems.append(f"store unreachable ({reason})")
         if kafka_answered is False:
             problems.append(
-                f"Kafka unreachable (no broker of {self._settings.kafka.bootstrap_servers} answered)"
+                f"Kafka unreachable (no broker of {self.settings.kafka.bootstrap_servers} answered)"
             )
         elif kafka_answered is None:
             try:
-                await self._topics.refresh()
-                self._kafka_outage.answered()
-                for t in [t for t in self._missing if self._topics.known(t) is not None]:
+                await self.topics.refresh()
+                self.kafka_outage.answered()
+                for t in [t for t in self.missing_topics if self.topics.known(t) is not None]:
                     log.info("topic %s exists now", t)
-                    self._missing.discard(t)
+                    self.missing_topics.discard(t)
             except KafkaUnavailable as exc:
                 problems.append(f"Kafka unreachable ({exc})")
-        if self._missing:
-            problems.append(f"topics {sorted(self._missing)} in kafka.topics do not exist")
+        if self.missing_topics:
+            problems.append(f"topics {sorted(self.missing_topics)} in kafka.topics do not exist")
         return problems
