@@ -25,10 +25,7 @@ sys.path.insert(0, str(ROOT / "deploy" / "local"))
 import services as services  # noqa: E402  (re-exported: the benchmarks import it from here)
 
 VALUE = b"x" * 1024
-
-
 UNARY_WINDOW = 64  # unary Ack calls in flight in the per-message consume row
-
 
 # Preloaded records: 1 KB of hex text, 1,024 different ones in turn, so lz4 finds no repeat within
 # its 64 KB window and a batch compresses about 2:1, like typical payloads. (A constant value

@@ -82,8 +82,6 @@ def unknown_settings(
 
 #: librdkafka properties whose values are secrets (kafka.consumer / kafka.producer pass-through).
 _SECRET_PROPERTY = re.compile(r"password|secret|key\.pem|oauthbearer\.config|jaas", re.IGNORECASE)
-
-
 REDACTED = "**********"
 
 

@@ -25,7 +25,6 @@ from sidecar.errors import ConfigError, StoreUnavailable
 
 SENTINEL_SCHEMES = ("redis+sentinel", "rediss+sentinel")
 
-
 #: Every command the store sends, its scripts' included (ACLs apply inside scripts too). CONFIG
 #: GET and INFO are read at start-up only; without CONFIG GET the durability check is skipped.
 ACL_COMMANDS = (

@@ -22,8 +22,6 @@ from dedup_client.results import (
 )
 
 T = TypeVar("T")
-
-
 R = TypeVar("R")
 
 
