@@ -7,6 +7,11 @@ Example::
         async for msg in client.subscribe(["orders"]):
             apply(msg.value)
             await msg.ack()          # coalesced with other acks into one Ack call
+
+The modules: ``client`` (``DedupClient`` and ``Message``), ``streams`` (the stream RPCs),
+``gather`` (concurrent acks and publishes in one call), ``results`` (what calls answer),
+``inbox`` (an SQLite inbox for apps that apply effects locally). It speaks only the proto
+(``_proto``, generated) and must never import the sidecar: apps install it alone.
 """
 
 from dedup_client.client import DedupClient, Message
