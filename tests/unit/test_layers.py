@@ -77,3 +77,30 @@ def test_the_checker_sees_a_function_level_import(tmp_path: Path) -> None:
     module = tmp_path / "m.py"
     module.write_text("def f():\n    from sidecar.process import app\n    import sidecar.api.server\n")
     assert imported_packages(module) == {"process", "api"}
+
+
+def top_level_imports(path: Path) -> set[str]:
+    found: set[str] = set()
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
+            found.add(node.module.split(".")[0])
+        elif isinstance(node, ast.Import):
+            found.update(alias.name.split(".")[0] for alias in node.names)
+    return found
+
+
+@pytest.mark.parametrize(
+    ("folder", "forbidden"),
+    [
+        ("clients/python/dedup_client", {"sidecar", "bench", "services"}),  # apps install it alone
+        ("deploy/local/services", {"sidecar", "dedup_client", "bench"}),  # runs before the venv exists
+    ],
+)
+def test_what_stands_alone_imports_nothing_of_the_rest(folder: str, forbidden: set[str]) -> None:
+    root = SIDECAR.parent / folder
+    wrong = {
+        f"{m.relative_to(root)} imports {name}"
+        for m in sorted(root.rglob("*.py"))
+        for name in top_level_imports(m) & forbidden
+    }
+    assert not wrong, sorted(wrong)
