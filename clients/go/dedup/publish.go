@@ -3,6 +3,7 @@ package dedup
 import (
 	"context"
 	"fmt"
+	"strconv"
 
 	"google.golang.org/grpc/codes"
 	"google.golang.org/grpc/status"
@@ -128,4 +129,11 @@ func result(r *dedupv1.PublishResponse) PublishResult {
 		Offset:         r.GetOffset(),
 		Duplicate:      r.GetDuplicate(),
 	}
+}
+
+// DeriveKey is the idempotency key of the index-th record published while handling the
+// delivery whose key is inputKey. A redelivered input then republishes its outputs under the
+// same keys, and the sidecar writes each of them once.
+func DeriveKey(inputKey string, index int) string {
+	return inputKey + "/" + strconv.Itoa(index)
 }

@@ -11,86 +11,21 @@
 //   - message.ack() is cheap: acks are gathered for a few milliseconds or up to a number of
 //     ids and sent as one Ack call; its promise settles with that ack's own result;
 //   - publish() and publishBatch() produce through the sidecar's idempotent producer.
+//
+// This file holds DedupClient and Message; connect.js the proto and TLS, gather.js the ack
+// gathering, pubstream.js the shared publish stream, results.js what calls answer.
 
-import { existsSync, readFileSync } from "node:fs";
-import { fileURLToPath } from "node:url";
 import * as grpc from "@grpc/grpc-js";
-import * as protoLoader from "@grpc/proto-loader";
+import { DedupService, tlsCredentials, withPort } from "./connect.js";
+import { AckBatcher } from "./gather.js";
+import { PublishStream } from "./pubstream.js";
+import { AckError, PublishError, publishRequest, publishResult, results, unhandledIsFine } from "./results.js";
 
-const PACKED = fileURLToPath(new URL("../proto/dedup/v1/dedup.proto", import.meta.url));
-/** The proto this client speaks: the packed copy, else the repository's single source. */
-export const PROTO_PATH = existsSync(PACKED)
-  ? PACKED
-  : fileURLToPath(new URL("../../../protos/dedup/v1/dedup.proto", import.meta.url));
-
-// int64 fields (offsets, timestamps) arrive as Numbers: exact below 2^53, which Kafka offsets
-// and millisecond timestamps stay under.
-const definition = protoLoader.loadSync(PROTO_PATH, { longs: Number, enums: String, defaults: true, oneofs: true });
-const DedupService = grpc.loadPackageDefinition(definition).dedup.v1.DedupService;
-
-/** The answers to ack, nack and extendDeadline, per id. */
-export const AckResult = Object.freeze({
-  /** Settled (for nack and extendDeadline: done). */
-  OK: "OK",
-  /** The partition moved to another consumer since the delivery; it is redelivered there. */
-  STALE: "STALE",
-  /** No such delivery id in this sidecar. */
-  UNKNOWN: "UNKNOWN",
-  /** Acked before; harmless. */
-  ALREADY_ACKED: "ALREADY_ACKED",
-});
-
-const ACK_RESULT_PREFIX = "ACK_RESULT_";
+export { PROTO_PATH, tlsCredentials } from "./connect.js";
+export { AckError, AckResult, PublishError, deriveKey } from "./results.js";
 
 /** How long a worker may stay unreachable while another worker's stream is open (see frames()). */
 export const WORKER_RETRY_MS = 60_000;
-
-/**
- * An ack's promise, guarded so that a caller who does not wait for it cannot crash the process
- * with an unhandled rejection (whoever awaits it still sees the rejection).
- * @template T
- * @param {Promise<T>} promise
- */
-function unhandledIsFine(promise) {
-  promise.catch(() => {});
-  return promise;
-}
-
-/** An Ack call failed as a whole (for example UNAVAILABLE while the store is down): nothing in it was acked. */
-export class AckError extends Error {
-  /** @param {grpc.ServiceError} cause */
-  constructor(cause) {
-    super(`the Ack call failed, none of its ids was acked: ${cause.message}`, { cause });
-    this.name = "AckError";
-    /** The gRPC status code (a number of grpc.status). */
-    this.code = cause.code;
-  }
-}
-
-/** One PublishBatch entry failed: its gRPC status code and the sidecar's message, which names what to change. */
-export class PublishError extends Error {
-  /**
-   * @param {number} code a grpc.status code
-   * @param {string} details the sidecar's message
-   */
-  constructor(code, details) {
-    super(`${grpc.status[code] ?? code}: ${details}`);
-    this.name = "PublishError";
-    this.code = code;
-    this.details = details;
-  }
-}
-
-/**
- * The idempotency key of the index-th record published while handling the delivery keyed
- * inputKey: a redelivered input republishes its outputs under the same keys, and the sidecar
- * writes each once. The Python and Go clients derive keys the same way.
- * @param {string} inputKey
- * @param {number} index
- */
-export function deriveKey(inputKey, index) {
-  return `${inputKey}/${index}`;
-}
 
 /** One delivery. Call ack() once its side effects are done, or nack(). */
 export class Message {
@@ -190,178 +125,6 @@ export class Message {
  * @property {string} [serverName] name to check the sidecar's certificate against, when it is not
  *   the target's host
  */
-
-/**
- * Channel credentials and options for TLS options.
- * @param {TlsOptions} tls
- * @returns {{credentials: grpc.ChannelCredentials, channelOptions: grpc.ChannelOptions}}
- */
-export function tlsCredentials(tls) {
-  if (!tls.certFile !== !tls.keyFile) throw new TypeError("tls.certFile and tls.keyFile go together (mTLS)");
-  const read = (path) => (path ? readFileSync(path) : null);
-  return {
-    credentials: grpc.credentials.createSsl(read(tls.caFile), read(tls.keyFile), read(tls.certFile)),
-    channelOptions: tls.serverName ? { "grpc.ssl_target_name_override": tls.serverName } : {},
-  };
-}
-
-/** Gathers ids for lingerMs or maxIds, then sends them in one call; each ack's promise gets its own result. */
-class AckBatcher {
-  /**
-   * @param {(ids: string[]) => Promise<string[]>} send
-   * @param {number} lingerMs
-   * @param {number} maxIds
-   */
-  constructor(send, lingerMs, maxIds) {
-    this.send = send;
-    this.lingerMs = lingerMs;
-    this.maxIds = maxIds;
-    /** @type {string[]} */ this.ids = [];
-    /** @type {{resolve: (r: string) => void, reject: (e: Error) => void}[]} */ this.waiting = [];
-    /** @type {NodeJS.Timeout | null} */ this.timer = null;
-    /** @type {Set<Promise<void>>} */ this.calls = new Set();
-  }
-
-  /** @param {string} id */
-  add(id) {
-    /** @type {Promise<string>} */
-    const result = unhandledIsFine(
-      new Promise((resolve, reject) => {
-        this.ids.push(id);
-        this.waiting.push({ resolve, reject });
-      }),
-    );
-    if (this.ids.length >= this.maxIds) {
-      this.flush();
-    } else if (this.timer === null) {
-      this.timer = setTimeout(() => this.flush(), this.lingerMs);
-    }
-    return result;
-  }
-
-  flush() {
-    if (this.timer !== null) {
-      clearTimeout(this.timer);
-      this.timer = null;
-    }
-    if (this.ids.length === 0) return;
-    const ids = this.ids;
-    const waiting = this.waiting;
-    this.ids = [];
-    this.waiting = [];
-    const call = this.send(ids).then(
-      (results) => waiting.forEach((w, i) => w.resolve(results[i])),
-      (err) => {
-        const error = new AckError(err);
-        waiting.forEach((w) => w.reject(error));
-      },
-    );
-    this.calls.add(call);
-    call.finally(() => this.calls.delete(call));
-  }
-
-  /** Send what is gathered and wait for every Ack call sent until now. */
-  async drain() {
-    this.flush();
-    await Promise.all([...this.calls]);
-  }
-}
-
-/**
- * The StreamingPublish call that concurrent publish() calls of one worker share (the streaming
- * option): each record carries a request id, and each answer settles its caller's promise. The
- * call is opened on first use, and again after it ended.
- */
-class PublishStream {
-  /**
-   * @param {any} stub
-   * @param {grpc.Metadata} metadata
-   */
-  constructor(stub, metadata) {
-    this.stub = stub;
-    this.metadata = metadata;
-    /** @type {any} */ this.call = null;
-    /** @type {Map<number, {resolve: (r: any) => void, reject: (e: Error) => void}>} */ this.waiting = new Map();
-    this.next = 0;
-  }
-
-  open() {
-    if (this.call !== null) return this.call;
-    const call = this.stub.StreamingPublish(this.metadata);
-    const waiting = new Map();
-    this.waiting = waiting;
-    call.on("data", (/** @type {any} */ resp) => {
-      for (const r of resp.results) {
-        const w = waiting.get(Number(r.requestId));
-        if (w !== undefined) {
-          waiting.delete(Number(r.requestId));
-          w.resolve(r);
-        }
-      }
-    });
-    const end = (/** @type {any} */ err) => {
-      if (this.call === call) this.call = null;
-      const why = err ? `${grpc.status[err.code] ?? err.code}: ${err.details ?? err.message}` : "it ended";
-      // The call's own status (UNAUTHENTICATED, say), else UNAVAILABLE: the outcome is unknown.
-      const code = err && err.code !== grpc.status.OK && err.code !== undefined ? err.code : grpc.status.UNAVAILABLE;
-      const error = new PublishError(
-        code,
-        `the publish stream closed before the answer (${why}); retry with the same idempotency key`,
-      );
-      for (const w of waiting.values()) w.reject(error);
-      waiting.clear();
-    };
-    call.on("error", end);
-    call.on("end", () => end(null));
-    this.call = call;
-    return call;
-  }
-
-  /**
-   * The sidecar's answer for one record (a StreamingPublishResult).
-   * @param {object} request a PublishRequest
-   * @param {number} timeoutMs
-   */
-  publish(request, timeoutMs) {
-    return new Promise((resolve, reject) => {
-      const call = this.open();
-      const id = ++this.next;
-      const waiting = this.waiting;
-      const timer = setTimeout(() => {
-        waiting.delete(id);
-        reject(
-          new PublishError(
-            grpc.status.DEADLINE_EXCEEDED,
-            `no answer within ${timeoutMs} ms; the record may or may not be published: retry with the same idempotency key`,
-          ),
-        );
-      }, timeoutMs);
-      waiting.set(id, {
-        resolve: (r) => {
-          clearTimeout(timer);
-          resolve(r);
-        },
-        reject: (e) => {
-          clearTimeout(timer);
-          reject(e);
-        },
-      });
-      call.write({ requestId: id, publish: request });
-    });
-  }
-
-  /** Half-close: the sidecar answers what it read, then ends the call. */
-  async close() {
-    const call = this.call;
-    if (call === null) return;
-    const ended = new Promise((resolve) => {
-      call.on("end", resolve);
-      call.on("error", resolve);
-    });
-    call.end();
-    await Promise.race([ended, new Promise((resolve) => setTimeout(resolve, 10_000))]);
-  }
-}
 
 export class DedupClient {
   /**
@@ -740,55 +503,4 @@ export class DedupClient {
       w.stub.close();
     }
   }
-}
-
-/**
- * The target with its port replaced: another worker on the host the client dialled.
- * @param {string} target
- * @param {number} port
- */
-function withPort(target, port) {
-  const i = target.lastIndexOf(":");
-  return i >= 0 && !target.slice(0, i).endsWith(":") ? `${target.slice(0, i)}:${port}` : `${target}:${port}`;
-}
-
-/**
- * @param {any} resp an Ack, Nack or ExtendDeadline response
- * @param {number} want
- */
-function results(resp, want) {
-  if (resp.results.length !== want) {
-    throw new Error(`the sidecar answered ${resp.results.length} results for ${want} ids`);
-  }
-  return resp.results.map((/** @type {string} */ r) =>
-    r.startsWith(ACK_RESULT_PREFIX) ? r.slice(ACK_RESULT_PREFIX.length) : r,
-  );
-}
-
-/** @param {PublishRecord} r */
-function publishRequest(r) {
-  /** @type {Record<string, unknown>} */
-  const request = {
-    topic: r.topic,
-    value: typeof r.value === "string" ? Buffer.from(r.value) : r.value,
-    headers: (r.headers ?? []).map((h) => ({ key: h.key, value: Buffer.from(h.value) })),
-    idempotencyKey: r.idempotencyKey ?? "",
-  };
-  if (r.key !== undefined && r.key !== null) request.key = typeof r.key === "string" ? Buffer.from(r.key) : r.key;
-  if (r.partition !== undefined) request.partition = r.partition;
-  return request;
-}
-
-/**
- * @param {any} r
- * @returns {PublishResult}
- */
-function publishResult(r) {
-  return {
-    idempotencyKey: r.idempotencyKey,
-    topic: r.topic,
-    partition: r.partition,
-    offset: r.offset,
-    duplicate: r.duplicate,
-  };
 }
