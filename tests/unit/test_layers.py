@@ -7,6 +7,7 @@ function-level import counts as much as one at the top.
 from __future__ import annotations
 
 import ast
+import re
 from pathlib import Path
 
 import pytest
@@ -104,3 +105,28 @@ def test_what_stands_alone_imports_nothing_of_the_rest(folder: str, forbidden: s
         for name in top_level_imports(m) & forbidden
     }
     assert not wrong, sorted(wrong)
+
+
+def test_the_architecture_map_names_every_module_and_only_those() -> None:
+    """docs/ARCHITECTURE.md's table of the pieces matches the tree, module for module: a row's
+    first cell names modules of the package in the bold row above it."""
+    text = (SIDECAR.parent / "docs" / "ARCHITECTURE.md").read_text()
+    start = text.index("| package / module |")
+    named: set[str] = set()
+    package = ""
+    for line in text[start : text.index("\n## ", start)].splitlines()[2:]:
+        first = line.split(" | ")[0]
+        if "**" in first:
+            if "around it" in first:
+                break
+            heading = re.search(r"`(\w+)/`", first)
+            package = f"{heading.group(1)}/" if heading else ""
+            continue
+        named.update(package + name for name in re.findall(r"`([\w/]+\.py)`", first))
+    modules = {
+        str(p.relative_to(SIDECAR))
+        for p in SIDECAR.rglob("*.py")
+        if p.name not in ("__init__.py", "__main__.py") and "_proto" not in p.parts
+    }
+    assert sorted(modules - named) == [], "modules the map does not name"
+    assert sorted(named - modules) == [], "names in the map that are not modules"
