@@ -8,14 +8,16 @@ Example::
             apply(msg.value)
             await msg.ack()          # coalesced with other acks into one Ack call
 
-The modules: ``client`` (``DedupClient`` and ``Message``), ``streams`` (the stream RPCs),
-``gather`` (concurrent acks and publishes in one call), ``results`` (what calls answer),
-``inbox`` (an SQLite inbox for apps that apply effects locally). It speaks only the proto
+The modules: ``client`` (``DedupClient``), ``messages`` (``Message``), ``workers`` (a sidecar of
+several worker processes), ``streams`` (the stream RPCs), ``gather`` (concurrent acks and
+publishes in one call), ``results`` (what calls answer), ``inbox`` (an SQLite inbox for apps
+that apply effects locally). It speaks only the proto
 (``_proto``, generated) and must never import the sidecar: apps install it alone.
 """
 
-from dedup_client.client import DedupClient, Message
+from dedup_client.client import DedupClient
 from dedup_client.inbox import SQLiteInbox
+from dedup_client.messages import Message
 from dedup_client.results import AckError, AckResult, PublishError, PublishResult, derive_key
 
 __all__ = [

@@ -15,6 +15,7 @@ import grpc
 from dedup_client._proto import dedup_pb2 as pb
 from dedup_client._proto import dedup_pb2_grpc as pb_grpc
 from dedup_client.gather import AckBatcher, PublishBatcher, retry_unavailable, retry_until
+from dedup_client.messages import Message
 from dedup_client.results import (
     STATUS_BY_VALUE,
     AckError,
@@ -25,58 +26,8 @@ from dedup_client.results import (
     publish_request,
     publish_result,
 )
-from dedup_client.streams import PublishStream, SettleError, StreamClosed, SubscribeStream
-
-
-class Message:
-    """One delivery. Call :meth:`ack` once its side effects are done, or :meth:`nack`."""
-
-    __slots__ = ("_client", "_d", "_stream")
-
-    def __init__(self, client: DedupClient, d: pb.Delivery, stream: SubscribeStream | None = None) -> None:
-        self._client = client
-        self._d = d
-        self._stream = stream  # the StreamingSubscribe call it came on, which takes its acks
-
-    delivery_id = property(lambda self: self._d.delivery_id)
-    idempotency_key = property(lambda self: self._d.idempotency_key)
-    topic = property(lambda self: self._d.topic)
-    partition = property(lambda self: self._d.partition)
-    offset = property(lambda self: self._d.offset)
-    value = property(lambda self: self._d.value)
-    attempt = property(lambda self: self._d.attempt)
-    timestamp_ms = property(lambda self: self._d.timestamp_ms)
-    deadline_ms = property(lambda self: self._d.deadline_ms)
-
-    @property
-    def key(self) -> bytes | None:
-        return self._d.key if self._d.HasField("key") else None
-
-    @property
-    def headers(self) -> list[tuple[str, bytes]]:
-        return [(h.key, h.value) for h in self._d.headers]
-
-    def ack(self) -> asyncio.Future[AckResult]:
-        """Queue an ack (coalesced, or written on the message's stream); await the returned
-        future to learn its result. It raises AckError when the ack could not be carried out."""
-        if self._stream is not None:
-            return self._client._stream_ack(self._stream, self._d.delivery_id)
-        return self._client.ack(self._d.delivery_id, self._d.deadline_ms)
-
-    async def nack(
-        self, delay_seconds: float | None = None, dead_letter: bool = False, reason: str = ""
-    ) -> None:
-        if self._stream is not None:
-            fields: dict[str, Any] = {"dead_letter": dead_letter, "reason": reason}
-            if delay_seconds is not None:
-                fields["delay_seconds"] = delay_seconds
-            try:
-                await self._stream.settle("nack", [self._d.delivery_id], **fields)
-            except (SettleError, StreamClosed) as exc:
-                raise AckError(str(exc)) from exc
-            return
-        await self._client.nack([self.delivery_id], delay_seconds, dead_letter, reason)
-
+from dedup_client.streams import PublishStream, StreamClosed, SubscribeStream
+from dedup_client.workers import merged_frames, same, with_port
 
 _ORDERINGS = {
     "unordered": pb.ORDERING_UNORDERED,
@@ -219,14 +170,14 @@ class DedupClient:
                 elif w.unix_socket:
                     channels.append(self._dial(f"unix://{w.unix_socket}"))
                 else:
-                    channels.append(self._dial(_with_port(self._target, w.port)))
+                    channels.append(self._dial(with_port(self._target, w.port)))
             self._channels = channels
             self._stubs = [pb_grpc.DedupServiceStub(c) for c in channels]
             # The target's batcher stays: acks gathered before the list came are not dropped.
             self._acks = [
                 self._acks[0]
                 if w.index == resp.this_worker
-                else self._ack_batcher(functools.partial(_same, stub))
+                else self._ack_batcher(functools.partial(same, stub))
                 for w, stub in zip(resp.workers, self._stubs, strict=True)
             ]
             return len(channels)
@@ -322,7 +273,7 @@ class DedupClient:
                 async for batch in one:
                     yield batch
             return
-        async for batch in self._merged(request):
+        async for batch in merged_frames(self._stubs, self._frames_of, request, self._routes):
             yield batch
 
     async def _frames_of(
@@ -386,83 +337,6 @@ class DedupClient:
         futs[0].add_done_callback(lambda _: self._stream_retries.pop(key, None))
         loop.call_later(pause, stream.resend, ids, futs)
         return True
-
-    async def _merged(self, request: pb.SubscribeRequest) -> AsyncGenerator[list[Message], None]:
-        """One Subscribe per worker, their frames in arrival order; each frame's delivery id
-        prefix is routed to its worker, so acks go back to the worker that delivered.
-
-        A worker that becomes unreachable (UNAVAILABLE: it died and its supervisor is starting
-        it again, or it is not up yet after a restart of the sidecar) is subscribed to again,
-        with a growing pause, while another worker's stream is alive, for up to
-        WORKER_RETRY_SECONDS: the other workers' deliveries keep flowing. Ending every stream
-        instead would hand their in-flight records back and count an attempt on each, once per
-        reconnect. When no worker's stream is open (the sidecar stopped), or on any other
-        error, the merged stream ends with that error."""
-        frames: asyncio.Queue[list[Message] | BaseException | None] = asyncio.Queue()
-        loop = asyncio.get_running_loop()
-        # Per worker, while its stream is open: when it opened, and whether a frame came on it.
-        # An open stream proves its worker alive once a frame came or a second passed; a retry
-        # of a worker that is going away opens for a moment only, and proves nothing.
-        opened: list[float | None] = [None] * len(self._stubs)
-        fed = [False] * len(self._stubs)
-
-        def alive(w: int) -> bool:
-            since = opened[w]
-            return since is not None and (fed[w] or loop.time() - since >= 1.0)
-
-        async def other_alive(w: int, down_since: float) -> bool:
-            """Whether to open worker w's stream again: once another stream proves alive. False
-            when none is open (the sidecar is stopping, or gone), or after WORKER_RETRY_SECONDS.
-            A stream still unproven (just opened, as at a sidecar's start) is waited for."""
-            while loop.time() - down_since <= WORKER_RETRY_SECONDS:
-                others = [o for o in range(len(opened)) if o != w and opened[o] is not None]
-                if any(alive(o) for o in others):
-                    return True
-                if not others:
-                    return False
-                await asyncio.sleep(0.05)
-            return False
-
-        async def pump(w: int, stub: pb_grpc.DedupServiceAsyncStub) -> None:
-            pause, down_since = 0.1, 0.0
-            while True:
-                call = self._frames_of(stub, request)
-                opened[w], fed[w] = loop.time(), False
-                try:
-                    async for batch in call:
-                        pause, down_since, fed[w] = 0.1, 0.0, True
-                        if batch:
-                            self._routes[batch[0].delivery_id.partition(".")[0]] = w
-                        frames.put_nowait(batch)
-                    frames.put_nowait(None)
-                    return
-                except grpc.aio.AioRpcError as exc:
-                    opened[w] = None
-                    down_since = down_since or loop.time()
-                    if exc.code() != grpc.StatusCode.UNAVAILABLE or not await other_alive(w, down_since):
-                        frames.put_nowait(exc)
-                        return
-                finally:
-                    opened[w] = None
-                    await call.aclose()
-                await asyncio.sleep(pause)
-                pause = min(2 * pause, 2.0)
-
-        pumps = [asyncio.create_task(pump(w, stub)) for w, stub in enumerate(self._stubs)]
-        open_streams = len(pumps)
-        try:
-            while open_streams:
-                item = await frames.get()
-                if item is None:
-                    open_streams -= 1
-                elif isinstance(item, BaseException):
-                    raise item
-                else:
-                    yield item
-        finally:
-            for task in pumps:
-                task.cancel()
-            await asyncio.gather(*pumps, return_exceptions=True)
 
     def ack(self, delivery_id: str, deadline_ms: int = 0) -> asyncio.Future[AckResult]:
         """Queue an ack of ``delivery_id`` (a Delivery's ``deadline_ms`` bounds its retries)."""
@@ -582,17 +456,3 @@ class DedupClient:
             else:
                 out.append(PublishError(STATUS_BY_VALUE.get(r.code, grpc.StatusCode.UNKNOWN), r.message))
         return out
-
-
-#: How long a worker may stay unreachable while another worker's stream is open (see _merged).
-WORKER_RETRY_SECONDS = 60.0
-
-
-def _same(stub: pb_grpc.DedupServiceAsyncStub) -> pb_grpc.DedupServiceAsyncStub:
-    return stub
-
-
-def _with_port(target: str, port: int) -> str:
-    """``target`` with its port replaced: another worker on the host the client dialled."""
-    host, sep, _ = target.rpartition(":")
-    return f"{host}:{port}" if sep and not host.endswith(":") else f"{target}:{port}"
