@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import AsyncGenerator, Callable, Sequence
+from typing import TYPE_CHECKING
 
 import grpc
 
@@ -12,7 +13,8 @@ from dedup_client._proto import dedup_pb2 as pb
 from dedup_client._proto import dedup_pb2_grpc as pb_grpc
 from dedup_client.messages import Message
 
-Stub = pb_grpc.DedupServiceAsyncStub
+if TYPE_CHECKING:  # the async stub type exists in the generated .pyi only
+    Stub = pb_grpc.DedupServiceAsyncStub
 
 #: How long a worker may stay unreachable while another worker's stream is open (see merged_frames).
 WORKER_RETRY_SECONDS = 60.0
