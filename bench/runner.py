@@ -251,7 +251,3 @@ def cluster_main(args: argparse.Namespace) -> int:
     write_markdown(saved, Path(args.out), png.name if plot(saved, png) else None)
     log(f"wrote {args.out}")
     return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())

@@ -136,8 +136,7 @@ class Engine:
         # Keep answering acks for what the app holds (in flight here, or delivered from a
         # partition a rebalance took meanwhile) until each is answered or the grace ends: a
         # delivery answered here is not delivered again by the next owner.
-        while core.clock() < deadline and self._unanswered():  # noqa: ASYNC110
-            await asyncio.sleep(0.02)
+        await self._wait_while(self._unanswered, deadline, 0.02)
         core.stopping = True
         for s in list(core.streams.values()):
             s.closed = True
@@ -158,6 +157,13 @@ class Engine:
         for t in self._tasks:
             with contextlib.suppress(asyncio.CancelledError):
                 await t
+
+    async def _wait_while(self, busy: Callable[[], bool], deadline: float, step: float) -> None:
+        """Look at ``busy`` every ``step`` seconds until it is false or the clock reaches
+        ``deadline``. Polled, not awaited on an event: an answer, a Nack and a lease running out
+        each end the wait, and not all of them set one."""
+        while self.core.clock() < deadline and busy():  # noqa: ASYNC110
+            await asyncio.sleep(step)
 
     def _unanswered(self) -> bool:
         """Whether the app holds deliveries it has not answered: in flight on a stream, or from a
@@ -228,10 +234,11 @@ class Engine:
         queue.revoking.update(tps)
         try:
             deadline = core.clock() + self.settings.delivery.revoke_grace_seconds
-            while core.clock() < deadline and any(  # noqa: ASYNC110
-                p.state is State.IN_FLIGHT for part in parts for p in part.pending.values()
-            ):
-                await asyncio.sleep(0.01)
+            await self._wait_while(
+                lambda: any(p.state is State.IN_FLIGHT for part in parts for p in part.pending.values()),
+                deadline,
+                0.01,
+            )
         finally:
             queue.revoking.difference_update(tps)
 

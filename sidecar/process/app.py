@@ -211,7 +211,7 @@ class Sidecar:
                 topics = [*s.kafka.topics, *self.engine.retry_topics]
                 self._watch = asyncio.create_task(
                     watch_group(
-                        s,
+                        s.kafka.group_id,
                         self._consumer,
                         self.store,
                         self.topics,

@@ -69,7 +69,7 @@ async def ensure_retry_topics(s: Settings, consumer_conf: dict[str, Any], source
 
 
 async def watch_group(
-    s: Settings,
+    group: str,
     consumer: ConsumerLoop,
     store: DedupStore,
     catalog: TopicCatalog,
@@ -83,7 +83,6 @@ async def watch_group(
     rebalance in progress is not taken for one. (This asked DescribeGroups before; librdkafka
     aborts the whole process when such a request to a dead coordinator times out, its issue
     4605, and a check that only advises must not be able to do that.)"""
-    group = s.kafka.group_id
     warned = False
     looks = 0
     while True:

@@ -31,24 +31,21 @@ FORBIDDEN = {
 }
 
 
-def imported_packages(path: Path) -> set[str]:
-    """The sidecar packages (or top-level modules) a module imports."""
+def imports(path: Path) -> set[str]:
+    """Every module a file names in an absolute import, at any depth: ``a.b`` for ``import a.b``,
+    and ``a.b.c`` for each name of ``from a.b import c``."""
     found: set[str] = set()
     for node in ast.walk(ast.parse(path.read_text())):
         if isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
-            parts = node.module.split(".")
-            if parts[0] != "sidecar":
-                continue
-            if len(parts) > 1:
-                found.add(parts[1])
-            else:
-                found.update(alias.name for alias in node.names)
+            found.update(f"{node.module}.{alias.name}" for alias in node.names)
         elif isinstance(node, ast.Import):
-            for alias in node.names:
-                parts = alias.name.split(".")
-                if parts[0] == "sidecar" and len(parts) > 1:
-                    found.add(parts[1])
+            found.update(alias.name for alias in node.names)
     return found
+
+
+def imported_packages(path: Path) -> set[str]:
+    """The sidecar packages (or top-level modules) a module imports."""
+    return {name.split(".")[1] for name in imports(path) if name.startswith("sidecar.")}
 
 
 def modules_of(name: str) -> list[Path]:
@@ -80,16 +77,6 @@ def test_the_checker_sees_a_function_level_import(tmp_path: Path) -> None:
     assert imported_packages(module) == {"process", "api"}
 
 
-def top_level_imports(path: Path) -> set[str]:
-    found: set[str] = set()
-    for node in ast.walk(ast.parse(path.read_text())):
-        if isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
-            found.add(node.module.split(".")[0])
-        elif isinstance(node, ast.Import):
-            found.update(alias.name.split(".")[0] for alias in node.names)
-    return found
-
-
 @pytest.mark.parametrize(
     ("folder", "forbidden"),
     [
@@ -102,7 +89,7 @@ def test_what_stands_alone_imports_nothing_of_the_rest(folder: str, forbidden: s
     wrong = {
         f"{m.relative_to(root)} imports {name}"
         for m in sorted(root.rglob("*.py"))
-        for name in top_level_imports(m) & forbidden
+        for name in {i.split(".")[0] for i in imports(m)} & forbidden
     }
     assert not wrong, sorted(wrong)
 

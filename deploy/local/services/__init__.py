@@ -29,20 +29,17 @@ The modules, each one server shape or one concern, import only downward:
 
 from __future__ import annotations
 
-from .cli import main
-from .install import kafka_version, promtool_binary, redis_cli_binary
+from .install import kafka_version, promtool_binary
 from .kafka_broker import KafkaBroker
-from .kafka_cluster import OFFSETS_PARTITIONS, KafkaCluster, KafkaShape, ScramListener
-from .processes import free_port, port_block, spawn
+from .kafka_cluster import KafkaCluster, KafkaShape, ScramListener
+from .processes import free_port, port_block
 from .redis_cluster import RedisCluster
 from .redis_node import RedisServer
 from .redis_sentinel import RedisSentinelSet
-from .shapes import REDIS_SHAPES, RedisShape, add_redis_shape_argument, running, running_shapes, start_redis
+from .shapes import RedisShape, add_redis_shape_argument, running, running_shapes, start_redis
 from .tls import TlsFiles
 
 __all__ = [
-    "OFFSETS_PARTITIONS",
-    "REDIS_SHAPES",
     "KafkaBroker",
     "KafkaCluster",
     "KafkaShape",
@@ -55,12 +52,9 @@ __all__ = [
     "add_redis_shape_argument",
     "free_port",
     "kafka_version",
-    "main",
     "port_block",
     "promtool_binary",
-    "redis_cli_binary",
     "running",
     "running_shapes",
-    "spawn",
     "start_redis",
 ]
