@@ -66,6 +66,20 @@ class KafkaSettings(_Section):
     #: with no group-wide barrier; its session timeout is the broker's. docs/ARCHITECTURE.md
     #: ("Rebalances") gives the measurements behind the default.
     group_protocol: Literal["classic", "consumer"] = "classic"
+    #: "consumer": a consumer group; each partition has one reader, offsets are committed.
+    #: "share": a share group (KIP-932, Kafka 4.2 and later; queue mode): every member reads
+    #: every partition, the broker hands each record to one member under a time-limited lock
+    #: and takes an accept, release or reject per record. No order; more members than
+    #: partitions. docs/ARCHITECTURE.md ("Queue mode") gives the mapping.
+    group_type: Literal["consumer", "share"] = "consumer"
+    #: Share groups: where a new share group starts reading, applied to the group through the
+    #: admin API at start-up (the group config share.auto.offset.reset). "earliest" reads what
+    #: was written before the first member joined, as a new consumer group does here.
+    share_auto_offset_reset: Literal["earliest", "latest"] = "earliest"
+    #: Share groups: records per poll (librdkafka's max.poll.records). The share consumer cannot
+    #: poll again until every record of the last poll is accepted, released or rejected, so this
+    #: is the most a member holds at once: at least the apps' window keeps them busy.
+    share_max_poll_records: int = Field(100, ge=1, le=10_000)
     #: How often librdkafka reports statistics, from which dedup_consumer_lag_records is read
     #: (so the lag is at most this old). 0 turns them, and the lag metric, off.
     statistics_interval_ms: int = Field(5000, ge=0)
@@ -440,6 +454,21 @@ class Settings(BaseSettings):
                 "delivery.retry_tiers_seconds = [] (Nack delays then stay in memory) or "
                 "ordering = 'unordered'"
             )
+        if self.kafka.group_type == "share":
+            if d.ordering != "unordered":
+                raise ValueError(
+                    f"delivery.ordering = {d.ordering!r} cannot be kept with kafka.group_type = 'share': a "
+                    "share group hands the records of one partition to many members at once, in no "
+                    "order. Set delivery.ordering = 'unordered', or kafka.group_type = 'consumer'"
+                )
+            if d.retry_tiers_seconds:
+                raise ValueError(
+                    "delivery.retry_tiers_seconds cannot be used with kafka.group_type = 'share' yet: a "
+                    "record read from a retry topic before its due time would have to be held past its "
+                    "share lock (share.record.lock.duration.ms). Set delivery.retry_tiers_seconds = []: "
+                    "in share mode a Nack delay is held within the record's lock, then the record is "
+                    "released to the broker"
+                )
         if self.server.workers != 1 and self.store.backend == "memory":
             raise ValueError(
                 f"server.workers = {self.server.workers!r} needs a store the workers share: the memory "

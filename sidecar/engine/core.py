@@ -24,12 +24,19 @@ from sidecar.engine.streams import ReadyQueue, Stream
 from sidecar.errors import StoreUnavailable
 from sidecar.kafka.consumer import CommitOffset, ConsumerLoop
 from sidecar.kafka.producer import AsyncProducer
+from sidecar.kafka.share_consumer import ACCEPT, REJECT, RELEASE, Ack, ShareConsumerLoop
 from sidecar.observability import tracing
 from sidecar.observability.metrics import Metrics
+from sidecar.offsets import AckTracker
 from sidecar.store.base import DedupStore
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
+
+#: Queue mode: a record's lock is taken to end this long before the group's lock duration has
+#: passed since its poll returned (the broker started the lock a little before), so what the
+#: sidecar does at "the end of the lock" reaches the broker while the record is still its own.
+LOCK_GUARD_S = 1.0
 
 
 class Core:
@@ -62,7 +69,13 @@ class Core:
         self.lease_ms = int((d.ack_deadline_seconds + d.lease_margin_seconds) * 1000)
         self.retention_ms = settings.store.retention_seconds * 1000
         self.group = settings.kafka.group_id
-        self.consumer: ConsumerLoop | None = None
+        self.consumer: ConsumerLoop | ShareConsumerLoop | None = None
+        # Queue mode (kafka.group_type = "share"): the share consumer, the group's record lock,
+        # the broker's delivery count limit, and the lock end of the batch being taken in.
+        self.share: ShareConsumerLoop | None = None
+        self.share_lock_s = 0.0
+        self.share_delivery_limit = 0
+        self.share_lock_until = 0.0
         self.partitions: dict[TP, Partition] = {}
         self.ready_queue = ReadyQueue()
         self.streams: dict[int, Stream] = {}
@@ -158,7 +171,10 @@ class Core:
         if p.chain is not None:
             self.unchain(p)
         part.pending.pop(p.offset, None)
-        part.tracker.settle(p.offset)
+        if part.share:
+            self.acknowledge([p], REJECT if p.reject else ACCEPT)
+        else:
+            part.tracker.settle(p.offset)
         self.settled_some.set()
         # Later records with the same key are duplicates of a settled (done) key.
         for shadow in p.shadows:
@@ -187,7 +203,7 @@ class Core:
             return True
         offsets = []
         for tp, part in self.partitions.items():
-            if only is not None and tp not in only:
+            if (only is not None and tp not in only) or part.share:
                 continue
             t = part.tracker
             if t.committable() >= 0 and t.needs_commit():
@@ -208,3 +224,67 @@ class Core:
             tracing.commit_span(self.traced_settled, len(committed))
             self.traced_settled = []
         return len(committed) == len(offsets)
+
+    # ---------------------------------------------------------------------------------------------
+    # queue mode (a share group)
+
+    def share_polled(self, polled_at: float) -> None:
+        """A share consumer's poll returned at ``polled_at`` (time.monotonic()): the records
+        taken in next hold locks until then plus the group's lock duration, less a guard."""
+        elapsed = time.monotonic() - polled_at  # the clock may be a test's; the age is real
+        self.share_lock_until = self.clock() - elapsed + self.share_lock_s - LOCK_GUARD_S
+
+    def share_partition(self, tp: TP) -> Partition:
+        """The books of a partition a share group hands records of (created on first sight:
+        every member reads every partition, nothing is assigned)."""
+        part = self.partitions.get(tp)
+        if part is None:
+            part = Partition(AckTracker(), 0, {}, share=True)
+            self.partitions[tp] = part
+        return part
+
+    def acknowledge(self, records: list[Pending], kind: int) -> None:
+        """Hand the broker its answer for records of a share group."""
+        share = self.share
+        if share is None or not records:
+            return
+        acks: list[Ack] = [(p.tp[0], p.tp[1], p.offset, kind) for p in records]
+        share.acknowledge(acks)
+        self.metrics.share_acks.labels(_ACK_LABELS[kind]).inc(len(acks))
+
+    def release(self, records: list[Pending], acknowledge: bool = True) -> None:
+        """Give records of a share group back to the broker unsettled (RELEASE): it hands each
+        out again, to any member, and counts the delivery. Their claims are the caller's to hand
+        back. A delivery id of theirs the app still answers is STALE (an Ack still marks the key
+        done). Records waiting behind one of them for its key go back too. ``acknowledge``
+        False: the broker took them back already (forget them)."""
+        out: list[Pending] = []
+        todo = list(records)
+        while todo:
+            p = todo.pop()
+            if p.state in (State.SETTLED, State.DROPPED):
+                continue
+            if p.stream is not None:
+                p.stream.remove(p)
+            for did in p.delivery_ids:
+                self.by_id.pop(did, None)
+                self.stale.put(did, p.store_key)
+            if self.key_index.get(p.store_key) is p:
+                del self.key_index[p.store_key]
+            part = self.partitions.get(p.tp)
+            if part is not None and part.pending.get(p.offset) is p:
+                del part.pending[p.offset]
+            p.state = State.DROPPED
+            if p.span is not None:
+                p.span.end()
+                p.span = None
+            todo.extend(sh for sh in p.shadows if sh.state is State.SHADOWED)
+            p.shadows.clear()
+            out.append(p)
+        if acknowledge:
+            self.acknowledge(out, RELEASE)
+        if out:
+            self.settled_some.set()
+
+
+_ACK_LABELS = {ACCEPT: "accept", RELEASE: "release", REJECT: "reject"}

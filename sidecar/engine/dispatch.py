@@ -49,7 +49,9 @@ class Dispatch:
         self._seq = itertools.count(1)
         self.expired: dict[str, Stream] = {}  # expired delivery id -> the stream holding its credit
         self.no_stream_since: float | None = clock_now
-        self.left_group = False
+        # Queue mode joins the share group only when an app stream attaches: a member with no
+        # app would acquire records only to wait out their locks, using up deliveries.
+        self.left_group = core.settings.kafka.group_type == "share"
 
     def attach(
         self,
@@ -82,6 +84,12 @@ class Dispatch:
         if max_in_flight < 0 or max_bytes < 0 or max_batch < 0:
             raise InvalidArgument("max_in_flight, max_in_flight_bytes and max_batch must not be negative")
         asked = Ordering.parse(ordering_name) if ordering_name else core.base_ordering
+        if asked and core.settings.kafka.group_type == "share":
+            raise FailedPrecondition(
+                f"ordering {asked.label!r} cannot be kept in queue mode (kafka.group_type = 'share'): the "
+                "share group hands one partition's records to many members at once. Subscribe without an "
+                "ordering, or run the sidecar with kafka.group_type = 'consumer'"
+            )
         if asked < core.base_ordering:
             raise InvalidArgument(
                 f"ordering {asked.label!r} is weaker than delivery.ordering = {core.base_ordering.label!r}; "
@@ -105,7 +113,7 @@ class Dispatch:
         if asked > core.base_ordering:
             self._reorder()
         if self.left_group and core.consumer is not None:
-            log.info("an app stream attached: joining the consumer group again")
+            log.info("an app stream attached: joining the %s group", core.settings.kafka.group_type)
             core.consumer.join_group()
             self.left_group = False
         return s
@@ -241,7 +249,7 @@ class Dispatch:
             by_id[did] = p
             p.state = State.IN_FLIGHT
             p.unsent = False
-            p.deadline = deadline
+            p.deadline = min(deadline, p.lock_until) if p.lock_until else deadline
             p.sent_at = now
             s.add(p)
         count_by_topic(core.metrics.delivered, batch)

@@ -13,8 +13,11 @@ Flow (see docs/ARCHITECTURE.md)::
 
 One module per concern, imported in one direction only::
 
-    records, streams, ordering  <- core <- reroute <- claims <- intake, dispatch
+    records, streams, ordering  <- core <- reroute <- claims <- intake, dispatch, share
                                                                  <- settlement <- maintenance <- engine
+
+Queue mode (kafka.group_type = "share") runs the same flow on records a share group lends this
+member; share.py holds what differs: every record ends ACCEPTed, REJECTed or RELEASEd.
 
 Everything here runs on the event loop; the only awaits are store round trips and Kafka writes.
 This module holds the lifecycle, the consumer's partition events, and the operator's snapshot.
@@ -41,9 +44,11 @@ from sidecar.engine.maintenance import Maintenance
 from sidecar.engine.records import TP, Partition, Pending, State
 from sidecar.engine.reroute import Reroute
 from sidecar.engine.settlement import AckOutcome, Settlement
+from sidecar.engine.share import Share
 from sidecar.engine.streams import Stream
 from sidecar.kafka.consumer import Assigned, CommitOffset, ConsumerLoop
 from sidecar.kafka.producer import AsyncProducer
+from sidecar.kafka.share_consumer import ShareConsumerLoop
 from sidecar.observability.metrics import Metrics
 from sidecar.offsets import AckTracker
 from sidecar.store.base import DedupStore
@@ -73,8 +78,9 @@ class Engine:
         self.claims = Claims(core, self.reroute)
         self.intake = Intake(core, self.claims, self.reroute)
         self.dispatch = Dispatch(core, self.claims, clock())
-        self.settlement = Settlement(core, self.dispatch, self.reroute)
-        self.maintenance = Maintenance(core, self.claims, self.dispatch, self.settlement)
+        self.share = Share(core, self.claims, self.reroute)
+        self.settlement = Settlement(core, self.dispatch, self.reroute, self.share)
+        self.maintenance = Maintenance(core, self.claims, self.dispatch, self.settlement, self.share)
         self._generations = itertools.count(1)
         self._tasks: list[asyncio.Task[None]] = []
         # The API, as the servicer calls it.
@@ -94,7 +100,7 @@ class Engine:
         return self.core.store
 
     @property
-    def consumer(self) -> ConsumerLoop | None:
+    def consumer(self) -> ConsumerLoop | ShareConsumerLoop | None:
         return self.core.consumer
 
     @property
@@ -114,9 +120,20 @@ class Engine:
     # ---------------------------------------------------------------------------------------------
     # lifecycle
 
-    def start(self, consumer: ConsumerLoop | None) -> None:
-        """Start the loops; ``consumer`` is None for a publish-only sidecar (no kafka.topics)."""
+    def start(
+        self,
+        consumer: ConsumerLoop | ShareConsumerLoop | None,
+        share_lock_ms: int = 0,
+        share_delivery_limit: int = 0,
+    ) -> None:
+        """Start the loops; ``consumer`` is None for a publish-only sidecar (no kafka.topics).
+        A share consumer comes with its group's record lock and the broker's delivery count
+        limit (sidecar/kafka/share_group.py)."""
         self.core.consumer = consumer
+        if isinstance(consumer, ShareConsumerLoop):
+            self.core.share = consumer
+            self.core.share_lock_s = share_lock_ms / 1000
+            self.core.share_delivery_limit = share_delivery_limit
         m = self.maintenance
         loops = [
             self.intake.loop(),
@@ -151,6 +168,11 @@ class Engine:
             if p.attempt > 0 and not p.scheduled
         ]
         await self.claims.release_claims(held)
+        if core.share is not None:
+            # Queue mode: what this member holds goes back to the group now, not at lock end.
+            core.release(
+                [p for part in core.partitions.values() if part.share for p in list(part.pending.values())]
+            )
         await core.commit_now()
         for t in self._tasks:
             t.cancel()
@@ -263,12 +285,52 @@ class Engine:
     def on_records(self, records: list[Message]) -> None:
         self.intake.put(records)
 
+    def on_share_records(self, records: list[Message], polled_at: float) -> None:
+        self.core.share_polled(polled_at)
+        self.intake.put(records)
+
     # ---------------------------------------------------------------------------------------------
     # introspection
 
     @property
     def in_flight(self) -> int:
         return sum(len(s.in_flight) for s in self.core.streams.values())
+
+    @property
+    def share_held(self) -> int | None:
+        """Queue mode: records acquired from the share group and not acknowledged (None in a
+        consumer group)."""
+        share = self.core.share
+        return None if share is None else share.held
+
+    def share_state(self) -> dict[str, Any] | None:
+        """Queue mode's state for operators (``dedup-sidecar status``); None in a consumer group."""
+        core = self.core
+        share = core.share
+        if share is None:
+            return None
+        counts = share.counts
+        held: dict[str, int] = {}
+        delivery_counts: dict[str, int] = {}
+        for part in core.partitions.values():
+            for p in part.pending.values():
+                held[p.state.value] = held.get(p.state.value, 0) + 1
+                key = str(p.delivery_count)
+                delivery_counts[key] = delivery_counts.get(key, 0) + 1
+        return {
+            "joined": share.subscribed,
+            "held": share.held,
+            "held_by_state": held,
+            "delivery_counts": delivery_counts,
+            "acquired": counts.acquired,
+            "polls": counts.polls,
+            "accepted": counts.acks["accept"],
+            "released": counts.acks["release"],
+            "rejected": counts.acks["reject"],
+            "refused": counts.refused,
+            "lock_seconds": core.share_lock_s,
+            "delivery_count_limit": core.share_delivery_limit,
+        }
 
     def topic_of(self, delivery_id: str) -> str | None:
         """The topic of an in-flight delivery (None for an id this process does not hold)."""
@@ -323,6 +385,7 @@ class Engine:
         return [
             (tp[0], tp[1], part.tracker.unsettled, part.last_commit)
             for tp, part in list(self.core.partitions.items())
+            if not part.share
         ]
 
     def committable(self) -> dict[TP, int]:

@@ -61,6 +61,7 @@ class Intake:
         d = core.settings.delivery
         header, fallback, group = d.idempotency_header, d.key_fallback, core.group
         partitions, key_index = core.partitions, core.key_index
+        share = core.share is not None
         retry_sources = self.reroute.retry_sources
         to_claim: list[Pending] = []
         no_key: list[Pending] = []
@@ -70,15 +71,22 @@ class Intake:
             topic, partition, offset = m.topic() or "", m.partition() or 0, m.offset() or 0
             tp = (topic, partition)
             part = partitions.get(tp)
-            if part is None:
+            if share:
+                # Queue mode: every record polled is this member's until it is acknowledged.
+                part = core.share_partition(tp)
+                old = part.pending.get(offset)
+                if old is not None:  # the broker took it back (a leave) and handed it out again
+                    core.release([old], acknowledge=False)
+            elif part is None:
                 continue  # revoked since the fetch; the next owner reads it again
-            result = part.tracker.offer(offset)
-            if result is OfferResult.IGNORED:
-                continue
-            touched.add(tp)
-            if result is OfferResult.ALREADY_SETTLED:
-                core.metrics.skipped.labels("commit_metadata", retry_sources.get(topic, topic)).inc()
-                continue
+            else:
+                result = part.tracker.offer(offset)
+                if result is OfferResult.IGNORED:
+                    continue
+                touched.add(tp)
+                if result is OfferResult.ALREADY_SETTLED:
+                    core.metrics.skipped.labels("commit_metadata", retry_sources.get(topic, topic)).inc()
+                    continue
             # librdkafka hands consumed headers over as a list of (str, bytes | None).
             headers = cast(list[tuple[str, bytes | None]], m.headers() or [])
             value = m.value() or b""
@@ -101,6 +109,11 @@ class Intake:
                 )
             else:
                 p = self._retry_record(part.generation, tp, offset, source, headers, key, value, ts)
+            if share:
+                p.lock_until = core.share_lock_until
+                p.delivery_count = m.delivery_count() or 1
+                p.last_delivery = p.delivery_count >= core.share_delivery_limit
+                core.metrics.share_delivery_count.observe(p.delivery_count)
             part.pending[offset] = p
             mode = modes.get(tp)
             if mode is None:

@@ -11,6 +11,7 @@ from sidecar.engine.core import Core
 from sidecar.engine.dispatch import Dispatch
 from sidecar.engine.records import Pending, State
 from sidecar.engine.settlement import Settlement
+from sidecar.engine.share import Share
 from sidecar.errors import StoreUnavailable
 from sidecar.observability.outage import Outage
 from sidecar.store.base import ClaimMode
@@ -22,8 +23,11 @@ TICK_S = 0.05
 
 
 class Maintenance:
-    def __init__(self, core: Core, claims: Claims, dispatch: Dispatch, settlement: Settlement) -> None:
+    def __init__(
+        self, core: Core, claims: Claims, dispatch: Dispatch, settlement: Settlement, share: Share
+    ) -> None:
         self.core = core
+        self.share = share
         self.claims = claims
         self.dispatch = dispatch
         self.settlement = settlement
@@ -49,14 +53,19 @@ class Maintenance:
             if p.deadline <= now and p.acking == 0 and p.state is State.IN_FLIGHT
         ]
         failed = self.settlement.answered_failed
+        share = self.share.active
         for s, p in late:
             if p.delivery_ids[-1] in failed:
                 s.remove(p)
             else:
                 dispatch.expired[s.expire(p, now + core.deadline_s)] = s
-            p.state = State.CLAIMING
+            if not share:
+                p.state = State.CLAIMING
             core.metrics.redelivered.labels("deadline", p.topic).inc()
         expired = [p for _, p in late]
+        if share and expired:
+            await self.share.expired(expired)  # released to the group, or dead-lettered
+            expired = []
         # BUSY and DELAYED records whose time has come.
         due = [p for p in core.waiting if p.due <= now and p.state in (State.BUSY, State.DELAYED)]
         scheduled: list[Pending] = []
@@ -65,6 +74,10 @@ class Maintenance:
             core.waiting = [
                 p for p in core.waiting if id(p) not in ids and p.state in (State.BUSY, State.DELAYED)
             ]
+            if share:
+                # Queue mode: a Nack's delay is over; the broker delivers it again.
+                core.release([p for p in due if p.state is State.DELAYED])
+                due = [p for p in due if p.state is State.BUSY]
             for p in due:
                 p.state = State.CLAIMING
             scheduled = [p for p in due if p.scheduled]
@@ -84,6 +97,8 @@ class Maintenance:
         if scheduled:
             # The claim the retry record's Nack extended to its due time: the next attempt.
             await claim(scheduled, retry=False, mode=ClaimMode.REDELIVER)
+        if share:
+            await self.share.watch(now)
         self._detach_grace(now)
 
     def _due_retry_records(self, records: list[Pending]) -> list[Pending]:

@@ -70,6 +70,11 @@ class Pending:
     scheduled: bool = False  # read from a retry topic before its due time; not claimed yet
     reason: str = ""
     reason_code: str = ""
+    # Queue mode (a share group) only:
+    lock_until: float = 0.0  # monotonic estimate of the end of its acquisition lock; 0: no lock
+    delivery_count: int = 0  # the broker's count of its deliveries, this one included
+    last_delivery: bool = False  # the broker archives it if this delivery is not answered
+    reject: bool = False  # settled by a dead letter: REJECT, not ACCEPT
     span: Any = None  # its dedup.deliver span while in flight, when traced (sidecar/observability/tracing.py)
 
     def log_fields(self) -> dict[str, object]:
@@ -97,6 +102,8 @@ class Partition:
     #: Records of a retry partition waiting for their due time; the partition stays paused
     #: while there are any, so nothing is fetched past a record that is not due.
     scheduled: int = 0
+    #: Read through a share group: settling a record acknowledges it; nothing is committed.
+    share: bool = False
 
 
 class Recent:

@@ -174,6 +174,7 @@ class Reroute:
     def dead_letter(self, records: list[Pending]) -> None:
         for p in records:
             p.state = State.REROUTING
+            p.reject = True  # queue mode: REJECT once the copy is written (Core.settle)
         self.core.spawn(self._dead_letter(records))
 
     async def _dead_letter(self, records: list[Pending]) -> None:

@@ -22,7 +22,8 @@ from sidecar.engine.core import Core
 from sidecar.engine.dispatch import Dispatch
 from sidecar.engine.records import TP, Pending, Recent, State
 from sidecar.engine.reroute import Reroute
-from sidecar.errors import InvalidArgument, StoreUnavailable
+from sidecar.engine.share import Share
+from sidecar.errors import FailedPrecondition, InvalidArgument, StoreUnavailable
 from sidecar.groupcommit import Done, GroupCommit
 from sidecar.observability import tracing
 from sidecar.observability.metrics import count_by_topic, group_counter
@@ -41,10 +42,11 @@ class AckOutcome:
 
 
 class Settlement:
-    def __init__(self, core: Core, dispatch: Dispatch, reroute: Reroute) -> None:
+    def __init__(self, core: Core, dispatch: Dispatch, reroute: Reroute, share: Share) -> None:
         self.core = core
         self.dispatch = dispatch
         self.reroute = reroute
+        self.share = share
         # Ids whose Ack or Nack failed (store unreachable): the app answered those copies once
         # and may not again, so past their deadline they do not hold credit (see Stream.expired).
         self.answered_failed = Recent(10_000)
@@ -235,6 +237,13 @@ class Settlement:
             else:
                 redeliver[id(p)] = p
         self.answered(ids)  # after the lookups: a malformed id fails the call before any change
+        if self.share.active:
+            # Queue mode: a record on the broker's last delivery is dead-lettered, not released.
+            last = [p for p in redeliver.values() if p.last_delivery and p.state is State.IN_FLIGHT]
+            for p in last:
+                del redeliver[id(p)]
+                p.failures += 1
+            self.share.dead_letter_or_keep(last, "nacked")
         waits = {
             id(p): (
                 delay_s
@@ -254,17 +263,28 @@ class Settlement:
                 p.failures += 1  # the retry-topic ones count theirs when claimed again (REDELIVER)
         now = core.clock()
         retry: list[tuple[Pending, int, float]] = []
+        released: list[Pending] = []
         for i, p in redeliver.items():
             if p.state is not State.IN_FLIGHT:
                 continue
             if p.stream is not None:
                 p.stream.remove(p)
             tier = tiers[i]
-            if tier is None:
+            if tier is None and p.lock_until:
+                # Queue mode: the broker redelivers it (and counts it), after the delay if that
+                # ends within the record's lock, else when the lock is about to end.
+                due = min(now + waits[i], p.lock_until)
+                if due <= now:
+                    released.append(p)
+                else:
+                    core.wait(p, State.DELAYED, due)
+            elif tier is None:
                 core.wait(p, State.DELAYED, now + waits[i])
             else:
                 retry.append((p, tier, waits[i]))
             core.metrics.nacked.labels(p.topic).inc()
+        if released:
+            core.release(released)
         if retry:
             self.reroute.to_retry(retry)
         todo = [p for p in dlq.values() if p.state is State.IN_FLIGHT]
@@ -301,6 +321,8 @@ class Settlement:
             results.append(outcome)
         lease_ms = int((seconds + core.settings.delivery.lease_margin_seconds) * 1000)
         recs = list(todo.values())
+        if self.share.active:
+            self._within_locks(recs, seconds)
         if recs:
             # Renewals: the same delivery goes on, so the same attempt. Deadline and lease run
             # from when the store was asked (see Claims.claim).
@@ -313,3 +335,21 @@ class Settlement:
                     p.deadline = asked + seconds
                     p.lease_until = asked + lease_ms / 1000
         return results
+
+    def _within_locks(self, records: list[Pending], seconds: int) -> None:
+        """Queue mode: a deadline cannot pass the record's share lock. librdkafka's share consumer
+        (2.16) has no way to renew a lock (KIP-932 has no RENEW acknowledgement there), and past
+        the lock the broker hands the record to another member."""
+        core = self.core
+        now = core.clock()
+        for p in records:
+            left = p.lock_until - now
+            if seconds > left:
+                raise FailedPrecondition(
+                    f"ExtendDeadline by {seconds}s passes the end of the record's share-group lock "
+                    f"(in {max(left, 0):.0f}s; the group's share.record.lock.duration.ms is "
+                    f"{core.share_lock_s * 1000:.0f}): the share consumer cannot renew a lock, so the "
+                    "broker would hand the record to another member. Ask for at most "
+                    f"{max(int(left), 0)}s, Ack or Nack it before then, or raise the group's "
+                    "share.record.lock.duration.ms (with delivery.ack_deadline_seconds at most that long)"
+                )

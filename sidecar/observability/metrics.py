@@ -157,6 +157,23 @@ class Metrics:
             "1 when a local (memory/sqlite) store is used in a group with other members: a correctness hole",
             registry=r,
         )
+        self.share_acks = Counter(
+            "dedup_share_acknowledgements_total",
+            "Queue mode: acknowledgements handed to the share group (accept, release, reject)",
+            ["type"],
+            registry=r,
+        )
+        self.share_delivery_count = Histogram(
+            "dedup_share_delivery_count",
+            "Queue mode: the broker's delivery count of each record taken in (1: first delivery)",
+            buckets=(1, 2, 3, 4, 5, 7, 10),
+            registry=r,
+        )
+        self.share_refused = Counter(
+            "dedup_share_refused_acknowledgements_total",
+            "Queue mode: acknowledgements the broker refused (the record's lock had run out)",
+            registry=r,
+        )
         self.ack_latency = FastHistogram(
             "dedup_ack_latency_seconds",
             "From a delivery sent to its Ack received",
@@ -198,6 +215,9 @@ class EngineView(Protocol):
 
     @property
     def in_flight(self) -> int: ...
+
+    @property
+    def share_held(self) -> int | None: ...
 
 
 class EngineCollector(Collector):
@@ -241,6 +261,14 @@ class EngineCollector(Collector):
             "Deliveries sent to apps and not answered",
             value=self._engine.in_flight,
         )
+        held = self._engine.share_held
+        if held is not None:
+            yield GaugeMetricFamily(
+                "dedup_share_held_records",
+                "Queue mode: records this member acquired from the share group and has not "
+                "acknowledged (at most kafka.share_max_poll_records)",
+                value=held,
+            )
 
 
 def group_counter(metrics: Metrics, path: str) -> Callable[[int], None]:

@@ -31,12 +31,13 @@ from sidecar.errors import ConfigError
 from sidecar.kafka import connect
 from sidecar.kafka import consumer as kconsumer
 from sidecar.kafka import producer as kproducer
+from sidecar.kafka import share_consumer as kshare
 from sidecar.kafka.topics import TopicCatalog
 from sidecar.observability import logs, tracing
 from sidecar.observability.metrics import EngineCollector, Metrics
 from sidecar.observability.outage import Outage
 from sidecar.process import build
-from sidecar.process.kafka_checks import ensure_retry_topics, watch_group
+from sidecar.process.kafka_checks import ensure_retry_topics, prepare_share_group, watch_group
 from sidecar.process.readiness import Readiness
 from sidecar.process.stores import open_store
 from sidecar.process.workers import WorkerAddresses
@@ -100,7 +101,8 @@ class Sidecar:
         self.metrics_port = 0
         self.store: DedupStore | None = None
         self.engine: Engine | None = None
-        self._consumer: kconsumer.ConsumerLoop | None = None
+        self._consumer: kconsumer.ConsumerLoop | kshare.ShareConsumerLoop | None = None
+        self._share_limits = (0, 0)  # queue mode: the group's record lock (ms), delivery count limit
         self._producer: kproducer.AsyncProducer | None = None
         self._fast_producer: kproducer.AsyncProducer | None = None
         self._server: Any = None
@@ -159,16 +161,19 @@ class Sidecar:
             kafka_answered = await readiness.check_topics()
             if self.engine.retry_topics:
                 await ensure_retry_topics(s, consumer_conf, self.engine.reroute.retry_sources)
-            self._consumer = kconsumer.ConsumerLoop(
-                consumer_conf,
-                [*s.kafka.topics, *self.engine.retry_topics],
-                self.engine,
-                loop,
-                s.kafka.fetch_batch,
-                max(5_000, 10 * s.kafka.fetch_batch),
-                handover_interval=s.kafka.handover_interval_ms / 1000,
-                outage=self.kafka_outage,
-            )
+            if s.kafka.group_type == "share":
+                self._consumer = await self._share_consumer(consumer_conf, loop)
+            else:
+                self._consumer = kconsumer.ConsumerLoop(
+                    consumer_conf,
+                    [*s.kafka.topics, *self.engine.retry_topics],
+                    self.engine,
+                    loop,
+                    s.kafka.fetch_batch,
+                    max(5_000, 10 * s.kafka.fetch_batch),
+                    handover_interval=s.kafka.handover_interval_ms / 1000,
+                    outage=self.kafka_outage,
+                )
         else:
             log.info("no kafka.topics: publish-only, no consumer and no group")
             kafka_answered = await readiness.kafka_answers()
@@ -204,15 +209,16 @@ class Sidecar:
         if self._health_server is not None:
             await self._health_server.start()
         self._reload = asyncio.create_task(self._reload_files(certs))
-        self.engine.start(self._consumer)
+        self.engine.start(self._consumer, *self._share_limits)
         if self._consumer is not None:
             self._consumer.start()
-            if not self.store.shared and self.worker is None:
+            group = self._consumer if isinstance(self._consumer, kconsumer.ConsumerLoop) else None
+            if group is not None and not self.store.shared and self.worker is None:
                 topics = [*s.kafka.topics, *self.engine.retry_topics]
                 self._watch = asyncio.create_task(
                     watch_group(
                         s.kafka.group_id,
-                        self._consumer,
+                        group,
                         self.store,
                         self.topics,
                         topics,
@@ -233,6 +239,35 @@ class Sidecar:
             s.kafka.group_id if s.kafka.topics else "none",
             ",".join(s.kafka.topics) or "none: publish-only",
             build.describe(),
+        )
+
+    async def _share_consumer(
+        self, consumer_conf: dict[str, Any], loop: asyncio.AbstractEventLoop
+    ) -> kshare.ShareConsumerLoop:
+        """Queue mode: the share group's settings applied and checked, and its consumer."""
+        s = self.settings
+        assert self.engine is not None
+        assert self.store is not None
+        limits = await prepare_share_group(s, consumer_conf)
+        self._share_limits = (limits.lock_ms, limits.delivery_count_limit)
+        if not self.store.shared:
+            log.warning(
+                "store.backend = %r keeps what was processed in this process: other members of share "
+                "group %s do not see it, so a record one of them gets again is applied again. Use "
+                "store.backend = 'redis' for more than one member",
+                s.store.backend,
+                s.kafka.group_id,
+            )
+        conf = _kafka_config(s, s.kafka.consumer, kshare.OWNED_PROPERTIES, "consumer")
+        conf["group.id"] = s.kafka.group_id
+        return kshare.ShareConsumerLoop(
+            conf,
+            s.kafka.topics,
+            self.engine,
+            loop,
+            s.kafka.share_max_poll_records,
+            outage=self.kafka_outage,
+            on_refused=self.metrics.share_refused.inc,
         )
 
     def _workers_answer(self) -> pb.ListWorkersResponse:

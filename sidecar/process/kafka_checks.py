@@ -1,5 +1,6 @@
-"""Kafka-side checks at start-up and while running: retry topics that must exist, and a local
-store in a group that turns out to be shared."""
+"""Kafka-side checks at start-up and while running: retry topics that must exist, a share
+group's limits the settings must fit in, and a local store in a group that turns out to be
+shared."""
 
 from __future__ import annotations
 
@@ -12,11 +13,55 @@ from prometheus_client import Gauge
 
 from sidecar.config import Settings
 from sidecar.errors import ConfigError, KafkaUnavailable
+from sidecar.kafka import share_group
 from sidecar.kafka.consumer import ConsumerLoop
+from sidecar.kafka.share_group import ShareGroupLimits
 from sidecar.kafka.topics import TopicCatalog
 from sidecar.store.base import DedupStore
 
 log = logging.getLogger(__name__)
+
+
+def admin_config(consumer_conf: dict[str, Any]) -> dict[str, Any]:
+    """An admin client's configuration: the consumer's, less what only a consumer takes."""
+    skip = ("group.id", "session.timeout.ms", "stats_cb", "statistics.interval.ms", "group.protocol")
+    return {k: v for k, v in consumer_conf.items() if k not in skip}
+
+
+async def prepare_share_group(s: Settings, consumer_conf: dict[str, Any]) -> ShareGroupLimits:
+    """Queue mode: apply kafka.share_auto_offset_reset to the group and check that the ack
+    deadline fits in the group's record lock. Raises ConfigError naming both settings."""
+    k, d = s.kafka, s.delivery
+    limits = await asyncio.to_thread(
+        share_group.prepare, admin_config(consumer_conf), k.group_id, k.share_auto_offset_reset
+    )
+    if d.ack_deadline_seconds * 1000 > limits.lock_ms:
+        raise ConfigError(
+            f"delivery.ack_deadline_seconds = {d.ack_deadline_seconds:g} is longer than the record lock of "
+            f"share group {k.group_id!r} (share.record.lock.duration.ms = {limits.lock_ms}): the broker "
+            "would hand a record to another member while its app still works on it. Set "
+            f"delivery.ack_deadline_seconds to at most {limits.lock_ms // 1000}, or raise the group's "
+            "share.record.lock.duration.ms (kafka-configs.sh --alter --entity-type groups; the broker's "
+            "group.share.max.record.lock.duration.ms caps it)"
+        )
+    if d.max_attempts > limits.delivery_count_limit:
+        log.warning(
+            "delivery.max_attempts = %d is above the share group's delivery count limit "
+            "(group.share.delivery.count.limit = %d, from %s): a record is dead-lettered at its last "
+            "delivery by the broker instead, with reason delivery-count",
+            d.max_attempts,
+            limits.delivery_count_limit,
+            limits.limit_source,
+        )
+    log.info(
+        "share group %s: share.auto.offset.reset=%s, record lock %d ms, delivery count limit %d (%s)",
+        k.group_id,
+        k.share_auto_offset_reset,
+        limits.lock_ms,
+        limits.delivery_count_limit,
+        limits.limit_source,
+    )
+    return limits
 
 
 async def ensure_retry_topics(s: Settings, consumer_conf: dict[str, Any], sources: dict[str, str]) -> None:
@@ -26,9 +71,7 @@ async def ensure_retry_topics(s: Settings, consumer_conf: dict[str, Any], source
     from confluent_kafka.admin import AdminClient
     from confluent_kafka.cimpl import NewTopic
 
-    skip = ("group.id", "session.timeout.ms", "stats_cb", "statistics.interval.ms")
-    conf = {k: v for k, v in consumer_conf.items() if k not in skip}
-    admin = AdminClient(conf)
+    admin = AdminClient(admin_config(consumer_conf))
     meta = await asyncio.to_thread(admin.list_topics, timeout=15)
     missing = [t for t in sources if t not in meta.topics]
     if not missing:

@@ -159,6 +159,8 @@ class KafkaBroker(Service):
             "transaction.state.log.min.isr": "1",
             "share.coordinator.state.topic.replication.factor": "1",
             "share.coordinator.state.topic.min.isr": "1",
+            # Share groups: let tests lower a group's record lock below the 15 s floor.
+            "group.share.min.record.lock.duration.ms": "1000",
             "group.initial.rebalance.delay.ms": "0",
             "auto.create.topics.enable": "false",
             "log.flush.interval.messages": "9223372036854775807",
