@@ -118,7 +118,7 @@ class Claims:
             for p in records:
                 held = core.stale_leases.get(p.store_key)
                 if held is not None and p.state is not State.DROPPED:
-                    core.wait(p, State.BUSY, min(held, now + d.busy_retry_seconds))
+                    core.wait(p, State.BUSY, min(held, now + core.busy_retry_s))
             records = [p for p in records if p.state is not State.BUSY]
         while True:
             # Only records still waiting for this claim: one may have been dropped (revoked) or
@@ -169,7 +169,7 @@ class Claims:
                 core.metrics.skipped.labels("duplicate", p.topic).inc()
                 core.settle(p)
             else:
-                core.wait(p, State.BUSY, now + d.busy_retry_seconds)
+                core.wait(p, State.BUSY, now + core.busy_retry_s)
                 core.metrics.busy.inc()
         core.ready(won, front=front)
         if poison:
@@ -258,7 +258,7 @@ class Claims:
                     core.metrics.skipped.labels("duplicate", p.topic).inc()
                     core.settle(p)
                 else:
-                    core.wait(p, State.BUSY, asked + core.settings.delivery.busy_retry_seconds)
+                    core.wait(p, State.BUSY, asked + core.busy_retry_s)
             await self.release_orphans(orphans)
             now = core.clock()
             stale = [p for p in stale if p.state is State.READY and p.lease_until < now + floor]

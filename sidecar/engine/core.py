@@ -37,6 +37,10 @@ T = TypeVar("T")
 #: passed since its poll returned (the broker started the lock a little before), so what the
 #: sidecar does at "the end of the lock" reaches the broker while the record is still its own.
 LOCK_GUARD_S = 1.0
+#: Queue mode: a duplicate of a record another member is delivering is common (the broker lends
+#: a key's copies to whoever asks), and the BUSY copy holds this member's whole poll until it is
+#: decided. So it is claimed again this often (or every delivery.busy_retry_seconds if shorter).
+SHARE_BUSY_RETRY_S = 0.05
 
 
 class Core:
@@ -76,6 +80,9 @@ class Core:
         self.share_lock_s = 0.0
         self.share_delivery_limit = 0
         self.share_lock_until = 0.0
+        #: How soon a BUSY key is claimed again (delivery.busy_retry_seconds; shorter in queue
+        #: mode, see SHARE_BUSY_RETRY_S).
+        self.busy_retry_s = d.busy_retry_seconds
         self.partitions: dict[TP, Partition] = {}
         self.ready_queue = ReadyQueue()
         self.streams: dict[int, Stream] = {}

@@ -37,7 +37,7 @@ from confluent_kafka import Message
 
 from sidecar.config import Settings
 from sidecar.engine.claims import Claims
-from sidecar.engine.core import Core
+from sidecar.engine.core import SHARE_BUSY_RETRY_S, Core
 from sidecar.engine.dispatch import Dispatch
 from sidecar.engine.intake import Intake
 from sidecar.engine.maintenance import Maintenance
@@ -134,6 +134,7 @@ class Engine:
             self.core.share = consumer
             self.core.share_lock_s = share_lock_ms / 1000
             self.core.share_delivery_limit = share_delivery_limit
+            self.core.busy_retry_s = min(self.core.busy_retry_s, SHARE_BUSY_RETRY_S)
         m = self.maintenance
         loops = [
             self.intake.loop(),
@@ -377,6 +378,7 @@ class Engine:
                 for s in core.streams.values()
             },
             "intake_queue": self.intake.queue.qsize(),
+            "share": self.share_state(),
         }
 
     def partition_gauges(self) -> list[tuple[str, int, int, float]]:
