@@ -1020,6 +1020,7 @@ class StatusResponse(_message.Message):
     MISSING_TOPICS_FIELD_NUMBER: _builtins.int
     PARTITIONS_FIELD_NUMBER: _builtins.int
     STREAMS_FIELD_NUMBER: _builtins.int
+    SHARE_FIELD_NUMBER: _builtins.int
     owner: _builtins.str
     """This sidecar's id in store claims."""
     group_id: _builtins.str
@@ -1032,9 +1033,15 @@ class StatusResponse(_message.Message):
         """Topics of kafka.topics the cluster does not have."""
 
     @_builtins.property
-    def partitions(self) -> _containers.RepeatedCompositeFieldContainer[Global___PartitionStatus]: ...
+    def partitions(self) -> _containers.RepeatedCompositeFieldContainer[Global___PartitionStatus]:
+        """In a consumer group: the partitions this member holds. Empty in queue mode."""
+
     @_builtins.property
     def streams(self) -> _containers.RepeatedCompositeFieldContainer[Global___StreamStatus]: ...
+    @_builtins.property
+    def share(self) -> Global___ShareStatus:
+        """Queue mode (kafka.group_type = "share") only: this member's share-group state."""
+
     def __init__(
         self,
         *,
@@ -1045,14 +1052,117 @@ class StatusResponse(_message.Message):
         missing_topics: _abc.Iterable[_builtins.str] | None = ...,
         partitions: _abc.Iterable[Global___PartitionStatus] | None = ...,
         streams: _abc.Iterable[Global___StreamStatus] | None = ...,
+        share: Global___ShareStatus | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["share", b"share"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["group_id", b"group_id", "missing_topics", b"missing_topics", "owner", b"owner", "partitions", b"partitions", "ready", b"ready", "store", b"store", "streams", b"streams"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["group_id", b"group_id", "missing_topics", b"missing_topics", "owner", b"owner", "partitions", b"partitions", "ready", b"ready", "share", b"share", "store", b"store", "streams", b"streams"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___StatusResponse: _TypeAlias = StatusResponse  # noqa: Y015
+
+@_typing.final
+class ShareStatus(_message.Message):
+    """A member of a share group (queue mode). Counts are since the sidecar started."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    @_typing.final
+    class HeldByStateEntry(_message.Message):
+        DESCRIPTOR: _descriptor.Descriptor
+
+        KEY_FIELD_NUMBER: _builtins.int
+        VALUE_FIELD_NUMBER: _builtins.int
+        key: _builtins.str
+        value: _builtins.int
+        def __init__(
+            self,
+            *,
+            key: _builtins.str = ...,
+            value: _builtins.int = ...,
+        ) -> None: ...
+        _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+        def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+        _ClearFieldArgType: _TypeAlias = _typing.Literal["key", b"key", "value", b"value"]  # noqa: Y015
+        def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+        def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+    @_typing.final
+    class DeliveryCountsEntry(_message.Message):
+        DESCRIPTOR: _descriptor.Descriptor
+
+        KEY_FIELD_NUMBER: _builtins.int
+        VALUE_FIELD_NUMBER: _builtins.int
+        key: _builtins.str
+        value: _builtins.int
+        def __init__(
+            self,
+            *,
+            key: _builtins.str = ...,
+            value: _builtins.int = ...,
+        ) -> None: ...
+        _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+        def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+        _ClearFieldArgType: _TypeAlias = _typing.Literal["key", b"key", "value", b"value"]  # noqa: Y015
+        def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+        def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+    JOINED_FIELD_NUMBER: _builtins.int
+    HELD_FIELD_NUMBER: _builtins.int
+    HELD_BY_STATE_FIELD_NUMBER: _builtins.int
+    ACQUIRED_FIELD_NUMBER: _builtins.int
+    ACCEPTED_FIELD_NUMBER: _builtins.int
+    RELEASED_FIELD_NUMBER: _builtins.int
+    REJECTED_FIELD_NUMBER: _builtins.int
+    REFUSED_FIELD_NUMBER: _builtins.int
+    LOCK_MS_FIELD_NUMBER: _builtins.int
+    DELIVERY_COUNT_LIMIT_FIELD_NUMBER: _builtins.int
+    DELIVERY_COUNTS_FIELD_NUMBER: _builtins.int
+    joined: _builtins.bool
+    """In the share group now (it joins when an app stream attaches)."""
+    held: _builtins.int
+    """Records acquired by the last poll and not acknowledged yet."""
+    acquired: _builtins.int
+    """Records acquired from the group, and acknowledgements handed back by type."""
+    accepted: _builtins.int
+    released: _builtins.int
+    rejected: _builtins.int
+    refused: _builtins.int
+    """Acknowledgements the broker refused (the record's lock had run out)."""
+    lock_ms: _builtins.int
+    """The group's share.record.lock.duration.ms, and the broker's group.share.delivery.count.limit."""
+    delivery_count_limit: _builtins.int
+    @_builtins.property
+    def held_by_state(self) -> _containers.ScalarMap[_builtins.str, _builtins.int]:
+        """Those records by their state in the engine (ready, in_flight, busy, ...)."""
+
+    @_builtins.property
+    def delivery_counts(self) -> _containers.ScalarMap[_builtins.str, _builtins.int]:
+        """The broker's delivery count of the records held, counted by value ("1", "2", ...)."""
+
+    def __init__(
+        self,
+        *,
+        joined: _builtins.bool = ...,
+        held: _builtins.int = ...,
+        held_by_state: _abc.Mapping[_builtins.str, _builtins.int] | None = ...,
+        acquired: _builtins.int = ...,
+        accepted: _builtins.int = ...,
+        released: _builtins.int = ...,
+        rejected: _builtins.int = ...,
+        refused: _builtins.int = ...,
+        lock_ms: _builtins.int = ...,
+        delivery_count_limit: _builtins.int = ...,
+        delivery_counts: _abc.Mapping[_builtins.str, _builtins.int] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["accepted", b"accepted", "acquired", b"acquired", "delivery_count_limit", b"delivery_count_limit", "delivery_counts", b"delivery_counts", "held", b"held", "held_by_state", b"held_by_state", "joined", b"joined", "lock_ms", b"lock_ms", "refused", b"refused", "rejected", b"rejected", "released", b"released"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ShareStatus: _TypeAlias = ShareStatus  # noqa: Y015
 
 @_typing.final
 class GetKeyRequest(_message.Message):

@@ -70,6 +70,7 @@ class AdminServicer(pb_grpc.AdminServiceServicer):
                 ordering=engine.core.ordering_of(tp[0]).label,
             )
             for tp, part, states in engine.partitions()
+            if not part.share
         ]
         streams = [
             pb.StreamStatus(
@@ -77,7 +78,24 @@ class AdminServicer(pb_grpc.AdminServiceServicer):
             )
             for s in engine.streams()
         ]
+        share = engine.share_state()
+        share_status = None
+        if share is not None:
+            share_status = pb.ShareStatus(
+                joined=share["joined"],
+                held=share["held"],
+                held_by_state=share["held_by_state"],
+                acquired=share["acquired"],
+                accepted=share["accepted"],
+                released=share["released"],
+                rejected=share["rejected"],
+                refused=share["refused"],
+                lock_ms=int(share["lock_seconds"] * 1000),
+                delivery_count_limit=share["delivery_count_limit"],
+                delivery_counts=share["delivery_counts"],
+            )
         return pb.StatusResponse(
+            share=share_status,
             owner=self._source.owner,
             group_id=self._group,
             store=self._store_name(),

@@ -41,7 +41,11 @@ def _parser() -> argparse.ArgumentParser:
     common.add_argument("--json", action="store_true", help="print JSON")
     common.add_argument("--timeout", type=float, default=10.0, help="seconds to wait for an answer")
     sub = p.add_subparsers(dest="command", required=True)
-    sub.add_parser("status", parents=[common], help="partitions, offsets, lag, streams, readiness")
+    sub.add_parser(
+        "status",
+        parents=[common],
+        help="partitions, offsets, lag (or queue mode's share state), streams, readiness",
+    )
     key = sub.add_parser("key", parents=[common], help="an idempotency key's state in the dedup store")
     key.add_argument("topic", help="the topic it is consumed from")
     key.add_argument("idempotency_key")
@@ -92,7 +96,9 @@ def _print_status(r: pb.StatusResponse) -> None:
         lag = str(p.lag) if p.lag >= 0 else "-"
         numbers = (p.partition, p.committed, p.committable, p.unsettled, p.in_flight)
         rows.append((p.topic, *map(str, numbers), lag, "yes" if p.paused else "no", p.ordering))
-    if len(rows) == 1:
+    if r.HasField("share"):
+        _print_share(r.share)
+    elif len(rows) == 1:
         print("no partitions assigned")
     else:
         widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
@@ -101,6 +107,24 @@ def _print_status(r: pb.StatusResponse) -> None:
     print(f"{len(r.streams)} stream(s)")
     for s in r.streams:
         print(f"  #{s.id}: {','.join(s.topics) or 'all topics'}, {s.in_flight} in flight, {s.ordering}")
+
+
+def _print_share(sh: pb.ShareStatus) -> None:
+    """Queue mode: the member's share-group state in place of partitions and commits."""
+    joined = "joined" if sh.joined else "not joined (no app stream attached)"
+    print(
+        f"queue mode (share group): {joined}; record lock {sh.lock_ms} ms, "
+        f"delivery count limit {sh.delivery_count_limit}"
+    )
+    states = ", ".join(f"{n} {k}" for k, n in sorted(sh.held_by_state.items())) or "none"
+    print(f"held: {sh.held} ({states})")
+    counts = ", ".join(f"{k}: {n}" for k, n in sorted(sh.delivery_counts.items(), key=lambda kv: int(kv[0])))
+    if counts:
+        print(f"delivery counts of those held: {counts}")
+    print(
+        f"acquired {sh.acquired}; accepted {sh.accepted}, released {sh.released}, "
+        f"rejected {sh.rejected}; refused by the broker {sh.refused}"
+    )
 
 
 def _print_key(a: argparse.Namespace, r: pb.GetKeyResponse) -> None:

@@ -300,3 +300,16 @@ async def test_extend_deadline_and_ordering_are_answered_within_the_lock(kafka: 
             state = sc.engine.share_state() or state
         assert state["accepted"] == 1, state
         assert state["held"] == 0, state
+        # dedup-sidecar status shows the share state instead of partitions and commits.
+        out = await asyncio.to_thread(
+            subprocess.run,
+            [sys.executable, "-m", "sidecar", "status", "--target", f"127.0.0.1:{sc.port}"],
+            cwd=ROOT,
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
+        assert out.returncode == 0, out.stderr
+        assert "queue mode (share group): joined" in out.stdout, out.stdout
+        assert "accepted 1, released 0, rejected 0" in out.stdout, out.stdout
+        assert "no partitions assigned" not in out.stdout

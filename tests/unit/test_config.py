@@ -223,3 +223,18 @@ def test_the_consumer_protocol_is_a_setting() -> None:
     assert config.load(None, kafka={"group_protocol": "consumer"}).kafka.group_protocol == "consumer"
     with pytest.raises(ValueError, match="group_protocol"):
         config.load(None, kafka={"group_protocol": "eager"})
+
+
+def test_queue_mode_refuses_ordering_and_retry_tiers(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("DEDUP_KAFKA__GROUP_TYPE", "share")
+    assert config.Settings().kafka.group_type == "share"
+    for ordering in ("key", "partition"):
+        with pytest.raises(ValidationError, match=r"delivery\.ordering = .* kafka\.group_type = 'share'"):
+            config.Settings(delivery={"ordering": ordering})
+    with pytest.raises(ValidationError, match=r"delivery\.retry_tiers_seconds .* kafka\.group_type = 'share'"):
+        config.Settings(delivery={"retry_tiers_seconds": [60]})
+    with pytest.raises(ValidationError, match="group_type"):
+        config.Settings(kafka={"group_type": "queue"})
+    # The consumer group keeps both.
+    monkeypatch.setenv("DEDUP_KAFKA__GROUP_TYPE", "consumer")
+    assert config.Settings(delivery={"ordering": "key"}).delivery.ordering == "key"

@@ -2128,9 +2128,12 @@ type StatusResponse struct {
 	// What the dedup.v1.DedupService health entry says.
 	Ready bool `protobuf:"varint,4,opt,name=ready,proto3" json:"ready,omitempty"`
 	// Topics of kafka.topics the cluster does not have.
-	MissingTopics []string           `protobuf:"bytes,5,rep,name=missing_topics,json=missingTopics,proto3" json:"missing_topics,omitempty"`
-	Partitions    []*PartitionStatus `protobuf:"bytes,6,rep,name=partitions,proto3" json:"partitions,omitempty"`
-	Streams       []*StreamStatus    `protobuf:"bytes,7,rep,name=streams,proto3" json:"streams,omitempty"`
+	MissingTopics []string `protobuf:"bytes,5,rep,name=missing_topics,json=missingTopics,proto3" json:"missing_topics,omitempty"`
+	// In a consumer group: the partitions this member holds. Empty in queue mode.
+	Partitions []*PartitionStatus `protobuf:"bytes,6,rep,name=partitions,proto3" json:"partitions,omitempty"`
+	Streams    []*StreamStatus    `protobuf:"bytes,7,rep,name=streams,proto3" json:"streams,omitempty"`
+	// Queue mode (kafka.group_type = "share") only: this member's share-group state.
+	Share         *ShareStatus `protobuf:"bytes,8,opt,name=share,proto3" json:"share,omitempty"`
 	unknownFields protoimpl.UnknownFields
 	sizeCache     protoimpl.SizeCache
 }
@@ -2214,6 +2217,145 @@ func (x *StatusResponse) GetStreams() []*StreamStatus {
 	return nil
 }
 
+func (x *StatusResponse) GetShare() *ShareStatus {
+	if x != nil {
+		return x.Share
+	}
+	return nil
+}
+
+// A member of a share group (queue mode). Counts are since the sidecar started.
+type ShareStatus struct {
+	state protoimpl.MessageState `protogen:"open.v1"`
+	// In the share group now (it joins when an app stream attaches).
+	Joined bool `protobuf:"varint,1,opt,name=joined,proto3" json:"joined,omitempty"`
+	// Records acquired by the last poll and not acknowledged yet.
+	Held int32 `protobuf:"varint,2,opt,name=held,proto3" json:"held,omitempty"`
+	// Those records by their state in the engine (ready, in_flight, busy, ...).
+	HeldByState map[string]int32 `protobuf:"bytes,3,rep,name=held_by_state,json=heldByState,proto3" json:"held_by_state,omitempty" protobuf_key:"bytes,1,opt,name=key" protobuf_val:"varint,2,opt,name=value"`
+	// Records acquired from the group, and acknowledgements handed back by type.
+	Acquired int64 `protobuf:"varint,4,opt,name=acquired,proto3" json:"acquired,omitempty"`
+	Accepted int64 `protobuf:"varint,5,opt,name=accepted,proto3" json:"accepted,omitempty"`
+	Released int64 `protobuf:"varint,6,opt,name=released,proto3" json:"released,omitempty"`
+	Rejected int64 `protobuf:"varint,7,opt,name=rejected,proto3" json:"rejected,omitempty"`
+	// Acknowledgements the broker refused (the record's lock had run out).
+	Refused int64 `protobuf:"varint,8,opt,name=refused,proto3" json:"refused,omitempty"`
+	// The group's share.record.lock.duration.ms, and the broker's group.share.delivery.count.limit.
+	LockMs             int32 `protobuf:"varint,9,opt,name=lock_ms,json=lockMs,proto3" json:"lock_ms,omitempty"`
+	DeliveryCountLimit int32 `protobuf:"varint,10,opt,name=delivery_count_limit,json=deliveryCountLimit,proto3" json:"delivery_count_limit,omitempty"`
+	// The broker's delivery count of the records held, counted by value ("1", "2", ...).
+	DeliveryCounts map[string]int32 `protobuf:"bytes,11,rep,name=delivery_counts,json=deliveryCounts,proto3" json:"delivery_counts,omitempty" protobuf_key:"bytes,1,opt,name=key" protobuf_val:"varint,2,opt,name=value"`
+	unknownFields  protoimpl.UnknownFields
+	sizeCache      protoimpl.SizeCache
+}
+
+func (x *ShareStatus) Reset() {
+	*x = ShareStatus{}
+	mi := &file_dedup_v1_dedup_proto_msgTypes[31]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *ShareStatus) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*ShareStatus) ProtoMessage() {}
+
+func (x *ShareStatus) ProtoReflect() protoreflect.Message {
+	mi := &file_dedup_v1_dedup_proto_msgTypes[31]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use ShareStatus.ProtoReflect.Descriptor instead.
+func (*ShareStatus) Descriptor() ([]byte, []int) {
+	return file_dedup_v1_dedup_proto_rawDescGZIP(), []int{31}
+}
+
+func (x *ShareStatus) GetJoined() bool {
+	if x != nil {
+		return x.Joined
+	}
+	return false
+}
+
+func (x *ShareStatus) GetHeld() int32 {
+	if x != nil {
+		return x.Held
+	}
+	return 0
+}
+
+func (x *ShareStatus) GetHeldByState() map[string]int32 {
+	if x != nil {
+		return x.HeldByState
+	}
+	return nil
+}
+
+func (x *ShareStatus) GetAcquired() int64 {
+	if x != nil {
+		return x.Acquired
+	}
+	return 0
+}
+
+func (x *ShareStatus) GetAccepted() int64 {
+	if x != nil {
+		return x.Accepted
+	}
+	return 0
+}
+
+func (x *ShareStatus) GetReleased() int64 {
+	if x != nil {
+		return x.Released
+	}
+	return 0
+}
+
+func (x *ShareStatus) GetRejected() int64 {
+	if x != nil {
+		return x.Rejected
+	}
+	return 0
+}
+
+func (x *ShareStatus) GetRefused() int64 {
+	if x != nil {
+		return x.Refused
+	}
+	return 0
+}
+
+func (x *ShareStatus) GetLockMs() int32 {
+	if x != nil {
+		return x.LockMs
+	}
+	return 0
+}
+
+func (x *ShareStatus) GetDeliveryCountLimit() int32 {
+	if x != nil {
+		return x.DeliveryCountLimit
+	}
+	return 0
+}
+
+func (x *ShareStatus) GetDeliveryCounts() map[string]int32 {
+	if x != nil {
+		return x.DeliveryCounts
+	}
+	return nil
+}
+
 type GetKeyRequest struct {
 	state protoimpl.MessageState `protogen:"open.v1"`
 	// The topic it is consumed from (the store namespaces keys by group and topic).
@@ -2225,7 +2367,7 @@ type GetKeyRequest struct {
 
 func (x *GetKeyRequest) Reset() {
 	*x = GetKeyRequest{}
-	mi := &file_dedup_v1_dedup_proto_msgTypes[31]
+	mi := &file_dedup_v1_dedup_proto_msgTypes[32]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -2237,7 +2379,7 @@ func (x *GetKeyRequest) String() string {
 func (*GetKeyRequest) ProtoMessage() {}
 
 func (x *GetKeyRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_dedup_v1_dedup_proto_msgTypes[31]
+	mi := &file_dedup_v1_dedup_proto_msgTypes[32]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -2250,7 +2392,7 @@ func (x *GetKeyRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use GetKeyRequest.ProtoReflect.Descriptor instead.
 func (*GetKeyRequest) Descriptor() ([]byte, []int) {
-	return file_dedup_v1_dedup_proto_rawDescGZIP(), []int{31}
+	return file_dedup_v1_dedup_proto_rawDescGZIP(), []int{32}
 }
 
 func (x *GetKeyRequest) GetTopic() string {
@@ -2289,7 +2431,7 @@ type GetKeyResponse struct {
 
 func (x *GetKeyResponse) Reset() {
 	*x = GetKeyResponse{}
-	mi := &file_dedup_v1_dedup_proto_msgTypes[32]
+	mi := &file_dedup_v1_dedup_proto_msgTypes[33]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -2301,7 +2443,7 @@ func (x *GetKeyResponse) String() string {
 func (*GetKeyResponse) ProtoMessage() {}
 
 func (x *GetKeyResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_dedup_v1_dedup_proto_msgTypes[32]
+	mi := &file_dedup_v1_dedup_proto_msgTypes[33]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -2314,7 +2456,7 @@ func (x *GetKeyResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use GetKeyResponse.ProtoReflect.Descriptor instead.
 func (*GetKeyResponse) Descriptor() ([]byte, []int) {
-	return file_dedup_v1_dedup_proto_rawDescGZIP(), []int{32}
+	return file_dedup_v1_dedup_proto_rawDescGZIP(), []int{33}
 }
 
 func (x *GetKeyResponse) GetState() KeyState {
@@ -2516,7 +2658,7 @@ const file_dedup_v1_dedup_proto_rawDesc = "" +
 	"\x02id\x18\x01 \x01(\x03R\x02id\x12\x16\n" +
 	"\x06topics\x18\x02 \x03(\tR\x06topics\x12\x1b\n" +
 	"\tin_flight\x18\x03 \x01(\x03R\binFlight\x12\x1a\n" +
-	"\bordering\x18\x04 \x01(\tR\bordering\"\x81\x02\n" +
+	"\bordering\x18\x04 \x01(\tR\bordering\"\xae\x02\n" +
 	"\x0eStatusResponse\x12\x14\n" +
 	"\x05owner\x18\x01 \x01(\tR\x05owner\x12\x19\n" +
 	"\bgroup_id\x18\x02 \x01(\tR\agroupId\x12\x14\n" +
@@ -2526,7 +2668,27 @@ const file_dedup_v1_dedup_proto_rawDesc = "" +
 	"\n" +
 	"partitions\x18\x06 \x03(\v2\x19.dedup.v1.PartitionStatusR\n" +
 	"partitions\x120\n" +
-	"\astreams\x18\a \x03(\v2\x16.dedup.v1.StreamStatusR\astreams\"N\n" +
+	"\astreams\x18\a \x03(\v2\x16.dedup.v1.StreamStatusR\astreams\x12+\n" +
+	"\x05share\x18\b \x01(\v2\x15.dedup.v1.ShareStatusR\x05share\"\xb1\x04\n" +
+	"\vShareStatus\x12\x16\n" +
+	"\x06joined\x18\x01 \x01(\bR\x06joined\x12\x12\n" +
+	"\x04held\x18\x02 \x01(\x05R\x04held\x12J\n" +
+	"\rheld_by_state\x18\x03 \x03(\v2&.dedup.v1.ShareStatus.HeldByStateEntryR\vheldByState\x12\x1a\n" +
+	"\bacquired\x18\x04 \x01(\x03R\bacquired\x12\x1a\n" +
+	"\baccepted\x18\x05 \x01(\x03R\baccepted\x12\x1a\n" +
+	"\breleased\x18\x06 \x01(\x03R\breleased\x12\x1a\n" +
+	"\brejected\x18\a \x01(\x03R\brejected\x12\x18\n" +
+	"\arefused\x18\b \x01(\x03R\arefused\x12\x17\n" +
+	"\alock_ms\x18\t \x01(\x05R\x06lockMs\x120\n" +
+	"\x14delivery_count_limit\x18\n" +
+	" \x01(\x05R\x12deliveryCountLimit\x12R\n" +
+	"\x0fdelivery_counts\x18\v \x03(\v2).dedup.v1.ShareStatus.DeliveryCountsEntryR\x0edeliveryCounts\x1a>\n" +
+	"\x10HeldByStateEntry\x12\x10\n" +
+	"\x03key\x18\x01 \x01(\tR\x03key\x12\x14\n" +
+	"\x05value\x18\x02 \x01(\x05R\x05value:\x028\x01\x1aA\n" +
+	"\x13DeliveryCountsEntry\x12\x10\n" +
+	"\x03key\x18\x01 \x01(\tR\x03key\x12\x14\n" +
+	"\x05value\x18\x02 \x01(\x05R\x05value:\x028\x01\"N\n" +
 	"\rGetKeyRequest\x12\x14\n" +
 	"\x05topic\x18\x01 \x01(\tR\x05topic\x12'\n" +
 	"\x0fidempotency_key\x18\x02 \x01(\tR\x0eidempotencyKey\"\x97\x02\n" +
@@ -2586,7 +2748,7 @@ func file_dedup_v1_dedup_proto_rawDescGZIP() []byte {
 }
 
 var file_dedup_v1_dedup_proto_enumTypes = make([]protoimpl.EnumInfo, 3)
-var file_dedup_v1_dedup_proto_msgTypes = make([]protoimpl.MessageInfo, 33)
+var file_dedup_v1_dedup_proto_msgTypes = make([]protoimpl.MessageInfo, 36)
 var file_dedup_v1_dedup_proto_goTypes = []any{
 	(Ordering)(0),                      // 0: dedup.v1.Ordering
 	(AckResult)(0),                     // 1: dedup.v1.AckResult
@@ -2622,8 +2784,11 @@ var file_dedup_v1_dedup_proto_goTypes = []any{
 	(*PartitionStatus)(nil),            // 31: dedup.v1.PartitionStatus
 	(*StreamStatus)(nil),               // 32: dedup.v1.StreamStatus
 	(*StatusResponse)(nil),             // 33: dedup.v1.StatusResponse
-	(*GetKeyRequest)(nil),              // 34: dedup.v1.GetKeyRequest
-	(*GetKeyResponse)(nil),             // 35: dedup.v1.GetKeyResponse
+	(*ShareStatus)(nil),                // 34: dedup.v1.ShareStatus
+	(*GetKeyRequest)(nil),              // 35: dedup.v1.GetKeyRequest
+	(*GetKeyResponse)(nil),             // 36: dedup.v1.GetKeyResponse
+	nil,                                // 37: dedup.v1.ShareStatus.HeldByStateEntry
+	nil,                                // 38: dedup.v1.ShareStatus.DeliveryCountsEntry
 }
 var file_dedup_v1_dedup_proto_depIdxs = []int32{
 	4,  // 0: dedup.v1.ListWorkersResponse.workers:type_name -> dedup.v1.Worker
@@ -2649,35 +2814,38 @@ var file_dedup_v1_dedup_proto_depIdxs = []int32{
 	17, // 20: dedup.v1.StreamingPublishResult.response:type_name -> dedup.v1.PublishResponse
 	31, // 21: dedup.v1.StatusResponse.partitions:type_name -> dedup.v1.PartitionStatus
 	32, // 22: dedup.v1.StatusResponse.streams:type_name -> dedup.v1.StreamStatus
-	2,  // 23: dedup.v1.GetKeyResponse.state:type_name -> dedup.v1.KeyState
-	17, // 24: dedup.v1.GetKeyResponse.published:type_name -> dedup.v1.PublishResponse
-	6,  // 25: dedup.v1.DedupService.Subscribe:input_type -> dedup.v1.SubscribeRequest
-	10, // 26: dedup.v1.DedupService.Ack:input_type -> dedup.v1.AckRequest
-	12, // 27: dedup.v1.DedupService.Nack:input_type -> dedup.v1.NackRequest
-	14, // 28: dedup.v1.DedupService.ExtendDeadline:input_type -> dedup.v1.ExtendDeadlineRequest
-	16, // 29: dedup.v1.DedupService.Publish:input_type -> dedup.v1.PublishRequest
-	18, // 30: dedup.v1.DedupService.PublishBatch:input_type -> dedup.v1.PublishBatchRequest
-	21, // 31: dedup.v1.DedupService.StreamingSubscribe:input_type -> dedup.v1.StreamingSubscribeRequest
-	27, // 32: dedup.v1.DedupService.StreamingPublish:input_type -> dedup.v1.StreamingPublishRequest
-	3,  // 33: dedup.v1.DedupService.ListWorkers:input_type -> dedup.v1.ListWorkersRequest
-	30, // 34: dedup.v1.AdminService.Status:input_type -> dedup.v1.StatusRequest
-	34, // 35: dedup.v1.AdminService.GetKey:input_type -> dedup.v1.GetKeyRequest
-	7,  // 36: dedup.v1.DedupService.Subscribe:output_type -> dedup.v1.SubscribeResponse
-	11, // 37: dedup.v1.DedupService.Ack:output_type -> dedup.v1.AckResponse
-	13, // 38: dedup.v1.DedupService.Nack:output_type -> dedup.v1.NackResponse
-	15, // 39: dedup.v1.DedupService.ExtendDeadline:output_type -> dedup.v1.ExtendDeadlineResponse
-	17, // 40: dedup.v1.DedupService.Publish:output_type -> dedup.v1.PublishResponse
-	20, // 41: dedup.v1.DedupService.PublishBatch:output_type -> dedup.v1.PublishBatchResponse
-	25, // 42: dedup.v1.DedupService.StreamingSubscribe:output_type -> dedup.v1.StreamingSubscribeResponse
-	28, // 43: dedup.v1.DedupService.StreamingPublish:output_type -> dedup.v1.StreamingPublishResponse
-	5,  // 44: dedup.v1.DedupService.ListWorkers:output_type -> dedup.v1.ListWorkersResponse
-	33, // 45: dedup.v1.AdminService.Status:output_type -> dedup.v1.StatusResponse
-	35, // 46: dedup.v1.AdminService.GetKey:output_type -> dedup.v1.GetKeyResponse
-	36, // [36:47] is the sub-list for method output_type
-	25, // [25:36] is the sub-list for method input_type
-	25, // [25:25] is the sub-list for extension type_name
-	25, // [25:25] is the sub-list for extension extendee
-	0,  // [0:25] is the sub-list for field type_name
+	34, // 23: dedup.v1.StatusResponse.share:type_name -> dedup.v1.ShareStatus
+	37, // 24: dedup.v1.ShareStatus.held_by_state:type_name -> dedup.v1.ShareStatus.HeldByStateEntry
+	38, // 25: dedup.v1.ShareStatus.delivery_counts:type_name -> dedup.v1.ShareStatus.DeliveryCountsEntry
+	2,  // 26: dedup.v1.GetKeyResponse.state:type_name -> dedup.v1.KeyState
+	17, // 27: dedup.v1.GetKeyResponse.published:type_name -> dedup.v1.PublishResponse
+	6,  // 28: dedup.v1.DedupService.Subscribe:input_type -> dedup.v1.SubscribeRequest
+	10, // 29: dedup.v1.DedupService.Ack:input_type -> dedup.v1.AckRequest
+	12, // 30: dedup.v1.DedupService.Nack:input_type -> dedup.v1.NackRequest
+	14, // 31: dedup.v1.DedupService.ExtendDeadline:input_type -> dedup.v1.ExtendDeadlineRequest
+	16, // 32: dedup.v1.DedupService.Publish:input_type -> dedup.v1.PublishRequest
+	18, // 33: dedup.v1.DedupService.PublishBatch:input_type -> dedup.v1.PublishBatchRequest
+	21, // 34: dedup.v1.DedupService.StreamingSubscribe:input_type -> dedup.v1.StreamingSubscribeRequest
+	27, // 35: dedup.v1.DedupService.StreamingPublish:input_type -> dedup.v1.StreamingPublishRequest
+	3,  // 36: dedup.v1.DedupService.ListWorkers:input_type -> dedup.v1.ListWorkersRequest
+	30, // 37: dedup.v1.AdminService.Status:input_type -> dedup.v1.StatusRequest
+	35, // 38: dedup.v1.AdminService.GetKey:input_type -> dedup.v1.GetKeyRequest
+	7,  // 39: dedup.v1.DedupService.Subscribe:output_type -> dedup.v1.SubscribeResponse
+	11, // 40: dedup.v1.DedupService.Ack:output_type -> dedup.v1.AckResponse
+	13, // 41: dedup.v1.DedupService.Nack:output_type -> dedup.v1.NackResponse
+	15, // 42: dedup.v1.DedupService.ExtendDeadline:output_type -> dedup.v1.ExtendDeadlineResponse
+	17, // 43: dedup.v1.DedupService.Publish:output_type -> dedup.v1.PublishResponse
+	20, // 44: dedup.v1.DedupService.PublishBatch:output_type -> dedup.v1.PublishBatchResponse
+	25, // 45: dedup.v1.DedupService.StreamingSubscribe:output_type -> dedup.v1.StreamingSubscribeResponse
+	28, // 46: dedup.v1.DedupService.StreamingPublish:output_type -> dedup.v1.StreamingPublishResponse
+	5,  // 47: dedup.v1.DedupService.ListWorkers:output_type -> dedup.v1.ListWorkersResponse
+	33, // 48: dedup.v1.AdminService.Status:output_type -> dedup.v1.StatusResponse
+	36, // 49: dedup.v1.AdminService.GetKey:output_type -> dedup.v1.GetKeyResponse
+	39, // [39:50] is the sub-list for method output_type
+	28, // [28:39] is the sub-list for method input_type
+	28, // [28:28] is the sub-list for extension type_name
+	28, // [28:28] is the sub-list for extension extendee
+	0,  // [0:28] is the sub-list for field type_name
 }
 
 func init() { file_dedup_v1_dedup_proto_init() }
@@ -2695,14 +2863,14 @@ func file_dedup_v1_dedup_proto_init() {
 		(*StreamingSubscribeRequest_Extend)(nil),
 	}
 	file_dedup_v1_dedup_proto_msgTypes[20].OneofWrappers = []any{}
-	file_dedup_v1_dedup_proto_msgTypes[32].OneofWrappers = []any{}
+	file_dedup_v1_dedup_proto_msgTypes[33].OneofWrappers = []any{}
 	type x struct{}
 	out := protoimpl.TypeBuilder{
 		File: protoimpl.DescBuilder{
 			GoPackagePath: reflect.TypeOf(x{}).PkgPath(),
 			RawDescriptor: unsafe.Slice(unsafe.StringData(file_dedup_v1_dedup_proto_rawDesc), len(file_dedup_v1_dedup_proto_rawDesc)),
 			NumEnums:      3,
-			NumMessages:   33,
+			NumMessages:   36,
 			NumExtensions: 0,
 			NumServices:   2,
 		},
