@@ -8,6 +8,9 @@ The app publishes messages through the sidecar, some of them deliberately twice:
 
 Then it consumes through ``Subscribe``, acks every delivery, and prints what was delivered and
 what was skipped, with the sidecar's own counters read from its /metrics endpoint.
+
+``--queue`` runs it in queue mode: three sidecars in one share group read a topic of ONE
+partition, each with an app that takes 5 ms per record, and the work spreads over the three.
 """
 
 from __future__ import annotations
@@ -32,6 +35,7 @@ sys.path.insert(0, str(ROOT / "deploy" / "local"))  # the services package, as t
 import services  # noqa: E402
 
 TOPIC = "demo-orders"
+QUEUE_TOPIC = "demo-jobs"  # one partition, read through a share group (--queue)
 
 
 def metric(port: int, name: str) -> float:
@@ -43,14 +47,16 @@ def metric(port: int, name: str) -> float:
     return total
 
 
-async def publish_half(client: DedupClient, unique: int, republish: int) -> dict[str, Any]:
+async def publish_half(
+    client: DedupClient, unique: int, republish: int, topic: str = TOPIC
+) -> dict[str, Any]:
     """Publish ``unique`` orders, then ``republish`` of them again (same key, same payload)."""
     keys = [f"order-{i:05d}" for i in range(unique)]
     first = {}
     for k in keys:
-        first[k] = await client.publish(TOPIC, f'{{"order": "{k}"}}'.encode(), idempotency_key=k)
+        first[k] = await client.publish(topic, f'{{"order": "{k}"}}'.encode(), idempotency_key=k)
     for k in keys[:republish]:  # an app retrying after a timeout: same key, same payload
-        r = await client.publish(TOPIC, f'{{"order": "{k}"}}'.encode(), idempotency_key=k)
+        r = await client.publish(topic, f'{{"order": "{k}"}}'.encode(), idempotency_key=k)
         assert r.duplicate
         assert r.offset == first[k].offset
     return first
@@ -123,6 +129,117 @@ async def app(target: str, bootstrap: str, unique: int, republish: int, kafka_du
         return delivered
 
 
+async def queue_apps(
+    targets: list[str], bootstrap: str, unique: int, republish: int, kafka_dups: int
+) -> dict[str, dict[str, int]]:
+    """Queue mode: publish through the first sidecar, then one app per sidecar, 5 ms of work per
+    record, 10 in flight each. Returns each app's deliveries per key."""
+    async with DedupClient(targets[0]) as client:
+        first = await publish_half(client, unique, republish, QUEUE_TOPIC)
+    producer = Producer({"bootstrap.servers": bootstrap})
+    for k in list(first)[-kafka_dups:]:  # a plain producer whose retry wrote the record twice
+        producer.produce(
+            QUEUE_TOPIC, value=f'{{"order": "{k}"}}'.encode(), headers=[("idempotency-key", k.encode())]
+        )
+        producer.poll(0)
+    producer.flush(30)
+    print(
+        f"demo: published {unique} jobs to {QUEUE_TOPIC} (one partition); re-published {republish} "
+        f"through Publish; wrote {kafka_dups} duplicates straight into Kafka",
+        flush=True,
+    )
+    seen: dict[str, dict[str, int]] = {t: {} for t in targets}
+    done = asyncio.Event()
+
+    async def one(target: str) -> None:
+        async with DedupClient(target) as client:
+            gen = client.subscribe([QUEUE_TOPIC], max_in_flight=10)
+            try:
+                async for msg in gen:
+                    await asyncio.sleep(0.005)  # the work
+                    mine = seen[target]
+                    mine[msg.idempotency_key] = mine.get(msg.idempotency_key, 0) + 1
+                    msg.ack()
+                    if len({k for d in seen.values() for k in d}) >= unique:
+                        done.set()
+            finally:
+                await gen.aclose()
+
+    apps = [asyncio.create_task(one(t)) for t in targets]
+    try:
+        await asyncio.wait_for(done.wait(), 120)
+        await asyncio.sleep(1.0)  # let trailing duplicates be skipped
+    except TimeoutError:
+        pass
+    finally:
+        for t in apps:
+            t.cancel()
+        await asyncio.gather(*apps, return_exceptions=True)
+    return seen
+
+
+def run_queue(kafka: Any, redis: Any, tmp: Path, args: argparse.Namespace) -> int:
+    """``--queue``: three sidecars in one share group on a topic of one partition."""
+    kafka.create_topic(QUEUE_TOPIC, 1)
+    procs: list[tuple[subprocess.Popen[bytes], int, int, Path]] = []
+    for i in range(3):
+        port, metrics_port = services.free_port(), services.free_port()
+        env = {
+            **os.environ,
+            "DEDUP_KAFKA__BOOTSTRAP_SERVERS": kafka.bootstrap_servers,
+            "DEDUP_KAFKA__TOPICS": f'["{QUEUE_TOPIC}"]',
+            "DEDUP_KAFKA__GROUP_ID": "demo-workers",
+            "DEDUP_KAFKA__GROUP_TYPE": "share",
+            "DEDUP_STORE__BACKEND": "redis",
+            "DEDUP_STORE__REDIS_URL": redis.url,
+            "DEDUP_SERVER__LISTEN": f"127.0.0.1:{port}",
+            "DEDUP_SERVER__METRICS_LISTEN": f"127.0.0.1:{metrics_port}",
+        }
+        log_path = tmp / f"sidecar-{i}.log"
+        with open(log_path, "wb") as log:
+            proc = subprocess.Popen(
+                [sys.executable, "-m", "sidecar"], env=env, stdout=log, stderr=subprocess.STDOUT
+            )
+        procs.append((proc, port, metrics_port, log_path))
+    print(f"demo: queue mode: 3 sidecars in share group demo-workers on 127.0.0.1:{[p[1] for p in procs]}")
+    try:
+        time.sleep(2.0)
+        seen = asyncio.run(
+            queue_apps(
+                [f"127.0.0.1:{p[1]}" for p in procs],
+                kafka.bootstrap_servers,
+                args.messages,
+                args.republish,
+                args.kafka_duplicates,
+            )
+        )
+        skipped = sum(int(metric(p[2], "dedup_skipped_total")) for p in procs)
+        accepted = sum(int(metric(p[2], 'dedup_share_acknowledgements_total{type="accept"}')) for p in procs)
+    finally:
+        for proc, *_ in procs:
+            proc.terminate()
+        for proc, *_ in procs:
+            proc.wait(30)
+    per_app = [sum(d.values()) for d in seen.values()]
+    keys: dict[str, int] = {}
+    for d in seen.values():
+        for k, n in d.items():
+            keys[k] = keys.get(k, 0) + n
+    twice = sum(1 for n in keys.values() if n > 1)
+    print(f"demo: records in Kafka:          {args.messages + args.kafka_duplicates}")
+    print(f"demo: delivered per app:         {per_app} ({len(keys)} distinct keys)")
+    print(f"demo: accepted by the group:     {accepted}")
+    print(f"demo: skipped as duplicates:     {skipped}")
+    print(f"demo: keys delivered twice:      {twice}")
+    ok = len(keys) == args.messages and twice == 0 and skipped == args.kafka_duplicates
+    ok = ok and all(n > 0 for n in per_app)
+    print("demo: OK: every job delivered once, spread over 3 apps" if ok else "demo: MISMATCH")
+    if not ok:
+        for *_, log_path in procs:
+            print(log_path.read_text()[-2000:])
+    return 0 if ok else 1
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--messages", type=int, default=1000)
@@ -131,12 +248,19 @@ def main() -> int:
     parser.add_argument(
         "--publish-only", action="store_true", help="a sidecar with no kafka.topics: the publish half alone"
     )
+    parser.add_argument(
+        "--queue",
+        action="store_true",
+        help="queue mode: three sidecars in one share group on a topic of one partition (Kafka 4.2+)",
+    )
     services.add_redis_shape_argument(parser)
     args = parser.parse_args()
     with (
         tempfile.TemporaryDirectory(prefix="dedup-demo-") as tmp,
         services.running(Path(tmp), redis_shape=args.redis) as (kafka, redis),
     ):
+        if args.queue:
+            return run_queue(kafka, redis, Path(tmp), args)
         kafka.create_topic(TOPIC, 3)
         port, metrics_port = services.free_port(), services.free_port()
         env = {

@@ -36,11 +36,13 @@ from dedup_client import DedupClient, PublishError, PublishResult
 from dedup_client.results import publish_request
 from faultproxy import FaultProxy
 
-from tests.integration.helpers import ROOT, SidecarProcess, process_env, records_per_key
+from tests.integration.helpers import ROOT, SidecarProcess, process_env, records_per_key, set_group_config
 
 VARIANTS = ("naive", "inbox")
 #: The drain after a fault gives up after this long with no new effect, or this long in all.
 DRAIN_STALL_S = 90
+#: Queue-mode scenarios: the share groups' record lock.
+SHARE_LOCK_MS = 8000
 DRAIN_CAP_S = 600
 #: Marks the copies a plain producer writes on purpose (a retry's duplicate), so reading the topic
 #: back can tell them from a record Publish wrote twice.
@@ -154,8 +156,10 @@ class Scenario:
         entities: int = 0,
         readback: bool = False,
         publish_path: str = "batched",
+        partitions: int = 6,
     ) -> None:
         self.name = name
+        self.partitions = partitions
         self.publish_path = publish_path
         self.readback = readback
         self.entities = entities
@@ -206,7 +210,17 @@ class Scenario:
 
     async def start(self) -> None:
         # Blocking Kafka calls run off the loop: the fault proxy (F1) forwards on this loop.
-        await asyncio.to_thread(self.kafka.create_topic, self.topic, 6)
+        await asyncio.to_thread(self.kafka.create_topic, self.topic, self.partitions)
+        if any(m.sidecar.env.get("DEDUP_KAFKA__GROUP_TYPE") == "share" for m in self.members):
+            # Queue mode: a record lock the harness's 5 s ack deadline fits in (the default 30 s
+            # would hold a killed member's records for half a minute).
+            for variant in VARIANTS:
+                await asyncio.to_thread(
+                    set_group_config,
+                    self.kafka.bootstrap_servers,
+                    f"{self.topic}-{variant}",
+                    {"share.record.lock.duration.ms": str(SHARE_LOCK_MS)},
+                )
         for m in self.members:
             m.sidecar.start()
         await asyncio.gather(*(m.sidecar.wait_serving(60) for m in self.members))

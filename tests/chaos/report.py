@@ -27,6 +27,7 @@ from tests.chaos.harness import DRAIN_CAP_S, DRAIN_STALL_S, Fault, Figures, run_
 from tests.chaos.test_faults import (  # noqa: E402
     FAILOVERS,
     ORDERED,
+    SHARE,
     STREAM,
     UNARY,
     WORKERS,
@@ -207,6 +208,27 @@ FAULTS: list[tuple[str, str, Fault, dict[str, Any], str]] = [
         "everysec",
     ),
     ("F9", "broker kill -9 and restart", faults.f9_kill_broker, {}, "everysec"),
+    (
+        "F2-share",
+        'queue mode (kafka.group_type = "share", one partition): kill -9 of a sidecar at random moments',
+        faults.f2_kill_sidecar,
+        SHARE,
+        "everysec",
+    ),
+    (
+        "F8-share",
+        "queue mode, one partition: Redis paused (SIGSTOP 4 s)",
+        faults.f8_pause_redis,
+        SHARE,
+        "everysec",
+    ),
+    (
+        "F9-share",
+        "queue mode, one partition: broker kill -9 and restart",
+        faults.f9_kill_broker,
+        SHARE,
+        "everysec",
+    ),
     ("F10", "broker paused (SIGSTOP 5 s)", faults.f10_pause_broker, {}, "everysec"),
     *(
         (

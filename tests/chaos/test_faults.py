@@ -25,6 +25,11 @@ WORKERS = {"DEDUP_SERVER__WORKERS": "2"}
 #: Publish per record, 64 at once (the sidecar groups concurrent calls).
 STREAM = {"app_args": ["--ack-path", "stream"], "publish_path": "stream"}
 UNARY = {"app_args": ["--ack-path", "unary"], "publish_path": "unary"}
+#: Queue mode (kafka.group_type = "share"): a topic of one partition read by share groups.
+SHARE: dict[str, Any] = {
+    "env": {"DEDUP_KAFKA__GROUP_TYPE": "share", "DEDUP_KAFKA__SHARE_MAX_POLL_RECORDS": "50"},
+    "partitions": 1,
+}
 
 SCENARIOS: list[tuple[str, Fault, dict[str, Any]]] = [
     ("F2", faults.f2_kill_sidecar, {}),
@@ -64,6 +69,10 @@ SCENARIOS: list[tuple[str, Fault, dict[str, Any]]] = [
     ("F18", faults.f18_rolling_restart_sidecars, {"app_args": ["--work-ms", "2"]}),
     ("F9", faults.f9_kill_broker, {}),
     ("F10", faults.f10_pause_broker, {}),
+    # Queue mode: both groups are share groups on ONE partition (two members each).
+    ("F2-share", faults.f2_kill_sidecar, SHARE),
+    ("F8-share", faults.f8_pause_redis, SHARE),
+    ("F9-share", faults.f9_kill_broker, SHARE),
 ]
 
 

@@ -358,3 +358,17 @@ async def stop_all(
     await asyncio.gather(*apps, return_exceptions=True)
     for sc in sidecars.values():
         sc.terminate()
+
+
+def set_group_config(bootstrap: str, group: str, configs: dict[str, str]) -> None:
+    """Set a group's configs through the admin API (queue mode: share.record.lock.duration.ms),
+    as an operator would before the sidecars start."""
+    from confluent_kafka.admin import AdminClient
+    from confluent_kafka.admin._config import AlterConfigOpType, ConfigEntry, ConfigResource
+    from confluent_kafka.admin._resource import ResourceType
+
+    entries = [ConfigEntry(k, v, incremental_operation=AlterConfigOpType.SET) for k, v in configs.items()]
+    resource = ConfigResource(ResourceType.GROUP, group, incremental_configs=entries)
+    admin = AdminClient({"bootstrap.servers": bootstrap})
+    for fut in admin.incremental_alter_configs([resource]).values():
+        fut.result(20)

@@ -23,9 +23,6 @@ from pathlib import Path
 import grpc
 import pytest
 import services
-from confluent_kafka.admin import AdminClient
-from confluent_kafka.admin._config import AlterConfigOpType, ConfigEntry, ConfigResource
-from confluent_kafka.admin._resource import ResourceType
 from dedup_client import AckError, AckResult, DedupClient
 
 from tests.integration.helpers import (
@@ -36,24 +33,12 @@ from tests.integration.helpers import (
     raw_produce,
     records_per_key,
     running_sidecar,
+    set_group_config,
     settings_dict,
     unique,
 )
 
 LOCK_MS = 6000
-
-
-def set_group_config(kafka: services.KafkaBroker, group: str, **configs: str) -> None:
-    """Set share-group configs (dots as underscores), as an operator would before the start."""
-    admin = AdminClient({"bootstrap.servers": kafka.bootstrap_servers})
-    entries = [
-        ConfigEntry(name.replace("_", "."), value, incremental_operation=AlterConfigOpType.SET)
-        for name, value in configs.items()
-    ]
-    for fut in admin.incremental_alter_configs(
-        [ConfigResource(ResourceType.GROUP, group, incremental_configs=entries)]
-    ).values():
-        fut.result(20)
 
 
 @dataclass
@@ -154,7 +139,7 @@ async def test_three_members_on_one_partition_apply_each_key_once(
     topic, group = unique("queue"), unique("sg")
     kafka.create_topic(topic, 1)
     kafka.create_topic(f"{topic}.dlq", 1)
-    set_group_config(kafka, group, share_record_lock_duration_ms=str(LOCK_MS))
+    set_group_config(kafka.bootstrap_servers, group, {"share.record.lock.duration.ms": str(LOCK_MS)})
     env = share_env(kafka, topic, group, redis_server.url)
     sidecars = {n: SidecarProcess(env, tmp_path / f"{n}.log") for n in ("a", "b", "c")}
     keys = [f"k{i:04d}" for i in range(900)]
@@ -248,7 +233,7 @@ async def test_three_members_on_one_partition_apply_each_key_once(
 async def test_share_mode_refuses_what_it_cannot_keep(kafka: services.KafkaBroker, tmp_path: Path) -> None:
     topic, group = unique("queue"), unique("sg")
     kafka.create_topic(topic, 1)
-    set_group_config(kafka, group, share_record_lock_duration_ms=str(LOCK_MS))
+    set_group_config(kafka.bootstrap_servers, group, {"share.record.lock.duration.ms": str(LOCK_MS)})
 
     def start(**extra: str) -> str:
         env = {
@@ -274,7 +259,7 @@ async def test_share_mode_refuses_what_it_cannot_keep(kafka: services.KafkaBroke
 async def test_extend_deadline_and_ordering_are_answered_within_the_lock(kafka: services.KafkaBroker) -> None:
     topic, group = unique("queue"), unique("sg")
     kafka.create_topic(topic, 1)
-    set_group_config(kafka, group, share_record_lock_duration_ms=str(LOCK_MS))
+    set_group_config(kafka.bootstrap_servers, group, {"share.record.lock.duration.ms": str(LOCK_MS)})
     raw_produce(kafka, topic, [("only", b"v", 0)])
     s = settings_dict(kafka, [topic], group, delivery={"ack_deadline_seconds": 4})
     s["kafka"]["group_type"] = "share"
@@ -292,12 +277,14 @@ async def test_extend_deadline_and_ordering_are_answered_within_the_lock(kafka: 
             assert "share.record.lock.duration.ms" in (past.value.details() or "")
             assert await client.extend_deadline([m.delivery_id], 2) == [AckResult.OK]
             assert await client.ack_many([m.delivery_id]) == [AckResult.OK]
-        state = sc.engine.share_state() if sc.engine is not None else None
+        engine = sc.engine
+        assert engine is not None
+        state = engine.share_state()
         assert state is not None
         deadline = time.monotonic() + 10
         while state["accepted"] < 1 and time.monotonic() < deadline:
             await asyncio.sleep(0.1)
-            state = sc.engine.share_state() or state
+            state = engine.share_state() or state
         assert state["accepted"] == 1, state
         assert state["held"] == 0, state
         # dedup-sidecar status shows the share state instead of partitions and commits.

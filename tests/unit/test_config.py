@@ -231,7 +231,8 @@ def test_queue_mode_refuses_ordering_and_retry_tiers(monkeypatch: pytest.MonkeyP
     for ordering in ("key", "partition"):
         with pytest.raises(ValidationError, match=r"delivery\.ordering = .* kafka\.group_type = 'share'"):
             config.Settings(delivery={"ordering": ordering})
-    with pytest.raises(ValidationError, match=r"delivery\.retry_tiers_seconds .* kafka\.group_type = 'share'"):
+    tiers = r"delivery\.retry_tiers_seconds .* kafka\.group_type = 'share'"
+    with pytest.raises(ValidationError, match=tiers):
         config.Settings(delivery={"retry_tiers_seconds": [60]})
     with pytest.raises(ValidationError, match="group_type"):
         config.Settings(kafka={"group_type": "queue"})
