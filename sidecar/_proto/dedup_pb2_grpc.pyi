@@ -57,6 +57,8 @@ class DedupServiceStub:
     Status codes:
       INVALID_ARGUMENT   a topic in `topics` is not one the sidecar consumes (`kafka.topics`), a
                          negative limit, or an `ordering` weaker than `delivery.ordering`.
+      FAILED_PRECONDITION in queue mode (`kafka.group_type = "share"`), an `ordering` other than
+                         unordered: a share group has no order.
       RESOURCE_EXHAUSTED more than `server.max_streams` streams are open.
       UNAVAILABLE        the sidecar is shutting down; the stream ends with this status.
     """
@@ -65,6 +67,8 @@ class DedupServiceStub:
     offsets become committable. The response has one result per id, in request order. Acking an
     id twice is safe. When `Ack` returns OK with result ACK_RESULT_OK or ACK_RESULT_STALE for an id,
     its key is not delivered again within the dedup window.
+    Queue mode (`kafka.group_type = "share"`): the done mark first, then the record is ACCEPTed in
+    the share group; a duplicate of a done key is ACCEPTed without being delivered.
 
     Status codes:
       INVALID_ARGUMENT   no ids, more than `server.max_ids_per_call` ids, or an id that this sidecar
@@ -80,6 +84,11 @@ class DedupServiceStub:
     With `delivery.retry_tiers_seconds` set, a delay of at least the first tier moves the record
     to a retry topic (its source offset then commits) and it is delivered again from there, with
     its source topic, partition, offset and idempotency key, once the delay is over.
+    Queue mode (`kafka.group_type = "share"`): the record is RELEASEd to the share group after
+    `delay` (at once when the delay does not end within the record's lock) and the broker hands it
+    to any member, counting the delivery; a dead letter is written, then the record is REJECTed;
+    a record on the broker's last delivery (`group.share.delivery.count.limit`) is dead-lettered
+    rather than released. Retry topics are not used in queue mode.
 
     Status codes: as for Ack.
     """
@@ -87,9 +96,13 @@ class DedupServiceStub:
     """ExtendDeadline moves the ack deadline of in-flight deliveries to now + `seconds`, and extends
     their lease in the dedup store so no other sidecar delivers them meanwhile. A delivery whose
     deadline already passed (its record was sent again) cannot be extended: its result is STALE.
+    Queue mode (`kafka.group_type = "share"`): a deadline can move up to the end of the record's
+    share-group lock (`share.record.lock.duration.ms`, counted from the poll), not past it: the
+    share consumer cannot renew a lock.
 
     Status codes:
       INVALID_ARGUMENT   as for Ack, or `seconds` outside 1..`delivery.max_ack_deadline_seconds`.
+      FAILED_PRECONDITION queue mode: `seconds` passes a record's lock; nothing was extended.
       UNAVAILABLE        the dedup store is unreachable; no deadline was extended.
     """
     Publish: _grpc.UnaryUnaryMultiCallable[_dedup_pb2.PublishRequest, _dedup_pb2.PublishResponse]
@@ -183,6 +196,8 @@ class DedupServiceAsyncStub(DedupServiceStub):
     Status codes:
       INVALID_ARGUMENT   a topic in `topics` is not one the sidecar consumes (`kafka.topics`), a
                          negative limit, or an `ordering` weaker than `delivery.ordering`.
+      FAILED_PRECONDITION in queue mode (`kafka.group_type = "share"`), an `ordering` other than
+                         unordered: a share group has no order.
       RESOURCE_EXHAUSTED more than `server.max_streams` streams are open.
       UNAVAILABLE        the sidecar is shutting down; the stream ends with this status.
     """
@@ -191,6 +206,8 @@ class DedupServiceAsyncStub(DedupServiceStub):
     offsets become committable. The response has one result per id, in request order. Acking an
     id twice is safe. When `Ack` returns OK with result ACK_RESULT_OK or ACK_RESULT_STALE for an id,
     its key is not delivered again within the dedup window.
+    Queue mode (`kafka.group_type = "share"`): the done mark first, then the record is ACCEPTed in
+    the share group; a duplicate of a done key is ACCEPTed without being delivered.
 
     Status codes:
       INVALID_ARGUMENT   no ids, more than `server.max_ids_per_call` ids, or an id that this sidecar
@@ -206,6 +223,11 @@ class DedupServiceAsyncStub(DedupServiceStub):
     With `delivery.retry_tiers_seconds` set, a delay of at least the first tier moves the record
     to a retry topic (its source offset then commits) and it is delivered again from there, with
     its source topic, partition, offset and idempotency key, once the delay is over.
+    Queue mode (`kafka.group_type = "share"`): the record is RELEASEd to the share group after
+    `delay` (at once when the delay does not end within the record's lock) and the broker hands it
+    to any member, counting the delivery; a dead letter is written, then the record is REJECTed;
+    a record on the broker's last delivery (`group.share.delivery.count.limit`) is dead-lettered
+    rather than released. Retry topics are not used in queue mode.
 
     Status codes: as for Ack.
     """
@@ -213,9 +235,13 @@ class DedupServiceAsyncStub(DedupServiceStub):
     """ExtendDeadline moves the ack deadline of in-flight deliveries to now + `seconds`, and extends
     their lease in the dedup store so no other sidecar delivers them meanwhile. A delivery whose
     deadline already passed (its record was sent again) cannot be extended: its result is STALE.
+    Queue mode (`kafka.group_type = "share"`): a deadline can move up to the end of the record's
+    share-group lock (`share.record.lock.duration.ms`, counted from the poll), not past it: the
+    share consumer cannot renew a lock.
 
     Status codes:
       INVALID_ARGUMENT   as for Ack, or `seconds` outside 1..`delivery.max_ack_deadline_seconds`.
+      FAILED_PRECONDITION queue mode: `seconds` passes a record's lock; nothing was extended.
       UNAVAILABLE        the dedup store is unreachable; no deadline was extended.
     """
     Publish: _aio.UnaryUnaryMultiCallable[_dedup_pb2.PublishRequest, _dedup_pb2.PublishResponse]  # type: ignore[assignment]
@@ -312,6 +338,8 @@ class DedupServiceServicer(metaclass=_abc_1.ABCMeta):
         Status codes:
           INVALID_ARGUMENT   a topic in `topics` is not one the sidecar consumes (`kafka.topics`), a
                              negative limit, or an `ordering` weaker than `delivery.ordering`.
+          FAILED_PRECONDITION in queue mode (`kafka.group_type = "share"`), an `ordering` other than
+                             unordered: a share group has no order.
           RESOURCE_EXHAUSTED more than `server.max_streams` streams are open.
           UNAVAILABLE        the sidecar is shutting down; the stream ends with this status.
         """
@@ -326,6 +354,8 @@ class DedupServiceServicer(metaclass=_abc_1.ABCMeta):
         offsets become committable. The response has one result per id, in request order. Acking an
         id twice is safe. When `Ack` returns OK with result ACK_RESULT_OK or ACK_RESULT_STALE for an id,
         its key is not delivered again within the dedup window.
+        Queue mode (`kafka.group_type = "share"`): the done mark first, then the record is ACCEPTed in
+        the share group; a duplicate of a done key is ACCEPTed without being delivered.
 
         Status codes:
           INVALID_ARGUMENT   no ids, more than `server.max_ids_per_call` ids, or an id that this sidecar
@@ -347,6 +377,11 @@ class DedupServiceServicer(metaclass=_abc_1.ABCMeta):
         With `delivery.retry_tiers_seconds` set, a delay of at least the first tier moves the record
         to a retry topic (its source offset then commits) and it is delivered again from there, with
         its source topic, partition, offset and idempotency key, once the delay is over.
+        Queue mode (`kafka.group_type = "share"`): the record is RELEASEd to the share group after
+        `delay` (at once when the delay does not end within the record's lock) and the broker hands it
+        to any member, counting the delivery; a dead letter is written, then the record is REJECTed;
+        a record on the broker's last delivery (`group.share.delivery.count.limit`) is dead-lettered
+        rather than released. Retry topics are not used in queue mode.
 
         Status codes: as for Ack.
         """
@@ -360,9 +395,13 @@ class DedupServiceServicer(metaclass=_abc_1.ABCMeta):
         """ExtendDeadline moves the ack deadline of in-flight deliveries to now + `seconds`, and extends
         their lease in the dedup store so no other sidecar delivers them meanwhile. A delivery whose
         deadline already passed (its record was sent again) cannot be extended: its result is STALE.
+        Queue mode (`kafka.group_type = "share"`): a deadline can move up to the end of the record's
+        share-group lock (`share.record.lock.duration.ms`, counted from the poll), not past it: the
+        share consumer cannot renew a lock.
 
         Status codes:
           INVALID_ARGUMENT   as for Ack, or `seconds` outside 1..`delivery.max_ack_deadline_seconds`.
+          FAILED_PRECONDITION queue mode: `seconds` passes a record's lock; nothing was extended.
           UNAVAILABLE        the dedup store is unreachable; no deadline was extended.
         """
 
