@@ -78,7 +78,8 @@ class KafkaSettings(_Section):
     share_auto_offset_reset: Literal["earliest", "latest"] = "earliest"
     #: Share groups: records per poll (librdkafka's max.poll.records). The share consumer cannot
     #: poll again until every record of the last poll is accepted, released or rejected, so this
-    #: is the most a member holds at once: at least the apps' window keeps them busy.
+    #: bounds what a member holds at once; at least the apps' window keeps them busy. The broker
+    #: lends whole producer batches, so a poll can bring more than this when producers batch.
     share_max_poll_records: int = Field(100, ge=1, le=10_000)
     #: How often librdkafka reports statistics, from which dedup_consumer_lag_records is read
     #: (so the lag is at most this old). 0 turns them, and the lag metric, off.
