@@ -325,9 +325,13 @@ def queue_section(q: dict[str, Any]) -> list[str]:
         f"{q['work_ms']:g} ms per record, one record at a time, each acking with one `Ack` call; the "
         "Redis store, one broker. A consumer group gives the partition to one member, so a second "
         'sidecar there would idle; a share group (`kafka.group_type = "share"`) lends its records to '
-        "every member. *x consumer group* is the rate over the consumer-group row of the same run; "
-        "*CPU per record* is all the sidecars' together. Medians over the rounds; *rates* lists every "
-        "round.",
+        "every member. Each app is a process of its own. The clock starts once every app has acked a "
+        "record (a share-group member joins when its first stream attaches and is given the partition "
+        "at a heartbeat, so the first members get a head start) and the rate counts the records acked "
+        "after it. *x consumer group* is the rate over the consumer-group row of the same run; *CPU "
+        "per record* is all the sidecars' together. Medians over the rounds; *rates* lists every "
+        "round. Three apps could do 3x one app's rate; the two cores are shared by the three "
+        "sidecars, their apps, the broker and Redis.",
         "",
         "| sidecars | rate /s | rates | x consumer group | sidecar CPU per record, µs |",
         "| --- | ---: | --- | ---: | ---: |",

@@ -6,8 +6,9 @@ Usage (scripts/bench.sh --queue wraps it)::
     python -m bench.scenarios.queue [--records 2000] [--rounds 2] [--quick]
 
 A consumer group cannot give a partition to a second member, so with one partition its rate is
-one app's: the point of queue mode is the second and third member. Each app handles one record at
-a time (5 ms of sleep standing for its work, then one ``Ack`` call), through the Python client.
+one app's: the point of queue mode is the second and third member. Each app is a process of its
+own and handles one record at a time (5 ms of sleep standing for its work, then one ``Ack``
+call), through the Python client.
 All three configurations read the same topic (a fresh group each), written in producer batches of
 10 records: the broker lends whole batches to share-group members (docs/ARCHITECTURE.md, "Queue
 mode"). The Redis store, one broker. Results go into bench/results.json (key ``queue``) and the
@@ -20,6 +21,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import multiprocessing
 import statistics
 import sys
 import tempfile
@@ -52,19 +54,25 @@ def write_topic(kafka: services.KafkaShape, topic: str, n: int) -> None:
     assert p.flush(30) == 0
 
 
-async def app(target: str, seen: set[str], n: int, done: asyncio.Event) -> None:
-    """One record at a time: 5 ms of work, then one Ack call."""
-    async with DedupClient(target) as client:
-        gen = client.subscribe(max_in_flight=1)
-        try:
-            async for msg in gen:
-                await asyncio.sleep(WORK_S)
-                await client.ack_many([msg.delivery_id])
-                seen.add(msg.idempotency_key)
-                if len(seen) >= n:
-                    done.set()
-        finally:
-            await gen.aclose()
+def app_process(target: str, acked: Any, stop: Any) -> None:
+    """One app in its own process (as in production: each next to its sidecar), one record at a
+    time: 5 ms of work, then one Ack call. Counts its OK acks in ``acked``."""
+
+    async def run() -> None:
+        async with DedupClient(target) as client:
+            gen = client.subscribe(max_in_flight=1)
+            try:
+                async for msg in gen:
+                    await asyncio.sleep(WORK_S)
+                    await client.ack_many([msg.delivery_id])
+                    with acked.get_lock():
+                        acked.value += 1
+                    if stop.is_set():
+                        break
+            finally:
+                await gen.aclose()
+
+    asyncio.run(run())
 
 
 def one_config(
@@ -80,34 +88,56 @@ def one_config(
     group = f"q-{group_type}-{time.time_ns()}"
     env = {**store, "DEDUP_KAFKA__GROUP_TYPE": group_type}
     procs = [SidecarProc(kafka, topic, group, env, work) for _ in range(members)]
+    ctx = multiprocessing.get_context("spawn")
+    counters = [ctx.Value("l", 0) for _ in procs]
+    stop = ctx.Event()
+    apps: list[Any] = []
     try:
 
-        async def run() -> dict[str, float]:
+        async def ready() -> None:
             await asyncio.gather(*(wait_serving(p.target) for p in procs))
-            seen: set[str] = set()
-            done = asyncio.Event()
-            cpu0 = sum(p.cpu_seconds() for p in procs)
-            t0 = time.monotonic()
-            apps = [asyncio.create_task(app(p.target, seen, n, done)) for p in procs]
-            try:
-                await asyncio.wait_for(done.wait(), 600)
-            finally:
-                for t in apps:
-                    t.cancel()
-                await asyncio.gather(*apps, return_exceptions=True)
-            dt = time.monotonic() - t0
-            cpu = sum(p.cpu_seconds() for p in procs) - cpu0
-            return {"rate": n / dt, "seconds": dt, "cpu_us": round(cpu / n * 1e6, 1)}
 
-        return asyncio.run(run())
+        asyncio.run(ready())
+        apps = [
+            ctx.Process(target=app_process, args=(p.target, c, stop))
+            for p, c in zip(procs, counters, strict=True)
+        ]
+        for a in apps:
+            a.start()
+        # The clock starts once every app has acked a record: not the apps' start-up, nor a
+        # member's join (a share-group member joins when its first stream attaches, and is
+        # given its partitions at a heartbeat, every 5 s by default).
+        deadline = time.monotonic() + 600
+        while min(c.value for c in counters) < 1 and time.monotonic() < deadline:
+            time.sleep(0.001)
+        t0, cpu0 = time.monotonic(), sum(p.cpu_seconds() for p in procs)
+        before = sum(c.value for c in counters)
+        while sum(c.value for c in counters) < n and time.monotonic() < deadline:
+            time.sleep(0.01)
+        dt = time.monotonic() - t0
+        cpu = sum(p.cpu_seconds() for p in procs) - cpu0
+        done = sum(c.value for c in counters)
+        assert done >= n, f"{done} of {n} records acked in 600 s"
+        timed = n - before
+        return {
+            "rate": timed / dt,
+            "seconds": dt,
+            "cpu_us": round(cpu / timed * 1e6, 1),
+            "per_app": [c.value for c in counters],
+            "before_clock": before,
+        }
     finally:
+        stop.set()
+        for a in apps:
+            a.terminate()
+            a.join(10)
         for p in procs:
             p.stop()
 
 
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--records", type=int, default=2_000, help="records per configuration and round")
+    ap.add_argument("--records", type=int, default=4_000, help="records per configuration and round")
     ap.add_argument("--rounds", type=int, default=2)
     ap.add_argument("--quick", action="store_true", help="small sizes, one round: checks the harness")
     ap.add_argument("--out", default=str(ROOT / "docs" / "BENCHMARKS.md"))
@@ -125,7 +155,10 @@ def main() -> int:
             write_topic(kafka, topic, n)
             for name, group_type, members in CONFIGS:
                 res = one_config(kafka, topic, n, group_type, members, store, Path(tmp))
-                log(f"  {name}: {res['rate']:,.0f} records/s, {res['cpu_us']} µs sidecar CPU per record")
+                log(
+                    f"  {name}: {res['rate']:,.0f} records/s, {res['cpu_us']} µs sidecar CPU per record, "
+                    f"per app {res['per_app']} ({res['before_clock']} before the clock started)"
+                )
                 runs[name].append(res)
     base = statistics.median(x["rate"] for x in runs[CONFIGS[0][0]])
     rows = []

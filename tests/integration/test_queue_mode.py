@@ -23,6 +23,9 @@ from pathlib import Path
 import grpc
 import pytest
 import services
+from confluent_kafka.admin import AdminClient
+from confluent_kafka.admin._config import ConfigResource
+from confluent_kafka.admin._resource import ResourceType
 from dedup_client import AckError, AckResult, DedupClient
 
 from tests.integration.helpers import (
@@ -277,6 +280,11 @@ async def test_extend_deadline_and_ordering_are_answered_within_the_lock(kafka: 
             assert "share.record.lock.duration.ms" in (past.value.details() or "")
             assert await client.extend_deadline([m.delivery_id], 2) == [AckResult.OK]
             assert await client.ack_many([m.delivery_id]) == [AckResult.OK]
+        # The sidecar applied kafka.share_auto_offset_reset to the group: the record written
+        # before the first member joined was read (a new share group starts at "latest").
+        admin = AdminClient({"bootstrap.servers": kafka.bootstrap_servers})
+        [described] = admin.describe_configs([ConfigResource(ResourceType.GROUP, group)]).values()
+        assert described.result(20)["share.auto.offset.reset"].value == "earliest"
         engine = sc.engine
         assert engine is not None
         state = engine.share_state()
