@@ -3,6 +3,7 @@ included, and bench/ANALYSIS.md appended. Every run and ``--render-only`` write 
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 from typing import Any
 
@@ -209,6 +210,22 @@ def latency_table(lat: dict[str, Any]) -> list[str]:
         each = ", ".join(f"{x['p50_ms']:.1f}/{x['p99_ms']:.1f}" for x in v.get("runs", []))
         out.append(f"| {name} | {v['p50_ms']:.1f} | {v['p99_ms']:.1f} | {v['samples']} | {each} |")
     return out
+
+
+def save_section(key: str, summary: dict[str, Any], out: Path, quick: bool) -> None:
+    """Store one scenario's summary under ``key`` in bench/results.json and rewrite the report
+    from it; ``quick`` (a check of the harness) prints it and changes nothing."""
+    if quick:
+        log(json.dumps(summary, indent=2))
+        log("--quick: bench/results.json and the docs are left as they are")
+        return
+    saved_path = ROOT / "bench" / "results.json"
+    saved = json.loads(saved_path.read_text())
+    saved[key] = summary
+    saved_path.write_text(json.dumps(saved, indent=2) + "\n")
+    png = out.with_suffix(".png")
+    write_markdown(saved, out, png.name if png.exists() else None)
+    log(f"wrote {out}")
 
 
 def write_markdown(r: dict[str, Any], path: Path, png: str | None) -> None:

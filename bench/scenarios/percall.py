@@ -53,7 +53,7 @@ from bench.common import (
     services,
     wait_serving,
 )
-from bench.report import write_markdown
+from bench.report import save_section
 
 log = log
 WINDOW = 64
@@ -499,17 +499,7 @@ def main() -> int:
     summary["command"] = " ".join(["scripts/bench.sh --per-call", *sys.argv[1:]])
     summary["window"] = WINDOW
     summary["machine"] = machine()
-    saved_path = ROOT / "bench" / "results.json"
-    saved = json.loads(saved_path.read_text())
-    saved["per_call"] = summary
-    if args.quick:
-        log(json.dumps(summary, indent=2))
-        log("--quick: bench/results.json and the docs are left as they are")
-        return 0
-    saved_path.write_text(json.dumps(saved, indent=2) + "\n")
-    png = Path(args.out).with_suffix(".png")
-    write_markdown(saved, Path(args.out), png.name if png.exists() else None)
-    log(f"wrote {args.out}")
+    save_section("per_call", summary, Path(args.out), args.quick)
     return 0
 
 

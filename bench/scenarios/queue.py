@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import json
 import multiprocessing
 import statistics
 import sys
@@ -33,7 +32,7 @@ from confluent_kafka import Producer
 from dedup_client import DedupClient
 
 from bench.common import ROOT, SidecarProc, log, machine, quiesce, services, wait_serving
-from bench.report import write_markdown
+from bench.report import save_section
 
 WORK_S = 0.005
 BATCH = 10
@@ -183,17 +182,7 @@ def main() -> int:
         "rows": rows,
         "machine": machine(),
     }
-    if args.quick:
-        log(json.dumps(summary, indent=2))
-        log("--quick: bench/results.json and the docs are left as they are")
-        return 0
-    saved_path = ROOT / "bench" / "results.json"
-    saved = json.loads(saved_path.read_text())
-    saved["queue"] = summary
-    saved_path.write_text(json.dumps(saved, indent=2) + "\n")
-    png = Path(args.out).with_suffix(".png")
-    write_markdown(saved, Path(args.out), png.name if png.exists() else None)
-    log(f"wrote {args.out}")
+    save_section("queue", summary, Path(args.out), args.quick)
     return 0
 
 

@@ -25,17 +25,17 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import queue
 import threading
 import time
 from collections import deque
-from collections.abc import Callable, Coroutine, Mapping, Sequence
+from collections.abc import Coroutine, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, Protocol, TypeVar
 
 from confluent_kafka import Consumer, KafkaError, KafkaException, Message, TopicPartition
 
 from sidecar.kafka import connect
+from sidecar.kafka.poll_thread import PollThread
 from sidecar.observability.outage import Outage
 
 #: Hand-overs of fewer records than this are paced (see ConsumerLoop._fetch).
@@ -87,7 +87,7 @@ class ConsumerHandler(Protocol):
         ...
 
 
-class ConsumerLoop:
+class ConsumerLoop(PollThread[Consumer]):
     """Runs a consumer on its own thread. All public methods are safe from the event loop.
 
     Parameters:
@@ -114,7 +114,7 @@ class ConsumerLoop:
         handover_interval: float = 0.0,
         outage: Outage | None = None,
     ) -> None:
-        self._outage = outage
+        super().__init__("consumer", outage)
         self._config = {
             **config,
             "enable.auto.commit": False,
@@ -142,21 +142,16 @@ class ConsumerLoop:
         self._last_handover = 0.0  # time.monotonic() of the last hand-over (poll thread only)
         self._max_handover = max_handover
         self._stall_pause_after = stall_pause_after
-        self._commands: queue.SimpleQueue[Callable[[Consumer], None]] = queue.SimpleQueue()
-        self._stop = threading.Event()
-        self._thread: threading.Thread | None = None
         self._consumer: Consumer | None = None
         self._assigned: set[TP] = set()
         self._want_paused: set[TP] = set()  # paused by the loop (tracker bounds)
         self._stalled = False  # hand-over back-pressure: not taking records from librdkafka
         self._stalled_since = 0.0
         self._stall_paused = False  # stalled for too long: every partition paused
-        self._wake = threading.Event()  # set when the loop takes records in or queues a command
         self._paused: set[TP] = set()  # what is paused in librdkafka now
         self._subscribed = False
         self.handover = 0  # records handed to the loop, not yet taken in (loop decrements)
         self.handover_lock = threading.Lock()
-        self.fatal: BaseException | None = None
         self.halted = False  # set on shutdown: stop fetching, stay in the group until stop()
         # Asynchronous commits waiting for librdkafka's report, oldest first (poll thread only).
         self._commits: deque[_InFlightCommit] = deque()
@@ -166,15 +161,8 @@ class ConsumerLoop:
 
     def start(self) -> None:
         self._consumer = Consumer(self._config)
-        self._thread = threading.Thread(target=self._run, name="dedup-consumer", daemon=True)
-        self._thread.start()
+        self._start_thread("dedup-consumer")
         self.join_group()
-
-    async def stop(self, timeout: float = 30.0) -> None:
-        """Leave the group (revoke callbacks commit) and close the consumer."""
-        self._stop.set()
-        if self._thread is not None:
-            await asyncio.to_thread(self._thread.join, timeout)
 
     @property
     def subscribed(self) -> bool:
@@ -191,10 +179,6 @@ class ConsumerLoop:
 
     def leave_group(self) -> None:
         self._command(self._do_unsubscribe)
-
-    def _command(self, cmd: Callable[[Consumer], None]) -> None:
-        self._commands.put(cmd)
-        self._wake.set()
 
     # -- commands from the loop --------------------------------------------------------------------
 
@@ -375,14 +359,6 @@ class ConsumerLoop:
             return False
         return True
 
-    def _drain_commands(self, consumer: Consumer) -> None:
-        while True:
-            try:
-                cmd = self._commands.get_nowait()
-            except queue.Empty:
-                return
-            cmd(consumer)
-
     def _do_subscribe(self, consumer: Consumer) -> None:
         if self._subscribed:
             return
@@ -500,15 +476,6 @@ class ConsumerLoop:
         self._paused = want
         if to_pause or to_resume:
             log.debug("paused %s resumed %s", sorted(to_pause), sorted(to_resume))
-
-    def _on_error(self, err: KafkaError) -> None:
-        if err.fatal():
-            log.error("fatal consumer error: %s", err)
-            self.fatal = KafkaException(err)
-        elif self._outage is not None:
-            self._outage.failed(f"consumer: {err.str()}")
-        else:
-            log.warning("consumer: %s", err)
 
 
 class _InFlightCommit:

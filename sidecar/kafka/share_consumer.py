@@ -26,7 +26,6 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import queue
 import threading
 import time
 from collections.abc import Callable, Sequence
@@ -45,6 +44,7 @@ from confluent_kafka import (
 
 from sidecar.kafka import connect
 from sidecar.kafka.consumer import CommitOffset
+from sidecar.kafka.poll_thread import PollThread
 from sidecar.observability.outage import Outage
 
 log = logging.getLogger(__name__)
@@ -80,7 +80,7 @@ class ShareCounts:
     refused: int = 0
 
 
-class ShareConsumerLoop:
+class ShareConsumerLoop(PollThread[ShareConsumer]):
     """Runs a share consumer on its own thread. All public methods are safe from the event loop.
 
     Parameters:
@@ -102,7 +102,7 @@ class ShareConsumerLoop:
         outage: Outage | None = None,
         on_refused: Callable[[int], None] | None = None,
     ) -> None:
-        self._outage = outage
+        super().__init__("share consumer", outage)
         self._on_refused = on_refused
         self._config = {
             **config,
@@ -114,18 +114,13 @@ class ShareConsumerLoop:
         self._topics = list(topics)
         self._handler = handler
         self._loop = loop
-        self._commands: queue.SimpleQueue[Callable[[ShareConsumer], None]] = queue.SimpleQueue()
         self._acks: list[Ack] = []
         self._acks_lock = threading.Lock()
-        self._wake = threading.Event()
-        self._stop = threading.Event()
-        self._thread: threading.Thread | None = None
         self._consumer: ShareConsumer | None = None
         self._subscribed = False
         #: Records of the last poll not acknowledged yet (poll thread only; len() read anywhere).
         self._held: set[tuple[str, int, int]] = set()
         self.counts = ShareCounts()
-        self.fatal: BaseException | None = None
         self.halted = False  # set on shutdown: poll no more, keep applying acknowledgements
         self.handover = 0
 
@@ -137,15 +132,7 @@ class ShareConsumerLoop:
         out their locks and use up deliveries."""
         self._consumer = ShareConsumer(self._config)
         self._consumer.set_acknowledgement_commit_callback(self._on_ack_commit)
-        self._thread = threading.Thread(target=self._run, name="dedup-share-consumer", daemon=True)
-        self._thread.start()
-
-    async def stop(self, timeout: float = 30.0) -> None:
-        """Apply the last acknowledgements, leave the group and close the consumer."""
-        self._stop.set()
-        self._wake.set()
-        if self._thread is not None:
-            await asyncio.to_thread(self._thread.join, timeout)
+        self._start_thread("dedup-share-consumer")
 
     @property
     def subscribed(self) -> bool:
@@ -185,10 +172,6 @@ class ShareConsumerLoop:
         thread; they reach the broker with its next commit or poll."""
         with self._acks_lock:
             self._acks.extend(acks)
-        self._wake.set()
-
-    def _command(self, cmd: Callable[[ShareConsumer], None]) -> None:
-        self._commands.put(cmd)
         self._wake.set()
 
     # -- poll thread -------------------------------------------------------------------------------
@@ -294,14 +277,6 @@ class ShareConsumerLoop:
         # member's now, and its claim in the store decides it (a done key is accepted there).
         log.info("the broker refused %d acknowledgements: %s", n, exc)
 
-    def _drain_commands(self, consumer: ShareConsumer) -> None:
-        while True:
-            try:
-                cmd = self._commands.get_nowait()
-            except queue.Empty:
-                return
-            cmd(consumer)
-
     def _do_subscribe(self, consumer: ShareConsumer) -> None:
         if self._subscribed:
             return
@@ -328,12 +303,3 @@ class ShareConsumerLoop:
         consumer.unsubscribe()
         self._subscribed = False
         log.info("left the share group")
-
-    def _on_error(self, err: KafkaError) -> None:
-        if err.fatal():
-            log.error("fatal share consumer error: %s", err)
-            self.fatal = KafkaException(err)
-        elif self._outage is not None:
-            self._outage.failed(f"share consumer: {err.str()}")
-        else:
-            log.warning("share consumer: %s", err)

@@ -38,6 +38,7 @@ from tests.integration.helpers import (
     running_sidecar,
     set_group_config,
     settings_dict,
+    stop_all,
     unique,
 )
 
@@ -195,12 +196,7 @@ async def test_three_members_on_one_partition_apply_each_key_once(
             await asyncio.sleep(LOCK_MS / 1000 + 3)
             assert late.messages == [], [m.idempotency_key for m in late.messages][:5]
     finally:
-        stop.set()
-        for t in apps:
-            t.cancel()
-        await asyncio.gather(*apps, return_exceptions=True)
-        for sc in sidecars.values():
-            sc.terminate()
+        await stop_all(stop, apps, sidecars)
 
     # Applied once: the inbox holds every good key, none of the poison ones.
     assert set(ledger.inbox) == good
