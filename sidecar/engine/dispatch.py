@@ -112,6 +112,8 @@ class Dispatch:
         core.metrics.streams.set(len(core.streams))
         if asked > core.base_ordering:
             self._reorder()
+        if core.share is not None:
+            core.share.idle = False
         if self.left_group and core.consumer is not None:
             log.info("an app stream attached: joining the %s group", core.settings.kafka.group_type)
             core.consumer.join_group()
@@ -126,6 +128,8 @@ class Dispatch:
         core.metrics.streams.set(len(core.streams))
         if not core.streams:
             self.no_stream_since = core.clock()
+            if core.share is not None:
+                core.share.idle = True  # queue mode: take nothing more until an app is back
         for did in s.expired:
             self.expired.pop(did, None)
         s.expired.clear()

@@ -122,6 +122,10 @@ class ShareConsumerLoop(PollThread[ShareConsumer]):
         self._held: set[tuple[str, int, int]] = set()
         self.counts = ShareCounts()
         self.halted = False  # set on shutdown: poll no more, keep applying acknowledgements
+        #: Set by the engine while no app stream is attached: poll no more, stay in the group.
+        #: A record acquired then could only be released again, and each release counts a
+        #: delivery toward the broker's limit, past which it archives the record.
+        self.idle = False
         self.handover = 0
 
     # -- lifecycle -------------------------------------------------------------------------------
@@ -184,7 +188,7 @@ class ShareConsumerLoop(PollThread[ShareConsumer]):
                 self._wake.clear()
                 self._drain_commands(consumer)
                 self._apply_acks(consumer)
-                if not self._subscribed or self.halted or self._held:
+                if not self._subscribed or self.halted or self.idle or self._held:
                     # Wait for the engine's acknowledgements (or a command); nothing to fetch.
                     self._wake.wait(0.05)
                     continue

@@ -304,3 +304,29 @@ async def test_extend_deadline_and_ordering_are_answered_within_the_lock(kafka: 
         assert "queue mode (share group): joined" in out.stdout, out.stdout
         assert "accepted 1, released 0, rejected 0" in out.stdout, out.stdout
         assert "no partitions assigned" not in out.stdout
+
+
+async def test_a_member_with_no_app_stream_takes_nothing_from_the_group(kafka: services.KafkaBroker) -> None:
+    """An app that goes away must not leave its sidecar acquiring records only to release them:
+    each release counts a delivery, and past group.share.delivery.count.limit the broker would
+    archive them."""
+    topic, group = unique("queue"), unique("sg")
+    kafka.create_topic(topic, 1)
+    set_group_config(kafka.bootstrap_servers, group, {"share.record.lock.duration.ms": str(LOCK_MS)})
+    raw_produce(kafka, topic, [(f"k{i}", b"v", 0) for i in range(5)])
+    s = settings_dict(kafka, [topic], group, delivery={"ack_deadline_seconds": 4})
+    s["kafka"]["group_type"] = "share"
+    async with running_sidecar(**s) as sc, DedupClient(f"127.0.0.1:{sc.port}") as client:
+        async with Inbox(client, max_in_flight=5) as first:
+            await first.wait(5)  # delivered, never answered: the stream closes with all five
+        engine = sc.engine
+        assert engine is not None
+        await asyncio.sleep(6)  # the app is gone for a while (shorter than detach_grace_seconds)
+        state = engine.share_state()
+        assert state is not None
+        assert state["acquired"] <= 10, state  # the first poll, and at most one more
+        async with Inbox(client) as back:
+            again = await back.wait(5, timeout=30)
+            assert sorted(m.idempotency_key for m in again) == [f"k{i}" for i in range(5)]
+            assert max(m.attempt for m in again) <= 3, [m.attempt for m in again]
+            assert await client.ack_many([m.delivery_id for m in again]) == [AckResult.OK] * 5
