@@ -42,6 +42,14 @@ async def f3_kill_app(s: Scenario) -> str:
     return "app 0 of each group kill -9'd 3 times while processing, restarted"
 
 
+async def f3_kill_app_after_join(s: Scenario) -> str:
+    """F3 once every member holds records: a share-group member joins when its app's stream
+    attaches and is given the partition at a heartbeat (5 s), so F3's first kills would hit an
+    app that holds nothing yet."""
+    await asyncio.sleep(6)
+    return await f3_kill_app(s) + ", after 6 s (every share-group member joined)"
+
+
 async def f4_zombie_sidecar(s: Scenario) -> str:
     await settle_in(s)
     zombies = [s.member(v, 0).sidecar for v in VARIANTS]

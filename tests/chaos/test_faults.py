@@ -71,6 +71,7 @@ SCENARIOS: list[tuple[str, Fault, dict[str, Any]]] = [
     ("F10", faults.f10_pause_broker, {}),
     # Queue mode: both groups are share groups on ONE partition (two members each).
     ("F2-share", faults.f2_kill_sidecar, SHARE),
+    ("F3-share", faults.f3_kill_app_after_join, SHARE),
     ("F8-share", faults.f8_pause_redis, SHARE),
     ("F9-share", faults.f9_kill_broker, SHARE),
 ]
