@@ -216,13 +216,6 @@ FAULTS: list[tuple[str, str, Fault, dict[str, Any], str]] = [
         "everysec",
     ),
     (
-        "F3-share",
-        "queue mode, one partition: kill -9 of the app while processing",
-        faults.f3_kill_app,
-        SHARE,
-        "everysec",
-    ),
-    (
         "F8-share",
         "queue mode, one partition: Redis paused (SIGSTOP 4 s)",
         faults.f8_pause_redis,
