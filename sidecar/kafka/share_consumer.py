@@ -13,10 +13,13 @@ Two properties of librdkafka's share consumer (2.16, marked "preview") shape thi
   once the engine acknowledged every record of it. ``kafka.share_max_poll_records`` bounds a
   batch; the engine releases whatever it cannot finish before the lock ends, so a batch is
   always answered within one lock duration (far inside ``max.poll.interval.ms``).
-- Acknowledgements are sent with the next ``poll`` or ``commit_*``. After applying a round of
-  them the thread calls ``commit_async``, so an ACCEPT reaches the broker at once rather than
-  when the whole batch is done; the broker's answers come back through the acknowledgement
-  commit callback, on this thread.
+- Acknowledgements are sent with the next ``poll`` or ``commit_*``. While part of a poll is
+  still held, the thread sends each round of them with ``commit_sync``, so an ACCEPT reaches the
+  broker at once rather than when the whole batch is done (overlapping ``commit_async`` calls
+  drew INVALID_REQUEST from Kafka 4.2.1 for whole rounds). The last round goes with the next
+  poll. The broker's refusals come back through the acknowledgement commit callback, on this
+  thread.
+- The broker lends whole producer batches, so a poll can bring more than ``max.poll.records``.
 
 The group-consumer interface the engine drives (join, leave, commit, pause, taken_in) is kept,
 so the engine holds either loop the same way; commits and pauses mean nothing to a share group.
@@ -87,7 +90,8 @@ class ShareConsumerLoop(PollThread[ShareConsumer]):
         config: librdkafka properties (bootstrap, group, security...).
         topics: topics to subscribe to.
         handler: receives each polled batch on ``loop``.
-        max_poll_records: records per poll, the most the member holds at once.
+        max_poll_records: records per poll (librdkafka's max.poll.records): about what the member
+            holds at once.
         outage: counts the failures the error callback reports (see ConsumerLoop).
         on_refused: told how many acknowledgements the broker refused (metrics).
     """
