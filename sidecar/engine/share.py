@@ -76,7 +76,8 @@ class Share:
             )
         if out:
             self.reroute.dead_letter(out)
-        rest = self.dead_letter_or_keep([p for p in records if p not in out], "ack deadline passed")
+        gone = {id(p) for p in out}
+        rest = self.dead_letter_or_keep([p for p in records if id(p) not in gone], "ack deadline passed")
         if not rest:
             return
         try:
@@ -95,20 +96,25 @@ class Share:
             if not part.share:
                 continue
             for p in part.pending.values():
-                if p.state in (State.IN_FLIGHT, State.REROUTING, State.SETTLED, State.DROPPED):
+                # In flight or being rerouted: answered elsewhere. SHADOWED: goes with the record
+                # it waits behind.
+                if p.state in _ANSWERED_ELSEWHERE:
                     continue
-                if p.state is State.SHADOWED:
-                    continue  # goes with the record it waits behind
                 if not streams or p.lock_until <= now:
                     due.append(p)
         if not due:
             return
-        claimed = [p for p in due if p.state in (State.READY, State.HELD) or (p.state is State.DELAYED)]
         log.info(
             "releasing %d records to the share group (%s)",
             len(due),
             "no app stream attached" if not streams else "their locks end before they could be delivered",
         )
-        # The DELAYED ones gave their claim back at their Nack already.
-        await self.claims.release_claims([p for p in claimed if p.state is not State.DELAYED])
+        # Claims held: READY and HELD. (DELAYED ones gave theirs back at their Nack; BUSY and
+        # CLAIMING ones hold none.)
+        await self.claims.release_claims([p for p in due if p.state in (State.READY, State.HELD)])
         core.release(due)
+
+
+_ANSWERED_ELSEWHERE = frozenset(
+    {State.IN_FLIGHT, State.REROUTING, State.SETTLED, State.DROPPED, State.SHADOWED}
+)

@@ -130,7 +130,6 @@ class ShareConsumerLoop(PollThread[ShareConsumer]):
         #: A record acquired then could only be released again, and each release counts a
         #: delivery toward the broker's limit, past which it archives the record.
         self.idle = False
-        self.handover = 0
 
     # -- lifecycle -------------------------------------------------------------------------------
 
@@ -173,7 +172,7 @@ class ShareConsumerLoop(PollThread[ShareConsumer]):
         return []
 
     def taken_in(self, n: int) -> None:
-        self.handover -= n
+        """Nothing to count: a member holds one poll at a time, so intake needs no back-pressure."""
 
     def acknowledge(self, acks: Sequence[Ack]) -> None:
         """Queue acknowledgements (topic, partition, offset, ACCEPT|RELEASE|REJECT) for the
@@ -237,7 +236,6 @@ class ShareConsumerLoop(PollThread[ShareConsumer]):
             return
         self._held = {(m.topic() or "", m.partition() or 0, m.offset() or 0) for m in records}
         self.counts.acquired += len(records)
-        self.handover += len(records)
         self._loop.call_soon_threadsafe(self._handler.on_share_records, records, polled_at)
 
     def _apply_acks(self, consumer: ShareConsumer) -> None:
